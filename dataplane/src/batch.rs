@@ -1,0 +1,149 @@
+//! Fixed-capacity packet batches over one arena allocated once per worker.
+//!
+//! Each frame slot is `frame_size` bytes: `HEADROOM` bytes in front, where encapsulation can
+//! prepend headers without moving the packet, then the packet as the port received it. The
+//! packet's bytes are `slot[meta.start .. meta.start + meta.len]`.
+
+use crate::pipeline::Verdict;
+use core::net::{Ipv4Addr, SocketAddrV4};
+
+/// Bytes reserved in front of every received packet for headers we prepend.
+pub const HEADROOM: usize = 128;
+
+/// What we know about one packet besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Offset of the packet in its slot.
+    pub start: usize,
+    /// Length of the packet.
+    pub len: usize,
+    /// Underlay peer: the sender on receive, the destination on transmit.
+    pub peer: SocketAddrV4,
+    /// The port saw more bytes than the slot holds (the packet is cut short).
+    pub oversized: bool,
+    /// What the pipeline decided.
+    pub verdict: Verdict,
+}
+
+impl Meta {
+    const EMPTY: Meta = Meta {
+        start: HEADROOM,
+        len: 0,
+        peer: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        oversized: false,
+        verdict: Verdict::Pending,
+    };
+}
+
+/// A batch of up to `capacity` packets.
+pub struct Batch {
+    arena: Box<[u8]>,
+    frame_size: usize,
+    meta: Box<[Meta]>,
+    len: usize,
+}
+
+impl Batch {
+    /// Allocates `capacity` slots of `frame_size` bytes (which includes `HEADROOM`).
+    ///
+    /// # Panics
+    /// If `frame_size <= HEADROOM` or `capacity == 0`: a configuration bug, not packet input.
+    pub fn new(capacity: usize, frame_size: usize) -> Batch {
+        assert!(frame_size > HEADROOM && capacity > 0, "batch needs room for packets");
+        Batch {
+            arena: vec![0u8; capacity * frame_size].into_boxed_slice(),
+            frame_size,
+            meta: vec![Meta::EMPTY; capacity].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.meta.len()
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn frame_size(&self) -> usize {
+        self.frame_size
+    }
+    /// Largest packet a slot can receive.
+    pub fn max_packet(&self) -> usize {
+        self.frame_size - HEADROOM
+    }
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Resets slot `i` for a receive and returns where the packet goes (after the headroom).
+    pub fn rx_slot(&mut self, i: usize) -> &mut [u8] {
+        self.meta[i] = Meta::EMPTY;
+        let fs = self.frame_size;
+        &mut self.arena[i * fs + HEADROOM..(i + 1) * fs]
+    }
+
+    /// Records that slot `i` received `len` bytes from `peer`; slots `0..=i` are now the batch.
+    pub fn commit_rx(&mut self, i: usize, len: usize, peer: SocketAddrV4, oversized: bool) {
+        let m = &mut self.meta[i];
+        m.start = HEADROOM;
+        m.len = len.min(self.frame_size - HEADROOM);
+        m.peer = peer;
+        m.oversized = oversized;
+        m.verdict = Verdict::Pending;
+        self.len = self.len.max(i + 1);
+    }
+
+    /// The whole slot `i` (headroom included) and its metadata, for the pipeline.
+    pub fn slot_mut(&mut self, i: usize) -> (&mut [u8], &mut Meta) {
+        let fs = self.frame_size;
+        (&mut self.arena[i * fs..(i + 1) * fs], &mut self.meta[i])
+    }
+
+    /// The packet bytes of slot `i`.
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let m = &self.meta[i];
+        let base = i * self.frame_size;
+        &self.arena[base + m.start..base + m.start + m.len]
+    }
+
+    pub fn meta(&self, i: usize) -> &Meta {
+        &self.meta[i]
+    }
+
+    /// Raw base pointer of the receive area of slot `i`, for vectored syscalls that fill many
+    /// slots at once (`recvmmsg`). The area is `max_packet()` bytes long.
+    pub(crate) fn rx_ptr(&mut self, i: usize) -> *mut u8 {
+        let fs = self.frame_size;
+        self.arena[i * fs + HEADROOM..].as_mut_ptr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_rx_commit_packet() {
+        let mut b = Batch::new(4, 512);
+        b.rx_slot(1)[..3].copy_from_slice(b"abc");
+        let peer = SocketAddrV4::new(Ipv4Addr::new(1, 2, 3, 4), 8285);
+        b.commit_rx(1, 3, peer, false);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.packet(1), b"abc");
+        assert_eq!(b.meta(1).peer, peer);
+        assert_eq!(b.max_packet(), 512 - HEADROOM);
+        b.clear();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn test_commit_clamps_to_slot() {
+        let mut b = Batch::new(1, 256);
+        b.commit_rx(0, 10_000, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), true);
+        assert_eq!(b.packet(0).len(), 256 - HEADROOM);
+        assert!(b.meta(0).oversized);
+    }
+}

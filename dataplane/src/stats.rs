@@ -1,0 +1,148 @@
+//! Per-worker counters: plain integers inside the batch loop, added to shared atomics once per
+//! batch (Relaxed), so the hot path never contends on a cache line.
+
+use crate::pipeline::DropReason;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Event counters besides drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets read from the TUN device.
+    RxTun,
+    /// Datagrams read from the underlay socket.
+    RxUnderlay,
+    /// Packets written to the TUN device (decapsulated traffic and ICMP errors).
+    TxTun,
+    /// Datagrams sent on the underlay.
+    TxUnderlay,
+    /// ICMP destination-unreachable messages generated.
+    IcmpUnreachable,
+    /// Times the worker slept in epoll because it found no work.
+    IdleSleeps,
+}
+
+impl Counter {
+    pub const COUNT: usize = 6;
+    pub const ALL: [Counter; Counter::COUNT] = [
+        Counter::RxTun,
+        Counter::RxUnderlay,
+        Counter::TxTun,
+        Counter::TxUnderlay,
+        Counter::IcmpUnreachable,
+        Counter::IdleSleeps,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counter::RxTun => "rx_tun",
+            Counter::RxUnderlay => "rx_underlay",
+            Counter::TxTun => "tx_tun",
+            Counter::TxUnderlay => "tx_underlay",
+            Counter::IcmpUnreachable => "icmp_unreachable",
+            Counter::IdleSleeps => "idle_sleeps",
+        }
+    }
+}
+
+/// Counts kept by one worker between flushes.
+#[derive(Debug, Clone, Default)]
+pub struct LocalStats {
+    pub counters: [u64; Counter::COUNT],
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl LocalStats {
+    #[inline]
+    pub fn add(&mut self, c: Counter, n: u64) {
+        self.counters[c as usize] += n;
+    }
+    #[inline]
+    pub fn drop(&mut self, r: DropReason) {
+        self.drops[r as usize] += 1;
+    }
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters[c as usize]
+    }
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+    /// Adds another set of counts to this one.
+    pub fn merge(&mut self, other: &LocalStats) {
+        for (a, b) in self.counters.iter_mut().zip(other.counters) {
+            *a += b;
+        }
+        for (a, b) in self.drops.iter_mut().zip(other.drops) {
+            *a += b;
+        }
+    }
+}
+
+/// The shared copy of a worker's counts, read by the control thread.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    counters: [AtomicU64; Counter::COUNT],
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl SharedStats {
+    /// Adds `local` and zeroes it.
+    pub fn flush(&self, local: &mut LocalStats) {
+        for (shared, n) in self.counters.iter().zip(local.counters.iter_mut()) {
+            if *n != 0 {
+                shared.fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+        for (shared, n) in self.drops.iter().zip(local.drops.iter_mut()) {
+            if *n != 0 {
+                shared.fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+    }
+
+    /// A copy of the current counts.
+    pub fn snapshot(&self) -> LocalStats {
+        let mut s = LocalStats::default();
+        for (d, a) in s.counters.iter_mut().zip(&self.counters) {
+            *d = a.load(Ordering::Relaxed);
+        }
+        for (d, a) in s.drops.iter_mut().zip(&self.drops) {
+            *d = a.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_flush_adds_and_zeroes() {
+        let shared = SharedStats::default();
+        let mut local = LocalStats::default();
+        local.add(Counter::RxTun, 3);
+        local.drop(DropReason::TtlExpired);
+        shared.flush(&mut local);
+        local.add(Counter::RxTun, 2);
+        shared.flush(&mut local);
+        let snap = shared.snapshot();
+        assert_eq!(snap.counter(Counter::RxTun), 5);
+        assert_eq!(snap.drops(DropReason::TtlExpired), 1);
+        assert_eq!(local.total_drops(), 0);
+    }
+
+    #[test]
+    fn test_names_are_unique() {
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.as_str()).collect();
+        names.extend(DropReason::ALL.iter().map(|r| r.as_str()));
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+}

@@ -1,0 +1,29 @@
+//! Socket options socket2 does not cover.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: we pass a pointer to a live c_int and its exact size; the kernel only reads it.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE: socket buffers above `rmem_max` (needs CAP_NET_ADMIN).
+pub fn set_buffers_force(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v)?;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v)
+}

@@ -1,0 +1,64 @@
+//! Opening TUN queues: open(2) of /dev/net/tun and the TUNSETIFF ioctl.
+//!
+//! With `IFF_MULTI_QUEUE` every open+TUNSETIFF on the same name attaches one more queue to the
+//! device; the kernel spreads packets across queues by flow hash, so one flow stays on one queue.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// `struct ifreq` as TUNSETIFF reads it: the name and the flags of the union.
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens one queue of TUN device `name` (created if absent) in non-blocking mode and returns
+/// its descriptor and the device's actual name.
+pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
+    if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    let path = CString::new("/dev/net/tun").expect("static path has no NUL");
+    // SAFETY: `path` is a NUL-terminated string that lives across the call.
+    let raw = unsafe {
+        libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just returned by open(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReqFlags { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+    for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    req.flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` has its layout (16-byte name,
+    // then the union, whose first member we use is a short), is 40 bytes like the kernel's, and
+    // lives across the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let actual: Vec<u8> =
+        req.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    Ok((fd, String::from_utf8_lossy(&actual).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_ifreq_is_kernel_sized() {
+        assert_eq!(core::mem::size_of::<super::IfReqFlags>(), 40);
+    }
+}

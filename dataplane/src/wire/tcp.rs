@@ -1,0 +1,161 @@
+//! TCP headers (RFC 9293): the fields a forwarder and connection tracker read and rewrite.
+//!
+//! ```text
+//! src port(16) dst port(16) | seq(32) | ack(32) | off(4) rsv(4) flags(8) window(16)
+//! checksum(16) urgent(16) | options ...
+//! ```
+
+use super::checksum;
+use super::{read_u16, read_u32, write_u16, Error, Result};
+use core::net::Ipv4Addr;
+
+/// Length of a header without options.
+pub const HEADER_LEN: usize = 20;
+const PROTO_TCP: u8 = 6;
+
+/// TCP flag bits.
+pub mod flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+/// A view of a TCP segment.
+#[derive(Debug, Clone)]
+pub struct Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Packet<T> {
+    pub const fn new_unchecked(buffer: T) -> Self {
+        Packet { buffer }
+    }
+
+    /// Checks that the data offset is at least 5 words and fits the buffer.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let b = buffer.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let header_len = usize::from(b[12] >> 4) * 4;
+        if header_len < HEADER_LEN {
+            return Err(Error::Malformed);
+        }
+        if header_len > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Packet { buffer })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 0)
+    }
+    pub fn dst_port(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 2)
+    }
+    pub fn seq(&self) -> u32 {
+        read_u32(self.buffer.as_ref(), 4)
+    }
+    pub fn ack(&self) -> u32 {
+        read_u32(self.buffer.as_ref(), 8)
+    }
+    pub fn header_len(&self) -> usize {
+        usize::from(self.buffer.as_ref()[12] >> 4) * 4
+    }
+    pub fn flags(&self) -> u8 {
+        self.buffer.as_ref()[13]
+    }
+    pub fn window(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 14)
+    }
+    pub fn checksum(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 16)
+    }
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[self.header_len()..]
+    }
+    /// Checks the checksum; the whole buffer is the segment (header + payload).
+    pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+        let b = self.buffer.as_ref();
+        let acc = checksum::pseudo_header_v4(src, dst, PROTO_TCP, b.len() as u16);
+        checksum::fold(checksum::accumulate(acc, b)) == 0xffff
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    pub fn set_src_port(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 0, v);
+    }
+    pub fn set_dst_port(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 2, v);
+    }
+    pub fn set_checksum(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 16, v);
+    }
+    /// Computes the checksum over pseudo-header and the whole buffer.
+    pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
+        self.set_checksum(0);
+        let b = self.buffer.as_ref();
+        let acc = checksum::pseudo_header_v4(src, dst, PROTO_TCP, b.len() as u16);
+        let c = !checksum::fold(checksum::accumulate(acc, b));
+        self.set_checksum(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+    const DST: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+
+    fn syn() -> Vec<u8> {
+        let ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, SRC.octets(), DST.octets())
+            .unwrap();
+        let mut tcp = etherparse::TcpHeader::new(40000, 80, 0x01020304, 64240);
+        tcp.syn = true;
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, b"xy").unwrap();
+        let mut out = tcp.to_bytes().to_vec();
+        out.extend_from_slice(b"xy");
+        out
+    }
+
+    #[test]
+    fn test_parse() {
+        let buf = syn();
+        let p = Packet::new_checked(&buf[..]).unwrap();
+        assert_eq!(p.src_port(), 40000);
+        assert_eq!(p.dst_port(), 80);
+        assert_eq!(p.seq(), 0x01020304);
+        assert_eq!(p.ack(), 0);
+        assert_eq!(p.header_len(), 20);
+        assert_eq!(p.flags(), flags::SYN);
+        assert_eq!(p.window(), 64240);
+        assert_eq!(p.payload(), b"xy");
+        assert!(p.verify_checksum(SRC, DST));
+    }
+
+    #[test]
+    fn test_fill_checksum_matches_etherparse() {
+        let want = syn();
+        let mut buf = want.clone();
+        let mut p = Packet::new_checked(&mut buf[..]).unwrap();
+        p.set_checksum(0x1234);
+        p.fill_checksum(SRC, DST);
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn test_impossible_len() {
+        let buf = syn();
+        assert_eq!(Packet::new_checked(&buf[..19]).unwrap_err(), Error::Truncated);
+        let mut bad = buf.clone();
+        bad[12] = 0x40;
+        assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+        bad[12] = 0xf0; // 60 bytes of header in a 22-byte buffer
+        assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Truncated);
+    }
+}

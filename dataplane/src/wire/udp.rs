@@ -1,0 +1,181 @@
+//! UDP headers (RFC 768).
+//!
+//! ```text
+//! src port(16) dst port(16) | length(16) checksum(16) | payload ...
+//! ```
+//! `new_checked` requires `8 <= length <= buffer`. A transmitted checksum of zero means "none"
+//! (IPv4); a computed zero is sent as 0xffff.
+
+use super::checksum;
+use super::{read_u16, write_u16, Error, Result};
+use core::net::Ipv4Addr;
+
+/// Length of a UDP header.
+pub const HEADER_LEN: usize = 8;
+const PROTO_UDP: u8 = 17;
+
+/// A view of a UDP datagram.
+#[derive(Debug, Clone)]
+pub struct Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Packet<T> {
+    pub const fn new_unchecked(buffer: T) -> Self {
+        Packet { buffer }
+    }
+
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let b = buffer.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let len = usize::from(read_u16(b, 4));
+        if len < HEADER_LEN {
+            return Err(Error::Malformed);
+        }
+        if len > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Packet { buffer })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 0)
+    }
+    pub fn dst_port(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 2)
+    }
+    pub fn len(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 4)
+    }
+    pub fn is_empty(&self) -> bool {
+        usize::from(self.len()) == HEADER_LEN
+    }
+    pub fn checksum(&self) -> u16 {
+        read_u16(self.buffer.as_ref(), 6)
+    }
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[HEADER_LEN..usize::from(self.len())]
+    }
+    /// True if the checksum is absent (zero) or correct for this pseudo-header.
+    pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+        if self.checksum() == 0 {
+            return true;
+        }
+        let len = self.len();
+        let acc = checksum::pseudo_header_v4(src, dst, PROTO_UDP, len);
+        let acc = checksum::accumulate(acc, &self.buffer.as_ref()[..usize::from(len)]);
+        checksum::fold(acc) == 0xffff
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    pub fn set_src_port(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 0, v);
+    }
+    pub fn set_dst_port(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 2, v);
+    }
+    pub fn set_len(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 4, v);
+    }
+    pub fn set_checksum(&mut self, v: u16) {
+        write_u16(self.buffer.as_mut(), 6, v);
+    }
+    /// Computes the checksum over pseudo-header, header and payload (zero result sent as 0xffff).
+    pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
+        self.set_checksum(0);
+        let len = self.len();
+        let acc = checksum::pseudo_header_v4(src, dst, PROTO_UDP, len);
+        let acc = checksum::accumulate(acc, &self.buffer.as_ref()[..usize::from(len)]);
+        let c = !checksum::fold(acc);
+        self.set_checksum(if c == 0 { 0xffff } else { c });
+    }
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let end = usize::from(self.len());
+        &mut self.buffer.as_mut()[HEADER_LEN..end]
+    }
+}
+
+/// The fields of a UDP header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload_len: usize,
+}
+
+impl Repr {
+    pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Repr {
+        Repr { src_port: p.src_port(), dst_port: p.dst_port(), payload_len: p.payload().len() }
+    }
+
+    /// Writes the header into `buf` (header + payload already in place), with the checksum over
+    /// the payload that follows.
+    pub fn emit(&self, buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) {
+        let mut p = Packet::new_unchecked(buf);
+        p.set_src_port(self.src_port);
+        p.set_dst_port(self.dst_port);
+        p.set_len((HEADER_LEN + self.payload_len) as u16);
+        p.fill_checksum(src, dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+    const DST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+
+    fn reference() -> Vec<u8> {
+        let mut out = Vec::new();
+        etherparse::UdpHeader::with_ipv4_checksum(8285, 8285, &etherparse::Ipv4Header::new(
+            5, 64, etherparse::IpNumber::UDP, SRC.octets(), DST.octets()).unwrap(), b"hello")
+            .unwrap()
+            .write(&mut out)
+            .unwrap();
+        out.extend_from_slice(b"hello");
+        out
+    }
+
+    #[test]
+    fn test_parse() {
+        let buf = reference();
+        let p = Packet::new_checked(&buf[..]).unwrap();
+        assert_eq!(p.src_port(), 8285);
+        assert_eq!(p.dst_port(), 8285);
+        assert_eq!(p.len(), 13);
+        assert_eq!(p.payload(), b"hello");
+        assert!(p.verify_checksum(SRC, DST));
+        assert!(!p.verify_checksum(SRC, Ipv4Addr::new(192, 168, 1, 3)));
+    }
+
+    #[test]
+    fn test_emit_matches_etherparse() {
+        let want = reference();
+        let mut buf = vec![0u8; 13];
+        buf[8..].copy_from_slice(b"hello");
+        Repr { src_port: 8285, dst_port: 8285, payload_len: 5 }.emit(&mut buf, SRC, DST);
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn test_zero_checksum_accepted() {
+        let mut buf = reference();
+        buf[6] = 0;
+        buf[7] = 0;
+        assert!(Packet::new_checked(&buf[..]).unwrap().verify_checksum(SRC, DST));
+    }
+
+    #[test]
+    fn test_impossible_len() {
+        let buf = reference();
+        assert_eq!(Packet::new_checked(&buf[..7]).unwrap_err(), Error::Truncated);
+        assert_eq!(Packet::new_checked(&buf[..12]).unwrap_err(), Error::Truncated);
+        let mut bad = buf.clone();
+        bad[5] = 7;
+        assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+    }
+}

@@ -1,0 +1,266 @@
+//! The poll-mode worker pool.
+//!
+//! Each worker owns one TUN queue and one underlay socket and runs them to completion: read a
+//! batch, decide it (`pipeline::process`), send it, repeat. The kernel keeps a flow on one worker
+//! (TUN queues are chosen by flow hash, SO_REUSEPORT sockets by 4-tuple hash), so workers share
+//! nothing on the hot path but the read-only table snapshot, which they re-load between batches.
+//!
+//! A worker that finds no work busy-polls for `busy_poll` and then sleeps in epoll until a port
+//! becomes readable (or a timeout, to notice shutdown): an idle node costs no CPU. Only after it
+//! has seen EAGAIN on both ports does it sleep, so epoll's edge-triggered wakeups are never missed.
+
+use crate::batch::Batch;
+use crate::pipeline::{self, Direction, DropReason, Tables, Verdict};
+use crate::port::tun::TunQueue;
+use crate::port::udp::UdpPort;
+use crate::port::{PortError, RxPort, TxPort};
+use crate::stats::{Counter, LocalStats, SharedStats};
+use crate::sys;
+use arc_swap::ArcSwap;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Most packets a worker moves per batch.
+pub const MAX_BATCH: usize = 256;
+
+const TUN: Token = Token(0);
+const UDP: Token = Token(1);
+const WAKE: Token = Token(2);
+/// Longest epoll sleep, so a stalled wakeup can never hang a worker for long.
+const IDLE_SLEEP: Duration = Duration::from_millis(200);
+
+/// How workers run.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Packets per batch (1..=MAX_BATCH).
+    pub batch_size: usize,
+    /// Bytes per packet slot, headroom included.
+    pub frame_size: usize,
+    /// How long a worker keeps polling an idle port before sleeping in epoll.
+    pub busy_poll: Duration,
+    /// Pin worker i to the i-th allowed CPU.
+    pub pin: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            batch_size: 64,
+            frame_size: 16384,
+            busy_poll: Duration::from_micros(50),
+            pin: true,
+        }
+    }
+}
+
+/// Why the pool could not start or a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker {worker}: {source}")]
+    Port { worker: usize, source: PortError },
+    #[error("worker {worker}: epoll: {source}")]
+    Poll { worker: usize, source: std::io::Error },
+    #[error("worker {worker} panicked")]
+    Panicked { worker: usize },
+    #[error("need as many TUN queues as underlay sockets (got {tun} and {udp})")]
+    PortCount { tun: usize, udp: usize },
+}
+
+struct Worker {
+    id: usize,
+    tun: TunQueue,
+    udp: UdpPort,
+    tables: Arc<ArcSwap<Tables>>,
+    stats: Arc<SharedStats>,
+    shutdown: Arc<AtomicBool>,
+    poll: Poll,
+    config: WorkerConfig,
+    cpu: Option<usize>,
+}
+
+/// Running workers.
+pub struct WorkerPool {
+    handles: Vec<JoinHandle<Result<(), WorkerError>>>,
+    wakers: Vec<Waker>,
+    stats: Vec<Arc<SharedStats>>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl WorkerPool {
+    /// Starts one worker per (TUN queue, socket) pair, all reading `tables`.
+    pub fn start(
+        config: WorkerConfig,
+        tables: Arc<ArcSwap<Tables>>,
+        tun_queues: Vec<TunQueue>,
+        sockets: Vec<UdpPort>,
+    ) -> Result<WorkerPool, WorkerError> {
+        if tun_queues.len() != sockets.len() {
+            return Err(WorkerError::PortCount { tun: tun_queues.len(), udp: sockets.len() });
+        }
+        let cpus = if config.pin { sys::affinity::allowed_cpus().unwrap_or_default() } else { Vec::new() };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mut pool = WorkerPool { handles: Vec::new(), wakers: Vec::new(), stats: Vec::new(), shutdown };
+        for (id, (tun, udp)) in tun_queues.into_iter().zip(sockets).enumerate() {
+            let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
+            let reg = poll.registry();
+            let register = |fd, token| reg.register(&mut SourceFd(&fd), token, Interest::READABLE);
+            register(tun.raw_fd(), TUN)
+                .and_then(|_| register(udp.raw_fd(), UDP))
+                .map_err(|source| WorkerError::Poll { worker: id, source })?;
+            let waker = Waker::new(reg, WAKE).map_err(|source| WorkerError::Poll { worker: id, source })?;
+            let stats = Arc::new(SharedStats::default());
+            let worker = Worker {
+                id,
+                tun,
+                udp,
+                tables: Arc::clone(&tables),
+                stats: Arc::clone(&stats),
+                shutdown: Arc::clone(&pool.shutdown),
+                poll,
+                config: config.clone(),
+                cpu: if cpus.is_empty() { None } else { Some(cpus[id % cpus.len()]) },
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("podwire-w{id}"))
+                .spawn(move || worker.run())
+                .map_err(|source| WorkerError::Poll { worker: id, source })?;
+            pool.handles.push(handle);
+            pool.wakers.push(waker);
+            pool.stats.push(stats);
+        }
+        Ok(pool)
+    }
+
+    /// Each worker's counts so far.
+    pub fn stats(&self) -> Vec<LocalStats> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// The first worker that has stopped on its own, if any (it failed or panicked).
+    pub fn dead_worker(&self) -> Option<usize> {
+        self.handles.iter().position(|h| h.is_finished())
+    }
+
+    /// Wakes every worker so it sees new tables (or shutdown) now instead of after its sleep.
+    pub fn wake_all(&self) {
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+
+    /// Stops the workers and returns the first error one of them ended with.
+    pub fn stop(self) -> Result<(), WorkerError> {
+        self.shutdown.store(true, Ordering::Release);
+        self.wake_all();
+        let mut first = Ok(());
+        for (id, h) in self.handles.into_iter().enumerate() {
+            let r = h.join().unwrap_or(Err(WorkerError::Panicked { worker: id }));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// Packet indices of one batch, per destination port.
+struct Dispatch {
+    to_underlay: [u16; MAX_BATCH],
+    n_underlay: usize,
+    to_tun: [u16; MAX_BATCH],
+    n_tun: usize,
+}
+
+impl Dispatch {
+    fn new() -> Dispatch {
+        Dispatch { to_underlay: [0; MAX_BATCH], n_underlay: 0, to_tun: [0; MAX_BATCH], n_tun: 0 }
+    }
+
+    /// Sorts the decided batch by verdict, counts drops, and sends.
+    fn run(&mut self, batch: &Batch, tun: &mut TunQueue, udp: &mut UdpPort, stats: &mut LocalStats) {
+        self.n_underlay = 0;
+        self.n_tun = 0;
+        for i in 0..batch.len() {
+            match batch.meta(i).verdict {
+                Verdict::ToUnderlay(_) => {
+                    self.to_underlay[self.n_underlay] = i as u16;
+                    self.n_underlay += 1;
+                }
+                Verdict::ToTun => {
+                    self.to_tun[self.n_tun] = i as u16;
+                    self.n_tun += 1;
+                }
+                Verdict::IcmpToTun => {
+                    stats.add(Counter::IcmpUnreachable, 1);
+                    self.to_tun[self.n_tun] = i as u16;
+                    self.n_tun += 1;
+                }
+                Verdict::Drop(r) => stats.drop(r),
+                Verdict::Pending => {}
+            }
+        }
+        if self.n_underlay > 0 {
+            let out = udp.tx_batch(batch, &self.to_underlay[..self.n_underlay]);
+            stats.add(Counter::TxUnderlay, out.sent as u64);
+            stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        }
+        if self.n_tun > 0 {
+            let out = tun.tx_batch(batch, &self.to_tun[..self.n_tun]);
+            stats.add(Counter::TxTun, out.sent as u64);
+            stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        }
+    }
+}
+
+impl Worker {
+    fn run(mut self) -> Result<(), WorkerError> {
+        if let Some(cpu) = self.cpu {
+            // Best effort: a container may forbid it; the worker works unpinned.
+            let _ = sys::affinity::pin_current_thread(cpu);
+        }
+        let size = self.config.batch_size.clamp(1, MAX_BATCH);
+        let mut from_tun = Batch::new(size, self.config.frame_size);
+        let mut from_udp = Batch::new(size, self.config.frame_size);
+        let mut dispatch = Dispatch::new();
+        let mut local = LocalStats::default();
+        let mut events = Events::with_capacity(4);
+        let mut last_work = Instant::now();
+        let id = self.id;
+        let port_err = |source| WorkerError::Port { worker: id, source };
+        while !self.shutdown.load(Ordering::Acquire) {
+            let tables = self.tables.load();
+            let n_tun = self.tun.rx_batch(&mut from_tun).map_err(port_err)?;
+            if n_tun > 0 {
+                local.add(Counter::RxTun, n_tun as u64);
+                pipeline::process(&tables, Direction::FromTun, &mut from_tun);
+                dispatch.run(&from_tun, &mut self.tun, &mut self.udp, &mut local);
+            }
+            let n_udp = self.udp.rx_batch(&mut from_udp).map_err(port_err)?;
+            if n_udp > 0 {
+                local.add(Counter::RxUnderlay, n_udp as u64);
+                pipeline::process(&tables, Direction::FromUnderlay, &mut from_udp);
+                dispatch.run(&from_udp, &mut self.tun, &mut self.udp, &mut local);
+            }
+            drop(tables);
+            if n_tun + n_udp > 0 {
+                self.stats.flush(&mut local);
+                last_work = Instant::now();
+            } else if last_work.elapsed() >= self.config.busy_poll {
+                local.add(Counter::IdleSleeps, 1);
+                self.stats.flush(&mut local);
+                match self.poll.poll(&mut events, Some(IDLE_SLEEP)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(source) => return Err(WorkerError::Poll { worker: id, source }),
+                }
+                last_work = Instant::now();
+            }
+        }
+        self.stats.flush(&mut local);
+        Ok(())
+    }
+}
