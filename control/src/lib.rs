@@ -1,1 +1,16 @@
+//! podwire's control side: everything but packets.
+//!
+//! - [`config`], [`lease`], [`store`]: flannel's net-conf.json, lease values and keyspace.
+//! - [`tables`]: a cluster view turned into the dataplane's tables.
+//! - [`netdev`], [`subnet_env`]: host setup as flanneld does it.
+//! - [`report`]: worker counters as JSON.
+//!
+//! The binary adds `podwire run` (the daemon), `podwire replay` and `podwire lab`.
 
+pub mod config;
+pub mod lease;
+pub mod netdev;
+pub mod report;
+pub mod store;
+pub mod subnet_env;
+pub mod tables;

@@ -1,1 +1,212 @@
-fn main(){}
+//! The `podwire` binary.
+
+mod daemon;
+mod lab;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use podwire_dataplane::pipeline::Direction;
+use podwire_dataplane::worker::WorkerConfig;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// podwire: a userspace pod-network dataplane, a drop-in for flanneld's udp backend.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node daemon: join the cluster from the store and forward pod traffic.
+    Run(RunArgs),
+    /// Run a capture through the pipeline offline (no devices, no root) and write what would leave.
+    Replay(ReplayArgs),
+    /// Build a cluster in network namespaces, run podwire on every node, send real traffic
+    /// between every pair of pods, print the figures, and tear everything down. Needs root.
+    Lab(LabArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Cluster store: `file:PATH`, a JSON file mirroring flannel's etcd keyspace
+    /// ({"config": net-conf.json, "subnets": {"10.244.1.0-24": lease, ...}}), re-read on change.
+    #[arg(long)]
+    store: String,
+    /// Underlay interface, by name or IPv4 address (default: the default route's interface).
+    #[arg(long)]
+    iface: Option<String>,
+    /// IP this node is reached at (default: the interface's address). Selects our lease.
+    #[arg(long)]
+    public_ip: Option<Ipv4Addr>,
+    /// Where to write flannel's subnet.env for the CNI plugin.
+    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    subnet_file: PathBuf,
+    /// Poll-mode workers, one TUN queue and one underlay socket each (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Name of the TUN device.
+    #[arg(long, default_value = "flannel0")]
+    tun_name: String,
+    /// Value of FLANNEL_IPMASQ in subnet.env (masquerade itself is not done by podwire yet).
+    #[arg(long)]
+    ip_masq: bool,
+    /// Packets per batch (1-256).
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Microseconds a worker keeps polling idle ports before it sleeps in epoll.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
+    /// Do not pin workers to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
+    #[arg(long, default_value_t = 4 << 20)]
+    socket_buffer: usize,
+    /// How often to check the store for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    store_poll_ms: u64,
+    /// Write worker counters and drops by reason here as JSON, every second and at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Exit when the parent process dies (used by `podwire lab`).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Side {
+    /// Raw inner IPv4 packets, as the TUN device sees them.
+    Tun,
+    /// Outer IPv4/UDP datagrams, as the underlay sees them.
+    Underlay,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Cluster store (`file:PATH`).
+    #[arg(long)]
+    store: String,
+    /// The node to be: its lease is the one with this PublicIP.
+    #[arg(long)]
+    public_ip: Ipv4Addr,
+    /// Where the input was captured.
+    #[arg(long, value_enum)]
+    from: Side,
+    /// Input capture (pcap, link type RAW or Ethernet).
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Output capture (pcap, link type RAW): what would go to the underlay or into the TUN.
+    #[arg(long = "out")]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct LabArgs {
+    /// Number of nodes (2 or more).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Backend the cluster runs.
+    #[arg(long, default_value = "udp")]
+    backend: String,
+    /// Megabytes per TCP transfer (one transfer per ordered pair of pods).
+    #[arg(long, default_value_t = 50)]
+    transfer_mb: u64,
+    /// Workers per podwire node.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Echo requests per pair.
+    #[arg(long, default_value_t = 5)]
+    ping_count: u16,
+    /// UDP request/response exchanges per pair.
+    #[arg(long, default_value_t = 200)]
+    udp_count: u32,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the lab's directory (cluster file, logs, stats) under /tmp.
+    #[arg(long)]
+    keep_logs: bool,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(a) => {
+            init_logging();
+            if a.exit_with_parent {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("prctl(PR_SET_PDEATHSIG)")?;
+            }
+            let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            daemon::run(daemon::RunOptions {
+                store: a.store,
+                iface: a.iface,
+                public_ip: a.public_ip,
+                subnet_file: a.subnet_file,
+                workers,
+                tun_name: a.tun_name,
+                ip_masq: a.ip_masq,
+                worker: WorkerConfig {
+                    batch_size: a.batch_size.clamp(1, podwire_dataplane::worker::MAX_BATCH),
+                    busy_poll: Duration::from_micros(a.busy_poll_us),
+                    pin: !a.no_pin,
+                    ..WorkerConfig::default()
+                },
+                socket_buffer: a.socket_buffer,
+                store_poll: Duration::from_millis(a.store_poll_ms.max(10)),
+                stats_file: a.stats_file,
+            })
+        }
+        Cmd::Replay(a) => replay(a),
+        Cmd::Lab(a) => {
+            lab::install_signal_teardown()?;
+            let ok = lab::run(lab::LabOptions {
+                nodes: a.nodes,
+                backend: a.backend,
+                transfer_mb: a.transfer_mb,
+                workers: a.workers.max(1),
+                ping_count: a.ping_count.max(1),
+                udp_count: a.udp_count.max(1),
+                json: a.json,
+                keep_logs: a.keep_logs,
+            })?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn replay(a: ReplayArgs) -> Result<()> {
+    let mut store = podwire::store::open(&a.store)?;
+    let view = store.load()?;
+    let tables = podwire::tables::build(&view, a.public_ip)?;
+    let from = match a.from {
+        Side::Tun => Direction::FromTun,
+        Side::Underlay => Direction::FromUnderlay,
+    };
+    let report = podwire_dataplane::replay::replay(&tables, from, &a.input, &a.output)?;
+    println!("records read:    {}", report.records);
+    if report.skipped > 0 {
+        println!("not for us:      {} (not IPv4/UDP to {}:{})", report.skipped, a.public_ip, tables.peer_port);
+    }
+    println!("records written: {}", report.written);
+    let drops = report.drops();
+    if drops.is_empty() {
+        println!("drops:           none");
+    } else {
+        for (r, n) in drops {
+            println!("drop {r:<18} {n}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! `podwire lab`: a cluster in network namespaces with real traffic between every pair of pods.
+//!
+//! Topology for N nodes (names carry the lab's pid so labs never collide):
+//! ```text
+//!   pod netns pwP-pI          host netns pwP-nI                     underlay netns pwP-u
+//!   eth0 10.244.I.2/24 ──veth── vpod 10.244.I.1/24                  br0 (bridge)
+//!                               flannel0 10.244.I.0/32 (podwire)
+//!                               eth0 10.99.0.(10+I)/24 ──veth────── nI
+//!   rogue netns pwP-x: eth0 10.99.0.200/24 ──veth── x (a host on the underlay, no node)
+//! ```
+//! Each host runs `podwire run` against one cluster file. The pod MTU is FLANNEL_MTU from the
+//! node's subnet.env, as the flannel CNI plugin sets it. Everything is torn down at the end, on
+//! failure, and on Ctrl-C; leftovers of a lab that was killed are removed by the next one.
+
+mod netns;
+mod traffic;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use podwire::report;
+use podwire::subnet_env;
+use podwire_dataplane::pipeline::DropReason;
+use podwire_dataplane::stats::{Counter, LocalStats};
+use serde_json::json;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What `podwire lab` is told.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub nodes: usize,
+    pub backend: String,
+    pub transfer_mb: u64,
+    pub workers: usize,
+    pub ping_count: u16,
+    pub udp_count: u32,
+    pub json: Option<PathBuf>,
+    pub keep_logs: bool,
+}
+
+const UNDERLAY_NET: &str = "10.99.0";
+const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
+const TCP_PORT: u16 = 5201;
+const UDP_PORT: u16 = 5202;
+const ROGUE_PORT: u16 = 5203;
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn underlay_ip(i: usize) -> Ipv4Addr {
+    format!("{UNDERLAY_NET}.{}", 10 + i).parse().expect("valid address")
+}
+fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, i as u8, 2)
+}
+fn gateway_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, i as u8, 1)
+}
+
+/// Everything the lab created, so it can all be removed.
+struct Resources {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+    dir: PathBuf,
+    keep_dir: bool,
+}
+
+impl Resources {
+    fn ns(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    fn stop_children(&mut self) {
+        for (_, child) in &self.children {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+
+    fn teardown(&mut self) {
+        self.stop_children();
+        for ns in self.namespaces.drain(..).rev() {
+            for pid in netns::pids(&ns) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            netns::delete(&ns);
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+static ACTIVE: OnceLock<Mutex<Option<Arc<Mutex<Resources>>>>> = OnceLock::new();
+
+/// Tears down the running lab on SIGINT/SIGTERM, then exits.
+pub fn install_signal_teardown() -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("podwire lab: signal {sig}, tearing down");
+            if let Some(res) = ACTIVE.get_or_init(Default::default).lock().ok().and_then(|mut a| a.take()) {
+                if let Ok(mut r) = res.lock() {
+                    r.teardown();
+                }
+            }
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// Removes namespaces left by labs whose process is gone (killed with SIGKILL, say).
+fn remove_stale_labs() {
+    for ns in netns::list() {
+        let Some(pid) = ns.strip_prefix("pw").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            for p in netns::pids(&ns) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            netns::delete(&ns);
+        }
+    }
+}
+
+/// One named check and its outcome.
+#[derive(Debug, Clone)]
+struct Check {
+    name: String,
+    ok: bool,
+    detail: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PairResult {
+    from: usize,
+    to: usize,
+    ping: traffic::PingStats,
+    tcp_bytes: u64,
+    tcp_mbps: f64,
+    tcp_sha_ok: bool,
+    tcp_error: Option<String>,
+    udp_sent: u32,
+    udp_received: u32,
+}
+
+fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
+    let u = res.ns("u");
+    let mut names = vec![u.clone()];
+    for i in 1..=opts.nodes {
+        names.push(res.ns(&format!("n{i}")));
+        names.push(res.ns(&format!("p{i}")));
+    }
+    names.push(res.ns("x"));
+    for name in names {
+        netns::ip(&["netns", "add", &name])?;
+        res.namespaces.push(name.clone());
+        netns::ip_in(&name, &["link", "set", "lo", "up"])?;
+    }
+    netns::ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
+    netns::ip_in(&u, &["link", "set", "br0", "up"])?;
+    let attach = |port: &str, host_ns: &str, ip: Ipv4Addr| -> Result<()> {
+        netns::ip_in(&u, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host_ns])?;
+        netns::ip_in(&u, &["link", "set", port, "master", "br0", "up"])?;
+        netns::ip_in(host_ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns::ip_in(host_ns, &["link", "set", "eth0", "up"])
+    };
+    for i in 1..=opts.nodes {
+        attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
+    }
+    attach("x", &res.ns("x"), ROGUE_IP)?;
+    for i in 1..=opts.nodes {
+        let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
+        netns::ip_in(&host, &["link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod])?;
+        netns::ip_in(&host, &["addr", "add", &format!("{}/24", gateway_ip(i)), "dev", "vpod"])?;
+        netns::ip_in(&host, &["link", "set", "vpod", "up"])?;
+        netns::ip_in(&pod, &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"])?;
+        netns::ip_in(&pod, &["link", "set", "eth0", "up"])?;
+        netns::ip_in(&pod, &["route", "add", "default", "via", &gateway_ip(i).to_string()])?;
+        netns::exec_in(&host, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    Ok(())
+}
+
+fn cluster_file(opts: &LabOptions) -> serde_json::Value {
+    let subnets: serde_json::Map<String, serde_json::Value> = (1..=opts.nodes)
+        .map(|i| {
+            let attrs = podwire::lease::LeaseAttrs::udp(underlay_ip(i));
+            (format!("10.244.{i}.0-24"), serde_json::to_value(attrs).expect("lease serialises"))
+        })
+        .collect();
+    json!({
+        "config": {"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": opts.backend}},
+        "subnets": subnets,
+    })
+}
+
+fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()> {
+    let cluster = res.dir.join("cluster.json");
+    std::fs::write(&cluster, serde_json::to_vec_pretty(&cluster_file(opts))?)?;
+    for i in 1..=opts.nodes {
+        let node_dir = res.dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let log = File::create(node_dir.join("podwire.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &res.ns(&format!("n{i}"))])
+            .arg(exe)
+            .args(["run", "--store", &format!("file:{}", cluster.display()), "--iface", "eth0"])
+            .args(["--subnet-file", &node_dir.join("subnet.env").display().to_string()])
+            .args(["--stats-file", &node_dir.join("stats.json").display().to_string()])
+            .args(["--workers", &opts.workers.to_string(), "--no-pin", "--exit-with-parent"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting podwire")?;
+        res.children.push((format!("n{i}"), child));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 1..=opts.nodes {
+        let env = res.dir.join(format!("n{i}/subnet.env"));
+        while !env.exists() {
+            if let Some((_, child)) = res.children.get_mut(i - 1) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("podwire on node {i} exited ({status}):\n{}", log_tail(&res.dir, i));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("podwire on node {i} did not write subnet.env in 15 s:\n{}", log_tail(&res.dir, i));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The pod interface gets FLANNEL_MTU, as the flannel CNI plugin sets it.
+        let mtu = subnet_env::read_value(&env, "FLANNEL_MTU").context("FLANNEL_MTU missing from subnet.env")?;
+        netns::ip_in(&res.ns(&format!("p{i}")), &["link", "set", "eth0", "mtu", &mtu])?;
+        netns::ip_in(&res.ns(&format!("n{i}")), &["link", "set", "vpod", "mtu", &mtu])?;
+    }
+    Ok(())
+}
+
+fn log_tail(dir: &Path, node: usize) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn run_pair(res: &Resources, opts: &LabOptions, from: usize, to: usize) -> PairResult {
+    let (src_ns, dst_ns) = (res.ns(&format!("p{from}")), res.ns(&format!("p{to}")));
+    let mut r = PairResult { from, to, ..Default::default() };
+    let count = opts.ping_count;
+    r.ping = netns::run_in(&src_ns, move || traffic::ping(pod_ip(to), count, Duration::from_secs(1))).unwrap_or_default();
+
+    let bytes = opts.transfer_mb * 1_000_000;
+    let listener = netns::run_in(&dst_ns, move || Ok(TcpListener::bind((pod_ip(to), TCP_PORT))?));
+    let tcp = listener.and_then(|l| {
+        let sink = netns::spawn_in(&dst_ns, move || traffic::tcp_sink(l, STEP_TIMEOUT));
+        let seed = (from * 100 + to) as u64;
+        let sent = netns::run_in(&src_ns, move || traffic::tcp_source(SocketAddrV4::new(pod_ip(to), TCP_PORT), bytes, seed, STEP_TIMEOUT));
+        let got = netns::join(sink);
+        let (sent, got) = (sent?, got?);
+        traffic::same_digest(&sent, &got.sha256)?;
+        Ok(got)
+    });
+    match tcp {
+        Ok(got) => {
+            r.tcp_bytes = got.bytes;
+            r.tcp_sha_ok = got.bytes == bytes;
+            r.tcp_mbps = got.bytes as f64 * 8.0 / got.elapsed.as_secs_f64().max(1e-9) / 1e6;
+        }
+        Err(e) => r.tcp_error = Some(format!("{e:#}")),
+    }
+
+    let udp_count = opts.udp_count;
+    let echo = netns::run_in(&dst_ns, move || Ok(UdpSocket::bind((pod_ip(to), UDP_PORT))?))
+        .map(|s| netns::spawn_in(&dst_ns, move || traffic::udp_echo(s, Duration::from_millis(1500))));
+    if let Ok(echo) = echo {
+        r.udp_sent = udp_count;
+        r.udp_received = netns::run_in(&src_ns, move || {
+            traffic::udp_ping(SocketAddrV4::new(pod_ip(to), UDP_PORT), udp_count, 1000, Duration::from_millis(500))
+        })
+        .unwrap_or(0);
+        let _ = netns::join(echo);
+    }
+    r
+}
+
+/// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
+fn rogue_check(res: &Resources) -> Result<Check> {
+    let p1 = res.ns("p1");
+    let sock = netns::run_in(&p1, move || Ok(UdpSocket::bind((pod_ip(1), ROGUE_PORT))?))?;
+    let sock = Arc::new(sock);
+    let node1 = SocketAddrV4::new(underlay_ip(1), podwire::config::UDP_DEFAULT_PORT);
+    netns::run_in(&res.ns("x"), move || {
+        let forged = traffic::inner_udp_packet(SocketAddrV4::new(pod_ip(2), 4000), SocketAddrV4::new(pod_ip(1), ROGUE_PORT), b"forged");
+        let s = UdpSocket::bind((ROGUE_IP, 0))?;
+        for _ in 0..5 {
+            s.send_to(&forged, node1)?;
+        }
+        Ok(())
+    })?;
+    let forged_arrived = traffic::collect_datagrams(&sock, Duration::from_millis(500))?;
+    netns::run_in(&res.ns("p2"), move || {
+        let s = UdpSocket::bind((pod_ip(2), 0))?;
+        s.send_to(b"genuine", SocketAddrV4::new(pod_ip(1), ROGUE_PORT))?;
+        Ok(())
+    })?;
+    let genuine = traffic::collect_datagrams(&sock, Duration::from_millis(500))?;
+    let ok = forged_arrived.is_empty() && genuine.iter().any(|d| d == b"genuine");
+    Ok(Check {
+        name: "datagrams from a non-node are dropped".into(),
+        ok,
+        detail: format!("{} of 5 forged delivered; genuine delivered: {}", forged_arrived.len(), !genuine.is_empty()),
+    })
+}
+
+fn unreachable_check(res: &Resources) -> Result<Check> {
+    let target = Ipv4Addr::new(10, 244, 250, 1);
+    let got = netns::run_in(&res.ns("p1"), move || traffic::probe_icmp_error(target, Duration::from_secs(2)))?;
+    let want_src = Ipv4Addr::new(10, 244, 1, 0);
+    let ok = got == Some((want_src, 3, 0));
+    Ok(Check {
+        name: "ICMP net-unreachable for an address in no lease".into(),
+        ok,
+        detail: match got {
+            Some((src, t, c)) => format!("{target}: type {t} code {c} from {src}"),
+            None => format!("{target}: no ICMP error arrived"),
+        },
+    })
+}
+
+fn read_stats(dir: &Path, nodes: usize) -> Vec<Option<LocalStats>> {
+    (1..=nodes)
+        .map(|i| {
+            let text = std::fs::read_to_string(dir.join(format!("n{i}/stats.json"))).ok()?;
+            report::total_from_json(&serde_json::from_str(&text).ok()?)
+        })
+        .collect()
+}
+
+/// Runs the lab; returns whether every check passed.
+pub fn run(opts: LabOptions) -> Result<bool> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("podwire lab needs root (network namespaces, TUN devices)");
+    }
+    if !(1..=200).contains(&opts.nodes) || opts.nodes < 2 {
+        bail!("--nodes must be between 2 and 200");
+    }
+    if opts.backend != "udp" {
+        bail!("--backend {}: only \"udp\" is available so far", opts.backend);
+    }
+    remove_stale_labs();
+    let exe = std::env::current_exe().context("finding the podwire binary")?;
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("podwire-lab-{pid}"));
+    std::fs::create_dir_all(&dir)?;
+    let res = Arc::new(Mutex::new(Resources {
+        prefix: format!("pw{pid}"),
+        namespaces: Vec::new(),
+        children: Vec::new(),
+        dir: dir.clone(),
+        keep_dir: opts.keep_logs,
+    }));
+    *ACTIVE.get_or_init(Default::default).lock().expect("lab registry") = Some(Arc::clone(&res));
+    let outcome = run_inner(&res, &opts, &exe);
+    let mut guard = res.lock().expect("lab resources");
+    if outcome.is_err() || matches!(outcome, Ok(false)) {
+        for i in 1..=opts.nodes {
+            eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&guard.dir, i));
+        }
+    }
+    guard.teardown();
+    ACTIVE.get_or_init(Default::default).lock().expect("lab registry").take();
+    outcome
+}
+
+fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result<bool> {
+    let started = Instant::now();
+    {
+        let mut r = res.lock().expect("lab resources");
+        build_topology(&mut r, opts).context("building the netns cluster")?;
+        start_nodes(&mut r, opts, exe)?;
+    }
+    let r = res.lock().expect("lab resources");
+    println!(
+        "podwire lab: {} nodes, backend {}, {} worker(s) per node, {} MB per TCP transfer",
+        opts.nodes, opts.backend, opts.workers, opts.transfer_mb
+    );
+    let mut pairs = Vec::new();
+    for from in 1..=opts.nodes {
+        for to in 1..=opts.nodes {
+            if from != to {
+                pairs.push(run_pair(&r, opts, from, to));
+            }
+        }
+    }
+    let mut checks = vec![
+        Check {
+            name: "ping between every pair of pods".into(),
+            ok: pairs.iter().all(|p| p.ping.received == p.ping.sent && p.ping.sent > 0),
+            detail: format!("{} pairs", pairs.len()),
+        },
+        Check {
+            name: format!("TCP {} MB with intact SHA-256, every pair", opts.transfer_mb),
+            ok: pairs.iter().all(|p| p.tcp_sha_ok),
+            detail: pairs.iter().filter_map(|p| p.tcp_error.as_ref().map(|e| format!("{}->{}: {e}", p.from, p.to))).collect::<Vec<_>>().join("; "),
+        },
+        Check {
+            name: "UDP request/response, every pair".into(),
+            ok: pairs.iter().all(|p| p.udp_sent > 0 && p.udp_received * 100 >= p.udp_sent * 99),
+            detail: format!(
+                "{} of {} echoed",
+                pairs.iter().map(|p| p.udp_received).sum::<u32>(),
+                pairs.iter().map(|p| p.udp_sent).sum::<u32>()
+            ),
+        },
+    ];
+    checks.push(unreachable_check(&r)?);
+    checks.push(rogue_check(&r)?);
+    drop(r);
+    // Stop the daemons so their final counters are on disk.
+    res.lock().expect("lab resources").stop_children();
+    let dir = res.lock().expect("lab resources").dir.clone();
+    let stats = read_stats(&dir, opts.nodes);
+    let unknown_peer = stats[0].as_ref().map(|s| s.drops(DropReason::UnknownPeer)).unwrap_or(0);
+    checks.push(Check {
+        name: "forged datagrams counted as unknown_peer".into(),
+        ok: unknown_peer >= 5,
+        detail: format!("node 1 unknown_peer = {unknown_peer}"),
+    });
+    checks.push(Check {
+        name: "every daemon exited cleanly with its counters".into(),
+        ok: stats.iter().all(Option::is_some),
+        detail: format!("{} of {} stats files", stats.iter().filter(|s| s.is_some()).count(), opts.nodes),
+    });
+    print_summary(opts, &pairs, &checks, &stats, started.elapsed());
+    let ok = checks.iter().all(|c| c.ok);
+    if let Some(path) = &opts.json {
+        write_json(path, opts, &pairs, &checks, &stats, ok)?;
+    }
+    Ok(ok)
+}
+
+fn print_summary(opts: &LabOptions, pairs: &[PairResult], checks: &[Check], stats: &[Option<LocalStats>], took: Duration) {
+    println!();
+    println!("{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}", "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp");
+    for p in pairs {
+        println!(
+            "{:<14} {:>10} {:>10.3} {:>14.0} {:>8} {:>10}",
+            format!("pod{} -> pod{}", p.from, p.to),
+            format!("{}/{}", p.ping.received, p.ping.sent),
+            p.ping.avg_rtt.as_secs_f64() * 1e3,
+            p.tcp_mbps,
+            if p.tcp_sha_ok { "ok" } else { "FAIL" },
+            format!("{}/{}", p.udp_received, p.udp_sent),
+        );
+    }
+    let mbps: Vec<f64> = pairs.iter().filter(|p| p.tcp_sha_ok).map(|p| p.tcp_mbps).collect();
+    if !mbps.is_empty() {
+        let mut sorted = mbps.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!("tcp throughput: median {:.0} Mbit/s over {} pairs (min {:.0}, max {:.0})", sorted[sorted.len() / 2], sorted.len(), sorted[0], sorted[sorted.len() - 1]);
+    }
+    println!();
+    println!("{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason", "node", "rx_tun", "tx_underlay", "rx_underlay", "tx_tun", "icmp");
+    for (i, s) in stats.iter().enumerate() {
+        match s {
+            Some(s) => {
+                let drops: Vec<String> =
+                    DropReason::ALL.iter().filter(|&&r| s.drops(r) > 0).map(|&r| format!("{r}={}", s.drops(r))).collect();
+                println!(
+                    "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
+                    format!("n{}", i + 1),
+                    s.counter(Counter::RxTun),
+                    s.counter(Counter::TxUnderlay),
+                    s.counter(Counter::RxUnderlay),
+                    s.counter(Counter::TxTun),
+                    s.counter(Counter::IcmpUnreachable),
+                    if drops.is_empty() { "none".to_string() } else { drops.join(" ") }
+                );
+            }
+            None => println!("n{:<5} (no stats: the daemon did not exit cleanly)", i + 1),
+        }
+    }
+    println!();
+    for c in checks {
+        println!("[{}] {}{}", if c.ok { " ok " } else { "FAIL" }, c.name, if c.detail.is_empty() { String::new() } else { format!(" ({})", c.detail) });
+    }
+    let ok = checks.iter().all(|c| c.ok);
+    println!("\n{} in {:.1} s with {} nodes", if ok { "lab passed" } else { "lab FAILED" }, took.as_secs_f64(), opts.nodes);
+}
+
+fn write_json(
+    path: &Path,
+    opts: &LabOptions,
+    pairs: &[PairResult],
+    checks: &[Check],
+    stats: &[Option<LocalStats>],
+    ok: bool,
+) -> Result<()> {
+    let v = json!({
+        "ok": ok,
+        "nodes": opts.nodes,
+        "backend": opts.backend,
+        "transfer_mb": opts.transfer_mb,
+        "pairs": pairs.iter().map(|p| json!({
+            "from": p.from, "to": p.to,
+            "ping_sent": p.ping.sent, "ping_received": p.ping.received,
+            "rtt_ms": p.ping.avg_rtt.as_secs_f64() * 1e3,
+            "tcp_bytes": p.tcp_bytes, "tcp_mbps": p.tcp_mbps, "tcp_sha256_ok": p.tcp_sha_ok,
+            "udp_sent": p.udp_sent, "udp_received": p.udp_received,
+        })).collect::<Vec<_>>(),
+        "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+        "node_stats": stats.iter().map(|s| s.as_ref().map(|s| report::stats_json(std::slice::from_ref(s))["total"].clone())).collect::<Vec<_>>(),
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,279 @@
+//! Traffic the lab sends between pods, generated in Rust inside the pods' namespaces: ICMP echo
+//! over a raw socket, a TCP transfer checked by SHA-256, UDP request/response, and a forged
+//! flannel-udp datagram from a host that is no cluster node.
+
+use anyhow::{bail, Context, Result};
+use podwire_dataplane::wire::{icmpv4, ipv4, udp, IpProtocol};
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(1);
+
+fn raw_icmp_socket(timeout: Duration) -> Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).context("raw ICMP socket")?;
+    s.set_read_timeout(Some(timeout))?;
+    // A raw socket moves whole datagrams like a UDP socket; std's UdpSocket gives us send_to and
+    // recv_from over it.
+    Ok(s.into())
+}
+
+fn echo_request(id: u16, seq: u16) -> [u8; 64] {
+    let mut buf = [0u8; 64];
+    for (i, b) in buf[8..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let mut p = icmpv4::Packet::new_unchecked(&mut buf[..]);
+    p.set_kind(icmpv4::kind::ECHO_REQUEST);
+    p.set_code(0);
+    p.set_rest(id, seq);
+    p.fill_checksum();
+    buf
+}
+
+/// Echo results.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PingStats {
+    pub sent: u32,
+    pub received: u32,
+    pub avg_rtt: Duration,
+}
+
+/// Pings `dst` `count` times, one at a time. Call inside the source netns.
+pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<PingStats> {
+    let sock = raw_icmp_socket(Duration::from_millis(50))?;
+    let id = NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16);
+    let mut stats = PingStats::default();
+    let mut total_rtt = Duration::ZERO;
+    let mut buf = [0u8; 2048];
+    for seq in 0..count {
+        let sent_at = Instant::now();
+        sock.send_to(&echo_request(id, seq), SocketAddrV4::new(dst, 0))?;
+        stats.sent += 1;
+        while sent_at.elapsed() < timeout {
+            let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
+            let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else { continue };
+            let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else { continue };
+            if ip.src() == dst && icmp.kind() == icmpv4::kind::ECHO_REPLY && icmp.echo_ident() == id && icmp.echo_seq() == seq {
+                stats.received += 1;
+                total_rtt += sent_at.elapsed();
+                break;
+            }
+        }
+    }
+    if stats.received > 0 {
+        stats.avg_rtt = total_rtt / stats.received;
+    }
+    Ok(stats)
+}
+
+/// Sends one echo request to `dst` and returns (source, type, code) of an ICMP error that quotes
+/// it, if one arrives. Call inside the source netns.
+pub fn probe_icmp_error(dst: Ipv4Addr, timeout: Duration) -> Result<Option<(Ipv4Addr, u8, u8)>> {
+    let sock = raw_icmp_socket(Duration::from_millis(50))?;
+    let id = NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed) ^ 0x5a5a;
+    let start = Instant::now();
+    sock.send_to(&echo_request(id, 1), SocketAddrV4::new(dst, 0))?;
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < timeout {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
+        let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else { continue };
+        let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else { continue };
+        if !icmpv4::is_error(icmp.kind()) {
+            continue;
+        }
+        let quoted = icmp.data();
+        // The quote is our IP header (20 bytes) and the echo's first 8 bytes, whose id is at 24.
+        if quoted.len() >= 28 && quoted[16..20] == dst.octets() && u16::from_be_bytes([quoted[24], quoted[25]]) == id {
+            return Ok(Some((ip.src(), icmp.kind(), icmp.code())));
+        }
+    }
+    Ok(None)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a transfer's content is not all zeros.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed | 1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// What the receiving side of a transfer saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub bytes: u64,
+    pub sha256: String,
+    pub elapsed: Duration,
+}
+
+/// Accepts one connection on `listener` and reads it to EOF, hashing. Call inside the server netns.
+pub fn tcp_sink(listener: TcpListener, timeout: Duration) -> Result<Received> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(e).context("accepting the transfer"),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let start = Instant::now();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = stream.read(&mut buf).context("reading the transfer")?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(Received { bytes, sha256: hex(&hasher.finalize()), elapsed: start.elapsed() })
+}
+
+/// Connects to `dst` and sends `bytes` bytes of a seeded pattern; returns their SHA-256.
+/// Call inside the client netns.
+pub fn tcp_source(dst: SocketAddrV4, bytes: u64, seed: u64, timeout: Duration) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut pattern = Pattern::new(seed);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        pattern.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        stream.write_all(&buf[..n]).context("sending the transfer")?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Echoes datagrams on `sock` until it has been idle for `idle`. Returns how many it echoed.
+pub fn udp_echo(sock: UdpSocket, idle: Duration) -> Result<u32> {
+    sock.set_read_timeout(Some(idle))?;
+    let mut buf = [0u8; 2048];
+    let mut n_echoed = 0;
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        sock.send_to(&buf[..n], from)?;
+        n_echoed += 1;
+    }
+    Ok(n_echoed)
+}
+
+/// Sends `count` numbered datagrams to `dst`, one at a time, and counts the echoes that match.
+pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -> Result<u32> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.set_read_timeout(Some(timeout))?;
+    let mut out = vec![0u8; size.max(4)];
+    let mut inbuf = vec![0u8; 2048];
+    let mut got = 0;
+    for seq in 0..count {
+        out[..4].copy_from_slice(&seq.to_be_bytes());
+        sock.send_to(&out, dst)?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match sock.recv_from(&mut inbuf) {
+                Ok((n, _)) if n == out.len() && inbuf[..4] == seq.to_be_bytes() => {
+                    got += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// A flannel-udp datagram payload: an IPv4/UDP packet from `src` to `dst` carrying `payload`.
+pub fn inner_udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut pkt = vec![0u8; ipv4::HEADER_LEN + udp::HEADER_LEN + payload.len()];
+    pkt[ipv4::HEADER_LEN + udp::HEADER_LEN..].copy_from_slice(payload);
+    udp::Repr { src_port: src.port(), dst_port: dst.port(), payload_len: payload.len() }.emit(
+        &mut pkt[ipv4::HEADER_LEN..],
+        *src.ip(),
+        *dst.ip(),
+    );
+    ipv4::Repr {
+        src: *src.ip(),
+        dst: *dst.ip(),
+        protocol: IpProtocol::Udp,
+        payload_len: udp::HEADER_LEN + payload.len(),
+        ttl: 64,
+        dscp_ecn: 0,
+        ident: 1,
+        dont_frag: false,
+    }
+    .emit(&mut pkt);
+    pkt
+}
+
+/// Waits on `sock` for up to `wait` and returns the payloads that arrived.
+pub fn collect_datagrams(sock: &UdpSocket, wait: Duration) -> Result<Vec<Vec<u8>>> {
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    Ok(got)
+}
+
+/// Fails unless `a == b`, describing both.
+pub fn same_digest(a: &str, b: &str) -> Result<()> {
+    if a != b {
+        bail!("SHA-256 mismatch: sent {a}, received {b}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_pattern_is_deterministic_and_not_flat() {
+        let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 1000]);
+        Pattern::new(7).fill(&mut a);
+        Pattern::new(7).fill(&mut b);
+        assert_eq!(a, b);
+        assert!(a.iter().filter(|&&x| x == 0).count() < 50);
+    }
+
+    #[test]
+    fn test_inner_packet_is_valid() {
+        let pkt = inner_udp_packet(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 1), SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 2), b"x");
+        let ip = ipv4::Packet::new_checked(&pkt[..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert!(udp::Packet::new_checked(ip.payload()).unwrap().verify_checksum(ip.src(), ip.dst()));
+    }
+}

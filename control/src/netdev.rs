@@ -1,0 +1,109 @@
+//! Host network setup: finding the underlay interface and configuring the TUN device.
+//!
+//! Addresses, MTU and routes are set with iproute2's `ip`, once at start-up (never per packet).
+
+use podwire_dataplane::route::Ipv4Net;
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+/// Why host network setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    #[error("no interface {0:?} with an IPv4 address")]
+    NoSuchInterface(String),
+    #[error("no default route to pick the underlay interface from: pass --iface")]
+    NoDefaultRoute,
+    #[error("cannot list interfaces: {0}")]
+    Ifaddrs(nix::Error),
+    #[error("cannot read the MTU of {iface}: {source}")]
+    Mtu { iface: String, source: std::io::Error },
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
+    #[error("cannot write {path}: {source}")]
+    Sysctl { path: String, source: std::io::Error },
+    #[error("cannot run `ip`: {0} (install iproute2)")]
+    Spawn(std::io::Error),
+}
+
+/// The underlay interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iface {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub mtu: u32,
+}
+
+fn ipv4_addrs() -> Result<Vec<(String, Ipv4Addr)>, NetdevError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(NetdevError::Ifaddrs)?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sin = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            Some((a.interface_name, sin))
+        })
+        .collect())
+}
+
+fn default_route_iface() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/net/route").ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let mut f = l.split_whitespace();
+        let name = f.next()?;
+        (f.next()? == "00000000").then(|| name.to_string())
+    })
+}
+
+/// Resolves `--iface` (a name or one of its IPv4 addresses; default: the default route's).
+pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
+    let addrs = ipv4_addrs()?;
+    let wanted = match iface {
+        Some(s) => s.to_string(),
+        None => default_route_iface().ok_or(NetdevError::NoDefaultRoute)?,
+    };
+    let (name, addr) = match wanted.parse::<Ipv4Addr>() {
+        Ok(ip) => addrs.into_iter().find(|(_, a)| *a == ip),
+        Err(_) => addrs.into_iter().find(|(n, _)| *n == wanted),
+    }
+    .ok_or_else(|| NetdevError::NoSuchInterface(wanted.clone()))?;
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .and_then(|s| s.trim().parse::<u32>().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+        .map_err(|source| NetdevError::Mtu { iface: name.clone(), source })?;
+    Ok(Iface { name, addr, mtu })
+}
+
+/// Runs `ip ARGS`, returning its stderr as the error.
+pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
+    let out = Command::new("ip").args(args).output().map_err(NetdevError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetdevError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+    }
+}
+
+/// Configures the TUN device as flanneld does for the udp backend: the lease's `.0/32` address,
+/// the MTU, up, and a route for the whole cluster network through it.
+///
+/// Also sets `accept_local` on it: the ICMP errors we write into the TUN come from the device's
+/// own address (as flanneld's do), which the kernel otherwise discards as a martian source.
+pub fn configure_tun(name: &str, lease: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), NetdevError> {
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{name}/accept_local");
+    std::fs::write(&sysctl, "1").map_err(|source| NetdevError::Sysctl { path: sysctl, source })?;
+    let addr = format!("{}/32", lease.addr());
+    ip(&["addr", "replace", &addr, "dev", name])?;
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])?;
+    ip(&["route", "replace", &network.to_string(), "dev", name, "scope", "global"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_loopback_resolves_by_name_and_address() {
+        let by_name = resolve_iface(Some("lo")).unwrap();
+        assert_eq!(by_name.addr, Ipv4Addr::LOCALHOST);
+        assert!(by_name.mtu > 0);
+        assert_eq!(resolve_iface(Some("127.0.0.1")).unwrap().name, "lo");
+        assert!(matches!(resolve_iface(Some("no-such-if0")), Err(NetdevError::NoSuchInterface(_))));
+    }
+}
