@@ -67,7 +67,7 @@ pub fn parse_cluster(text: &str) -> Result<ClusterView, ConfigError> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let file: ClusterFile = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        ConfigError::new(if path == "." { "(document)".to_string() } else { path }, e.inner().to_string())
+        ConfigError::new(if path == "." || path == "?" { "(document)".to_string() } else { path }, e.inner().to_string())
     })?;
     let config = file.config.validate("config.")?;
     let mut leases = Vec::with_capacity(file.subnets.len());
