@@ -60,18 +60,31 @@ fn gateway_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i as u8, 1)
 }
 
+/// Where the lab lives: its namespace prefix and its directory. Immutable, so traffic code reads
+/// it without holding the lock that teardown needs.
+#[derive(Debug, Clone)]
+struct Names {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Names {
+    fn ns(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+}
+
 /// Everything the lab created, so it can all be removed.
 struct Resources {
-    prefix: String,
+    names: Names,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
-    dir: PathBuf,
     keep_dir: bool,
 }
 
 impl Resources {
     fn ns(&self, suffix: &str) -> String {
-        format!("{}-{suffix}", self.prefix)
+        self.names.ns(suffix)
     }
 
     fn stop_children(&mut self) {
@@ -100,7 +113,7 @@ impl Resources {
             netns::delete(&ns);
         }
         if !self.keep_dir {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.names.dir);
         }
     }
 }
@@ -218,10 +231,11 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
 }
 
 fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()> {
-    let cluster = res.dir.join("cluster.json");
+    let dir = res.names.dir.clone();
+    let cluster = dir.join("cluster.json");
     std::fs::write(&cluster, serde_json::to_vec_pretty(&cluster_file(opts))?)?;
     for i in 1..=opts.nodes {
-        let node_dir = res.dir.join(format!("n{i}"));
+        let node_dir = dir.join(format!("n{i}"));
         std::fs::create_dir_all(&node_dir)?;
         let log = File::create(node_dir.join("podwire.log"))?;
         let child = Command::new("ip")
@@ -231,6 +245,7 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
             .args(["--subnet-file", &node_dir.join("subnet.env").display().to_string()])
             .args(["--stats-file", &node_dir.join("stats.json").display().to_string()])
             .args(["--workers", &opts.workers.to_string(), "--no-pin", "--exit-with-parent"])
+            .args(["--store-poll-ms", "100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -240,15 +255,15 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     for i in 1..=opts.nodes {
-        let env = res.dir.join(format!("n{i}/subnet.env"));
+        let env = dir.join(format!("n{i}/subnet.env"));
         while !env.exists() {
             if let Some((_, child)) = res.children.get_mut(i - 1) {
                 if let Ok(Some(status)) = child.try_wait() {
-                    bail!("podwire on node {i} exited ({status}):\n{}", log_tail(&res.dir, i));
+                    bail!("podwire on node {i} exited ({status}):\n{}", log_tail(&dir, i));
                 }
             }
             if Instant::now() > deadline {
-                bail!("podwire on node {i} did not write subnet.env in 15 s:\n{}", log_tail(&res.dir, i));
+                bail!("podwire on node {i} did not write subnet.env in 15 s:\n{}", log_tail(&dir, i));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -266,7 +281,7 @@ fn log_tail(dir: &Path, node: usize) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn run_pair(res: &Resources, opts: &LabOptions, from: usize, to: usize) -> PairResult {
+fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResult {
     let (src_ns, dst_ns) = (res.ns(&format!("p{from}")), res.ns(&format!("p{to}")));
     let mut r = PairResult { from, to, ..Default::default() };
     let count = opts.ping_count;
@@ -307,7 +322,7 @@ fn run_pair(res: &Resources, opts: &LabOptions, from: usize, to: usize) -> PairR
 }
 
 /// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
-fn rogue_check(res: &Resources) -> Result<Check> {
+fn rogue_check(res: &Names) -> Result<Check> {
     let p1 = res.ns("p1");
     let sock = netns::run_in(&p1, move || Ok(UdpSocket::bind((pod_ip(1), ROGUE_PORT))?))?;
     let sock = Arc::new(sock);
@@ -335,7 +350,7 @@ fn rogue_check(res: &Resources) -> Result<Check> {
     })
 }
 
-fn unreachable_check(res: &Resources) -> Result<Check> {
+fn unreachable_check(res: &Names) -> Result<Check> {
     let target = Ipv4Addr::new(10, 244, 250, 1);
     let got = netns::run_in(&res.ns("p1"), move || traffic::probe_icmp_error(target, Duration::from_secs(2)))?;
     let want_src = Ipv4Addr::new(10, 244, 1, 0);
@@ -347,6 +362,56 @@ fn unreachable_check(res: &Resources) -> Result<Check> {
             Some((src, t, c)) => format!("{target}: type {t} code {c} from {src}"),
             None => format!("{target}: no ICMP error arrived"),
         },
+    })
+}
+
+/// Polls `probe` for up to 5 s until it returns true.
+fn eventually(mut probe: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if probe() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The store is re-read live: a broken update keeps the last good map, a removed lease makes its
+/// pods unreachable (ICMP net-unreachable), and restoring it makes them reachable again.
+fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
+    let cluster = res.dir.join("cluster.json");
+    let good = cluster_file(opts);
+    let p1 = res.ns("p1");
+    let ping_ok = || {
+        let ns = p1.clone();
+        netns::run_in(&ns, || traffic::ping(pod_ip(2), 1, Duration::from_millis(300))).map(|s| s.received == 1).unwrap_or(false)
+    };
+    let unreachable = || {
+        let ns = p1.clone();
+        netns::run_in(&ns, || traffic::probe_icmp_error(pod_ip(2), Duration::from_millis(300))).ok().flatten()
+            == Some((Ipv4Addr::new(10, 244, 1, 0), 3, 0))
+    };
+    replace_file(&cluster, b"{ this is not a cluster file")?;
+    std::thread::sleep(Duration::from_millis(400));
+    let kept = ping_ok();
+    let mut without = good.clone();
+    without["subnets"].as_object_mut().expect("subnets").remove("10.244.2.0-24");
+    replace_file(&cluster, &serde_json::to_vec_pretty(&without)?)?;
+    let removed = eventually(unreachable);
+    replace_file(&cluster, &serde_json::to_vec_pretty(&good)?)?;
+    let restored = eventually(ping_ok);
+    Ok(Check {
+        name: "subnet map swapped live from the store".into(),
+        ok: kept && removed && restored,
+        detail: format!("broken file kept last map: {kept}; lease removed -> unreachable: {removed}; restored -> reachable: {restored}"),
     })
 }
 
@@ -376,10 +441,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     let dir = std::env::temp_dir().join(format!("podwire-lab-{pid}"));
     std::fs::create_dir_all(&dir)?;
     let res = Arc::new(Mutex::new(Resources {
-        prefix: format!("pw{pid}"),
+        names: Names { prefix: format!("pw{pid}"), dir: dir.clone() },
         namespaces: Vec::new(),
         children: Vec::new(),
-        dir: dir.clone(),
         keep_dir: opts.keep_logs,
     }));
     *ACTIVE.get_or_init(Default::default).lock().expect("lab registry") = Some(Arc::clone(&res));
@@ -387,7 +451,7 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     let mut guard = res.lock().expect("lab resources");
     if outcome.is_err() || matches!(outcome, Ok(false)) {
         for i in 1..=opts.nodes {
-            eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&guard.dir, i));
+            eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&dir, i));
         }
     }
     guard.teardown();
@@ -397,12 +461,12 @@ pub fn run(opts: LabOptions) -> Result<bool> {
 
 fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result<bool> {
     let started = Instant::now();
-    {
+    let r = {
         let mut r = res.lock().expect("lab resources");
         build_topology(&mut r, opts).context("building the netns cluster")?;
         start_nodes(&mut r, opts, exe)?;
-    }
-    let r = res.lock().expect("lab resources");
+        r.names.clone()
+    };
     println!(
         "podwire lab: {} nodes, backend {}, {} worker(s) per node, {} MB per TCP transfer",
         opts.nodes, opts.backend, opts.workers, opts.transfer_mb
@@ -438,11 +502,10 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     ];
     checks.push(unreachable_check(&r)?);
     checks.push(rogue_check(&r)?);
-    drop(r);
+    checks.push(map_reload_check(&r, opts)?);
     // Stop the daemons so their final counters are on disk.
     res.lock().expect("lab resources").stop_children();
-    let dir = res.lock().expect("lab resources").dir.clone();
-    let stats = read_stats(&dir, opts.nodes);
+    let stats = read_stats(&r.dir, opts.nodes);
     let unknown_peer = stats[0].as_ref().map(|s| s.drops(DropReason::UnknownPeer)).unwrap_or(0);
     checks.push(Check {
         name: "forged datagrams counted as unknown_peer".into(),
