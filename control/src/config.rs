@@ -24,7 +24,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, msg: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), msg: msg.into() }
+        ConfigError {
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -50,8 +53,14 @@ pub struct NetConfJson {
 /// The backend a cluster runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendConfig {
-    Udp { port: u16 },
-    Vxlan { vni: Vni, port: u16, direct_routing: bool },
+    Udp {
+        port: u16,
+    },
+    Vxlan {
+        vni: Vni,
+        port: u16,
+        direct_routing: bool,
+    },
 }
 
 impl BackendConfig {
@@ -85,16 +94,30 @@ impl NetConfJson {
     pub fn validate(&self, prefix: &str) -> Result<NetworkConfig, ConfigError> {
         let key = |k: &str| format!("{prefix}{k}");
         if self.enable_ipv4 == Some(false) || self.enable_ipv6 {
-            return Err(ConfigError::new(key("EnableIPv6"), "only IPv4 pod networks are supported (EnableIPv4 true, EnableIPv6 false)"));
+            return Err(ConfigError::new(
+                key("EnableIPv6"),
+                "only IPv4 pod networks are supported (EnableIPv4 true, EnableIPv6 false)",
+            ));
         }
-        let net_str = self.network.as_deref().ok_or_else(|| ConfigError::new(key("Network"), "missing"))?;
-        let network: Ipv4Net = net_str.parse().map_err(|e| ConfigError::new(key("Network"), format!("{e}")))?;
+        let net_str = self
+            .network
+            .as_deref()
+            .ok_or_else(|| ConfigError::new(key("Network"), "missing"))?;
+        let network: Ipv4Net = net_str
+            .parse()
+            .map_err(|e| ConfigError::new(key("Network"), format!("{e}")))?;
         let subnet_len = if self.subnet_len > 0 {
             if self.subnet_len > 30 {
                 return Err(ConfigError::new(key("SubnetLen"), "must be /30 or shorter"));
             }
             if self.subnet_len < network.prefix() + 2 {
-                return Err(ConfigError::new(key("SubnetLen"), format!("{network} must hold at least four /{} subnets", self.subnet_len)));
+                return Err(ConfigError::new(
+                    key("SubnetLen"),
+                    format!(
+                        "{network} must hold at least four /{} subnets",
+                        self.subnet_len
+                    ),
+                ));
             }
             self.subnet_len
         } else if network.prefix() < 23 {
@@ -103,46 +126,89 @@ impl NetConfJson {
             network.prefix() + 2
         };
         if subnet_len > 30 {
-            return Err(ConfigError::new(key("Network"), format!("{network} is too small for four subnets")));
+            return Err(ConfigError::new(
+                key("Network"),
+                format!("{network} is too small for four subnets"),
+            ));
         }
         let subnet_size = 1u32 << (32 - u32::from(subnet_len));
         let aligned = |ip: Ipv4Addr| ip.to_bits() & !(subnet_size - 1) == ip.to_bits();
         let subnet_min = match self.subnet_min {
             None => network.nth(subnet_size),
-            Some(ip) if !network.contains(ip) => return Err(ConfigError::new(key("SubnetMin"), format!("{ip} is not in {network}"))),
+            Some(ip) if !network.contains(ip) => {
+                return Err(ConfigError::new(
+                    key("SubnetMin"),
+                    format!("{ip} is not in {network}"),
+                ))
+            }
             Some(ip) => ip,
         };
         let subnet_max = match self.subnet_max {
-            None => Ipv4Addr::from_bits(network.addr().to_bits().wrapping_add((network.size() as u32).wrapping_sub(subnet_size))),
-            Some(ip) if !network.contains(ip) => return Err(ConfigError::new(key("SubnetMax"), format!("{ip} is not in {network}"))),
+            None => Ipv4Addr::from_bits(
+                network
+                    .addr()
+                    .to_bits()
+                    .wrapping_add((network.size() as u32).wrapping_sub(subnet_size)),
+            ),
+            Some(ip) if !network.contains(ip) => {
+                return Err(ConfigError::new(
+                    key("SubnetMax"),
+                    format!("{ip} is not in {network}"),
+                ))
+            }
             Some(ip) => ip,
         };
         if !aligned(subnet_min) {
-            return Err(ConfigError::new(key("SubnetMin"), format!("{subnet_min} is not on a /{subnet_len} boundary")));
+            return Err(ConfigError::new(
+                key("SubnetMin"),
+                format!("{subnet_min} is not on a /{subnet_len} boundary"),
+            ));
         }
         if !aligned(subnet_max) {
-            return Err(ConfigError::new(key("SubnetMax"), format!("{subnet_max} is not on a /{subnet_len} boundary")));
+            return Err(ConfigError::new(
+                key("SubnetMax"),
+                format!("{subnet_max} is not on a /{subnet_len} boundary"),
+            ));
         }
         if subnet_min > subnet_max {
-            return Err(ConfigError::new(key("SubnetMin"), format!("{subnet_min} is above SubnetMax {subnet_max}")));
+            return Err(ConfigError::new(
+                key("SubnetMin"),
+                format!("{subnet_min} is above SubnetMax {subnet_max}"),
+            ));
         }
         let backend = parse_backend(self.backend.as_ref(), &key("Backend"))?;
-        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend })
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
     }
 }
 
-fn port_field(obj: &serde_json::Map<String, serde_json::Value>, key: &str, default: u16) -> Result<u16, ConfigError> {
+fn port_field(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    default: u16,
+) -> Result<u16, ConfigError> {
     match obj.get("Port") {
         None => Ok(default),
         Some(v) => match v.as_u64() {
             Some(0) => Ok(default),
             Some(p) if p <= 65535 => Ok(p as u16),
-            _ => Err(ConfigError::new(format!("{key}.Port"), format!("{v} is not a UDP port"))),
+            _ => Err(ConfigError::new(
+                format!("{key}.Port"),
+                format!("{v} is not a UDP port"),
+            )),
         },
     }
 }
 
-fn parse_backend(value: Option<&serde_json::Value>, key: &str) -> Result<BackendConfig, ConfigError> {
+fn parse_backend(
+    value: Option<&serde_json::Value>,
+    key: &str,
+) -> Result<BackendConfig, ConfigError> {
     let empty = serde_json::Map::new();
     let obj = match value {
         None | Some(serde_json::Value::Null) => &empty,
@@ -152,23 +218,41 @@ fn parse_backend(value: Option<&serde_json::Value>, key: &str) -> Result<Backend
     let kind = match obj.get("Type") {
         None => "udp".to_string(),
         Some(serde_json::Value::String(s)) => s.to_lowercase(),
-        Some(other) => return Err(ConfigError::new(format!("{key}.Type"), format!("{other} is not a string"))),
+        Some(other) => {
+            return Err(ConfigError::new(
+                format!("{key}.Type"),
+                format!("{other} is not a string"),
+            ))
+        }
     };
     match kind.as_str() {
-        "udp" => Ok(BackendConfig::Udp { port: port_field(obj, key, UDP_DEFAULT_PORT)? }),
+        "udp" => Ok(BackendConfig::Udp {
+            port: port_field(obj, key, UDP_DEFAULT_PORT)?,
+        }),
         "vxlan" => {
             let vni = match obj.get("VNI") {
                 None => 1,
-                Some(v) => v.as_u64().ok_or_else(|| ConfigError::new(format!("{key}.VNI"), format!("{v} is not a number")))?,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    ConfigError::new(format!("{key}.VNI"), format!("{v} is not a number"))
+                })?,
             };
-            let vni = u32::try_from(vni)
-                .ok()
-                .and_then(Vni::new)
-                .ok_or_else(|| ConfigError::new(format!("{key}.VNI"), format!("{vni} does not fit 24 bits")))?;
-            let direct_routing = obj.get("DirectRouting").and_then(|v| v.as_bool()).unwrap_or(false);
-            Ok(BackendConfig::Vxlan { vni, port: port_field(obj, key, VXLAN_DEFAULT_PORT)?, direct_routing })
+            let vni = u32::try_from(vni).ok().and_then(Vni::new).ok_or_else(|| {
+                ConfigError::new(format!("{key}.VNI"), format!("{vni} does not fit 24 bits"))
+            })?;
+            let direct_routing = obj
+                .get("DirectRouting")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            Ok(BackendConfig::Vxlan {
+                vni,
+                port: port_field(obj, key, VXLAN_DEFAULT_PORT)?,
+                direct_routing,
+            })
         }
-        other => Err(ConfigError::new(format!("{key}.Type"), format!("backend {other:?} is not one podwire speaks (udp, vxlan)"))),
+        other => Err(ConfigError::new(
+            format!("{key}.Type"),
+            format!("backend {other:?} is not one podwire speaks (udp, vxlan)"),
+        )),
     }
 }
 
@@ -203,12 +287,27 @@ mod tests {
 
     #[test]
     fn test_backends() {
-        let c = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "UDP", "Port": 9999}}"#).unwrap();
+        let c = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "UDP", "Port": 9999}}"#)
+            .unwrap();
         assert_eq!(c.backend, BackendConfig::Udp { port: 9999 });
         let c = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#).unwrap();
-        assert_eq!(c.backend, BackendConfig::Vxlan { vni: Vni::new(1).unwrap(), port: 8472, direct_routing: false });
+        assert_eq!(
+            c.backend,
+            BackendConfig::Vxlan {
+                vni: Vni::new(1).unwrap(),
+                port: 8472,
+                direct_routing: false
+            }
+        );
         let c = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 42, "Port": 4789, "DirectRouting": true}}"#).unwrap();
-        assert_eq!(c.backend, BackendConfig::Vxlan { vni: Vni::new(42).unwrap(), port: 4789, direct_routing: true });
+        assert_eq!(
+            c.backend,
+            BackendConfig::Vxlan {
+                vni: Vni::new(42).unwrap(),
+                port: 4789,
+                direct_routing: true
+            }
+        );
     }
 
     #[test]
@@ -217,14 +316,38 @@ mod tests {
             (r#"{}"#, "Network"),
             (r#"{"Network": "10.244.0.1/16"}"#, "Network"),
             (r#"{"Network": 7}"#, "Network"),
-            (r#"{"Network": "10.244.0.0/16", "SubnetLen": 31}"#, "SubnetLen"),
-            (r#"{"Network": "10.244.0.0/16", "SubnetLen": 17}"#, "SubnetLen"),
-            (r#"{"Network": "10.244.0.0/16", "SubnetMin": "10.245.0.0"}"#, "SubnetMin"),
-            (r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.3.7"}"#, "SubnetMax"),
-            (r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#, "Backend.Type"),
-            (r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 70000}}"#, "Backend.Port"),
-            (r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#, "Backend.VNI"),
-            (r#"{"Network": "10.244.0.0/16", "EnableIPv6": true}"#, "EnableIPv6"),
+            (
+                r#"{"Network": "10.244.0.0/16", "SubnetLen": 31}"#,
+                "SubnetLen",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "SubnetLen": 17}"#,
+                "SubnetLen",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "SubnetMin": "10.245.0.0"}"#,
+                "SubnetMin",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.3.7"}"#,
+                "SubnetMax",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
+                "Backend.Type",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 70000}}"#,
+                "Backend.Port",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#,
+                "Backend.VNI",
+            ),
+            (
+                r#"{"Network": "10.244.0.0/16", "EnableIPv6": true}"#,
+                "EnableIPv6",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(text).unwrap_err();

@@ -6,14 +6,14 @@
 //! store when it changes and swaps new tables into the workers, writes the stats file, and stops
 //! everything on SIGTERM/SIGINT. A malformed store update is logged and the last good tables stay.
 
+use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
 use podwire::config::BackendConfig;
 use podwire::netdev;
 use podwire::report;
 use podwire::store::{self, Store};
 use podwire::subnet_env::SubnetEnv;
 use podwire::tables;
-use anyhow::{bail, Context, Result};
-use arc_swap::ArcSwap;
 use podwire_dataplane::pipeline::Tables;
 use podwire_dataplane::port::{tun, udp::UdpPort};
 use podwire_dataplane::worker::{WorkerConfig, WorkerPool};
@@ -42,7 +42,12 @@ pub struct RunOptions {
 /// Smallest underlay MTU that leaves IPv4 pods the 576 bytes every host must accept.
 const MIN_UNDERLAY_MTU: u32 = 576 + 28;
 
-fn swap_if_changed(store: &mut dyn Store, public_ip: Ipv4Addr, live: &ArcSwap<Tables>, pool: &WorkerPool) {
+fn swap_if_changed(
+    store: &mut dyn Store,
+    public_ip: Ipv4Addr,
+    live: &ArcSwap<Tables>,
+    pool: &WorkerPool,
+) {
     if !store.changed() {
         return;
     }
@@ -67,9 +72,15 @@ fn swap_if_changed(store: &mut dyn Store, public_ip: Ipv4Addr, live: &ArcSwap<Ta
             let leases = new.map.len();
             live.store(Arc::new(new));
             pool.wake_all();
-            tracing::info!(leases, took_us = started.elapsed().as_micros() as u64, "subnet map updated");
+            tracing::info!(
+                leases,
+                took_us = started.elapsed().as_micros() as u64,
+                "subnet map updated"
+            );
         }
-        Err(e) => tracing::error!(error = %e, "store update rejected; keeping the last good subnet map"),
+        Err(e) => {
+            tracing::error!(error = %e, "store update rejected; keeping the last good subnet map")
+        }
     }
 }
 
@@ -77,21 +88,31 @@ fn swap_if_changed(store: &mut dyn Store, public_ip: Ipv4Addr, live: &ArcSwap<Ta
 pub fn run(opts: RunOptions) -> Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&shutdown)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&shutdown))
+            .context("installing signal handlers")?;
     }
     let mut store = store::open(&opts.store)?;
-    let view = store.load().with_context(|| format!("reading {}", store.describe()))?;
+    let view = store
+        .load()
+        .with_context(|| format!("reading {}", store.describe()))?;
     let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
     let port = match view.config.backend {
         BackendConfig::Udp { port } => port,
-        BackendConfig::Vxlan { .. } => bail!("config.Backend.Type: podwire's vxlan backend is not available yet; use \"udp\""),
+        BackendConfig::Vxlan { .. } => {
+            bail!("config.Backend.Type: podwire's vxlan backend is not available yet; use \"udp\"")
+        }
     };
     if iface.mtu < MIN_UNDERLAY_MTU {
-        bail!("{} has MTU {}: too small to carry pods (need at least {MIN_UNDERLAY_MTU})", iface.name, iface.mtu);
+        bail!(
+            "{} has MTU {}: too small to carry pods (need at least {MIN_UNDERLAY_MTU})",
+            iface.name,
+            iface.mtu
+        );
     }
     let tun_mtu = iface.mtu - view.config.backend.overhead();
-    let initial = tables::build(&view, public_ip).with_context(|| format!("in {}", store.describe()))?;
+    let initial =
+        tables::build(&view, public_ip).with_context(|| format!("in {}", store.describe()))?;
     let lease = initial.local.subnet;
     tracing::info!(
         store = %store.describe(), iface = %iface.name, iface_ip = %iface.addr, %public_ip, %lease,
@@ -106,9 +127,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .map(|_| UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer))
         .collect::<Result<Vec<_>, _>>()?;
 
-    SubnetEnv { network: view.config.network, subnet: lease, mtu: tun_mtu, ip_masq: opts.ip_masq }
-        .write(&opts.subnet_file)
-        .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    SubnetEnv {
+        network: view.config.network,
+        subnet: lease,
+        mtu: tun_mtu,
+        ip_masq: opts.ip_masq,
+    }
+    .write(&opts.subnet_file)
+    .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
 
     let live = Arc::new(ArcSwap::from_pointee(initial));
     let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), queues, sockets)?;

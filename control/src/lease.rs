@@ -17,47 +17,88 @@ pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_type: Option<String>,
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<serde_json::Value>,
-    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
 impl LeaseAttrs {
     /// The attrs flanneld's udp backend writes for `public_ip`.
     pub fn udp(public_ip: Ipv4Addr) -> LeaseAttrs {
-        LeaseAttrs { public_ip, public_ipv6: None, backend_type: None, backend_data: None, backend_v6_data: None }
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: None,
+            backend_data: None,
+            backend_v6_data: None,
+        }
     }
 
     /// The node this lease describes; `key` names the lease in errors.
     pub fn to_node(&self, subnet: Ipv4Net, key: &str) -> Result<Node, ConfigError> {
-        let backend = match self.backend_type.as_deref().map(str::to_lowercase).as_deref() {
+        let backend = match self
+            .backend_type
+            .as_deref()
+            .map(str::to_lowercase)
+            .as_deref()
+        {
             None | Some("") | Some("udp") => Backend::Udp,
             Some("vxlan") => {
                 let data = self
                     .backend_data
                     .as_ref()
                     .and_then(|d| d.as_object())
-                    .ok_or_else(|| ConfigError::new(format!("{key}.BackendData"), "a vxlan lease needs BackendData {VNI, VtepMAC}"))?;
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            format!("{key}.BackendData"),
+                            "a vxlan lease needs BackendData {VNI, VtepMAC}",
+                        )
+                    })?;
                 let vni = data
                     .get("VNI")
                     .and_then(|v| v.as_u64())
                     .and_then(|v| u32::try_from(v).ok())
                     .and_then(Vni::new)
-                    .ok_or_else(|| ConfigError::new(format!("{key}.BackendData.VNI"), "missing or not a 24-bit number"))?;
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            format!("{key}.BackendData.VNI"),
+                            "missing or not a 24-bit number",
+                        )
+                    })?;
                 let vtep_mac: MacAddr = data
                     .get("VtepMAC")
                     .and_then(|v| v.as_str())
-                    .ok_or_else(|| ConfigError::new(format!("{key}.BackendData.VtepMAC"), "missing"))?
+                    .ok_or_else(|| {
+                        ConfigError::new(format!("{key}.BackendData.VtepMAC"), "missing")
+                    })?
                     .parse()
-                    .map_err(|e| ConfigError::new(format!("{key}.BackendData.VtepMAC"), format!("{e}")))?;
+                    .map_err(|e| {
+                        ConfigError::new(format!("{key}.BackendData.VtepMAC"), format!("{e}"))
+                    })?;
                 Backend::Vxlan { vni, vtep_mac }
             }
             Some(_) => Backend::Other,
         };
-        Ok(Node { subnet, public_ip: self.public_ip, backend })
+        Ok(Node {
+            subnet,
+            public_ip: self.public_ip,
+            backend,
+        })
     }
 }
 
@@ -76,20 +117,39 @@ mod tests {
         let text = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
         let attrs: LeaseAttrs = serde_json::from_str(text).unwrap();
         assert_eq!(serde_json::to_string(&attrs).unwrap(), text);
-        let node = attrs.to_node("10.244.1.0/24".parse().unwrap(), "k").unwrap();
-        assert_eq!(node.backend, Backend::Vxlan { vni: Vni::new(1).unwrap(), vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap() });
+        let node = attrs
+            .to_node("10.244.1.0/24".parse().unwrap(), "k")
+            .unwrap();
+        assert_eq!(
+            node.backend,
+            Backend::Vxlan {
+                vni: Vni::new(1).unwrap(),
+                vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap()
+            }
+        );
     }
 
     #[test]
     fn test_bad_vxlan_data_names_the_key() {
         let attrs: LeaseAttrs = serde_json::from_str(r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#).unwrap();
-        let e = attrs.to_node("10.244.1.0/24".parse().unwrap(), "subnets.10.244.1.0-24").unwrap_err();
+        let e = attrs
+            .to_node("10.244.1.0/24".parse().unwrap(), "subnets.10.244.1.0-24")
+            .unwrap_err();
         assert_eq!(e.key, "subnets.10.244.1.0-24.BackendData.VtepMAC");
     }
 
     #[test]
     fn test_other_backends_are_known_but_other() {
-        let attrs: LeaseAttrs = serde_json::from_str(r#"{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"host-gw"}"#).unwrap();
-        assert_eq!(attrs.to_node("10.244.1.0/24".parse().unwrap(), "k").unwrap().backend, Backend::Other);
+        let attrs: LeaseAttrs = serde_json::from_str(
+            r#"{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            attrs
+                .to_node("10.244.1.0/24".parse().unwrap(), "k")
+                .unwrap()
+                .backend,
+            Backend::Other
+        );
     }
 }

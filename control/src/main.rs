@@ -109,7 +109,8 @@ struct LabArgs {
     /// Number of nodes (2 or more).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
-    /// Backend the cluster runs.
+    /// Backend the cluster runs: `udp` (podwire), or `kernel-vxlan` for the baseline: no podwire,
+    /// every node configured with the kernel's VXLAN device exactly as flanneld's vxlan backend does.
     #[arg(long, default_value = "udp")]
     backend: String,
     /// Megabytes per TCP transfer (one transfer per ordered pair of pods).
@@ -133,8 +134,12 @@ struct LabArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> Result<()> {
@@ -143,9 +148,14 @@ fn main() -> Result<()> {
         Cmd::Run(a) => {
             init_logging();
             if a.exit_with_parent {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("prctl(PR_SET_PDEATHSIG)")?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .context("prctl(PR_SET_PDEATHSIG)")?;
             }
-            let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let workers = a.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
             daemon::run(daemon::RunOptions {
                 store: a.store,
                 iface: a.iface,
@@ -197,7 +207,10 @@ fn replay(a: ReplayArgs) -> Result<()> {
     let report = podwire_dataplane::replay::replay(&tables, from, &a.input, &a.output)?;
     println!("records read:    {}", report.records);
     if report.skipped > 0 {
-        println!("not for us:      {} (not IPv4/UDP to {}:{})", report.skipped, a.public_ip, tables.peer_port);
+        println!(
+            "not for us:      {} (not IPv4/UDP to {}:{})",
+            report.skipped, a.public_ip, tables.peer_port
+        );
     }
     println!("records written: {}", report.written);
     let drops = report.drops();

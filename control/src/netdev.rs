@@ -16,11 +16,17 @@ pub enum NetdevError {
     #[error("cannot list interfaces: {0}")]
     Ifaddrs(nix::Error),
     #[error("cannot read the MTU of {iface}: {source}")]
-    Mtu { iface: String, source: std::io::Error },
+    Mtu {
+        iface: String,
+        source: std::io::Error,
+    },
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
     #[error("cannot write {path}: {source}")]
-    Sysctl { path: String, source: std::io::Error },
+    Sysctl {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot run `ip`: {0} (install iproute2)")]
     Spawn(std::io::Error),
 }
@@ -65,18 +71,31 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
     }
     .ok_or_else(|| NetdevError::NoSuchInterface(wanted.clone()))?;
     let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-        .and_then(|s| s.trim().parse::<u32>().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
-        .map_err(|source| NetdevError::Mtu { iface: name.clone(), source })?;
+        .and_then(|s| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|source| NetdevError::Mtu {
+            iface: name.clone(),
+            source,
+        })?;
     Ok(Iface { name, addr, mtu })
 }
 
 /// Runs `ip ARGS`, returning its stderr as the error.
 pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
-    let out = Command::new("ip").args(args).output().map_err(NetdevError::Spawn)?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetdevError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetdevError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        Err(NetdevError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -85,13 +104,29 @@ pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
 ///
 /// Also sets `accept_local` on it: the ICMP errors we write into the TUN come from the device's
 /// own address (as flanneld's do), which the kernel otherwise discards as a martian source.
-pub fn configure_tun(name: &str, lease: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), NetdevError> {
+pub fn configure_tun(
+    name: &str,
+    lease: Ipv4Net,
+    network: Ipv4Net,
+    mtu: u32,
+) -> Result<(), NetdevError> {
     let sysctl = format!("/proc/sys/net/ipv4/conf/{name}/accept_local");
-    std::fs::write(&sysctl, "1").map_err(|source| NetdevError::Sysctl { path: sysctl, source })?;
+    std::fs::write(&sysctl, "1").map_err(|source| NetdevError::Sysctl {
+        path: sysctl,
+        source,
+    })?;
     let addr = format!("{}/32", lease.addr());
     ip(&["addr", "replace", &addr, "dev", name])?;
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])?;
-    ip(&["route", "replace", &network.to_string(), "dev", name, "scope", "global"])
+    ip(&[
+        "route",
+        "replace",
+        &network.to_string(),
+        "dev",
+        name,
+        "scope",
+        "global",
+    ])
 }
 
 #[cfg(test)]
@@ -104,6 +139,9 @@ mod tests {
         assert_eq!(by_name.addr, Ipv4Addr::LOCALHOST);
         assert!(by_name.mtu > 0);
         assert_eq!(resolve_iface(Some("127.0.0.1")).unwrap().name, "lo");
-        assert!(matches!(resolve_iface(Some("no-such-if0")), Err(NetdevError::NoSuchInterface(_))));
+        assert!(matches!(
+            resolve_iface(Some("no-such-if0")),
+            Err(NetdevError::NoSuchInterface(_))
+        ));
     }
 }

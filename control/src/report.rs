@@ -9,7 +9,10 @@ fn stats_object(s: &LocalStats) -> Value {
     for c in Counter::ALL {
         obj.insert(c.as_str().to_string(), json!(s.counter(c)));
     }
-    let drops: Map<String, Value> = DropReason::ALL.iter().map(|r| (r.as_str().to_string(), json!(s.drops(*r)))).collect();
+    let drops: Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
+        .collect();
     obj.insert("drops".to_string(), Value::Object(drops));
     Value::Object(obj)
 }
@@ -42,7 +45,10 @@ pub fn total_from_json(v: &Value) -> Option<LocalStats> {
 /// Writes `v` to `path` atomically.
 pub fn write_json(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(tmp, path)
 }
 

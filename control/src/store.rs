@@ -16,7 +16,10 @@ use std::time::SystemTime;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: ConfigError },
     #[error("unsupported store {0:?} (want file:PATH)")]
@@ -67,17 +70,28 @@ pub fn parse_cluster(text: &str) -> Result<ClusterView, ConfigError> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let file: ClusterFile = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        ConfigError::new(if path == "." || path == "?" { "(document)".to_string() } else { path }, e.inner().to_string())
+        ConfigError::new(
+            if path == "." || path == "?" {
+                "(document)".to_string()
+            } else {
+                path
+            },
+            e.inner().to_string(),
+        )
     })?;
     let config = file.config.validate("config.")?;
     let mut leases = Vec::with_capacity(file.subnets.len());
     for (key, attrs) in file.subnets {
         let at = format!("subnets.{key}");
-        let subnet = Ipv4Net::from_flannel_key(&key).map_err(|e| ConfigError::new(&at, format!("bad subnet key: {e}")))?;
+        let subnet = Ipv4Net::from_flannel_key(&key)
+            .map_err(|e| ConfigError::new(&at, format!("bad subnet key: {e}")))?;
         if !config.network.covers(&subnet) || subnet.prefix() != config.subnet_len {
             return Err(ConfigError::new(
                 &at,
-                format!("lease {subnet} is not a /{} inside the network {}", config.subnet_len, config.network),
+                format!(
+                    "lease {subnet} is not a /{} inside the network {}",
+                    config.subnet_len, config.network
+                ),
             ));
         }
         attrs.to_node(subnet, &at)?;
@@ -94,7 +108,10 @@ pub struct FileStore {
 
 impl FileStore {
     pub fn new(path: impl AsRef<Path>) -> FileStore {
-        FileStore { path: path.as_ref().to_path_buf(), seen: None }
+        FileStore {
+            path: path.as_ref().to_path_buf(),
+            seen: None,
+        }
     }
 
     fn stamp(&self) -> Option<(SystemTime, u64)> {
@@ -110,10 +127,15 @@ impl Store for FileStore {
 
     fn load(&mut self) -> Result<ClusterView, StoreError> {
         let stamp = self.stamp();
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|source| StoreError::Read { path: self.path.clone(), source })?;
+        let text = std::fs::read_to_string(&self.path).map_err(|source| StoreError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
         self.seen = stamp;
-        parse_cluster(&text).map_err(|source| StoreError::Invalid { path: self.path.clone(), source })
+        parse_cluster(&text).map_err(|source| StoreError::Invalid {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn changed(&mut self) -> bool {
@@ -145,12 +167,30 @@ mod tests {
     #[test]
     fn test_errors_name_the_key() {
         let cases = [
-            (GOOD.replace("10.244.1.0-24", "10.244.1.0/24"), "subnets.10.244.1.0/24"),
-            (GOOD.replace("10.244.1.0-24", "10.245.1.0-24"), "subnets.10.245.1.0-24"),
-            (GOOD.replace("10.244.1.0-24", "10.244.1.0-25"), "subnets.10.244.1.0-25"),
-            (GOOD.replace("\"192.168.0.1\"", "\"192.168.0\""), "subnets.10.244.1.0-24.PublicIP"),
-            (GOOD.replace("c6:d2:32:6f:8f:44", "c6:d2"), "subnets.10.244.2.0-24.BackendData.VtepMAC"),
-            (GOOD.replace("10.244.0.0/16", "10.244.0.0/33"), "config.Network"),
+            (
+                GOOD.replace("10.244.1.0-24", "10.244.1.0/24"),
+                "subnets.10.244.1.0/24",
+            ),
+            (
+                GOOD.replace("10.244.1.0-24", "10.245.1.0-24"),
+                "subnets.10.245.1.0-24",
+            ),
+            (
+                GOOD.replace("10.244.1.0-24", "10.244.1.0-25"),
+                "subnets.10.244.1.0-25",
+            ),
+            (
+                GOOD.replace("\"192.168.0.1\"", "\"192.168.0\""),
+                "subnets.10.244.1.0-24.PublicIP",
+            ),
+            (
+                GOOD.replace("c6:d2:32:6f:8f:44", "c6:d2"),
+                "subnets.10.244.2.0-24.BackendData.VtepMAC",
+            ),
+            (
+                GOOD.replace("10.244.0.0/16", "10.244.0.0/33"),
+                "config.Network",
+            ),
             (GOOD.replace("\"config\"", "\"konfig\""), "(document)"),
             ("{ not json".to_string(), "(document)"),
         ];
@@ -170,9 +210,19 @@ mod tests {
         assert!(store.changed());
         assert_eq!(store.load().unwrap().leases.len(), 2);
         assert!(!store.changed());
-        std::fs::write(&path, GOOD.replace(",\n            \"10.244.2.0-24\"", ",\n            \"10.244.3.0-24\"")).unwrap();
+        std::fs::write(
+            &path,
+            GOOD.replace(
+                ",\n            \"10.244.2.0-24\"",
+                ",\n            \"10.244.3.0-24\"",
+            ),
+        )
+        .unwrap();
         assert!(store.changed());
-        assert_eq!(store.load().unwrap().leases[1].subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(
+            store.load().unwrap().leases[1].subnet.to_string(),
+            "10.244.3.0/24"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(open("etcd:x").is_err());
     }

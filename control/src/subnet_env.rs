@@ -46,7 +46,8 @@ impl SubnetEnv {
 /// Reads `KEY=VALUE` lines of a subnet.env.
 pub fn read_value(path: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
 }
 
 #[cfg(test)]
@@ -69,7 +70,10 @@ mod tests {
         let path = dir.join("subnet.env");
         env.write(&path).unwrap();
         assert_eq!(read_value(&path, "FLANNEL_MTU").as_deref(), Some("1472"));
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,27 +10,41 @@ use std::net::Ipv4Addr;
 /// PublicIP is ours, as flanneld reuses a lease by PublicIP.
 pub fn build(view: &ClusterView, public_ip: Ipv4Addr) -> Result<Tables, ConfigError> {
     let cfg = &view.config;
-    let mut map = SubnetMap::new(cfg.network, cfg.subnet_len).map_err(|e| ConfigError::new("config.SubnetLen", e.to_string()))?;
+    let mut map = SubnetMap::new(cfg.network, cfg.subnet_len)
+        .map_err(|e| ConfigError::new("config.SubnetLen", e.to_string()))?;
     let mut own: Option<Ipv4Net> = None;
     for lease in &view.leases {
         let key = format!("subnets.{}", lease.subnet.flannel_key());
         let node = lease.attrs.to_node(lease.subnet, &key)?;
-        map.insert(node).map_err(|e| ConfigError::new(&key, e.to_string()))?;
+        map.insert(node)
+            .map_err(|e| ConfigError::new(&key, e.to_string()))?;
         if lease.attrs.public_ip == public_ip {
             if let Some(first) = own {
-                return Err(ConfigError::new(&key, format!("a second lease for PublicIP {public_ip} (first: {first})")));
+                return Err(ConfigError::new(
+                    &key,
+                    format!("a second lease for PublicIP {public_ip} (first: {first})"),
+                ));
             }
             own = Some(lease.subnet);
         }
     }
-    let subnet = own.ok_or_else(|| ConfigError::new("subnets", format!("no lease has PublicIP {public_ip}: add this node's lease")))?;
+    let subnet = own.ok_or_else(|| {
+        ConfigError::new(
+            "subnets",
+            format!("no lease has PublicIP {public_ip}: add this node's lease"),
+        )
+    })?;
     let peer_port = match cfg.backend {
         BackendConfig::Udp { port } => port,
         BackendConfig::Vxlan { port, .. } => port,
     };
     Ok(Tables {
         map,
-        local: LocalNode { subnet, public_ip, tun_addr: subnet.addr() },
+        local: LocalNode {
+            subnet,
+            public_ip,
+            tun_addr: subnet.addr(),
+        },
         peer_port,
     })
 }
@@ -46,7 +60,11 @@ mod tests {
 
     #[test]
     fn test_own_lease_by_public_ip() {
-        let t = build(&parse_cluster(FILE).unwrap(), "192.168.0.2".parse().unwrap()).unwrap();
+        let t = build(
+            &parse_cluster(FILE).unwrap(),
+            "192.168.0.2".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(t.local.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(t.local.tun_addr, Ipv4Addr::new(10, 244, 2, 0));
         assert_eq!(t.peer_port, 8285);
@@ -56,8 +74,18 @@ mod tests {
     #[test]
     fn test_missing_or_double_own_lease() {
         let view = parse_cluster(FILE).unwrap();
-        assert_eq!(build(&view, "192.168.0.9".parse().unwrap()).unwrap_err().key, "subnets");
+        assert_eq!(
+            build(&view, "192.168.0.9".parse().unwrap())
+                .unwrap_err()
+                .key,
+            "subnets"
+        );
         let double = parse_cluster(&FILE.replace("192.168.0.2", "192.168.0.1")).unwrap();
-        assert_eq!(build(&double, "192.168.0.1".parse().unwrap()).unwrap_err().key, "subnets.10.244.2.0-24");
+        assert_eq!(
+            build(&double, "192.168.0.1".parse().unwrap())
+                .unwrap_err()
+                .key,
+            "subnets.10.244.2.0-24"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! with 2 and 4 nodes, and teardown on Ctrl-C. Needs root; skipped otherwise. The labs run one
 //! at a time (the machine has 2 cores) and each test checks that nothing was left behind.
 
+#![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -16,7 +18,11 @@ fn is_root() -> bool {
 fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
     let prefix = format!("pw{lab_pid}-");
     let ns: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
         .unwrap_or_default();
     let lab_dir = format!("podwire-lab-{lab_pid}");
     let procs: Vec<String> = std::fs::read_dir("/proc")
@@ -31,7 +37,11 @@ fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
 }
 
 fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
-    let json = std::env::temp_dir().join(format!("podwire-lab-test-{}-{}.json", std::process::id(), args.join("_")));
+    let json = std::env::temp_dir().join(format!(
+        "podwire-lab-test-{}-{}.json",
+        std::process::id(),
+        args.join("_")
+    ));
     let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
         .arg("lab")
         .args(args)
@@ -42,11 +52,19 @@ fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
         .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (ns, procs) = leftovers(pid);
-    assert!(ns.is_empty() && procs.is_empty(), "lab left behind netns {ns:?} processes {procs:?}\n{text}");
+    assert!(
+        ns.is_empty() && procs.is_empty(),
+        "lab left behind netns {ns:?} processes {procs:?}\n{text}"
+    );
     assert!(out.status.success(), "lab failed:\n{text}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     (v, text)
 }
@@ -89,9 +107,17 @@ fn two_podwire_nodes_carry_real_traffic() {
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
-    assert!(check(&report, "ICMP net-unreachable")["detail"].as_str().unwrap().contains("type 3 code 0 from 10.244.1.0"));
+    assert!(check(&report, "ICMP net-unreachable")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("type 3 code 0 from 10.244.1.0"));
     // The forged datagrams were counted on node 1 and nothing reached a pod from the stranger.
-    assert!(report["node_stats"][0]["drops"]["unknown_peer"].as_u64().unwrap() >= 5);
+    assert!(
+        report["node_stats"][0]["drops"]["unknown_peer"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
     assert_eq!(report["node_stats"][1]["drops"]["unknown_peer"], 0);
 }
 
@@ -134,9 +160,16 @@ fn ctrl_c_tears_the_lab_down() {
         .unwrap();
     let pid = child.id();
     let started = wait_for(|| leftovers(pid).1.len() >= 2, Duration::from_secs(20));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     // Promptly: well before the 20 GB transfers in flight could finish.
-    let exited = wait_for(|| matches!(child.try_wait(), Ok(Some(_))), Duration::from_secs(10));
+    let exited = wait_for(
+        || matches!(child.try_wait(), Ok(Some(_))),
+        Duration::from_secs(10),
+    );
     if !exited {
         let _ = child.kill();
     }
@@ -145,6 +178,12 @@ fn ctrl_c_tears_the_lab_down() {
     assert!(exited, "the lab did not exit on SIGINT");
     assert!(!status.success());
     let (ns, procs) = leftovers(pid);
-    assert!(ns.is_empty() && procs.is_empty(), "left behind netns {ns:?} processes {procs:?}");
-    assert!(!PathBuf::from(format!("/tmp/podwire-lab-{pid}")).exists(), "lab directory left behind");
+    assert!(
+        ns.is_empty() && procs.is_empty(),
+        "left behind netns {ns:?} processes {procs:?}"
+    );
+    assert!(
+        !PathBuf::from(format!("/tmp/podwire-lab-{pid}")).exists(),
+        "lab directory left behind"
+    );
 }

@@ -2,6 +2,8 @@
 //! exactly the expected frames (built independently with etherparse) and exactly the expected
 //! drops by reason. Where tshark is installed it decodes our output as an independent check.
 
+#![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
+
 use podwire_dataplane::pipeline::{Direction, DropReason};
 use podwire_dataplane::replay::replay;
 use std::net::Ipv4Addr;
@@ -29,31 +31,77 @@ fn out_dir() -> PathBuf {
 }
 
 fn case_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("case.json").exists()).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").exists())
+        .collect();
     dirs.sort();
-    assert!(dirs.len() >= 6, "replay cases missing under {}", fixtures().display());
+    assert!(
+        dirs.len() >= 6,
+        "replay cases missing under {}",
+        fixtures().display()
+    );
     dirs
 }
 
 fn tshark_available() -> bool {
-    Command::new("tshark").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("tshark")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// tshark's verdict on every frame: checksums of IP, UDP and ICMP validated, no malformed packet.
 fn tshark_check(path: &Path) {
     let out = Command::new("tshark")
-        .args(["-r", path.to_str().unwrap(), "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE"])
-        .args(["-T", "fields", "-E", "separator=|", "-e", "ip.checksum.status", "-e", "udp.checksum.status", "-e", "icmp.checksum.status"])
+        .args([
+            "-r",
+            path.to_str().unwrap(),
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+        ])
+        .args([
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "ip.checksum.status",
+            "-e",
+            "udp.checksum.status",
+            "-e",
+            "icmp.checksum.status",
+        ])
         .args(["-e", "_ws.malformed", "-e", "_ws.expert.message"])
         .output()
         .expect("running tshark");
-    assert!(out.status.success(), "tshark failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tshark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split('|').collect();
         // status: 0 bad, 1 good, 2 unverified (the quote inside an ICMP error may be cut short).
-        assert!(f[0].split(',').all(|s| s != "0"), "{}: bad IP checksum: {line}", path.display());
-        assert!(f[1].split(',').all(|s| s != "0"), "{}: bad UDP checksum: {line}", path.display());
-        assert!(f[2].split(',').all(|s| s != "0"), "{}: bad ICMP checksum: {line}", path.display());
+        assert!(
+            f[0].split(',').all(|s| s != "0"),
+            "{}: bad IP checksum: {line}",
+            path.display()
+        );
+        assert!(
+            f[1].split(',').all(|s| s != "0"),
+            "{}: bad UDP checksum: {line}",
+            path.display()
+        );
+        assert!(
+            f[2].split(',').all(|s| s != "0"),
+            "{}: bad ICMP checksum: {line}",
+            path.display()
+        );
         assert!(f[3].is_empty(), "{}: malformed: {line}", path.display());
     }
 }
@@ -67,8 +115,12 @@ fn every_case_replays_to_its_expected_output() {
     let out = out_dir();
     for dir in case_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        let view = podwire::store::parse_cluster(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+        let case: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let view = podwire::store::parse_cluster(
+            &std::fs::read_to_string(dir.join("cluster.json")).unwrap(),
+        )
+        .unwrap();
         let public_ip: Ipv4Addr = case["public_ip"].as_str().unwrap().parse().unwrap();
         let tables = podwire::tables::build(&view, public_ip).unwrap();
         let from = match case["from"].as_str().unwrap() {
@@ -83,13 +135,23 @@ fn every_case_replays_to_its_expected_output() {
         let want = records(&dir.join("expected.pcap"));
         assert_eq!(got.len(), want.len(), "{name}: frame count");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g, w, "{name}: frame {i} differs\n got  {g:02x?}\n want {w:02x?}");
+            assert_eq!(
+                g, w,
+                "{name}: frame {i} differs\n got  {g:02x?}\n want {w:02x?}"
+            );
         }
         for r in DropReason::ALL {
-            let want = case["drops"].get(r.as_str()).and_then(|v| v.as_u64()).unwrap_or(0);
+            let want = case["drops"]
+                .get(r.as_str())
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
             assert_eq!(report.stats.drops(r), want, "{name}: drops[{r}]");
         }
-        assert_eq!(report.skipped, case["skipped"].as_u64().unwrap(), "{name}: skipped");
+        assert_eq!(
+            report.skipped,
+            case["skipped"].as_u64().unwrap(),
+            "{name}: skipped"
+        );
         if tshark && !got.is_empty() {
             tshark_check(&out_path);
         }
@@ -102,12 +164,25 @@ fn podwire_replay_cli_writes_the_same_frames() {
     let dir = fixtures().join("encap");
     let out = out_dir().join("cli-encap.pcap");
     let status = Command::new(env!("CARGO_BIN_EXE_podwire"))
-        .args(["replay", "--store", &format!("file:{}", dir.join("cluster.json").display())])
+        .args([
+            "replay",
+            "--store",
+            &format!("file:{}", dir.join("cluster.json").display()),
+        ])
         .args(["--public-ip", "192.168.100.1", "--from", "tun"])
-        .args(["--in", dir.join("in.pcap").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "--in",
+            dir.join("in.pcap").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     assert!(String::from_utf8_lossy(&status.stdout).contains("records written: 4"));
     assert_eq!(records(&out), records(&dir.join("expected.pcap")));
     let _ = std::fs::remove_file(&out);
@@ -119,7 +194,13 @@ fn a_malformed_cluster_file_names_the_key() {
     let bad = dir.join("bad-cluster.json");
     std::fs::write(&bad, r#"{"config": {"Network": "10.244.0.0/16"}, "subnets": {"10.244.1.0-24": {"PublicIP": "not-an-ip"}}}"#).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_podwire"))
-        .args(["replay", "--store", &format!("file:{}", bad.display()), "--public-ip", "192.168.100.1"])
+        .args([
+            "replay",
+            "--store",
+            &format!("file:{}", bad.display()),
+            "--public-ip",
+            "192.168.100.1",
+        ])
         .args(["--from", "tun", "--in", "/dev/null", "--out", "/dev/null"])
         .output()
         .unwrap();

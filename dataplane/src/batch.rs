@@ -49,7 +49,10 @@ impl Batch {
     /// # Panics
     /// If `frame_size <= HEADROOM` or `capacity == 0`: a configuration bug, not packet input.
     pub fn new(capacity: usize, frame_size: usize) -> Batch {
-        assert!(frame_size > HEADROOM && capacity > 0, "batch needs room for packets");
+        assert!(
+            frame_size > HEADROOM && capacity > 0,
+            "batch needs room for packets"
+        );
         Batch {
             arena: vec![0u8; capacity * frame_size].into_boxed_slice(),
             frame_size,

@@ -300,8 +300,12 @@ mod tests {
     fn tables() -> Tables {
         let mut map = SubnetMap::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
         for (subnet, ip) in [("10.244.1.0/24", NODE_A), ("10.244.2.0/24", NODE_B)] {
-            map.insert(Node { subnet: subnet.parse().unwrap(), public_ip: ip, backend: Backend::Udp })
-                .unwrap();
+            map.insert(Node {
+                subnet: subnet.parse().unwrap(),
+                public_ip: ip,
+                backend: Backend::Udp,
+            })
+            .unwrap();
         }
         Tables {
             map,
@@ -340,7 +344,11 @@ mod tests {
 
     #[test]
     fn test_decap_into_tun() {
-        let (v, out) = run(Direction::FromUnderlay, &udp_packet(POD_B, POD_A, 63), NODE_B);
+        let (v, out) = run(
+            Direction::FromUnderlay,
+            &udp_packet(POD_B, POD_A, 63),
+            NODE_B,
+        );
         assert_eq!(v, Verdict::ToTun);
         assert_eq!(out, udp_packet(POD_B, POD_A, 62));
     }
@@ -350,7 +358,11 @@ mod tests {
         for ttl in [0, 1] {
             let (v, _) = run(Direction::FromTun, &udp_packet(POD_A, POD_B, ttl), NODE_A);
             assert_eq!(v, Verdict::Drop(DropReason::TtlExpired));
-            let (v, _) = run(Direction::FromUnderlay, &udp_packet(POD_B, POD_A, ttl), NODE_B);
+            let (v, _) = run(
+                Direction::FromUnderlay,
+                &udp_packet(POD_B, POD_A, ttl),
+                NODE_B,
+            );
             assert_eq!(v, Verdict::Drop(DropReason::TtlExpired));
         }
     }
@@ -362,7 +374,10 @@ mod tests {
         assert_eq!(v, Verdict::IcmpToTun);
         let ip = ipv4::Packet::new_checked(&out[..]).unwrap();
         assert!(ip.verify_checksum());
-        assert_eq!((ip.src(), ip.dst(), ip.ttl()), (Ipv4Addr::new(10, 244, 1, 0), POD_A, 64));
+        assert_eq!(
+            (ip.src(), ip.dst(), ip.ttl()),
+            (Ipv4Addr::new(10, 244, 1, 0), POD_A, 64)
+        );
         let icmp = icmpv4::Packet::new_checked(ip.payload()).unwrap();
         assert!(icmp.verify_checksum());
         assert_eq!((icmp.kind(), icmp.code()), (3, 0));
@@ -380,7 +395,10 @@ mod tests {
             ))
             .write(&mut err, &[0u8; 28])
             .unwrap();
-        assert_eq!(run(Direction::FromTun, &err, NODE_A).0, Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(
+            run(Direction::FromTun, &err, NODE_A).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
         let mut frag = udp_packet(POD_A, far, 64);
         frag[7] = 0x10;
         let c = {
@@ -389,7 +407,10 @@ mod tests {
             checksum::checksum(&frag[..20])
         };
         frag[10..12].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(run(Direction::FromTun, &frag, NODE_A).0, Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(
+            run(Direction::FromTun, &frag, NODE_A).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
         let mut echo = Vec::new();
         etherparse::PacketBuilder::ipv4(POD_A.octets(), far.octets(), 64)
             .icmpv4_echo_request(1, 1)
@@ -400,7 +421,11 @@ mod tests {
 
     #[test]
     fn test_own_subnet_from_tun_is_a_loop() {
-        let (v, _) = run(Direction::FromTun, &udp_packet(POD_A, Ipv4Addr::new(10, 244, 1, 9), 64), NODE_A);
+        let (v, _) = run(
+            Direction::FromTun,
+            &udp_packet(POD_A, Ipv4Addr::new(10, 244, 1, 9), 64),
+            NODE_A,
+        );
         assert_eq!(v, Verdict::Drop(DropReason::LoopToSelf));
     }
 
@@ -408,17 +433,32 @@ mod tests {
     fn test_underlay_rejects() {
         let good = udp_packet(POD_B, POD_A, 64);
         let stranger = Ipv4Addr::new(192, 168, 100, 66);
-        assert_eq!(run(Direction::FromUnderlay, &good, stranger).0, Verdict::Drop(DropReason::UnknownPeer));
+        assert_eq!(
+            run(Direction::FromUnderlay, &good, stranger).0,
+            Verdict::Drop(DropReason::UnknownPeer)
+        );
         // Node B claiming a source in node A's lease.
         let spoofed = udp_packet(Ipv4Addr::new(10, 244, 1, 7), POD_A, 64);
-        assert_eq!(run(Direction::FromUnderlay, &spoofed, NODE_B).0, Verdict::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            run(Direction::FromUnderlay, &spoofed, NODE_B).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         let outside = udp_packet(Ipv4Addr::new(8, 8, 8, 8), POD_A, 64);
-        assert_eq!(run(Direction::FromUnderlay, &outside, NODE_B).0, Verdict::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            run(Direction::FromUnderlay, &outside, NODE_B).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         let elsewhere = udp_packet(POD_B, Ipv4Addr::new(10, 244, 2, 9), 64);
-        assert_eq!(run(Direction::FromUnderlay, &elsewhere, NODE_B).0, Verdict::Drop(DropReason::NotForThisNode));
+        assert_eq!(
+            run(Direction::FromUnderlay, &elsewhere, NODE_B).0,
+            Verdict::Drop(DropReason::NotForThisNode)
+        );
         let mut bad_sum = good.clone();
         bad_sum[10] ^= 0xff;
-        assert_eq!(run(Direction::FromUnderlay, &bad_sum, NODE_B).0, Verdict::Drop(DropReason::BadChecksum));
+        assert_eq!(
+            run(Direction::FromUnderlay, &bad_sum, NODE_B).0,
+            Verdict::Drop(DropReason::BadChecksum)
+        );
     }
 
     #[test]
@@ -428,14 +468,44 @@ mod tests {
             (vec![], DropReason::Truncated),
             (good[..10].to_vec(), DropReason::Truncated),
             (good[..good.len() - 1].to_vec(), DropReason::Truncated),
-            ({ let mut b = good.clone(); b[0] = 0x44; b }, DropReason::BadIpHeader),
-            ({ let mut b = good.clone(); b[2] = 0; b[3] = 10; b }, DropReason::BadIpHeader),
-            ({ let mut b = good.clone(); b[0] = 0x60; b }, DropReason::NotIpv4),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = 0x44;
+                    b
+                },
+                DropReason::BadIpHeader,
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[2] = 0;
+                    b[3] = 10;
+                    b
+                },
+                DropReason::BadIpHeader,
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = 0x60;
+                    b
+                },
+                DropReason::NotIpv4,
+            ),
             (vec![0xff; 64], DropReason::NotIpv4),
         ];
         for (pkt, want) in cases {
-            assert_eq!(run(Direction::FromTun, &pkt, NODE_A).0, Verdict::Drop(want), "{pkt:02x?}");
-            assert_eq!(run(Direction::FromUnderlay, &pkt, NODE_B).0, Verdict::Drop(want), "{pkt:02x?}");
+            assert_eq!(
+                run(Direction::FromTun, &pkt, NODE_A).0,
+                Verdict::Drop(want),
+                "{pkt:02x?}"
+            );
+            assert_eq!(
+                run(Direction::FromUnderlay, &pkt, NODE_B).0,
+                Verdict::Drop(want),
+                "{pkt:02x?}"
+            );
         }
     }
 

@@ -24,13 +24,22 @@ pub struct ReplayReport {
 impl ReplayReport {
     /// Drops by reason with a non-zero count, in `DropReason::ALL` order.
     pub fn drops(&self) -> Vec<(DropReason, u64)> {
-        DropReason::ALL.iter().map(|&r| (r, self.stats.drops(r))).filter(|&(_, n)| n > 0).collect()
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.stats.drops(r)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 }
 
 /// Runs the frames of `input`, captured on side `from`, through the pipeline and writes what
 /// would leave the node (to the underlay or into the TUN) to `output`, in order.
-pub fn replay(tables: &Tables, from: Direction, input: &Path, output: &Path) -> Result<ReplayReport, PortError> {
+pub fn replay(
+    tables: &Tables,
+    from: Direction,
+    input: &Path,
+    output: &Path,
+) -> Result<ReplayReport, PortError> {
     let local_udp = SocketAddrV4::new(tables.local.public_ip, tables.peer_port);
     let side = match from {
         Direction::FromTun => Side::Tun,
@@ -73,7 +82,12 @@ pub fn replay(tables: &Tables, from: Direction, input: &Path, output: &Path) -> 
             }
         }
     }
-    let report = ReplayReport { records: source.records, skipped: source.skipped, written: sink.written, stats };
+    let report = ReplayReport {
+        records: source.records,
+        skipped: source.skipped,
+        written: sink.written,
+        stats,
+    };
     sink.finish()?;
     Ok(report)
 }

@@ -5,8 +5,8 @@
 //! O(1) in the number of nodes (flannel's udp proxy scans a list). The map is immutable once
 //! built; the control thread builds a new one and swaps it into the workers.
 
-use crate::wire::MacAddr;
 use crate::wire::vxlan::Vni;
+use crate::wire::MacAddr;
 use core::fmt;
 use core::net::Ipv4Addr;
 use core::str::FromStr;
@@ -47,12 +47,17 @@ impl Ipv4Net {
     pub fn containing(addr: Ipv4Addr, prefix: u8) -> Ipv4Net {
         let prefix = prefix.min(32);
         let mask = mask_of(prefix);
-        Ipv4Net { addr: Ipv4Addr::from_bits(addr.to_bits() & mask), prefix }
+        Ipv4Net {
+            addr: Ipv4Addr::from_bits(addr.to_bits() & mask),
+            prefix,
+        }
     }
 
     /// Parses flannel's subnet key form `10.244.1.0-24`.
     pub fn from_flannel_key(key: &str) -> Result<Ipv4Net, NetError> {
-        let (a, l) = key.split_once('-').ok_or_else(|| NetError::Syntax(key.to_string()))?;
+        let (a, l) = key
+            .split_once('-')
+            .ok_or_else(|| NetError::Syntax(key.to_string()))?;
         Self::from_parts(a, l, key)
     }
 
@@ -62,8 +67,12 @@ impl Ipv4Net {
     }
 
     fn from_parts(addr: &str, len: &str, whole: &str) -> Result<Ipv4Net, NetError> {
-        let addr: Ipv4Addr = addr.parse().map_err(|_| NetError::Syntax(whole.to_string()))?;
-        let prefix: u8 = len.parse().map_err(|_| NetError::Syntax(whole.to_string()))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| NetError::Syntax(whole.to_string()))?;
+        let prefix: u8 = len
+            .parse()
+            .map_err(|_| NetError::Syntax(whole.to_string()))?;
         Ipv4Net::new(addr, prefix)
     }
 
@@ -110,7 +119,9 @@ impl fmt::Display for Ipv4Net {
 impl FromStr for Ipv4Net {
     type Err = NetError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, l) = s.split_once('/').ok_or_else(|| NetError::Syntax(s.to_string()))?;
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| NetError::Syntax(s.to_string()))?;
         Self::from_parts(a, l, s)
     }
 }
@@ -159,7 +170,10 @@ impl SubnetMap {
     /// An empty map for `network`, whose leases are all `/subnet_len`.
     pub fn new(network: Ipv4Net, subnet_len: u8) -> Result<SubnetMap, MapError> {
         if subnet_len < network.prefix() || subnet_len > 32 {
-            return Err(MapError::SubnetLen { network, subnet_len });
+            return Err(MapError::SubnetLen {
+                network,
+                subnet_len,
+            });
         }
         Ok(SubnetMap {
             network,
@@ -173,10 +187,16 @@ impl SubnetMap {
     /// Adds or replaces the node holding `node.subnet`.
     pub fn insert(&mut self, node: Node) -> Result<(), MapError> {
         if !self.network.covers(&node.subnet) {
-            return Err(MapError::OutsideNetwork { subnet: node.subnet, network: self.network });
+            return Err(MapError::OutsideNetwork {
+                subnet: node.subnet,
+                network: self.network,
+            });
         }
         if node.subnet.prefix() != self.subnet_len {
-            return Err(MapError::WrongLength { subnet: node.subnet, subnet_len: self.subnet_len });
+            return Err(MapError::WrongLength {
+                subnet: node.subnet,
+                subnet_len: self.subnet_len,
+            });
         }
         if let Some(old) = self.by_subnet.insert(node.subnet.addr().to_bits(), node) {
             self.rebuild_public_ips_without(old.public_ip);
@@ -233,7 +253,11 @@ mod tests {
     }
 
     fn node(subnet: &str, public: &str) -> Node {
-        Node { subnet: subnet.parse().unwrap(), public_ip: ip(public), backend: Backend::Udp }
+        Node {
+            subnet: subnet.parse().unwrap(),
+            public_ip: ip(public),
+            backend: Backend::Udp,
+        }
     }
 
     fn map() -> SubnetMap {
@@ -247,13 +271,33 @@ mod tests {
     fn test_net_parse_and_display() {
         let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
         assert_eq!(n.to_string(), "10.244.0.0/16");
-        assert_eq!(Ipv4Net::from_flannel_key("10.244.1.0-24").unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(
+            Ipv4Net::from_flannel_key("10.244.1.0-24")
+                .unwrap()
+                .to_string(),
+            "10.244.1.0/24"
+        );
         assert_eq!(n.flannel_key(), "10.244.0.0-16");
-        assert!(matches!("10.244.1.1/24".parse::<Ipv4Net>(), Err(NetError::HostBits(_))));
-        assert!(matches!("10.244.1.0/33".parse::<Ipv4Net>(), Err(NetError::PrefixLen(33))));
-        assert!(matches!("10.244.1.0".parse::<Ipv4Net>(), Err(NetError::Syntax(_))));
-        assert!(matches!(Ipv4Net::from_flannel_key("10.244.1.0/24"), Err(NetError::Syntax(_))));
-        assert_eq!(Ipv4Net::containing(ip("10.244.1.77"), 24).to_string(), "10.244.1.0/24");
+        assert!(matches!(
+            "10.244.1.1/24".parse::<Ipv4Net>(),
+            Err(NetError::HostBits(_))
+        ));
+        assert!(matches!(
+            "10.244.1.0/33".parse::<Ipv4Net>(),
+            Err(NetError::PrefixLen(33))
+        ));
+        assert!(matches!(
+            "10.244.1.0".parse::<Ipv4Net>(),
+            Err(NetError::Syntax(_))
+        ));
+        assert!(matches!(
+            Ipv4Net::from_flannel_key("10.244.1.0/24"),
+            Err(NetError::Syntax(_))
+        ));
+        assert_eq!(
+            Ipv4Net::containing(ip("10.244.1.77"), 24).to_string(),
+            "10.244.1.0/24"
+        );
         assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().size(), 1 << 32);
         assert_eq!(n.nth(257), ip("10.244.1.1"));
     }
@@ -261,8 +305,14 @@ mod tests {
     #[test]
     fn test_lookup() {
         let m = map();
-        assert_eq!(m.lookup(ip("10.244.1.77")).unwrap().public_ip, ip("192.168.0.1"));
-        assert_eq!(m.lookup(ip("10.244.2.255")).unwrap().public_ip, ip("192.168.0.2"));
+        assert_eq!(
+            m.lookup(ip("10.244.1.77")).unwrap().public_ip,
+            ip("192.168.0.1")
+        );
+        assert_eq!(
+            m.lookup(ip("10.244.2.255")).unwrap().public_ip,
+            ip("192.168.0.2")
+        );
         assert!(m.lookup(ip("10.244.3.1")).is_none());
         assert!(m.lookup(ip("10.245.1.1")).is_none());
         assert!(m.is_node(ip("192.168.0.1")));
@@ -282,8 +332,14 @@ mod tests {
     #[test]
     fn test_rejects_foreign_leases() {
         let mut m = map();
-        assert!(matches!(m.insert(node("10.245.1.0/24", "1.1.1.1")), Err(MapError::OutsideNetwork { .. })));
-        assert!(matches!(m.insert(node("10.244.4.0/25", "1.1.1.1")), Err(MapError::WrongLength { .. })));
+        assert!(matches!(
+            m.insert(node("10.245.1.0/24", "1.1.1.1")),
+            Err(MapError::OutsideNetwork { .. })
+        ));
+        assert!(matches!(
+            m.insert(node("10.244.4.0/25", "1.1.1.1")),
+            Err(MapError::WrongLength { .. })
+        ));
         assert!(SubnetMap::new("10.244.0.0/16".parse().unwrap(), 8).is_err());
     }
 
@@ -292,8 +348,16 @@ mod tests {
         let mut m = SubnetMap::new("10.0.0.0/8".parse().unwrap(), 24).unwrap();
         for i in 0..65536u32 {
             let subnet = Ipv4Net::new(Ipv4Addr::from_bits(0x0a00_0000 | (i << 8)), 24).unwrap();
-            m.insert(Node { subnet, public_ip: Ipv4Addr::from_bits(0xc0a8_0000 + i), backend: Backend::Udp }).unwrap();
+            m.insert(Node {
+                subnet,
+                public_ip: Ipv4Addr::from_bits(0xc0a8_0000 + i),
+                backend: Backend::Udp,
+            })
+            .unwrap();
         }
-        assert_eq!(m.lookup(ip("10.255.255.9")).unwrap().public_ip, Ipv4Addr::from_bits(0xc0a8_0000 + 65535));
+        assert_eq!(
+            m.lookup(ip("10.255.255.9")).unwrap().public_ip,
+            Ipv4Addr::from_bits(0xc0a8_0000 + 65535)
+        );
     }
 }

@@ -63,7 +63,10 @@ pub enum WorkerError {
     #[error("worker {worker}: {source}")]
     Port { worker: usize, source: PortError },
     #[error("worker {worker}: epoll: {source}")]
-    Poll { worker: usize, source: std::io::Error },
+    Poll {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker {worker} panicked")]
     Panicked { worker: usize },
     #[error("need as many TUN queues as underlay sockets (got {tun} and {udp})")]
@@ -99,11 +102,23 @@ impl WorkerPool {
         sockets: Vec<UdpPort>,
     ) -> Result<WorkerPool, WorkerError> {
         if tun_queues.len() != sockets.len() {
-            return Err(WorkerError::PortCount { tun: tun_queues.len(), udp: sockets.len() });
+            return Err(WorkerError::PortCount {
+                tun: tun_queues.len(),
+                udp: sockets.len(),
+            });
         }
-        let cpus = if config.pin { sys::affinity::allowed_cpus().unwrap_or_default() } else { Vec::new() };
+        let cpus = if config.pin {
+            sys::affinity::allowed_cpus().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let shutdown = Arc::new(AtomicBool::new(false));
-        let mut pool = WorkerPool { handles: Vec::new(), wakers: Vec::new(), stats: Vec::new(), shutdown };
+        let mut pool = WorkerPool {
+            handles: Vec::new(),
+            wakers: Vec::new(),
+            stats: Vec::new(),
+            shutdown,
+        };
         for (id, (tun, udp)) in tun_queues.into_iter().zip(sockets).enumerate() {
             let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
             let reg = poll.registry();
@@ -111,7 +126,8 @@ impl WorkerPool {
             register(tun.raw_fd(), TUN)
                 .and_then(|_| register(udp.raw_fd(), UDP))
                 .map_err(|source| WorkerError::Poll { worker: id, source })?;
-            let waker = Waker::new(reg, WAKE).map_err(|source| WorkerError::Poll { worker: id, source })?;
+            let waker =
+                Waker::new(reg, WAKE).map_err(|source| WorkerError::Poll { worker: id, source })?;
             let stats = Arc::new(SharedStats::default());
             let worker = Worker {
                 id,
@@ -122,7 +138,11 @@ impl WorkerPool {
                 shutdown: Arc::clone(&pool.shutdown),
                 poll,
                 config: config.clone(),
-                cpu: if cpus.is_empty() { None } else { Some(cpus[id % cpus.len()]) },
+                cpu: if cpus.is_empty() {
+                    None
+                } else {
+                    Some(cpus[id % cpus.len()])
+                },
             };
             let handle = std::thread::Builder::new()
                 .name(format!("podwire-w{id}"))
@@ -158,7 +178,9 @@ impl WorkerPool {
         self.wake_all();
         let mut first = Ok(());
         for (id, h) in self.handles.into_iter().enumerate() {
-            let r = h.join().unwrap_or(Err(WorkerError::Panicked { worker: id }));
+            let r = h
+                .join()
+                .unwrap_or(Err(WorkerError::Panicked { worker: id }));
             if first.is_ok() {
                 first = r;
             }
@@ -177,11 +199,22 @@ struct Dispatch {
 
 impl Dispatch {
     fn new() -> Dispatch {
-        Dispatch { to_underlay: [0; MAX_BATCH], n_underlay: 0, to_tun: [0; MAX_BATCH], n_tun: 0 }
+        Dispatch {
+            to_underlay: [0; MAX_BATCH],
+            n_underlay: 0,
+            to_tun: [0; MAX_BATCH],
+            n_tun: 0,
+        }
     }
 
     /// Sorts the decided batch by verdict, counts drops, and sends.
-    fn run(&mut self, batch: &Batch, tun: &mut TunQueue, udp: &mut UdpPort, stats: &mut LocalStats) {
+    fn run(
+        &mut self,
+        batch: &Batch,
+        tun: &mut TunQueue,
+        udp: &mut UdpPort,
+        stats: &mut LocalStats,
+    ) {
         self.n_underlay = 0;
         self.n_tun = 0;
         for i in 0..batch.len() {

@@ -44,6 +44,8 @@ pub struct LabOptions {
 }
 
 const UNDERLAY_NET: &str = "10.99.0";
+/// `--backend` value for the baseline: no podwire, the kernel's VXLAN configured as flanneld does.
+pub const KERNEL_VXLAN: &str = "kernel-vxlan";
 const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
 const TCP_PORT: u16 = 5201;
 const UDP_PORT: u16 = 5202;
@@ -51,7 +53,9 @@ const ROGUE_PORT: u16 = 5203;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn underlay_ip(i: usize) -> Ipv4Addr {
-    format!("{UNDERLAY_NET}.{}", 10 + i).parse().expect("valid address")
+    format!("{UNDERLAY_NET}.{}", 10 + i)
+        .parse()
+        .expect("valid address")
 }
 fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i as u8, 2)
@@ -128,11 +132,19 @@ static ACTIVE: OnceLock<Mutex<Option<Arc<Mutex<Resources>>>>> = OnceLock::new();
 
 /// Tears down the running lab on SIGINT/SIGTERM, then exits.
 pub fn install_signal_teardown() -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             eprintln!("podwire lab: signal {sig}, tearing down");
-            if let Some(res) = ACTIVE.get_or_init(Default::default).lock().ok().and_then(|mut a| a.take()) {
+            if let Some(res) = ACTIVE
+                .get_or_init(Default::default)
+                .lock()
+                .ok()
+                .and_then(|mut a| a.take())
+            {
                 if let Ok(mut r) = res.lock() {
                     r.teardown();
                 }
@@ -146,7 +158,11 @@ pub fn install_signal_teardown() -> Result<()> {
 /// Removes namespaces left by labs whose process is gone (killed with SIGKILL, say).
 fn remove_stale_labs() {
     for ns in netns::list() {
-        let Some(pid) = ns.strip_prefix("pw").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = ns
+            .strip_prefix("pw")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -195,9 +211,17 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     netns::ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
     netns::ip_in(&u, &["link", "set", "br0", "up"])?;
     let attach = |port: &str, host_ns: &str, ip: Ipv4Addr| -> Result<()> {
-        netns::ip_in(&u, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host_ns])?;
+        netns::ip_in(
+            &u,
+            &[
+                "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host_ns,
+            ],
+        )?;
         netns::ip_in(&u, &["link", "set", port, "master", "br0", "up"])?;
-        netns::ip_in(host_ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns::ip_in(
+            host_ns,
+            &["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
         netns::ip_in(host_ns, &["link", "set", "eth0", "up"])
     };
     for i in 1..=opts.nodes {
@@ -206,12 +230,32 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     attach("x", &res.ns("x"), ROGUE_IP)?;
     for i in 1..=opts.nodes {
         let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
-        netns::ip_in(&host, &["link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod])?;
-        netns::ip_in(&host, &["addr", "add", &format!("{}/24", gateway_ip(i)), "dev", "vpod"])?;
+        netns::ip_in(
+            &host,
+            &[
+                "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+            ],
+        )?;
+        netns::ip_in(
+            &host,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", gateway_ip(i)),
+                "dev",
+                "vpod",
+            ],
+        )?;
         netns::ip_in(&host, &["link", "set", "vpod", "up"])?;
-        netns::ip_in(&pod, &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"])?;
+        netns::ip_in(
+            &pod,
+            &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"],
+        )?;
         netns::ip_in(&pod, &["link", "set", "eth0", "up"])?;
-        netns::ip_in(&pod, &["route", "add", "default", "via", &gateway_ip(i).to_string()])?;
+        netns::ip_in(
+            &pod,
+            &["route", "add", "default", "via", &gateway_ip(i).to_string()],
+        )?;
         netns::exec_in(&host, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     }
     Ok(())
@@ -221,7 +265,10 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
     let subnets: serde_json::Map<String, serde_json::Value> = (1..=opts.nodes)
         .map(|i| {
             let attrs = podwire::lease::LeaseAttrs::udp(underlay_ip(i));
-            (format!("10.244.{i}.0-24"), serde_json::to_value(attrs).expect("lease serialises"))
+            (
+                format!("10.244.{i}.0-24"),
+                serde_json::to_value(attrs).expect("lease serialises"),
+            )
         })
         .collect();
     json!({
@@ -241,10 +288,27 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
         let child = Command::new("ip")
             .args(["netns", "exec", &res.ns(&format!("n{i}"))])
             .arg(exe)
-            .args(["run", "--store", &format!("file:{}", cluster.display()), "--iface", "eth0"])
-            .args(["--subnet-file", &node_dir.join("subnet.env").display().to_string()])
-            .args(["--stats-file", &node_dir.join("stats.json").display().to_string()])
-            .args(["--workers", &opts.workers.to_string(), "--no-pin", "--exit-with-parent"])
+            .args([
+                "run",
+                "--store",
+                &format!("file:{}", cluster.display()),
+                "--iface",
+                "eth0",
+            ])
+            .args([
+                "--subnet-file",
+                &node_dir.join("subnet.env").display().to_string(),
+            ])
+            .args([
+                "--stats-file",
+                &node_dir.join("stats.json").display().to_string(),
+            ])
+            .args([
+                "--workers",
+                &opts.workers.to_string(),
+                "--no-pin",
+                "--exit-with-parent",
+            ])
             .args(["--store-poll-ms", "100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -259,40 +323,178 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
         while !env.exists() {
             if let Some((_, child)) = res.children.get_mut(i - 1) {
                 if let Ok(Some(status)) = child.try_wait() {
-                    bail!("podwire on node {i} exited ({status}):\n{}", log_tail(&dir, i));
+                    bail!(
+                        "podwire on node {i} exited ({status}):\n{}",
+                        log_tail(&dir, i)
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("podwire on node {i} did not write subnet.env in 15 s:\n{}", log_tail(&dir, i));
+                bail!(
+                    "podwire on node {i} did not write subnet.env in 15 s:\n{}",
+                    log_tail(&dir, i)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         // The pod interface gets FLANNEL_MTU, as the flannel CNI plugin sets it.
-        let mtu = subnet_env::read_value(&env, "FLANNEL_MTU").context("FLANNEL_MTU missing from subnet.env")?;
-        netns::ip_in(&res.ns(&format!("p{i}")), &["link", "set", "eth0", "mtu", &mtu])?;
-        netns::ip_in(&res.ns(&format!("n{i}")), &["link", "set", "vpod", "mtu", &mtu])?;
+        let mtu = subnet_env::read_value(&env, "FLANNEL_MTU")
+            .context("FLANNEL_MTU missing from subnet.env")?;
+        netns::ip_in(
+            &res.ns(&format!("p{i}")),
+            &["link", "set", "eth0", "mtu", &mtu],
+        )?;
+        netns::ip_in(
+            &res.ns(&format!("n{i}")),
+            &["link", "set", "vpod", "mtu", &mtu],
+        )?;
+    }
+    Ok(())
+}
+
+/// The MAC flannel would have generated for node `i`'s VTEP (locally administered, unicast).
+fn vtep_mac(i: usize) -> String {
+    format!("0e:70:77:00:00:{i:02x}")
+}
+
+/// Configures every node's `flannel.1` exactly as flanneld's vxlan backend does: a VXLAN device
+/// with nolearning on port 8472, MTU - 50, the lease's .0/32, and per remote lease a permanent
+/// neighbour entry, a permanent FDB entry and an onlink route (reference/flannel-compat.md §3).
+fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
+    for i in 1..=opts.nodes {
+        let host = res.ns(&format!("n{i}"));
+        let local = underlay_ip(i).to_string();
+        netns::ip_in(
+            &host,
+            &[
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        netns::ip_in(
+            &host,
+            &[
+                "link",
+                "set",
+                "flannel.1",
+                "address",
+                &vtep_mac(i),
+                "mtu",
+                "1450",
+                "up",
+            ],
+        )?;
+        netns::ip_in(
+            &host,
+            &[
+                "addr",
+                "add",
+                &format!("10.244.{i}.0/32"),
+                "dev",
+                "flannel.1",
+            ],
+        )?;
+        for j in (1..=opts.nodes).filter(|&j| j != i) {
+            let gw = format!("10.244.{j}.0");
+            netns::ip_in(
+                &host,
+                &[
+                    "neigh",
+                    "add",
+                    &gw,
+                    "lladdr",
+                    &vtep_mac(j),
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            netns::exec_in(
+                &host,
+                &[
+                    "bridge",
+                    "fdb",
+                    "append",
+                    &vtep_mac(j),
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &underlay_ip(j).to_string(),
+                    "self",
+                    "permanent",
+                ],
+            )?;
+            netns::ip_in(
+                &host,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.244.{j}.0/24"),
+                    "via",
+                    &gw,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ],
+            )?;
+        }
+        netns::ip_in(
+            &res.ns(&format!("p{i}")),
+            &["link", "set", "eth0", "mtu", "1450"],
+        )?;
+        netns::ip_in(&host, &["link", "set", "vpod", "mtu", "1450"])?;
     }
     Ok(())
 }
 
 fn log_tail(dir: &Path, node: usize) -> String {
-    let text = std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResult {
     let (src_ns, dst_ns) = (res.ns(&format!("p{from}")), res.ns(&format!("p{to}")));
-    let mut r = PairResult { from, to, ..Default::default() };
+    let mut r = PairResult {
+        from,
+        to,
+        ..Default::default()
+    };
     let count = opts.ping_count;
-    r.ping = netns::run_in(&src_ns, move || traffic::ping(pod_ip(to), count, Duration::from_secs(1))).unwrap_or_default();
+    r.ping = netns::run_in(&src_ns, move || {
+        traffic::ping(pod_ip(to), count, Duration::from_secs(1))
+    })
+    .unwrap_or_default();
 
     let bytes = opts.transfer_mb * 1_000_000;
-    let listener = netns::run_in(&dst_ns, move || Ok(TcpListener::bind((pod_ip(to), TCP_PORT))?));
+    let listener = netns::run_in(&dst_ns, move || {
+        Ok(TcpListener::bind((pod_ip(to), TCP_PORT))?)
+    });
     let tcp = listener.and_then(|l| {
         let sink = netns::spawn_in(&dst_ns, move || traffic::tcp_sink(l, STEP_TIMEOUT));
         let seed = (from * 100 + to) as u64;
-        let sent = netns::run_in(&src_ns, move || traffic::tcp_source(SocketAddrV4::new(pod_ip(to), TCP_PORT), bytes, seed, STEP_TIMEOUT));
+        let sent = netns::run_in(&src_ns, move || {
+            traffic::tcp_source(
+                SocketAddrV4::new(pod_ip(to), TCP_PORT),
+                bytes,
+                seed,
+                STEP_TIMEOUT,
+            )
+        });
         let got = netns::join(sink);
         let (sent, got) = (sent?, got?);
         traffic::same_digest(&sent, &got.sha256)?;
@@ -308,12 +510,23 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
     }
 
     let udp_count = opts.udp_count;
-    let echo = netns::run_in(&dst_ns, move || Ok(UdpSocket::bind((pod_ip(to), UDP_PORT))?))
-        .map(|s| netns::spawn_in(&dst_ns, move || traffic::udp_echo(s, Duration::from_millis(1500))));
+    let echo = netns::run_in(&dst_ns, move || {
+        Ok(UdpSocket::bind((pod_ip(to), UDP_PORT))?)
+    })
+    .map(|s| {
+        netns::spawn_in(&dst_ns, move || {
+            traffic::udp_echo(s, Duration::from_millis(1500))
+        })
+    });
     if let Ok(echo) = echo {
         r.udp_sent = udp_count;
         r.udp_received = netns::run_in(&src_ns, move || {
-            traffic::udp_ping(SocketAddrV4::new(pod_ip(to), UDP_PORT), udp_count, 1000, Duration::from_millis(500))
+            traffic::udp_ping(
+                SocketAddrV4::new(pod_ip(to), UDP_PORT),
+                udp_count,
+                1000,
+                Duration::from_millis(500),
+            )
         })
         .unwrap_or(0);
         let _ = netns::join(echo);
@@ -328,7 +541,11 @@ fn rogue_check(res: &Names) -> Result<Check> {
     let sock = Arc::new(sock);
     let node1 = SocketAddrV4::new(underlay_ip(1), podwire::config::UDP_DEFAULT_PORT);
     netns::run_in(&res.ns("x"), move || {
-        let forged = traffic::inner_udp_packet(SocketAddrV4::new(pod_ip(2), 4000), SocketAddrV4::new(pod_ip(1), ROGUE_PORT), b"forged");
+        let forged = traffic::inner_udp_packet(
+            SocketAddrV4::new(pod_ip(2), 4000),
+            SocketAddrV4::new(pod_ip(1), ROGUE_PORT),
+            b"forged",
+        );
         let s = UdpSocket::bind((ROGUE_IP, 0))?;
         for _ in 0..5 {
             s.send_to(&forged, node1)?;
@@ -346,13 +563,19 @@ fn rogue_check(res: &Names) -> Result<Check> {
     Ok(Check {
         name: "datagrams from a non-node are dropped".into(),
         ok,
-        detail: format!("{} of 5 forged delivered; genuine delivered: {}", forged_arrived.len(), !genuine.is_empty()),
+        detail: format!(
+            "{} of 5 forged delivered; genuine delivered: {}",
+            forged_arrived.len(),
+            !genuine.is_empty()
+        ),
     })
 }
 
 fn unreachable_check(res: &Names) -> Result<Check> {
     let target = Ipv4Addr::new(10, 244, 250, 1);
-    let got = netns::run_in(&res.ns("p1"), move || traffic::probe_icmp_error(target, Duration::from_secs(2)))?;
+    let got = netns::run_in(&res.ns("p1"), move || {
+        traffic::probe_icmp_error(target, Duration::from_secs(2))
+    })?;
     let want_src = Ipv4Addr::new(10, 244, 1, 0);
     let ok = got == Some((want_src, 3, 0));
     Ok(Check {
@@ -392,18 +615,29 @@ fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     let p1 = res.ns("p1");
     let ping_ok = || {
         let ns = p1.clone();
-        netns::run_in(&ns, || traffic::ping(pod_ip(2), 1, Duration::from_millis(300))).map(|s| s.received == 1).unwrap_or(false)
+        netns::run_in(&ns, || {
+            traffic::ping(pod_ip(2), 1, Duration::from_millis(300))
+        })
+        .map(|s| s.received == 1)
+        .unwrap_or(false)
     };
     let unreachable = || {
         let ns = p1.clone();
-        netns::run_in(&ns, || traffic::probe_icmp_error(pod_ip(2), Duration::from_millis(300))).ok().flatten()
+        netns::run_in(&ns, || {
+            traffic::probe_icmp_error(pod_ip(2), Duration::from_millis(300))
+        })
+        .ok()
+        .flatten()
             == Some((Ipv4Addr::new(10, 244, 1, 0), 3, 0))
     };
     replace_file(&cluster, b"{ this is not a cluster file")?;
     std::thread::sleep(Duration::from_millis(400));
     let kept = ping_ok();
     let mut without = good.clone();
-    without["subnets"].as_object_mut().expect("subnets").remove("10.244.2.0-24");
+    without["subnets"]
+        .as_object_mut()
+        .expect("subnets")
+        .remove("10.244.2.0-24");
     replace_file(&cluster, &serde_json::to_vec_pretty(&without)?)?;
     let removed = eventually(unreachable);
     replace_file(&cluster, &serde_json::to_vec_pretty(&good)?)?;
@@ -432,8 +666,8 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !(1..=200).contains(&opts.nodes) || opts.nodes < 2 {
         bail!("--nodes must be between 2 and 200");
     }
-    if opts.backend != "udp" {
-        bail!("--backend {}: only \"udp\" is available so far", opts.backend);
+    if opts.backend != "udp" && opts.backend != KERNEL_VXLAN {
+        bail!("--backend {}: want \"udp\" (podwire) or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);
     }
     remove_stale_labs();
     let exe = std::env::current_exe().context("finding the podwire binary")?;
@@ -441,12 +675,18 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     let dir = std::env::temp_dir().join(format!("podwire-lab-{pid}"));
     std::fs::create_dir_all(&dir)?;
     let res = Arc::new(Mutex::new(Resources {
-        names: Names { prefix: format!("pw{pid}"), dir: dir.clone() },
+        names: Names {
+            prefix: format!("pw{pid}"),
+            dir: dir.clone(),
+        },
         namespaces: Vec::new(),
         children: Vec::new(),
         keep_dir: opts.keep_logs,
     }));
-    *ACTIVE.get_or_init(Default::default).lock().expect("lab registry") = Some(Arc::clone(&res));
+    *ACTIVE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("lab registry") = Some(Arc::clone(&res));
     let outcome = run_inner(&res, &opts, &exe);
     let mut guard = res.lock().expect("lab resources");
     if outcome.is_err() || matches!(outcome, Ok(false)) {
@@ -455,7 +695,11 @@ pub fn run(opts: LabOptions) -> Result<bool> {
         }
     }
     guard.teardown();
-    ACTIVE.get_or_init(Default::default).lock().expect("lab registry").take();
+    ACTIVE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("lab registry")
+        .take();
     outcome
 }
 
@@ -464,13 +708,22 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     let r = {
         let mut r = res.lock().expect("lab resources");
         build_topology(&mut r, opts).context("building the netns cluster")?;
-        start_nodes(&mut r, opts, exe)?;
+        if opts.backend == KERNEL_VXLAN {
+            start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
+        } else {
+            start_nodes(&mut r, opts, exe)?;
+        }
         r.names.clone()
     };
-    println!(
-        "podwire lab: {} nodes, backend {}, {} worker(s) per node, {} MB per TCP transfer",
-        opts.nodes, opts.backend, opts.workers, opts.transfer_mb
-    );
+    let kernel = opts.backend == KERNEL_VXLAN;
+    if kernel {
+        println!("podwire lab: {} nodes, kernel VXLAN as flanneld configures it (no podwire), {} MB per TCP transfer", opts.nodes, opts.transfer_mb);
+    } else {
+        println!(
+            "podwire lab: {} nodes, backend {}, {} worker(s) per node, {} MB per TCP transfer",
+            opts.nodes, opts.backend, opts.workers, opts.transfer_mb
+        );
+    }
     let mut pairs = Vec::new();
     for from in 1..=opts.nodes {
         for to in 1..=opts.nodes {
@@ -482,17 +735,32 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     let mut checks = vec![
         Check {
             name: "ping between every pair of pods".into(),
-            ok: pairs.iter().all(|p| p.ping.received == p.ping.sent && p.ping.sent > 0),
+            ok: pairs
+                .iter()
+                .all(|p| p.ping.received == p.ping.sent && p.ping.sent > 0),
             detail: format!("{} pairs", pairs.len()),
         },
         Check {
-            name: format!("TCP {} MB with intact SHA-256, every pair", opts.transfer_mb),
+            name: format!(
+                "TCP {} MB with intact SHA-256, every pair",
+                opts.transfer_mb
+            ),
             ok: pairs.iter().all(|p| p.tcp_sha_ok),
-            detail: pairs.iter().filter_map(|p| p.tcp_error.as_ref().map(|e| format!("{}->{}: {e}", p.from, p.to))).collect::<Vec<_>>().join("; "),
+            detail: pairs
+                .iter()
+                .filter_map(|p| {
+                    p.tcp_error
+                        .as_ref()
+                        .map(|e| format!("{}->{}: {e}", p.from, p.to))
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
         },
         Check {
             name: "UDP request/response, every pair".into(),
-            ok: pairs.iter().all(|p| p.udp_sent > 0 && p.udp_received * 100 >= p.udp_sent * 99),
+            ok: pairs
+                .iter()
+                .all(|p| p.udp_sent > 0 && p.udp_received * 100 >= p.udp_sent * 99),
             detail: format!(
                 "{} of {} echoed",
                 pairs.iter().map(|p| p.udp_received).sum::<u32>(),
@@ -500,23 +768,33 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ),
         },
     ];
-    checks.push(unreachable_check(&r)?);
-    checks.push(rogue_check(&r)?);
-    checks.push(map_reload_check(&r, opts)?);
-    // Stop the daemons so their final counters are on disk.
-    res.lock().expect("lab resources").stop_children();
-    let stats = read_stats(&r.dir, opts.nodes);
-    let unknown_peer = stats[0].as_ref().map(|s| s.drops(DropReason::UnknownPeer)).unwrap_or(0);
-    checks.push(Check {
-        name: "forged datagrams counted as unknown_peer".into(),
-        ok: unknown_peer >= 5,
-        detail: format!("node 1 unknown_peer = {unknown_peer}"),
-    });
-    checks.push(Check {
-        name: "every daemon exited cleanly with its counters".into(),
-        ok: stats.iter().all(Option::is_some),
-        detail: format!("{} of {} stats files", stats.iter().filter(|s| s.is_some()).count(), opts.nodes),
-    });
+    let mut stats = Vec::new();
+    if !kernel {
+        checks.push(unreachable_check(&r)?);
+        checks.push(rogue_check(&r)?);
+        checks.push(map_reload_check(&r, opts)?);
+        // Stop the daemons so their final counters are on disk.
+        res.lock().expect("lab resources").stop_children();
+        stats = read_stats(&r.dir, opts.nodes);
+        let unknown_peer = stats[0]
+            .as_ref()
+            .map(|s| s.drops(DropReason::UnknownPeer))
+            .unwrap_or(0);
+        checks.push(Check {
+            name: "forged datagrams counted as unknown_peer".into(),
+            ok: unknown_peer >= 5,
+            detail: format!("node 1 unknown_peer = {unknown_peer}"),
+        });
+        checks.push(Check {
+            name: "every daemon exited cleanly with its counters".into(),
+            ok: stats.iter().all(Option::is_some),
+            detail: format!(
+                "{} of {} stats files",
+                stats.iter().filter(|s| s.is_some()).count(),
+                opts.nodes
+            ),
+        });
+    }
     print_summary(opts, &pairs, &checks, &stats, started.elapsed());
     let ok = checks.iter().all(|c| c.ok);
     if let Some(path) = &opts.json {
@@ -525,9 +803,18 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     Ok(ok)
 }
 
-fn print_summary(opts: &LabOptions, pairs: &[PairResult], checks: &[Check], stats: &[Option<LocalStats>], took: Duration) {
+fn print_summary(
+    opts: &LabOptions,
+    pairs: &[PairResult],
+    checks: &[Check],
+    stats: &[Option<LocalStats>],
+    took: Duration,
+) {
     println!();
-    println!("{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}", "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp");
+    println!(
+        "{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}",
+        "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp"
+    );
     for p in pairs {
         println!(
             "{:<14} {:>10} {:>10.3} {:>14.0} {:>8} {:>10}",
@@ -539,39 +826,75 @@ fn print_summary(opts: &LabOptions, pairs: &[PairResult], checks: &[Check], stat
             format!("{}/{}", p.udp_received, p.udp_sent),
         );
     }
-    let mbps: Vec<f64> = pairs.iter().filter(|p| p.tcp_sha_ok).map(|p| p.tcp_mbps).collect();
+    let mbps: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.tcp_sha_ok)
+        .map(|p| p.tcp_mbps)
+        .collect();
     if !mbps.is_empty() {
         let mut sorted = mbps.clone();
         sorted.sort_by(f64::total_cmp);
-        println!("tcp throughput: median {:.0} Mbit/s over {} pairs (min {:.0}, max {:.0})", sorted[sorted.len() / 2], sorted.len(), sorted[0], sorted[sorted.len() - 1]);
+        println!(
+            "tcp throughput: median {:.0} Mbit/s over {} pairs (min {:.0}, max {:.0})",
+            sorted[sorted.len() / 2],
+            sorted.len(),
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
     }
-    println!();
-    println!("{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason", "node", "rx_tun", "tx_underlay", "rx_underlay", "tx_tun", "icmp");
-    for (i, s) in stats.iter().enumerate() {
-        match s {
-            Some(s) => {
-                let drops: Vec<String> =
-                    DropReason::ALL.iter().filter(|&&r| s.drops(r) > 0).map(|&r| format!("{r}={}", s.drops(r))).collect();
-                println!(
-                    "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
-                    format!("n{}", i + 1),
-                    s.counter(Counter::RxTun),
-                    s.counter(Counter::TxUnderlay),
-                    s.counter(Counter::RxUnderlay),
-                    s.counter(Counter::TxTun),
-                    s.counter(Counter::IcmpUnreachable),
-                    if drops.is_empty() { "none".to_string() } else { drops.join(" ") }
-                );
+    if !stats.is_empty() {
+        println!();
+        println!(
+            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason",
+            "node", "rx_tun", "tx_underlay", "rx_underlay", "tx_tun", "icmp"
+        );
+        for (i, s) in stats.iter().enumerate() {
+            match s {
+                Some(s) => {
+                    let drops: Vec<String> = DropReason::ALL
+                        .iter()
+                        .filter(|&&r| s.drops(r) > 0)
+                        .map(|&r| format!("{r}={}", s.drops(r)))
+                        .collect();
+                    println!(
+                        "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
+                        format!("n{}", i + 1),
+                        s.counter(Counter::RxTun),
+                        s.counter(Counter::TxUnderlay),
+                        s.counter(Counter::RxUnderlay),
+                        s.counter(Counter::TxTun),
+                        s.counter(Counter::IcmpUnreachable),
+                        if drops.is_empty() {
+                            "none".to_string()
+                        } else {
+                            drops.join(" ")
+                        }
+                    );
+                }
+                None => println!("n{:<5} (no stats: the daemon did not exit cleanly)", i + 1),
             }
-            None => println!("n{:<5} (no stats: the daemon did not exit cleanly)", i + 1),
         }
     }
     println!();
     for c in checks {
-        println!("[{}] {}{}", if c.ok { " ok " } else { "FAIL" }, c.name, if c.detail.is_empty() { String::new() } else { format!(" ({})", c.detail) });
+        println!(
+            "[{}] {}{}",
+            if c.ok { " ok " } else { "FAIL" },
+            c.name,
+            if c.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.detail)
+            }
+        );
     }
     let ok = checks.iter().all(|c| c.ok);
-    println!("\n{} in {:.1} s with {} nodes", if ok { "lab passed" } else { "lab FAILED" }, took.as_secs_f64(), opts.nodes);
+    println!(
+        "\n{} in {:.1} s with {} nodes",
+        if ok { "lab passed" } else { "lab FAILED" },
+        took.as_secs_f64(),
+        opts.nodes
+    );
 }
 
 fn write_json(
@@ -597,5 +920,6 @@ fn write_json(
         "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
         "node_stats": stats.iter().map(|s| s.as_ref().map(|s| report::stats_json(std::slice::from_ref(s))["total"].clone())).collect::<Vec<_>>(),
     });
-    std::fs::write(path, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -18,16 +18,25 @@ pub fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
 
 /// Runs a command inside `ns` (`ip netns exec`) and fails with its stderr.
 pub fn exec_in(ns: &str, cmd: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().context("running ip netns exec")?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .context("running ip netns exec")?;
     if !out.status.success() {
-        bail!("`{}` in {ns} failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` in {ns} failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// Moves the calling thread into network namespace `ns`.
 pub fn enter(ns: &str) -> Result<()> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening netns {ns}"))?;
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening netns {ns}"))?;
     nix::sched::setns(f, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering netns {ns}"))
 }
 
@@ -55,13 +64,17 @@ where
 
 /// Joins a lab thread, turning a panic into an error.
 pub fn join<T>(h: std::thread::JoinHandle<Result<T>>) -> Result<T> {
-    h.join().map_err(|_| anyhow::anyhow!("a lab thread panicked"))?
+    h.join()
+        .map_err(|_| anyhow::anyhow!("a lab thread panicked"))?
 }
 
 /// Names of the existing network namespaces.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -70,7 +83,12 @@ pub fn pids(ns: &str) -> Vec<i32> {
     Command::new("ip")
         .args(["netns", "pids", ns])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

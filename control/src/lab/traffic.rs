@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(1);
 
 fn raw_icmp_socket(timeout: Duration) -> Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).context("raw ICMP socket")?;
+    let s =
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).context("raw ICMP socket")?;
     s.set_read_timeout(Some(timeout))?;
     // A raw socket moves whole datagrams like a UDP socket; std's UdpSocket gives us send_to and
     // recv_from over it.
@@ -54,10 +55,20 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<PingStats> {
         sock.send_to(&echo_request(id, seq), SocketAddrV4::new(dst, 0))?;
         stats.sent += 1;
         while sent_at.elapsed() < timeout {
-            let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
-            let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else { continue };
-            let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else { continue };
-            if ip.src() == dst && icmp.kind() == icmpv4::kind::ECHO_REPLY && icmp.echo_ident() == id && icmp.echo_seq() == seq {
+            let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else {
+                continue;
+            };
+            let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else {
+                continue;
+            };
+            if ip.src() == dst
+                && icmp.kind() == icmpv4::kind::ECHO_REPLY
+                && icmp.echo_ident() == id
+                && icmp.echo_seq() == seq
+            {
                 stats.received += 1;
                 total_rtt += sent_at.elapsed();
                 break;
@@ -79,15 +90,24 @@ pub fn probe_icmp_error(dst: Ipv4Addr, timeout: Duration) -> Result<Option<(Ipv4
     sock.send_to(&echo_request(id, 1), SocketAddrV4::new(dst, 0))?;
     let mut buf = [0u8; 2048];
     while start.elapsed() < timeout {
-        let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
-        let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else { continue };
-        let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else { continue };
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else {
+            continue;
+        };
+        let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else {
+            continue;
+        };
         if !icmpv4::is_error(icmp.kind()) {
             continue;
         }
         let quoted = icmp.data();
         // The quote is our IP header (20 bytes) and the echo's first 8 bytes, whose id is at 24.
-        if quoted.len() >= 28 && quoted[16..20] == dst.octets() && u16::from_be_bytes([quoted[24], quoted[25]]) == id {
+        if quoted.len() >= 28
+            && quoted[16..20] == dst.octets()
+            && u16::from_be_bytes([quoted[24], quoted[25]]) == id
+        {
             return Ok(Some((ip.src(), icmp.kind(), icmp.code())));
         }
     }
@@ -147,13 +167,18 @@ pub fn tcp_sink(listener: TcpListener, timeout: Duration) -> Result<Received> {
         hasher.update(&buf[..n]);
         bytes += n as u64;
     }
-    Ok(Received { bytes, sha256: hex(&hasher.finalize()), elapsed: start.elapsed() })
+    Ok(Received {
+        bytes,
+        sha256: hex(&hasher.finalize()),
+        elapsed: start.elapsed(),
+    })
 }
 
 /// Connects to `dst` and sends `bytes` bytes of a seeded pattern; returns their SHA-256.
 /// Call inside the client netns.
 pub fn tcp_source(dst: SocketAddrV4, bytes: u64, seed: u64, timeout: Duration) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout)
+        .with_context(|| format!("connecting to {dst}"))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut pattern = Pattern::new(seed);
     let mut hasher = Sha256::new();
@@ -163,7 +188,9 @@ pub fn tcp_source(dst: SocketAddrV4, bytes: u64, seed: u64, timeout: Duration) -
         let n = buf.len().min(left as usize);
         pattern.fill(&mut buf[..n]);
         hasher.update(&buf[..n]);
-        stream.write_all(&buf[..n]).context("sending the transfer")?;
+        stream
+            .write_all(&buf[..n])
+            .context("sending the transfer")?;
         left -= n as u64;
     }
     stream.shutdown(std::net::Shutdown::Write)?;
@@ -215,11 +242,12 @@ pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -
 pub fn inner_udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let mut pkt = vec![0u8; ipv4::HEADER_LEN + udp::HEADER_LEN + payload.len()];
     pkt[ipv4::HEADER_LEN + udp::HEADER_LEN..].copy_from_slice(payload);
-    udp::Repr { src_port: src.port(), dst_port: dst.port(), payload_len: payload.len() }.emit(
-        &mut pkt[ipv4::HEADER_LEN..],
-        *src.ip(),
-        *dst.ip(),
-    );
+    udp::Repr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        payload_len: payload.len(),
+    }
+    .emit(&mut pkt[ipv4::HEADER_LEN..], *src.ip(), *dst.ip());
     ipv4::Repr {
         src: *src.ip(),
         dst: *dst.ip(),
@@ -271,9 +299,15 @@ mod tests {
 
     #[test]
     fn test_inner_packet_is_valid() {
-        let pkt = inner_udp_packet(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 1), SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 2), b"x");
+        let pkt = inner_udp_packet(
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 1),
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 2),
+            b"x",
+        );
         let ip = ipv4::Packet::new_checked(&pkt[..]).unwrap();
         assert!(ip.verify_checksum());
-        assert!(udp::Packet::new_checked(ip.payload()).unwrap().verify_checksum(ip.src(), ip.dst()));
+        assert!(udp::Packet::new_checked(ip.payload())
+            .unwrap()
+            .verify_checksum(ip.src(), ip.dst()));
     }
 }

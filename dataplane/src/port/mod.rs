@@ -15,10 +15,16 @@ pub mod udp;
 pub enum PortError {
     /// Opening or configuring the device failed.
     #[error("cannot open {what}: {source}")]
-    Open { what: String, source: std::io::Error },
+    Open {
+        what: String,
+        source: std::io::Error,
+    },
     /// The device failed in a way that is not transient.
     #[error("{what} failed: {source}")]
-    Io { what: &'static str, source: std::io::Error },
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// A capture file could not be read or written.
     #[error("pcap: {0}")]
     Pcap(String),

@@ -46,14 +46,27 @@ pub struct PcapSource {
 
 impl PcapSource {
     pub fn open(path: &Path, side: Side) -> Result<PcapSource, PortError> {
-        let file = File::open(path).map_err(|source| PortError::Open { what: path.display().to_string(), source })?;
+        let file = File::open(path).map_err(|source| PortError::Open {
+            what: path.display().to_string(),
+            source,
+        })?;
         let reader = PcapReader::new(BufReader::new(file)).map_err(pcap_err)?;
         let strip = match reader.header().datalink {
             DataLink::RAW | DataLink::IPV4 => 0,
             DataLink::ETHERNET => crate::wire::ethernet::HEADER_LEN,
-            other => return Err(PortError::Pcap(format!("unsupported link type {other:?} (want RAW or ETHERNET)"))),
+            other => {
+                return Err(PortError::Pcap(format!(
+                    "unsupported link type {other:?} (want RAW or ETHERNET)"
+                )))
+            }
         };
-        Ok(PcapSource { reader, side, strip, skipped: 0, records: 0 })
+        Ok(PcapSource {
+            reader,
+            side,
+            strip,
+            skipped: 0,
+            records: 0,
+        })
     }
 
     /// The next record's bytes after the link header, or None at the end of the file.
@@ -80,7 +93,10 @@ fn strip_outer(outer: &[u8], local: SocketAddrV4) -> Option<(&[u8], SocketAddrV4
     }
     let payload_at = ip.header_len() + udp::HEADER_LEN;
     let payload_len = dgram.payload().len();
-    Some((&outer[payload_at..payload_at + payload_len], SocketAddrV4::new(src, dgram.src_port())))
+    Some((
+        &outer[payload_at..payload_at + payload_len],
+        SocketAddrV4::new(src, dgram.src_port()),
+    ))
 }
 
 impl RxPort for PcapSource {
@@ -122,10 +138,20 @@ pub struct PcapSink {
 impl PcapSink {
     /// Creates `path`; underlay datagrams get `local` as their outer source.
     pub fn create(path: &Path, local: Ipv4Addr) -> Result<PcapSink, PortError> {
-        let file = File::create(path).map_err(|source| PortError::Open { what: path.display().to_string(), source })?;
-        let header = PcapHeader { datalink: DataLink::RAW, ..PcapHeader::default() };
+        let file = File::create(path).map_err(|source| PortError::Open {
+            what: path.display().to_string(),
+            source,
+        })?;
+        let header = PcapHeader {
+            datalink: DataLink::RAW,
+            ..PcapHeader::default()
+        };
         let writer = PcapWriter::with_header(BufWriter::new(file), header).map_err(pcap_err)?;
-        Ok(PcapSink { writer, local, written: 0 })
+        Ok(PcapSink {
+            writer,
+            local,
+            written: 0,
+        })
     }
 
     fn write(&mut self, data: &[u8]) -> bool {
@@ -139,12 +165,18 @@ impl PcapSink {
 
     /// A transmit port writing raw inner packets (what goes into the TUN).
     pub fn tun(&mut self) -> PcapTx<'_> {
-        PcapTx { sink: self, underlay: None }
+        PcapTx {
+            sink: self,
+            underlay: None,
+        }
     }
 
     /// A transmit port writing outer IPv4/UDP datagrams from `local_port` to each packet's peer.
     pub fn underlay(&mut self, local_port: u16) -> PcapTx<'_> {
-        PcapTx { sink: self, underlay: Some(local_port) }
+        PcapTx {
+            sink: self,
+            underlay: Some(local_port),
+        }
     }
 
     pub fn finish(self) -> Result<(), PortError> {
@@ -187,11 +219,12 @@ pub fn outer_datagram(src: Ipv4Addr, src_port: u16, dst: SocketAddrV4, payload: 
     let udp_len = udp::HEADER_LEN + payload.len();
     let mut frame = vec![0u8; ipv4::HEADER_LEN + udp_len];
     frame[ipv4::HEADER_LEN + udp::HEADER_LEN..].copy_from_slice(payload);
-    udp::Repr { src_port, dst_port: dst.port(), payload_len: payload.len() }.emit(
-        &mut frame[ipv4::HEADER_LEN..],
-        src,
-        *dst.ip(),
-    );
+    udp::Repr {
+        src_port,
+        dst_port: dst.port(),
+        payload_len: payload.len(),
+    }
+    .emit(&mut frame[ipv4::HEADER_LEN..], src, *dst.ip());
     ipv4::Repr {
         src,
         dst: *dst.ip(),
@@ -216,8 +249,14 @@ mod tests {
         let dst = SocketAddrV4::new(Ipv4Addr::new(192, 168, 100, 2), 8285);
         let ours = outer_datagram(src, 8285, dst, b"inner");
         let mut theirs = Vec::new();
-        let mut ip = etherparse::Ipv4Header::new(0, OUTER_TTL, etherparse::IpNumber::UDP, src.octets(), dst.ip().octets())
-            .unwrap();
+        let mut ip = etherparse::Ipv4Header::new(
+            0,
+            OUTER_TTL,
+            etherparse::IpNumber::UDP,
+            src.octets(),
+            dst.ip().octets(),
+        )
+        .unwrap();
         ip.dont_fragment = true;
         etherparse::PacketBuilder::ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
             .udp(8285, 8285)

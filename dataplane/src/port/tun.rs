@@ -23,8 +23,10 @@ pub fn open(name: &str, queues: usize) -> Result<(Vec<TunQueue>, String), PortEr
     let mut out = Vec::with_capacity(queues);
     let mut actual = name.to_string();
     for _ in 0..queues.max(1) {
-        let (fd, n) = sys::tun::open_queue(&actual, true)
-            .map_err(|source| PortError::Open { what: format!("TUN device {name}"), source })?;
+        let (fd, n) = sys::tun::open_queue(&actual, true).map_err(|source| PortError::Open {
+            what: format!("TUN device {name}"),
+            source,
+        })?;
         actual = n;
         out.push(TunQueue { fd });
     }
@@ -56,7 +58,12 @@ impl RxPort for TunQueue {
                 Ok(n) => batch.commit_rx(i, n, NO_PEER, n >= cap),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => break,
-                Err(source) => return Err(PortError::Io { what: "TUN read", source }),
+                Err(source) => {
+                    return Err(PortError::Io {
+                        what: "TUN read",
+                        source,
+                    })
+                }
             }
         }
         Ok(batch.len())

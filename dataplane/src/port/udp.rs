@@ -23,17 +23,31 @@ pub struct UdpPort {
 impl UdpPort {
     /// Binds a non-blocking, SO_REUSEPORT socket to `addr`, sized for batches of `batch_cap`,
     /// with socket buffers of `buffer_bytes` (forced past rmem_max when we may, else best effort).
-    pub fn bind(addr: SocketAddrV4, batch_cap: usize, buffer_bytes: usize) -> Result<UdpPort, PortError> {
-        let open = |source| PortError::Open { what: format!("UDP socket {addr}"), source };
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))
-            .map_err(open)?;
+    pub fn bind(
+        addr: SocketAddrV4,
+        batch_cap: usize,
+        buffer_bytes: usize,
+    ) -> Result<UdpPort, PortError> {
+        let open = |source| PortError::Open {
+            what: format!("UDP socket {addr}"),
+            source,
+        };
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(Protocol::UDP),
+        )
+        .map_err(open)?;
         socket.set_reuse_port(true).map_err(open)?;
         if sys::sockopt::set_buffers_force(socket.as_fd(), buffer_bytes).is_err() {
             let _ = socket.set_recv_buffer_size(buffer_bytes);
             let _ = socket.set_send_buffer_size(buffer_bytes);
         }
         socket.bind(&addr.into()).map_err(open)?;
-        Ok(UdpPort { socket, scratch: MmsgScratch::new(batch_cap) })
+        Ok(UdpPort {
+            socket,
+            scratch: MmsgScratch::new(batch_cap),
+        })
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -61,13 +75,19 @@ impl RxPort for UdpPort {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
             // ICMP errors about earlier sends surface here (ECONNREFUSED etc.): not fatal.
             Err(e) if e.raw_os_error().is_some_and(is_async_send_error) => Ok(0),
-            Err(source) => Err(PortError::Io { what: "UDP receive", source }),
+            Err(source) => Err(PortError::Io {
+                what: "UDP receive",
+                source,
+            }),
         }
     }
 }
 
 fn is_async_send_error(errno: i32) -> bool {
-    matches!(errno, libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    matches!(
+        errno,
+        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
+    )
 }
 
 impl TxPort for UdpPort {
@@ -84,7 +104,10 @@ impl TxPort for UdpPort {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
                     waited = true;
-                    if !matches!(sys::fdio::wait_writable(self.socket.as_fd(), SEND_WAIT_MS), Ok(true)) {
+                    if !matches!(
+                        sys::fdio::wait_writable(self.socket.as_fd(), SEND_WAIT_MS),
+                        Ok(true)
+                    ) {
                         out.failed += rest.len();
                         break;
                     }

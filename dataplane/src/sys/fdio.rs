@@ -27,7 +27,11 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 
 /// Waits up to `timeout_ms` for `fd` to become writable; returns whether it did.
 pub fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: `pfd` is one valid, initialised pollfd and we pass a count of 1.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
     if n < 0 {

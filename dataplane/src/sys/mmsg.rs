@@ -29,12 +29,17 @@ fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     let mut s = zero_sockaddr();
     s.sin_family = libc::AF_INET as libc::sa_family_t;
     s.sin_port = a.port().to_be();
-    s.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+    s.sin_addr = libc::in_addr {
+        s_addr: u32::from_ne_bytes(a.ip().octets()),
+    };
     s
 }
 
 fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(s.sin_addr.s_addr.to_ne_bytes()), u16::from_be(s.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(s.sin_addr.s_addr.to_ne_bytes()),
+        u16::from_be(s.sin_port),
+    )
 }
 
 impl MmsgScratch {
@@ -42,7 +47,10 @@ impl MmsgScratch {
         // SAFETY: mmsghdr and iovec are plain data; all-zero (null pointers, zero lengths) is a
         // valid value that we overwrite before any call.
         let zero_hdr: libc::mmsghdr = unsafe { core::mem::zeroed() };
-        let zero_iov = libc::iovec { iov_base: core::ptr::null_mut(), iov_len: 0 };
+        let zero_iov = libc::iovec {
+            iov_base: core::ptr::null_mut(),
+            iov_len: 0,
+        };
         MmsgScratch {
             hdrs: vec![zero_hdr; capacity].into_boxed_slice(),
             iovs: vec![zero_iov; capacity].into_boxed_slice(),
@@ -57,7 +65,10 @@ impl MmsgScratch {
         let n = batch.capacity().min(self.hdrs.len());
         let max = batch.max_packet();
         for i in 0..n {
-            self.iovs[i] = libc::iovec { iov_base: batch.rx_ptr(i).cast(), iov_len: max };
+            self.iovs[i] = libc::iovec {
+                iov_base: batch.rx_ptr(i).cast(),
+                iov_len: max,
+            };
             let h = &mut self.hdrs[i];
             h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -72,29 +83,52 @@ impl MmsgScratch {
         // iovec at a distinct `max`-byte receive area of `batch`; all outlive the call, which is
         // non-blocking (MSG_DONTWAIT) and writes only within those bounds.
         let ret = unsafe {
-            libc::recvmmsg(fd.as_raw_fd(), self.hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, core::ptr::null_mut())
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                core::ptr::null_mut(),
+            )
         };
         if ret < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
         }
         let got = ret as usize;
         for i in 0..got {
             let h = &self.hdrs[i];
             let oversized = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            batch.commit_rx(i, h.msg_len as usize, from_sockaddr(&self.addrs[i]), oversized);
+            batch.commit_rx(
+                i,
+                h.msg_len as usize,
+                from_sockaddr(&self.addrs[i]),
+                oversized,
+            );
         }
         Ok(got)
     }
 
     /// Sends the packets of `batch` at `indices`, each to its `meta.peer`. Returns how many
     /// leading entries the kernel took; an error is returned only if the first one failed.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, batch: &Batch, indices: &[u16]) -> io::Result<usize> {
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        batch: &Batch,
+        indices: &[u16],
+    ) -> io::Result<usize> {
         let n = indices.len().min(self.hdrs.len());
         for (k, &i) in indices[..n].iter().enumerate() {
             let i = usize::from(i);
             let pkt = batch.packet(i);
-            self.iovs[k] = libc::iovec { iov_base: pkt.as_ptr() as *mut libc::c_void, iov_len: pkt.len() };
+            self.iovs[k] = libc::iovec {
+                iov_base: pkt.as_ptr() as *mut libc::c_void,
+                iov_len: pkt.len(),
+            };
             self.addrs[k] = to_sockaddr(batch.meta(i).peer);
             let h = &mut self.hdrs[k];
             h.msg_hdr.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in).cast();
@@ -109,7 +143,14 @@ impl MmsgScratch {
         // SAFETY: the first `n` headers point at live iovecs and sockaddrs in `self`; each iovec
         // covers one packet inside `batch`, which is borrowed across the call; sendmmsg only reads
         // the packet bytes.
-        let ret = unsafe { libc::sendmmsg(fd.as_raw_fd(), self.hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+        let ret = unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
         if ret < 0 {
             Err(io::Error::last_os_error())
         } else {

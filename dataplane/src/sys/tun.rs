@@ -22,19 +22,29 @@ struct IfReqFlags {
 /// its descriptor and the device's actual name.
 pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
     if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     let path = CString::new("/dev/net/tun").expect("static path has no NUL");
     // SAFETY: `path` is a NUL-terminated string that lives across the call.
     let raw = unsafe {
-        libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
     };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` was just returned by open(2) and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut req = IfReqFlags { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
     for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
@@ -50,8 +60,12 @@ pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    let actual: Vec<u8> =
-        req.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let actual: Vec<u8> = req
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     Ok((fd, String::from_utf8_lossy(&actual).into_owned()))
 }
 

@@ -157,7 +157,10 @@ mod tests {
     fn test_parse() {
         let p = Packet::new_checked(&REQUEST[..]).unwrap();
         assert_eq!(p.operation(), Operation::Request);
-        assert_eq!(p.sender_mac(), MacAddr([0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02]));
+        assert_eq!(
+            p.sender_mac(),
+            MacAddr([0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02])
+        );
         assert_eq!(p.sender_ip(), Ipv4Addr::new(10, 244, 1, 2));
         assert_eq!(p.target_mac(), MacAddr::ZERO);
         assert_eq!(p.target_ip(), Ipv4Addr::new(10, 244, 1, 1));
@@ -173,9 +176,15 @@ mod tests {
 
     #[test]
     fn test_impossible_len_and_kind() {
-        assert_eq!(Packet::new_checked(&REQUEST[..27]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&REQUEST[..27]).unwrap_err(),
+            Error::Truncated
+        );
         let mut ipv6ish = REQUEST;
         ipv6ish[5] = 16;
-        assert_eq!(Packet::new_checked(&ipv6ish[..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            Packet::new_checked(&ipv6ish[..]).unwrap_err(),
+            Error::Malformed
+        );
     }
 }

@@ -42,10 +42,7 @@ pub fn checksum(data: &[u8]) -> u16 {
 /// Accumulator seeded with the IPv4 pseudo-header used by TCP, UDP.
 #[inline]
 pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, length: u16) -> u64 {
-    u64::from(src.to_bits())
-        + u64::from(dst.to_bits())
-        + u64::from(protocol)
-        + u64::from(length)
+    u64::from(src.to_bits()) + u64::from(dst.to_bits()) + u64::from(protocol) + u64::from(length)
 }
 
 /// RFC 1624 eqn. 3: the new checksum after a 16-bit word changes from `old` to `new`:

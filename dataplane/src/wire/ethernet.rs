@@ -50,7 +50,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -151,7 +155,11 @@ pub struct Repr {
 
 impl Repr {
     pub fn parse<T: AsRef<[u8]>>(packet: &Packet<T>) -> Repr {
-        Repr { dst: packet.dst(), src: packet.src(), ethertype: packet.ethertype() }
+        Repr {
+            dst: packet.dst(),
+            src: packet.src(),
+            ethertype: packet.ethertype(),
+        }
     }
 
     /// Writes the header; `packet` must be at least `HEADER_LEN` long.
@@ -191,7 +199,10 @@ mod tests {
 
     #[test]
     fn test_impossible_len() {
-        assert_eq!(Packet::new_checked(&FRAME[..13]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&FRAME[..13]).unwrap_err(),
+            Error::Truncated
+        );
     }
 
     #[test]
@@ -201,7 +212,13 @@ mod tests {
         assert!(m.is_local_unicast());
         assert!(!m.is_multicast());
         assert!(MacAddr::BROADCAST.is_multicast());
-        for bad in ["", "c6:d2:32:6f:8f", "c6:d2:32:6f:8f:44:00", "c6:d2:32:6f:8f:4g", "c6::32:6f:8f:44"] {
+        for bad in [
+            "",
+            "c6:d2:32:6f:8f",
+            "c6:d2:32:6f:8f:44:00",
+            "c6:d2:32:6f:8f:4g",
+            "c6::32:6f:8f:44",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

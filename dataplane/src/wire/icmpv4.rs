@@ -124,7 +124,10 @@ mod tests {
         assert_eq!(&buf[..8], &theirs.to_bytes()[..]);
         let p = Packet::new_checked(&buf[..]).unwrap();
         assert!(p.verify_checksum());
-        assert_eq!((p.kind(), p.code(), p.echo_ident(), p.echo_seq()), (8, 0, 0x1234, 7));
+        assert_eq!(
+            (p.kind(), p.code(), p.echo_ident(), p.echo_seq()),
+            (8, 0, 0x1234, 7)
+        );
         assert_eq!(p.data(), b"ping");
     }
 
@@ -138,6 +141,9 @@ mod tests {
 
     #[test]
     fn test_impossible_len() {
-        assert_eq!(Packet::new_checked(&[0u8; 7][..]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&[0u8; 7][..]).unwrap_err(),
+            Error::Truncated
+        );
     }
 }

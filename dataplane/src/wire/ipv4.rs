@@ -124,11 +124,21 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
     pub fn src(&self) -> Ipv4Addr {
         let b = self.buffer.as_ref();
-        Ipv4Addr::new(b[field::SRC], b[field::SRC + 1], b[field::SRC + 2], b[field::SRC + 3])
+        Ipv4Addr::new(
+            b[field::SRC],
+            b[field::SRC + 1],
+            b[field::SRC + 2],
+            b[field::SRC + 3],
+        )
     }
     pub fn dst(&self) -> Ipv4Addr {
         let b = self.buffer.as_ref();
-        Ipv4Addr::new(b[field::DST], b[field::DST + 1], b[field::DST + 2], b[field::DST + 3])
+        Ipv4Addr::new(
+            b[field::DST],
+            b[field::DST + 1],
+            b[field::DST + 2],
+            b[field::DST + 3],
+        )
     }
     /// True if the header checksum is correct.
     pub fn verify_checksum(&self) -> bool {
@@ -159,7 +169,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
     /// Sets flags and offset: DF as given, MF clear, offset zero.
     pub fn set_unfragmented(&mut self, dont_frag: bool) {
-        write_u16(self.buffer.as_mut(), field::FLG_OFF, if dont_frag { FLAG_DF } else { 0 });
+        write_u16(
+            self.buffer.as_mut(),
+            field::FLG_OFF,
+            if dont_frag { FLAG_DF } else { 0 },
+        );
     }
     pub fn set_ttl(&mut self, v: u8) {
         self.buffer.as_mut()[field::TTL] = v;
@@ -304,11 +318,14 @@ mod tests {
         };
         let mut ours = [0u8; 20];
         repr.emit(&mut ours);
-        let mut theirs =
-            etherparse::Ipv4Header::new(100, 64, etherparse::IpNumber::UDP, [192, 168, 7, 1], [
-                192, 168, 7, 2,
-            ])
-            .unwrap();
+        let mut theirs = etherparse::Ipv4Header::new(
+            100,
+            64,
+            etherparse::IpNumber::UDP,
+            [192, 168, 7, 1],
+            [192, 168, 7, 2],
+        )
+        .unwrap();
         theirs.identification = 77;
         theirs.dont_fragment = false;
         theirs.header_checksum = theirs.calc_header_checksum();
@@ -336,9 +353,15 @@ mod tests {
 
     #[test]
     fn test_impossible_len() {
-        assert_eq!(Packet::new_checked(&PACKET[..19]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&PACKET[..19]).unwrap_err(),
+            Error::Truncated
+        );
         // Total length beyond the buffer.
-        assert_eq!(Packet::new_checked(&PACKET[..23]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&PACKET[..23]).unwrap_err(),
+            Error::Truncated
+        );
         // IHL 4 (16 bytes) is below the minimum.
         let mut bad = PACKET;
         bad[0] = 0x44;

@@ -109,8 +109,14 @@ mod tests {
     #[test]
     fn test_impossible_len() {
         let buf = router_solicitation();
-        assert_eq!(Packet::new_checked(&buf[..39]).unwrap_err(), Error::Truncated);
-        assert_eq!(Packet::new_checked(&buf[..47]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&buf[..39]).unwrap_err(),
+            Error::Truncated
+        );
+        assert_eq!(
+            Packet::new_checked(&buf[..47]).unwrap_err(),
+            Error::Truncated
+        );
         let mut v4 = buf;
         v4[0] = 0x45;
         assert_eq!(Packet::new_checked(&v4[..]).unwrap_err(), Error::Malformed);

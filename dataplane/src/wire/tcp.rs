@@ -113,8 +113,14 @@ mod tests {
     const DST: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 
     fn syn() -> Vec<u8> {
-        let ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, SRC.octets(), DST.octets())
-            .unwrap();
+        let ip = etherparse::Ipv4Header::new(
+            0,
+            64,
+            etherparse::IpNumber::TCP,
+            SRC.octets(),
+            DST.octets(),
+        )
+        .unwrap();
         let mut tcp = etherparse::TcpHeader::new(40000, 80, 0x01020304, 64240);
         tcp.syn = true;
         tcp.checksum = tcp.calc_checksum_ipv4(&ip, b"xy").unwrap();
@@ -151,7 +157,10 @@ mod tests {
     #[test]
     fn test_impossible_len() {
         let buf = syn();
-        assert_eq!(Packet::new_checked(&buf[..19]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&buf[..19]).unwrap_err(),
+            Error::Truncated
+        );
         let mut bad = buf.clone();
         bad[12] = 0x40;
         assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);

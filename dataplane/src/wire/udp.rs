@@ -108,7 +108,11 @@ pub struct Repr {
 
 impl Repr {
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Repr {
-        Repr { src_port: p.src_port(), dst_port: p.dst_port(), payload_len: p.payload().len() }
+        Repr {
+            src_port: p.src_port(),
+            dst_port: p.dst_port(),
+            payload_len: p.payload().len(),
+        }
     }
 
     /// Writes the header into `buf` (header + payload already in place), with the checksum over
@@ -131,11 +135,22 @@ mod tests {
 
     fn reference() -> Vec<u8> {
         let mut out = Vec::new();
-        etherparse::UdpHeader::with_ipv4_checksum(8285, 8285, &etherparse::Ipv4Header::new(
-            5, 64, etherparse::IpNumber::UDP, SRC.octets(), DST.octets()).unwrap(), b"hello")
-            .unwrap()
-            .write(&mut out)
-            .unwrap();
+        etherparse::UdpHeader::with_ipv4_checksum(
+            8285,
+            8285,
+            &etherparse::Ipv4Header::new(
+                5,
+                64,
+                etherparse::IpNumber::UDP,
+                SRC.octets(),
+                DST.octets(),
+            )
+            .unwrap(),
+            b"hello",
+        )
+        .unwrap()
+        .write(&mut out)
+        .unwrap();
         out.extend_from_slice(b"hello");
         out
     }
@@ -157,7 +172,12 @@ mod tests {
         let want = reference();
         let mut buf = vec![0u8; 13];
         buf[8..].copy_from_slice(b"hello");
-        Repr { src_port: 8285, dst_port: 8285, payload_len: 5 }.emit(&mut buf, SRC, DST);
+        Repr {
+            src_port: 8285,
+            dst_port: 8285,
+            payload_len: 5,
+        }
+        .emit(&mut buf, SRC, DST);
         assert_eq!(buf, want);
     }
 
@@ -166,14 +186,22 @@ mod tests {
         let mut buf = reference();
         buf[6] = 0;
         buf[7] = 0;
-        assert!(Packet::new_checked(&buf[..]).unwrap().verify_checksum(SRC, DST));
+        assert!(Packet::new_checked(&buf[..])
+            .unwrap()
+            .verify_checksum(SRC, DST));
     }
 
     #[test]
     fn test_impossible_len() {
         let buf = reference();
-        assert_eq!(Packet::new_checked(&buf[..7]).unwrap_err(), Error::Truncated);
-        assert_eq!(Packet::new_checked(&buf[..12]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&buf[..7]).unwrap_err(),
+            Error::Truncated
+        );
+        assert_eq!(
+            Packet::new_checked(&buf[..12]).unwrap_err(),
+            Error::Truncated
+        );
         let mut bad = buf.clone();
         bad[5] = 7;
         assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);

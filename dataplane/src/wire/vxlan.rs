@@ -133,16 +133,27 @@ mod tests {
     #[test]
     fn test_emit_round_trip() {
         let mut buf = [0xffu8; 8];
-        Repr { vni: Vni::new(0xabcdef).unwrap() }.emit(&mut buf);
+        Repr {
+            vni: Vni::new(0xabcdef).unwrap(),
+        }
+        .emit(&mut buf);
         assert_eq!(buf, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]);
-        assert_eq!(Repr::parse(&Packet::new_checked(&buf[..]).unwrap()).vni.get(), 0xabcdef);
+        assert_eq!(
+            Repr::parse(&Packet::new_checked(&buf[..]).unwrap())
+                .vni
+                .get(),
+            0xabcdef
+        );
     }
 
     #[test]
     fn test_strict_rejects_what_the_kernel_rejects() {
         let mut no_i = HEADER_VNI1;
         no_i[0] = 0;
-        assert_eq!(Packet::new_unchecked(&no_i[..]).check_strict(), Err(HeaderError::NoVniFlag));
+        assert_eq!(
+            Packet::new_unchecked(&no_i[..]).check_strict(),
+            Err(HeaderError::NoVniFlag)
+        );
         for (byte, value) in [(0, 0x88), (1, 1), (2, 0x80), (3, 1), (7, 1)] {
             let mut bad = HEADER_VNI1;
             bad[byte] = value;
@@ -162,6 +173,9 @@ mod tests {
 
     #[test]
     fn test_impossible_len() {
-        assert_eq!(Packet::new_checked(&HEADER_VNI1[..7]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&HEADER_VNI1[..7]).unwrap_err(),
+            Error::Truncated
+        );
     }
 }
