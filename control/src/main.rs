@@ -106,7 +106,7 @@ struct ReplayArgs {
 
 #[derive(Args)]
 struct LabArgs {
-    /// Number of nodes (2 or more).
+    /// Number of nodes (2 to 100).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
     /// Backend the cluster runs: `udp` (podwire), or `kernel-vxlan` for the baseline: no podwire,

@@ -122,13 +122,23 @@ fn two_podwire_nodes_carry_real_traffic() {
 }
 
 #[test]
-fn four_podwire_nodes_full_mesh() {
+fn four_podwire_nodes_two_workers_each_full_mesh() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (report, text) = run_lab(&["--nodes", "4", "--transfer-mb", "10", "--udp-count", "50"]);
+    // Two workers per node: multi-queue TUN and SO_REUSEPORT sockets.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "4",
+        "--workers",
+        "2",
+        "--transfer-mb",
+        "10",
+        "--udp-count",
+        "50",
+    ]);
     assert_eq!(report["ok"], true, "{text}");
     assert_eq!(report["pairs"].as_array().unwrap().len(), 12);
     assert_eq!(report["node_stats"].as_array().unwrap().len(), 4);

@@ -116,11 +116,12 @@ impl Batch {
         &self.meta[i]
     }
 
-    /// Raw base pointer of the receive area of slot `i`, for vectored syscalls that fill many
-    /// slots at once (`recvmmsg`). The area is `max_packet()` bytes long.
-    pub(crate) fn rx_ptr(&mut self, i: usize) -> *mut u8 {
-        let fs = self.frame_size;
-        self.arena[i * fs + HEADROOM..].as_mut_ptr()
+    /// For vectored syscalls that fill many slots at once (`recvmmsg`): a pointer to slot 0's
+    /// receive area and the stride between slots. Slot `i`'s area starts `i * stride` bytes
+    /// further and is `max_packet()` bytes long. All slot pointers must be derived from this one
+    /// base (one mutable borrow of the arena), not from a borrow per slot.
+    pub(crate) fn rx_area(&mut self) -> (*mut u8, usize) {
+        (self.arena[HEADROOM..].as_mut_ptr(), self.frame_size)
     }
 }
 

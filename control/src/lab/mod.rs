@@ -663,8 +663,8 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("podwire lab needs root (network namespaces, TUN devices)");
     }
-    if !(1..=200).contains(&opts.nodes) || opts.nodes < 2 {
-        bail!("--nodes must be between 2 and 200");
+    if !(2..=100).contains(&opts.nodes) {
+        bail!("--nodes must be between 2 and 100");
     }
     if opts.backend != "udp" && opts.backend != KERNEL_VXLAN {
         bail!("--backend {}: want \"udp\" (podwire) or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);

@@ -35,6 +35,19 @@ fn echo_request(id: u16, seq: u16) -> [u8; 64] {
     buf
 }
 
+/// Reads one datagram from a raw ICMP socket; returns (source, type, code) if it is an ICMP
+/// message that `wanted` accepts.
+fn recv_icmp(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    wanted: impl Fn(Ipv4Addr, &icmpv4::Packet<&[u8]>) -> bool,
+) -> Option<(Ipv4Addr, u8, u8)> {
+    let (n, _) = sock.recv_from(buf).ok()?;
+    let ip = ipv4::Packet::new_checked(&buf[..n]).ok()?;
+    let icmp = icmpv4::Packet::new_checked(ip.payload()).ok()?;
+    wanted(ip.src(), &icmp).then(|| (ip.src(), icmp.kind(), icmp.code()))
+}
+
 /// Echo results.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PingStats {
@@ -55,20 +68,13 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<PingStats> {
         sock.send_to(&echo_request(id, seq), SocketAddrV4::new(dst, 0))?;
         stats.sent += 1;
         while sent_at.elapsed() < timeout {
-            let Ok((n, _)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else {
-                continue;
-            };
-            let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else {
-                continue;
-            };
-            if ip.src() == dst
-                && icmp.kind() == icmpv4::kind::ECHO_REPLY
-                && icmp.echo_ident() == id
-                && icmp.echo_seq() == seq
-            {
+            let matched = recv_icmp(&sock, &mut buf, |src, icmp| {
+                src == dst
+                    && icmp.kind() == icmpv4::kind::ECHO_REPLY
+                    && icmp.echo_ident() == id
+                    && icmp.echo_seq() == seq
+            });
+            if matched.is_some() {
                 stats.received += 1;
                 total_rtt += sent_at.elapsed();
                 break;
@@ -90,25 +96,16 @@ pub fn probe_icmp_error(dst: Ipv4Addr, timeout: Duration) -> Result<Option<(Ipv4
     sock.send_to(&echo_request(id, 1), SocketAddrV4::new(dst, 0))?;
     let mut buf = [0u8; 2048];
     while start.elapsed() < timeout {
-        let Ok((n, _)) = sock.recv_from(&mut buf) else {
-            continue;
-        };
-        let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else {
-            continue;
-        };
-        let Ok(icmp) = icmpv4::Packet::new_checked(ip.payload()) else {
-            continue;
-        };
-        if !icmpv4::is_error(icmp.kind()) {
-            continue;
-        }
-        let quoted = icmp.data();
-        // The quote is our IP header (20 bytes) and the echo's first 8 bytes, whose id is at 24.
-        if quoted.len() >= 28
-            && quoted[16..20] == dst.octets()
-            && u16::from_be_bytes([quoted[24], quoted[25]]) == id
-        {
-            return Ok(Some((ip.src(), icmp.kind(), icmp.code())));
+        let found = recv_icmp(&sock, &mut buf, |_, icmp| {
+            let quoted = icmp.data();
+            // The quote is our IP header (20 bytes) and the echo's first 8 bytes: id at 24.
+            icmpv4::is_error(icmp.kind())
+                && quoted.len() >= 28
+                && quoted[16..20] == dst.octets()
+                && u16::from_be_bytes([quoted[24], quoted[25]]) == id
+        });
+        if found.is_some() {
+            return Ok(found);
         }
     }
     Ok(None)

@@ -58,26 +58,32 @@ impl MmsgScratch {
         }
     }
 
+    /// Points message `k` at one buffer and at its own address slot, with no control data.
+    fn aim(&mut self, k: usize, base: *mut libc::c_void, len: usize) {
+        self.iovs[k] = libc::iovec {
+            iov_base: base,
+            iov_len: len,
+        };
+        let h = &mut self.hdrs[k];
+        h.msg_hdr.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in).cast();
+        h.msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_hdr.msg_iov = &mut self.iovs[k];
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = core::ptr::null_mut();
+        h.msg_hdr.msg_controllen = 0;
+        h.msg_hdr.msg_flags = 0;
+        h.msg_len = 0;
+    }
+
     /// Receives up to `batch.capacity()` datagrams into the batch (replacing its contents) and
     /// returns how many. `Ok(0)` when none is waiting (EAGAIN).
     pub fn recv(&mut self, fd: BorrowedFd<'_>, batch: &mut Batch) -> io::Result<usize> {
         batch.clear();
         let n = batch.capacity().min(self.hdrs.len());
         let max = batch.max_packet();
+        let (base, stride) = batch.rx_area();
         for i in 0..n {
-            self.iovs[i] = libc::iovec {
-                iov_base: batch.rx_ptr(i).cast(),
-                iov_len: max,
-            };
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = core::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            self.aim(i, base.wrapping_add(i * stride).cast(), max);
         }
         // SAFETY: the first `n` headers point at live iovecs and sockaddrs in `self` and each
         // iovec at a distinct `max`-byte receive area of `batch`; all outlive the call, which is
@@ -125,20 +131,10 @@ impl MmsgScratch {
         for (k, &i) in indices[..n].iter().enumerate() {
             let i = usize::from(i);
             let pkt = batch.packet(i);
-            self.iovs[k] = libc::iovec {
-                iov_base: pkt.as_ptr() as *mut libc::c_void,
-                iov_len: pkt.len(),
-            };
             self.addrs[k] = to_sockaddr(batch.meta(i).peer);
-            let h = &mut self.hdrs[k];
-            h.msg_hdr.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = core::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            // sendmmsg only reads through the iovec, so a pointer derived from a shared borrow
+            // is sound here.
+            self.aim(k, pkt.as_ptr() as *mut libc::c_void, pkt.len());
         }
         // SAFETY: the first `n` headers point at live iovecs and sockaddrs in `self`; each iovec
         // covers one packet inside `batch`, which is borrowed across the call; sendmmsg only reads

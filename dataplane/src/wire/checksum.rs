@@ -45,6 +45,16 @@ pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, length: u16)
     u64::from(src.to_bits()) + u64::from(dst.to_bits()) + u64::from(protocol) + u64::from(length)
 }
 
+/// The folded sum of an IPv4 pseudo-header and a whole TCP or UDP segment: 0xffff when the
+/// checksum inside `segment` is correct.
+#[inline]
+pub fn l4_sum_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u16 {
+    fold(accumulate(
+        pseudo_header_v4(src, dst, protocol, segment.len() as u16),
+        segment,
+    ))
+}
+
 /// RFC 1624 eqn. 3: the new checksum after a 16-bit word changes from `old` to `new`:
 /// `HC' = ~(~HC + ~m + m')`.
 #[inline]

@@ -79,9 +79,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
     /// Checks the checksum; the whole buffer is the segment (header + payload).
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-        let b = self.buffer.as_ref();
-        let acc = checksum::pseudo_header_v4(src, dst, PROTO_TCP, b.len() as u16);
-        checksum::fold(checksum::accumulate(acc, b)) == 0xffff
+        checksum::l4_sum_v4(src, dst, PROTO_TCP, self.buffer.as_ref()) == 0xffff
     }
 }
 
@@ -98,9 +96,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Computes the checksum over pseudo-header and the whole buffer.
     pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
         self.set_checksum(0);
-        let b = self.buffer.as_ref();
-        let acc = checksum::pseudo_header_v4(src, dst, PROTO_TCP, b.len() as u16);
-        let c = !checksum::fold(checksum::accumulate(acc, b));
+        let c = !checksum::l4_sum_v4(src, dst, PROTO_TCP, self.buffer.as_ref());
         self.set_checksum(c);
     }
 }

@@ -63,10 +63,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
         if self.checksum() == 0 {
             return true;
         }
-        let len = self.len();
-        let acc = checksum::pseudo_header_v4(src, dst, PROTO_UDP, len);
-        let acc = checksum::accumulate(acc, &self.buffer.as_ref()[..usize::from(len)]);
-        checksum::fold(acc) == 0xffff
+        let segment = &self.buffer.as_ref()[..usize::from(self.len())];
+        checksum::l4_sum_v4(src, dst, PROTO_UDP, segment) == 0xffff
     }
 }
 
@@ -86,10 +84,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Computes the checksum over pseudo-header, header and payload (zero result sent as 0xffff).
     pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
         self.set_checksum(0);
-        let len = self.len();
-        let acc = checksum::pseudo_header_v4(src, dst, PROTO_UDP, len);
-        let acc = checksum::accumulate(acc, &self.buffer.as_ref()[..usize::from(len)]);
-        let c = !checksum::fold(acc);
+        let segment = &self.buffer.as_ref()[..usize::from(self.len())];
+        let c = !checksum::l4_sum_v4(src, dst, PROTO_UDP, segment);
         self.set_checksum(if c == 0 { 0xffff } else { c });
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
