@@ -14,9 +14,10 @@ use podwire::report;
 use podwire::store::{self, Store};
 use podwire::subnet_env::SubnetEnv;
 use podwire::tables;
+use podwire_dataplane::pipeline::Encap;
 use podwire_dataplane::pipeline::Tables;
-use podwire_dataplane::port::{tun, udp::UdpPort};
-use podwire_dataplane::worker::{WorkerConfig, WorkerPool};
+use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
+use podwire_dataplane::worker::{WorkerConfig, WorkerPool, WorkerPorts};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +32,8 @@ pub struct RunOptions {
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
     pub workers: usize,
-    pub tun_name: String,
+    /// TUN device name (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld names them).
+    pub tun_name: Option<String>,
     pub ip_masq: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
@@ -62,10 +64,10 @@ fn swap_if_changed(
     match tables::build(&view, public_ip) {
         Ok(new) => {
             let old = live.load();
-            if new.local != old.local || new.peer_port != old.peer_port {
+            if new.local != old.local || new.peer_port != old.peer_port || new.encap != old.encap {
                 tracing::error!(
                     old = %old.local.subnet, new = %new.local.subnet,
-                    "own lease or backend port changed in the store; restart podwire to apply it; keeping the last good map"
+                    "own lease, backend port, VNI or VtepMAC changed in the store; restart podwire to apply it; keeping the last good map"
                 );
                 return;
             }
@@ -97,10 +99,19 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .with_context(|| format!("reading {}", store.describe()))?;
     let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
-    let port = match view.config.backend {
-        BackendConfig::Udp { port } => port,
-        BackendConfig::Vxlan { .. } => {
-            bail!("config.Backend.Type: podwire's vxlan backend is not available yet; use \"udp\"")
+    let (port, default_tun) = match view.config.backend {
+        BackendConfig::Udp { port } => (port, "flannel0".to_string()),
+        BackendConfig::Vxlan {
+            vni,
+            port,
+            direct_routing,
+        } => {
+            if direct_routing {
+                tracing::warn!(
+                    "Backend.DirectRouting is not supported yet: every peer is reached over VXLAN"
+                );
+            }
+            (port, format!("flannel.{vni}"))
         }
     };
     if iface.mtu < MIN_UNDERLAY_MTU {
@@ -116,16 +127,27 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let lease = initial.local.subnet;
     tracing::info!(
         store = %store.describe(), iface = %iface.name, iface_ip = %iface.addr, %public_ip, %lease,
-        network = %view.config.network, backend = "udp", port, leases = initial.map.len(), "starting"
+        network = %view.config.network, backend = view.config.backend.name(), port, leases = initial.map.len(), "starting"
     );
+    if let Encap::Vxlan { vni, local_mac } = initial.encap {
+        tracing::info!(%vni, vtep_mac = %local_mac, "vxlan: our lease must advertise this VtepMAC for peers to reach us");
+    }
 
     let workers = opts.workers.max(1);
-    let (queues, tun_name) = tun::open(&opts.tun_name, workers)?;
+    let (queues, tun_name) = tun::open(opts.tun_name.as_deref().unwrap_or(&default_tun), workers)?;
     netdev::configure_tun(&tun_name, lease, view.config.network, tun_mtu)?;
     let bind = SocketAddrV4::new(iface.addr, port);
-    let sockets = (0..workers)
-        .map(|_| UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vxlan = matches!(view.config.backend, BackendConfig::Vxlan { .. });
+    let mut ports = Vec::with_capacity(workers);
+    for tun in queues {
+        let udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
+        let raw = if vxlan {
+            Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
+        } else {
+            None
+        };
+        ports.push(WorkerPorts { tun, udp, raw });
+    }
 
     SubnetEnv {
         network: view.config.network,
@@ -137,7 +159,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
 
     let live = Arc::new(ArcSwap::from_pointee(initial));
-    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), queues, sockets)?;
+    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), ports)?;
     tracing::info!(tun = %tun_name, mtu = tun_mtu, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
 
     let tick = Duration::from_millis(100);

@@ -48,9 +48,9 @@ struct RunArgs {
     /// Poll-mode workers, one TUN queue and one underlay socket each (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Name of the TUN device.
-    #[arg(long, default_value = "flannel0")]
-    tun_name: String,
+    /// Name of the TUN device (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld).
+    #[arg(long)]
+    tun_name: Option<String>,
     /// Value of FLANNEL_IPMASQ in subnet.env (masquerade itself is not done by podwire yet).
     #[arg(long)]
     ip_masq: bool,
@@ -109,10 +109,14 @@ struct LabArgs {
     /// Number of nodes (2 to 100).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
-    /// Backend the cluster runs: `udp` (podwire), or `kernel-vxlan` for the baseline: no podwire,
+    /// Backend the cluster runs: `udp` or `vxlan` (podwire), or `kernel-vxlan` for the baseline: no podwire,
     /// every node configured with the kernel's VXLAN device exactly as flanneld's vxlan backend does.
     #[arg(long, default_value = "udp")]
     backend: String,
+    /// With `--backend vxlan`: make every node but the first a kernel VXLAN node, configured
+    /// exactly as flanneld's vxlan backend configures one (podwire talks to the kernel).
+    #[arg(long, value_parser = ["kernel"])]
+    peer: Option<String>,
     /// Megabytes per TCP transfer (one transfer per ordered pair of pods).
     #[arg(long, default_value_t = 50)]
     transfer_mb: u64,
@@ -181,6 +185,7 @@ fn main() -> Result<()> {
             let ok = lab::run(lab::LabOptions {
                 nodes: a.nodes,
                 backend: a.backend,
+                peer_kernel: a.peer.is_some(),
                 transfer_mb: a.transfer_mb,
                 workers: a.workers.max(1),
                 ping_count: a.ping_count.max(1),

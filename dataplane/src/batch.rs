@@ -21,6 +21,8 @@ pub struct Meta {
     pub peer: SocketAddrV4,
     /// The port saw more bytes than the slot holds (the packet is cut short).
     pub oversized: bool,
+    /// The pipeline completed an offloaded (partial) inner L4 checksum.
+    pub completed_checksum: bool,
     /// What the pipeline decided.
     pub verdict: Verdict,
 }
@@ -31,6 +33,7 @@ impl Meta {
         len: 0,
         peer: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         oversized: false,
+        completed_checksum: false,
         verdict: Verdict::Pending,
     };
 }
@@ -95,6 +98,7 @@ impl Batch {
         m.len = len.min(self.frame_size - HEADROOM);
         m.peer = peer;
         m.oversized = oversized;
+        m.completed_checksum = false;
         m.verdict = Verdict::Pending;
         self.len = self.len.max(i + 1);
     }

@@ -1,20 +1,35 @@
 //! The forwarding decisions, sans I/O: bytes and tables in, a `Verdict` out.
 //!
-//! Two directions, flannel's udp backend on the wire (raw inner IPv4 as the UDP payload):
-//! - **TUN -> underlay**: the inner destination's lease names the node; TTL is decremented
-//!   (RFC 1624 checksum patch) and the packet goes to `PublicIP:port`. A destination in no lease
-//!   gets an ICMP net-unreachable written back into the TUN, as flanneld does, except for ICMP
-//!   errors, non-first fragments and unusable sources (RFC 1122 3.2.2).
-//! - **underlay -> TUN**: only from a node's public IP; the inner packet must be a valid IPv4
-//!   packet from inside the sender's own lease (anti-spoofing, which flannel does not do) to
-//!   inside ours; TTL decremented again, as flanneld does on both ends.
+//! Two encapsulations, chosen per cluster (`Tables::encap`):
+//!
+//! **flannel udp** (the raw inner IPv4 packet as a UDP payload, port 8285):
+//! - TUN -> underlay: the inner destination's lease names the node; TTL is decremented (RFC 1624
+//!   checksum patch) and the packet goes to `PublicIP:port`.
+//! - underlay -> TUN: TTL decremented again, as flanneld does on both ends.
+//!
+//! **VXLAN** (RFC 7348, as the kernel's `flannel.<VNI>` device sends it):
+//! - TUN -> underlay: the pipeline writes the whole outer packet into the headroom in front of the
+//!   inner one: IPv4 (TTL 64, DF clear, ECN copied from the inner packet), UDP (source port from
+//!   the inner flow hash in the kernel's range, checksum filled), VXLAN (I flag, VNI) and
+//!   Ethernet (dst = the peer lease's VtepMAC, src = ours). Only leases of BackendType vxlan are
+//!   routes, as for flannel's vxlan backend; the inner TTL is left alone, as the kernel device
+//!   leaves it.
+//! - underlay -> TUN: accepted only with exactly the I flag, our VNI, our VtepMAC as inner
+//!   destination and an IPv4 inner frame (the kernel's `vxlan_rcv` rules), then stripped.
+//!
+//! Both decapsulations also require a sender that is a node's PublicIP, an inner source inside
+//! that node's own lease (anti-spoofing, which neither flannel nor the kernel does) and an inner
+//! destination inside ours. A destination in no (usable) lease gets an ICMP net-unreachable
+//! written back into the TUN, as flanneld does, except for ICMP errors, non-first fragments and
+//! unusable sources (RFC 1122 3.2.2).
 //!
 //! Everything rejected is a `Drop(DropReason)`: counted by the worker, never logged, never a
 //! panic. Nothing here allocates, locks or makes a syscall.
 
-use crate::batch::{Batch, Meta};
-use crate::route::{Ipv4Net, SubnetMap};
-use crate::wire::{self, icmpv4, ipv4, IpProtocol};
+use crate::batch::{Batch, Meta, HEADROOM};
+use crate::route::{Backend, Ipv4Net, SubnetMap};
+use crate::wire::vxlan::Vni;
+use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol, MacAddr};
 use core::net::{Ipv4Addr, SocketAddrV4};
 
 /// Why a packet was not forwarded. The names are the metrics labels.
@@ -26,13 +41,13 @@ pub enum DropReason {
     BadIpHeader,
     /// An inner IPv4 header whose checksum is wrong.
     BadChecksum,
-    /// Not IPv4 (IPv6 or garbage) on a path that carries only IPv4.
+    /// Not IPv4 (IPv6, ARP or garbage) on a path that carries only IPv4.
     NotIpv4,
     /// TTL would reach zero.
     TtlExpired,
     /// No lease holds the destination and no ICMP error may be sent for this packet.
     NoRoute,
-    /// A packet from the TUN for our own lease: sending it would loop.
+    /// A packet from the TUN for our own lease, or a frame from our own VtepMAC: it would loop.
     LoopToSelf,
     /// An underlay datagram from an address that is no node's PublicIP.
     UnknownPeer,
@@ -40,6 +55,12 @@ pub enum DropReason {
     SpoofedSource,
     /// An inner destination outside this node's lease.
     NotForThisNode,
+    /// A VXLAN header without the I flag, or with another flag or reserved bit set.
+    BadVxlanHeader,
+    /// A VXLAN header with a VNI other than ours.
+    WrongVni,
+    /// An inner Ethernet frame not addressed to our VtepMAC.
+    WrongDstMac,
     /// A datagram or frame larger than the receive buffer.
     Oversized,
     /// The device or socket refused the packet on transmit.
@@ -47,7 +68,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 15;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
@@ -59,6 +80,9 @@ impl DropReason {
         DropReason::UnknownPeer,
         DropReason::SpoofedSource,
         DropReason::NotForThisNode,
+        DropReason::BadVxlanHeader,
+        DropReason::WrongVni,
+        DropReason::WrongDstMac,
         DropReason::Oversized,
         DropReason::TxError,
     ];
@@ -75,6 +99,9 @@ impl DropReason {
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NotForThisNode => "not_for_this_node",
+            DropReason::BadVxlanHeader => "bad_vxlan_header",
+            DropReason::WrongVni => "wrong_vni",
+            DropReason::WrongDstMac => "wrong_dst_mac",
             DropReason::Oversized => "oversized",
             DropReason::TxError => "tx_error",
         }
@@ -96,8 +123,11 @@ impl core::fmt::Display for DropReason {
 pub enum Verdict {
     /// Not processed yet.
     Pending,
-    /// Send the packet's bytes as one datagram to this underlay address.
+    /// Send the packet's bytes as one datagram from our underlay socket to this address.
     ToUnderlay(SocketAddrV4),
+    /// The packet is a complete outer IPv4 packet (we wrote its headers): send it as is, to this
+    /// address (raw IP socket).
+    ToUnderlayIp(Ipv4Addr),
     /// Write the packet into the TUN device.
     ToTun,
     /// The packet was replaced by an ICMP error for its sender: write it back into the TUN.
@@ -111,6 +141,15 @@ pub enum Verdict {
 pub enum Direction {
     FromTun,
     FromUnderlay,
+}
+
+/// How this cluster encapsulates pod traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// flannel's udp backend: the inner IPv4 packet is the UDP payload.
+    FlannelUdp,
+    /// VXLAN with our VNI and VTEP MAC.
+    Vxlan { vni: Vni, local_mac: MacAddr },
 }
 
 /// This node, as the pipeline needs it.
@@ -129,14 +168,28 @@ pub struct LocalNode {
 pub struct Tables {
     pub map: SubnetMap,
     pub local: LocalNode,
-    /// UDP port peers listen on (flannel udp default 8285).
+    /// UDP port peers listen on (flannel udp default 8285, VXLAN 8472).
     pub peer_port: u16,
+    pub encap: Encap,
 }
 
 /// TTL of the ICMP errors we generate (the kernel's default hop limit).
 pub const ICMP_ERROR_TTL: u8 = 64;
 /// TOS of generated ICMP errors: precedence "internetwork control", as Linux's `icmp_send`.
 pub const ICMP_ERROR_TOS: u8 = 0xc0;
+/// Outer TTL of VXLAN packets (the kernel's "ttl auto": the default hop limit).
+pub const VXLAN_OUTER_TTL: u8 = 64;
+/// Bytes VXLAN puts in front of the inner IPv4 packet: outer IPv4, UDP, VXLAN, inner Ethernet.
+pub const VXLAN_OVERHEAD: usize = ipv4::HEADER_LEN + udp::HEADER_LEN + VXLAN_INNER_OFFSET;
+/// Offset of the inner IPv4 packet in a VXLAN payload (VXLAN header + Ethernet header).
+pub const VXLAN_INNER_OFFSET: usize = vxlan::HEADER_LEN + ethernet::HEADER_LEN;
+const _: () = assert!(
+    HEADROOM >= VXLAN_OVERHEAD,
+    "batch headroom must fit the VXLAN headers"
+);
+/// The kernel's default `ip_local_port_range`, which VXLAN source ports are drawn from.
+pub const SRC_PORT_MIN: u16 = 32768;
+pub const SRC_PORT_MAX: u16 = 60999;
 
 /// Decides every packet of a batch received from `dir`.
 pub fn process(tables: &Tables, dir: Direction, batch: &mut Batch) {
@@ -146,8 +199,10 @@ pub fn process(tables: &Tables, dir: Direction, batch: &mut Batch) {
             Direction::FromTun => from_tun(tables, slot, meta),
             Direction::FromUnderlay => from_underlay(tables, slot, meta),
         };
-        if let Verdict::ToUnderlay(dst) = meta.verdict {
-            meta.peer = dst;
+        match meta.verdict {
+            Verdict::ToUnderlay(dst) => meta.peer = dst,
+            Verdict::ToUnderlayIp(dst) => meta.peer = SocketAddrV4::new(dst, 0),
+            _ => {}
         }
     }
 }
@@ -184,12 +239,95 @@ pub fn from_tun(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
     if node.subnet == t.local.subnet {
         return Verdict::Drop(DropReason::LoopToSelf);
     }
-    let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
-    if p.ttl() <= 1 {
-        return Verdict::Drop(DropReason::TtlExpired);
+    match t.encap {
+        Encap::FlannelUdp => {
+            let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
+            if p.ttl() <= 1 {
+                return Verdict::Drop(DropReason::TtlExpired);
+            }
+            p.decrement_ttl();
+            Verdict::ToUnderlay(SocketAddrV4::new(node.public_ip, t.peer_port))
+        }
+        Encap::Vxlan { vni, local_mac } => match node.backend {
+            Backend::Vxlan { vtep_mac, .. } => {
+                let peer = node.public_ip;
+                vxlan_encap(t, slot, meta, peer, vtep_mac, vni, local_mac)
+            }
+            // flannel's vxlan backend installs no route for other backends' leases.
+            Backend::Udp | Backend::Other => net_unreachable(t, slot, meta),
+        },
     }
-    p.decrement_ttl();
-    Verdict::ToUnderlay(SocketAddrV4::new(node.public_ip, t.peer_port))
+}
+
+/// The kernel's `udp_flow_src_port` over our own flow hash of the inner packet: one flow, one
+/// source port, spread over `SRC_PORT_MIN..=SRC_PORT_MAX` so ECMP and RSS spread flows.
+fn flow_src_port(inner: &[u8]) -> u16 {
+    let p = ipv4::Packet::new_unchecked(inner);
+    let mut h = u64::from(p.src().to_bits()) << 32 | u64::from(p.dst().to_bits());
+    h ^= u64::from(u8::from(p.protocol()));
+    let l4 = p.payload();
+    if !p.is_non_first_fragment()
+        && l4.len() >= 4
+        && matches!(p.protocol(), IpProtocol::Tcp | IpProtocol::Udp)
+    {
+        h ^= u64::from(u32::from_be_bytes([l4[0], l4[1], l4[2], l4[3]])) << 17;
+    }
+    // A 64-bit multiply-xorshift mix; the kernel's own hash is keyed and not reproducible anyway.
+    h = (h ^ (h >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut hash = (h >> 32) as u32;
+    hash ^= hash << 16;
+    let span = u64::from(SRC_PORT_MAX - SRC_PORT_MIN);
+    ((u64::from(hash) * span) >> 32) as u16 + SRC_PORT_MIN
+}
+
+/// Writes the outer IPv4/UDP/VXLAN/Ethernet headers in front of the inner packet.
+fn vxlan_encap(
+    t: &Tables,
+    slot: &mut [u8],
+    meta: &mut Meta,
+    peer: Ipv4Addr,
+    peer_mac: MacAddr,
+    vni: Vni,
+    local_mac: MacAddr,
+) -> Verdict {
+    let inner = &slot[meta.start..meta.start + meta.len];
+    let src_port = flow_src_port(inner);
+    let ecn = ipv4::Packet::new_unchecked(inner).dscp_ecn() & 0x03;
+    let start = meta.start - VXLAN_OVERHEAD;
+    let total = VXLAN_OVERHEAD + meta.len;
+    let out = &mut slot[start..start + total];
+    let (ip_hdr, rest) = out.split_at_mut(ipv4::HEADER_LEN);
+    {
+        let eth = &mut rest[udp::HEADER_LEN + vxlan::HEADER_LEN..];
+        ethernet::Repr {
+            dst: peer_mac,
+            src: local_mac,
+            ethertype: ethernet::ethertype::IPV4,
+        }
+        .emit(&mut ethernet::Packet::new_unchecked(eth));
+        vxlan::Repr { vni }.emit(&mut rest[udp::HEADER_LEN..]);
+    }
+    let udp_payload = total - ipv4::HEADER_LEN - udp::HEADER_LEN;
+    udp::Repr {
+        src_port,
+        dst_port: t.peer_port,
+        payload_len: udp_payload,
+    }
+    .emit(rest, t.local.public_ip, peer);
+    ipv4::Repr {
+        src: t.local.public_ip,
+        dst: peer,
+        protocol: IpProtocol::Udp,
+        payload_len: udp::HEADER_LEN + udp_payload,
+        ttl: VXLAN_OUTER_TTL,
+        dscp_ecn: ecn,
+        ident: 0,
+        dont_frag: false,
+    }
+    .emit(ip_hdr);
+    meta.start = start;
+    meta.len = total;
+    Verdict::ToUnderlayIp(peer)
 }
 
 /// A datagram received on the underlay socket: may it enter the TUN?
@@ -201,30 +339,123 @@ pub fn from_underlay(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
     if !t.map.is_node(sender) {
         return Verdict::Drop(DropReason::UnknownPeer);
     }
-    let (src, dst, total_len) = {
-        let p = match parse_ipv4(&slot[meta.start..meta.start + meta.len]) {
-            Ok(p) => p,
-            Err(r) => return Verdict::Drop(r),
-        };
-        if !p.verify_checksum() {
-            return Verdict::Drop(DropReason::BadChecksum);
+    match t.encap {
+        Encap::FlannelUdp => {
+            let data = &slot[meta.start..meta.start + meta.len];
+            meta.len = match check_inner(t, sender, data) {
+                Ok(len) => len,
+                Err(r) => return Verdict::Drop(r),
+            };
+            let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
+            if p.ttl() <= 1 {
+                return Verdict::Drop(DropReason::TtlExpired);
+            }
+            p.decrement_ttl();
+            Verdict::ToTun
         }
-        (p.src(), p.dst(), usize::from(p.total_len()))
+        Encap::Vxlan { vni, local_mac } => {
+            let data = &slot[meta.start..meta.start + meta.len];
+            match vxlan_decap(t, sender, data, vni, local_mac) {
+                Ok(len) => {
+                    meta.start += VXLAN_INNER_OFFSET;
+                    meta.len = len;
+                    meta.completed_checksum =
+                        complete_partial_checksum(&mut slot[meta.start..meta.start + meta.len]);
+                    Verdict::ToTun
+                }
+                Err(r) => Verdict::Drop(r),
+            }
+        }
+    }
+}
+
+/// The kernel's VXLAN receive checks, then ours; returns the inner IPv4 packet's length.
+fn vxlan_decap(
+    t: &Tables,
+    sender: Ipv4Addr,
+    data: &[u8],
+    vni: Vni,
+    local_mac: MacAddr,
+) -> Result<usize, DropReason> {
+    let v = vxlan::Packet::new_checked(data).map_err(|_| DropReason::Truncated)?;
+    v.check_strict().map_err(|_| DropReason::BadVxlanHeader)?;
+    if v.vni() != vni {
+        return Err(DropReason::WrongVni);
+    }
+    let eth = ethernet::Packet::new_checked(v.payload()).map_err(|_| DropReason::Truncated)?;
+    if eth.src() == local_mac {
+        return Err(DropReason::LoopToSelf);
+    }
+    if eth.dst() != local_mac {
+        return Err(DropReason::WrongDstMac);
+    }
+    if eth.ethertype() != ethernet::ethertype::IPV4 {
+        return Err(DropReason::NotIpv4);
+    }
+    check_inner(t, sender, &data[VXLAN_INNER_OFFSET..])
+}
+
+/// Completes an inner TCP or UDP checksum that the sending kernel left for offload.
+///
+/// A kernel that hands a packet to a device with checksum offload (`CHECKSUM_PARTIAL`) writes only
+/// the pseudo-header sum into the L4 checksum field and lets the NIC finish it. Over veth (a
+/// kernel VXLAN peer on the same host) nothing finishes it, and a UDP socket hands us the bytes
+/// as they are; the kernel would then reject the packet when we write it into the TUN. A field
+/// that equals the pseudo-header sum exactly is that signature (1 in 65536 by chance, and then
+/// recomputing is still right for intact bytes): recompute it. Costs one comparison otherwise.
+/// Returns whether it completed one.
+pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
+    let (offset, proto, l4_len, src, dst) = {
+        let p = ipv4::Packet::new_unchecked(&pkt[..]);
+        if p.is_non_first_fragment() || p.more_frags() {
+            return false;
+        }
+        let (offset, min_len) = match p.protocol() {
+            IpProtocol::Tcp => (16, 20),
+            IpProtocol::Udp => (6, 8),
+            _ => return false,
+        };
+        let l4_len = p.payload().len();
+        if l4_len < min_len {
+            return false;
+        }
+        (
+            p.header_len() + offset,
+            u8::from(p.protocol()),
+            l4_len,
+            p.src(),
+            p.dst(),
+        )
     };
-    if !t.local.subnet.contains(dst) {
-        return Verdict::Drop(DropReason::NotForThisNode);
+    let field = u16::from_be_bytes([pkt[offset], pkt[offset + 1]]);
+    let pseudo = checksum::fold(checksum::pseudo_header_v4(src, dst, proto, l4_len as u16));
+    if field != pseudo {
+        return false;
     }
-    match t.map.lookup(src) {
-        Some(node) if node.public_ip == sender => {}
-        _ => return Verdict::Drop(DropReason::SpoofedSource),
+    pkt[offset..offset + 2].copy_from_slice(&[0, 0]);
+    let l4_start = pkt.len() - l4_len;
+    let mut c = !checksum::l4_sum_v4(src, dst, proto, &pkt[l4_start..]);
+    if c == 0 && proto == 17 {
+        c = 0xffff;
     }
-    meta.len = total_len;
-    let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
-    if p.ttl() <= 1 {
-        return Verdict::Drop(DropReason::TtlExpired);
+    pkt[offset..offset + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// Checks a decapsulated inner IPv4 packet from `sender`; returns its length (trailing bytes
+/// beyond Total Length are not part of it).
+fn check_inner(t: &Tables, sender: Ipv4Addr, data: &[u8]) -> Result<usize, DropReason> {
+    let p = parse_ipv4(data)?;
+    if !p.verify_checksum() {
+        return Err(DropReason::BadChecksum);
     }
-    p.decrement_ttl();
-    Verdict::ToTun
+    if !t.local.subnet.contains(p.dst()) {
+        return Err(DropReason::NotForThisNode);
+    }
+    match t.map.lookup(p.src()) {
+        Some(node) if node.public_ip == sender => Ok(usize::from(p.total_len())),
+        _ => Err(DropReason::SpoofedSource),
+    }
 }
 
 /// Most of the offending packet an ICMP error quotes: its IP header (up to 60 bytes) plus the
@@ -315,6 +546,312 @@ mod tests {
                 tun_addr: Ipv4Addr::new(10, 244, 1, 0),
             },
             peer_port: 8285,
+            encap: Encap::FlannelUdp,
+        }
+    }
+
+    const MAC_A: MacAddr = MacAddr([0x0e, 0, 0, 0, 0, 0x0a]);
+    const MAC_B: MacAddr = MacAddr([0x0e, 0, 0, 0, 0, 0x0b]);
+    const NODE_C: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 3);
+
+    /// Node A (us) and B speak VXLAN VNI 1; node C holds a udp lease.
+    fn vxlan_tables() -> Tables {
+        let vni = Vni::new(1).unwrap();
+        let mut map = SubnetMap::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        for (subnet, ip, backend) in [
+            (
+                "10.244.1.0/24",
+                NODE_A,
+                Backend::Vxlan {
+                    vni,
+                    vtep_mac: MAC_A,
+                },
+            ),
+            (
+                "10.244.2.0/24",
+                NODE_B,
+                Backend::Vxlan {
+                    vni,
+                    vtep_mac: MAC_B,
+                },
+            ),
+            ("10.244.3.0/24", NODE_C, Backend::Udp),
+        ] {
+            map.insert(Node {
+                subnet: subnet.parse().unwrap(),
+                public_ip: ip,
+                backend,
+            })
+            .unwrap();
+        }
+        Tables {
+            encap: Encap::Vxlan {
+                vni,
+                local_mac: MAC_A,
+            },
+            peer_port: 8472,
+            ..tables()
+        }
+        .with_map(map)
+    }
+
+    impl Tables {
+        fn with_map(mut self, map: SubnetMap) -> Tables {
+            self.map = map;
+            self
+        }
+    }
+
+    fn run_with(t: &Tables, dir: Direction, pkt: &[u8], peer: Ipv4Addr) -> (Verdict, Vec<u8>) {
+        let mut b = Batch::new(1, 2048);
+        b.rx_slot(0)[..pkt.len()].copy_from_slice(pkt);
+        b.commit_rx(0, pkt.len(), SocketAddrV4::new(peer, 8472), false);
+        process(t, dir, &mut b);
+        (b.meta(0).verdict, b.packet(0).to_vec())
+    }
+
+    /// A VXLAN payload (what the UDP socket hands us) built with etherparse for the Ethernet
+    /// part: flags, VNI, inner dst/src MAC, inner packet.
+    fn vxlan_payload(
+        flags: u8,
+        vni: u32,
+        dst: MacAddr,
+        src: MacAddr,
+        ethertype: u16,
+        inner: &[u8],
+    ) -> Vec<u8> {
+        let mut out = vec![flags, 0, 0, 0];
+        out.extend_from_slice(&(vni << 8).to_be_bytes());
+        etherparse::Ethernet2Header {
+            destination: dst.0,
+            source: src.0,
+            ether_type: etherparse::EtherType(ethertype),
+        }
+        .write(&mut out)
+        .unwrap();
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn test_vxlan_encap_writes_what_the_kernel_would() {
+        let inner = udp_packet(POD_A, POD_B, 63);
+        let (v, out) = run_with(&vxlan_tables(), Direction::FromTun, &inner, NODE_A);
+        assert_eq!(v, Verdict::ToUnderlayIp(NODE_B));
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&out).unwrap();
+        assert_eq!(
+            (ip.source, ip.destination, ip.time_to_live),
+            (NODE_A.octets(), NODE_B.octets(), 64)
+        );
+        assert!(!ip.dont_fragment);
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        assert_eq!(usize::from(ip.total_len), out.len());
+        let (u, payload) = etherparse::UdpHeader::from_slice(rest).unwrap();
+        assert_eq!(u.destination_port, 8472);
+        assert!((SRC_PORT_MIN..=SRC_PORT_MAX).contains(&u.source_port));
+        assert_ne!(u.checksum, 0);
+        assert_eq!(u.checksum, u.calc_checksum_ipv4(&ip, payload).unwrap());
+        assert_eq!(
+            payload,
+            vxlan_payload(0x08, 1, MAC_B, MAC_A, 0x0800, &inner)
+        );
+    }
+
+    #[test]
+    fn test_vxlan_source_port_follows_the_flow_and_ecn_is_copied() {
+        let t = vxlan_tables();
+        let port = |pkt: &[u8]| {
+            let out = run_with(&t, Direction::FromTun, pkt, NODE_A).1;
+            u16::from_be_bytes([out[20], out[21]])
+        };
+        let a = udp_packet(POD_A, POD_B, 64);
+        assert_eq!(port(&a), port(&a));
+        let mut other = Vec::new();
+        etherparse::PacketBuilder::ipv4(POD_A.octets(), POD_B.octets(), 64)
+            .udp(5001, 6000)
+            .write(&mut other, b"payload!")
+            .unwrap();
+        let ports: std::collections::HashSet<u16> = (5000..5064u16)
+            .map(|sp| {
+                let mut p = Vec::new();
+                etherparse::PacketBuilder::ipv4(POD_A.octets(), POD_B.octets(), 64)
+                    .udp(sp, 6000)
+                    .write(&mut p, b"x")
+                    .unwrap();
+                port(&p)
+            })
+            .collect();
+        assert!(
+            ports.len() > 48,
+            "64 flows should spread over source ports, got {}",
+            ports.len()
+        );
+        let mut ecn = udp_packet(POD_A, POD_B, 64);
+        ecn[1] = 0xb9; // DSCP EF + ECT(1): only the ECN bits go outside
+        ecn[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&ecn[..20]);
+        ecn[10..12].copy_from_slice(&c.to_be_bytes());
+        let out = run_with(&t, Direction::FromTun, &ecn, NODE_A).1;
+        assert_eq!(out[1], 0x01);
+    }
+
+    #[test]
+    fn test_vxlan_ignores_leases_of_other_backends() {
+        let (v, out) = run_with(
+            &vxlan_tables(),
+            Direction::FromTun,
+            &udp_packet(POD_A, Ipv4Addr::new(10, 244, 3, 3), 64),
+            NODE_A,
+        );
+        assert_eq!(v, Verdict::IcmpToTun);
+        assert_eq!(out[20], icmpv4::kind::DEST_UNREACHABLE);
+    }
+
+    #[test]
+    fn test_vxlan_decap_strips_and_keeps_ttl() {
+        let inner = udp_packet(POD_B, POD_A, 63);
+        let (v, out) = run_with(
+            &vxlan_tables(),
+            Direction::FromUnderlay,
+            &vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &inner),
+            NODE_B,
+        );
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(out, inner);
+    }
+
+    #[test]
+    fn test_partial_checksum_is_completed_and_good_ones_are_kept() {
+        for mut pkt in [udp_packet(POD_B, POD_A, 63), {
+            let mut t = Vec::new();
+            etherparse::PacketBuilder::ipv4(POD_B.octets(), POD_A.octets(), 63)
+                .tcp(80, 40000, 7, 1000)
+                .syn()
+                .ack(1)
+                .write(&mut t, b"data")
+                .unwrap();
+            t
+        }] {
+            let good = pkt.clone();
+            assert!(
+                !complete_partial_checksum(&mut pkt),
+                "a correct checksum is left alone"
+            );
+            assert_eq!(pkt, good);
+            // What the kernel leaves for offload: the pseudo-header sum, not complemented.
+            let proto = pkt[9];
+            let off = 20 + if proto == 6 { 16 } else { 6 };
+            let pseudo = checksum::fold(checksum::pseudo_header_v4(
+                POD_B,
+                POD_A,
+                proto,
+                (pkt.len() - 20) as u16,
+            ));
+            pkt[off..off + 2].copy_from_slice(&pseudo.to_be_bytes());
+            let (v, out) = run_with(
+                &vxlan_tables(),
+                Direction::FromUnderlay,
+                &vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &pkt),
+                NODE_B,
+            );
+            assert_eq!(v, Verdict::ToTun);
+            assert_eq!(out, good, "completed to the real checksum");
+        }
+    }
+
+    #[test]
+    fn test_vxlan_decap_rejects() {
+        let t = vxlan_tables();
+        let inner = udp_packet(POD_B, POD_A, 63);
+        let cases: Vec<(Vec<u8>, Ipv4Addr, DropReason)> = vec![
+            (
+                vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &inner),
+                Ipv4Addr::new(192, 168, 100, 66),
+                DropReason::UnknownPeer,
+            ),
+            (
+                vxlan_payload(0x00, 1, MAC_A, MAC_B, 0x0800, &inner),
+                NODE_B,
+                DropReason::BadVxlanHeader,
+            ),
+            (
+                vxlan_payload(0x88, 1, MAC_A, MAC_B, 0x0800, &inner),
+                NODE_B,
+                DropReason::BadVxlanHeader,
+            ),
+            (
+                {
+                    let mut p = vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &inner);
+                    p[7] = 1;
+                    p
+                },
+                NODE_B,
+                DropReason::BadVxlanHeader,
+            ),
+            (
+                vxlan_payload(0x08, 2, MAC_A, MAC_B, 0x0800, &inner),
+                NODE_B,
+                DropReason::WrongVni,
+            ),
+            (
+                vxlan_payload(0x08, 1, MAC_B, MAC_B, 0x0800, &inner),
+                NODE_B,
+                DropReason::WrongDstMac,
+            ),
+            (
+                vxlan_payload(0x08, 1, MacAddr::BROADCAST, MAC_B, 0x0806, &[0; 28]),
+                NODE_B,
+                DropReason::WrongDstMac,
+            ),
+            (
+                vxlan_payload(0x08, 1, MAC_A, MAC_A, 0x0800, &inner),
+                NODE_B,
+                DropReason::LoopToSelf,
+            ),
+            (
+                vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x86dd, &inner),
+                NODE_B,
+                DropReason::NotIpv4,
+            ),
+            (
+                vxlan_payload(
+                    0x08,
+                    1,
+                    MAC_A,
+                    MAC_B,
+                    0x0800,
+                    &udp_packet(Ipv4Addr::new(10, 244, 1, 7), POD_A, 63),
+                ),
+                NODE_B,
+                DropReason::SpoofedSource,
+            ),
+            (
+                vxlan_payload(
+                    0x08,
+                    1,
+                    MAC_A,
+                    MAC_B,
+                    0x0800,
+                    &udp_packet(POD_B, Ipv4Addr::new(10, 244, 2, 7), 63),
+                ),
+                NODE_B,
+                DropReason::NotForThisNode,
+            ),
+            (
+                vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &inner[..15]),
+                NODE_B,
+                DropReason::Truncated,
+            ),
+            (vec![0x08, 0, 0, 0, 0, 0, 1], NODE_B, DropReason::Truncated),
+            (
+                vxlan_payload(0x08, 1, MAC_A, MAC_B, 0x0800, &[])[..20].to_vec(),
+                NODE_B,
+                DropReason::Truncated,
+            ),
+        ];
+        for (payload, sender, want) in cases {
+            let (v, _) = run_with(&t, Direction::FromUnderlay, &payload, sender);
+            assert_eq!(v, Verdict::Drop(want), "{payload:02x?}");
         }
     }
 

@@ -64,12 +64,16 @@ pub fn replay(
                     stats.add(Counter::TxUnderlay, 1);
                     sink.underlay(local_udp.port()).tx_batch(&batch, &idx)
                 }
+                Verdict::ToUnderlayIp(_) => {
+                    stats.add(Counter::TxUnderlay, 1);
+                    sink.as_is().tx_batch(&batch, &idx)
+                }
                 Verdict::ToTun | Verdict::IcmpToTun => {
                     stats.add(Counter::TxTun, 1);
                     if batch.meta(i).verdict == Verdict::IcmpToTun {
                         stats.add(Counter::IcmpUnreachable, 1);
                     }
-                    sink.tun().tx_batch(&batch, &idx)
+                    sink.as_is().tx_batch(&batch, &idx)
                 }
                 Verdict::Drop(r) => {
                     stats.drop(r);

@@ -19,10 +19,12 @@ pub enum Counter {
     IcmpUnreachable,
     /// Times the worker slept in epoll because it found no work.
     IdleSleeps,
+    /// Inner TCP/UDP checksums completed because the sender left them for offload.
+    ChecksumsCompleted,
 }
 
 impl Counter {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -30,6 +32,7 @@ impl Counter {
         Counter::TxUnderlay,
         Counter::IcmpUnreachable,
         Counter::IdleSleeps,
+        Counter::ChecksumsCompleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Counter {
             Counter::TxUnderlay => "tx_underlay",
             Counter::IcmpUnreachable => "icmp_unreachable",
             Counter::IdleSleeps => "idle_sleeps",
+            Counter::ChecksumsCompleted => "checksums_completed",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The poll-mode worker pool.
 //!
-//! Each worker owns one TUN queue and one underlay socket and runs them to completion: read a
+//! Each worker owns one TUN queue and one underlay socket (plus a raw socket for VXLAN) and runs
+//! them to completion: read a
 //! batch, decide it (`pipeline::process`), send it, repeat. The kernel keeps a flow on one worker
 //! (TUN queues are chosen by flow hash, SO_REUSEPORT sockets by 4-tuple hash), so workers share
 //! nothing on the hot path but the read-only table snapshot, which they re-load between batches.
@@ -11,9 +12,10 @@
 
 use crate::batch::Batch;
 use crate::pipeline::{self, Direction, DropReason, Tables, Verdict};
+use crate::port::raw::RawIpPort;
 use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
-use crate::port::{PortError, RxPort, TxPort};
+use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::sys;
 use arc_swap::ArcSwap;
@@ -69,14 +71,21 @@ pub enum WorkerError {
     },
     #[error("worker {worker} panicked")]
     Panicked { worker: usize },
-    #[error("need as many TUN queues as underlay sockets (got {tun} and {udp})")]
-    PortCount { tun: usize, udp: usize },
+}
+
+/// The ports one worker owns.
+pub struct WorkerPorts {
+    /// Its queue of the TUN device.
+    pub tun: TunQueue,
+    /// Its underlay socket (receives, and sends flannel-udp datagrams).
+    pub udp: UdpPort,
+    /// Sends packets whose outer headers the pipeline wrote (VXLAN); None for flannel udp.
+    pub raw: Option<RawIpPort>,
 }
 
 struct Worker {
     id: usize,
-    tun: TunQueue,
-    udp: UdpPort,
+    ports: WorkerPorts,
     tables: Arc<ArcSwap<Tables>>,
     stats: Arc<SharedStats>,
     shutdown: Arc<AtomicBool>,
@@ -94,19 +103,12 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts one worker per (TUN queue, socket) pair, all reading `tables`.
+    /// Starts one worker per set of ports, all reading `tables`.
     pub fn start(
         config: WorkerConfig,
         tables: Arc<ArcSwap<Tables>>,
-        tun_queues: Vec<TunQueue>,
-        sockets: Vec<UdpPort>,
+        ports: Vec<WorkerPorts>,
     ) -> Result<WorkerPool, WorkerError> {
-        if tun_queues.len() != sockets.len() {
-            return Err(WorkerError::PortCount {
-                tun: tun_queues.len(),
-                udp: sockets.len(),
-            });
-        }
         let cpus = if config.pin {
             sys::affinity::allowed_cpus().unwrap_or_default()
         } else {
@@ -119,20 +121,19 @@ impl WorkerPool {
             stats: Vec::new(),
             shutdown,
         };
-        for (id, (tun, udp)) in tun_queues.into_iter().zip(sockets).enumerate() {
+        for (id, ports) in ports.into_iter().enumerate() {
             let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
             let reg = poll.registry();
             let register = |fd, token| reg.register(&mut SourceFd(&fd), token, Interest::READABLE);
-            register(tun.raw_fd(), TUN)
-                .and_then(|_| register(udp.raw_fd(), UDP))
+            register(ports.tun.raw_fd(), TUN)
+                .and_then(|_| register(ports.udp.raw_fd(), UDP))
                 .map_err(|source| WorkerError::Poll { worker: id, source })?;
             let waker =
                 Waker::new(reg, WAKE).map_err(|source| WorkerError::Poll { worker: id, source })?;
             let stats = Arc::new(SharedStats::default());
             let worker = Worker {
                 id,
-                tun,
-                udp,
+                ports,
                 tables: Arc::clone(&tables),
                 stats: Arc::clone(&stats),
                 shutdown: Arc::clone(&pool.shutdown),
@@ -193,6 +194,8 @@ impl WorkerPool {
 struct Dispatch {
     to_underlay: [u16; MAX_BATCH],
     n_underlay: usize,
+    to_raw: [u16; MAX_BATCH],
+    n_raw: usize,
     to_tun: [u16; MAX_BATCH],
     n_tun: usize,
 }
@@ -202,20 +205,17 @@ impl Dispatch {
         Dispatch {
             to_underlay: [0; MAX_BATCH],
             n_underlay: 0,
+            to_raw: [0; MAX_BATCH],
+            n_raw: 0,
             to_tun: [0; MAX_BATCH],
             n_tun: 0,
         }
     }
 
     /// Sorts the decided batch by verdict, counts drops, and sends.
-    fn run(
-        &mut self,
-        batch: &Batch,
-        tun: &mut TunQueue,
-        udp: &mut UdpPort,
-        stats: &mut LocalStats,
-    ) {
+    fn run(&mut self, batch: &Batch, ports: &mut WorkerPorts, stats: &mut LocalStats) {
         self.n_underlay = 0;
+        self.n_raw = 0;
         self.n_tun = 0;
         for i in 0..batch.len() {
             match batch.meta(i).verdict {
@@ -223,7 +223,14 @@ impl Dispatch {
                     self.to_underlay[self.n_underlay] = i as u16;
                     self.n_underlay += 1;
                 }
+                Verdict::ToUnderlayIp(_) => {
+                    self.to_raw[self.n_raw] = i as u16;
+                    self.n_raw += 1;
+                }
                 Verdict::ToTun => {
+                    if batch.meta(i).completed_checksum {
+                        stats.add(Counter::ChecksumsCompleted, 1);
+                    }
                     self.to_tun[self.n_tun] = i as u16;
                     self.n_tun += 1;
                 }
@@ -237,12 +244,26 @@ impl Dispatch {
             }
         }
         if self.n_underlay > 0 {
-            let out = udp.tx_batch(batch, &self.to_underlay[..self.n_underlay]);
+            let out = ports
+                .udp
+                .tx_batch(batch, &self.to_underlay[..self.n_underlay]);
+            stats.add(Counter::TxUnderlay, out.sent as u64);
+            stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        }
+        if self.n_raw > 0 {
+            let to_raw = &self.to_raw[..self.n_raw];
+            let out = match ports.raw.as_mut() {
+                Some(raw) => raw.tx_batch(batch, to_raw),
+                None => TxOutcome {
+                    sent: 0,
+                    failed: to_raw.len(),
+                },
+            };
             stats.add(Counter::TxUnderlay, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
         }
         if self.n_tun > 0 {
-            let out = tun.tx_batch(batch, &self.to_tun[..self.n_tun]);
+            let out = ports.tun.tx_batch(batch, &self.to_tun[..self.n_tun]);
             stats.add(Counter::TxTun, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
         }
@@ -266,17 +287,17 @@ impl Worker {
         let port_err = |source| WorkerError::Port { worker: id, source };
         while !self.shutdown.load(Ordering::Acquire) {
             let tables = self.tables.load();
-            let n_tun = self.tun.rx_batch(&mut from_tun).map_err(port_err)?;
+            let n_tun = self.ports.tun.rx_batch(&mut from_tun).map_err(port_err)?;
             if n_tun > 0 {
                 local.add(Counter::RxTun, n_tun as u64);
                 pipeline::process(&tables, Direction::FromTun, &mut from_tun);
-                dispatch.run(&from_tun, &mut self.tun, &mut self.udp, &mut local);
+                dispatch.run(&from_tun, &mut self.ports, &mut local);
             }
-            let n_udp = self.udp.rx_batch(&mut from_udp).map_err(port_err)?;
+            let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
             if n_udp > 0 {
                 local.add(Counter::RxUnderlay, n_udp as u64);
                 pipeline::process(&tables, Direction::FromUnderlay, &mut from_udp);
-                dispatch.run(&from_udp, &mut self.tun, &mut self.udp, &mut local);
+                dispatch.run(&from_udp, &mut self.ports, &mut local);
             }
             drop(tables);
             if n_tun + n_udp > 0 {

@@ -22,6 +22,7 @@ use podwire::report;
 use podwire::subnet_env;
 use podwire_dataplane::pipeline::DropReason;
 use podwire_dataplane::stats::{Counter, LocalStats};
+use podwire_dataplane::wire::MacAddr;
 use serde_json::json;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
@@ -35,6 +36,8 @@ use std::time::{Duration, Instant};
 pub struct LabOptions {
     pub nodes: usize,
     pub backend: String,
+    /// With `--backend vxlan`: nodes 2..N are kernel VXLAN nodes set up as flanneld does.
+    pub peer_kernel: bool,
     pub transfer_mb: u64,
     pub workers: usize,
     pub ping_count: u16,
@@ -51,6 +54,37 @@ const TCP_PORT: u16 = 5201;
 const UDP_PORT: u16 = 5202;
 const ROGUE_PORT: u16 = 5203;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl LabOptions {
+    fn vxlan(&self) -> bool {
+        self.backend != "udp"
+    }
+    /// True if node `i` runs the kernel's VXLAN instead of podwire.
+    fn is_kernel_node(&self, i: usize) -> bool {
+        self.backend == KERNEL_VXLAN || (self.peer_kernel && i > 1)
+    }
+    fn podwire_nodes(&self) -> Vec<usize> {
+        (1..=self.nodes)
+            .filter(|&i| !self.is_kernel_node(i))
+            .collect()
+    }
+    /// The pod MTU on a 1500-byte underlay: FLANNEL_MTU of the backend.
+    fn pod_mtu(&self) -> usize {
+        if self.vxlan() {
+            1450
+        } else {
+            1472
+        }
+    }
+    /// The UDP port nodes receive encapsulated traffic on.
+    fn data_port(&self) -> u16 {
+        if self.vxlan() {
+            podwire::config::VXLAN_DEFAULT_PORT
+        } else {
+            podwire::config::UDP_DEFAULT_PORT
+        }
+    }
+}
 
 fn underlay_ip(i: usize) -> Ipv4Addr {
     format!("{UNDERLAY_NET}.{}", 10 + i)
@@ -187,6 +221,7 @@ struct PairResult {
     from: usize,
     to: usize,
     ping: traffic::PingStats,
+    big_ping: traffic::PingStats,
     tcp_bytes: u64,
     tcp_mbps: f64,
     tcp_sha_ok: bool,
@@ -264,7 +299,11 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
 fn cluster_file(opts: &LabOptions) -> serde_json::Value {
     let subnets: serde_json::Map<String, serde_json::Value> = (1..=opts.nodes)
         .map(|i| {
-            let attrs = podwire::lease::LeaseAttrs::udp(underlay_ip(i));
+            let mut attrs = podwire::lease::LeaseAttrs::udp(underlay_ip(i));
+            if opts.vxlan() {
+                attrs.backend_type = Some("vxlan".into());
+                attrs.backend_data = Some(json!({"VNI": 1, "VtepMAC": vtep_mac(i).to_string()}));
+            }
             (
                 format!("10.244.{i}.0-24"),
                 serde_json::to_value(attrs).expect("lease serialises"),
@@ -272,7 +311,8 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
         })
         .collect();
     json!({
-        "config": {"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": opts.backend}},
+        "config": {"Network": "10.244.0.0/16", "SubnetLen": 24,
+                   "Backend": {"Type": if opts.vxlan() { "vxlan" } else { "udp" }}},
         "subnets": subnets,
     })
 }
@@ -281,7 +321,7 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
     let dir = res.names.dir.clone();
     let cluster = dir.join("cluster.json");
     std::fs::write(&cluster, serde_json::to_vec_pretty(&cluster_file(opts))?)?;
-    for i in 1..=opts.nodes {
+    for i in opts.podwire_nodes() {
         let node_dir = dir.join(format!("n{i}"));
         std::fs::create_dir_all(&node_dir)?;
         let log = File::create(node_dir.join("podwire.log"))?;
@@ -318,10 +358,11 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
         res.children.push((format!("n{i}"), child));
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    for i in 1..=opts.nodes {
+    for i in opts.podwire_nodes() {
         let env = dir.join(format!("n{i}/subnet.env"));
         while !env.exists() {
-            if let Some((_, child)) = res.children.get_mut(i - 1) {
+            let name = format!("n{i}");
+            if let Some((_, child)) = res.children.iter_mut().find(|(n, _)| *n == name) {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!(
                         "podwire on node {i} exited ({status}):\n{}",
@@ -353,16 +394,35 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
 }
 
 /// The MAC flannel would have generated for node `i`'s VTEP (locally administered, unicast).
-fn vtep_mac(i: usize) -> String {
-    format!("0e:70:77:00:00:{i:02x}")
+fn vtep_mac(i: usize) -> MacAddr {
+    MacAddr([0x0e, 0x70, 0x77, 0, 0, i as u8])
 }
 
 /// Configures every node's `flannel.1` exactly as flanneld's vxlan backend does: a VXLAN device
 /// with nolearning on port 8472, MTU - 50, the lease's .0/32, and per remote lease a permanent
 /// neighbour entry, a permanent FDB entry and an onlink route (reference/flannel-compat.md §3).
 fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
-    for i in 1..=opts.nodes {
+    let mixed = !opts.podwire_nodes().is_empty();
+    for i in (1..=opts.nodes).filter(|&i| opts.is_kernel_node(i)) {
         let host = res.ns(&format!("n{i}"));
+        if mixed {
+            // A veth "wire" carries the kernel's VXLAN TSO superframes as they are; a physical
+            // NIC (or the stack, for the usual NIC without VXLAN TSO) segments them first. Make
+            // the kernel peer's port behave like such a NIC: podwire's UDP socket would get one
+            // datagram holding several MTU-sized segments otherwise (see docs/architecture.md).
+            netns::exec_in(
+                &host,
+                &[
+                    "ethtool",
+                    "-K",
+                    "eth0",
+                    "tx-udp_tnl-segmentation",
+                    "off",
+                    "tx-udp_tnl-csum-segmentation",
+                    "off",
+                ],
+            )?;
+        }
         let local = underlay_ip(i).to_string();
         netns::ip_in(
             &host,
@@ -390,7 +450,7 @@ fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
                 "set",
                 "flannel.1",
                 "address",
-                &vtep_mac(i),
+                &vtep_mac(i).to_string(),
                 "mtu",
                 "1450",
                 "up",
@@ -415,7 +475,7 @@ fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
                     "add",
                     &gw,
                     "lladdr",
-                    &vtep_mac(j),
+                    &vtep_mac(j).to_string(),
                     "dev",
                     "flannel.1",
                     "nud",
@@ -428,7 +488,7 @@ fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
                     "bridge",
                     "fdb",
                     "append",
-                    &vtep_mac(j),
+                    &vtep_mac(j).to_string(),
                     "dev",
                     "flannel.1",
                     "dst",
@@ -476,7 +536,12 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
     };
     let count = opts.ping_count;
     r.ping = netns::run_in(&src_ns, move || {
-        traffic::ping(pod_ip(to), count, Duration::from_secs(1))
+        traffic::ping(pod_ip(to), count, 64, Duration::from_secs(1))
+    })
+    .unwrap_or_default();
+    let mtu = opts.pod_mtu();
+    r.big_ping = netns::run_in(&src_ns, move || {
+        traffic::ping(pod_ip(to), 3, mtu, Duration::from_secs(1))
     })
     .unwrap_or_default();
 
@@ -535,17 +600,24 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
 }
 
 /// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
-fn rogue_check(res: &Names) -> Result<Check> {
+fn rogue_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     let p1 = res.ns("p1");
     let sock = netns::run_in(&p1, move || Ok(UdpSocket::bind((pod_ip(1), ROGUE_PORT))?))?;
     let sock = Arc::new(sock);
-    let node1 = SocketAddrV4::new(underlay_ip(1), podwire::config::UDP_DEFAULT_PORT);
+    let node1 = SocketAddrV4::new(underlay_ip(1), opts.data_port());
+    let vxlan = opts.vxlan();
     netns::run_in(&res.ns("x"), move || {
-        let forged = traffic::inner_udp_packet(
+        let inner = traffic::inner_udp_packet(
             SocketAddrV4::new(pod_ip(2), 4000),
             SocketAddrV4::new(pod_ip(1), ROGUE_PORT),
             b"forged",
         );
+        // Everything right but the sender: node 2's pod, node 1's VtepMAC, VNI 1.
+        let forged = if vxlan {
+            traffic::vxlan_payload(vtep_mac(1), vtep_mac(2), &inner)
+        } else {
+            inner
+        };
         let s = UdpSocket::bind((ROGUE_IP, 0))?;
         for _ in 0..5 {
             s.send_to(&forged, node1)?;
@@ -616,7 +688,7 @@ fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     let ping_ok = || {
         let ns = p1.clone();
         netns::run_in(&ns, || {
-            traffic::ping(pod_ip(2), 1, Duration::from_millis(300))
+            traffic::ping(pod_ip(2), 1, 64, Duration::from_millis(300))
         })
         .map(|s| s.received == 1)
         .unwrap_or(false)
@@ -649,13 +721,12 @@ fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     })
 }
 
-fn read_stats(dir: &Path, nodes: usize) -> Vec<Option<LocalStats>> {
-    (1..=nodes)
-        .map(|i| {
-            let text = std::fs::read_to_string(dir.join(format!("n{i}/stats.json"))).ok()?;
-            report::total_from_json(&serde_json::from_str(&text).ok()?)
-        })
-        .collect()
+fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
+    let read = |i: usize| {
+        let text = std::fs::read_to_string(dir.join(format!("n{i}/stats.json"))).ok()?;
+        report::total_from_json(&serde_json::from_str(&text).ok()?)
+    };
+    nodes.iter().map(|&i| (i, read(i))).collect()
 }
 
 /// Runs the lab; returns whether every check passed.
@@ -666,8 +737,11 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !(2..=100).contains(&opts.nodes) {
         bail!("--nodes must be between 2 and 100");
     }
-    if opts.backend != "udp" && opts.backend != KERNEL_VXLAN {
-        bail!("--backend {}: want \"udp\" (podwire) or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);
+    if opts.peer_kernel && opts.backend != "vxlan" {
+        bail!("--peer kernel goes with --backend vxlan (kernel nodes speak VXLAN)");
+    }
+    if !["udp", "vxlan", KERNEL_VXLAN].contains(&opts.backend.as_str()) {
+        bail!("--backend {}: want \"udp\" or \"vxlan\" (podwire), or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);
     }
     remove_stale_labs();
     let exe = std::env::current_exe().context("finding the podwire binary")?;
@@ -708,22 +782,25 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     let r = {
         let mut r = res.lock().expect("lab resources");
         build_topology(&mut r, opts).context("building the netns cluster")?;
-        if opts.backend == KERNEL_VXLAN {
-            start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
-        } else {
+        start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
+        if !opts.podwire_nodes().is_empty() {
             start_nodes(&mut r, opts, exe)?;
         }
         r.names.clone()
     };
-    let kernel = opts.backend == KERNEL_VXLAN;
-    if kernel {
-        println!("podwire lab: {} nodes, kernel VXLAN as flanneld configures it (no podwire), {} MB per TCP transfer", opts.nodes, opts.transfer_mb);
-    } else {
-        println!(
-            "podwire lab: {} nodes, backend {}, {} worker(s) per node, {} MB per TCP transfer",
-            opts.nodes, opts.backend, opts.workers, opts.transfer_mb
-        );
-    }
+    let podwire_nodes = opts.podwire_nodes();
+    let kernel_nodes: Vec<usize> = (1..=opts.nodes)
+        .filter(|&i| opts.is_kernel_node(i))
+        .collect();
+    println!(
+        "podwire lab: {} nodes ({} podwire {}, {} kernel VXLAN as flanneld sets it up), {} worker(s) per podwire node, {} MB per TCP transfer",
+        opts.nodes,
+        podwire_nodes.len(),
+        if opts.vxlan() { "vxlan" } else { "udp" },
+        kernel_nodes.len(),
+        opts.workers,
+        opts.transfer_mb
+    );
     let mut pairs = Vec::new();
     for from in 1..=opts.nodes {
         for to in 1..=opts.nodes {
@@ -757,6 +834,20 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 .join("; "),
         },
         Check {
+            name: format!(
+                "full-size ping ({}-byte IP packets, DF), every pair",
+                opts.pod_mtu()
+            ),
+            ok: pairs
+                .iter()
+                .all(|p| p.big_ping.received == p.big_ping.sent && p.big_ping.sent > 0),
+            detail: format!(
+                "{} of {} answered",
+                pairs.iter().map(|p| p.big_ping.received).sum::<u32>(),
+                pairs.iter().map(|p| p.big_ping.sent).sum::<u32>()
+            ),
+        },
+        Check {
             name: "UDP request/response, every pair".into(),
             ok: pairs
                 .iter()
@@ -769,14 +860,16 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         },
     ];
     let mut stats = Vec::new();
-    if !kernel {
+    // Node 1 runs podwire unless the whole cluster is the kernel baseline.
+    if !opts.is_kernel_node(1) {
         checks.push(unreachable_check(&r)?);
-        checks.push(rogue_check(&r)?);
+        checks.push(rogue_check(&r, opts)?);
         checks.push(map_reload_check(&r, opts)?);
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();
-        stats = read_stats(&r.dir, opts.nodes);
+        stats = read_stats(&r.dir, &podwire_nodes);
         let unknown_peer = stats[0]
+            .1
             .as_ref()
             .map(|s| s.drops(DropReason::UnknownPeer))
             .unwrap_or(0);
@@ -787,11 +880,11 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         });
         checks.push(Check {
             name: "every daemon exited cleanly with its counters".into(),
-            ok: stats.iter().all(Option::is_some),
+            ok: stats.iter().all(|(_, s)| s.is_some()),
             detail: format!(
                 "{} of {} stats files",
-                stats.iter().filter(|s| s.is_some()).count(),
-                opts.nodes
+                stats.iter().filter(|(_, s)| s.is_some()).count(),
+                stats.len()
             ),
         });
     }
@@ -807,7 +900,7 @@ fn print_summary(
     opts: &LabOptions,
     pairs: &[PairResult],
     checks: &[Check],
-    stats: &[Option<LocalStats>],
+    stats: &[(usize, Option<LocalStats>)],
     took: Duration,
 ) {
     println!();
@@ -848,7 +941,7 @@ fn print_summary(
             "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason",
             "node", "rx_tun", "tx_underlay", "rx_underlay", "tx_tun", "icmp"
         );
-        for (i, s) in stats.iter().enumerate() {
+        for (node, s) in stats {
             match s {
                 Some(s) => {
                     let drops: Vec<String> = DropReason::ALL
@@ -858,7 +951,7 @@ fn print_summary(
                         .collect();
                     println!(
                         "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
-                        format!("n{}", i + 1),
+                        format!("n{node}"),
                         s.counter(Counter::RxTun),
                         s.counter(Counter::TxUnderlay),
                         s.counter(Counter::RxUnderlay),
@@ -871,7 +964,7 @@ fn print_summary(
                         }
                     );
                 }
-                None => println!("n{:<5} (no stats: the daemon did not exit cleanly)", i + 1),
+                None => println!("n{node:<5} (no stats: the daemon did not exit cleanly)"),
             }
         }
     }
@@ -902,7 +995,7 @@ fn write_json(
     opts: &LabOptions,
     pairs: &[PairResult],
     checks: &[Check],
-    stats: &[Option<LocalStats>],
+    stats: &[(usize, Option<LocalStats>)],
     ok: bool,
 ) -> Result<()> {
     let v = json!({
@@ -918,7 +1011,10 @@ fn write_json(
             "udp_sent": p.udp_sent, "udp_received": p.udp_received,
         })).collect::<Vec<_>>(),
         "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
-        "node_stats": stats.iter().map(|s| s.as_ref().map(|s| report::stats_json(std::slice::from_ref(s))["total"].clone())).collect::<Vec<_>>(),
+        "node_stats": stats.iter().map(|(node, s)| json!({
+            "node": node,
+            "stats": s.as_ref().map(|s| report::stats_json(std::slice::from_ref(s))["total"].clone()),
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(path, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("writing {}", path.display()))

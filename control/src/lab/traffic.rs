@@ -3,7 +3,7 @@
 //! flannel-udp datagram from a host that is no cluster node.
 
 use anyhow::{bail, Context, Result};
-use podwire_dataplane::wire::{icmpv4, ipv4, udp, IpProtocol};
+use podwire_dataplane::wire::{ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol, MacAddr};
 use sha2::{Digest, Sha256};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{Read, Write};
@@ -22,8 +22,9 @@ fn raw_icmp_socket(timeout: Duration) -> Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn echo_request(id: u16, seq: u16) -> [u8; 64] {
-    let mut buf = [0u8; 64];
+/// An ICMP echo request with `size` bytes in all (header included, at least 8).
+fn echo_request(id: u16, seq: u16, size: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; size.max(icmpv4::HEADER_LEN)];
     for (i, b) in buf[8..].iter_mut().enumerate() {
         *b = i as u8;
     }
@@ -56,16 +57,21 @@ pub struct PingStats {
     pub avg_rtt: Duration,
 }
 
-/// Pings `dst` `count` times, one at a time. Call inside the source netns.
-pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<PingStats> {
+/// Pings `dst` `count` times, one at a time, with IP packets of `ip_len` bytes (DF set: the
+/// socket's default path-MTU discovery). Call inside the source netns.
+pub fn ping(dst: Ipv4Addr, count: u16, ip_len: usize, timeout: Duration) -> Result<PingStats> {
     let sock = raw_icmp_socket(Duration::from_millis(50))?;
     let id = NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16);
     let mut stats = PingStats::default();
     let mut total_rtt = Duration::ZERO;
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 65536];
     for seq in 0..count {
         let sent_at = Instant::now();
-        sock.send_to(&echo_request(id, seq), SocketAddrV4::new(dst, 0))?;
+        sock.send_to(
+            &echo_request(id, seq, ip_len.saturating_sub(ipv4::HEADER_LEN)),
+            SocketAddrV4::new(dst, 0),
+        )
+        .with_context(|| format!("sending a {ip_len}-byte echo to {dst}"))?;
         stats.sent += 1;
         while sent_at.elapsed() < timeout {
             let matched = recv_icmp(&sock, &mut buf, |src, icmp| {
@@ -93,7 +99,7 @@ pub fn probe_icmp_error(dst: Ipv4Addr, timeout: Duration) -> Result<Option<(Ipv4
     let sock = raw_icmp_socket(Duration::from_millis(50))?;
     let id = NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed) ^ 0x5a5a;
     let start = Instant::now();
-    sock.send_to(&echo_request(id, 1), SocketAddrV4::new(dst, 0))?;
+    sock.send_to(&echo_request(id, 1, 64), SocketAddrV4::new(dst, 0))?;
     let mut buf = [0u8; 2048];
     while start.elapsed() < timeout {
         let found = recv_icmp(&sock, &mut buf, |_, icmp| {
@@ -233,6 +239,25 @@ pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -
         }
     }
     Ok(got)
+}
+
+/// A VXLAN payload (header with VNI 1, inner Ethernet) around `inner`, as a datagram to port 8472.
+pub fn vxlan_payload(dst_mac: MacAddr, src_mac: MacAddr, inner: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; vxlan::HEADER_LEN + ethernet::HEADER_LEN];
+    vxlan::Repr {
+        vni: vxlan::Vni::new(1).expect("VNI 1"),
+    }
+    .emit(&mut out);
+    ethernet::Repr {
+        dst: dst_mac,
+        src: src_mac,
+        ethertype: ethernet::ethertype::IPV4,
+    }
+    .emit(&mut ethernet::Packet::new_unchecked(
+        &mut out[vxlan::HEADER_LEN..],
+    ));
+    out.extend_from_slice(inner);
+    out
 }
 
 /// A flannel-udp datagram payload: an IPv4/UDP packet from `src` to `dst` carrying `payload`.

@@ -5,8 +5,13 @@
 //! said (a datagram cut short, a refused write) and leave the counting to the worker.
 
 use crate::batch::Batch;
+use crate::sys;
+use crate::sys::mmsg::MmsgScratch;
+use std::io;
+use std::os::fd::BorrowedFd;
 
 pub mod pcap;
+pub mod raw;
 pub mod tun;
 pub mod udp;
 
@@ -49,4 +54,44 @@ pub struct TxOutcome {
 pub trait TxPort {
     /// Sends the packets of `batch` at `indices`.
     fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome;
+}
+
+/// How long a full socket buffer may hold up a send before the rest of the batch is dropped.
+const SEND_WAIT_MS: i32 = 10;
+
+/// Sends the packets of `batch` at `indices` with sendmmsg, each to its `meta.peer`: waits once
+/// for a full socket buffer to drain, and skips (counts) a datagram the kernel refuses.
+fn sendmmsg_all(
+    fd: BorrowedFd<'_>,
+    scratch: &mut MmsgScratch,
+    batch: &Batch,
+    indices: &[u16],
+) -> TxOutcome {
+    let mut out = TxOutcome::default();
+    let mut rest = indices;
+    let mut waited = false;
+    while !rest.is_empty() {
+        match scratch.send(fd, batch, rest) {
+            Ok(n) => {
+                out.sent += n;
+                rest = &rest[n..];
+                waited = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
+                waited = true;
+                if !matches!(sys::fdio::wait_writable(fd, SEND_WAIT_MS), Ok(true)) {
+                    out.failed += rest.len();
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                // The first datagram was refused (EMSGSIZE, EHOSTUNREACH, a full buffer twice):
+                // drop it and go on with the rest.
+                out.failed += 1;
+                rest = &rest[1..];
+            }
+        }
+    }
+    out
 }

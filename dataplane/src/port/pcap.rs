@@ -163,8 +163,9 @@ impl PcapSink {
         ok
     }
 
-    /// A transmit port writing raw inner packets (what goes into the TUN).
-    pub fn tun(&mut self) -> PcapTx<'_> {
+    /// A transmit port writing packets as they are: inner packets for the TUN, or outer packets
+    /// whose headers the pipeline wrote (VXLAN).
+    pub fn as_is(&mut self) -> PcapTx<'_> {
         PcapTx {
             sink: self,
             underlay: None,

@@ -11,9 +11,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-/// How long a full socket buffer may hold up a send before the rest of the batch is dropped.
-const SEND_WAIT_MS: i32 = 10;
-
 /// A UDP socket on the underlay.
 pub struct UdpPort {
     socket: Socket,
@@ -92,35 +89,6 @@ fn is_async_send_error(errno: i32) -> bool {
 
 impl TxPort for UdpPort {
     fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
-        let mut out = TxOutcome::default();
-        let mut rest = indices;
-        let mut waited = false;
-        while !rest.is_empty() {
-            match self.scratch.send(self.socket.as_fd(), batch, rest) {
-                Ok(n) => {
-                    out.sent += n;
-                    rest = &rest[n..];
-                    waited = false;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
-                    waited = true;
-                    if !matches!(
-                        sys::fdio::wait_writable(self.socket.as_fd(), SEND_WAIT_MS),
-                        Ok(true)
-                    ) {
-                        out.failed += rest.len();
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // The first datagram was refused (EMSGSIZE, EHOSTUNREACH, ...): drop it and
-                    // go on with the rest.
-                    out.failed += 1;
-                    rest = &rest[1..];
-                }
-            }
-        }
-        out
+        super::sendmmsg_all(self.socket.as_fd(), &mut self.scratch, batch, indices)
     }
 }
