@@ -132,6 +132,10 @@ struct LabArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Record the underlay's encapsulated traffic (UDP 8285/8472 on the bridge) to this pcap file
+    /// with tshark, e.g. to see podwire and the kernel talk in Wireshark.
+    #[arg(long)]
+    capture: Option<PathBuf>,
     /// Keep the lab's directory (cluster file, logs, stats) under /tmp.
     #[arg(long)]
     keep_logs: bool,
@@ -191,6 +195,7 @@ fn main() -> Result<()> {
                 ping_count: a.ping_count.max(1),
                 udp_count: a.udp_count.max(1),
                 json: a.json,
+                capture: a.capture,
                 keep_logs: a.keep_logs,
             })?;
             if !ok {

@@ -37,10 +37,11 @@ fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
 }
 
 fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let json = std::env::temp_dir().join(format!(
-        "podwire-lab-test-{}-{}.json",
-        std::process::id(),
-        args.join("_")
+        "podwire-lab-test-{}-{run}.json",
+        std::process::id()
     ));
     let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
         .arg("lab")
@@ -196,4 +197,211 @@ fn ctrl_c_tears_the_lab_down() {
         !PathBuf::from(format!("/tmp/podwire-lab-{pid}")).exists(),
         "lab directory left behind"
     );
+}
+
+fn assert_all_checks_pass(report: &serde_json::Value, text: &str) {
+    assert_eq!(report["ok"], true, "{text}");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "{c}: {text}");
+    }
+    for p in report["pairs"].as_array().unwrap() {
+        assert_eq!(p["tcp_sha256_ok"], true, "{p}");
+        assert_eq!(p["udp_received"], p["udp_sent"], "{p}");
+    }
+}
+
+#[test]
+fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Node 1 podwire, node 2 the kernel's flannel.1 as flanneld sets it up: both directions.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "2",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--transfer-mb",
+        "50",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(report["pairs"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        check(&report, "full-size ping (1450-byte")["ok"],
+        true,
+        "MTU-boundary ping with DF"
+    );
+    assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
+}
+
+#[test]
+fn vxlan_two_podwire_nodes() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (report, text) = run_lab(&["--nodes", "2", "--backend", "vxlan", "--transfer-mb", "50"]);
+    assert_all_checks_pass(&report, &text);
+    assert!(
+        report["node_stats"][0]["stats"]["drops"]["unknown_peer"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
+}
+
+/// One decoded frame: tshark's fields by name; layered fields hold "outer,inner".
+type Frame = std::collections::HashMap<String, String>;
+
+fn decode(pcap: &std::path::Path, filter: &str, fields: &[&str]) -> Vec<Frame> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(pcap).args([
+        "-d",
+        "udp.port==8472,vxlan",
+        "-o",
+        "udp.check_checksum:TRUE",
+        "-Y",
+        filter,
+    ]);
+    cmd.args(["-T", "fields", "-E", "separator=|"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd.output().expect("running tshark");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            fields
+                .iter()
+                .map(|f| f.to_string())
+                .zip(l.split('|').map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn vxlan_frames_on_the_wire_match_the_kernels() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if Command::new("tshark")
+        .arg("--version")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        eprintln!("skipped: needs tshark");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let pcap = std::env::temp_dir().join(format!("podwire-wire-{}.pcap", std::process::id()));
+    // Node 1 podwire, nodes 2 and 3 kernel: pod 1 and pod 3 both ping pod 2, so node 2 receives the
+    // same inner packets encapsulated once by podwire and once by the kernel.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "3",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--transfer-mb",
+        "2",
+        "--udp-count",
+        "10",
+        "--capture",
+        pcap.to_str().unwrap(),
+    ]);
+    assert_all_checks_pass(&report, &text);
+    let fields = [
+        "ip.src",
+        "ip.ttl",
+        "ip.flags.df",
+        "ip.dsfield",
+        "ip.len",
+        "ip.proto",
+        "udp.srcport",
+        "udp.dstport",
+        "udp.checksum",
+        "udp.checksum.status",
+        "vxlan.flags",
+        "vxlan.vni",
+        "eth.dst",
+        "eth.src",
+        "eth.type",
+        "icmp.type",
+        "icmp.checksum.status",
+    ];
+    let echoes = decode(&pcap, "icmp.type == 8 && ip.dst == 10.244.2.2", &fields);
+    let from = |node: &str| -> Vec<&Frame> {
+        echoes
+            .iter()
+            .filter(|f| f["ip.src"].starts_with(node))
+            .collect()
+    };
+    let (ours, kernels) = (from("10.99.0.11,"), from("10.99.0.13,"));
+    assert!(
+        !ours.is_empty() && !kernels.is_empty(),
+        "no echo requests captured: {echoes:?}"
+    );
+    for len in ["114,64", "1500,1450"] {
+        let ours = ours
+            .iter()
+            .find(|f| f["ip.len"] == len)
+            .unwrap_or_else(|| panic!("podwire sent no {len} frame"));
+        let kernel = kernels
+            .iter()
+            .find(|f| f["ip.len"] == len)
+            .unwrap_or_else(|| panic!("kernel sent no {len} frame"));
+        for field in [
+            "ip.ttl",
+            "ip.flags.df",
+            "ip.dsfield",
+            "ip.len",
+            "ip.proto",
+            "udp.dstport",
+            "vxlan.flags",
+            "vxlan.vni",
+            "eth.dst",
+            "eth.type",
+            "icmp.type",
+            "icmp.checksum.status",
+        ] {
+            assert_eq!(
+                ours[field], kernel[field],
+                "{field} for {len}-byte frames: podwire {ours:?} kernel {kernel:?}"
+            );
+        }
+        // The inner source MAC is each sender's VtepMAC (the outer one is its NIC's).
+        assert!(ours["eth.src"].ends_with(",0e:70:77:00:00:01"), "{ours:?}");
+        assert!(
+            kernel["eth.src"].ends_with(",0e:70:77:00:00:03"),
+            "{kernel:?}"
+        );
+        // podwire fills the outer UDP checksum and gets it right. (The kernel's reads as bad here:
+        // over veth it leaves it for a NIC to finish, which a physical wire would not show.)
+        assert_ne!(ours["udp.checksum"], "0x0000");
+        assert_eq!(ours["udp.checksum.status"], "1", "{ours:?}");
+        let port: u16 = ours["udp.srcport"].parse().unwrap();
+        assert!(
+            (32768..=60999).contains(&port),
+            "source port {port} outside the kernel's range"
+        );
+    }
+    // One flow, one source port (so ECMP and RSS keep it on one path).
+    let ports: std::collections::HashSet<&str> =
+        ours.iter().map(|f| f["udp.srcport"].as_str()).collect();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let _ = std::fs::remove_file(&pcap);
 }

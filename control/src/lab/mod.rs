@@ -43,6 +43,8 @@ pub struct LabOptions {
     pub ping_count: u16,
     pub udp_count: u32,
     pub json: Option<PathBuf>,
+    /// Record the underlay's encapsulated traffic to this pcap file (with tshark).
+    pub capture: Option<PathBuf>,
     pub keep_logs: bool,
 }
 
@@ -520,6 +522,45 @@ fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     Ok(())
 }
 
+/// Starts tshark on the underlay bridge, writing encapsulated traffic (UDP 8285 and 8472) to
+/// `path`, and waits until it is capturing. It is stopped with the daemons (SIGTERM, which makes
+/// tshark finish the file).
+fn start_capture(res: &mut Resources, path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &res.ns("u"),
+            "tshark",
+            "-q",
+            "-i",
+            "br0",
+            "-F",
+            "pcap",
+        ])
+        .args(["-f", "udp port 8285 or udp port 8472", "-w"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tshark for --capture (is tshark installed?)")?;
+    res.children.push(("capture".into(), child));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // tshark writes the 24-byte pcap file header once it is capturing.
+    while std::fs::metadata(path)
+        .map(|m| m.len() < 24)
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            bail!("tshark did not start capturing on the underlay within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn log_tail(dir: &Path, node: usize) -> String {
     let text =
         std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
@@ -782,6 +823,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     let r = {
         let mut r = res.lock().expect("lab resources");
         build_topology(&mut r, opts).context("building the netns cluster")?;
+        if let Some(path) = &opts.capture {
+            start_capture(&mut r, path)?;
+        }
         start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
         if !opts.podwire_nodes().is_empty() {
             start_nodes(&mut r, opts, exe)?;
