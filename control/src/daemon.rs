@@ -49,6 +49,7 @@ fn swap_if_changed(
     public_ip: Ipv4Addr,
     live: &ArcSwap<Tables>,
     pool: &WorkerPool,
+    direct: &mut Option<netdev::DirectRoutes>,
 ) {
     if !store.changed() {
         return;
@@ -72,6 +73,9 @@ fn swap_if_changed(
                 return;
             }
             let leases = new.map.len();
+            if let Some(d) = direct.as_mut() {
+                d.sync(new.local.subnet, new.map.nodes());
+            }
             live.store(Arc::new(new));
             pool.wake_all();
             tracing::info!(
@@ -101,18 +105,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
     let (port, default_tun) = match view.config.backend {
         BackendConfig::Udp { port } => (port, "flannel0".to_string()),
-        BackendConfig::Vxlan {
-            vni,
-            port,
-            direct_routing,
-        } => {
-            if direct_routing {
-                tracing::warn!(
-                    "Backend.DirectRouting is not supported yet: every peer is reached over VXLAN"
-                );
-            }
-            (port, format!("flannel.{vni}"))
-        }
+        BackendConfig::Vxlan { vni, port, .. } => (port, format!("flannel.{vni}")),
     };
     if iface.mtu < MIN_UNDERLAY_MTU {
         bail!(
@@ -158,6 +151,17 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .write(&opts.subnet_file)
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
 
+    let mut direct = match view.config.backend {
+        BackendConfig::Vxlan {
+            direct_routing: true,
+            ..
+        } => {
+            let mut d = netdev::DirectRoutes::new(iface.clone());
+            d.sync(initial.local.subnet, initial.map.nodes());
+            Some(d)
+        }
+        _ => None,
+    };
     let live = Arc::new(ArcSwap::from_pointee(initial));
     let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), ports)?;
     tracing::info!(tun = %tun_name, mtu = tun_mtu, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
@@ -174,7 +178,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
         if last_poll.elapsed() >= opts.store_poll {
             last_poll = Instant::now();
-            swap_if_changed(store.as_mut(), public_ip, &live, &pool);
+            swap_if_changed(store.as_mut(), public_ip, &live, &pool, &mut direct);
         }
         if let Some(path) = &opts.stats_file {
             if last_stats.elapsed() >= Duration::from_secs(1) {
@@ -185,6 +189,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     let stats = pool.stats();
     let stopped = pool.stop();
+    if let Some(d) = direct.as_mut() {
+        d.clear();
+    }
     let total = report::stats_json(&stats);
     if let Some(path) = &opts.stats_file {
         report::write_json(path, &total).with_context(|| format!("writing {}", path.display()))?;

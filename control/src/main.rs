@@ -117,6 +117,10 @@ struct LabArgs {
     /// exactly as flanneld's vxlan backend configures one (podwire talks to the kernel).
     #[arg(long, value_parser = ["kernel"])]
     peer: Option<String>,
+    /// With a vxlan backend: `DirectRouting: true` (every lab node shares one L2 subnet, so pod
+    /// traffic is routed unencapsulated, as flanneld does).
+    #[arg(long)]
+    direct_routing: bool,
     /// Megabytes per TCP transfer (one transfer per ordered pair of pods).
     #[arg(long, default_value_t = 50)]
     transfer_mb: u64,
@@ -190,6 +194,7 @@ fn main() -> Result<()> {
                 nodes: a.nodes,
                 backend: a.backend,
                 peer_kernel: a.peer.is_some(),
+                direct_routing: a.direct_routing,
                 transfer_mb: a.transfer_mb,
                 workers: a.workers.max(1),
                 ping_count: a.ping_count.max(1),

@@ -36,15 +36,26 @@ pub enum NetdevError {
 pub struct Iface {
     pub name: String,
     pub addr: Ipv4Addr,
+    /// The interface's own subnet (address and netmask): the peers it reaches without a gateway.
+    pub net: Ipv4Net,
     pub mtu: u32,
 }
 
-fn ipv4_addrs() -> Result<Vec<(String, Ipv4Addr)>, NetdevError> {
+fn ipv4_addrs() -> Result<Vec<(String, Ipv4Addr, u8)>, NetdevError> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(NetdevError::Ifaddrs)?;
     Ok(addrs
         .filter_map(|a| {
-            let sin = a.address.as_ref()?.as_sockaddr_in()?.ip();
-            Some((a.interface_name, sin))
+            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            let mask = a
+                .netmask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map(|m| m.ip().to_bits());
+            Some((
+                a.interface_name,
+                ip,
+                mask.map_or(32, |m| m.count_ones() as u8),
+            ))
         })
         .collect())
 }
@@ -65,9 +76,9 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
         Some(s) => s.to_string(),
         None => default_route_iface().ok_or(NetdevError::NoDefaultRoute)?,
     };
-    let (name, addr) = match wanted.parse::<Ipv4Addr>() {
-        Ok(ip) => addrs.into_iter().find(|(_, a)| *a == ip),
-        Err(_) => addrs.into_iter().find(|(n, _)| *n == wanted),
+    let (name, addr, prefix) = match wanted.parse::<Ipv4Addr>() {
+        Ok(ip) => addrs.into_iter().find(|(_, a, _)| *a == ip),
+        Err(_) => addrs.into_iter().find(|(n, _, _)| *n == wanted),
     }
     .ok_or_else(|| NetdevError::NoSuchInterface(wanted.clone()))?;
     let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
@@ -80,7 +91,12 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
             iface: name.clone(),
             source,
         })?;
-    Ok(Iface { name, addr, mtu })
+    Ok(Iface {
+        name,
+        addr,
+        net: Ipv4Net::containing(addr, prefix),
+        mtu,
+    })
 }
 
 /// Runs `ip ARGS`, returning its stderr as the error.
@@ -129,6 +145,96 @@ pub fn configure_tun(
     ])
 }
 
+/// The plain routes of VXLAN `DirectRouting`: a peer whose PublicIP is on our interface's own
+/// subnet is reached without encapsulation, by a kernel route `lease via PublicIP dev iface`, as
+/// flanneld installs it. Those routes are more specific than the cluster Network's route through
+/// the TUN, so that traffic never enters podwire. Kept in step with the subnet map; removed on
+/// exit.
+#[derive(Debug)]
+pub struct DirectRoutes {
+    iface: Iface,
+    installed: std::collections::BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+impl DirectRoutes {
+    pub fn new(iface: Iface) -> DirectRoutes {
+        DirectRoutes {
+            iface,
+            installed: Default::default(),
+        }
+    }
+
+    /// Installs and withdraws routes so that exactly the on-link peers of `nodes` (other than our
+    /// own lease) have one. Failures are logged and retried at the next sync.
+    pub fn sync<'a>(
+        &mut self,
+        own: Ipv4Net,
+        nodes: impl Iterator<Item = &'a podwire_dataplane::route::Node>,
+    ) {
+        let wanted: std::collections::BTreeMap<Ipv4Net, Ipv4Addr> = nodes
+            .filter(|n| {
+                n.subnet != own
+                    && self.iface.net.contains(n.public_ip)
+                    && n.public_ip != self.iface.addr
+            })
+            .map(|n| (n.subnet, n.public_ip))
+            .collect();
+        let stale: Vec<(Ipv4Net, Ipv4Addr)> = self
+            .installed
+            .iter()
+            .filter(|(k, v)| wanted.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (subnet, via) in stale {
+            match ip(&[
+                "route",
+                "del",
+                &subnet.to_string(),
+                "via",
+                &via.to_string(),
+                "dev",
+                &self.iface.name,
+            ]) {
+                Ok(()) => tracing::info!(%subnet, %via, "direct route removed"),
+                Err(e) => {
+                    tracing::warn!(%subnet, %via, error = %e, "removing a direct route failed")
+                }
+            }
+            self.installed.remove(&subnet);
+        }
+        for (subnet, via) in wanted {
+            if self.installed.get(&subnet) == Some(&via) {
+                continue;
+            }
+            match ip(&[
+                "route",
+                "replace",
+                &subnet.to_string(),
+                "via",
+                &via.to_string(),
+                "dev",
+                &self.iface.name,
+            ]) {
+                Ok(()) => {
+                    tracing::info!(%subnet, %via, "direct route installed");
+                    self.installed.insert(subnet, via);
+                }
+                Err(e) => {
+                    tracing::warn!(%subnet, %via, error = %e, "installing a direct route failed")
+                }
+            }
+        }
+    }
+
+    /// Removes every route this installed.
+    pub fn clear(&mut self) {
+        self.sync(
+            Ipv4Net::containing(Ipv4Addr::UNSPECIFIED, 32),
+            std::iter::empty(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +243,7 @@ mod tests {
     fn test_loopback_resolves_by_name_and_address() {
         let by_name = resolve_iface(Some("lo")).unwrap();
         assert_eq!(by_name.addr, Ipv4Addr::LOCALHOST);
+        assert_eq!(by_name.net.to_string(), "127.0.0.0/8");
         assert!(by_name.mtu > 0);
         assert_eq!(resolve_iface(Some("127.0.0.1")).unwrap().name, "lo");
         assert!(matches!(

@@ -114,12 +114,12 @@ fn two_podwire_nodes_carry_real_traffic() {
         .contains("type 3 code 0 from 10.244.1.0"));
     // The forged datagrams were counted on node 1 and nothing reached a pod from the stranger.
     assert!(
-        report["node_stats"][0]["drops"]["unknown_peer"]
+        report["node_stats"][0]["stats"]["drops"]["unknown_peer"]
             .as_u64()
             .unwrap()
             >= 5
     );
-    assert_eq!(report["node_stats"][1]["drops"]["unknown_peer"], 0);
+    assert_eq!(report["node_stats"][1]["stats"]["drops"]["unknown_peer"], 0);
 }
 
 #[test]
@@ -236,6 +236,33 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
         "MTU-boundary ping with DF"
     );
     assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
+}
+
+#[test]
+fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Node 1 podwire, node 2 kernel, both with DirectRouting on one L2 subnet.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "2",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--direct-routing",
+        "--transfer-mb",
+        "20",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(
+        check(&report, "DirectRouting: pod traffic bypasses the tunnel")["ok"],
+        true,
+        "{text}"
+    );
 }
 
 #[test]

@@ -38,6 +38,9 @@ pub struct LabOptions {
     pub backend: String,
     /// With `--backend vxlan`: nodes 2..N are kernel VXLAN nodes set up as flanneld does.
     pub peer_kernel: bool,
+    /// With a VXLAN backend: `DirectRouting: true`, so nodes on one L2 subnet (all of the lab's)
+    /// route pod traffic to each other unencapsulated, as flanneld does.
+    pub direct_routing: bool,
     pub transfer_mb: u64,
     pub workers: usize,
     pub ping_count: u16,
@@ -314,7 +317,11 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
         .collect();
     json!({
         "config": {"Network": "10.244.0.0/16", "SubnetLen": 24,
-                   "Backend": {"Type": if opts.vxlan() { "vxlan" } else { "udp" }}},
+                   "Backend": if opts.vxlan() {
+                       json!({"Type": "vxlan", "DirectRouting": opts.direct_routing})
+                   } else {
+                       json!({"Type": "udp"})
+                   }},
         "subnets": subnets,
     })
 }
@@ -469,6 +476,15 @@ fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Result<()> {
             ],
         )?;
         for j in (1..=opts.nodes).filter(|&j| j != i) {
+            if opts.direct_routing {
+                // flanneld's DirectRouting for a peer on the same subnet: a plain route, no VXLAN.
+                let (subnet, via) = (format!("10.244.{j}.0/24"), underlay_ip(j).to_string());
+                netns::ip_in(
+                    &host,
+                    &["route", "add", &subnet, "via", &via, "dev", "eth0"],
+                )?;
+                continue;
+            }
             let gw = format!("10.244.{j}.0");
             netns::ip_in(
                 &host,
@@ -778,6 +794,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !(2..=100).contains(&opts.nodes) {
         bail!("--nodes must be between 2 and 100");
     }
+    if opts.direct_routing && !opts.vxlan() {
+        bail!("--direct-routing is a VXLAN option (Backend.DirectRouting)");
+    }
     if opts.peer_kernel && opts.backend != "vxlan" {
         bail!("--peer kernel goes with --backend vxlan (kernel nodes speak VXLAN)");
     }
@@ -922,6 +941,24 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ok: unknown_peer >= 5,
             detail: format!("node 1 unknown_peer = {unknown_peer}"),
         });
+        if opts.direct_routing {
+            // Pod traffic takes the plain routes; only the lab's probes and forgeries reach
+            // node 1's tunnel.
+            let tunnelled = stats[0]
+                .1
+                .as_ref()
+                .map(|s| s.counter(Counter::TxUnderlay) + s.counter(Counter::RxUnderlay));
+            let moved: u64 = pairs
+                .iter()
+                .filter(|p| p.from == 1 || p.to == 1)
+                .map(|p| p.tcp_bytes)
+                .sum();
+            checks.push(Check {
+                name: "DirectRouting: pod traffic bypasses the tunnel".into(),
+                ok: tunnelled.is_some_and(|t| t < 1000) && moved > 0,
+                detail: format!("node 1 tunnelled {tunnelled:?} packets while its pods moved {moved} bytes over TCP"),
+            });
+        }
         checks.push(Check {
             name: "every daemon exited cleanly with its counters".into(),
             ok: stats.iter().all(|(_, s)| s.is_some()),
