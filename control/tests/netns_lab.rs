@@ -11,8 +11,14 @@ use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// The right to run a lab now: labs run one at a time (2 cores). None, and the test is skipped,
+/// without root.
+fn lab_slot() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return None;
+    }
+    Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
@@ -81,11 +87,7 @@ fn check<'a>(report: &'a serde_json::Value, starts_with: &str) -> &'a serde_json
 
 #[test]
 fn two_podwire_nodes_carry_real_traffic() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     let (report, text) = run_lab(&["--nodes", "2", "--transfer-mb", "50"]);
     assert_eq!(report["ok"], true, "{text}");
     let pairs = report["pairs"].as_array().unwrap();
@@ -124,11 +126,7 @@ fn two_podwire_nodes_carry_real_traffic() {
 
 #[test]
 fn four_podwire_nodes_two_workers_each_full_mesh() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     // Two workers per node: multi-queue TUN and SO_REUSEPORT sockets.
     let (report, text) = run_lab(&[
         "--nodes",
@@ -158,11 +156,7 @@ fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
 
 #[test]
 fn ctrl_c_tears_the_lab_down() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_podwire"))
         .args(["lab", "--nodes", "2", "--transfer-mb", "20000"])
         .stdout(Stdio::null())
@@ -212,11 +206,7 @@ fn assert_all_checks_pass(report: &serde_json::Value, text: &str) {
 
 #[test]
 fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     // Node 1 podwire, node 2 the kernel's flannel.1 as flanneld sets it up: both directions.
     let (report, text) = run_lab(&[
         "--nodes",
@@ -240,11 +230,7 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
 
 #[test]
 fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     // Node 1 podwire, node 2 kernel, both with DirectRouting on one L2 subnet.
     let (report, text) = run_lab(&[
         "--nodes",
@@ -267,11 +253,7 @@ fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
 
 #[test]
 fn vxlan_two_podwire_nodes() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     let (report, text) = run_lab(&["--nodes", "2", "--backend", "vxlan", "--transfer-mb", "50"]);
     assert_all_checks_pass(&report, &text);
     assert!(
@@ -319,10 +301,6 @@ fn decode(pcap: &std::path::Path, filter: &str, fields: &[&str]) -> Vec<Frame> {
 
 #[test]
 fn vxlan_frames_on_the_wire_match_the_kernels() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     if Command::new("tshark")
         .arg("--version")
         .output()
@@ -332,7 +310,7 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
         eprintln!("skipped: needs tshark");
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_slot) = lab_slot() else { return };
     let pcap = std::env::temp_dir().join(format!("podwire-wire-{}.pcap", std::process::id()));
     // Node 1 podwire, nodes 2 and 3 kernel: pod 1 and pod 3 both ping pod 2, so node 2 receives the
     // same inner packets encapsulated once by podwire and once by the kernel.
