@@ -1,33 +1,52 @@
 //! `podwire run`: the node daemon.
 //!
-//! Start-up: read the store, find the underlay interface and our lease, open one TUN queue and
-//! one underlay socket per worker, configure the TUN device like flanneld, write subnet.env,
-//! start the workers. Then the control loop (this thread) never touches packets: it re-reads the
-//! store when it changes and swaps new tables into the workers, writes the stats file, and stops
-//! everything on SIGTERM/SIGINT. A malformed store update is logged and the last good tables stay.
+//! Start-up: read the network config from the store, find the underlay interface, take our
+//! lease (as flanneld: the one with our PublicIP, else our previous subnet, else a free one),
+//! open one TUN queue and one underlay socket per worker, configure the TUN device like flanneld,
+//! write subnet.env, start the workers. A store that cannot be reached at start is retried with
+//! backoff; a config that is wrong is reported and podwire exits.
+//!
+//! Then the control loop (this thread) never touches packets: it waits on the store's lease
+//! watch and swaps new tables into the workers, renews our lease before it expires, takes it
+//! again if someone deleted it, serves /healthz, /readyz and /metrics, writes the stats file,
+//! and stops everything on SIGTERM/SIGINT, keeping the lease (as flanneld does) so a restart
+//! gets the same subnet. While the store is unreachable, forwarding goes on with the last map.
 
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
-use podwire::config::BackendConfig;
+use podwire::config::{BackendConfig, NetworkConfig};
+use podwire::etcd::{EtcdOptions, EtcdStore};
+use podwire::health::{self, Health};
+use podwire::lease::LeaseAttrs;
 use podwire::netdev;
 use podwire::report;
-use podwire::store::{self, Store};
-use podwire::subnet_env::SubnetEnv;
+use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
+use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
 use podwire_dataplane::pipeline::Encap;
 use podwire_dataplane::pipeline::Tables;
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
+use podwire_dataplane::route::Ipv4Net;
 use podwire_dataplane::worker::{WorkerConfig, WorkerPool, WorkerPorts};
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
+use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where the cluster lives.
+#[derive(Debug, Clone)]
+pub enum StoreSpec {
+    /// `file:PATH`, the embedded read-only store.
+    File(String),
+    Etcd(EtcdOptions),
+}
 
 /// Everything `podwire run` is told.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub store: String,
+    pub store: StoreSpec,
     pub iface: Option<String>,
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
@@ -37,55 +56,217 @@ pub struct RunOptions {
     pub ip_masq: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
-    pub store_poll: Duration,
+    /// Renew our lease this long before it expires (flanneld's `-subnet-lease-renew-margin`).
+    pub renew_margin: Duration,
+    /// Where to serve /healthz, /readyz and /metrics.
+    pub healthz: Option<SocketAddr>,
     pub stats_file: Option<PathBuf>,
 }
 
 /// Smallest underlay MTU that leaves IPv4 pods the 576 bytes every host must accept.
 const MIN_UNDERLAY_MTU: u32 = 576 + 28;
+/// How long the control loop waits on the store before it looks at workers and signals again.
+const TICK: Duration = Duration::from_millis(100);
+/// Pause between retries of a failed lease renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
 
-fn swap_if_changed(
-    store: &mut dyn Store,
-    public_ip: Ipv4Addr,
-    live: &ArcSwap<Tables>,
-    pool: &WorkerPool,
-    direct: &mut Option<netdev::DirectRoutes>,
-) {
-    if !store.changed() {
-        return;
+fn open_store(spec: &StoreSpec) -> Result<Box<dyn Store>> {
+    Ok(match spec {
+        StoreSpec::File(s) => store::open(s)?,
+        StoreSpec::Etcd(o) => Box::new(EtcdStore::new(o.clone())?),
+    })
+}
+
+/// Errors no retry can fix: bad config, no lease in a read-only store, no subnet left.
+fn is_permanent(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Invalid { .. }
+            | StoreError::Spec(_)
+            | StoreError::NoLease { .. }
+            | StoreError::Exhausted
+            | StoreError::TlsFile { .. }
+    )
+}
+
+/// Runs `op` until it succeeds, backing off between attempts while the store is unreachable
+/// (as flanneld waits for etcd). `None` if asked to shut down meanwhile.
+fn retry<T>(
+    what: &str,
+    shutdown: &AtomicBool,
+    health: &Health,
+    mut op: impl FnMut() -> Result<T, StoreError>,
+) -> Result<Option<T>> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match op() {
+            Ok(v) => {
+                health.store_reachable.store(true, Ordering::Relaxed);
+                return Ok(Some(v));
+            }
+            Err(e) if is_permanent(&e) => return Err(e).context(what.to_string()),
+            Err(e) => {
+                health.store_errors.fetch_add(1, Ordering::Relaxed);
+                health.store_reachable.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "{what}: store not ready; retrying");
+            }
+        }
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            if shutdown.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
     }
-    let started = Instant::now();
-    let view = match store.load() {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "store update rejected; keeping the last good subnet map");
-            return;
+}
+
+/// The lease value flanneld writes for our backend. A vxlan VtepMAC is derived from the
+/// PublicIP, so it is the same after every restart and peers' FDB entries stay right.
+fn lease_attrs(cfg: &NetworkConfig, public_ip: Ipv4Addr) -> LeaseAttrs {
+    let mut attrs = LeaseAttrs::udp(public_ip);
+    if let BackendConfig::Vxlan { vni, .. } = cfg.backend {
+        attrs.backend_type = Some("vxlan".into());
+        attrs.backend_data = Some(json!({
+            "VNI": vni.get(),
+            "VtepMAC": tables::derived_vtep_mac(public_ip).to_string(),
+        }));
+    }
+    attrs
+}
+
+/// Our subnet of the previous run, from its subnet.env (`FLANNEL_SUBNET=10.244.1.1/24`).
+fn previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    let value = subnet_env::read_value(path, "FLANNEL_SUBNET")?;
+    let (ip, len) = value.split_once('/')?;
+    Some(Ipv4Net::containing(ip.parse().ok()?, len.parse().ok()?))
+}
+
+/// When to renew a lease expiring at `expires`: `margin` before, or half-way through a TTL
+/// shorter than twice the margin.
+fn renew_at(own: &OwnLease, margin: Duration, ttl: Duration) -> Option<SystemTime> {
+    let expires = own.expires?;
+    Some(expires - margin.min(ttl / 2))
+}
+
+/// The control loop's state once forwarding runs.
+struct Control<'a> {
+    store: Box<dyn Store>,
+    req: LeaseRequest,
+    own: OwnLease,
+    live: &'a ArcSwap<Tables>,
+    pool: &'a WorkerPool,
+    direct: Option<netdev::DirectRoutes>,
+    health: &'a Health,
+    lease_ttl: Duration,
+}
+
+impl Control<'_> {
+    /// Re-reads the leases and swaps new tables in; takes our lease again if it vanished.
+    fn refresh(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let mut leases = match self.store.leases() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "store update rejected; keeping the last good subnet map");
+                return Ok(());
+            }
+        };
+        if !leases.iter().any(|l| l.subnet == self.own.subnet) {
+            tracing::warn!(subnet = %self.own.subnet, "our lease was deleted from the store; taking it again");
+            self.health.lease_held.store(false, Ordering::Relaxed);
+            let mut req = self.req.clone();
+            req.previous = Some(self.own.subnet);
+            match self.store.acquire(&req) {
+                Ok(own) if own.subnet == self.own.subnet => {
+                    self.own = own;
+                    self.health.lease_held.store(true, Ordering::Relaxed);
+                    self.health.set_lease_expiry(self.own.expires);
+                    self.health
+                        .lease_reacquisitions
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(subnet = %self.own.subnet, "lease taken again");
+                }
+                Ok(other) => bail!(
+                    "our subnet {} was deleted and taken by another node meanwhile; we now hold {} \
+                     (restart podwire to re-plumb the node and its pods onto it)",
+                    self.own.subnet,
+                    other.subnet
+                ),
+                Err(e) => {
+                    self.health.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "cannot take our lease again yet; keeping the last map");
+                    return Ok(());
+                }
+            }
+            leases = match self.store.leases() {
+                Ok(l) => l,
+                Err(_) => return Ok(()),
+            };
         }
-    };
-    match tables::build(&view, public_ip) {
-        Ok(new) => {
-            let old = live.load();
-            if new.local != old.local || new.peer_port != old.peer_port || new.encap != old.encap {
-                tracing::error!(
-                    old = %old.local.subnet, new = %new.local.subnet,
-                    "own lease, backend port, VNI or VtepMAC changed in the store; restart podwire to apply it; keeping the last good map"
+        // The store's watch may not have delivered our own (re)written key yet.
+        if !leases.iter().any(|l| l.subnet == self.own.subnet) {
+            leases.push(Lease {
+                subnet: self.own.subnet,
+                attrs: self.own.attrs.clone(),
+            });
+        }
+        let view = ClusterView {
+            config: self.req.config.clone(),
+            leases,
+        };
+        match tables::build(&view, self.req.public_ip, Some(self.own.subnet)) {
+            Ok(new) => {
+                let old = self.live.load();
+                if new.local != old.local
+                    || new.peer_port != old.peer_port
+                    || new.encap != old.encap
+                {
+                    tracing::error!(
+                        old = %old.local.subnet, new = %new.local.subnet,
+                        "own lease, backend port, VNI or VtepMAC changed in the store; restart podwire to apply it; keeping the last good map"
+                    );
+                    return Ok(());
+                }
+                let leases = new.map.len();
+                if let Some(d) = self.direct.as_mut() {
+                    d.sync(new.local.subnet, new.map.nodes());
+                }
+                self.live.store(Arc::new(new));
+                self.pool.wake_all();
+                self.health
+                    .map_leases
+                    .store(leases as u64, Ordering::Relaxed);
+                self.health.map_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    leases,
+                    took_us = started.elapsed().as_micros() as u64,
+                    "subnet map updated"
                 );
-                return;
             }
-            let leases = new.map.len();
-            if let Some(d) = direct.as_mut() {
-                d.sync(new.local.subnet, new.map.nodes());
+            Err(e) => {
+                tracing::error!(error = %e, "store update rejected; keeping the last good subnet map")
             }
-            live.store(Arc::new(new));
-            pool.wake_all();
-            tracing::info!(
-                leases,
-                took_us = started.elapsed().as_micros() as u64,
-                "subnet map updated"
-            );
         }
-        Err(e) => {
-            tracing::error!(error = %e, "store update rejected; keeping the last good subnet map")
+        Ok(())
+    }
+
+    fn renew(&mut self) -> Result<()> {
+        match self.store.renew(&self.req, &self.own) {
+            Ok(own) => {
+                self.own = own;
+                self.health.set_lease_expiry(self.own.expires);
+                self.health.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(subnet = %self.own.subnet, "lease renewed");
+                Ok(())
+            }
+            Err(StoreError::LeaseLost(_)) => self.refresh(),
+            Err(e) => {
+                self.health.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "lease renewal failed; retrying");
+                Ok(())
+            }
         }
     }
 }
@@ -97,13 +278,27 @@ pub fn run(opts: RunOptions) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&shutdown))
             .context("installing signal handlers")?;
     }
-    let mut store = store::open(&opts.store)?;
-    let view = store
-        .load()
-        .with_context(|| format!("reading {}", store.describe()))?;
+    let health = Arc::new(Health::default());
+    if let Some(addr) = opts.healthz {
+        let bound = health::serve(addr, Arc::clone(&health))
+            .with_context(|| format!("serving /healthz on {addr}"))?;
+        tracing::info!(%bound, "serving /healthz, /readyz, /metrics");
+    }
+    let lease_ttl = match &opts.store {
+        StoreSpec::Etcd(o) => o.lease_ttl,
+        StoreSpec::File(_) => Duration::MAX,
+    };
+    let mut store = open_store(&opts.store)?;
+    let describe = store.describe();
+    let Some(config) = retry("reading the network config", &shutdown, &health, || {
+        store.config()
+    })?
+    else {
+        return Ok(());
+    };
     let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
-    let (port, default_tun) = match view.config.backend {
+    let (port, default_tun) = match config.backend {
         BackendConfig::Udp { port } => (port, "flannel0".to_string()),
         BackendConfig::Vxlan { vni, port, .. } => (port, format!("flannel.{vni}")),
     };
@@ -114,23 +309,54 @@ pub fn run(opts: RunOptions) -> Result<()> {
             iface.mtu
         );
     }
-    let tun_mtu = iface.mtu - view.config.backend.overhead();
-    let initial =
-        tables::build(&view, public_ip).with_context(|| format!("in {}", store.describe()))?;
+    let tun_mtu = iface.mtu - config.backend.overhead();
+    let req = LeaseRequest {
+        config: config.clone(),
+        public_ip,
+        attrs: lease_attrs(&config, public_ip),
+        previous: previous_subnet(&opts.subnet_file),
+    };
+    let Some(own) = retry("taking our lease", &shutdown, &health, || {
+        store.acquire(&req)
+    })?
+    else {
+        return Ok(());
+    };
+    health.lease_held.store(true, Ordering::Relaxed);
+    health.set_lease_expiry(own.expires);
+    let Some(mut leases) = retry("reading the leases", &shutdown, &health, || store.leases())?
+    else {
+        return Ok(());
+    };
+    if !leases.iter().any(|l| l.subnet == own.subnet) {
+        leases.push(Lease {
+            subnet: own.subnet,
+            attrs: own.attrs.clone(),
+        });
+    }
+    let view = ClusterView {
+        config: config.clone(),
+        leases,
+    };
+    let initial = tables::build(&view, public_ip, Some(own.subnet))
+        .with_context(|| format!("in {describe}"))?;
     let lease = initial.local.subnet;
+    health
+        .map_leases
+        .store(initial.map.len() as u64, Ordering::Relaxed);
     tracing::info!(
-        store = %store.describe(), iface = %iface.name, iface_ip = %iface.addr, %public_ip, %lease,
-        network = %view.config.network, backend = view.config.backend.name(), port, leases = initial.map.len(), "starting"
+        store = %describe, iface = %iface.name, iface_ip = %iface.addr, %public_ip, %lease,
+        network = %config.network, backend = config.backend.name(), port, leases = initial.map.len(), "starting"
     );
     if let Encap::Vxlan { vni, local_mac } = initial.encap {
-        tracing::info!(%vni, vtep_mac = %local_mac, "vxlan: our lease must advertise this VtepMAC for peers to reach us");
+        tracing::info!(%vni, vtep_mac = %local_mac, "vxlan: our lease advertises this VtepMAC");
     }
 
     let workers = opts.workers.max(1);
     let (queues, tun_name) = tun::open(opts.tun_name.as_deref().unwrap_or(&default_tun), workers)?;
-    netdev::configure_tun(&tun_name, lease, view.config.network, tun_mtu)?;
+    netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
     let bind = SocketAddrV4::new(iface.addr, port);
-    let vxlan = matches!(view.config.backend, BackendConfig::Vxlan { .. });
+    let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
     let mut ports = Vec::with_capacity(workers);
     for tun in queues {
         let udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
@@ -142,16 +368,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         ports.push(WorkerPorts { tun, udp, raw });
     }
 
-    SubnetEnv {
-        network: view.config.network,
-        subnet: lease,
-        mtu: tun_mtu,
-        ip_masq: opts.ip_masq,
-    }
-    .write(&opts.subnet_file)
-    .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
-
-    let mut direct = match view.config.backend {
+    let direct = match config.backend {
         BackendConfig::Vxlan {
             direct_routing: true,
             ..
@@ -164,32 +381,35 @@ pub fn run(opts: RunOptions) -> Result<()> {
     };
     let live = Arc::new(ArcSwap::from_pointee(initial));
     let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), ports)?;
+    health.set_workers(pool.shared_stats());
+    health.map_loaded.store(true, Ordering::Relaxed);
+
+    SubnetEnv {
+        network: config.network,
+        subnet: lease,
+        mtu: tun_mtu,
+        ip_masq: opts.ip_masq,
+    }
+    .write(&opts.subnet_file)
+    .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    health.subnet_env_written.store(true, Ordering::Relaxed);
     tracing::info!(tun = %tun_name, mtu = tun_mtu, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
 
-    let tick = Duration::from_millis(100);
-    let mut last_poll = Instant::now();
-    let mut last_stats = Instant::now();
-    let mut failure = None;
-    while !shutdown.load(Ordering::Relaxed) {
-        std::thread::sleep(tick);
-        if let Some(w) = pool.dead_worker() {
-            failure = Some(w);
-            break;
-        }
-        if last_poll.elapsed() >= opts.store_poll {
-            last_poll = Instant::now();
-            swap_if_changed(store.as_mut(), public_ip, &live, &pool, &mut direct);
-        }
-        if let Some(path) = &opts.stats_file {
-            if last_stats.elapsed() >= Duration::from_secs(1) {
-                last_stats = Instant::now();
-                let _ = report::write_json(path, &report::stats_json(&pool.stats()));
-            }
-        }
-    }
+    let mut control = Control {
+        store,
+        req,
+        own,
+        live: &live,
+        pool: &pool,
+        direct,
+        health: &health,
+        lease_ttl,
+    };
+    let result = control_loop(&mut control, &opts, &shutdown);
     let stats = pool.stats();
+    let direct = control.direct.take();
     let stopped = pool.stop();
-    if let Some(d) = direct.as_mut() {
+    if let Some(mut d) = direct {
         d.clear();
     }
     let total = report::stats_json(&stats);
@@ -197,10 +417,64 @@ pub fn run(opts: RunOptions) -> Result<()> {
         report::write_json(path, &total).with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!(stats = %total["total"], "stopped");
-    if let Some(w) = failure {
-        stopped.with_context(|| format!("worker {w} stopped"))?;
-        bail!("worker {w} stopped unexpectedly");
+    match result? {
+        Some(w) => {
+            stopped.with_context(|| format!("worker {w} stopped"))?;
+            bail!("worker {w} stopped unexpectedly");
+        }
+        None => stopped?,
     }
-    stopped?;
     Ok(())
+}
+
+/// Until shutdown: store changes, lease renewal, worker health, the stats file. Returns the
+/// index of a worker that died, if one did.
+fn control_loop(
+    c: &mut Control,
+    opts: &RunOptions,
+    shutdown: &AtomicBool,
+) -> Result<Option<usize>> {
+    let mut last_stats = Instant::now();
+    let mut next_renew_try = Instant::now();
+    let mut reachable = true;
+    while !shutdown.load(Ordering::Relaxed) {
+        if let Some(w) = c.pool.dead_worker() {
+            return Ok(Some(w));
+        }
+        match c.store.wait_changes(TICK) {
+            Ok(changed) => {
+                if !reachable {
+                    tracing::info!("store reachable again");
+                }
+                reachable = true;
+                if changed {
+                    c.refresh()?;
+                }
+            }
+            Err(e) => {
+                c.health.store_errors.fetch_add(1, Ordering::Relaxed);
+                if reachable {
+                    tracing::warn!(error = %e, "store unreachable; forwarding on the last subnet map and reconnecting");
+                }
+                reachable = false;
+            }
+        }
+        c.health.store_reachable.store(reachable, Ordering::Relaxed);
+        c.health
+            .store_reconnects
+            .store(c.store.reconnects(), Ordering::Relaxed);
+        if let Some(at) = renew_at(&c.own, opts.renew_margin, c.lease_ttl) {
+            if SystemTime::now() >= at && Instant::now() >= next_renew_try {
+                next_renew_try = Instant::now() + RENEW_RETRY;
+                c.renew()?;
+            }
+        }
+        if let Some(path) = &opts.stats_file {
+            if last_stats.elapsed() >= Duration::from_secs(1) {
+                last_stats = Instant::now();
+                let _ = report::write_json(path, &report::stats_json(&c.pool.stats()));
+            }
+        }
+    }
+    Ok(None)
 }

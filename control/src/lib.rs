@@ -7,7 +7,11 @@
 //!
 //! The binary adds `podwire run` (the daemon), `podwire replay` and `podwire lab`.
 
+pub mod allocate;
 pub mod config;
+pub mod etcd;
+pub mod etcd_server;
+pub mod health;
 pub mod lease;
 pub mod netdev;
 pub mod report;

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node daemon: join the cluster from the store and forward pod traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a capture through the pipeline offline (no devices, no root) and write what would leave.
     Replay(ReplayArgs),
     /// Build a cluster in network namespaces, run podwire on every node, send real traffic
@@ -32,10 +32,45 @@ enum Cmd {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Cluster store: `file:PATH`, a JSON file mirroring flannel's etcd keyspace
-    /// ({"config": net-conf.json, "subnets": {"10.244.1.0-24": lease, ...}}), re-read on change.
+    /// Embedded cluster store instead of etcd: `file:PATH`, a read-only JSON file mirroring
+    /// flannel's etcd keyspace ({"config": net-conf.json, "subnets": {"10.244.1.0-24": lease,
+    /// ...}}), re-read on change. Every node's lease must be in it.
     #[arg(long)]
-    store: String,
+    store: Option<String>,
+    /// etcd endpoints, comma-separated (flannel's schema, v3 API).
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = podwire::etcd::DEFAULT_ENDPOINTS)]
+    etcd_endpoints: String,
+    /// etcd key prefix of the network config and leases.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = podwire::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA certificate (PEM) to verify etcd's TLS certificate (use https:// endpoints).
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd; used together with --etcd-keyfile.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd; used together with --etcd-certfile.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD")]
+    etcd_password: Option<String>,
+    /// Minutes before expiry at which the lease is renewed (1-1439), as flanneld.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=1439))]
+    subnet_lease_renew_margin: u64,
+    /// TTL in seconds of the leases podwire writes (flanneld: 86400). For tests of renewal.
+    #[arg(long, default_value_t = 86400, hide = true)]
+    subnet_lease_ttl: u64,
+    /// Address for the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    healthz_ip: std::net::IpAddr,
+    /// Port for /healthz, /readyz and /metrics (0: disabled), as flanneld.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    healthz_port: u16,
     /// Underlay interface, by name or IPv4 address (default: the default route's interface).
     #[arg(long)]
     iface: Option<String>,
@@ -66,9 +101,6 @@ struct RunArgs {
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
-    /// How often to check the store for changes, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    store_poll_ms: u64,
     /// Write worker counters and drops by reason here as JSON, every second and at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
@@ -143,6 +175,15 @@ struct LabArgs {
     /// Keep the lab's directory (cluster file, logs, stats) under /tmp.
     #[arg(long)]
     keep_logs: bool,
+    /// Cluster store: `file` (one JSON file every node reads) or `etcd` (a real etcd the lab
+    /// starts on the underlay; nodes take their leases from it, and the lab adds checks of
+    /// lease retake, node leave/rejoin and an etcd outage under traffic).
+    #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
+    store: String,
+    /// With `--store etcd`: leases of absent nodes written before the nodes start (the network
+    /// becomes 10.0.0.0/8 to hold them), e.g. 1000 or 5000 to time start-up under load.
+    #[arg(long, default_value_t = 0)]
+    extra_leases: usize,
 }
 
 fn init_logging() {
@@ -168,8 +209,27 @@ fn main() -> Result<()> {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
+            let store = match a.store {
+                Some(spec) => daemon::StoreSpec::File(spec),
+                None => daemon::StoreSpec::Etcd(podwire::etcd::EtcdOptions {
+                    endpoints: a
+                        .etcd_endpoints
+                        .split(',')
+                        .map(|e| e.trim().to_string())
+                        .filter(|e| !e.is_empty())
+                        .collect(),
+                    prefix: a.etcd_prefix,
+                    ca_file: a.etcd_cafile,
+                    cert_file: a.etcd_certfile,
+                    key_file: a.etcd_keyfile,
+                    username: a.etcd_username,
+                    password: a.etcd_password,
+                    lease_ttl: Duration::from_secs(a.subnet_lease_ttl.max(10)),
+                    ..Default::default()
+                }),
+            };
             daemon::run(daemon::RunOptions {
-                store: a.store,
+                store,
                 iface: a.iface,
                 public_ip: a.public_ip,
                 subnet_file: a.subnet_file,
@@ -183,7 +243,9 @@ fn main() -> Result<()> {
                     ..WorkerConfig::default()
                 },
                 socket_buffer: a.socket_buffer,
-                store_poll: Duration::from_millis(a.store_poll_ms.max(10)),
+                renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
+                healthz: (a.healthz_port != 0)
+                    .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
                 stats_file: a.stats_file,
             })
         }
@@ -202,6 +264,8 @@ fn main() -> Result<()> {
                 json: a.json,
                 capture: a.capture,
                 keep_logs: a.keep_logs,
+                etcd: a.store == "etcd",
+                extra_leases: a.extra_leases,
             })?;
             if !ok {
                 std::process::exit(1);
@@ -212,9 +276,13 @@ fn main() -> Result<()> {
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {
-    let mut store = podwire::store::open(&a.store)?;
-    let view = store.load()?;
-    let tables = podwire::tables::build(&view, a.public_ip)?;
+    let view = podwire::store::FileStore::new(
+        a.store
+            .strip_prefix("file:")
+            .context("replay reads a file store: --store file:PATH")?,
+    )
+    .load()?;
+    let tables = podwire::tables::build(&view, a.public_ip, None)?;
     let from = match a.from {
         Side::Tun => Direction::FromTun,
         Side::Underlay => Direction::FromUnderlay,

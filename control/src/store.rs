@@ -1,18 +1,24 @@
 //! The cluster store: where the network config and every node's lease live.
 //!
-//! `Store` is what the daemon needs of it; `FileStore` is the embedded store, a JSON file that
-//! mirrors flannel's etcd keyspace exactly, so moving to etcd changes no data:
-//! `{"config": <net-conf.json>, "subnets": {"10.244.1.0-24": <lease JSON>, ...}}`.
+//! `Store` is what the daemon needs of it: the config, our own lease (taken and renewed as
+//! flanneld does), and every lease, kept current. Two stores implement it:
+//! - [`crate::etcd::EtcdStore`]: flannel's etcd v3 keyspace, shared with flanneld nodes.
+//! - [`FileStore`], the embedded store: a JSON file that mirrors the same keyspace exactly, so
+//!   moving to etcd changes no data:
+//!   `{"config": <net-conf.json>, "subnets": {"10.244.1.0-24": <lease JSON>, ...}}`.
+//!   It is read-only: every node's lease is written into it beforehand.
 
+use crate::allocate;
 use crate::config::{ConfigError, NetConfJson, NetworkConfig};
 use crate::lease::LeaseAttrs;
 use podwire_dataplane::route::Ipv4Net;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-/// Why the store could not be read.
+/// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot read {path}: {source}")]
@@ -20,10 +26,40 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Invalid { path: PathBuf, source: ConfigError },
+    #[error("{at}: {source}")]
+    Invalid { at: String, source: ConfigError },
     #[error("unsupported store {0:?} (want file:PATH)")]
     Spec(String),
+    #[error("{0} is missing: write the network config (net-conf.json) there first")]
+    NoConfig(String),
+    #[error("{store}: no lease has PublicIP {public_ip} (a file store is read-only: add this node's lease to it)")]
+    NoLease { store: String, public_ip: Ipv4Addr },
+    #[error("no free subnet left between SubnetMin and SubnetMax")]
+    Exhausted,
+    #[error("gave up taking a subnet after {0} attempts lost to other nodes")]
+    Contended(usize),
+    #[error("our lease {0} is gone from the store")]
+    LeaseLost(Ipv4Net),
+    #[error("etcd ({endpoints}): {source}")]
+    Etcd {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd ({endpoints}): no answer within {timeout:?}")]
+    Timeout {
+        endpoints: String,
+        timeout: Duration,
+    },
+    #[error("etcd ({endpoints}) unreachable; next attempt in {retry_in:?}")]
+    Reconnecting {
+        endpoints: String,
+        retry_in: Duration,
+    },
+    #[error("etcd TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One lease as the store holds it.
@@ -40,17 +76,51 @@ pub struct ClusterView {
     pub leases: Vec<Lease>,
 }
 
-/// A cluster store.
-pub trait Store: Send {
-    /// A short description for logs ("file:/etc/podwire/cluster.json").
-    fn describe(&self) -> String;
-    /// Reads the whole config and lease set.
-    fn load(&mut self) -> Result<ClusterView, StoreError>;
-    /// Cheap check whether `load` could return something new since the last `load`.
-    fn changed(&mut self) -> bool;
+/// What a node asks for when it takes its lease.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    pub config: NetworkConfig,
+    pub public_ip: Ipv4Addr,
+    /// The value to write (flanneld's form for our backend).
+    pub attrs: LeaseAttrs,
+    /// The subnet of the previous run (from subnet.env), taken again if it is still free.
+    pub previous: Option<Ipv4Net>,
 }
 
-/// Opens a store from its spec (`file:PATH`).
+/// The lease this node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnLease {
+    pub subnet: Ipv4Net,
+    pub attrs: LeaseAttrs,
+    /// When it runs out unless renewed; `None` for leases that never expire (a file store's,
+    /// or an etcd reservation: a key without an etcd lease).
+    pub expires: Option<SystemTime>,
+}
+
+/// A cluster store.
+pub trait Store: Send {
+    /// A short description for logs ("file:/etc/podwire/cluster.json", "etcd http://...").
+    fn describe(&self) -> String;
+    /// Reads and validates the network config.
+    fn config(&mut self) -> Result<NetworkConfig, StoreError>;
+    /// Takes this node's lease as flanneld does: the lease with our PublicIP, else the previous
+    /// subnet if free, else a random free one; a lost race is retried.
+    fn acquire(&mut self, req: &LeaseRequest) -> Result<OwnLease, StoreError>;
+    /// Extends our lease by a full TTL; `LeaseLost` if it is no longer in the store.
+    fn renew(&mut self, req: &LeaseRequest, own: &OwnLease) -> Result<OwnLease, StoreError>;
+    /// Every valid lease as the store last showed it (leases that fail validation are logged
+    /// and left out, so one bad key cannot freeze the cluster's map).
+    fn leases(&mut self) -> Result<Vec<Lease>, StoreError>;
+    /// Waits at most `wait` for lease changes; true if `leases` has something new. An error
+    /// means the store is unreachable: the caller keeps its last map and calls again.
+    fn wait_changes(&mut self, wait: Duration) -> Result<bool, StoreError>;
+    /// Times the store connection was re-established after a failure.
+    fn reconnects(&self) -> u64 {
+        0
+    }
+}
+
+/// Opens a file store from its spec (`file:PATH`).
 pub fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(Box::new(FileStore::new(path))),
@@ -120,12 +190,9 @@ impl FileStore {
     }
 }
 
-impl Store for FileStore {
-    fn describe(&self) -> String {
-        format!("file:{}", self.path.display())
-    }
-
-    fn load(&mut self) -> Result<ClusterView, StoreError> {
+impl FileStore {
+    /// Reads the whole file.
+    pub fn load(&mut self) -> Result<ClusterView, StoreError> {
         let stamp = self.stamp();
         let text = std::fs::read_to_string(&self.path).map_err(|source| StoreError::Read {
             path: self.path.clone(),
@@ -133,13 +200,55 @@ impl Store for FileStore {
         })?;
         self.seen = stamp;
         parse_cluster(&text).map_err(|source| StoreError::Invalid {
-            path: self.path.clone(),
+            at: self.path.display().to_string(),
             source,
         })
     }
 
-    fn changed(&mut self) -> bool {
+    /// Cheap check whether the file changed since the last `load`.
+    pub fn changed(&self) -> bool {
         self.stamp() != self.seen
+    }
+}
+
+impl Store for FileStore {
+    fn describe(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+
+    fn config(&mut self) -> Result<NetworkConfig, StoreError> {
+        Ok(self.load()?.config)
+    }
+
+    fn acquire(&mut self, req: &LeaseRequest) -> Result<OwnLease, StoreError> {
+        let view = self.load()?;
+        view.leases
+            .into_iter()
+            .find(|l| {
+                l.attrs.public_ip == req.public_ip && allocate::compatible(&view.config, &l.subnet)
+            })
+            .map(|l| OwnLease {
+                subnet: l.subnet,
+                attrs: l.attrs,
+                expires: None,
+            })
+            .ok_or_else(|| StoreError::NoLease {
+                store: self.describe(),
+                public_ip: req.public_ip,
+            })
+    }
+
+    fn renew(&mut self, _req: &LeaseRequest, own: &OwnLease) -> Result<OwnLease, StoreError> {
+        Ok(own.clone())
+    }
+
+    fn leases(&mut self) -> Result<Vec<Lease>, StoreError> {
+        Ok(self.load()?.leases)
+    }
+
+    fn wait_changes(&mut self, wait: Duration) -> Result<bool, StoreError> {
+        std::thread::sleep(wait);
+        Ok(self.changed())
     }
 }
 
@@ -206,7 +315,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cluster.json");
         std::fs::write(&path, GOOD).unwrap();
-        let mut store = open(&format!("file:{}", path.display())).unwrap();
+        let mut store = FileStore::new(&path);
         assert!(store.changed());
         assert_eq!(store.load().unwrap().leases.len(), 2);
         assert!(!store.changed());
@@ -225,5 +334,6 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(open("etcd:x").is_err());
+        assert!(open(&format!("file:{}", path.display())).is_ok());
     }
 }

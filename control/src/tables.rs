@@ -7,29 +7,39 @@ use podwire_dataplane::route::{Backend, Ipv4Net, SubnetMap};
 use podwire_dataplane::wire::MacAddr;
 use std::net::Ipv4Addr;
 
-/// Builds the tables a node with `public_ip` forwards with. Its own lease is the one whose
-/// PublicIP is ours, as flanneld reuses a lease by PublicIP.
-pub fn build(view: &ClusterView, public_ip: Ipv4Addr) -> Result<Tables, ConfigError> {
+/// Builds the tables a node with `public_ip` forwards with. Its own lease is `own` when the
+/// store handed it out, else the one whose PublicIP is ours (as flanneld reuses a lease by
+/// PublicIP). With `own` given, other leases that claim our PublicIP (stale ones a store may
+/// still hold) are left out: routing them would send traffic back to ourselves.
+pub fn build(
+    view: &ClusterView,
+    public_ip: Ipv4Addr,
+    own: Option<Ipv4Net>,
+) -> Result<Tables, ConfigError> {
     let cfg = &view.config;
     let mut map = SubnetMap::new(cfg.network, cfg.subnet_len)
         .map_err(|e| ConfigError::new("config.SubnetLen", e.to_string()))?;
-    let mut own: Option<(Ipv4Net, Backend)> = None;
+    let mut own_found: Option<(Ipv4Net, Backend)> = None;
     for lease in &view.leases {
         let key = format!("subnets.{}", lease.subnet.flannel_key());
+        if own.is_some_and(|o| o != lease.subnet) && lease.attrs.public_ip == public_ip {
+            tracing::warn!(%key, "leaving out a second lease with our PublicIP");
+            continue;
+        }
         let node = lease.attrs.to_node(lease.subnet, &key)?;
         map.insert(node)
             .map_err(|e| ConfigError::new(&key, e.to_string()))?;
         if lease.attrs.public_ip == public_ip {
-            if let Some((first, _)) = own {
+            if let Some((first, _)) = own_found {
                 return Err(ConfigError::new(
                     &key,
                     format!("a second lease for PublicIP {public_ip} (first: {first})"),
                 ));
             }
-            own = Some((lease.subnet, node.backend));
+            own_found = Some((lease.subnet, node.backend));
         }
     }
-    let (subnet, own_backend) = own.ok_or_else(|| {
+    let (subnet, own_backend) = own_found.ok_or_else(|| {
         ConfigError::new(
             "subnets",
             format!("no lease has PublicIP {public_ip}: add this node's lease"),
@@ -79,6 +89,7 @@ mod tests {
         let t = build(
             &parse_cluster(FILE).unwrap(),
             "192.168.0.2".parse().unwrap(),
+            None,
         )
         .unwrap();
         assert_eq!(t.local.subnet.to_string(), "10.244.2.0/24");
@@ -93,7 +104,7 @@ mod tests {
         let vx = FILE.replace(r#""Network": "10.244.0.0/16"}"#, r#""Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}}"#)
             .replace(r#""192.168.0.2", "PublicIPv6": null}"#, r#""192.168.0.2", "PublicIPv6": null, "BackendType": "vxlan", "BackendData": {"VNI": 7, "VtepMAC": "c6:d2:32:6f:8f:44"}}"#);
         let view = parse_cluster(&vx).unwrap();
-        let t = build(&view, "192.168.0.2".parse().unwrap()).unwrap();
+        let t = build(&view, "192.168.0.2".parse().unwrap(), None).unwrap();
         let vni = podwire_dataplane::wire::vxlan::Vni::new(7).unwrap();
         assert_eq!(
             t.encap,
@@ -103,7 +114,7 @@ mod tests {
             }
         );
         assert_eq!(t.peer_port, 8472);
-        let t = build(&view, "192.168.0.1".parse().unwrap()).unwrap();
+        let t = build(&view, "192.168.0.1".parse().unwrap(), None).unwrap();
         let mac = derived_vtep_mac("192.168.0.1".parse().unwrap());
         assert!(mac.is_local_unicast());
         assert_eq!(
@@ -119,17 +130,26 @@ mod tests {
     fn test_missing_or_double_own_lease() {
         let view = parse_cluster(FILE).unwrap();
         assert_eq!(
-            build(&view, "192.168.0.9".parse().unwrap())
+            build(&view, "192.168.0.9".parse().unwrap(), None)
                 .unwrap_err()
                 .key,
             "subnets"
         );
         let double = parse_cluster(&FILE.replace("192.168.0.2", "192.168.0.1")).unwrap();
         assert_eq!(
-            build(&double, "192.168.0.1".parse().unwrap())
+            build(&double, "192.168.0.1".parse().unwrap(), None)
                 .unwrap_err()
                 .key,
             "subnets.10.244.2.0-24"
         );
+        // A store that handed out our lease: the stale twin is left out of the map.
+        let t = build(
+            &double,
+            "192.168.0.1".parse().unwrap(),
+            Some("10.244.1.0/24".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(t.local.subnet.to_string(), "10.244.1.0/24");
+        assert_eq!(t.map.len(), 1);
     }
 }

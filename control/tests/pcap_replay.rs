@@ -152,7 +152,7 @@ fn every_case_replays_to_its_expected_output() {
         )
         .unwrap();
         let public_ip: Ipv4Addr = case["public_ip"].as_str().unwrap().parse().unwrap();
-        let tables = podwire::tables::build(&view, public_ip).unwrap();
+        let tables = podwire::tables::build(&view, public_ip, None).unwrap();
         let from = match case["from"].as_str().unwrap() {
             "tun" => Direction::FromTun,
             "underlay" => Direction::FromUnderlay,

@@ -161,6 +161,11 @@ impl WorkerPool {
         self.stats.iter().map(|s| s.snapshot()).collect()
     }
 
+    /// The workers' shared counters, for readers on other threads (metrics).
+    pub fn shared_stats(&self) -> Vec<Arc<SharedStats>> {
+        self.stats.clone()
+    }
+
     /// The first worker that has stopped on its own, if any (it failed or panicked).
     pub fn dead_worker(&self) -> Option<usize> {
         self.handles.iter().position(|h| h.is_finished())

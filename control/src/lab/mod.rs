@@ -12,6 +12,7 @@
 //! node's subnet.env, as the flannel CNI plugin sets it. Everything is torn down at the end, on
 //! failure, and on Ctrl-C; leftovers of a lab that was killed are removed by the next one.
 
+mod etcd_lab;
 mod netns;
 mod traffic;
 
@@ -24,7 +25,6 @@ use podwire_dataplane::pipeline::DropReason;
 use podwire_dataplane::stats::{Counter, LocalStats};
 use podwire_dataplane::wire::MacAddr;
 use serde_json::json;
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,6 +49,11 @@ pub struct LabOptions {
     /// Record the underlay's encapsulated traffic to this pcap file (with tshark).
     pub capture: Option<PathBuf>,
     pub keep_logs: bool,
+    /// Join through a real etcd the lab starts (flannel's keyspace) instead of a cluster file.
+    pub etcd: bool,
+    /// With etcd: leases of absent nodes written before the nodes start (the network grows to
+    /// 10.0.0.0/8 to hold them), to load the map.
+    pub extra_leases: usize,
 }
 
 const UNDERLAY_NET: &str = "10.99.0";
@@ -91,6 +96,15 @@ impl LabOptions {
     }
 }
 
+/// The pod network: 10.244.0.0/16, or 10.0.0.0/8 when extra leases need the room.
+fn network(opts: &LabOptions) -> &'static str {
+    if opts.extra_leases > 0 {
+        "10.0.0.0/8"
+    } else {
+        "10.244.0.0/16"
+    }
+}
+
 fn underlay_ip(i: usize) -> Ipv4Addr {
     format!("{UNDERLAY_NET}.{}", 10 + i)
         .parse()
@@ -122,6 +136,8 @@ struct Resources {
     names: Names,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
+    /// The lab's etcd (`--store etcd`), stopped before the namespaces go.
+    etcd: Option<podwire::etcd_server::EtcdServer>,
     keep_dir: bool,
 }
 
@@ -130,12 +146,13 @@ impl Resources {
         self.names.ns(suffix)
     }
 
-    fn stop_children(&mut self) {
-        for (_, child) in &self.children {
+    /// SIGTERM to every child, SIGKILL to those still there after 5 s.
+    fn stop(children: &mut [(String, Child)]) {
+        for (_, child) in children.iter() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in &mut self.children {
+        for (_, child) in children.iter_mut() {
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -144,11 +161,24 @@ impl Resources {
             }
             let _ = child.wait();
         }
+    }
+
+    fn stop_children(&mut self) {
+        Self::stop(&mut self.children);
         self.children.clear();
+    }
+
+    /// Stops the child called `name` (e.g. "n3").
+    fn stop_child(&mut self, name: &str) {
+        let (mut stopping, keep): (Vec<_>, Vec<_>) =
+            self.children.drain(..).partition(|(n, _)| n == name);
+        self.children = keep;
+        Self::stop(&mut stopping);
     }
 
     fn teardown(&mut self) {
         self.stop_children();
+        self.etcd = None;
         for ns in self.namespaces.drain(..).rev() {
             for pid in netns::pids(&ns) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -250,6 +280,18 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     }
     netns::ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
     netns::ip_in(&u, &["link", "set", "br0", "up"])?;
+    if opts.etcd {
+        netns::ip_in(
+            &u,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", etcd_lab::ETCD_IP),
+                "dev",
+                "br0",
+            ],
+        )?;
+    }
     let attach = |port: &str, host_ns: &str, ip: Ipv4Addr| -> Result<()> {
         netns::ip_in(
             &u,
@@ -316,7 +358,7 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
         })
         .collect();
     json!({
-        "config": {"Network": "10.244.0.0/16", "SubnetLen": 24,
+        "config": {"Network": network(opts), "SubnetLen": 24,
                    "Backend": if opts.vxlan() {
                        json!({"Type": "vxlan", "DirectRouting": opts.direct_routing})
                    } else {
@@ -326,85 +368,135 @@ fn cluster_file(opts: &LabOptions) -> serde_json::Value {
     })
 }
 
-fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()> {
+/// Starts `podwire run` on node `i` (file store or the lab's etcd).
+fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> Result<()> {
     let dir = res.names.dir.clone();
-    let cluster = dir.join("cluster.json");
-    std::fs::write(&cluster, serde_json::to_vec_pretty(&cluster_file(opts))?)?;
-    for i in opts.podwire_nodes() {
-        let node_dir = dir.join(format!("n{i}"));
-        std::fs::create_dir_all(&node_dir)?;
-        let log = File::create(node_dir.join("podwire.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &res.ns(&format!("n{i}"))])
-            .arg(exe)
-            .args([
-                "run",
-                "--store",
-                &format!("file:{}", cluster.display()),
-                "--iface",
-                "eth0",
-            ])
-            .args([
-                "--subnet-file",
-                &node_dir.join("subnet.env").display().to_string(),
-            ])
-            .args([
-                "--stats-file",
-                &node_dir.join("stats.json").display().to_string(),
-            ])
-            .args([
-                "--workers",
-                &opts.workers.to_string(),
-                "--no-pin",
-                "--exit-with-parent",
-            ])
-            .args(["--store-poll-ms", "100"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting podwire")?;
-        res.children.push((format!("n{i}"), child));
+    let node_dir = dir.join(format!("n{i}"));
+    std::fs::create_dir_all(&node_dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node_dir.join("podwire.log"))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &res.ns(&format!("n{i}"))])
+        .arg(exe)
+        .arg("run");
+    if opts.etcd {
+        cmd.args(["--etcd-endpoints", &etcd_lab::endpoint()])
+            .args(["--healthz-ip", &underlay_ip(i).to_string()])
+            .args(["--healthz-port", &etcd_lab::HEALTHZ_PORT.to_string()]);
+    } else {
+        cmd.args([
+            "--store",
+            &format!("file:{}", dir.join("cluster.json").display()),
+        ]);
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for i in opts.podwire_nodes() {
-        let env = dir.join(format!("n{i}/subnet.env"));
-        while !env.exists() {
-            let name = format!("n{i}");
-            if let Some((_, child)) = res.children.iter_mut().find(|(n, _)| *n == name) {
-                if let Ok(Some(status)) = child.try_wait() {
-                    bail!(
-                        "podwire on node {i} exited ({status}):\n{}",
-                        log_tail(&dir, i)
-                    );
-                }
-            }
-            if Instant::now() > deadline {
+    cmd.args(["--iface", "eth0"])
+        .args([
+            "--subnet-file",
+            &node_dir.join("subnet.env").display().to_string(),
+        ])
+        .args([
+            "--stats-file",
+            &node_dir.join("stats.json").display().to_string(),
+        ])
+        .args([
+            "--workers",
+            &opts.workers.to_string(),
+            "--no-pin",
+            "--exit-with-parent",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = cmd.spawn().context("starting podwire")?;
+    res.children.push((format!("n{i}"), child));
+    Ok(())
+}
+
+/// Waits until node `i` is ready (subnet.env written; with etcd, /readyz answering 200), then
+/// gives its pod interface FLANNEL_MTU, as the flannel CNI plugin does.
+fn wait_node_ready(res: &mut Resources, opts: &LabOptions, i: usize) -> Result<()> {
+    let dir = res.names.dir.clone();
+    let env = dir.join(format!("n{i}/subnet.env"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let names = res.names.clone();
+    loop {
+        let ready = if opts.etcd {
+            etcd_lab::ready(&names, i)
+        } else {
+            env.exists()
+        };
+        if ready {
+            break;
+        }
+        let name = format!("n{i}");
+        if let Some((_, child)) = res.children.iter_mut().find(|(n, _)| *n == name) {
+            if let Ok(Some(status)) = child.try_wait() {
                 bail!(
-                    "podwire on node {i} did not write subnet.env in 15 s:\n{}",
+                    "podwire on node {i} exited ({status}):\n{}",
                     log_tail(&dir, i)
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        // The pod interface gets FLANNEL_MTU, as the flannel CNI plugin sets it.
-        let mtu = subnet_env::read_value(&env, "FLANNEL_MTU")
-            .context("FLANNEL_MTU missing from subnet.env")?;
-        netns::ip_in(
-            &res.ns(&format!("p{i}")),
-            &["link", "set", "eth0", "mtu", &mtu],
-        )?;
-        netns::ip_in(
-            &res.ns(&format!("n{i}")),
-            &["link", "set", "vpod", "mtu", &mtu],
-        )?;
+        if Instant::now() > deadline {
+            bail!(
+                "podwire on node {i} was not ready in 20 s:\n{}",
+                log_tail(&dir, i)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mtu = subnet_env::read_value(&env, "FLANNEL_MTU")
+        .context("FLANNEL_MTU missing from subnet.env")?;
+    netns::ip_in(
+        &res.ns(&format!("p{i}")),
+        &["link", "set", "eth0", "mtu", &mtu],
+    )?;
+    netns::ip_in(
+        &res.ns(&format!("n{i}")),
+        &["link", "set", "vpod", "mtu", &mtu],
+    )?;
+    Ok(())
+}
+
+/// Starts podwire on every podwire node. With etcd the last one joins only once the others are
+/// ready, so the traffic checks show a late joiner reachable without restarting anyone.
+fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()> {
+    let nodes = opts.podwire_nodes();
+    if opts.etcd {
+        for &i in &nodes {
+            etcd_lab::seed_subnet_env(&res.names, opts, i)?;
+        }
+        let (late, first) = nodes.split_last().expect("at least one podwire node");
+        let first = if first.is_empty() { &nodes[..] } else { first };
+        for &i in first {
+            spawn_node(res, opts, exe, i)?;
+        }
+        for &i in first {
+            wait_node_ready(res, opts, i)?;
+        }
+        if !first.contains(late) {
+            spawn_node(res, opts, exe, *late)?;
+            wait_node_ready(res, opts, *late)?;
+        }
+        return Ok(());
+    }
+    let cluster = res.names.dir.join("cluster.json");
+    std::fs::write(&cluster, serde_json::to_vec_pretty(&cluster_file(opts))?)?;
+    for &i in &nodes {
+        spawn_node(res, opts, exe, i)?;
+    }
+    for &i in &nodes {
+        wait_node_ready(res, opts, i)?;
     }
     Ok(())
 }
 
-/// The MAC flannel would have generated for node `i`'s VTEP (locally administered, unicast).
+/// Node `i`'s VTEP MAC: the one podwire derives from the PublicIP (0e:70:0a:63:00:0b for node
+/// 1), so the kernel nodes, set up before any lease is written, already know podwire's.
 fn vtep_mac(i: usize) -> MacAddr {
-    MacAddr([0x0e, 0x70, 0x77, 0, 0, i as u8])
+    podwire::tables::derived_vtep_mac(underlay_ip(i))
 }
 
 /// Configures every node's `flannel.1` exactly as flanneld's vxlan backend does: a VXLAN device
@@ -803,6 +895,12 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !["udp", "vxlan", KERNEL_VXLAN].contains(&opts.backend.as_str()) {
         bail!("--backend {}: want \"udp\" or \"vxlan\" (podwire), or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);
     }
+    if opts.extra_leases > 0 && !opts.etcd {
+        bail!("--extra-leases goes with --store etcd");
+    }
+    if opts.extra_leases > 30_000 {
+        bail!("--extra-leases: at most 30000");
+    }
     remove_stale_labs();
     let exe = std::env::current_exe().context("finding the podwire binary")?;
     let pid = std::process::id();
@@ -815,6 +913,7 @@ pub fn run(opts: LabOptions) -> Result<bool> {
         },
         namespaces: Vec::new(),
         children: Vec::new(),
+        etcd: None,
         keep_dir: opts.keep_logs,
     }));
     *ACTIVE
@@ -839,15 +938,31 @@ pub fn run(opts: LabOptions) -> Result<bool> {
 
 fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result<bool> {
     let started = Instant::now();
+    let mut figures = serde_json::Map::new();
     let r = {
         let mut r = res.lock().expect("lab resources");
         build_topology(&mut r, opts).context("building the netns cluster")?;
         if let Some(path) = &opts.capture {
             start_capture(&mut r, path)?;
         }
+        let etcd_started = Instant::now();
+        if opts.etcd {
+            let f = etcd_lab::start(&mut r, opts).context("starting the lab's etcd")?;
+            figures.insert("extra_leases".into(), json!(opts.extra_leases));
+            figures.insert("etcd_ready_ms".into(), json!(ms(f.etcd_ready)));
+            figures.insert("preload_ms".into(), json!(ms(f.preload)));
+        }
         start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
         if !opts.podwire_nodes().is_empty() {
+            let nodes_started = Instant::now();
             start_nodes(&mut r, opts, exe)?;
+            if opts.etcd {
+                figures.insert("nodes_ready_ms".into(), json!(ms(nodes_started.elapsed())));
+                figures.insert(
+                    "etcd_start_to_all_ready_ms".into(),
+                    json!(ms(etcd_started.elapsed())),
+                );
+            }
         }
         r.names.clone()
     };
@@ -927,7 +1042,11 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     if !opts.is_kernel_node(1) {
         checks.push(unreachable_check(&r)?);
         checks.push(rogue_check(&r, opts)?);
-        checks.push(map_reload_check(&r, opts)?);
+        if opts.etcd {
+            checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);
+        } else {
+            checks.push(map_reload_check(&r, opts)?);
+        }
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
@@ -969,12 +1088,48 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ),
         });
     }
-    print_summary(opts, &pairs, &checks, &stats, started.elapsed());
+    print_summary(opts, &pairs, &checks, &stats, &figures, started.elapsed());
     let ok = checks.iter().all(|c| c.ok);
     if let Some(path) = &opts.json {
-        write_json(path, opts, &pairs, &checks, &stats, ok)?;
+        write_json(path, opts, &pairs, &checks, &stats, &figures, ok)?;
     }
     Ok(ok)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Lease PUTs timed to the map being live in the workers, per run.
+const LATENCY_SAMPLES: usize = 60;
+
+/// What only a live etcd can show (see `etcd_lab`), plus the PUT-to-live latency figures.
+fn etcd_checks(
+    res: &Arc<Mutex<Resources>>,
+    r: &Names,
+    opts: &LabOptions,
+    exe: &Path,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut lat = etcd_lab::put_to_live(r, opts, LATENCY_SAMPLES)?;
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    figures.insert("put_to_live_samples".into(), json!(lat.len()));
+    figures.insert("put_to_live_p50_ms".into(), json!(ms(pct(0.50))));
+    figures.insert("put_to_live_p99_ms".into(), json!(ms(pct(0.99))));
+    figures.insert("put_to_live_max_ms".into(), json!(ms(lat[lat.len() - 1])));
+    checks.push(etcd_lab::map_size_check(r, opts.nodes + opts.extra_leases));
+    let podwire = opts.podwire_nodes();
+    if podwire.len() < 2 {
+        return Ok(checks);
+    }
+    let (other, last) = (podwire[1], podwire[podwire.len() - 1]);
+    checks.push(etcd_lab::retake_check(r, other)?);
+    checks.push(etcd_lab::outage_check(res, r, opts, other)?);
+    checks.push(etcd_lab::leave_check(res, r, opts, last)?);
+    checks.push(etcd_lab::rejoin_check(res, r, opts, exe, last)?);
+    Ok(checks)
 }
 
 fn print_summary(
@@ -982,6 +1137,7 @@ fn print_summary(
     pairs: &[PairResult],
     checks: &[Check],
     stats: &[(usize, Option<LocalStats>)],
+    figures: &serde_json::Map<String, serde_json::Value>,
     took: Duration,
 ) {
     println!();
@@ -1049,6 +1205,13 @@ fn print_summary(
             }
         }
     }
+    if !figures.is_empty() {
+        println!();
+        println!("etcd control plane:");
+        for (k, v) in figures {
+            println!("  {k:<28} {v}");
+        }
+    }
     println!();
     for c in checks {
         println!(
@@ -1077,6 +1240,7 @@ fn write_json(
     pairs: &[PairResult],
     checks: &[Check],
     stats: &[(usize, Option<LocalStats>)],
+    figures: &serde_json::Map<String, serde_json::Value>,
     ok: bool,
 ) -> Result<()> {
     let v = json!({
@@ -1084,6 +1248,8 @@ fn write_json(
         "nodes": opts.nodes,
         "backend": opts.backend,
         "transfer_mb": opts.transfer_mb,
+        "store": if opts.etcd { "etcd" } else { "file" },
+        "store_figures": figures,
         "pairs": pairs.iter().map(|p| json!({
             "from": p.from, "to": p.to,
             "ping_sent": p.ping.sent, "ping_received": p.ping.received,

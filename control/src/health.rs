@@ -1,0 +1,355 @@
+//! The daemon's HTTP endpoint, as flanneld's `-healthz-ip/-healthz-port`:
+//! - `/healthz`: 200 while the process runs.
+//! - `/readyz`: 200 once the lease is held, the map is loaded and subnet.env is written; 503
+//!   before, with what is missing in the body.
+//! - `/metrics`: Prometheus text format: dataplane counters per worker and drop reason, lease
+//!   state, map size and update count, store reconnects and errors.
+//!
+//! The control thread and the workers only store into atomics; the HTTP thread reads them, so
+//! serving a scrape never blocks forwarding or the store loop.
+
+use podwire_dataplane::pipeline::DropReason;
+use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+/// What the daemon reports about itself.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub lease_held: AtomicBool,
+    pub map_loaded: AtomicBool,
+    pub subnet_env_written: AtomicBool,
+    /// False while the store cannot be reached (forwarding goes on with the last map).
+    pub store_reachable: AtomicBool,
+    /// Unix seconds when our lease expires unless renewed; 0 for a lease that never expires.
+    pub lease_expiry_unix: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    /// Times our lease vanished from the store and was taken again.
+    pub lease_reacquisitions: AtomicU64,
+    pub map_leases: AtomicU64,
+    pub map_updates: AtomicU64,
+    pub store_reconnects: AtomicU64,
+    pub store_errors: AtomicU64,
+    workers: OnceLock<Vec<Arc<SharedStats>>>,
+}
+
+impl Health {
+    /// Hands the workers' counters to the endpoint once they run.
+    pub fn set_workers(&self, stats: Vec<Arc<SharedStats>>) {
+        let _ = self.workers.set(stats);
+    }
+
+    pub fn set_lease_expiry(&self, expires: Option<SystemTime>) {
+        let secs = expires
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        self.lease_expiry_unix.store(secs, Ordering::Relaxed);
+    }
+
+    /// What still keeps the node from being ready (empty: ready).
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if !self.lease_held.load(Ordering::Relaxed) {
+            missing.push("lease not held");
+        }
+        if !self.map_loaded.load(Ordering::Relaxed) {
+            missing.push("subnet map not loaded");
+        }
+        if !self.subnet_env_written.load(Ordering::Relaxed) {
+            missing.push("subnet.env not written");
+        }
+        missing
+    }
+
+    /// The `/metrics` page.
+    pub fn render_metrics(&self) -> String {
+        let workers: Vec<LocalStats> = self
+            .workers
+            .get()
+            .map(|w| w.iter().map(|s| s.snapshot()).collect())
+            .unwrap_or_default();
+        let packets = [
+            (Counter::RxTun, "podwire_rx_packets_total", "tun"),
+            (Counter::RxUnderlay, "podwire_rx_packets_total", "underlay"),
+            (Counter::TxTun, "podwire_tx_packets_total", "tun"),
+            (Counter::TxUnderlay, "podwire_tx_packets_total", "underlay"),
+        ];
+        let mut out = String::with_capacity(4096);
+        let mut fam = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in samples {
+                out.push_str(&s);
+                out.push('\n');
+            }
+        };
+        for (name, help) in [
+            (
+                "podwire_rx_packets_total",
+                "Packets read, by worker and port.",
+            ),
+            (
+                "podwire_tx_packets_total",
+                "Packets written, by worker and port.",
+            ),
+        ] {
+            let mut samples = Vec::new();
+            for (w, s) in workers.iter().enumerate() {
+                for (c, n, port) in packets {
+                    if n == name {
+                        samples.push(format!(
+                            "{name}{{worker=\"{w}\",port=\"{port}\"}} {}",
+                            s.counter(c)
+                        ));
+                    }
+                }
+            }
+            fam(name, "counter", help, samples);
+        }
+        for (c, name, help) in [
+            (
+                Counter::IcmpUnreachable,
+                "podwire_icmp_unreachable_total",
+                "ICMP destination-unreachable messages generated.",
+            ),
+            (
+                Counter::ChecksumsCompleted,
+                "podwire_checksums_completed_total",
+                "Inner checksums completed for senders that left them to offload.",
+            ),
+            (
+                Counter::IdleSleeps,
+                "podwire_idle_sleeps_total",
+                "Times a worker found no work and slept in epoll.",
+            ),
+        ] {
+            let samples = workers
+                .iter()
+                .enumerate()
+                .map(|(w, s)| format!("{name}{{worker=\"{w}\"}} {}", s.counter(c)))
+                .collect();
+            fam(name, "counter", help, samples);
+        }
+        let mut samples = Vec::new();
+        for (w, s) in workers.iter().enumerate() {
+            for r in DropReason::ALL {
+                samples.push(format!(
+                    "podwire_drops_total{{worker=\"{w}\",reason=\"{}\"}} {}",
+                    r.as_str(),
+                    s.drops(r)
+                ));
+            }
+        }
+        fam(
+            "podwire_drops_total",
+            "counter",
+            "Packets dropped, by worker and reason.",
+            samples,
+        );
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let b = |v: &AtomicBool| u64::from(v.load(Ordering::Relaxed));
+        let expiry = g(&self.lease_expiry_unix);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        let scalars: [(&str, &str, &str, u64); 11] = [
+            (
+                "podwire_lease_held",
+                "gauge",
+                "1 while this node holds its subnet lease.",
+                b(&self.lease_held),
+            ),
+            (
+                "podwire_lease_expiry_timestamp_seconds",
+                "gauge",
+                "Unix time our lease expires unless renewed (0: never).",
+                expiry,
+            ),
+            (
+                "podwire_lease_expiry_seconds",
+                "gauge",
+                "Seconds until our lease expires unless renewed (0: never).",
+                if expiry == 0 {
+                    0
+                } else {
+                    expiry.saturating_sub(now)
+                },
+            ),
+            (
+                "podwire_lease_renewals_total",
+                "counter",
+                "Lease renewals done.",
+                g(&self.lease_renewals),
+            ),
+            (
+                "podwire_lease_reacquisitions_total",
+                "counter",
+                "Times our lease vanished from the store and was taken again.",
+                g(&self.lease_reacquisitions),
+            ),
+            (
+                "podwire_subnet_map_leases",
+                "gauge",
+                "Leases in the live subnet map.",
+                g(&self.map_leases),
+            ),
+            (
+                "podwire_subnet_map_updates_total",
+                "counter",
+                "New subnet maps handed to the workers.",
+                g(&self.map_updates),
+            ),
+            (
+                "podwire_store_up",
+                "gauge",
+                "1 while the cluster store answers.",
+                b(&self.store_reachable),
+            ),
+            (
+                "podwire_store_reconnects_total",
+                "counter",
+                "Times the store connection came back after a failure.",
+                g(&self.store_reconnects),
+            ),
+            (
+                "podwire_store_errors_total",
+                "counter",
+                "Failed store requests.",
+                g(&self.store_errors),
+            ),
+            (
+                "podwire_ready",
+                "gauge",
+                "1 when /readyz answers 200.",
+                u64::from(self.not_ready().is_empty()),
+            ),
+        ];
+        for (name, kind, help, v) in scalars {
+            fam(name, kind, help, vec![format!("{name} {v}")]);
+        }
+        fam(
+            "podwire_workers",
+            "gauge",
+            "Forwarding workers.",
+            vec![format!("podwire_workers {}", workers.len())],
+        );
+        out
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own.
+pub fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
+    std::thread::Builder::new()
+        .name("podwire-http".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let (code, body, kind) = match req.url().split('?').next().unwrap_or("") {
+                    "/healthz" => (200, "podwire is running\n".to_string(), "text/plain"),
+                    "/readyz" => {
+                        let missing = health.not_ready();
+                        if missing.is_empty() {
+                            (200, "ready\n".to_string(), "text/plain")
+                        } else {
+                            (
+                                503,
+                                format!("not ready: {}\n", missing.join(", ")),
+                                "text/plain",
+                            )
+                        }
+                    }
+                    "/metrics" => (
+                        200,
+                        health.render_metrics(),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
+                    _ => (
+                        404,
+                        "not found: try /healthz, /readyz, /metrics\n".to_string(),
+                        "text/plain",
+                    ),
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", kind)
+                    .expect("static header is valid");
+                let _ = req.respond(
+                    tiny_http::Response::from_string(body)
+                        .with_status_code(code)
+                        .with_header(header),
+                );
+            }
+        })?;
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_readiness_and_metrics_text() {
+        let h = Arc::new(Health::default());
+        assert_eq!(h.not_ready().len(), 3);
+        let stats = Arc::new(SharedStats::default());
+        let mut local = LocalStats::default();
+        local.add(Counter::RxTun, 5);
+        local.drop(DropReason::ALL[0]);
+        stats.flush(&mut local);
+        h.set_workers(vec![stats]);
+        h.lease_held.store(true, Ordering::Relaxed);
+        h.map_loaded.store(true, Ordering::Relaxed);
+        h.subnet_env_written.store(true, Ordering::Relaxed);
+        assert!(h.not_ready().is_empty());
+        let text = h.render_metrics();
+        assert!(
+            text.contains("podwire_rx_packets_total{worker=\"0\",port=\"tun\"} 5"),
+            "{text}"
+        );
+        let reason = DropReason::ALL[0].as_str();
+        assert!(text.contains(&format!(
+            "podwire_drops_total{{worker=\"0\",reason=\"{reason}\"}} 1"
+        )));
+        assert!(text.contains("podwire_ready 1"));
+        // Every sample line belongs to the family announced before it.
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_string();
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(&family), "{line} outside {family}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_http_endpoints() {
+        let h = Arc::new(Health::default());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&h)).unwrap();
+        let get = |path: &str| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            r
+        };
+        assert!(get("/healthz").starts_with("HTTP/1.0 200"));
+        let r = get("/readyz");
+        assert!(
+            r.starts_with("HTTP/1.0 503") && r.contains("lease not held"),
+            "{r}"
+        );
+        h.lease_held.store(true, Ordering::Relaxed);
+        h.map_loaded.store(true, Ordering::Relaxed);
+        h.subnet_env_written.store(true, Ordering::Relaxed);
+        assert!(get("/readyz").starts_with("HTTP/1.0 200"));
+        assert!(get("/metrics").contains("# TYPE podwire_drops_total counter"));
+        assert!(get("/nope").starts_with("HTTP/1.0 404"));
+    }
+}
