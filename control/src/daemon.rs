@@ -478,3 +478,76 @@ fn control_loop(
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_renewal_time() {
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(100_000);
+        let own = OwnLease {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 1)),
+            expires: Some(expires),
+        };
+        let hour = Duration::from_secs(3600);
+        // flanneld: the margin before expiry.
+        assert_eq!(
+            renew_at(&own, hour, 24 * hour),
+            Some(expires - hour),
+            "60 min before a 24 h lease runs out"
+        );
+        // A TTL shorter than twice the margin renews half-way instead of constantly.
+        assert_eq!(
+            renew_at(&own, hour, Duration::from_secs(60)),
+            Some(expires - Duration::from_secs(30))
+        );
+        let forever = OwnLease {
+            expires: None,
+            ..own
+        };
+        assert_eq!(renew_at(&forever, hour, 24 * hour), None);
+    }
+
+    #[test]
+    fn test_previous_subnet_from_subnet_env() {
+        let dir = std::env::temp_dir().join(format!("podwire-prev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        assert_eq!(previous_subnet(&path), None);
+        SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.7.0/24".parse().unwrap(),
+            mtu: 1472,
+            ip_masq: false,
+        }
+        .write(&path)
+        .unwrap();
+        assert_eq!(
+            previous_subnet(&path),
+            Some("10.244.7.0/24".parse().unwrap())
+        );
+        std::fs::write(&path, "FLANNEL_SUBNET=garbage\n").unwrap();
+        assert_eq!(previous_subnet(&path), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_lease_attrs_per_backend() {
+        let udp = podwire::config::parse_net_conf(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let ip = Ipv4Addr::new(10, 99, 0, 11);
+        assert_eq!(
+            serde_json::to_string(&lease_attrs(&udp, ip)).unwrap(),
+            r#"{"PublicIP":"10.99.0.11","PublicIPv6":null}"#
+        );
+        let vxlan = podwire::config::parse_net_conf(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&lease_attrs(&vxlan, ip)).unwrap(),
+            r#"{"PublicIP":"10.99.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"0e:70:0a:63:00:0b"}}"#
+        );
+    }
+}

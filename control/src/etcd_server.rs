@@ -28,9 +28,22 @@ pub enum EtcdServerError {
     Io(#[from] std::io::Error),
 }
 
+/// PEM files for an etcd that speaks only TLS and wants client certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed the server's and the clients' certificates.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// What etcdctl presents.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 /// One running etcd.
 pub struct EtcdServer {
     child: Option<Child>,
+    tls: Option<EtcdTls>,
     netns: Option<String>,
     ip: Ipv4Addr,
     client_port: u16,
@@ -48,9 +61,22 @@ impl EtcdServer {
         peer_port: u16,
         dir: &Path,
     ) -> Result<EtcdServer, EtcdServerError> {
+        Self::start_with(netns, ip, client_port, peer_port, dir, None)
+    }
+
+    /// As `start`, with TLS and client-certificate authentication on the client port.
+    pub fn start_with(
+        netns: Option<&str>,
+        ip: Ipv4Addr,
+        client_port: u16,
+        peer_port: u16,
+        dir: &Path,
+        tls: Option<EtcdTls>,
+    ) -> Result<EtcdServer, EtcdServerError> {
         std::fs::create_dir_all(dir)?;
         let mut server = EtcdServer {
             child: None,
+            tls,
             netns: netns.map(str::to_string),
             ip,
             client_port,
@@ -76,8 +102,17 @@ impl EtcdServer {
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("podwire={peer}")])
-            .stdin(Stdio::null())
+            .args(["--initial-cluster", &format!("podwire={peer}")]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd.spawn().map_err(|source| EtcdServerError::Spawn {
@@ -99,9 +134,10 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL (`http://ip:port`).
+    /// The client URL (`http://ip:port`, or https with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     /// The server's pid, while it runs.
@@ -140,12 +176,22 @@ impl EtcdServer {
     }
 
     fn ctl_output(&self, args: &[&str]) -> std::io::Result<Output> {
-        self.command("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint(), "--command-timeout", "5s"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+        let mut cmd = self.command("etcdctl");
+        cmd.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &self.endpoint(),
+            "--command-timeout",
+            "5s",
+        ]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        cmd.args(args).stdin(Stdio::null()).output()
     }
 
     /// Runs `etcdctl` against this server; its stdout.

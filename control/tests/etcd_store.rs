@@ -10,6 +10,7 @@ use podwire::lease::LeaseAttrs;
 use podwire::store::{LeaseRequest, Store, StoreError};
 use podwire_dataplane::route::Ipv4Net;
 use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const PREFIX: &str = "/coreos.com/network";
@@ -323,4 +324,125 @@ fn test_watch_sees_flanneld_leases_deletions_and_survives_outage() {
         .iter()
         .any(|l| l.subnet.to_string() == "10.244.70.0/24")));
     assert!(s.reconnects() >= 1);
+}
+
+/// A CA, and a certificate it signs for `ip` (server) or a client, as PEM files in `dir`.
+struct TestPki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    fn new(name: &str) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = p.self_signed(&ca_key).unwrap();
+        TestPki { ca, ca_key }
+    }
+
+    fn issue(&self, dir: &std::path::Path, name: &str, server: bool) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress(std::net::IpAddr::V4(
+                Ipv4Addr::LOCALHOST,
+            )));
+        p.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn write_ca(&self, path: &std::path::Path) {
+        std::fs::write(path, self.ca.pem()).unwrap();
+    }
+}
+
+#[test]
+fn test_tls_with_client_certificates() {
+    if !etcd_available() {
+        eprintln!("skipping: etcd (Debian etcd-server) is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("podwire-etcd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = TestPki::new("cluster");
+    let ca = dir.join("ca.pem");
+    pki.write_ca(&ca);
+    let (server_cert, server_key) = pki.issue(&dir, "etcd", true);
+    let (client_cert, client_key) = pki.issue(&dir, "podwire", false);
+    let stranger = TestPki::new("stranger");
+    let (rogue_cert, rogue_key) = stranger.issue(&dir, "rogue", false);
+    let etcd = EtcdServer::start_with(
+        None,
+        Ipv4Addr::LOCALHOST,
+        free_port(),
+        free_port(),
+        &dir.join("etcd"),
+        Some(podwire::etcd_server::EtcdTls {
+            ca: ca.clone(),
+            server_cert,
+            server_key,
+            client_cert: client_cert.clone(),
+            client_key: client_key.clone(),
+        }),
+    )
+    .expect("etcd starts with TLS");
+    assert!(etcd.endpoint().starts_with("https://"));
+    etcd.put(&format!("{PREFIX}/config"), UDP_CONF).unwrap();
+    let tls_store = |cert: Option<&PathBuf>, key: Option<&PathBuf>, ca: Option<&PathBuf>| {
+        EtcdStore::new(EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            ca_file: ca.cloned(),
+            cert_file: cert.cloned(),
+            key_file: key.cloned(),
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // With the cluster's CA and a client certificate it signed: a lease, as over plain HTTP.
+    let mut good = tls_store(Some(&client_cert), Some(&client_key), Some(&ca));
+    good.config().unwrap();
+    let own = good
+        .acquire(&request(UDP_CONF, "192.168.0.1", None))
+        .unwrap();
+    assert!(etcd.get(&key(&own.subnet)).unwrap().is_some());
+    // No client certificate, one from another CA, or not trusting the server: refused.
+    for (cert, key, trust) in [
+        (None, None, Some(&ca)),
+        (Some(&rogue_cert), Some(&rogue_key), Some(&ca)),
+        (Some(&client_cert), Some(&client_key), None),
+    ] {
+        let e = tls_store(cert, key, trust).config().unwrap_err();
+        assert!(
+            matches!(e, StoreError::Etcd { .. } | StoreError::Timeout { .. }),
+            "{e}"
+        );
+    }
+    // A missing certificate file is named.
+    let e = tls_store(Some(&dir.join("nope.pem")), Some(&client_key), Some(&ca))
+        .config()
+        .unwrap_err();
+    assert!(e.to_string().contains("nope.pem"), "{e}");
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
 }
