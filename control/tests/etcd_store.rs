@@ -446,3 +446,49 @@ fn test_tls_with_client_certificates() {
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn test_username_and_password() {
+    let Some(etcd) = server("auth") else { return };
+    etcd.put(&format!("{PREFIX}/config"), UDP_CONF).unwrap();
+    // etcd's RBAC: a root user (needed to enable auth) and a flannel user with a role on the
+    // network prefix only.
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "flannel:flannelpw"],
+        &["role", "add", "flannel"],
+        &[
+            "role",
+            "grant-permission",
+            "flannel",
+            "--prefix=true",
+            "readwrite",
+            PREFIX,
+        ],
+        &["user", "grant-role", "flannel", "flannel"],
+        &["auth", "enable"],
+    ] {
+        etcd.ctl(args).unwrap();
+    }
+    let with = |user: Option<(&str, &str)>| {
+        EtcdStore::new(EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            username: user.map(|u| u.0.to_string()),
+            password: user.map(|u| u.1.to_string()),
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let mut good = with(Some(("flannel", "flannelpw")));
+    good.config().unwrap();
+    let own = good
+        .acquire(&request(UDP_CONF, "192.168.0.1", None))
+        .unwrap();
+    assert_eq!(good.leases().unwrap().len(), 1);
+    assert!(own.expires.is_some());
+    for bad in [None, Some(("flannel", "wrong"))] {
+        let e = with(bad).config().unwrap_err();
+        assert!(matches!(e, StoreError::Etcd { .. }), "{e}");
+    }
+}
