@@ -28,6 +28,35 @@ enum Cmd {
     /// Build a cluster in network namespaces, run podwire on every node, send real traffic
     /// between every pair of pods, print the figures, and tear everything down. Needs root.
     Lab(LabArgs),
+    /// End-to-end benchmark: the same workloads through kernel VXLAN (the reference), podwire
+    /// vxlan, podwire udp and host-gw routing, side by side in one run; prints a table of
+    /// ratios to kernel VXLAN and writes JSON and an SVG chart. Needs root.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Rounds over every mode; each figure is the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Megabytes per single-stream TCP run (the 4-stream run sends a quarter on each stream).
+    #[arg(long, default_value_t = 1000)]
+    tcp_mb: u64,
+    /// Seconds of 64-byte UDP traffic per run.
+    #[arg(long, default_value_t = 2.0)]
+    udp_seconds: f64,
+    /// Workers per podwire node.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference).
+    #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
+    modes: Vec<String>,
+    /// Results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    out: PathBuf,
+    /// The chart.
+    #[arg(long, default_value = "bench-results.svg")]
+    svg: PathBuf,
 }
 
 #[derive(Args)]
@@ -250,6 +279,18 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Replay(a) => replay(a),
+        Cmd::Bench(a) => {
+            lab::install_signal_teardown()?;
+            lab::bench::run(lab::bench::BenchOptions {
+                rounds: a.rounds.max(1),
+                tcp_mb: a.tcp_mb.max(4),
+                udp_seconds: a.udp_seconds.clamp(0.2, 60.0),
+                workers: a.workers.max(1),
+                modes: a.modes,
+                out: a.out,
+                svg: a.svg,
+            })
+        }
         Cmd::Lab(a) => {
             lab::install_signal_teardown()?;
             let ok = lab::run(lab::LabOptions {

@@ -455,3 +455,58 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
     assert_eq!(ports.len(), 1, "{ports:?}");
     let _ = std::fs::remove_file(&pcap);
 }
+
+#[test]
+fn e2e_bench_writes_results_and_cleans_up() {
+    let Some(_slot) = lab_slot() else { return };
+    let dir = std::env::temp_dir().join(format!("podwire-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
+    let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
+        .args([
+            "bench",
+            "--rounds",
+            "1",
+            "--tcp-mb",
+            "20",
+            "--udp-seconds",
+            "0.3",
+        ])
+        .args(["--modes", "kernel-vxlan,podwire-udp"])
+        .args([
+            "--out",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ns, procs) = leftovers(pid);
+    assert!(ns.is_empty() && procs.is_empty(), "left {ns:?} {procs:?}");
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2 * 4, "{v:#}");
+    for r in results {
+        for key in ["mode", "workload", "value", "unit", "ratio_to_kernel_vxlan"] {
+            assert!(!r[key].is_null(), "{key} missing in {r}");
+        }
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+        if r["mode"] == "kernel-vxlan" {
+            assert_eq!(r["ratio_to_kernel_vxlan"], 1.0, "{r}");
+        }
+    }
+    assert!(v["cores"].as_u64().unwrap() >= 1 && v["kernel"].as_str().is_some());
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

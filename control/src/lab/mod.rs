@@ -12,6 +12,7 @@
 //! node's subnet.env, as the flannel CNI plugin sets it. Everything is torn down at the end, on
 //! failure, and on Ctrl-C; leftovers of a lab that was killed are removed by the next one.
 
+pub mod bench;
 mod etcd_lab;
 mod netns;
 mod traffic;
@@ -901,6 +902,16 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if opts.extra_leases > 30_000 {
         bail!("--extra-leases: at most 30000");
     }
+    with_lab(&opts, |outcome| !matches!(outcome, Ok(true)), run_inner)
+}
+
+/// Runs `body` with a fresh lab registered for teardown (also on Ctrl-C), then tears it down.
+/// When `failed` says so, the nodes' log tails are printed first.
+fn with_lab<T>(
+    opts: &LabOptions,
+    failed: impl FnOnce(&Result<T>) -> bool,
+    body: impl FnOnce(&Arc<Mutex<Resources>>, &LabOptions, &Path) -> Result<T>,
+) -> Result<T> {
     remove_stale_labs();
     let exe = std::env::current_exe().context("finding the podwire binary")?;
     let pid = std::process::id();
@@ -920,9 +931,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
         .get_or_init(Default::default)
         .lock()
         .expect("lab registry") = Some(Arc::clone(&res));
-    let outcome = run_inner(&res, &opts, &exe);
+    let outcome = body(&res, opts, &exe);
     let mut guard = res.lock().expect("lab resources");
-    if outcome.is_err() || matches!(outcome, Ok(false)) {
+    if failed(&outcome) {
         for i in 1..=opts.nodes {
             eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&dir, i));
         }
@@ -936,36 +947,44 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     outcome
 }
 
+/// Builds the cluster `opts` describes and starts every node; returns where it lives.
+fn set_up(
+    res: &Arc<Mutex<Resources>>,
+    opts: &LabOptions,
+    exe: &Path,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Names> {
+    let mut r = res.lock().expect("lab resources");
+    build_topology(&mut r, opts).context("building the netns cluster")?;
+    if let Some(path) = &opts.capture {
+        start_capture(&mut r, path)?;
+    }
+    let etcd_started = Instant::now();
+    if opts.etcd {
+        let f = etcd_lab::start(&mut r, opts).context("starting the lab's etcd")?;
+        figures.insert("extra_leases".into(), json!(opts.extra_leases));
+        figures.insert("etcd_ready_ms".into(), json!(ms(f.etcd_ready)));
+        figures.insert("preload_ms".into(), json!(ms(f.preload)));
+    }
+    start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
+    if !opts.podwire_nodes().is_empty() {
+        let nodes_started = Instant::now();
+        start_nodes(&mut r, opts, exe)?;
+        if opts.etcd {
+            figures.insert("nodes_ready_ms".into(), json!(ms(nodes_started.elapsed())));
+            figures.insert(
+                "etcd_start_to_all_ready_ms".into(),
+                json!(ms(etcd_started.elapsed())),
+            );
+        }
+    }
+    Ok(r.names.clone())
+}
+
 fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result<bool> {
     let started = Instant::now();
     let mut figures = serde_json::Map::new();
-    let r = {
-        let mut r = res.lock().expect("lab resources");
-        build_topology(&mut r, opts).context("building the netns cluster")?;
-        if let Some(path) = &opts.capture {
-            start_capture(&mut r, path)?;
-        }
-        let etcd_started = Instant::now();
-        if opts.etcd {
-            let f = etcd_lab::start(&mut r, opts).context("starting the lab's etcd")?;
-            figures.insert("extra_leases".into(), json!(opts.extra_leases));
-            figures.insert("etcd_ready_ms".into(), json!(ms(f.etcd_ready)));
-            figures.insert("preload_ms".into(), json!(ms(f.preload)));
-        }
-        start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
-        if !opts.podwire_nodes().is_empty() {
-            let nodes_started = Instant::now();
-            start_nodes(&mut r, opts, exe)?;
-            if opts.etcd {
-                figures.insert("nodes_ready_ms".into(), json!(ms(nodes_started.elapsed())));
-                figures.insert(
-                    "etcd_start_to_all_ready_ms".into(),
-                    json!(ms(etcd_started.elapsed())),
-                );
-            }
-        }
-        r.names.clone()
-    };
+    let r = set_up(res, opts, exe, &mut figures)?;
     let podwire_nodes = opts.podwire_nodes();
     let kernel_nodes: Vec<usize> = (1..=opts.nodes)
         .filter(|&i| opts.is_kernel_node(i))

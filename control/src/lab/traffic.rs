@@ -333,3 +333,110 @@ mod tests {
             .verify_checksum(ip.src(), ip.dst()));
     }
 }
+
+/// Bench source: `bytes` of a fixed pattern to `dst` as fast as TCP takes them (no hashing, so
+/// the generator costs as little as the stack allows).
+pub fn tcp_blast(dst: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&dst.into(), timeout)
+        .with_context(|| format!("connecting to {dst}"))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    Pattern::new(1).fill(&mut buf);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}
+
+/// Bench sink: accepts one connection and reads it to the end; returns the byte count.
+pub fn tcp_discard(listener: TcpListener, timeout: Duration) -> Result<u64> {
+    listener.set_nonblocking(false)?;
+    let (mut s, _) = listener.accept()?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// What a UDP rate run moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpRate {
+    pub received: u64,
+    /// From the first datagram received to the last.
+    pub elapsed: Duration,
+}
+
+/// Bench source: datagrams of `ip_len` bytes (IP header included) to `dst` for `duration`,
+/// 64 per sendmmsg call, so the sender itself is not what limits the rate.
+pub fn udp_blast(dst: SocketAddrV4, ip_len: usize, duration: Duration) -> Result<u64> {
+    use podwire_dataplane::batch::Batch;
+    use podwire_dataplane::port::MmsgScratch;
+    use std::os::fd::AsFd;
+    const BATCH: usize = 64;
+    let payload = ip_len.saturating_sub(28).max(1);
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let mut batch = Batch::new(BATCH, 2048);
+    for i in 0..BATCH {
+        batch.rx_slot(i)[..payload].fill(0x5a);
+        batch.commit_rx(i, payload, dst, false);
+    }
+    let indices: Vec<u16> = (0..BATCH as u16).collect();
+    let mut scratch = MmsgScratch::new(BATCH);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        match scratch.send(sock.as_fd(), &batch, &indices) {
+            Ok(n) => sent += n as u64,
+            // A full socket buffer or a transient ICMP error: keep pushing.
+            Err(_) => std::thread::yield_now(),
+        }
+    }
+    Ok(sent)
+}
+
+/// Bench sink: counts datagrams on `sock` until none came for `idle` (after the first) or
+/// `limit` passed, reading 64 per recvmmsg call.
+pub fn udp_count(sock: UdpSocket, idle: Duration, limit: Duration) -> Result<UdpRate> {
+    use podwire_dataplane::batch::Batch;
+    use podwire_dataplane::port::MmsgScratch;
+    use std::os::fd::AsFd;
+    let mut batch = Batch::new(64, 2048);
+    let mut scratch = MmsgScratch::new(64);
+    let start = Instant::now();
+    let (mut first, mut last) = (None, start);
+    let mut received = 0u64;
+    loop {
+        batch.clear();
+        let n = match scratch.recv(sock.as_fd(), &mut batch) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let now = Instant::now();
+        if n > 0 {
+            received += n as u64;
+            first.get_or_insert(now);
+            last = now;
+        } else {
+            let quiet_since = if first.is_some() { last } else { start };
+            if now.duration_since(quiet_since) > idle || now.duration_since(start) > limit {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(UdpRate {
+        received,
+        elapsed: first.map_or(Duration::ZERO, |f| last.duration_since(f)),
+    })
+}
