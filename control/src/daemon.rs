@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub ip_masq: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
+    /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
+    pub tun_offload: bool,
     /// Renew our lease this long before it expires (flanneld's `-subnet-lease-renew-margin`).
     pub renew_margin: Duration,
     /// Where to serve /healthz, /readyz and /metrics.
@@ -353,7 +355,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
 
     let workers = opts.workers.max(1);
-    let (queues, tun_name) = tun::open(opts.tun_name.as_deref().unwrap_or(&default_tun), workers)?;
+    let (queues, tun_name, offload) = tun::open(
+        opts.tun_name.as_deref().unwrap_or(&default_tun),
+        workers,
+        opts.tun_offload,
+    )?;
+    if opts.tun_offload && !offload {
+        tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
+    }
     netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
     let bind = SocketAddrV4::new(iface.addr, port);
     let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
@@ -393,7 +402,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .write(&opts.subnet_file)
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
     health.subnet_env_written.store(true, Ordering::Relaxed);
-    tracing::info!(tun = %tun_name, mtu = tun_mtu, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
+    tracing::info!(tun = %tun_name, mtu = tun_mtu, tun_offload = offload, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
 
     let mut control = Control {
         store,

@@ -127,6 +127,11 @@ struct RunArgs {
     /// Do not pin workers to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// TUN offload: `on` reads TCP superframes (TSO) from the TUN device and segments them in
+    /// user space, one read per up to 64 KiB; `off` reads one packet per read. `on` falls back
+    /// to `off` if the kernel refuses.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    tun_offload: String,
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
@@ -272,6 +277,7 @@ fn main() -> Result<()> {
                     ..WorkerConfig::default()
                 },
                 socket_buffer: a.socket_buffer,
+                tun_offload: a.tun_offload == "on",
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),

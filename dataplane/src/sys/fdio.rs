@@ -25,6 +25,23 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     cvt(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
 }
 
+/// One writev(2) of `prefix` followed by `buf` (a TUN frame's virtio-net header and packet).
+pub fn write_prefixed(fd: BorrowedFd<'_>, prefix: &[u8], buf: &[u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: prefix.as_ptr() as *mut libc::c_void,
+            iov_len: prefix.len(),
+        },
+        libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        },
+    ];
+    // SAFETY: both iovecs describe live, readable slices borrowed across the call; writev only
+    // reads through them; the count matches the array.
+    cvt(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+}
+
 /// Waits up to `timeout_ms` for `fd` to become writable; returns whether it did.
 pub fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     let mut pfd = libc::pollfd {

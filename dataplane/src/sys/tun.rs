@@ -9,6 +9,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// TUNSETOFFLOAD flags: the kernel may hand us packets with partial checksums (CSUM) and TCP
+/// superframes (TSO4, and with ECN's CWR handling: TSO_ECN).
+pub const TUN_F_CSUM: libc::c_uint = 0x01;
+pub const TUN_F_TSO4: libc::c_uint = 0x02;
+pub const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags of the union.
 #[repr(C)]
@@ -20,7 +26,7 @@ struct IfReqFlags {
 
 /// Opens one queue of TUN device `name` (created if absent) in non-blocking mode and returns
 /// its descriptor and the device's actual name.
-pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
+pub fn open_queue(name: &str, multi_queue: bool, vnet_hdr: bool) -> io::Result<(OwnedFd, String)> {
     if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -52,6 +58,9 @@ pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
     }
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
     req.flags = flags as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` has its layout (16-byte name,
     // then the union, whose first member we use is a short), is 40 bytes like the kernel's, and
@@ -67,6 +76,17 @@ pub fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)
         .map(|&c| c as u8)
         .collect();
     Ok((fd, String::from_utf8_lossy(&actual).into_owned()))
+}
+
+/// Tells the kernel which offloads this TUN queue's reader handles (TUNSETOFFLOAD).
+pub fn set_offload(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned int of flags); no memory
+    // is passed.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
