@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub ip_masq: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
+    /// Send runs of same-size datagrams to one peer with UDP GSO (udp backend).
+    pub udp_gso: bool,
     /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
     pub tun_offload: bool,
     /// Renew our lease this long before it expires (flanneld's `-subnet-lease-renew-margin`).
@@ -368,7 +370,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
     let mut ports = Vec::with_capacity(workers);
     for tun in queues {
-        let udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
+        let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
+        // flannel-udp datagrams are inner packets as they are: a superframe's segments go out
+        // as one GSO send. (VXLAN leaves through the raw socket, which has no GSO.)
+        udp.set_gso(opts.udp_gso && !vxlan);
         let raw = if vxlan {
             Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
         } else {

@@ -132,6 +132,10 @@ struct RunArgs {
     /// to `off` if the kernel refuses.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     tun_offload: String,
+    /// UDP GSO (udp backend): `on` sends a run of same-size datagrams to one peer as one
+    /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    udp_gso: String,
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
@@ -278,6 +282,7 @@ fn main() -> Result<()> {
                 },
                 socket_buffer: a.socket_buffer,
                 tun_offload: a.tun_offload == "on",
+                udp_gso: a.udp_gso == "on",
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
