@@ -56,8 +56,11 @@ pub struct RunOptions {
     pub ip_masq: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
-    /// Send runs of same-size datagrams to one peer with UDP GSO (udp backend).
+    /// Send runs of same-size datagrams to one peer with UDP GSO.
     pub udp_gso: bool,
+    /// VXLAN leaves through the UDP socket (source port 8472, UDP GSO) instead of the raw
+    /// socket (a source port per flow, as the kernel picks them, but no GSO).
+    pub vxlan_via_socket: bool,
     /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
     pub tun_offload: bool,
     /// Renew our lease this long before it expires (flanneld's `-subnet-lease-renew-margin`).
@@ -371,10 +374,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut ports = Vec::with_capacity(workers);
     for tun in queues {
         let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
-        // flannel-udp datagrams are inner packets as they are: a superframe's segments go out
-        // as one GSO send. (VXLAN leaves through the raw socket, which has no GSO.)
-        udp.set_gso(opts.udp_gso && !vxlan);
-        let raw = if vxlan {
+        // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
+        // the raw socket (per-flow source ports) cannot use GSO.
+        udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
+        let raw = if vxlan && !opts.vxlan_via_socket {
             Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
         } else {
             None

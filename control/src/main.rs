@@ -136,6 +136,12 @@ struct RunArgs {
     /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     udp_gso: String,
+    /// How VXLAN leaves: `flow-ports` through a raw socket with a UDP source port per inner flow,
+    /// as the kernel does (spreads flows over the underlay's ECMP paths and a receiver's
+    /// queues), or `socket` from port 8472 through the UDP socket with UDP GSO (fewer, bigger
+    /// sends; every flow from this node shares one source port).
+    #[arg(long, default_value = "flow-ports", value_parser = ["flow-ports", "socket"])]
+    vxlan_tx: String,
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
@@ -222,6 +228,9 @@ struct LabArgs {
     /// becomes 10.0.0.0/8 to hold them), e.g. 1000 or 5000 to time start-up under load.
     #[arg(long, default_value_t = 0)]
     extra_leases: usize,
+    /// `podwire run --vxlan-tx` for every podwire node: `flow-ports` or `socket`.
+    #[arg(long, default_value = "flow-ports", value_parser = ["flow-ports", "socket"])]
+    vxlan_tx: String,
 }
 
 fn init_logging() {
@@ -283,6 +292,7 @@ fn main() -> Result<()> {
                 socket_buffer: a.socket_buffer,
                 tun_offload: a.tun_offload == "on",
                 udp_gso: a.udp_gso == "on",
+                vxlan_via_socket: a.vxlan_tx == "socket",
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
@@ -318,6 +328,7 @@ fn main() -> Result<()> {
                 keep_logs: a.keep_logs,
                 etcd: a.store == "etcd",
                 extra_leases: a.extra_leases,
+                vxlan_tx: a.vxlan_tx,
             })?;
             if !ok {
                 std::process::exit(1);

@@ -510,3 +510,26 @@ fn e2e_bench_writes_results_and_cleans_up() {
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn vxlan_through_the_udp_socket_with_gso_interoperates_with_kernel_nodes() {
+    let Some(_slot) = lab_slot() else { return };
+    // `--vxlan-tx socket`: podwire's VXLAN leaves from port 8472 with UDP GSO; kernel nodes
+    // must take it like any VTEP's, and the rogue and unreachable checks still hold.
+    let (report, text) = run_lab(&[
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--vxlan-tx",
+        "socket",
+        "--nodes",
+        "3",
+        "--transfer-mb",
+        "20",
+    ]);
+    assert_eq!(report["ok"], true, "{text}");
+    for p in report["pairs"].as_array().unwrap() {
+        assert_eq!(p["tcp_sha256_ok"], true, "{p}");
+    }
+}

@@ -21,6 +21,7 @@ use crate::sys;
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -79,7 +80,9 @@ pub struct WorkerPorts {
     pub tun: TunQueue,
     /// Its underlay socket (receives, and sends flannel-udp datagrams).
     pub udp: UdpPort,
-    /// Sends packets whose outer headers the pipeline wrote (VXLAN); None for flannel udp.
+    /// Sends packets whose outer headers the pipeline wrote (VXLAN), so each flow keeps its own
+    /// UDP source port. None for flannel udp, and for VXLAN sent through `udp` instead (from
+    /// our port 8472, with UDP GSO): the outer IP and UDP headers are then left to the kernel.
     pub raw: Option<RawIpPort>,
 }
 
@@ -205,6 +208,9 @@ struct Dispatch {
     n_tun: usize,
 }
 
+/// Outer IPv4 (20) and UDP (8) headers of an encapsulated packet.
+const OUTER_IP_UDP: usize = 28;
+
 impl Dispatch {
     fn new() -> Dispatch {
         Dispatch {
@@ -218,7 +224,7 @@ impl Dispatch {
     }
 
     /// Sorts the decided batch by verdict, counts drops, and sends.
-    fn run(&mut self, batch: &Batch, ports: &mut WorkerPorts, stats: &mut LocalStats) {
+    fn run(&mut self, batch: &mut Batch, ports: &mut WorkerPorts, stats: &mut LocalStats) {
         self.n_underlay = 0;
         self.n_raw = 0;
         self.n_tun = 0;
@@ -227,6 +233,20 @@ impl Dispatch {
                 Verdict::ToUnderlay(_) => {
                     self.to_underlay[self.n_underlay] = i as u16;
                     self.n_underlay += 1;
+                }
+                Verdict::ToUnderlayIp(peer) if ports.raw.is_none() => {
+                    // Through the UDP socket: hand it the datagram's payload (VXLAN onwards) and
+                    // the peer's port from the outer UDP header the pipeline wrote.
+                    let (slot, meta) = batch.slot_mut(i);
+                    let outer = &slot[meta.start..meta.start + meta.len];
+                    if meta.len > OUTER_IP_UDP {
+                        let port = u16::from_be_bytes([outer[22], outer[23]]);
+                        meta.start += OUTER_IP_UDP;
+                        meta.len -= OUTER_IP_UDP;
+                        meta.peer = SocketAddrV4::new(peer, port);
+                        self.to_underlay[self.n_underlay] = i as u16;
+                        self.n_underlay += 1;
+                    }
                 }
                 Verdict::ToUnderlayIp(_) => {
                     self.to_raw[self.n_raw] = i as u16;
@@ -296,13 +316,13 @@ impl Worker {
             if n_tun > 0 {
                 local.add(Counter::RxTun, n_tun as u64);
                 pipeline::process(&tables, Direction::FromTun, &mut from_tun);
-                dispatch.run(&from_tun, &mut self.ports, &mut local);
+                dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
             let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
             if n_udp > 0 {
                 local.add(Counter::RxUnderlay, n_udp as u64);
                 pipeline::process(&tables, Direction::FromUnderlay, &mut from_udp);
-                dispatch.run(&from_udp, &mut self.ports, &mut local);
+                dispatch.run(&mut from_udp, &mut self.ports, &mut local);
             }
             drop(tables);
             if n_tun + n_udp > 0 {

@@ -2,8 +2,9 @@
 //! mode, the same workloads through each, side by side in one run:
 //!
 //! - modes: `kernel-vxlan` (the kernel's VXLAN as flanneld configures it: the reference),
-//!   `podwire-vxlan`, `podwire-udp` (podwire over TUN), `host-gw` (plain kernel routes between
-//!   the nodes, no encapsulation: the ceiling);
+//!   `podwire-vxlan` (per-flow source ports through a raw socket), `podwire-vxlan-gso` (through
+//!   the UDP socket with UDP GSO), `podwire-udp` (podwire over TUN), `host-gw` (plain kernel
+//!   routes between the nodes, no encapsulation: the ceiling);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -36,7 +37,13 @@ pub struct BenchOptions {
 }
 
 /// The modes, reference first.
-pub const MODES: [&str; 4] = ["kernel-vxlan", "podwire-vxlan", "podwire-udp", "host-gw"];
+pub const MODES: [&str; 5] = [
+    "kernel-vxlan",
+    "podwire-vxlan",
+    "podwire-vxlan-gso",
+    "podwire-udp",
+    "host-gw",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -75,13 +82,14 @@ impl Workload {
 }
 
 fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
-    let (backend, direct_routing) = match mode {
-        "kernel-vxlan" => (KERNEL_VXLAN, false),
-        "podwire-vxlan" => ("vxlan", false),
-        "podwire-udp" => ("udp", false),
+    let (backend, direct_routing, vxlan_tx) = match mode {
+        "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
+        "podwire-vxlan" => ("vxlan", false, "flow-ports"),
+        "podwire-vxlan-gso" => ("vxlan", false, "socket"),
+        "podwire-udp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
-        "host-gw" => (KERNEL_VXLAN, true),
+        "host-gw" => (KERNEL_VXLAN, true, "flow-ports"),
         other => bail!("unknown mode {other:?}: want one of {MODES:?}"),
     };
     Ok(LabOptions {
@@ -98,6 +106,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         keep_logs: false,
         etcd: false,
         extra_leases: 0,
+        vxlan_tx: vxlan_tx.to_string(),
     })
 }
 

@@ -55,6 +55,8 @@ pub struct LabOptions {
     /// With etcd: leases of absent nodes written before the nodes start (the network grows to
     /// 10.0.0.0/8 to hold them), to load the map.
     pub extra_leases: usize,
+    /// `podwire run --vxlan-tx` for the podwire nodes (`flow-ports` or `socket`).
+    pub vxlan_tx: String,
 }
 
 const UNDERLAY_NET: &str = "10.99.0";
@@ -392,7 +394,7 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
             &format!("file:{}", dir.join("cluster.json").display()),
         ]);
     }
-    cmd.args(["--iface", "eth0"])
+    cmd.args(["--iface", "eth0", "--vxlan-tx", &opts.vxlan_tx])
         .args([
             "--subnet-file",
             &node_dir.join("subnet.env").display().to_string(),
