@@ -61,6 +61,8 @@ pub struct RunOptions {
     /// VXLAN leaves through the UDP socket (source port 8472, UDP GSO) instead of the raw
     /// socket (a source port per flow, as the kernel picks them, but no GSO).
     pub vxlan_via_socket: bool,
+    /// With `vxlan_via_socket`: source-port sockets per worker (0: send from 8472 itself).
+    pub vxlan_tx_sockets: usize,
     /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
     pub tun_offload: bool,
     /// Renew our lease this long before it expires (flanneld's `-subnet-lease-renew-margin`).
@@ -382,7 +384,25 @@ pub fn run(opts: RunOptions) -> Result<()> {
         } else {
             None
         };
-        ports.push(WorkerPorts { tun, udp, raw });
+        let mut vxlan_tx = Vec::new();
+        if vxlan && opts.vxlan_via_socket {
+            // Ephemeral source ports on the underlay address: flows spread over them by hash.
+            for _ in 0..opts.vxlan_tx_sockets {
+                let mut s = UdpPort::bind(
+                    SocketAddrV4::new(iface.addr, 0),
+                    opts.worker.batch_size,
+                    opts.socket_buffer,
+                )?;
+                s.set_gso(opts.udp_gso);
+                vxlan_tx.push(s);
+            }
+        }
+        ports.push(WorkerPorts {
+            tun,
+            udp,
+            raw,
+            vxlan_tx,
+        });
     }
 
     let direct = match config.backend {

@@ -136,12 +136,17 @@ struct RunArgs {
     /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     udp_gso: String,
-    /// How VXLAN leaves: `flow-ports` through a raw socket with a UDP source port per inner flow,
-    /// as the kernel does (spreads flows over the underlay's ECMP paths and a receiver's
-    /// queues), or `socket` from port 8472 through the UDP socket with UDP GSO (fewer, bigger
-    /// sends; every flow from this node shares one source port).
-    #[arg(long, default_value = "flow-ports", value_parser = ["flow-ports", "socket"])]
+    /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
+    /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
+    /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
+    /// them (the most spread over ECMP paths, but one send per datagram).
+    #[arg(long, default_value = "socket", value_parser = ["socket", "flow-ports"])]
     vxlan_tx: String,
+    /// With `--vxlan-tx socket`: UDP sockets per worker, each on its own ephemeral source
+    /// port, that inner flows are spread over by hash (0: every flow from port 8472).
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(0..=podwire_dataplane::worker::MAX_VXLAN_TX_SOCKETS as i64))]
+    vxlan_tx_sockets: u16,
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
@@ -228,8 +233,8 @@ struct LabArgs {
     /// becomes 10.0.0.0/8 to hold them), e.g. 1000 or 5000 to time start-up under load.
     #[arg(long, default_value_t = 0)]
     extra_leases: usize,
-    /// `podwire run --vxlan-tx` for every podwire node: `flow-ports` or `socket`.
-    #[arg(long, default_value = "flow-ports", value_parser = ["flow-ports", "socket"])]
+    /// `podwire run --vxlan-tx` for every podwire node: `socket` or `flow-ports`.
+    #[arg(long, default_value = "socket", value_parser = ["socket", "flow-ports"])]
     vxlan_tx: String,
 }
 
@@ -293,6 +298,7 @@ fn main() -> Result<()> {
                 tun_offload: a.tun_offload == "on",
                 udp_gso: a.udp_gso == "on",
                 vxlan_via_socket: a.vxlan_tx == "socket",
+                vxlan_tx_sockets: usize::from(a.vxlan_tx_sockets),
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),

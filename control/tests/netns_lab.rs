@@ -358,8 +358,12 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
     let Some(_slot) = lab_slot() else { return };
     let pcap = std::env::temp_dir().join(format!("podwire-wire-{}.pcap", std::process::id()));
     // Node 1 podwire, nodes 2 and 3 kernel: pod 1 and pod 3 both ping pod 2, so node 2 receives the
-    // same inner packets encapsulated once by podwire and once by the kernel.
+    // same inner packets encapsulated once by podwire and once by the kernel. With `flow-ports`
+    // podwire writes the outer IP/UDP headers itself, which is what this compares; with the
+    // default `socket` the kernel writes them.
     let (report, text) = run_lab(&[
+        "--vxlan-tx",
+        "flow-ports",
         "--nodes",
         "3",
         "--backend",
@@ -512,17 +516,17 @@ fn e2e_bench_writes_results_and_cleans_up() {
 }
 
 #[test]
-fn vxlan_through_the_udp_socket_with_gso_interoperates_with_kernel_nodes() {
+fn vxlan_through_a_raw_socket_with_flow_ports_interoperates_with_kernel_nodes() {
     let Some(_slot) = lab_slot() else { return };
-    // `--vxlan-tx socket`: podwire's VXLAN leaves from port 8472 with UDP GSO; kernel nodes
-    // must take it like any VTEP's, and the rogue and unreachable checks still hold.
+    // `--vxlan-tx flow-ports` (the default is `socket`): podwire writes the outer headers and
+    // sends through a raw socket; kernel nodes must take it like any VTEP's.
     let (report, text) = run_lab(&[
         "--backend",
         "vxlan",
         "--peer",
         "kernel",
         "--vxlan-tx",
-        "socket",
+        "flow-ports",
         "--nodes",
         "3",
         "--transfer-mb",

@@ -84,7 +84,15 @@ pub struct WorkerPorts {
     /// UDP source port. None for flannel udp, and for VXLAN sent through `udp` instead (from
     /// our port 8472, with UDP GSO): the outer IP and UDP headers are then left to the kernel.
     pub raw: Option<RawIpPort>,
+    /// With `raw` None and VXLAN: sockets on different source ports that VXLAN leaves
+    /// through, with UDP GSO, each inner flow on one of them (by its flow hash), so flows
+    /// still spread over the underlay's paths and a receiver's queues. Empty: VXLAN leaves
+    /// through `udp` (port 8472).
+    pub vxlan_tx: Vec<UdpPort>,
 }
+
+/// Most source-port sockets a worker sends VXLAN through.
+pub const MAX_VXLAN_TX_SOCKETS: usize = 16;
 
 struct Worker {
     id: usize,
@@ -202,6 +210,8 @@ impl WorkerPool {
 struct Dispatch {
     to_underlay: [u16; MAX_BATCH],
     n_underlay: usize,
+    to_pool: [[u16; MAX_BATCH]; MAX_VXLAN_TX_SOCKETS],
+    n_pool: [usize; MAX_VXLAN_TX_SOCKETS],
     to_raw: [u16; MAX_BATCH],
     n_raw: usize,
     to_tun: [u16; MAX_BATCH],
@@ -216,6 +226,8 @@ impl Dispatch {
         Dispatch {
             to_underlay: [0; MAX_BATCH],
             n_underlay: 0,
+            to_pool: [[0; MAX_BATCH]; MAX_VXLAN_TX_SOCKETS],
+            n_pool: [0; MAX_VXLAN_TX_SOCKETS],
             to_raw: [0; MAX_BATCH],
             n_raw: 0,
             to_tun: [0; MAX_BATCH],
@@ -226,7 +238,9 @@ impl Dispatch {
     /// Sorts the decided batch by verdict, counts drops, and sends.
     fn run(&mut self, batch: &mut Batch, ports: &mut WorkerPorts, stats: &mut LocalStats) {
         self.n_underlay = 0;
+        self.n_pool = [0; MAX_VXLAN_TX_SOCKETS];
         self.n_raw = 0;
+        let pool = ports.vxlan_tx.len().min(MAX_VXLAN_TX_SOCKETS);
         self.n_tun = 0;
         for i in 0..batch.len() {
             match batch.meta(i).verdict {
@@ -240,12 +254,19 @@ impl Dispatch {
                     let (slot, meta) = batch.slot_mut(i);
                     let outer = &slot[meta.start..meta.start + meta.len];
                     if meta.len > OUTER_IP_UDP {
+                        let flow_port = u16::from_be_bytes([outer[20], outer[21]]);
                         let port = u16::from_be_bytes([outer[22], outer[23]]);
                         meta.start += OUTER_IP_UDP;
                         meta.len -= OUTER_IP_UDP;
                         meta.peer = SocketAddrV4::new(peer, port);
-                        self.to_underlay[self.n_underlay] = i as u16;
-                        self.n_underlay += 1;
+                        if pool > 0 {
+                            let s = usize::from(flow_port) % pool;
+                            self.to_pool[s][self.n_pool[s]] = i as u16;
+                            self.n_pool[s] += 1;
+                        } else {
+                            self.to_underlay[self.n_underlay] = i as u16;
+                            self.n_underlay += 1;
+                        }
                     }
                 }
                 Verdict::ToUnderlayIp(_) => {
@@ -274,6 +295,13 @@ impl Dispatch {
                 .tx_batch(batch, &self.to_underlay[..self.n_underlay]);
             stats.add(Counter::TxUnderlay, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        }
+        for (s, port) in ports.vxlan_tx.iter_mut().enumerate().take(pool) {
+            if self.n_pool[s] > 0 {
+                let out = port.tx_batch(batch, &self.to_pool[s][..self.n_pool[s]]);
+                stats.add(Counter::TxUnderlay, out.sent as u64);
+                stats.drops[DropReason::TxError as usize] += out.failed as u64;
+            }
         }
         if self.n_raw > 0 {
             let to_raw = &self.to_raw[..self.n_raw];

@@ -2,9 +2,9 @@
 //! mode, the same workloads through each, side by side in one run:
 //!
 //! - modes: `kernel-vxlan` (the kernel's VXLAN as flanneld configures it: the reference),
-//!   `podwire-vxlan` (per-flow source ports through a raw socket), `podwire-vxlan-gso` (through
-//!   the UDP socket with UDP GSO), `podwire-udp` (podwire over TUN), `host-gw` (plain kernel
-//!   routes between the nodes, no encapsulation: the ceiling);
+//!   `podwire-vxlan` (UDP sockets with GSO, the default), `podwire-vxlan-flow-ports` (a raw
+//!   socket with a source port per flow, no GSO), `podwire-udp` (flannel's udp encapsulation),
+//!   `host-gw` (plain kernel routes between the nodes, no encapsulation: the ceiling);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -40,7 +40,7 @@ pub struct BenchOptions {
 pub const MODES: [&str; 5] = [
     "kernel-vxlan",
     "podwire-vxlan",
-    "podwire-vxlan-gso",
+    "podwire-vxlan-flow-ports",
     "podwire-udp",
     "host-gw",
 ];
@@ -84,8 +84,8 @@ impl Workload {
 fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
     let (backend, direct_routing, vxlan_tx) = match mode {
         "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
-        "podwire-vxlan" => ("vxlan", false, "flow-ports"),
-        "podwire-vxlan-gso" => ("vxlan", false, "socket"),
+        "podwire-vxlan" => ("vxlan", false, "socket"),
+        "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
         "podwire-udp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
