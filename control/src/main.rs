@@ -1,6 +1,7 @@
 //! The `podwire` binary.
 
 mod daemon;
+mod flanneld_args;
 mod lab;
 
 use anyhow::{Context, Result};
@@ -101,13 +102,17 @@ struct RunArgs {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     healthz_port: u16,
     /// Underlay interface, by name or IPv4 address (default: the default route's interface).
-    #[arg(long)]
+    #[arg(long, env = "FLANNELD_IFACE")]
     iface: Option<String>,
-    /// IP this node is reached at (default: the interface's address). Selects our lease.
-    #[arg(long)]
+    /// IP this node is reached at (default: the interface's address). Written in our lease.
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     public_ip: Option<Ipv4Addr>,
     /// Where to write flannel's subnet.env for the CNI plugin.
-    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     subnet_file: PathBuf,
     /// Poll-mode workers, one TUN queue and one underlay socket each (default: one per core).
     #[arg(long)]
@@ -116,7 +121,7 @@ struct RunArgs {
     #[arg(long)]
     tun_name: Option<String>,
     /// Value of FLANNEL_IPMASQ in subnet.env (masquerade itself is not done by podwire yet).
-    #[arg(long)]
+    #[arg(long, env = "FLANNELD_IP_MASQ")]
     ip_masq: bool,
     /// Packets per batch (1-256).
     #[arg(long, default_value_t = 64)]
@@ -248,7 +253,14 @@ fn init_logging() {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let args = match flanneld_args::rewrite(std::env::args_os()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match cli.command {
         Cmd::Run(a) => {
             init_logging();
@@ -374,4 +386,66 @@ fn replay(a: ReplayArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let args = flanneld_args::rewrite(args.iter().map(std::ffi::OsString::from)).unwrap();
+        match Cli::try_parse_from(args).unwrap().command {
+            Cmd::Run(a) => *a,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn test_flanneld_spellings_parse_to_the_same_config() {
+        let go = run_args(&[
+            "podwire",
+            "run",
+            "-etcd-endpoints=http://10.0.0.5:2379",
+            "-etcd-prefix=/my/net",
+            "-iface=eth1",
+            "-public-ip",
+            "192.168.1.7",
+            "-subnet-lease-renew-margin=30",
+            "-healthz-port=8080",
+            "-ip-masq=true",
+        ]);
+        let clap = run_args(&[
+            "podwire",
+            "run",
+            "--etcd-endpoints",
+            "http://10.0.0.5:2379",
+            "--etcd-prefix",
+            "/my/net",
+            "--iface",
+            "eth1",
+            "--public-ip=192.168.1.7",
+            "--subnet-lease-renew-margin",
+            "30",
+            "--healthz-port",
+            "8080",
+            "--ip-masq",
+        ]);
+        for a in [&go, &clap] {
+            assert_eq!(a.etcd_endpoints, "http://10.0.0.5:2379");
+            assert_eq!(a.etcd_prefix, "/my/net");
+            assert_eq!(a.iface.as_deref(), Some("eth1"));
+            assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 168, 1, 7)));
+            assert_eq!(a.subnet_lease_renew_margin, 30);
+            assert_eq!(a.healthz_port, 8080);
+            assert!(a.ip_masq);
+        }
+        // flanneld's limits on the renew margin hold.
+        let args = flanneld_args::rewrite(
+            ["podwire", "run", "-subnet-lease-renew-margin=1440"]
+                .iter()
+                .map(std::ffi::OsString::from),
+        )
+        .unwrap();
+        assert!(Cli::try_parse_from(args).is_err());
+    }
 }
