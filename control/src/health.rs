@@ -352,4 +352,73 @@ mod tests {
         assert!(get("/metrics").contains("# TYPE podwire_drops_total counter"));
         assert!(get("/nope").starts_with("HTTP/1.0 404"));
     }
+
+    /// What a Prometheus server would read: every family typed, labels where promised, and
+    /// the values the daemon stored.
+    #[test]
+    fn test_metrics_parse_with_a_prometheus_text_parser() {
+        let h = Arc::new(Health::default());
+        let stats: Vec<Arc<SharedStats>> =
+            (0..2).map(|_| Arc::new(SharedStats::default())).collect();
+        let mut local = LocalStats::default();
+        local.add(Counter::TxUnderlay, 42);
+        local.drop(DropReason::UnknownPeer);
+        local.drop(DropReason::UnknownPeer);
+        stats[1].flush(&mut local);
+        h.set_workers(stats);
+        h.map_leases.store(1003, Ordering::Relaxed);
+        h.lease_held.store(true, Ordering::Relaxed);
+        h.set_lease_expiry(Some(SystemTime::now() + Duration::from_secs(3600)));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&h)).unwrap();
+        let body = {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            r.split_once("\r\n\r\n").unwrap().1.to_string()
+        };
+        let scrape =
+            prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v))
+                })
+                .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{body}"))
+                .value
+                .clone()
+        };
+        use prometheus_parse::Value;
+        assert_eq!(
+            find(
+                "podwire_tx_packets_total",
+                &[("worker", "1"), ("port", "underlay")]
+            ),
+            Value::Counter(42.0)
+        );
+        assert_eq!(
+            find(
+                "podwire_drops_total",
+                &[("worker", "1"), ("reason", "unknown_peer")]
+            ),
+            Value::Counter(2.0)
+        );
+        assert_eq!(find("podwire_subnet_map_leases", &[]), Value::Gauge(1003.0));
+        assert_eq!(find("podwire_lease_held", &[]), Value::Gauge(1.0));
+        match find("podwire_lease_expiry_seconds", &[]) {
+            Value::Gauge(v) => assert!((3500.0..=3600.0).contains(&v), "{v}"),
+            other => panic!("{other:?}"),
+        }
+        // Two workers, every drop reason each.
+        let drops = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "podwire_drops_total")
+            .count();
+        assert_eq!(drops, 2 * DropReason::ALL.len());
+        assert!(scrape.docs.contains_key("podwire_store_up"));
+    }
 }
