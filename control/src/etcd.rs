@@ -164,14 +164,13 @@ impl EtcdStore {
         }
     }
 
-    /// Runs one request with the configured timeout.
-    fn call<T, F>(&mut self, make: impl FnOnce(Client) -> F) -> Result<T, StoreError>
-    where
-        F: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let client = self.client()?;
+    /// Blocks on `fut` for at most the configured timeout, errors mapped to `StoreError`.
+    fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
         let timeout = self.opts.timeout;
-        match self.rt.block_on(within(timeout, make(client))) {
+        match self.rt.block_on(within(timeout, fut)) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.etcd_err(e)),
             Err(_) => Err(StoreError::Timeout {
@@ -179,6 +178,15 @@ impl EtcdStore {
                 timeout,
             }),
         }
+    }
+
+    /// Runs one request with the configured timeout.
+    fn call<T, F>(&mut self, make: impl FnOnce(Client) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let client = self.client()?;
+        self.bounded(make(client))
     }
 
     fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
@@ -217,20 +225,7 @@ impl EtcdStore {
         }
         let options = self.connect_options()?;
         let endpoints = self.opts.endpoints.clone();
-        let timeout = self.opts.timeout;
-        let client = match self
-            .rt
-            .block_on(within(timeout, Client::connect(endpoints, Some(options))))
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(self.etcd_err(e)),
-            Err(_) => {
-                return Err(StoreError::Timeout {
-                    endpoints: self.endpoints(),
-                    timeout,
-                })
-            }
-        };
+        let client = self.bounded(Client::connect(endpoints, Some(options)))?;
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -329,20 +324,12 @@ impl EtcdStore {
                 .with_prefix()
                 .with_start_revision(read_at + 1);
             let mut stream = self.call(|mut c| async move { c.watch(prefix, Some(opts)).await })?;
-            let timeout = self.opts.timeout;
-            let created = match self.rt.block_on(within(timeout, stream.message())) {
-                Ok(Ok(Some(r))) => r,
-                Ok(Ok(None)) => {
+            let created = match self.bounded(stream.message())? {
+                Some(r) => r,
+                None => {
                     return Err(StoreError::Reconnecting {
                         endpoints: self.endpoints(),
                         retry_in: Duration::ZERO,
-                    })
-                }
-                Ok(Err(e)) => return Err(self.etcd_err(e)),
-                Err(_) => {
-                    return Err(StoreError::Timeout {
-                        endpoints: self.endpoints(),
-                        timeout,
                     })
                 }
             };

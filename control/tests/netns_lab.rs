@@ -42,17 +42,11 @@ fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
     (ns, procs)
 }
 
-fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let json = std::env::temp_dir().join(format!(
-        "podwire-lab-test-{}-{run}.json",
-        std::process::id()
-    ));
+/// Runs the podwire binary with `args` to the end; asserts that it succeeded and left no
+/// namespace or process behind; returns what it printed.
+fn run_podwire(args: &[&str]) -> String {
     let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
-        .arg("lab")
         .args(args)
-        .args(["--json", json.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -67,9 +61,24 @@ fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
     let (ns, procs) = leftovers(pid);
     assert!(
         ns.is_empty() && procs.is_empty(),
-        "lab left behind netns {ns:?} processes {procs:?}\n{text}"
+        "podwire {} left behind netns {ns:?} processes {procs:?}\n{text}",
+        args[0]
     );
-    assert!(out.status.success(), "lab failed:\n{text}");
+    assert!(out.status.success(), "podwire {} failed:\n{text}", args[0]);
+    text
+}
+
+fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!(
+        "podwire-lab-test-{}-{run}.json",
+        std::process::id()
+    ));
+    let mut full = vec!["lab"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    let text = run_podwire(&full);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
@@ -466,37 +475,21 @@ fn e2e_bench_writes_results_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("podwire-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
-    let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
-        .args([
-            "bench",
-            "--rounds",
-            "1",
-            "--tcp-mb",
-            "20",
-            "--udp-seconds",
-            "0.3",
-        ])
-        .args(["--modes", "kernel-vxlan,podwire-udp"])
-        .args([
-            "--out",
-            json.to_str().unwrap(),
-            "--svg",
-            svg.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (ns, procs) = leftovers(pid);
-    assert!(ns.is_empty() && procs.is_empty(), "left {ns:?} {procs:?}");
-    assert!(out.status.success(), "{text}");
+    run_podwire(&[
+        "bench",
+        "--rounds",
+        "1",
+        "--tcp-mb",
+        "20",
+        "--udp-seconds",
+        "0.3",
+        "--modes",
+        "kernel-vxlan,podwire-udp",
+        "--out",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let results = v["results"].as_array().unwrap();

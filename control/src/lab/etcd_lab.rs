@@ -284,6 +284,19 @@ pub fn leave_check(
     })
 }
 
+/// Runs `f` on the lab's etcd server.
+fn lab_etcd(
+    res: &Arc<Mutex<Resources>>,
+    f: impl FnOnce(&mut EtcdServer) -> Result<()>,
+) -> Result<()> {
+    f(res
+        .lock()
+        .expect("lab resources")
+        .etcd
+        .as_mut()
+        .context("etcd is not running")?)
+}
+
 /// etcd is killed in the middle of a TCP transfer between pods 1 and `to`: the transfer
 /// completes intact, the nodes notice the outage, and they resync once etcd is back.
 pub fn outage_check(
@@ -309,12 +322,10 @@ pub fn outage_check(
     });
     std::thread::sleep(Duration::from_millis(50));
     let killed_at = Instant::now();
-    res.lock()
-        .expect("lab resources")
-        .etcd
-        .as_mut()
-        .context("etcd is not running")?
-        .kill();
+    lab_etcd(res, |e| {
+        e.kill();
+        Ok(())
+    })?;
     let sent = netns::join(source);
     let got = netns::join(sink);
     let transfer_while_down = killed_at.elapsed();
@@ -326,12 +337,7 @@ pub fn outage_check(
         metric(names, 1, "podwire_store_up") == Some(0.0)
     });
     let still = ping_once(names, 1, to);
-    res.lock()
-        .expect("lab resources")
-        .etcd
-        .as_mut()
-        .context("etcd is not running")?
-        .restart()?;
+    lab_etcd(res, |e| Ok(e.restart()?))?;
     let resynced = within(Duration::from_secs(20), || {
         metric(names, 1, "podwire_store_up") == Some(1.0)
             && metric(names, 1, "podwire_store_reconnects_total").unwrap_or(0.0) >= 1.0

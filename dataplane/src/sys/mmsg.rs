@@ -175,9 +175,16 @@ impl MmsgScratch {
             // is sound here.
             self.aim(k, pkt.as_ptr() as *mut libc::c_void, pkt.len());
         }
-        // SAFETY: the first `n` headers point at live iovecs and sockaddrs in `self`; each iovec
-        // covers one packet inside `batch`, which is borrowed across the call; sendmmsg only reads
-        // the packet bytes.
+        // Each iovec covers one packet inside `batch`, borrowed across the call.
+        self.sendmmsg(fd, n)
+    }
+
+    /// sendmmsg(2) of the first `n` headers, which the caller has aimed at live sockaddrs,
+    /// iovecs and control buffers in `self`, whose iovecs point into buffers borrowed for the
+    /// call. Returns how many messages the kernel took.
+    fn sendmmsg(&mut self, fd: BorrowedFd<'_>, n: usize) -> io::Result<usize> {
+        // SAFETY: per the contract above, every pointer in the first `n` headers is live for
+        // the call, and sendmmsg only reads through them.
         let ret = unsafe {
             libc::sendmmsg(
                 fd.as_raw_fd(),
@@ -262,20 +269,8 @@ impl MmsgScratch {
             self.groups[m] = count;
             m += 1;
         }
-        // SAFETY: the first `m` headers point at live sockaddrs, control buffers and runs of
-        // iovecs in `self`, each iovec at one packet inside `batch`, borrowed across the call;
-        // sendmmsg only reads them.
-        let ret = unsafe {
-            libc::sendmmsg(
-                fd.as_raw_fd(),
-                self.hdrs.as_mut_ptr(),
-                m as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(self.groups[..ret as usize].iter().sum())
+        // Runs of iovecs, each at one packet inside `batch`, borrowed across the call.
+        let sent = self.sendmmsg(fd, m)?;
+        Ok(self.groups[..sent].iter().sum())
     }
 }
