@@ -11,6 +11,7 @@
 //! and swaps them in.
 
 pub mod batch;
+pub mod conntrack;
 pub mod pipeline;
 pub mod port;
 pub mod replay;

@@ -1,0 +1,809 @@
+//! Connection tracking with netfilter's semantics: entries keyed by both directions' tuples,
+//! TCP/UDP/ICMP state and timeouts, expiry checked on lookup plus an incremental collector, a
+//! bounded table with early drop of unassured entries, and NAT bindings (an entry whose REPLY
+//! tuple is not the inverse of its ORIGINAL one).
+//!
+//! **Sharding.** Every worker may see either direction of a flow (a TUN queue is picked by the
+//! kernel's hash of the packet before NAT, an underlay socket by the outer 4-tuple), so the
+//! table is shared, split into `SHARDS` independently locked shards. An entry lives in the shard
+//! of its *client endpoint*: the ORIGINAL source (address, port) — for ICMP (address, id) —
+//! which is also the REPLY tuple's destination unless the entry is SNATed, and SNAT picks its
+//! port so that it is (the trick VPP's NAT uses to keep a flow on one thread). A packet is
+//! looked up in the shard of its source endpoint (an ORIGINAL packet) and then of its
+//! destination endpoint (a REPLY packet): one or two uncontended locks, no allocation.
+//!
+//! Time is a number of milliseconds from any origin (`now`), passed in once per batch; nothing
+//! here reads a clock.
+
+pub mod tcp;
+
+use core::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use tcp::{FlagClass, Segment, TcpState, Transition, Window};
+
+/// Direction of a packet relative to the connection's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Dir {
+    Original = 0,
+    Reply = 1,
+}
+
+impl Dir {
+    pub fn other(self) -> Dir {
+        match self {
+            Dir::Original => Dir::Reply,
+            Dir::Reply => Dir::Original,
+        }
+    }
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// One direction of a connection, as netfilter's `nf_conntrack_tuple` (IPv4). For TCP and UDP
+/// `sport`/`dport` are ports; for ICMP queries `sport` is the identifier and `dport` the type
+/// and code (`type << 8 | code`); for other protocols both are 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Conntrack zone; 0 is the default zone.
+    pub zone: u16,
+}
+
+impl Tuple {
+    pub fn new(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
+        Tuple {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            zone: 0,
+        }
+    }
+
+    /// The tuple of the answer to this packet: endpoints swapped; for ICMP the query type mapped
+    /// to its reply type (netfilter's `invmap`) and the identifier kept. None for an ICMP type
+    /// that has no reply, which therefore creates no connection.
+    pub fn invert(&self) -> Option<Tuple> {
+        let (sport, dport) = if self.proto == PROTO_ICMP {
+            let ty = (self.dport >> 8) as u8;
+            (
+                self.sport,
+                u16::from(icmp_inverse(ty)?) << 8 | (self.dport & 0xff),
+            )
+        } else {
+            (self.dport, self.sport)
+        };
+        Some(Tuple {
+            src: self.dst,
+            dst: self.src,
+            sport,
+            dport,
+            proto: self.proto,
+            zone: self.zone,
+        })
+    }
+
+    /// The endpoint an entry is sharded by, seen from a packet with this tuple travelling in
+    /// `dir`: the ORIGINAL source, which a REPLY packet carries as its destination.
+    fn client_endpoint(&self, dir: Dir) -> (Ipv4Addr, u16) {
+        match (dir, self.proto) {
+            (Dir::Original, _) => (self.src, self.sport),
+            (Dir::Reply, PROTO_ICMP) => (self.dst, self.sport),
+            (Dir::Reply, _) => (self.dst, self.dport),
+        }
+    }
+}
+
+/// netfilter's ICMP `invmap`: echo, timestamp, info and address-mask requests and replies.
+fn icmp_inverse(ty: u8) -> Option<u8> {
+    Some(match ty {
+        8 => 0,
+        0 => 8,
+        13 => 14,
+        14 => 13,
+        15 => 16,
+        16 => 15,
+        17 => 18,
+        18 => 17,
+        _ => return None,
+    })
+}
+
+/// Whether an ICMP type may create a connection (a request).
+pub fn icmp_is_request(ty: u8) -> bool {
+    matches!(ty, 8 | 13 | 15 | 17)
+}
+
+/// Timeouts in seconds, defaults as netfilter's `nf_conntrack_*_timeout*` sysctls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Per TCP state, indexed by `TcpState as usize`.
+    pub tcp: [u32; 10],
+    /// TCP connections whose other side has not answered yet (`tcp_timeout_unacknowledged`).
+    pub tcp_unacknowledged: u32,
+    pub udp_unreplied: u32,
+    /// UDP after a reply, once the flow is older than `udp_stream_after`.
+    pub udp_stream: u32,
+    pub udp_stream_after: u32,
+    pub icmp: u32,
+    pub generic: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let mut tcp = [0; 10];
+        for (s, t) in [
+            (TcpState::None, 120),
+            (TcpState::SynSent, 120),
+            (TcpState::SynRecv, 60),
+            (TcpState::Established, 432_000),
+            (TcpState::FinWait, 120),
+            (TcpState::CloseWait, 60),
+            (TcpState::LastAck, 30),
+            (TcpState::TimeWait, 120),
+            (TcpState::Close, 10),
+            (TcpState::SynSent2, 120),
+        ] {
+            tcp[s as usize] = t;
+        }
+        Timeouts {
+            tcp,
+            tcp_unacknowledged: 300,
+            udp_unreplied: 30,
+            udp_stream: 120,
+            udp_stream_after: 2,
+            icmp: 30,
+            generic: 600,
+        }
+    }
+}
+
+/// Table configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Most entries (kube-proxy's floor for `nf_conntrack_max` by default).
+    pub max_entries: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_entries: 131_072,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Number of independently locked shards (a power of two).
+pub const SHARDS: usize = 64;
+/// Slots early drop examines for a victim (netfilter scans 8 buckets of about 2 entries).
+const EVICTION_SCAN: usize = 16;
+/// SNAT port candidates tried before giving up (netfilter tries at most 248).
+const SNAT_TRIES: u32 = 4096;
+
+const SEEN_REPLY: u8 = 1;
+const ASSURED: u8 = 2;
+const LIVE: u8 = 4;
+
+/// What a service entry remembers: which service and which backend it was bound to, so that
+/// packets of a flow whose backend has gone can be dropped rather than black-holed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServiceBinding {
+    /// The service's ClusterIP, port and protocol.
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// The backend chosen on the first packet.
+    pub backend: Ipv4Addr,
+    pub backend_port: u16,
+}
+
+/// The NAT decision for a new connection: where its ORIGINAL packets go and where they seem
+/// to come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NatPlan {
+    /// DNAT: the new destination address and port.
+    pub dnat: Option<(Ipv4Addr, u16)>,
+    /// SNAT: the new source address; the table chooses the port.
+    pub snat: Option<Ipv4Addr>,
+    pub service: Option<ServiceBinding>,
+}
+
+/// A tracked packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracked {
+    pub dir: Dir,
+    /// The connection was created by this packet.
+    pub new: bool,
+    /// What this packet's tuple must become (equal to its tuple when no NAT applies).
+    pub to: Tuple,
+    pub service: Option<ServiceBinding>,
+    /// The connection has seen traffic both ways and is past its handshake.
+    pub assured: bool,
+}
+
+/// Why a packet was refused by the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtError {
+    /// netfilter would mark it INVALID: bad flag combination, a transition the table forbids,
+    /// an out-of-window RST, a reply to nothing.
+    Invalid,
+    /// No room, and no entry that early drop may take.
+    TableFull,
+    /// SNAT found no free port.
+    NoPort,
+    /// The NAT decision refused the connection (the caller's reason).
+    Refused,
+}
+
+/// The L4 facts a packet brings to the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp(Segment),
+    Udp,
+    /// An ICMP query or its reply (echo, timestamp, info, address mask).
+    IcmpQuery,
+    /// Any other protocol.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    tuples: [Tuple; 2],
+    /// Milliseconds.
+    expires: u64,
+    created: u64,
+    status: u8,
+    tcp_state: TcpState,
+    windows: [Window; 2],
+    service: Option<ServiceBinding>,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+}
+
+impl Entry {
+    fn assured(&self) -> bool {
+        self.status & ASSURED != 0
+    }
+    fn evictable(&self) -> bool {
+        !self.assured() || (self.tuples[0].proto == PROTO_TCP && self.tcp_state.is_closing())
+    }
+}
+
+/// A snapshot of one entry, for `ctl conntrack` and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    pub original: Tuple,
+    pub reply: Tuple,
+    pub tcp_state: Option<TcpState>,
+    pub seen_reply: bool,
+    pub assured: bool,
+    /// Seconds left.
+    pub expires_in: u64,
+    pub service: Option<ServiceBinding>,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Counts the tracker keeps (summed over shards by `Conntrack::counters`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub entries: u64,
+    pub inserted: u64,
+    pub expired: u64,
+    pub early_drops: u64,
+    pub table_full: u64,
+    pub invalid: u64,
+}
+
+type Index = hashbrown::HashMap<Tuple, u32>;
+
+struct Shard {
+    /// Both tuples of every live entry -> `slot << 1 | dir`.
+    index: Index,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    cap: usize,
+    live: usize,
+    gc_cursor: usize,
+    counters: Counters,
+}
+
+impl Shard {
+    fn new(cap: usize) -> Shard {
+        Shard {
+            index: Index::with_capacity(cap * 2),
+            entries: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
+            cap,
+            live: 0,
+            gc_cursor: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    fn get(&mut self, t: &Tuple, now: u64) -> Option<(usize, Dir)> {
+        let v = *self.index.get(t)?;
+        let slot = (v >> 1) as usize;
+        if self.entries[slot].expires <= now {
+            self.remove(slot);
+            self.counters.expired += 1;
+            return None;
+        }
+        let dir = if v & 1 == 0 {
+            Dir::Original
+        } else {
+            Dir::Reply
+        };
+        Some((slot, dir))
+    }
+
+    fn remove(&mut self, slot: usize) {
+        let e = &mut self.entries[slot];
+        if e.status & LIVE == 0 {
+            return;
+        }
+        e.status = 0;
+        let [o, r] = e.tuples;
+        self.index.remove(&o);
+        self.index.remove(&r);
+        self.free.push(slot as u32);
+        self.live -= 1;
+    }
+
+    /// A free slot, reaping or early-dropping one if the shard is full.
+    fn alloc(&mut self, hint: usize, now: u64) -> Option<usize> {
+        if self.live >= self.cap {
+            let n = self.entries.len();
+            let victim = (0..EVICTION_SCAN.min(n))
+                .map(|k| (hint + k) % n)
+                .find(|&s| {
+                    let e = &self.entries[s];
+                    e.status & LIVE != 0 && (e.expires <= now || e.evictable())
+                })?;
+            if self.entries[victim].expires <= now {
+                self.counters.expired += 1;
+            } else {
+                self.counters.early_drops += 1;
+            }
+            self.remove(victim);
+        }
+        if let Some(s) = self.free.pop() {
+            return Some(s as usize);
+        }
+        if self.entries.len() < self.cap {
+            self.entries.push(Entry {
+                tuples: [Tuple::new(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::UNSPECIFIED, 0, 0); 2],
+                expires: 0,
+                created: 0,
+                status: 0,
+                tcp_state: TcpState::None,
+                windows: [Window::default(); 2],
+                service: None,
+                packets: [0; 2],
+                bytes: [0; 2],
+            });
+            return Some(self.entries.len() - 1);
+        }
+        None
+    }
+}
+
+/// The connection table, shared by all workers.
+pub struct Conntrack {
+    shards: Box<[Mutex<Shard>]>,
+    timeouts: Timeouts,
+    seed: u64,
+    gc_shard: AtomicUsize,
+}
+
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl Conntrack {
+    pub fn new(config: Config) -> Conntrack {
+        let per_shard = config.max_entries.div_ceil(SHARDS).max(1);
+        let seed = std::collections::hash_map::RandomState::new();
+        let seed = {
+            use std::hash::BuildHasher;
+            seed.hash_one(0x9e37_79b9_u64)
+        };
+        Conntrack {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+            timeouts: config.timeouts,
+            seed,
+            gc_shard: AtomicUsize::new(0),
+        }
+    }
+
+    /// Most entries the table holds.
+    pub fn capacity(&self) -> usize {
+        self.shards.len() * self.lock(0).cap
+    }
+
+    fn shard_of(&self, (addr, port): (Ipv4Addr, u16)) -> usize {
+        let h = mix(self.seed ^ (u64::from(addr.to_bits()) << 16 | u64::from(port)));
+        (h as usize) & (SHARDS - 1)
+    }
+
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
+        // A worker that panicked while holding a shard leaves consistent data behind (every
+        // mutation is completed before anything can panic), so poisoning is ignored.
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Tracks one packet whose tuple is `t` and whose L4 facts are `l4`, `len` bytes long.
+    /// For a packet that starts a connection, `plan` decides its NAT (called under the shard's
+    /// lock, at most once); `Err(())` from it refuses the connection.
+    pub fn track(
+        &self,
+        t: &Tuple,
+        l4: &L4,
+        len: usize,
+        now: u64,
+        plan: impl FnOnce(&Tuple) -> Result<NatPlan, ()>,
+    ) -> Result<Tracked, CtError> {
+        if let L4::Tcp(seg) = l4 {
+            if !tcp::valid_flags(seg.flags) {
+                self.lock(self.shard_of(t.client_endpoint(Dir::Original)))
+                    .counters
+                    .invalid += 1;
+                return Err(CtError::Invalid);
+            }
+        }
+        let a = self.shard_of(t.client_endpoint(Dir::Original));
+        let b = self.shard_of(t.client_endpoint(Dir::Reply));
+        {
+            let mut s = self.lock(a);
+            if let Some((slot, dir)) = s.get(t, now) {
+                return self.update(&mut s, slot, dir, l4, len, now);
+            }
+        }
+        if b != a {
+            let mut s = self.lock(b);
+            if let Some((slot, dir)) = s.get(t, now) {
+                return self.update(&mut s, slot, dir, l4, len, now);
+            }
+        }
+        let mut s = self.lock(a);
+        if let Some((slot, dir)) = s.get(t, now) {
+            return self.update(&mut s, slot, dir, l4, len, now);
+        }
+        self.create(&mut s, a, t, l4, len, now, plan)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &self,
+        s: &mut Shard,
+        shard: usize,
+        t: &Tuple,
+        l4: &L4,
+        len: usize,
+        now: u64,
+        plan: impl FnOnce(&Tuple) -> Result<NatPlan, ()>,
+    ) -> Result<Tracked, CtError> {
+        let state = match l4 {
+            L4::Tcp(seg) => {
+                match tcp::transition(Dir::Original, FlagClass::of(seg.flags), TcpState::None) {
+                    Transition::To(st) => st,
+                    _ => {
+                        s.counters.invalid += 1;
+                        return Err(CtError::Invalid);
+                    }
+                }
+            }
+            _ => TcpState::None,
+        };
+        let Some(mut reply) = t.invert() else {
+            s.counters.invalid += 1;
+            return Err(CtError::Invalid);
+        };
+        if t.proto == PROTO_ICMP && !icmp_is_request((t.dport >> 8) as u8) {
+            // An echo reply (or the like) to nothing.
+            s.counters.invalid += 1;
+            return Err(CtError::Invalid);
+        }
+        let nat = plan(t).map_err(|()| CtError::Refused)?;
+        if let Some((addr, port)) = nat.dnat {
+            reply.src = addr;
+            reply.sport = port;
+        }
+        if let Some(addr) = nat.snat {
+            reply.dst = addr;
+            reply.dport = self.snat_port(s, shard, &reply)?;
+        }
+        if s.index.contains_key(&reply) {
+            // The reply tuple belongs to another connection (netfilter's clash): refuse.
+            s.counters.invalid += 1;
+            return Err(CtError::Invalid);
+        }
+        let hint = (mix(self.seed ^ u64::from(t.src.to_bits())) as usize) ^ usize::from(t.sport);
+        let Some(slot) = s.alloc(hint, now) else {
+            s.counters.table_full += 1;
+            return Err(CtError::TableFull);
+        };
+        let mut windows = [Window::default(); 2];
+        if let L4::Tcp(seg) = l4 {
+            tcp::track_window(&mut windows, Dir::Original, seg);
+        }
+        s.entries[slot] = Entry {
+            tuples: [*t, reply],
+            expires: 0,
+            created: now,
+            status: LIVE,
+            tcp_state: state,
+            windows,
+            service: nat.service,
+            packets: [1, 0],
+            bytes: [len as u64, 0],
+        };
+        s.entries[slot].expires = now + 1000 * u64::from(self.timeout(&s.entries[slot], now));
+        s.index.insert(*t, (slot as u32) << 1);
+        s.index.insert(reply, (slot as u32) << 1 | 1);
+        s.live += 1;
+        s.counters.inserted += 1;
+        let to = reply.invert().unwrap_or(*t);
+        Ok(Tracked {
+            dir: Dir::Original,
+            new: true,
+            to: Tuple { zone: t.zone, ..to },
+            service: nat.service,
+            assured: false,
+        })
+    }
+
+    /// A source port for the SNATed reply tuple `reply` (whose `dport` is the original source
+    /// port) that is free and keeps the entry in this shard: first the original port, then
+    /// ports from a hash-derived start in the same range class as netfilter (1-511, 600-1023,
+    /// 1024-65535).
+    fn snat_port(&self, s: &Shard, shard: usize, reply: &Tuple) -> Result<u16, CtError> {
+        let orig = reply.dport;
+        let (lo, hi) = match orig {
+            0..=511 => (1u32, 511u32),
+            512..=1023 => (600, 1023),
+            _ => (1024, 65535),
+        };
+        let span = hi - lo + 1;
+        let start =
+            (mix(self.seed ^ u64::from(reply.src.to_bits()) ^ u64::from(orig)) as u32) % span;
+        let candidates = core::iter::once(orig)
+            .chain((0..SNAT_TRIES.min(span)).map(|k| (lo + (start + k) % span) as u16));
+        for port in candidates {
+            let t = Tuple {
+                dport: port,
+                ..*reply
+            };
+            if self.shard_of(t.client_endpoint(Dir::Reply)) == shard && !s.index.contains_key(&t) {
+                return Ok(port);
+            }
+        }
+        Err(CtError::NoPort)
+    }
+
+    fn timeout(&self, e: &Entry, now: u64) -> u32 {
+        let to = &self.timeouts;
+        match e.tuples[0].proto {
+            PROTO_TCP => {
+                let t = to.tcp[e.tcp_state as usize];
+                if e.status & SEEN_REPLY == 0 {
+                    t.min(to.tcp_unacknowledged)
+                } else {
+                    t
+                }
+            }
+            PROTO_UDP => {
+                if e.status & SEEN_REPLY != 0
+                    && now >= e.created + 1000 * u64::from(to.udp_stream_after)
+                {
+                    to.udp_stream
+                } else {
+                    to.udp_unreplied
+                }
+            }
+            PROTO_ICMP => to.icmp,
+            _ => to.generic,
+        }
+    }
+
+    fn update(
+        &self,
+        s: &mut Shard,
+        slot: usize,
+        dir: Dir,
+        l4: &L4,
+        len: usize,
+        now: u64,
+    ) -> Result<Tracked, CtError> {
+        let mut e = s.entries[slot];
+        if let L4::Tcp(seg) = l4 {
+            let class = FlagClass::of(seg.flags);
+            let old = e.tcp_state;
+            match tcp::transition(dir, class, old) {
+                Transition::Invalid => {
+                    s.counters.invalid += 1;
+                    return Err(CtError::Invalid);
+                }
+                Transition::Ignore => {}
+                Transition::To(new) => {
+                    let reopen = dir == Dir::Original
+                        && class == FlagClass::Syn
+                        && matches!(old, TcpState::TimeWait | TcpState::Close);
+                    if reopen {
+                        // RFC 1122 reopen: a new connection on the old tuple and NAT binding.
+                        e.windows = [Window::default(); 2];
+                        e.status &= !(SEEN_REPLY | ASSURED);
+                        e.created = now;
+                    }
+                    let in_window = tcp::track_window(&mut e.windows, dir, seg);
+                    if class == FlagClass::Rst && !in_window {
+                        s.counters.invalid += 1;
+                        return Err(CtError::Invalid);
+                    }
+                    if dir == Dir::Reply {
+                        e.status |= SEEN_REPLY;
+                    }
+                    if new == TcpState::Established
+                        && matches!(old, TcpState::SynRecv | TcpState::Established)
+                        && e.status & SEEN_REPLY != 0
+                    {
+                        e.status |= ASSURED;
+                    }
+                    e.tcp_state = new;
+                }
+            }
+        } else if dir == Dir::Reply {
+            e.status |= SEEN_REPLY;
+        }
+        if e.tuples[0].proto == PROTO_UDP
+            && e.status & SEEN_REPLY != 0
+            && now >= e.created + 1000 * u64::from(self.timeouts.udp_stream_after)
+        {
+            e.status |= ASSURED;
+        }
+        let d = dir as usize;
+        e.packets[d] += 1;
+        e.bytes[d] += len as u64;
+        e.expires = now + 1000 * u64::from(self.timeout(&e, now));
+        s.entries[slot] = e;
+        let other = e.tuples[1 - d];
+        let to = other.invert().unwrap_or(e.tuples[d]);
+        Ok(Tracked {
+            dir,
+            new: false,
+            to: Tuple {
+                zone: e.tuples[d].zone,
+                ..to
+            },
+            service: e.service,
+            assured: e.assured(),
+        })
+    }
+
+    /// The connection a packet with tuple `t` belongs to, without touching its state: for ICMP
+    /// errors, which are matched through the packet they quote.
+    pub fn find(&self, t: &Tuple, now: u64) -> Option<(Dir, Tuple, Tuple)> {
+        for dir in [Dir::Original, Dir::Reply] {
+            let mut s = self.lock(self.shard_of(t.client_endpoint(dir)));
+            if let Some((slot, d)) = s.get(t, now) {
+                let e = &s.entries[slot];
+                return Some((d, e.tuples[d as usize], e.tuples[1 - d as usize]));
+            }
+        }
+        None
+    }
+
+    /// Deletes the connection a tuple of either direction names.
+    pub fn remove(&self, t: &Tuple) -> bool {
+        for dir in [Dir::Original, Dir::Reply] {
+            let mut s = self.lock(self.shard_of(t.client_endpoint(dir)));
+            if let Some(&v) = s.index.get(t) {
+                s.remove((v >> 1) as usize);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reaps up to `budget` slots of the next shard: expired entries always, and when the
+    /// shard is at least 95 % full also unassured entries and closing TCP connections (as
+    /// netfilter's collector does). Call it between batches; returns how many it removed.
+    pub fn gc_step(&self, now: u64, budget: usize) -> usize {
+        let i = self.gc_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        let mut s = self.lock(i);
+        let n = s.entries.len();
+        if n == 0 {
+            return 0;
+        }
+        let pressure = s.live * 100 >= s.cap * 95;
+        let mut removed = 0;
+        for _ in 0..budget.min(n) {
+            let slot = s.gc_cursor % n;
+            s.gc_cursor = (slot + 1) % n;
+            let e = &s.entries[slot];
+            if e.status & LIVE == 0 {
+                continue;
+            }
+            if e.expires <= now {
+                s.remove(slot);
+                s.counters.expired += 1;
+                removed += 1;
+            } else if pressure && e.evictable() {
+                s.remove(slot);
+                s.counters.early_drops += 1;
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Counters summed over the shards.
+    pub fn counters(&self) -> Counters {
+        let mut c = Counters::default();
+        for i in 0..SHARDS {
+            let s = self.lock(i);
+            c.entries += s.live as u64;
+            c.inserted += s.counters.inserted;
+            c.expired += s.counters.expired;
+            c.early_drops += s.counters.early_drops;
+            c.table_full += s.counters.table_full;
+            c.invalid += s.counters.invalid;
+        }
+        c
+    }
+
+    /// Every live entry (a copy; for inspection, not the hot path).
+    pub fn entries(&self, now: u64) -> Vec<EntryView> {
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            let s = self.lock(i);
+            for e in s
+                .entries
+                .iter()
+                .filter(|e| e.status & LIVE != 0 && e.expires > now)
+            {
+                out.push(EntryView {
+                    original: e.tuples[0],
+                    reply: e.tuples[1],
+                    tcp_state: (e.tuples[0].proto == PROTO_TCP).then_some(e.tcp_state),
+                    seen_reply: e.status & SEEN_REPLY != 0,
+                    assured: e.assured(),
+                    expires_in: (e.expires - now) / 1000,
+                    service: e.service,
+                    packets: e.packets,
+                    bytes: e.bytes,
+                });
+            }
+        }
+        out
+    }
+
+    /// Memory one entry costs: the entry itself plus its two index slots at hashbrown's
+    /// maximum load factor (7/8).
+    pub fn bytes_per_entry() -> usize {
+        let index_slot = core::mem::size_of::<(Tuple, u32)>() + 1;
+        core::mem::size_of::<Entry>() + 2 * index_slot * 8 / 7 + core::mem::size_of::<u32>()
+    }
+}
+
+#[cfg(test)]
+mod tests;
