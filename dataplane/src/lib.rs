@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod conntrack;
+pub mod nat;
 pub mod pipeline;
 pub mod port;
 pub mod replay;

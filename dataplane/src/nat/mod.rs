@@ -1,0 +1,382 @@
+//! Services: ClusterIP:port/protocol -> endpoints, kube-proxy's job done in the pipeline.
+//!
+//! A [`Services`] snapshot is built by the control plane and swapped in whole, like the subnet
+//! map. The first packet of a connection to a ClusterIP asks [`Services::plan`] for a backend
+//! (one hash lookup for the service, Maglev or random for the endpoint, the client's sticky
+//! backend with sessionAffinity ClientIP) and the conntrack entry remembers the binding; every
+//! later packet and every reply is translated through that entry ([`rewrite`]). Cost per new
+//! connection does not depend on the number of services (iptables' does, linearly).
+//!
+//! A backend on this node answers its client through the kernel directly, past podwire, unless
+//! the connection is also SNATed to an address that routes back into podwire: `hairpin_ip`, an
+//! address of the service CIDR (whose route points at podwire's device). kube-proxy only
+//! masquerades the pod-calls-itself case because netfilter sees every reply anyway; podwire
+//! sees only what is routed to it, so it SNATs every connection to a local backend.
+
+pub mod maglev;
+pub mod rewrite;
+
+use crate::conntrack::{NatPlan, ServiceBinding, Tuple, PROTO_TCP, PROTO_UDP};
+use crate::route::Ipv4Net;
+use core::net::{Ipv4Addr, SocketAddrV4};
+use maglev::Maglev;
+use std::sync::Mutex;
+
+/// How a service picks an endpoint for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Maglev consistent hashing of the connection's 5-tuple.
+    Maglev,
+    /// Uniformly random per connection (kube-proxy's iptables `statistic --mode random`).
+    Random,
+}
+
+/// One service as the control plane describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// `namespace/name`.
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub endpoints: Vec<SocketAddrV4>,
+    /// sessionAffinity ClientIP with this timeout in seconds; None for sessionAffinity None.
+    pub affinity_timeout: Option<u32>,
+    /// Parsed and kept; served once podwire owns the NIC (AF_XDP).
+    pub node_port: Option<u16>,
+}
+
+/// Defaults Kubernetes uses.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// Snapshot options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// Traffic to this range is steered into podwire.
+    pub cidr: Ipv4Net,
+    /// Source address of connections to local backends (in `cidr`).
+    pub hairpin_ip: Ipv4Addr,
+    pub algorithm: Algorithm,
+    /// Largest Maglev table (a prime of `maglev::PRIMES`).
+    pub maglev_max: usize,
+}
+
+impl ServiceOptions {
+    /// `cidr` with the hairpin address at its last usable address (`.254` of a /12's end).
+    pub fn new(cidr: Ipv4Net) -> ServiceOptions {
+        ServiceOptions {
+            cidr,
+            hairpin_ip: hairpin_ip_for(cidr),
+            algorithm: Algorithm::Maglev,
+            maglev_max: maglev::DEFAULT_MAX_SIZE,
+        }
+    }
+}
+
+/// The address of `cidr` that podwire uses as the source of hairpin connections: the last one
+/// below the broadcast address.
+pub fn hairpin_ip_for(cidr: Ipv4Net) -> Ipv4Addr {
+    let size = cidr.size().min(u64::from(u32::MAX)) as u32;
+    cidr.nth(size.saturating_sub(2))
+}
+
+/// Why a snapshot could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service {name}: ClusterIP {ip} is outside the service CIDR {cidr}")]
+    OutsideCidr {
+        name: String,
+        ip: Ipv4Addr,
+        cidr: Ipv4Net,
+    },
+    #[error("service {name}: ClusterIP {ip} is podwire's hairpin address")]
+    HairpinAddress { name: String, ip: Ipv4Addr },
+    #[error("service {name}: protocol {proto} is not TCP or UDP")]
+    Protocol { name: String, proto: u8 },
+    #[error("services {a} and {b} both claim {ip}:{port}")]
+    Duplicate {
+        a: String,
+        b: String,
+        ip: Ipv4Addr,
+        port: u16,
+    },
+    #[error("service {name}: {n} endpoints, at most 65535")]
+    TooManyEndpoints { name: String, n: usize },
+    #[error("service {name}: sessionAffinity timeout {secs} s outside 1..=86400")]
+    AffinityTimeout { name: String, secs: u32 },
+}
+
+/// (ClusterIP, port, protocol) packed for one hash lookup.
+fn key(ip: Ipv4Addr, port: u16, proto: u8) -> u64 {
+    u64::from(ip.to_bits()) << 24 | u64::from(port) << 8 | u64::from(proto)
+}
+
+#[derive(Debug)]
+struct Service {
+    spec: ServiceSpec,
+    maglev: Option<Maglev>,
+}
+
+/// All services, read-only: built by the control plane, swapped whole.
+#[derive(Debug)]
+pub struct Services {
+    options: ServiceOptions,
+    by_key: rustc_hash::FxHashMap<u64, u32>,
+    services: Vec<Service>,
+    /// (service key, backend) pairs that exist, so a connection's binding can be checked.
+    alive: rustc_hash::FxHashSet<(u64, SocketAddrV4)>,
+}
+
+/// Why a new connection to a service got no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// No service has this ClusterIP:port/protocol.
+    NoService,
+    /// The service has no endpoints (kube-proxy rejects with ICMP port unreachable).
+    NoEndpoints,
+}
+
+impl Services {
+    /// No services.
+    pub fn empty(options: ServiceOptions) -> Services {
+        Services {
+            options,
+            by_key: Default::default(),
+            services: Vec::new(),
+            alive: Default::default(),
+        }
+    }
+
+    pub fn build(
+        options: ServiceOptions,
+        specs: Vec<ServiceSpec>,
+    ) -> Result<Services, ServiceError> {
+        let mut s = Services::empty(options);
+        for spec in specs {
+            let name = spec.name.clone();
+            if !options.cidr.contains(spec.cluster_ip) {
+                return Err(ServiceError::OutsideCidr {
+                    name,
+                    ip: spec.cluster_ip,
+                    cidr: options.cidr,
+                });
+            }
+            if spec.cluster_ip == options.hairpin_ip {
+                return Err(ServiceError::HairpinAddress {
+                    name,
+                    ip: spec.cluster_ip,
+                });
+            }
+            if spec.proto != PROTO_TCP && spec.proto != PROTO_UDP {
+                return Err(ServiceError::Protocol {
+                    name,
+                    proto: spec.proto,
+                });
+            }
+            if spec.endpoints.len() > usize::from(u16::MAX) {
+                return Err(ServiceError::TooManyEndpoints {
+                    name,
+                    n: spec.endpoints.len(),
+                });
+            }
+            if let Some(secs) = spec.affinity_timeout {
+                if secs == 0 || secs > MAX_AFFINITY_TIMEOUT {
+                    return Err(ServiceError::AffinityTimeout { name, secs });
+                }
+            }
+            let k = key(spec.cluster_ip, spec.port, spec.proto);
+            if let Some(&other) = s.by_key.get(&k) {
+                return Err(ServiceError::Duplicate {
+                    a: s.services[other as usize].spec.name.clone(),
+                    b: name,
+                    ip: spec.cluster_ip,
+                    port: spec.port,
+                });
+            }
+            let maglev = (options.algorithm == Algorithm::Maglev && !spec.endpoints.is_empty())
+                .then(|| {
+                    let m = maglev::table_size(spec.endpoints.len(), options.maglev_max);
+                    Maglev::new(&spec.endpoints, m)
+                });
+            for ep in &spec.endpoints {
+                s.alive.insert((k, *ep));
+            }
+            s.by_key.insert(k, s.services.len() as u32);
+            s.services.push(Service { spec, maglev });
+        }
+        Ok(s)
+    }
+
+    pub fn options(&self) -> &ServiceOptions {
+        &self.options
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    pub fn specs(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.services.iter().map(|s| &s.spec)
+    }
+
+    /// Whether a destination is in the service range (and so must be a service).
+    #[inline]
+    pub fn in_cidr(&self, dst: Ipv4Addr) -> bool {
+        self.options.cidr.contains(dst)
+    }
+
+    /// Whether the backend a connection was bound to still backs its service.
+    #[inline]
+    pub fn binding_alive(&self, b: &ServiceBinding) -> bool {
+        self.alive.contains(&(
+            key(b.vip, b.port, b.proto),
+            SocketAddrV4::new(b.backend, b.backend_port),
+        ))
+    }
+
+    /// The NAT of a new connection `t` to a ClusterIP: its backend, and SNAT to the hairpin
+    /// address when the backend is on this node (`local`).
+    pub fn plan(
+        &self,
+        t: &Tuple,
+        local: Ipv4Net,
+        affinity: &Affinity,
+        now: u64,
+    ) -> Result<NatPlan, NoBackend> {
+        let &idx = self
+            .by_key
+            .get(&key(t.dst, t.dport, t.proto))
+            .ok_or(NoBackend::NoService)?;
+        let svc = &self.services[idx as usize];
+        let eps = &svc.spec.endpoints;
+        if eps.is_empty() {
+            return Err(NoBackend::NoEndpoints);
+        }
+        let k = key(t.dst, t.dport, t.proto);
+        let choose = || -> SocketAddrV4 {
+            let h = flow_hash(t);
+            match &svc.maglev {
+                Some(m) => eps[m.pick(h)],
+                None => eps[(maglev::mix64(h ^ now ^ affinity.seed) % eps.len() as u64) as usize],
+            }
+        };
+        let backend = match svc.spec.affinity_timeout {
+            Some(secs) => affinity.pick(
+                k,
+                t.src,
+                now,
+                u64::from(secs) * 1000,
+                |b| self.alive.contains(&(k, b)),
+                choose,
+            ),
+            None => choose(),
+        };
+        let snat = local
+            .contains(*backend.ip())
+            .then_some(self.options.hairpin_ip);
+        Ok(NatPlan {
+            dnat: Some((*backend.ip(), backend.port())),
+            snat,
+            service: Some(ServiceBinding {
+                vip: t.dst,
+                port: t.dport,
+                proto: t.proto,
+                backend: *backend.ip(),
+                backend_port: backend.port(),
+            }),
+        })
+    }
+}
+
+/// A fixed hash of a 5-tuple, the same on every node (so Maglev is consistent cluster-wide).
+#[inline]
+pub fn flow_hash(t: &Tuple) -> u64 {
+    let a = u64::from(t.src.to_bits()) << 32 | u64::from(t.dst.to_bits());
+    let b = u64::from(t.sport) << 32 | u64::from(t.dport) << 16 | u64::from(t.proto);
+    maglev::mix64(a ^ maglev::mix64(b))
+}
+
+const AFFINITY_SHARDS: usize = 16;
+
+/// sessionAffinity ClientIP: the backend each (service, client address) used last, kept for the
+/// service's timeout after the client's last new connection (`recent --rcheck --seconds T
+/// --reap` then `--set`, as kube-proxy's rules). Shared by the workers; touched only by the
+/// first packet of a connection.
+pub struct Affinity {
+    shards: Box<[Mutex<rustc_hash::FxHashMap<(u64, Ipv4Addr), (SocketAddrV4, u64)>>]>,
+    seed: u64,
+    /// Most entries per shard; beyond it expired ones are swept, then new clients go unsticky.
+    max_per_shard: usize,
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Affinity::new(65_536)
+    }
+}
+
+impl Affinity {
+    pub fn new(max_entries: usize) -> Affinity {
+        use std::hash::BuildHasher;
+        Affinity {
+            shards: (0..AFFINITY_SHARDS).map(|_| Mutex::default()).collect(),
+            seed: std::collections::hash_map::RandomState::new().hash_one(1u8),
+            max_per_shard: max_entries.div_ceil(AFFINITY_SHARDS).max(1),
+        }
+    }
+
+    fn pick(
+        &self,
+        service: u64,
+        client: Ipv4Addr,
+        now: u64,
+        timeout_ms: u64,
+        alive: impl Fn(SocketAddrV4) -> bool,
+        choose: impl FnOnce() -> SocketAddrV4,
+    ) -> SocketAddrV4 {
+        let i = (maglev::mix64(u64::from(client.to_bits()) ^ service) as usize) % AFFINITY_SHARDS;
+        let mut m = self.shards[i]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let sticky = m
+            .get(&(service, client))
+            .filter(|(b, expires)| *expires > now && alive(*b))
+            .map(|(b, _)| *b);
+        let backend = sticky.unwrap_or_else(choose);
+        if m.len() >= self.max_per_shard && !m.contains_key(&(service, client)) {
+            m.retain(|_, (_, expires)| *expires > now);
+        }
+        if m.len() < self.max_per_shard || m.contains_key(&(service, client)) {
+            m.insert((service, client), (backend, now + timeout_ms));
+        }
+        backend
+    }
+
+    /// Live entries (for inspection).
+    pub fn len(&self, now: u64) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .filter(|(_, e)| *e > now)
+                    .count()
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self, now: u64) -> bool {
+        self.len(now) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests;
