@@ -60,6 +60,7 @@ pub fn tables(leases: u32, subnet_len: u8, vxlan: bool) -> Tables {
         } else {
             Encap::FlannelUdp
         },
+        services: Default::default(),
     }
 }
 

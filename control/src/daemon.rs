@@ -20,11 +20,13 @@ use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
 use podwire::netdev;
 use podwire::report;
+use podwire::services::ServicesFile;
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
-use podwire_dataplane::pipeline::Encap;
-use podwire_dataplane::pipeline::Tables;
+use podwire_dataplane::conntrack;
+use podwire_dataplane::nat::{Algorithm, ServiceOptions, Services};
+use podwire_dataplane::pipeline::{Encap, Flows, Tables};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
 use podwire_dataplane::route::Ipv4Net;
 use podwire_dataplane::worker::{WorkerConfig, WorkerPool, WorkerPorts};
@@ -70,6 +72,13 @@ pub struct RunOptions {
     /// Where to serve /healthz, /readyz and /metrics.
     pub healthz: Option<SocketAddr>,
     pub stats_file: Option<PathBuf>,
+    /// Track connections (needed for services).
+    pub conntrack: bool,
+    pub conntrack_max: usize,
+    /// Services to translate, from this file (re-read when it changes).
+    pub services_file: Option<PathBuf>,
+    pub service_cidr: Ipv4Net,
+    pub service_lb: Algorithm,
 }
 
 /// Smallest underlay MTU that leaves IPv4 pods the 576 bytes every host must accept.
@@ -169,9 +178,44 @@ struct Control<'a> {
     direct: Option<netdev::DirectRoutes>,
     health: &'a Health,
     lease_ttl: Duration,
+    services: Option<ServicesFile>,
+    service_options: ServiceOptions,
 }
 
 impl Control<'_> {
+    /// Swaps in a new services snapshot when the services file changed; a bad file keeps the
+    /// last good snapshot.
+    fn reload_services(&mut self) {
+        let Some(src) = self.services.as_mut() else {
+            return;
+        };
+        let specs = match src.poll() {
+            Ok(Some(specs)) => specs,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "services rejected; keeping the last good services");
+                return;
+            }
+        };
+        match Services::build(self.service_options, specs) {
+            Ok(services) => {
+                let n = services.len();
+                let old = self.live.load();
+                self.live.store(Arc::new(Tables {
+                    services: Arc::new(services),
+                    ..Tables::clone(&old)
+                }));
+                self.pool.wake_all();
+                self.health.services.store(n as u64, Ordering::Relaxed);
+                self.health.service_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(services = n, "services updated");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "services rejected; keeping the last good services")
+            }
+        }
+    }
+
     /// Re-reads the leases and swaps new tables in; takes our lease again if it vanished.
     fn refresh(&mut self) -> Result<()> {
         let started = Instant::now();
@@ -228,6 +272,10 @@ impl Control<'_> {
         match tables::build(&view, self.req.public_ip, Some(self.own.subnet)) {
             Ok(new) => {
                 let old = self.live.load();
+                let new = Tables {
+                    services: Arc::clone(&old.services),
+                    ..new
+                };
                 if new.local != old.local
                     || new.peer_port != old.peer_port
                     || new.encap != old.encap
@@ -371,6 +419,42 @@ pub fn run(opts: RunOptions) -> Result<()> {
         tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
     }
     netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
+    let service_options = ServiceOptions {
+        algorithm: opts.service_lb,
+        ..ServiceOptions::new(opts.service_cidr)
+    };
+    let mut services_src = opts.services_file.as_deref().map(ServicesFile::new);
+    let mut initial = initial;
+    if let Some(src) = services_src.as_mut() {
+        if !opts.conntrack {
+            bail!("services need connection tracking: drop --conntrack off");
+        }
+        let specs = src
+            .poll()?
+            .context("services file vanished while starting")?;
+        let services = Services::build(service_options, specs)
+            .with_context(|| format!("in {}", src.path().display()))?;
+        health
+            .services
+            .store(services.len() as u64, Ordering::Relaxed);
+        initial.services = Arc::new(services);
+    }
+    // The service range is routed into podwire: ClusterIPs, and the hairpin address that
+    // local backends answer.
+    let service_route = services_src.as_ref().map(|_| opts.service_cidr.to_string());
+    if let Some(cidr) = &service_route {
+        netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
+        tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
+    }
+    let flows = opts.conntrack.then(|| {
+        Arc::new(Flows::new(conntrack::Config {
+            max_entries: opts.conntrack_max,
+            ..conntrack::Config::default()
+        }))
+    });
+    if let Some(f) = &flows {
+        health.set_flows(Arc::clone(f));
+    }
     let bind = SocketAddrV4::new(iface.addr, port);
     let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
     let mut ports = Vec::with_capacity(workers);
@@ -417,7 +501,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         _ => None,
     };
     let live = Arc::new(ArcSwap::from_pointee(initial));
-    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), ports)?;
+    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), flows, ports)?;
     health.set_workers(pool.shared_stats());
     health.map_loaded.store(true, Ordering::Relaxed);
 
@@ -441,6 +525,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
         direct,
         health: &health,
         lease_ttl,
+        services: services_src,
+        service_options,
     };
     let result = control_loop(&mut control, &opts, &shutdown);
     let stats = pool.stats();
@@ -448,6 +534,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let stopped = pool.stop();
     if let Some(mut d) = direct {
         d.clear();
+    }
+    if let Some(cidr) = &service_route {
+        let _ = netdev::ip(&["route", "del", cidr, "dev", &tun_name]);
     }
     let total = report::stats_json(&stats);
     if let Some(path) = &opts.stats_file {
@@ -496,6 +585,7 @@ fn control_loop(
                 reachable = false;
             }
         }
+        c.reload_services();
         c.health.store_reachable.store(reachable, Ordering::Relaxed);
         c.health
             .store_reconnects

@@ -8,7 +8,7 @@
 //! The control thread and the workers only store into atomics; the HTTP thread reads them, so
 //! serving a scrape never blocks forwarding or the store loop.
 
-use podwire_dataplane::pipeline::DropReason;
+use podwire_dataplane::pipeline::{DropReason, Flows};
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -33,13 +33,22 @@ pub struct Health {
     pub map_updates: AtomicU64,
     pub store_reconnects: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Services in the live snapshot.
+    pub services: AtomicU64,
+    pub service_updates: AtomicU64,
     workers: OnceLock<Vec<Arc<SharedStats>>>,
+    flows: OnceLock<Arc<Flows>>,
 }
 
 impl Health {
     /// Hands the workers' counters to the endpoint once they run.
     pub fn set_workers(&self, stats: Vec<Arc<SharedStats>>) {
         let _ = self.workers.set(stats);
+    }
+
+    /// Hands the connection table to the endpoint.
+    pub fn set_flows(&self, flows: Arc<Flows>) {
+        let _ = self.flows.set(flows);
     }
 
     pub fn set_lease_expiry(&self, expires: Option<SystemTime>) {
@@ -236,6 +245,73 @@ impl Health {
             "Forwarding workers.",
             vec![format!("podwire_workers {}", workers.len())],
         );
+        let services = [
+            (
+                "podwire_services",
+                "gauge",
+                "Services in the live snapshot.",
+                g(&self.services),
+            ),
+            (
+                "podwire_service_updates_total",
+                "counter",
+                "New services snapshots handed to the workers.",
+                g(&self.service_updates),
+            ),
+        ];
+        for (name, kind, help, v) in services {
+            fam(name, kind, help, vec![format!("{name} {v}")]);
+        }
+        if let Some(f) = self.flows.get() {
+            let c = f.conntrack.counters();
+            let ct: [(&str, &str, &str, u64); 7] = [
+                (
+                    "podwire_conntrack_entries",
+                    "gauge",
+                    "Connections tracked.",
+                    c.entries,
+                ),
+                (
+                    "podwire_conntrack_max",
+                    "gauge",
+                    "Most connections the table holds.",
+                    f.conntrack.capacity() as u64,
+                ),
+                (
+                    "podwire_conntrack_inserted_total",
+                    "counter",
+                    "Connections created.",
+                    c.inserted,
+                ),
+                (
+                    "podwire_conntrack_expired_total",
+                    "counter",
+                    "Connections removed on timeout.",
+                    c.expired,
+                ),
+                (
+                    "podwire_conntrack_early_drops_total",
+                    "counter",
+                    "Unassured connections evicted to make room.",
+                    c.early_drops,
+                ),
+                (
+                    "podwire_conntrack_table_full_total",
+                    "counter",
+                    "New connections refused: table full, nothing evictable.",
+                    c.table_full,
+                ),
+                (
+                    "podwire_conntrack_invalid_total",
+                    "counter",
+                    "Packets conntrack called INVALID.",
+                    c.invalid,
+                ),
+            ];
+            for (name, kind, help, v) in ct {
+                fam(name, kind, help, vec![format!("{name} {v}")]);
+            }
+        }
         out
     }
 }

@@ -15,6 +15,7 @@ pub mod health;
 pub mod lease;
 pub mod netdev;
 pub mod report;
+pub mod services;
 pub mod store;
 pub mod subnet_env;
 pub mod tables;

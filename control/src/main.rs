@@ -158,6 +158,26 @@ struct RunArgs {
     /// Write worker counters and drops by reason here as JSON, every second and at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// Connection tracking of every forwarded packet (netfilter's states and timeouts);
+    /// services need it.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    conntrack: String,
+    /// Most tracked connections; when full, unassured ones are evicted first.
+    #[arg(long, default_value_t = 131_072)]
+    conntrack_max: usize,
+    /// Services to translate (ClusterIP DNAT, kube-proxy's job): `file:PATH`, a JSON file
+    /// {"services": [{"name", "clusterIP", "protocol", "port", "endpoints": [{"ip", "port"}],
+    /// "sessionAffinity", "nodePort"}]}, re-read on change. The service range is routed into
+    /// podwire's device.
+    #[arg(long)]
+    services: Option<String>,
+    /// The cluster's service range (kube-apiserver's --service-cluster-ip-range).
+    #[arg(long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
+    service_cidr: podwire_dataplane::route::Ipv4Net,
+    /// How a service picks an endpoint for a new connection: `maglev` (consistent hashing,
+    /// the same choice on every node) or `random`.
+    #[arg(long, default_value = "maglev", value_parser = ["maglev", "random"])]
+    service_lb: String,
     /// Exit when the parent process dies (used by `podwire lab`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -315,6 +335,21 @@ fn main() -> Result<()> {
                 healthz: (a.healthz_port != 0)
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
                 stats_file: a.stats_file,
+                conntrack: a.conntrack == "on",
+                conntrack_max: a.conntrack_max.max(1),
+                services_file: match a.services.as_deref() {
+                    None => None,
+                    Some(s) => Some(PathBuf::from(
+                        s.strip_prefix("file:")
+                            .with_context(|| format!("--services {s}: expected file:PATH"))?,
+                    )),
+                },
+                service_cidr: a.service_cidr,
+                service_lb: if a.service_lb == "random" {
+                    podwire_dataplane::nat::Algorithm::Random
+                } else {
+                    podwire_dataplane::nat::Algorithm::Maglev
+                },
             })
         }
         Cmd::Replay(a) => replay(a),

@@ -66,6 +66,8 @@ pub fn build(
         },
         peer_port,
         encap,
+        // The daemon puts the current services snapshot in.
+        services: Default::default(),
     })
 }
 

@@ -31,6 +31,12 @@ use crate::route::{Backend, Ipv4Net, SubnetMap};
 use crate::wire::vxlan::Vni;
 use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol, MacAddr};
 use core::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+mod flows;
+use crate::nat::Services;
+pub use flows::Flows;
+use flows::{Outcome, Stop};
 
 /// Why a packet was not forwarded. The names are the metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,10 +71,21 @@ pub enum DropReason {
     Oversized,
     /// The device or socket refused the packet on transmit.
     TxError,
+    /// Connection tracking calls it INVALID (netfilter's rules): bad TCP flags, a transition
+    /// the state table forbids, an out-of-window RST, an answer to no connection.
+    CtInvalid,
+    /// The connection table is full and nothing in reach could be early-dropped.
+    CtTableFull,
+    /// A packet of a service connection whose backend no longer backs the service.
+    EndpointGone,
+    /// A fragment of a packet to a service (its ports, and so its backend, are unknown).
+    Fragmented,
+    /// No free source port for a hairpin connection's SNAT.
+    SnatPortsExhausted,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 20;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
@@ -85,6 +102,11 @@ impl DropReason {
         DropReason::WrongDstMac,
         DropReason::Oversized,
         DropReason::TxError,
+        DropReason::CtInvalid,
+        DropReason::CtTableFull,
+        DropReason::EndpointGone,
+        DropReason::Fragmented,
+        DropReason::SnatPortsExhausted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +126,11 @@ impl DropReason {
             DropReason::WrongDstMac => "wrong_dst_mac",
             DropReason::Oversized => "oversized",
             DropReason::TxError => "tx_error",
+            DropReason::CtInvalid => "ct_invalid",
+            DropReason::CtTableFull => "ct_table_full",
+            DropReason::EndpointGone => "endpoint_gone",
+            DropReason::Fragmented => "fragment_to_service",
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
         }
     }
 
@@ -171,6 +198,8 @@ pub struct Tables {
     /// UDP port peers listen on (flannel udp default 8285, VXLAN 8472).
     pub peer_port: u16,
     pub encap: Encap,
+    /// The services whose ClusterIPs are translated (when flows are tracked).
+    pub services: Arc<Services>,
 }
 
 /// TTL of the ICMP errors we generate (the kernel's default hop limit).
@@ -191,13 +220,26 @@ const _: () = assert!(
 pub const SRC_PORT_MIN: u16 = 32768;
 pub const SRC_PORT_MAX: u16 = 60999;
 
-/// Decides every packet of a batch received from `dir`.
+/// Decides every packet of a batch received from `dir`, statelessly (no connection tracking,
+/// no services).
 pub fn process(tables: &Tables, dir: Direction, batch: &mut Batch) {
+    process_with(tables, None, 0, dir, batch)
+}
+
+/// Decides every packet of a batch received from `dir`; with `flows`, every packet is tracked
+/// and translated. `now` is the time in milliseconds, read once per batch.
+pub fn process_with(
+    tables: &Tables,
+    flows: Option<&Flows>,
+    now: u64,
+    dir: Direction,
+    batch: &mut Batch,
+) {
     for i in 0..batch.len() {
         let (slot, meta) = batch.slot_mut(i);
         meta.verdict = match dir {
-            Direction::FromTun => from_tun(tables, slot, meta),
-            Direction::FromUnderlay => from_underlay(tables, slot, meta),
+            Direction::FromTun => from_tun(tables, flows, now, slot, meta),
+            Direction::FromUnderlay => from_underlay(tables, flows, now, slot, meta),
         };
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
@@ -220,7 +262,13 @@ fn parse_ipv4(data: &[u8]) -> Result<ipv4::Packet<&[u8]>, DropReason> {
 }
 
 /// A packet read from the TUN device: where does it go?
-pub fn from_tun(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
+pub fn from_tun(
+    t: &Tables,
+    flows: Option<&Flows>,
+    now: u64,
+    slot: &mut [u8],
+    meta: &mut Meta,
+) -> Verdict {
     if meta.oversized {
         return Verdict::Drop(DropReason::Oversized);
     }
@@ -232,12 +280,38 @@ pub fn from_tun(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
         (p.dst(), usize::from(p.total_len()))
     };
     meta.len = total_len;
+    let mut dst = dst;
+    let mut translated = false;
+    if let Some(f) = flows {
+        let pkt = &mut slot[meta.start..meta.start + meta.len];
+        match flows::track(t, f, now, pkt, true) {
+            Ok(Outcome::Unchanged) => {}
+            Ok(Outcome::Translated) => {
+                translated = true;
+                dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
+            }
+            Err(Stop::Drop(r)) => return Verdict::Drop(r),
+            Err(Stop::Reject) => {
+                return icmp_unreachable(slot, meta, icmpv4::unreachable::PORT, dst)
+            }
+        }
+    }
     let node = match t.map.lookup(dst) {
         Some(node) => node,
         None => return net_unreachable(t, slot, meta),
     };
     if node.subnet == t.local.subnet {
-        return Verdict::Drop(DropReason::LoopToSelf);
+        if !translated {
+            return Verdict::Drop(DropReason::LoopToSelf);
+        }
+        // A translated packet for a pod of this node (a local backend, or the answer to a local
+        // client): back into the TUN for the kernel to deliver, one routing hop.
+        let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
+        if p.ttl() <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        p.decrement_ttl();
+        return Verdict::ToTun;
     }
     match t.encap {
         Encap::FlannelUdp => {
@@ -331,7 +405,13 @@ fn vxlan_encap(
 }
 
 /// A datagram received on the underlay socket: may it enter the TUN?
-pub fn from_underlay(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
+pub fn from_underlay(
+    t: &Tables,
+    flows: Option<&Flows>,
+    now: u64,
+    slot: &mut [u8],
+    meta: &mut Meta,
+) -> Verdict {
     if meta.oversized {
         return Verdict::Drop(DropReason::Oversized);
     }
@@ -351,7 +431,7 @@ pub fn from_underlay(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
                 return Verdict::Drop(DropReason::TtlExpired);
             }
             p.decrement_ttl();
-            Verdict::ToTun
+            track_inbound(t, flows, now, &mut slot[meta.start..meta.start + meta.len])
         }
         Encap::Vxlan { vni, local_mac } => {
             let data = &slot[meta.start..meta.start + meta.len];
@@ -359,13 +439,24 @@ pub fn from_underlay(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
                 Ok(len) => {
                     meta.start += VXLAN_INNER_OFFSET;
                     meta.len = len;
-                    meta.completed_checksum =
-                        complete_partial_checksum(&mut slot[meta.start..meta.start + meta.len]);
-                    Verdict::ToTun
+                    let pkt = &mut slot[meta.start..meta.start + meta.len];
+                    meta.completed_checksum = complete_partial_checksum(pkt);
+                    track_inbound(t, flows, now, pkt)
                 }
                 Err(r) => Verdict::Drop(r),
             }
         }
+    }
+}
+
+/// Tracks (and reverse-translates) a checked inner packet from the underlay on its way into
+/// the TUN.
+fn track_inbound(t: &Tables, flows: Option<&Flows>, now: u64, pkt: &mut [u8]) -> Verdict {
+    match flows.map(|f| flows::track(t, f, now, pkt, false)) {
+        None | Some(Ok(_)) => Verdict::ToTun,
+        Some(Err(Stop::Drop(r))) => Verdict::Drop(r),
+        // Only packets from pods open service connections.
+        Some(Err(Stop::Reject)) => Verdict::Drop(DropReason::CtInvalid),
     }
 }
 
@@ -464,6 +555,12 @@ const MAX_QUOTE: usize = 60 + 8;
 
 /// Replaces the packet in `slot` by an ICMP net-unreachable for its sender, if one may be sent.
 fn net_unreachable(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
+    icmp_unreachable(slot, meta, icmpv4::unreachable::NET, t.local.tun_addr)
+}
+
+/// Replaces the packet in `slot` by an ICMP destination-unreachable with `code` from `src`, if
+/// one may be sent (otherwise it is dropped as `NoRoute`).
+fn icmp_unreachable(slot: &mut [u8], meta: &mut Meta, code: u8, src: Ipv4Addr) -> Verdict {
     let mut quote = [0u8; MAX_QUOTE];
     let (quote_len, orig_src) = {
         let p = ipv4::Packet::new_unchecked(&slot[meta.start..meta.start + meta.len]);
@@ -477,7 +574,7 @@ fn net_unreachable(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
     let total = ipv4::HEADER_LEN + icmpv4::HEADER_LEN + quote_len;
     let out = &mut slot[meta.start..meta.start + total];
     ipv4::Repr {
-        src: t.local.tun_addr,
+        src,
         dst: orig_src,
         protocol: IpProtocol::Icmp,
         payload_len: icmpv4::HEADER_LEN + quote_len,
@@ -489,7 +586,7 @@ fn net_unreachable(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
     .emit(out);
     let mut icmp = icmpv4::Packet::new_unchecked(&mut out[ipv4::HEADER_LEN..]);
     icmp.set_kind(icmpv4::kind::DEST_UNREACHABLE);
-    icmp.set_code(icmpv4::unreachable::NET);
+    icmp.set_code(code);
     icmp.set_rest(0, 0);
     icmp.data_mut().copy_from_slice(&quote[..quote_len]);
     icmp.fill_checksum();
@@ -547,6 +644,7 @@ mod tests {
             },
             peer_port: 8285,
             encap: Encap::FlannelUdp,
+            services: Default::default(),
         }
     }
 

@@ -11,7 +11,7 @@
 //! has seen EAGAIN on both ports does it sleep, so epoll's edge-triggered wakeups are never missed.
 
 use crate::batch::Batch;
-use crate::pipeline::{self, Direction, DropReason, Tables, Verdict};
+use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
 use crate::port::raw::RawIpPort;
 use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
@@ -33,6 +33,8 @@ pub const MAX_BATCH: usize = 256;
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 const WAKE: Token = Token(2);
+/// Conntrack slots each worker examines for expiry per round.
+const GC_SLOTS_PER_ROUND: usize = 32;
 /// Longest epoll sleep, so a stalled wakeup can never hang a worker for long.
 const IDLE_SLEEP: Duration = Duration::from_millis(200);
 
@@ -98,6 +100,7 @@ struct Worker {
     id: usize,
     ports: WorkerPorts,
     tables: Arc<ArcSwap<Tables>>,
+    flows: Option<Arc<Flows>>,
     stats: Arc<SharedStats>,
     shutdown: Arc<AtomicBool>,
     poll: Poll,
@@ -114,10 +117,12 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts one worker per set of ports, all reading `tables`.
+    /// Starts one worker per set of ports, all reading `tables` and, when given, tracking
+    /// connections in `flows`.
     pub fn start(
         config: WorkerConfig,
         tables: Arc<ArcSwap<Tables>>,
+        flows: Option<Arc<Flows>>,
         ports: Vec<WorkerPorts>,
     ) -> Result<WorkerPool, WorkerError> {
         let cpus = if config.pin {
@@ -146,6 +151,7 @@ impl WorkerPool {
                 id,
                 ports,
                 tables: Arc::clone(&tables),
+                flows: flows.clone(),
                 stats: Arc::clone(&stats),
                 shutdown: Arc::clone(&pool.shutdown),
                 poll,
@@ -338,22 +344,33 @@ impl Worker {
         let mut last_work = Instant::now();
         let id = self.id;
         let port_err = |source| WorkerError::Port { worker: id, source };
+        let epoch = self.flows.as_ref().map(|f| f.epoch);
+        let flows = self.flows.as_deref();
         while !self.shutdown.load(Ordering::Acquire) {
             let tables = self.tables.load();
+            // Connection-tracking time, read once per round (milliseconds).
+            let now = epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
             let n_tun = self.ports.tun.rx_batch(&mut from_tun).map_err(port_err)?;
             if n_tun > 0 {
                 local.add(Counter::RxTun, n_tun as u64);
-                pipeline::process(&tables, Direction::FromTun, &mut from_tun);
+                pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
                 dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
             let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
             if n_udp > 0 {
                 local.add(Counter::RxUnderlay, n_udp as u64);
-                pipeline::process(&tables, Direction::FromUnderlay, &mut from_udp);
+                let b = &mut from_udp;
+                pipeline::process_with(&tables, flows, now, Direction::FromUnderlay, b);
                 dispatch.run(&mut from_udp, &mut self.ports, &mut local);
             }
             drop(tables);
-            if n_tun + n_udp > 0 {
+            let idle = n_tun + n_udp == 0;
+            if let Some(f) = flows.filter(|_| !idle || last_work.elapsed() >= self.config.busy_poll)
+            {
+                // Incremental expiry: a slice of one shard per busy round and before each sleep.
+                f.conntrack.gc_step(now, GC_SLOTS_PER_ROUND);
+            }
+            if !idle {
                 self.stats.flush(&mut local);
                 last_work = Instant::now();
             } else if last_work.elapsed() >= self.config.busy_poll {

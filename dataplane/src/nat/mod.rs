@@ -139,6 +139,14 @@ pub enum NoBackend {
     NoEndpoints,
 }
 
+impl Default for Services {
+    /// No services, Kubernetes' default service CIDR.
+    fn default() -> Self {
+        let cidr = DEFAULT_SERVICE_CIDR.parse().expect("a valid default CIDR");
+        Services::empty(ServiceOptions::new(cidr))
+    }
+}
+
 impl Services {
     /// No services.
     pub fn empty(options: ServiceOptions) -> Services {

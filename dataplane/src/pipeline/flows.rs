@@ -1,0 +1,606 @@
+//! The stateful step of the pipeline: every packet through connection tracking, the first
+//! packet of a connection to a ClusterIP through service selection, and every packet of a
+//! translated connection rewritten (ICMP errors through the connection they quote).
+
+use super::{DropReason, Tables};
+use crate::conntrack::{
+    self, tcp::Segment, CtError, Dir, Tuple, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+use crate::nat::{rewrite, Affinity, NoBackend};
+use crate::wire::{icmpv4, ipv4, tcp};
+use core::net::Ipv4Addr;
+
+/// Connection state shared by all workers: the connection table and the services' client
+/// affinity.
+pub struct Flows {
+    pub conntrack: conntrack::Conntrack,
+    pub affinity: Affinity,
+    /// The origin of the workers' millisecond clock.
+    pub epoch: std::time::Instant,
+}
+
+impl core::fmt::Debug for Flows {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Flows")
+            .field("conntrack", &self.conntrack.counters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Flows {
+    pub fn new(config: conntrack::Config) -> Flows {
+        Flows {
+            conntrack: conntrack::Conntrack::new(config),
+            affinity: Affinity::default(),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// Milliseconds since `epoch`: the time the workers track with.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// What tracking did to a packet that may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Tracked (or untracked as netfilter would), bytes unchanged.
+    Unchanged,
+    /// NAT rewrote the packet: its destination may now be local.
+    Translated,
+}
+
+/// Why tracking stopped a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Drop(DropReason),
+    /// A connection to a service that cannot be served: answer with ICMP port unreachable,
+    /// as kube-proxy's REJECT rule does.
+    Reject,
+}
+
+/// The tuple and L4 facts of an IPv4 packet whose header was checked, or what to do instead.
+enum Parsed {
+    Flow(Tuple, L4),
+    IcmpError,
+    /// Not trackable (a non-first fragment): passes as netfilter without defragmentation would.
+    Untracked,
+}
+
+fn parse(pkt: &[u8]) -> Result<Parsed, DropReason> {
+    let p = ipv4::Packet::new_unchecked(pkt);
+    if p.is_non_first_fragment() {
+        return Ok(Parsed::Untracked);
+    }
+    let l4 = p.payload();
+    let (src, dst) = (p.src(), p.dst());
+    let proto = u8::from(p.protocol());
+    Ok(match proto {
+        PROTO_TCP => {
+            let t = tcp::Packet::new_checked(l4).map_err(|_| DropReason::Truncated)?;
+            let seg = Segment {
+                flags: t.flags(),
+                seq: t.seq(),
+                ack: t.ack(),
+                window: t.window(),
+                len: (l4.len() - t.header_len()) as u32,
+                wscale: window_scale(&l4[tcp::HEADER_LEN..t.header_len()]),
+            };
+            Parsed::Flow(
+                Tuple::new(src, t.src_port(), dst, t.dst_port(), PROTO_TCP),
+                L4::Tcp(seg),
+            )
+        }
+        PROTO_UDP => {
+            if l4.len() < 8 {
+                return Err(DropReason::Truncated);
+            }
+            let sport = u16::from_be_bytes([l4[0], l4[1]]);
+            let dport = u16::from_be_bytes([l4[2], l4[3]]);
+            Parsed::Flow(Tuple::new(src, sport, dst, dport, PROTO_UDP), L4::Udp)
+        }
+        PROTO_ICMP => {
+            let i = icmpv4::Packet::new_checked(l4).map_err(|_| DropReason::Truncated)?;
+            if icmpv4::is_error(i.kind()) {
+                Parsed::IcmpError
+            } else {
+                let ty = u16::from(i.kind()) << 8 | u16::from(i.code());
+                Parsed::Flow(
+                    Tuple::new(src, i.echo_ident(), dst, ty, PROTO_ICMP),
+                    L4::IcmpQuery,
+                )
+            }
+        }
+        _ => Parsed::Flow(Tuple::new(src, 0, dst, 0, proto), L4::Other),
+    })
+}
+
+/// The window scale option of a TCP header's options, if present.
+fn window_scale(mut opts: &[u8]) -> Option<u8> {
+    while let Some(&kind) = opts.first() {
+        match kind {
+            0 => return None,
+            1 => opts = &opts[1..],
+            _ => {
+                let len = usize::from(*opts.get(1)?);
+                if len < 2 || len > opts.len() {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    return Some(opts[2]);
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    None
+}
+
+/// Tracks the IPv4 packet `pkt` (header checked, `len` its total length) travelling from the
+/// TUN (`from_pods`) or from the underlay, and translates it.
+pub fn track(
+    t: &Tables,
+    flows: &Flows,
+    now: u64,
+    pkt: &mut [u8],
+    from_pods: bool,
+) -> Result<Outcome, Stop> {
+    let (tuple, l4) = match parse(pkt).map_err(Stop::Drop)? {
+        Parsed::Flow(tuple, l4) => (tuple, l4),
+        Parsed::IcmpError => return Ok(related_icmp_error(flows, now, pkt)),
+        Parsed::Untracked => {
+            let dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
+            if t.services.in_cidr(dst) {
+                // A service's connection is DNATed by its first fragment's ports, which later
+                // fragments do not carry: they cannot be translated.
+                return Err(Stop::Drop(DropReason::Fragmented));
+            }
+            return Ok(Outcome::Unchanged);
+        }
+    };
+    let to_service = from_pods && t.services.in_cidr(tuple.dst);
+    if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
+        return Err(Stop::Drop(DropReason::Fragmented));
+    }
+    let mut refusal = None;
+    let r = flows.conntrack.track(&tuple, &l4, pkt.len(), now, |orig| {
+        if !to_service {
+            return Ok(Default::default());
+        }
+        t.services
+            .plan(orig, t.local.subnet, &flows.affinity, now)
+            .map_err(|e| refusal = Some(e))
+    });
+    let tracked = match r {
+        Ok(tracked) => tracked,
+        Err(CtError::Invalid) => return Err(Stop::Drop(DropReason::CtInvalid)),
+        Err(CtError::TableFull) => return Err(Stop::Drop(DropReason::CtTableFull)),
+        Err(CtError::NoPort) => return Err(Stop::Drop(DropReason::SnatPortsExhausted)),
+        Err(CtError::Refused) => {
+            return match refusal {
+                Some(NoBackend::NoEndpoints | NoBackend::NoService) => Err(Stop::Reject),
+                None => Err(Stop::Drop(DropReason::CtInvalid)),
+            }
+        }
+    };
+    if let Some(binding) = tracked.service {
+        if !t.services.binding_alive(&binding) {
+            // The backend is gone: forget the connection and drop rather than black-hole;
+            // the client's next packet starts over on a live backend, which resets it.
+            flows.conntrack.remove(&tuple);
+            return Err(Stop::Drop(DropReason::EndpointGone));
+        }
+    } else if to_service && tracked.dir == Dir::Original {
+        // A connection tracked before its ClusterIP became a service: not ours to guess.
+        return Err(Stop::Reject);
+    }
+    if tracked.to == tuple {
+        return Ok(Outcome::Unchanged);
+    }
+    rewrite::apply(pkt, &tuple, &tracked.to);
+    Ok(Outcome::Translated)
+}
+
+/// An ICMP error is RELATED to the connection of the packet it quotes; a translated connection
+/// gets the error translated inside (the quoted packet) and out. Errors quoting no known
+/// connection, or too little of one, pass untouched (netfilter's "untracked").
+fn related_icmp_error(flows: &Flows, now: u64, pkt: &mut [u8]) -> Outcome {
+    let (outer_src, outer_dst, quoted) = {
+        let p = ipv4::Packet::new_unchecked(&pkt[..]);
+        let q = &p.payload()[icmpv4::HEADER_LEN..];
+        let Ok(Parsed::Flow(it, _)) = parse_quoted(q) else {
+            return Outcome::Unchanged;
+        };
+        (p.src(), p.dst(), it)
+    };
+    let Some(inv) = quoted.invert() else {
+        return Outcome::Unchanged;
+    };
+    let Some((_, this_dir, other_dir)) = flows.conntrack.find(&inv, now) else {
+        return Outcome::Unchanged;
+    };
+    // netfilter: RELATED only if the error goes to the quoted packet's sender.
+    if outer_dst != quoted.src {
+        return Outcome::Unchanged;
+    }
+    let Some(to) = other_dir.invert() else {
+        return Outcome::Unchanged;
+    };
+    if to == this_dir {
+        return Outcome::Unchanged;
+    }
+    let new_src: Ipv4Addr = if outer_src == this_dir.src {
+        to.src
+    } else {
+        outer_src
+    };
+    rewrite::apply_icmp_error(pkt, new_src, to.dst, &quoted, &other_dir);
+    Outcome::Translated
+}
+
+/// The tuple of a quoted packet: only its IPv4 header and the first 8 bytes of its payload are
+/// guaranteed (RFC 792), so ports are read from those.
+fn parse_quoted(q: &[u8]) -> Result<Parsed, DropReason> {
+    if q.len() < ipv4::HEADER_LEN || q[0] >> 4 != 4 {
+        return Err(DropReason::Truncated);
+    }
+    let inner = ipv4::Packet::new_unchecked(q);
+    let ihl = inner.header_len();
+    if ihl < ipv4::HEADER_LEN {
+        return Err(DropReason::BadIpHeader);
+    }
+    let l4 = q.get(ihl..ihl + 8).ok_or(DropReason::Truncated)?;
+    let (src, dst) = (inner.src(), inner.dst());
+    let proto = u8::from(inner.protocol());
+    let port = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    Ok(match proto {
+        PROTO_TCP | PROTO_UDP => {
+            Parsed::Flow(Tuple::new(src, port(0), dst, port(2), proto), L4::Other)
+        }
+        PROTO_ICMP => Parsed::Flow(
+            Tuple::new(
+                src,
+                port(4),
+                dst,
+                u16::from(l4[0]) << 8 | u16::from(l4[1]),
+                PROTO_ICMP,
+            ),
+            L4::Other,
+        ),
+        _ => Parsed::Flow(Tuple::new(src, 0, dst, 0, proto), L4::Other),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{process_with, Direction, Encap, LocalNode, Verdict};
+    use super::*;
+    use crate::batch::Batch;
+    use crate::nat::{ServiceOptions, ServiceSpec, Services};
+    use crate::route::{Backend, Node, SubnetMap};
+    use core::net::SocketAddrV4;
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+    use std::sync::Arc;
+
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+    const LOCAL_EP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+    const REMOTE_EP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+    const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
+
+    fn tables(endpoints: &[SocketAddrV4]) -> Tables {
+        let mut map = SubnetMap::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        for (subnet, ip) in [("10.244.1.0/24", NODE_A), ("10.244.2.0/24", NODE_B)] {
+            map.insert(Node {
+                subnet: subnet.parse().unwrap(),
+                public_ip: ip,
+                backend: Backend::Udp,
+            })
+            .unwrap();
+        }
+        let services = Services::build(
+            ServiceOptions::new("10.96.0.0/12".parse().unwrap()),
+            vec![
+                ServiceSpec {
+                    name: "default/web".into(),
+                    cluster_ip: VIP,
+                    port: 80,
+                    proto: PROTO_TCP,
+                    endpoints: endpoints.to_vec(),
+                    affinity_timeout: None,
+                    node_port: None,
+                },
+                ServiceSpec {
+                    name: "default/empty".into(),
+                    cluster_ip: VIP,
+                    port: 81,
+                    proto: PROTO_TCP,
+                    endpoints: vec![],
+                    affinity_timeout: None,
+                    node_port: None,
+                },
+            ],
+        )
+        .unwrap();
+        Tables {
+            map,
+            local: LocalNode {
+                subnet: "10.244.1.0/24".parse().unwrap(),
+                public_ip: NODE_A,
+                tun_addr: Ipv4Addr::new(10, 244, 1, 0),
+            },
+            peer_port: 8285,
+            encap: Encap::FlannelUdp,
+            services: Arc::new(services),
+        }
+    }
+
+    fn tcp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, syn: bool, ack: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sp, dp, 1000, 64000);
+        if syn {
+            b = b.syn();
+        }
+        if ack {
+            b = b.ack(1);
+        }
+        b.write(&mut out, b"data").unwrap();
+        out
+    }
+
+    fn run(
+        t: &Tables,
+        f: &Flows,
+        dir: Direction,
+        pkt: &[u8],
+        peer: Ipv4Addr,
+    ) -> (Verdict, Vec<u8>) {
+        let mut b = Batch::new(1, 2048);
+        b.rx_slot(0)[..pkt.len()].copy_from_slice(pkt);
+        b.commit_rx(0, pkt.len(), SocketAddrV4::new(peer, 8285), false);
+        process_with(t, Some(f), 0, dir, &mut b);
+        (b.meta(0).verdict, b.packet(0).to_vec())
+    }
+
+    /// Source, destination and ports of a packet, its checksums verified.
+    fn tuple_of(pkt: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+        let s = SlicedPacket::from_ip(pkt).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+            panic!("not ipv4")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        let (sp, dp) = match &s.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let c = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                assert_eq!(c, t.checksum(), "tcp checksum");
+                (t.source_port(), t.destination_port())
+            }
+            Some(TransportSlice::Udp(u)) => {
+                let c = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                assert_eq!(c, u.checksum(), "udp checksum");
+                (u.source_port(), u.destination_port())
+            }
+            _ => (0, 0),
+        };
+        (h.source.into(), sp, h.destination.into(), dp)
+    }
+
+    #[test]
+    fn test_remote_backend_dnat_and_reverse_nat_of_the_reply() {
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let (v, out) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, 40000, VIP, 80, true, false),
+            CLIENT,
+        );
+        assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
+        assert_eq!(tuple_of(&out), (CLIENT, 40000, REMOTE_EP, 8080));
+        let synack = tcp(REMOTE_EP, 8080, CLIENT, 40000, true, true);
+        let (v, out) = run(&t, &f, Direction::FromUnderlay, &synack, NODE_B);
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, 40000));
+        let e = &f.conntrack.entries(0)[0];
+        assert_eq!(e.tcp_state, Some(conntrack::tcp::TcpState::SynRecv));
+    }
+
+    #[test]
+    fn test_local_backend_is_hairpinned_through_the_tun_with_snat() {
+        let t = tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let hairpin = t.services.options().hairpin_ip;
+        let (v, out) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, 40000, VIP, 80, true, false),
+            CLIENT,
+        );
+        assert_eq!(v, Verdict::ToTun);
+        let (src, sport, dst, dport) = tuple_of(&out);
+        assert_eq!((src, dst, dport), (hairpin, LOCAL_EP, 8080));
+        assert_eq!(out[8], 63, "one routing hop");
+        // The backend answers the hairpin address, which routes into the TUN.
+        let (v, out) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(LOCAL_EP, 8080, hairpin, sport, true, true),
+            LOCAL_EP,
+        );
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, 40000));
+    }
+
+    #[test]
+    fn test_service_without_endpoints_or_unknown_port_is_rejected_from_the_vip() {
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        for port in [81, 82] {
+            let (v, out) = run(
+                &t,
+                &f,
+                Direction::FromTun,
+                &tcp(CLIENT, 40000, VIP, port, true, false),
+                CLIENT,
+            );
+            assert_eq!(v, Verdict::IcmpToTun);
+            assert_eq!(&out[12..16], &VIP.octets());
+            assert_eq!((out[20], out[21]), (3, 3), "port unreachable");
+        }
+        assert_eq!(f.conntrack.counters().entries, 0);
+    }
+
+    #[test]
+    fn test_removed_endpoint_drops_its_flows_and_keeps_others() {
+        let a = SocketAddrV4::new(REMOTE_EP, 8080);
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 8080);
+        let t = tables(&[a, b]);
+        let f = Flows::new(Default::default());
+        let mut on_a = Vec::new();
+        let mut on_b = Vec::new();
+        for sport in 40000..40040 {
+            let (_, out) = run(
+                &t,
+                &f,
+                Direction::FromTun,
+                &tcp(CLIENT, sport, VIP, 80, true, false),
+                CLIENT,
+            );
+            let (_, _, dst, _) = tuple_of(&out);
+            if dst == *a.ip() {
+                on_a.push(sport)
+            } else {
+                on_b.push(sport)
+            }
+        }
+        assert!(!on_a.is_empty() && !on_b.is_empty());
+        let t2 = tables(&[b]);
+        for &sport in &on_a {
+            let (v, _) = run(
+                &t2,
+                &f,
+                Direction::FromTun,
+                &tcp(CLIENT, sport, VIP, 80, true, false),
+                CLIENT,
+            );
+            assert_eq!(v, Verdict::Drop(DropReason::EndpointGone));
+        }
+        for &sport in &on_b {
+            let (_, out) = run(
+                &t2,
+                &f,
+                Direction::FromTun,
+                &tcp(CLIENT, sport, VIP, 80, true, false),
+                CLIENT,
+            );
+            assert_eq!(tuple_of(&out).2, *b.ip(), "kept its backend");
+        }
+        // A retransmission after the drop starts over on a live backend.
+        let (_, out) = run(
+            &t2,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, on_a[0], VIP, 80, true, false),
+            CLIENT,
+        );
+        assert_eq!(tuple_of(&out).2, *b.ip());
+    }
+
+    #[test]
+    fn test_icmp_error_from_the_backend_comes_back_from_the_vip() {
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let (_, sent) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, 40000, VIP, 80, true, false),
+            CLIENT,
+        );
+        let mut err = Vec::new();
+        PacketBuilder::ipv4(REMOTE_EP.octets(), CLIENT.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut err, &sent[..28])
+            .unwrap();
+        let (v, out) = run(&t, &f, Direction::FromUnderlay, &err, NODE_B);
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(&out[12..16], &VIP.octets(), "outer source");
+        let quoted = &out[28..];
+        assert_eq!(&quoted[12..16], &CLIENT.octets());
+        assert_eq!(&quoted[16..20], &VIP.octets());
+        assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 80);
+        assert_eq!(
+            crate::wire::checksum::checksum(&out[20..]),
+            0,
+            "icmp checksum"
+        );
+        // An error quoting a connection nobody made passes untranslated.
+        let mut stray = err.clone();
+        stray[28 + 20..28 + 22].copy_from_slice(&1u16.to_be_bytes());
+        let (v, out) = run(&t, &f, Direction::FromUnderlay, &stray, NODE_B);
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(&out[12..16], &REMOTE_EP.octets());
+    }
+
+    #[test]
+    fn test_bad_tcp_and_fragments_to_services_are_counted_drops() {
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let mut synfin = tcp(CLIENT, 40000, REMOTE_EP, 80, true, false);
+        synfin[33] |= 0x01;
+        let (v, _) = run(&t, &f, Direction::FromTun, &synfin, CLIENT);
+        assert_eq!(v, Verdict::Drop(DropReason::CtInvalid));
+        // A SYN-ACK out of nowhere.
+        let (v, _) = run(
+            &t,
+            &f,
+            Direction::FromUnderlay,
+            &tcp(REMOTE_EP, 80, CLIENT, 1, true, true),
+            NODE_B,
+        );
+        assert_eq!(v, Verdict::Drop(DropReason::CtInvalid));
+        let mut frag = tcp(CLIENT, 40000, VIP, 80, true, false);
+        frag[6] = 0x20; // more fragments
+        frag[10..12].copy_from_slice(&[0, 0]);
+        let c = crate::wire::checksum::checksum(&frag[..20]);
+        frag[10..12].copy_from_slice(&c.to_be_bytes());
+        let (v, _) = run(&t, &f, Direction::FromTun, &frag, CLIENT);
+        assert_eq!(v, Verdict::Drop(DropReason::Fragmented));
+        // Truncated TCP header.
+        let mut short = tcp(CLIENT, 40000, REMOTE_EP, 80, true, false);
+        short.truncate(30);
+        short[2..4].copy_from_slice(&30u16.to_be_bytes());
+        short[10..12].copy_from_slice(&[0, 0]);
+        let c = crate::wire::checksum::checksum(&short[..20]);
+        short[10..12].copy_from_slice(&c.to_be_bytes());
+        let (v, _) = run(&t, &f, Direction::FromTun, &short, CLIENT);
+        assert_eq!(v, Verdict::Drop(DropReason::Truncated));
+    }
+
+    #[test]
+    fn test_pod_to_pod_flows_are_tracked_untranslated() {
+        let t = tables(&[]);
+        let f = Flows::new(Default::default());
+        let syn = tcp(CLIENT, 40000, REMOTE_EP, 80, true, false);
+        let (v, out) = run(&t, &f, Direction::FromTun, &syn, CLIENT);
+        assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
+        assert_eq!(out[20..], syn[20..]);
+        let (v, _) = run(
+            &t,
+            &f,
+            Direction::FromUnderlay,
+            &tcp(REMOTE_EP, 80, CLIENT, 40000, true, true),
+            NODE_B,
+        );
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(f.conntrack.counters().entries, 1);
+    }
+}
