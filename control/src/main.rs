@@ -261,6 +261,11 @@ struct LabArgs {
     /// `podwire run --vxlan-tx` for every podwire node: `socket` or `flow-ports`.
     #[arg(long, default_value = "socket", value_parser = ["socket", "flow-ports"])]
     vxlan_tx: String,
+    /// Add ClusterIP services translated by podwire (3 nodes or more): 300 connections spread
+    /// over 3 backends on 2 nodes, UDP, hairpin, a service without endpoints, a backend removed
+    /// mid-run.
+    #[arg(long)]
+    services: bool,
 }
 
 fn init_logging() {
@@ -382,6 +387,7 @@ fn main() -> Result<()> {
                 etcd: a.store == "etcd",
                 extra_leases: a.extra_leases,
                 vxlan_tx: a.vxlan_tx,
+                services: a.services,
             })?;
             if !ok {
                 std::process::exit(1);

@@ -167,7 +167,7 @@ fn four_podwire_nodes_join_through_etcd() {
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
-    let f = &report["store_figures"];
+    let f = &report["figures"];
     assert_eq!(f["put_to_live_samples"], 60, "{f}");
     assert!(f["put_to_live_p50_ms"].as_f64().unwrap() > 0.0, "{f}");
 }
@@ -528,5 +528,55 @@ fn vxlan_through_a_raw_socket_with_flow_ports_interoperates_with_kernel_nodes() 
     assert_eq!(report["ok"], true, "{text}");
     for p in report["pairs"].as_array().unwrap() {
         assert_eq!(p["tcp_sha256_ok"], true, "{p}");
+    }
+}
+
+/// The service checks every services lab must show, by name prefix.
+const SERVICE_CHECKS: [&str; 7] = [
+    "300 TCP connections to a ClusterIP",
+    "connections spread over the 3 backends",
+    "UDP request/response through a ClusterIP",
+    "a pod calling a Service it backs",
+    "a service without endpoints refuses",
+    "a backend removed mid-run loses only its own",
+    "packets of removed endpoints counted",
+];
+
+#[test]
+fn services_translated_by_podwire_udp_nodes() {
+    let Some(_slot) = lab_slot() else { return };
+    // Node 1's pod calls ClusterIPs backed by pods on nodes 2 and 3 and by itself.
+    let (report, text) = run_lab(&["--nodes", "3", "--services", "--transfer-mb", "5"]);
+    assert_all_checks_pass(&report, &text);
+    for name in SERVICE_CHECKS {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
+    let spread = report["figures"]["service_spread"].as_object().unwrap();
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    assert_eq!(
+        spread.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        300
+    );
+}
+
+#[test]
+fn services_with_backends_behind_kernel_vxlan_nodes() {
+    let Some(_slot) = lab_slot() else { return };
+    // Node 1 podwire (the client's node translates), nodes 2-3 the kernel's flannel.1: replies
+    // come back through kernel VXLAN and are reverse-translated by podwire.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "3",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--services",
+        "--transfer-mb",
+        "5",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    for name in SERVICE_CHECKS {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
 }

@@ -107,6 +107,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         etcd: false,
         extra_leases: 0,
         vxlan_tx: vxlan_tx.to_string(),
+        services: false,
     })
 }
 

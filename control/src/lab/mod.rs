@@ -15,6 +15,7 @@
 pub mod bench;
 mod etcd_lab;
 mod netns;
+mod services_lab;
 mod traffic;
 
 use anyhow::{bail, Context, Result};
@@ -57,6 +58,8 @@ pub struct LabOptions {
     pub extra_leases: usize,
     /// `podwire run --vxlan-tx` for the podwire nodes (`flow-ports` or `socket`).
     pub vxlan_tx: String,
+    /// ClusterIP services on every podwire node, and the service checks (`services_lab`).
+    pub services: bool,
 }
 
 const UNDERLAY_NET: &str = "10.99.0";
@@ -392,6 +395,12 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
         cmd.args([
             "--store",
             &format!("file:{}", dir.join("cluster.json").display()),
+        ]);
+    }
+    if opts.services {
+        cmd.args([
+            "--services",
+            &format!("file:{}", services_lab::file(&dir).display()),
         ]);
     }
     cmd.args(["--iface", "eth0", "--vxlan-tx", &opts.vxlan_tx])
@@ -901,6 +910,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if opts.extra_leases > 0 && !opts.etcd {
         bail!("--extra-leases goes with --store etcd");
     }
+    if opts.services && (opts.nodes < 3 || opts.is_kernel_node(1)) {
+        bail!("--services needs 3 nodes or more, node 1 running podwire (its pod is the client)");
+    }
     if opts.extra_leases > 30_000 {
         bail!("--extra-leases: at most 30000");
     }
@@ -969,6 +981,9 @@ fn set_up(
         figures.insert("preload_ms".into(), json!(ms(f.preload)));
     }
     start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
+    if opts.services {
+        services_lab::prepare(&r.names).context("writing the lab's services")?;
+    }
     if !opts.podwire_nodes().is_empty() {
         let nodes_started = Instant::now();
         start_nodes(&mut r, opts, exe)?;
@@ -1068,6 +1083,17 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         } else {
             checks.push(map_reload_check(&r, opts)?);
         }
+        if opts.services {
+            let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
+            let hairpin = podwire_dataplane::nat::hairpin_ip_for(cidr);
+            let (c, f) = services_lab::checks(&r, hairpin)?;
+            checks.extend(c);
+            figures.insert(
+                "service_connections_per_s".into(),
+                json!((f.connections_per_s * 10.0).round() / 10.0),
+            );
+            figures.insert("service_spread".into(), json!(f.spread));
+        }
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
@@ -1076,6 +1102,17 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             .as_ref()
             .map(|s| s.drops(DropReason::UnknownPeer))
             .unwrap_or(0);
+        if opts.services {
+            let gone = stats[0]
+                .1
+                .as_ref()
+                .map_or(0, |s| s.drops(DropReason::EndpointGone));
+            checks.push(Check {
+                name: "packets of removed endpoints counted as endpoint_gone".into(),
+                ok: gone > 0,
+                detail: format!("node 1 endpoint_gone = {gone}"),
+            });
+        }
         checks.push(Check {
             name: "forged datagrams counted as unknown_peer".into(),
             ok: unknown_peer >= 5,
@@ -1228,7 +1265,7 @@ fn print_summary(
     }
     if !figures.is_empty() {
         println!();
-        println!("etcd control plane:");
+        println!("figures:");
         for (k, v) in figures {
             println!("  {k:<28} {v}");
         }
@@ -1270,7 +1307,7 @@ fn write_json(
         "backend": opts.backend,
         "transfer_mb": opts.transfer_mb,
         "store": if opts.etcd { "etcd" } else { "file" },
-        "store_figures": figures,
+        "figures": figures,
         "pairs": pairs.iter().map(|p| json!({
             "from": p.from, "to": p.to,
             "ping_sent": p.ping.sent, "ping_received": p.ping.received,

@@ -1,0 +1,378 @@
+//! `podwire lab --services`: ClusterIP services translated by podwire, checked with real
+//! connections from node 1's pod.
+//!
+//! Services (written to the lab's `services.json`, given to every node with `--services`):
+//! - `default/web` 10.96.0.10:80/TCP -> 10.244.2.2:8080, 10.244.2.3:8080, 10.244.3.2:8080
+//!   (three pods on two nodes: pod 2 answers on two addresses);
+//! - `default/dns` 10.96.0.53:53/UDP -> 10.244.2.2:5353, 10.244.3.2:5353;
+//! - `default/self` 10.96.0.11:80/TCP -> 10.244.1.2:8080, the calling pod itself (hairpin);
+//! - `default/empty` 10.96.0.12:80/TCP, no endpoints (kube-proxy rejects: connection refused).
+//!
+//! Every backend runs a small server in its pod that answers each request with the address
+//! it served on, the peer it saw and the SHA-256 of what it received.
+
+use super::netns;
+use super::traffic::Pattern;
+use super::{Check, Names};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+pub const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const BACKEND_PORT: u16 = 8080;
+const DNS_PORT: u16 = 5353;
+/// The second address of pod 2: a third "pod" of the web service.
+pub const POD2_SECOND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
+pub const CONNECTIONS: usize = 300;
+const LONG_LIVED: usize = 30;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn pod(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, i, 2)
+}
+
+fn web_backends() -> Vec<Ipv4Addr> {
+    vec![pod(2), POD2_SECOND, pod(3)]
+}
+
+fn services_json(web: &[Ipv4Addr]) -> serde_json::Value {
+    let eps = |ips: &[Ipv4Addr], port: u16| -> Vec<serde_json::Value> {
+        ips.iter()
+            .map(|ip| json!({"ip": ip.to_string(), "port": port}))
+            .collect()
+    };
+    json!({"services": [
+        {"name": "default/web", "clusterIP": WEB_VIP.to_string(), "protocol": "TCP", "port": 80,
+         "endpoints": eps(web, BACKEND_PORT)},
+        {"name": "default/dns", "clusterIP": DNS_VIP.to_string(), "protocol": "UDP", "port": 53,
+         "endpoints": eps(&[pod(2), pod(3)], DNS_PORT)},
+        {"name": "default/self", "clusterIP": SELF_VIP.to_string(), "protocol": "TCP", "port": 80,
+         "endpoints": eps(&[pod(1)], BACKEND_PORT)},
+        {"name": "default/empty", "clusterIP": EMPTY_VIP.to_string(), "protocol": "TCP", "port": 80,
+         "endpoints": []},
+    ]})
+}
+
+/// Where the lab's services file lives.
+pub fn file(dir: &Path) -> std::path::PathBuf {
+    dir.join("services.json")
+}
+
+fn write(dir: &Path, web: &[Ipv4Addr]) -> Result<()> {
+    super::replace_file(&file(dir), services_json(web).to_string().as_bytes())
+}
+
+/// Writes the services file and gives pod 2 its second address.
+pub fn prepare(r: &Names) -> Result<()> {
+    write(&r.dir, &web_backends())?;
+    netns::ip_in(
+        &r.ns("p2"),
+        &["addr", "add", &format!("{POD2_SECOND}/24"), "dev", "eth0"],
+    )
+}
+
+/// A backend's answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    served_on: Ipv4Addr,
+    peer: SocketAddrV4,
+    digest: [u8; 32],
+}
+
+/// Serves requests (u32 length + bytes) on `addr` until `stop`, one thread per connection.
+fn serve_tcp(addr: SocketAddrV4, stop: Arc<AtomicBool>) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                let std::net::SocketAddr::V4(peer) = peer else {
+                    continue;
+                };
+                std::thread::spawn(move || answer_requests(s, *addr.ip(), peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn answer_requests(mut s: TcpStream, served_on: Ipv4Addr, peer: SocketAddrV4) -> Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf)?;
+        let mut out = Vec::with_capacity(42);
+        out.extend_from_slice(&served_on.octets());
+        out.extend_from_slice(&peer.ip().octets());
+        out.extend_from_slice(&peer.port().to_be_bytes());
+        out.extend_from_slice(&Sha256::digest(&buf));
+        s.write_all(&out)?;
+    }
+}
+
+/// Sends one request of `size` seeded bytes; checks the digest that comes back.
+fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answer> {
+    let mut buf = vec![0u8; size];
+    Pattern::new(seed).fill(&mut buf);
+    s.write_all(&(size as u32).to_be_bytes())?;
+    s.write_all(&buf)?;
+    let mut ans = [0u8; 42];
+    s.read_exact(&mut ans)?;
+    let a = Answer {
+        served_on: Ipv4Addr::new(ans[0], ans[1], ans[2], ans[3]),
+        peer: SocketAddrV4::new(
+            Ipv4Addr::new(ans[4], ans[5], ans[6], ans[7]),
+            u16::from_be_bytes([ans[8], ans[9]]),
+        ),
+        digest: ans[10..].try_into().expect("32 bytes"),
+    };
+    if a.digest[..] != Sha256::digest(&buf)[..] {
+        bail!("content damaged on the way to {}", a.served_on);
+    }
+    Ok(a)
+}
+
+fn connect(vip: Ipv4Addr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&SocketAddrV4::new(vip, 80).into(), TIMEOUT)
+        .with_context(|| format!("connecting to {vip}:80"))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+fn serve_udp(addr: SocketAddrV4, stop: Arc<AtomicBool>) -> Result<()> {
+    let sock = UdpSocket::bind(addr)?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut out = addr.ip().octets().to_vec();
+            out.extend_from_slice(&buf[..n]);
+            sock.send_to(&out, from)?;
+        }
+    }
+    Ok(())
+}
+
+/// Figures the service checks produce.
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub connections_per_s: f64,
+    pub spread: BTreeMap<String, usize>,
+}
+
+/// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as.
+pub fn checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut servers = Vec::new();
+    for (node, ip) in [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))] {
+        let stop = stop.clone();
+        servers.push(netns::spawn_in(&r.ns(&format!("p{node}")), move || {
+            serve_tcp(SocketAddrV4::new(ip, BACKEND_PORT), stop)
+        }));
+    }
+    for node in [2u8, 3] {
+        let stop = stop.clone();
+        servers.push(netns::spawn_in(&r.ns(&format!("p{node}")), move || {
+            serve_udp(SocketAddrV4::new(pod(node), DNS_PORT), stop)
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let outcome = run_checks(r, hairpin_ip);
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        netns::join(s).context("a backend server failed")?;
+    }
+    outcome
+}
+
+fn run_checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> {
+    let mut checks = Vec::new();
+    let mut figures = Figures::default();
+    let client = r.ns("p1");
+
+    // 300 connections through the ClusterIP.
+    let (answers, elapsed) = netns::run_in(&client, || {
+        let started = Instant::now();
+        let mut answers = Vec::new();
+        for i in 0..CONNECTIONS {
+            let mut s = connect(WEB_VIP)?;
+            let peer = s.peer_addr()?;
+            if peer != SocketAddrV4::new(WEB_VIP, 80).into() {
+                bail!("connection {i} is to {peer}, not the ClusterIP");
+            }
+            answers.push(request(&mut s, 4096 + i, i as u64)?);
+        }
+        Ok((answers, started.elapsed()))
+    })
+    .map_or_else(
+        |e| (Err(e), Duration::ZERO),
+        |(a, d)| (Ok::<_, anyhow::Error>(a), d),
+    );
+    match answers {
+        Ok(answers) => {
+            figures.connections_per_s = CONNECTIONS as f64 / elapsed.as_secs_f64();
+            for a in &answers {
+                *figures.spread.entry(a.served_on.to_string()).or_default() += 1;
+            }
+            let seen_client = answers.iter().all(|a| *a.peer.ip() == pod(1));
+            checks.push(Check {
+                name: format!("{CONNECTIONS} TCP connections to a ClusterIP, content intact, backends see the client"),
+                ok: seen_client && answers.len() == CONNECTIONS,
+                detail: format!("{:.0} connections/s", figures.connections_per_s),
+            });
+            // Maglev gives each of 3 backends a third of its table; over 300 flows the count
+            // of each is binomial(300, 1/3): 100 +- 8, so 60..140 is five deviations.
+            let even = web_backends()
+                .iter()
+                .all(|b| (60..=140).contains(figures.spread.get(&b.to_string()).unwrap_or(&0)));
+            checks.push(Check {
+                name: "connections spread over the 3 backends on 2 nodes as Maglev expects".into(),
+                ok: even,
+                detail: format!("{:?}", figures.spread),
+            });
+        }
+        Err(e) => checks.push(Check {
+            name: format!("{CONNECTIONS} TCP connections to a ClusterIP"),
+            ok: false,
+            detail: format!("{e:#}"),
+        }),
+    }
+
+    // UDP request/response through a ClusterIP: answers come from the ClusterIP.
+    let udp = netns::run_in(&client, || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let (mut ok, mut from_vip) = (0, 0);
+        let mut buf = [0u8; 2048];
+        for i in 0..50u32 {
+            sock.send_to(&i.to_be_bytes(), SocketAddrV4::new(DNS_VIP, 53))?;
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if n == 8 && buf[4..8] == i.to_be_bytes() {
+                    ok += 1;
+                }
+                if from == SocketAddrV4::new(DNS_VIP, 53).into() {
+                    from_vip += 1;
+                }
+            }
+        }
+        Ok((ok, from_vip))
+    });
+    checks.push(match udp {
+        Ok((ok, from_vip)) => Check {
+            name: "UDP request/response through a ClusterIP, answered from the ClusterIP".into(),
+            ok: ok >= 49 && from_vip == ok,
+            detail: format!("{ok} of 50 answered, {from_vip} from {DNS_VIP}:53"),
+        },
+        Err(e) => Check {
+            name: "UDP request/response through a ClusterIP".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+
+    // A pod calling a service it backs itself.
+    let hairpin = netns::run_in(&client, || {
+        let mut s = connect(SELF_VIP)?;
+        request(&mut s, 1000, 7)
+    });
+    checks.push(match hairpin {
+        Ok(a) => Check {
+            name: "a pod calling a Service it backs is answered (hairpin)".into(),
+            ok: a.served_on == pod(1) && *a.peer.ip() == hairpin_ip,
+            detail: format!("served by {}, which saw {}", a.served_on, a.peer),
+        },
+        Err(e) => Check {
+            name: "a pod calling a Service it backs is answered (hairpin)".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+
+    // A service without endpoints refuses at once (ICMP port unreachable from the ClusterIP).
+    let refused = netns::run_in(&client, || {
+        let t = Instant::now();
+        let r = TcpStream::connect_timeout(&SocketAddrV4::new(EMPTY_VIP, 80).into(), TIMEOUT);
+        Ok((r.map(|_| ()).map_err(|e| e.kind()), t.elapsed()))
+    });
+    checks.push(match refused {
+        Ok((r, took)) => Check {
+            name: "a service without endpoints refuses connections".into(),
+            ok: r == Err(std::io::ErrorKind::ConnectionRefused) && took < Duration::from_secs(2),
+            detail: format!("{r:?} after {took:?}"),
+        },
+        Err(e) => Check {
+            name: "a service without endpoints refuses connections".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+
+    checks.push(removal_check(r)?);
+    Ok((checks, figures))
+}
+
+/// Long-lived connections, then a backend leaves the service: its connections fail, every
+/// other one carries on.
+fn removal_check(r: &Names) -> Result<Check> {
+    let name = "a backend removed mid-run loses only its own connections";
+    let dir = r.dir.clone();
+    let outcome = netns::run_in(&r.ns("p1"), move || {
+        let mut conns = Vec::new();
+        for i in 0..LONG_LIVED {
+            let mut s = connect(WEB_VIP)?;
+            let a = request(&mut s, 512, 1000 + i as u64)?;
+            conns.push((s, a.served_on));
+        }
+        let gone = POD2_SECOND;
+        let rest: Vec<Ipv4Addr> = web_backends().into_iter().filter(|b| *b != gone).collect();
+        write(&dir, &rest)?;
+        // The control loop re-reads the file within a tick (100 ms).
+        std::thread::sleep(Duration::from_millis(600));
+        let (mut lost_right, mut lost_wrong, mut kept, mut on_gone) = (0, 0, 0, 0);
+        for (i, (s, was)) in conns.iter_mut().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let r = request(s, 512, 2000 + i as u64);
+            match (r, *was == gone) {
+                (Ok(a), false) if a.served_on == *was => kept += 1,
+                (Ok(_), _) => lost_wrong += 1,
+                (Err(_), true) => lost_right += 1,
+                (Err(_), false) => lost_wrong += 1,
+            }
+            on_gone += usize::from(*was == gone);
+        }
+        write(&dir, &web_backends())?;
+        Ok((lost_right, lost_wrong, kept, on_gone))
+    });
+    Ok(match outcome {
+        Ok((lost_right, lost_wrong, kept, on_gone)) => Check {
+            name: name.into(),
+            ok: on_gone > 0 && lost_right == on_gone && lost_wrong == 0 && kept == LONG_LIVED - on_gone,
+            detail: format!("{on_gone} of {LONG_LIVED} were on {POD2_SECOND}: {lost_right} failed as they should, {kept} others carried on, {lost_wrong} went wrong"),
+        },
+        Err(e) => Check {
+            name: name.into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    })
+}
