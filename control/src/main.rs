@@ -189,6 +189,8 @@ enum Side {
     Tun,
     /// Outer IPv4/UDP datagrams, as the underlay sees them.
     Underlay,
+    /// Both interleaved: datagrams to our port came from the underlay, the rest from the TUN.
+    Both,
 }
 
 #[derive(Args)]
@@ -208,6 +210,13 @@ struct ReplayArgs {
     /// Output capture (pcap, link type RAW): what would go to the underlay or into the TUN.
     #[arg(long = "out")]
     output: PathBuf,
+    /// Replay statefully with connection tracking and these services (`file:PATH`, the format
+    /// of `podwire run --services`), timed by the records' capture times.
+    #[arg(long)]
+    services: Option<String>,
+    /// With --services: the cluster's service range.
+    #[arg(long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
+    service_cidr: podwire_dataplane::route::Ipv4Net,
 }
 
 #[derive(Args)]
@@ -404,12 +413,25 @@ fn replay(a: ReplayArgs) -> Result<()> {
             .context("replay reads a file store: --store file:PATH")?,
     )
     .load()?;
-    let tables = podwire::tables::build(&view, a.public_ip, None)?;
+    let mut tables = podwire::tables::build(&view, a.public_ip, None)?;
     let from = match a.from {
-        Side::Tun => Direction::FromTun,
-        Side::Underlay => Direction::FromUnderlay,
+        Side::Tun => Some(Direction::FromTun),
+        Side::Underlay => Some(Direction::FromUnderlay),
+        Side::Both => None,
     };
-    let report = podwire_dataplane::replay::replay(&tables, from, &a.input, &a.output)?;
+    let flows = match &a.services {
+        None => None,
+        Some(s) => {
+            let path = s.strip_prefix("file:").context("--services file:PATH")?;
+            let specs = podwire::services::parse_file(&std::fs::read_to_string(path)?, path)?;
+            let options = podwire_dataplane::nat::ServiceOptions::new(a.service_cidr);
+            tables.services =
+                std::sync::Arc::new(podwire_dataplane::nat::Services::build(options, specs)?);
+            Some(podwire_dataplane::pipeline::Flows::new(Default::default()))
+        }
+    };
+    let report =
+        podwire_dataplane::replay::replay_with(&tables, flows.as_ref(), from, &a.input, &a.output)?;
     println!("records read:    {}", report.records);
     if report.skipped > 0 {
         println!(

@@ -4,11 +4,13 @@
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
 
-use podwire_dataplane::pipeline::{Direction, DropReason};
-use podwire_dataplane::replay::replay;
+use podwire_dataplane::nat::{ServiceOptions, Services, DEFAULT_SERVICE_CIDR};
+use podwire_dataplane::pipeline::{Direction, DropReason, Flows};
+use podwire_dataplane::replay::replay_with;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pcap")
@@ -152,14 +154,32 @@ fn every_case_replays_to_its_expected_output() {
         )
         .unwrap();
         let public_ip: Ipv4Addr = case["public_ip"].as_str().unwrap().parse().unwrap();
-        let tables = podwire::tables::build(&view, public_ip, None).unwrap();
+        let mut tables = podwire::tables::build(&view, public_ip, None).unwrap();
         let from = match case["from"].as_str().unwrap() {
-            "tun" => Direction::FromTun,
-            "underlay" => Direction::FromUnderlay,
+            "tun" => Some(Direction::FromTun),
+            "underlay" => Some(Direction::FromUnderlay),
+            "both" => None,
             other => panic!("{name}: bad from {other}"),
         };
+        // A case with services replays statefully: conntrack and service NAT.
+        let services = dir.join("services.json");
+        let flows = services.exists().then(|| {
+            let specs =
+                podwire::services::parse_file(&std::fs::read_to_string(&services).unwrap(), &name)
+                    .unwrap();
+            let options = ServiceOptions::new(DEFAULT_SERVICE_CIDR.parse().unwrap());
+            tables.services = Arc::new(Services::build(options, specs).unwrap());
+            Flows::new(Default::default())
+        });
         let out_path = out.join(format!("{name}.pcap"));
-        let report = replay(&tables, from, &dir.join("in.pcap"), &out_path).unwrap();
+        let report = replay_with(
+            &tables,
+            flows.as_ref(),
+            from,
+            &dir.join("in.pcap"),
+            &out_path,
+        )
+        .unwrap();
 
         let mut got = records(&out_path);
         let want = records(&dir.join("expected.pcap"));

@@ -1,7 +1,7 @@
 //! Offline replay: a capture through the same pipeline the workers run, with pcap ports.
 
 use crate::batch::Batch;
-use crate::pipeline::{self, Direction, DropReason, Tables, Verdict};
+use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
 use crate::port::pcap::{PcapSink, PcapSource, Side};
 use crate::port::{PortError, RxPort, TxPort};
 use crate::stats::{Counter, LocalStats};
@@ -40,22 +40,42 @@ pub fn replay(
     input: &Path,
     output: &Path,
 ) -> Result<ReplayReport, PortError> {
+    replay_with(tables, None, Some(from), input, output)
+}
+
+/// As [`replay`], optionally with connection tracking and services (`flows`, timed by the
+/// records' capture times), and with `from` None for a capture of both sides interleaved
+/// (`Side::Both`), one record at a time.
+pub fn replay_with(
+    tables: &Tables,
+    flows: Option<&Flows>,
+    from: Option<Direction>,
+    input: &Path,
+    output: &Path,
+) -> Result<ReplayReport, PortError> {
     let local_udp = SocketAddrV4::new(tables.local.public_ip, tables.peer_port);
     let side = match from {
-        Direction::FromTun => Side::Tun,
-        Direction::FromUnderlay => Side::Underlay { local: local_udp },
+        Some(Direction::FromTun) => Side::Tun,
+        Some(Direction::FromUnderlay) => Side::Underlay { local: local_udp },
+        None => Side::Both { local: local_udp },
     };
     let mut source = PcapSource::open(input, side)?;
     let mut sink = PcapSink::create(output, tables.local.public_ip)?;
     let mut batch = Batch::new(64, 65536 + crate::batch::HEADROOM);
     let mut stats = LocalStats::default();
-    let rx_counter = match from {
-        Direction::FromTun => Counter::RxTun,
-        Direction::FromUnderlay => Counter::RxUnderlay,
-    };
     while source.rx_batch(&mut batch)? > 0 {
+        let dir = from.unwrap_or(if source.last_from_underlay {
+            Direction::FromUnderlay
+        } else {
+            Direction::FromTun
+        });
+        let rx_counter = match dir {
+            Direction::FromTun => Counter::RxTun,
+            Direction::FromUnderlay => Counter::RxUnderlay,
+        };
         stats.add(rx_counter, batch.len() as u64);
-        pipeline::process(tables, from, &mut batch);
+        let now = source.last_time.as_millis() as u64;
+        pipeline::process_with(tables, flows, now, dir, &mut batch);
         // One packet at a time so the output keeps the input's order across both sides.
         for i in 0..batch.len() {
             let idx = [i as u16];

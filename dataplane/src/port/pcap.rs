@@ -24,6 +24,10 @@ pub enum Side {
     Tun,
     /// Outer IPv4/UDP datagrams to or from this socket address.
     Underlay { local: SocketAddrV4 },
+    /// Both, interleaved in time order: a record that is an IPv4/UDP datagram to `local` came
+    /// from the underlay, any other from the TUN. Batches hold one record each, so a stateful
+    /// replay sees them in order ([`PcapSource::last_from_underlay`]).
+    Both { local: SocketAddrV4 },
 }
 
 /// Outer TTL of datagrams the kernel sends for our socket (the default hop limit).
@@ -42,6 +46,10 @@ pub struct PcapSource {
     pub skipped: u64,
     /// Records read.
     pub records: u64,
+    /// Whether the last record read came from the underlay (`Side::Both`).
+    pub last_from_underlay: bool,
+    /// Capture time of the last record read.
+    pub last_time: Duration,
 }
 
 impl PcapSource {
@@ -66,6 +74,8 @@ impl PcapSource {
             strip,
             skipped: 0,
             records: 0,
+            last_from_underlay: false,
+            last_time: Duration::ZERO,
         })
     }
 
@@ -76,6 +86,7 @@ impl PcapSource {
             Err(e) => return Some(Err(pcap_err(e))),
         };
         self.records += 1;
+        self.last_time = pkt.timestamp;
         Some(Ok(pkt.data.get(self.strip..).unwrap_or_default().to_vec()))
     }
 }
@@ -103,7 +114,8 @@ impl RxPort for PcapSource {
     fn rx_batch(&mut self, batch: &mut Batch) -> Result<usize, PortError> {
         batch.clear();
         let mut i = 0;
-        while i < batch.capacity() {
+        let one_each = matches!(self.side, Side::Both { .. });
+        while i < batch.capacity() && !(one_each && i == 1) {
             let record = match self.next_record() {
                 None => break,
                 Some(r) => r?,
@@ -117,6 +129,11 @@ impl RxPort for PcapSource {
                         continue;
                     }
                 },
+                Side::Both { local } => {
+                    let outer = strip_outer(&record, local);
+                    self.last_from_underlay = outer.is_some();
+                    outer.unwrap_or((&record[..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))
+                }
             };
             let slot = batch.rx_slot(i);
             let n = data.len().min(slot.len());
