@@ -313,12 +313,15 @@ pub fn flow_hash(t: &Tuple) -> u64 {
 
 const AFFINITY_SHARDS: usize = 16;
 
+/// (service key, client address) -> (backend, expiry in ms).
+type StickyMap = rustc_hash::FxHashMap<(u64, Ipv4Addr), (SocketAddrV4, u64)>;
+
 /// sessionAffinity ClientIP: the backend each (service, client address) used last, kept for the
 /// service's timeout after the client's last new connection (`recent --rcheck --seconds T
 /// --reap` then `--set`, as kube-proxy's rules). Shared by the workers; touched only by the
 /// first packet of a connection.
 pub struct Affinity {
-    shards: Box<[Mutex<rustc_hash::FxHashMap<(u64, Ipv4Addr), (SocketAddrV4, u64)>>]>,
+    shards: Box<[Mutex<StickyMap>]>,
     seed: u64,
     /// Most entries per shard; beyond it expired ones are swept, then new clients go unsticky.
     max_per_shard: usize,
