@@ -534,7 +534,7 @@ fn vxlan_through_a_raw_socket_with_flow_ports_interoperates_with_kernel_nodes() 
 /// The service checks every services lab must show, by name prefix.
 const SERVICE_CHECKS: [&str; 7] = [
     "300 TCP connections to a ClusterIP",
-    "connections spread over the 3 backends",
+    "connections spread over the 3 backends on 2 nodes",
     "UDP request/response through a ClusterIP",
     "a pod calling a Service it backs",
     "a service without endpoints refuses",
@@ -543,20 +543,52 @@ const SERVICE_CHECKS: [&str; 7] = [
 ];
 
 #[test]
-fn services_translated_by_podwire_udp_nodes() {
+fn services_through_podwire_behave_as_kube_proxy_iptables() {
     let Some(_slot) = lab_slot() else { return };
-    // Node 1's pod calls ClusterIPs backed by pods on nodes 2 and 3 and by itself.
-    let (report, text) = run_lab(&["--nodes", "3", "--services", "--transfer-mb", "5"]);
-    assert_all_checks_pass(&report, &text);
+    // Node 1's pod calls ClusterIPs backed by pods on nodes 2 and 3 and by itself: once through
+    // podwire (udp backend), once through kube-proxy's iptables rules on the kernel (no
+    // podwire), built by the lab from the same services.
+    let (pw, pw_text) = run_lab(&["--nodes", "3", "--services", "--transfer-mb", "5"]);
+    let (kp, kp_text) = run_lab(&[
+        "--nodes",
+        "3",
+        "--backend",
+        "kernel-vxlan",
+        "--services",
+        "--transfer-mb",
+        "5",
+    ]);
+    assert_all_checks_pass(&pw, &pw_text);
+    assert_all_checks_pass(&kp, &kp_text);
     for name in SERVICE_CHECKS {
-        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+        assert_eq!(check(&pw, name)["ok"], true, "{name}: {pw_text}");
     }
-    let spread = report["figures"]["service_spread"].as_object().unwrap();
-    assert_eq!(spread.len(), 3, "{spread:?}");
-    assert_eq!(
-        spread.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
-        300
-    );
+    // The same observable behaviour: peers (the client connects to the ClusterIP, backends see
+    // the client), replies translated (UDP answers from the ClusterIP, the same count),
+    // spreading over all three backends, hairpin answered, no endpoints refused.
+    for name in &SERVICE_CHECKS[..5] {
+        assert_eq!(check(&kp, name)["ok"], true, "{name}: {kp_text}");
+    }
+    let udp = "UDP request/response through a ClusterIP";
+    assert_eq!(check(&pw, udp)["detail"], check(&kp, udp)["detail"]);
+    for report in [&pw, &kp] {
+        let spread = report["figures"]["service_spread"].as_object().unwrap();
+        assert_eq!(spread.len(), 3, "{spread:?}");
+        let total: u64 = spread.values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(total, 300);
+        let hairpin = check(report, "a pod calling a Service it backs")["detail"]
+            .as_str()
+            .unwrap();
+        assert!(
+            hairpin.starts_with("served by 10.244.1.2, which saw "),
+            "{hairpin}"
+        );
+        assert!(!hairpin.contains("saw 10.244.1.2:"), "{hairpin}");
+    }
+    // Where they differ by design: an endpoint's removal. kube-proxy keeps established TCP
+    // connections to it; podwire drops them (counted) so that clients fail over.
+    let kept = check(&kp, "a backend removed mid-run: kube-proxy keeps");
+    assert_eq!(kept["ok"], true, "{kp_text}");
 }
 
 #[test]

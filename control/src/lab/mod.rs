@@ -910,8 +910,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if opts.extra_leases > 0 && !opts.etcd {
         bail!("--extra-leases goes with --store etcd");
     }
-    if opts.services && (opts.nodes < 3 || opts.is_kernel_node(1)) {
-        bail!("--services needs 3 nodes or more, node 1 running podwire (its pod is the client)");
+    if opts.services && (opts.nodes < 3 || (opts.is_kernel_node(1) && opts.backend != KERNEL_VXLAN))
+    {
+        bail!("--services needs 3 nodes or more, and node 1 (its pod is the client) running podwire, or kube-proxy's rules with --backend {KERNEL_VXLAN}");
     }
     if opts.extra_leases > 30_000 {
         bail!("--extra-leases: at most 30000");
@@ -982,7 +983,8 @@ fn set_up(
     }
     start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
     if opts.services {
-        services_lab::prepare(&r.names).context("writing the lab's services")?;
+        services_lab::prepare(&r.names, opts.is_kernel_node(1))
+            .context("setting up the lab's services")?;
     }
     if !opts.podwire_nodes().is_empty() {
         let nodes_started = Instant::now();
@@ -1073,6 +1075,23 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ),
         },
     ];
+    if opts.services {
+        // podwire's hairpin address, or with kube-proxy the node's masquerade address on the
+        // pod's link.
+        let hairpin = if opts.is_kernel_node(1) {
+            gateway_ip(1)
+        } else {
+            let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
+            podwire_dataplane::nat::hairpin_ip_for(cidr)
+        };
+        let (c, f) = services_lab::checks(&r, hairpin, opts.is_kernel_node(1))?;
+        checks.extend(c);
+        figures.insert(
+            "service_connections_per_s".into(),
+            json!((f.connections_per_s * 10.0).round() / 10.0),
+        );
+        figures.insert("service_spread".into(), json!(f.spread));
+    }
     let mut stats = Vec::new();
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.
     if !opts.is_kernel_node(1) {
@@ -1082,17 +1101,6 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);
         } else {
             checks.push(map_reload_check(&r, opts)?);
-        }
-        if opts.services {
-            let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
-            let hairpin = podwire_dataplane::nat::hairpin_ip_for(cidr);
-            let (c, f) = services_lab::checks(&r, hairpin)?;
-            checks.extend(c);
-            figures.insert(
-                "service_connections_per_s".into(),
-                json!((f.connections_per_s * 10.0).round() / 10.0),
-            );
-            figures.insert("service_spread".into(), json!(f.spread));
         }
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();

@@ -72,13 +72,107 @@ fn write(dir: &Path, web: &[Ipv4Addr]) -> Result<()> {
     super::replace_file(&file(dir), services_json(web).to_string().as_bytes())
 }
 
-/// Writes the services file and gives pod 2 its second address.
-pub fn prepare(r: &Names) -> Result<()> {
-    write(&r.dir, &web_backends())?;
+/// Writes the services file (and on a kernel node 1, kube-proxy's rules for it) and gives pod
+/// 2 its second address.
+pub fn prepare(r: &Names, kernel: bool) -> Result<()> {
+    apply(r, &web_backends(), kernel)?;
+    if kernel {
+        // A node has a default route that the service range would follow if nothing
+        // translated it; kube-proxy's rules act in PREROUTING and FORWARD around it.
+        netns::ip_in(
+            &r.ns("n1"),
+            &["route", "replace", "10.96.0.0/12", "dev", "eth0"],
+        )?;
+    }
     netns::ip_in(
         &r.ns("p2"),
         &["addr", "add", &format!("{POD2_SECOND}/24"), "dev", "eth0"],
     )
+}
+
+/// The services with `web` as the web service's backends: the file podwire nodes re-read, or
+/// with `kernel`, kube-proxy's iptables rules on node 1 (`iptables-restore`, as kube-proxy
+/// syncs them).
+fn apply(r: &Names, web: &[Ipv4Addr], kernel: bool) -> Result<()> {
+    write(&r.dir, web)?;
+    if kernel {
+        let rules = r.dir.join("kube-proxy.rules");
+        std::fs::write(&rules, kube_proxy_rules(&services_json(web)))?;
+        netns::exec_in(
+            &r.ns("n1"),
+            &["iptables-restore", &rules.display().to_string()],
+        )
+        .context("loading kube-proxy's rules (iptables-restore)")?;
+    }
+    Ok(())
+}
+
+/// kube-proxy's iptables-mode rules for `services` (pkg/proxy/iptables/proxier.go): nat
+/// KUBE-SERVICES -> KUBE-SVC-* (endpoint i of n with probability 1/(n-i), the last
+/// unconditional) -> KUBE-SEP-* (hairpin marked for masquerade, then DNAT), KUBE-POSTROUTING
+/// masquerading marked packets; a service without endpoints REJECTed in filter.
+fn kube_proxy_rules(services: &serde_json::Value) -> String {
+    let mut nat = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+         -A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
+    );
+    let mut filter = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+         -A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES\n\
+         -A OUTPUT -m conntrack --ctstate NEW -j KUBE-SERVICES\n",
+    );
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for (s, svc) in services["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let vip = svc["clusterIP"].as_str().unwrap_or_default();
+        let port = svc["port"].as_u64().unwrap_or_default();
+        let proto = svc["protocol"].as_str().unwrap_or("TCP").to_lowercase();
+        let eps = svc["endpoints"].as_array().cloned().unwrap_or_default();
+        if eps.is_empty() {
+            filter.push_str(&format!(
+                "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport {port} -j REJECT --reject-with icmp-port-unreachable\n"
+            ));
+            continue;
+        }
+        let svc_chain = format!("KUBE-SVC-{s}");
+        chains.push_str(&format!(":{svc_chain} - [0:0]\n"));
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport {port} -j {svc_chain}\n"
+        ));
+        let n = eps.len();
+        for (i, ep) in eps.iter().enumerate() {
+            let ip = ep["ip"].as_str().unwrap_or_default();
+            let ep_port = ep["port"].as_u64().unwrap_or_default();
+            let sep = format!("KUBE-SEP-{s}-{i}");
+            chains.push_str(&format!(":{sep} - [0:0]\n"));
+            if i + 1 < n {
+                rules.push_str(&format!(
+                    "-A {svc_chain} -m statistic --mode random --probability {:.10} -j {sep}\n",
+                    1.0 / (n - i) as f64
+                ));
+            } else {
+                rules.push_str(&format!("-A {svc_chain} -j {sep}\n"));
+            }
+            rules.push_str(&format!(
+                "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ\n-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {ip}:{ep_port}\n"
+            ));
+        }
+    }
+    nat.push_str(&chains);
+    nat.push_str(&rules);
+    nat.push_str("COMMIT\n");
+    filter.push_str("COMMIT\n");
+    nat + &filter
 }
 
 /// A backend's answer to one request.
@@ -180,8 +274,9 @@ pub struct Figures {
     pub spread: BTreeMap<String, usize>,
 }
 
-/// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as.
-pub fn checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> {
+/// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as;
+/// `kernel`: node 1 is kube-proxy's iptables rules, not podwire.
+pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Check>, Figures)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     for (node, ip) in [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))] {
@@ -197,7 +292,7 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> 
         }));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let outcome = run_checks(r, hairpin_ip);
+    let outcome = run_checks(r, hairpin_ip, kernel);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         netns::join(s).context("a backend server failed")?;
@@ -205,7 +300,7 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> 
     outcome
 }
 
-fn run_checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> {
+fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Check>, Figures)> {
     let mut checks = Vec::new();
     let mut figures = Figures::default();
     let client = r.ns("p1");
@@ -246,7 +341,7 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> 
                 .iter()
                 .all(|b| (60..=140).contains(figures.spread.get(&b.to_string()).unwrap_or(&0)));
             checks.push(Check {
-                name: "connections spread over the 3 backends on 2 nodes as Maglev expects".into(),
+                name: "connections spread over the 3 backends on 2 nodes (each 100 +- 40)".into(),
                 ok: even,
                 detail: format!("{:?}", figures.spread),
             });
@@ -327,15 +422,21 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr) -> Result<(Vec<Check>, Figures)> 
         },
     });
 
-    checks.push(removal_check(r)?);
+    checks.push(removal_check(r, kernel)?);
     Ok((checks, figures))
 }
 
-/// Long-lived connections, then a backend leaves the service: its connections fail, every
-/// other one carries on.
-fn removal_check(r: &Names) -> Result<Check> {
-    let name = "a backend removed mid-run loses only its own connections";
-    let dir = r.dir.clone();
+/// Long-lived connections, then a backend leaves the service: with podwire its connections
+/// fail (dropped, then reset), every other one carries on. kube-proxy leaves established TCP
+/// connections' conntrack entries alone, so there they all carry on (the removed pod still
+/// runs here): the check states which behaviour it expects.
+fn removal_check(r: &Names, kernel: bool) -> Result<Check> {
+    let name = if kernel {
+        "a backend removed mid-run: kube-proxy keeps its established connections"
+    } else {
+        "a backend removed mid-run loses only its own connections"
+    };
+    let names = r.clone();
     let outcome = netns::run_in(&r.ns("p1"), move || {
         let mut conns = Vec::new();
         for i in 0..LONG_LIVED {
@@ -345,14 +446,14 @@ fn removal_check(r: &Names) -> Result<Check> {
         }
         let gone = POD2_SECOND;
         let rest: Vec<Ipv4Addr> = web_backends().into_iter().filter(|b| *b != gone).collect();
-        write(&dir, &rest)?;
+        apply(&names, &rest, kernel)?;
         // The control loop re-reads the file within a tick (100 ms).
         std::thread::sleep(Duration::from_millis(600));
         let (mut lost_right, mut lost_wrong, mut kept, mut on_gone) = (0, 0, 0, 0);
         for (i, (s, was)) in conns.iter_mut().enumerate() {
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             let r = request(s, 512, 2000 + i as u64);
-            match (r, *was == gone) {
+            match (r, *was == gone && !kernel) {
                 (Ok(a), false) if a.served_on == *was => kept += 1,
                 (Ok(_), _) => lost_wrong += 1,
                 (Err(_), true) => lost_right += 1,
@@ -360,10 +461,15 @@ fn removal_check(r: &Names) -> Result<Check> {
             }
             on_gone += usize::from(*was == gone);
         }
-        write(&dir, &web_backends())?;
+        apply(&names, &web_backends(), kernel)?;
         Ok((lost_right, lost_wrong, kept, on_gone))
     });
     Ok(match outcome {
+        Ok((lost_right, lost_wrong, kept, on_gone)) if kernel => Check {
+            name: name.into(),
+            ok: on_gone > 0 && lost_wrong == 0 && kept == LONG_LIVED,
+            detail: format!("{on_gone} of {LONG_LIVED} were on {POD2_SECOND}: {kept} carried on, {lost_right} failed, {lost_wrong} went wrong"),
+        },
         Ok((lost_right, lost_wrong, kept, on_gone)) => Check {
             name: name.into(),
             ok: on_gone > 0 && lost_right == on_gone && lost_wrong == 0 && kept == LONG_LIVED - on_gone,
