@@ -20,12 +20,12 @@ use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
 use podwire::netdev;
 use podwire::report;
-use podwire::services::ServicesFile;
+use podwire::services::{self, ServicesFile};
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
 use podwire_dataplane::conntrack;
-use podwire_dataplane::nat::{Algorithm, ServiceOptions, Services};
+use podwire_dataplane::nat::{Algorithm, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
 use podwire_dataplane::route::Ipv4Net;
@@ -179,6 +179,10 @@ struct Control<'a> {
     health: &'a Health,
     lease_ttl: Duration,
     services: Option<ServicesFile>,
+    /// Services are also read from the store (etcd's `<prefix>/services/`).
+    services_from_store: bool,
+    file_services: Vec<ServiceSpec>,
+    store_services: Vec<ServiceSpec>,
     service_options: ServiceOptions,
 }
 
@@ -186,17 +190,40 @@ impl Control<'_> {
     /// Swaps in a new services snapshot when the services file changed; a bad file keeps the
     /// last good snapshot.
     fn reload_services(&mut self) {
-        let Some(src) = self.services.as_mut() else {
-            return;
-        };
-        let specs = match src.poll() {
-            Ok(Some(specs)) => specs,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "services rejected; keeping the last good services");
-                return;
+        let mut changed = false;
+        if let Some(src) = self.services.as_mut() {
+            match src.poll() {
+                Ok(Some(specs)) => {
+                    self.file_services = specs;
+                    changed = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "services file rejected; keeping the last good services")
+                }
             }
-        };
+        }
+        if self.services_from_store {
+            match self.store.services() {
+                Ok(Some(items)) => {
+                    self.store_services = services::parse_etcd(&items);
+                    changed = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read services from the store; keeping the last ones")
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+        let specs: Vec<ServiceSpec> = self
+            .file_services
+            .iter()
+            .chain(&self.store_services)
+            .cloned()
+            .collect();
         match Services::build(self.service_options, specs) {
             Ok(services) => {
                 let n = services.len();
@@ -424,16 +451,33 @@ pub fn run(opts: RunOptions) -> Result<()> {
         ..ServiceOptions::new(opts.service_cidr)
     };
     let mut services_src = opts.services_file.as_deref().map(ServicesFile::new);
+    let services_from_store = matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack;
+    let mut file_services = Vec::new();
+    let mut store_services = Vec::new();
     let mut initial = initial;
     if let Some(src) = services_src.as_mut() {
         if !opts.conntrack {
             bail!("services need connection tracking: drop --conntrack off");
         }
-        let specs = src
+        file_services = src
             .poll()?
             .context("services file vanished while starting")?;
-        let services = Services::build(service_options, specs)
-            .with_context(|| format!("in {}", src.path().display()))?;
+    }
+    if services_from_store {
+        match store.services() {
+            Ok(items) => store_services = services::parse_etcd(&items.unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
+            }
+        }
+    }
+    if services_src.is_some() || services_from_store {
+        let specs = file_services
+            .iter()
+            .chain(&store_services)
+            .cloned()
+            .collect();
+        let services = Services::build(service_options, specs).context("loading services")?;
         health
             .services
             .store(services.len() as u64, Ordering::Relaxed);
@@ -441,7 +485,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     // The service range is routed into podwire: ClusterIPs, and the hairpin address that
     // local backends answer.
-    let service_route = services_src.as_ref().map(|_| opts.service_cidr.to_string());
+    let service_route =
+        (services_src.is_some() || services_from_store).then(|| opts.service_cidr.to_string());
     if let Some(cidr) = &service_route {
         netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
         tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
@@ -526,6 +571,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         health: &health,
         lease_ttl,
         services: services_src,
+        services_from_store,
+        file_services,
+        store_services,
         service_options,
     };
     let result = control_loop(&mut control, &opts, &shutdown);

@@ -101,6 +101,10 @@ pub struct EtcdStore {
     /// Revision of the last full read: watch events up to it are already in `leases`.
     snapshot_revision: i64,
     watch: Option<WatchStream>,
+    /// Watch on `<prefix>/services/`; None until the services are first read (or after the
+    /// watch broke: the next call reads them all again).
+    services_watch: Option<WatchStream>,
+    services_retry_at: Instant,
     /// Set when `leases` changed since the caller last heard.
     dirty: bool,
     retry_at: Instant,
@@ -130,6 +134,8 @@ impl EtcdStore {
             revision: 0,
             snapshot_revision: 0,
             watch: None,
+            services_watch: None,
+            services_retry_at: Instant::now(),
             dirty: false,
             retry_at: Instant::now(),
             backoff: BACKOFF_MIN,
@@ -250,6 +256,48 @@ impl EtcdStore {
             }
         }
         Ok((out, revision))
+    }
+
+    fn services_prefix(&self) -> String {
+        format!("{}/services/", self.opts.prefix.trim_end_matches('/'))
+    }
+
+    /// Every key and value under `services/`, and the revision read at.
+    fn read_services(&mut self) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
+        let prefix = self.services_prefix();
+        let resp = self.call(|mut c| async move {
+            c.get(prefix, Some(GetOptions::new().with_prefix())).await
+        })?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        Ok((items, revision))
+    }
+
+    /// Full read of the services and a watch from just after it.
+    fn resync_services(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (items, read_at) = self.read_services()?;
+        let prefix = self.services_prefix();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(read_at + 1);
+        let mut stream = self.call(|mut c| async move { c.watch(prefix, Some(opts)).await })?;
+        if self.bounded(stream.message())?.is_none() {
+            return Err(StoreError::Reconnecting {
+                endpoints: self.endpoints(),
+                retry_in: Duration::ZERO,
+            });
+        }
+        self.services_watch = Some(stream);
+        Ok(items)
     }
 
     /// A key and value under `subnets/` as a lease, or why not.
@@ -661,6 +709,47 @@ impl Store for EtcdStore {
             }
         }
         Ok(std::mem::take(&mut self.dirty))
+    }
+
+    fn services(&mut self) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+        if self.services_watch.is_none() {
+            if Instant::now() < self.services_retry_at {
+                return Ok(None);
+            }
+            return match self.resync_services() {
+                Ok(items) => Ok(Some(items)),
+                Err(e) => {
+                    self.services_retry_at = Instant::now() + self.backoff;
+                    Err(e)
+                }
+            };
+        }
+        // Drain what the watch has queued without waiting; any event means a re-read.
+        let mut changed = false;
+        while let Some(stream) = self.services_watch.as_mut() {
+            match self.rt.block_on(within(Duration::ZERO, stream.message())) {
+                Err(_nothing_yet) => break,
+                Ok(Ok(Some(m))) if m.canceled() => {
+                    tracing::warn!("etcd cancelled the services watch; re-reading them");
+                    self.services_watch = None;
+                }
+                Ok(Ok(Some(m))) => changed |= !m.events().is_empty(),
+                Ok(Ok(None)) => self.services_watch = None,
+                Ok(Err(e)) => {
+                    self.services_watch = None;
+                    self.services_retry_at = Instant::now() + self.backoff;
+                    return Err(self.etcd_err(e));
+                }
+            }
+        }
+        if self.services_watch.is_none() {
+            // Broken: the next call reads everything again.
+            return Ok(None);
+        }
+        if changed {
+            return self.read_services().map(|(items, _)| Some(items));
+        }
+        Ok(None)
     }
 
     fn reconnects(&self) -> u64 {

@@ -43,6 +43,8 @@ struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ServiceJson {
+    /// `namespace/name`; in etcd the key says it and this may be left out.
+    #[serde(default)]
     name: String,
     #[serde(rename = "clusterIP")]
     cluster_ip: Ipv4Addr,
@@ -72,6 +74,12 @@ struct EndpointJson {
 
 impl ServiceJson {
     fn into_spec(self) -> Result<ServiceSpec, ServicesError> {
+        if self.name.is_empty() {
+            return Err(ServicesError::Invalid {
+                name: self.cluster_ip.to_string(),
+                why: "no name".into(),
+            });
+        }
         let invalid = |why: String| ServicesError::Invalid {
             name: self.name.clone(),
             why,
@@ -124,13 +132,34 @@ pub fn parse_file(text: &str, what: &str) -> Result<Vec<ServiceSpec>, ServicesEr
     f.services.into_iter().map(ServiceJson::into_spec).collect()
 }
 
-/// Parses one service object (an etcd value).
-pub fn parse_one(text: &[u8], what: &str) -> Result<ServiceSpec, ServicesError> {
-    let s: ServiceJson = serde_json::from_slice(text).map_err(|source| ServicesError::Json {
-        what: what.to_string(),
-        source,
-    })?;
+/// Parses one service object (an etcd value) stored under `name` (`namespace/name`), which it
+/// takes as its name unless it names itself.
+pub fn parse_one(text: &[u8], name: &str) -> Result<ServiceSpec, ServicesError> {
+    let mut s: ServiceJson =
+        serde_json::from_slice(text).map_err(|source| ServicesError::Json {
+            what: name.to_string(),
+            source,
+        })?;
+    if s.name.is_empty() {
+        s.name = name.to_string();
+    }
     s.into_spec()
+}
+
+/// The services of `<prefix>/services/<namespace>/<name>` keys; a malformed one is left out
+/// with a warning (as a malformed lease is), so one bad object cannot take the others down.
+pub fn parse_etcd(items: &[(String, Vec<u8>)]) -> Vec<ServiceSpec> {
+    let mut out = Vec::with_capacity(items.len());
+    for (key, value) in items {
+        let name = key
+            .split_once("/services/")
+            .map_or(key.as_str(), |(_, n)| n);
+        match parse_one(value, name) {
+            Ok(spec) => out.push(spec),
+            Err(e) => tracing::warn!(%key, error = %e, "ignoring a malformed service in etcd"),
+        }
+    }
+    out
 }
 
 /// A services file watched by modification time and size.
@@ -195,6 +224,28 @@ mod tests {
         assert_eq!(specs[1].affinity_timeout, Some(10_800));
         assert_eq!(specs[2].proto, PROTO_TCP);
         assert!(specs[2].endpoints.is_empty());
+    }
+
+    #[test]
+    fn test_etcd_objects_take_their_name_from_the_key_and_bad_ones_are_skipped() {
+        let items = vec![
+            (
+                "/coreos.com/network/services/default/web".to_string(),
+                br#"{"clusterIP": "10.96.0.10", "port": 80, "endpoints": [{"ip": "10.244.2.2", "port": 8080}]}"#.to_vec(),
+            ),
+            (
+                "/coreos.com/network/services/default/broken".to_string(),
+                b"{not json".to_vec(),
+            ),
+            (
+                "/coreos.com/network/services/kube-system/dns".to_string(),
+                br#"{"name": "kube-system/kube-dns", "clusterIP": "10.96.0.53", "protocol": "UDP", "port": 53}"#.to_vec(),
+            ),
+        ];
+        let specs = parse_etcd(&items);
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].name, "default/web");
+        assert_eq!(specs[1].name, "kube-system/kube-dns");
     }
 
     #[test]

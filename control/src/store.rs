@@ -114,6 +114,12 @@ pub trait Store: Send {
     /// Waits at most `wait` for lease changes; true if `leases` has something new. An error
     /// means the store is unreachable: the caller keeps its last map and calls again.
     fn wait_changes(&mut self, wait: Duration) -> Result<bool, StoreError>;
+    /// The services the store holds (`<prefix>/services/<namespace>/<name>` in etcd, as
+    /// (key, value) pairs) if they changed since the last call; always on the first. None:
+    /// unchanged, or a store without services.
+    fn services(&mut self) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+        Ok(None)
+    }
     /// Times the store connection was re-established after a failure.
     fn reconnects(&self) -> u64 {
         0

@@ -492,3 +492,63 @@ fn test_username_and_password() {
         assert!(matches!(e, StoreError::Etcd { .. }), "{e}");
     }
 }
+
+/// Calls `services` until it reports something or 10 s pass.
+fn next_services(s: &mut EtcdStore) -> Option<Vec<(String, Vec<u8>)>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(items)) = s.services() {
+            return Some(items);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn test_services_are_read_then_watched_under_the_prefix() {
+    let Some(etcd) = server("services") else {
+        return;
+    };
+    let mut s = store(&etcd);
+    // First call: a full read (none yet), then the watch.
+    assert_eq!(s.services().unwrap(), Some(vec![]));
+    assert_eq!(s.services().unwrap(), None, "nothing changed");
+    let web = format!("{PREFIX}/services/default/web");
+    etcd.put(
+        &web,
+        r#"{"clusterIP":"10.96.0.10","port":80,"endpoints":[{"ip":"10.244.2.2","port":8080}]}"#,
+    )
+    .unwrap();
+    let items = next_services(&mut s).expect("the put is seen");
+    let specs = podwire::services::parse_etcd(&items);
+    assert_eq!(specs.len(), 1);
+    assert_eq!(specs[0].name, "default/web");
+    assert_eq!(specs[0].endpoints.len(), 1);
+    // An endpoint added, then a second service, then one deleted: each seen.
+    etcd.put(
+        &web,
+        r#"{"clusterIP":"10.96.0.10","port":80,"endpoints":[{"ip":"10.244.2.2","port":8080},{"ip":"10.244.3.2","port":8080}]}"#,
+    )
+    .unwrap();
+    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap());
+    assert_eq!(specs[0].endpoints.len(), 2);
+    etcd.put(
+        &format!("{PREFIX}/services/kube-system/dns"),
+        r#"{"clusterIP":"10.96.0.53","protocol":"UDP","port":53}"#,
+    )
+    .unwrap();
+    assert_eq!(next_services(&mut s).unwrap().len(), 2);
+    etcd.ctl(&["del", &web]).unwrap();
+    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap());
+    assert_eq!(specs.len(), 1);
+    assert_eq!(specs[0].name, "kube-system/dns");
+    // Leases are not services: a lease write does not report services.
+    etcd.put(
+        &format!("{PREFIX}/subnets/10.244.9.0-24"),
+        r#"{"PublicIP":"10.0.0.9"}"#,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.services().unwrap(), None);
+}

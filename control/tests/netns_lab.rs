@@ -137,7 +137,9 @@ fn two_podwire_nodes_carry_real_traffic() {
 fn four_podwire_nodes_join_through_etcd() {
     let Some(_slot) = lab_slot() else { return };
     // A real etcd started by the lab; two workers per node (multi-queue TUN and SO_REUSEPORT
-    // sockets); node 4 joins once 1-3 are ready and must be reachable without restarting anyone.
+    // sockets, so a connection's two directions may meet different workers); node 4 joins
+    // once 1-3 are ready and must be reachable without restarting anyone. Services come from
+    // etcd's services/ prefix, a backend's removal too.
     let (report, text) = run_lab(&[
         "--store",
         "etcd",
@@ -149,6 +151,7 @@ fn four_podwire_nodes_join_through_etcd() {
         "10",
         "--udp-count",
         "50",
+        "--services",
     ]);
     assert_eq!(report["ok"], true, "{text}");
     assert_eq!(report["store"], "etcd");
@@ -164,7 +167,10 @@ fn four_podwire_nodes_join_through_etcd() {
         "a stopped node keeps its lease; deleting it removes the route everywhere",
         "the node rejoins with its old subnet",
         "every daemon exited cleanly",
-    ] {
+    ]
+    .into_iter()
+    .chain(SERVICE_CHECKS)
+    {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
     let f = &report["figures"];

@@ -397,7 +397,7 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
             &format!("file:{}", dir.join("cluster.json").display()),
         ]);
     }
-    if opts.services {
+    if opts.services && !opts.etcd {
         cmd.args([
             "--services",
             &format!("file:{}", services_lab::file(&dir).display()),
@@ -983,7 +983,7 @@ fn set_up(
     }
     start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
     if opts.services {
-        services_lab::prepare(&r.names, opts.is_kernel_node(1))
+        services_lab::prepare(&r.names, &services_source(res, opts), r.etcd.as_ref())
             .context("setting up the lab's services")?;
     }
     if !opts.podwire_nodes().is_empty() {
@@ -1084,7 +1084,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
             podwire_dataplane::nat::hairpin_ip_for(cidr)
         };
-        let (c, f) = services_lab::checks(&r, hairpin, opts.is_kernel_node(1))?;
+        let (c, f) = services_lab::checks(&r, hairpin, &services_source(res, opts))?;
         checks.extend(c);
         figures.insert(
             "service_connections_per_s".into(),
@@ -1160,6 +1160,17 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         write_json(path, opts, &pairs, &checks, &stats, &figures, ok)?;
     }
     Ok(ok)
+}
+
+/// Where this lab's nodes read services from.
+fn services_source(res: &Arc<Mutex<Resources>>, opts: &LabOptions) -> services_lab::Source {
+    if opts.is_kernel_node(1) {
+        services_lab::Source::KubeProxy
+    } else if opts.etcd {
+        services_lab::Source::Etcd(Arc::clone(res))
+    } else {
+        services_lab::Source::File
+    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -13,8 +13,9 @@
 
 use super::netns;
 use super::traffic::Pattern;
-use super::{Check, Names};
+use super::{Check, Names, Resources};
 use anyhow::{bail, Context, Result};
+use podwire::etcd_server::EtcdServer;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -72,11 +73,46 @@ fn write(dir: &Path, web: &[Ipv4Addr]) -> Result<()> {
     super::replace_file(&file(dir), services_json(web).to_string().as_bytes())
 }
 
-/// Writes the services file (and on a kernel node 1, kube-proxy's rules for it) and gives pod
-/// 2 its second address.
-pub fn prepare(r: &Names, kernel: bool) -> Result<()> {
-    apply(r, &web_backends(), kernel)?;
-    if kernel {
+/// Where the nodes get the services from.
+#[derive(Clone)]
+pub enum Source {
+    /// The services file every podwire node is given (`--services file:`).
+    File,
+    /// The lab's etcd, under `<prefix>/services/<namespace>/<name>`.
+    Etcd(Arc<Mutex<Resources>>),
+    /// No podwire on node 1: kube-proxy's iptables rules there.
+    KubeProxy,
+}
+
+impl Source {
+    fn kernel(&self) -> bool {
+        matches!(self, Source::KubeProxy)
+    }
+}
+
+/// Puts the services into the lab's etcd, one object per key.
+fn put_etcd(etcd: &EtcdServer, web: &[Ipv4Addr]) -> Result<()> {
+    let prefix = podwire::etcd::DEFAULT_PREFIX;
+    for svc in services_json(web)["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = svc["name"].as_str().unwrap_or_default();
+        etcd.put(&format!("{prefix}/services/{name}"), &svc.to_string())?;
+    }
+    Ok(())
+}
+
+/// Sets the services up before the nodes start (`etcd`: the lab's server, whose lock the
+/// caller holds) and gives pod 2 its second address.
+pub fn prepare(r: &Names, src: &Source, etcd: Option<&EtcdServer>) -> Result<()> {
+    match (src, etcd) {
+        (Source::Etcd(_), Some(etcd)) => put_etcd(etcd, &web_backends())?,
+        (Source::Etcd(_), None) => bail!("services in etcd, but etcd is not running"),
+        _ => apply(r, &web_backends(), src)?,
+    }
+    if src.kernel() {
         // A node has a default route that the service range would follow if nothing
         // translated it; kube-proxy's rules act in PREROUTING and FORWARD around it.
         netns::ip_in(
@@ -90,12 +126,16 @@ pub fn prepare(r: &Names, kernel: bool) -> Result<()> {
     )
 }
 
-/// The services with `web` as the web service's backends: the file podwire nodes re-read, or
-/// with `kernel`, kube-proxy's iptables rules on node 1 (`iptables-restore`, as kube-proxy
-/// syncs them).
-fn apply(r: &Names, web: &[Ipv4Addr], kernel: bool) -> Result<()> {
+/// The services with `web` as the web service's backends: the file podwire nodes re-read,
+/// the etcd keys they watch, or kube-proxy's iptables rules on node 1 (`iptables-restore`, as
+/// kube-proxy syncs them).
+fn apply(r: &Names, web: &[Ipv4Addr], src: &Source) -> Result<()> {
     write(&r.dir, web)?;
-    if kernel {
+    if let Source::Etcd(res) = src {
+        let guard = res.lock().expect("lab resources");
+        put_etcd(guard.etcd.as_ref().context("etcd is not running")?, web)?;
+    }
+    if src.kernel() {
         let rules = r.dir.join("kube-proxy.rules");
         std::fs::write(&rules, kube_proxy_rules(&services_json(web)))?;
         netns::exec_in(
@@ -276,7 +316,7 @@ pub struct Figures {
 
 /// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as;
 /// `kernel`: node 1 is kube-proxy's iptables rules, not podwire.
-pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Check>, Figures)> {
+pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Check>, Figures)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     for (node, ip) in [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))] {
@@ -292,7 +332,7 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Chec
         }));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let outcome = run_checks(r, hairpin_ip, kernel);
+    let outcome = run_checks(r, hairpin_ip, src);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         netns::join(s).context("a backend server failed")?;
@@ -300,7 +340,7 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Chec
     outcome
 }
 
-fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Check>, Figures)> {
+fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Check>, Figures)> {
     let mut checks = Vec::new();
     let mut figures = Figures::default();
     let client = r.ns("p1");
@@ -422,7 +462,7 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Chec
         },
     });
 
-    checks.push(removal_check(r, kernel)?);
+    checks.push(removal_check(r, src)?);
     Ok((checks, figures))
 }
 
@@ -430,7 +470,9 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, kernel: bool) -> Result<(Vec<Chec
 /// fail (dropped, then reset), every other one carries on. kube-proxy leaves established TCP
 /// connections' conntrack entries alone, so there they all carry on (the removed pod still
 /// runs here): the check states which behaviour it expects.
-fn removal_check(r: &Names, kernel: bool) -> Result<Check> {
+fn removal_check(r: &Names, src: &Source) -> Result<Check> {
+    let kernel = src.kernel();
+    let src = src.clone();
     let name = if kernel {
         "a backend removed mid-run: kube-proxy keeps its established connections"
     } else {
@@ -446,7 +488,7 @@ fn removal_check(r: &Names, kernel: bool) -> Result<Check> {
         }
         let gone = POD2_SECOND;
         let rest: Vec<Ipv4Addr> = web_backends().into_iter().filter(|b| *b != gone).collect();
-        apply(&names, &rest, kernel)?;
+        apply(&names, &rest, &src)?;
         // The control loop re-reads the file within a tick (100 ms).
         std::thread::sleep(Duration::from_millis(600));
         let (mut lost_right, mut lost_wrong, mut kept, mut on_gone) = (0, 0, 0, 0);
@@ -461,7 +503,7 @@ fn removal_check(r: &Names, kernel: bool) -> Result<Check> {
             }
             on_gone += usize::from(*was == gone);
         }
-        apply(&names, &web_backends(), kernel)?;
+        apply(&names, &web_backends(), &src)?;
         Ok((lost_right, lost_wrong, kept, on_gone))
     });
     Ok(match outcome {
