@@ -17,7 +17,7 @@
 use crate::allocate::{self, Choice};
 use crate::config::{parse_net_conf, NetworkConfig};
 use crate::lease::LeaseAttrs;
-use crate::store::{Lease, LeaseRequest, OwnLease, Store, StoreError};
+use crate::store::{KeyValues, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
@@ -263,7 +263,7 @@ impl EtcdStore {
     }
 
     /// Every key and value under `services/`, and the revision read at.
-    fn read_services(&mut self) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
+    fn read_services(&mut self) -> Result<(KeyValues, i64), StoreError> {
         let prefix = self.services_prefix();
         let resp = self.call(|mut c| async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
@@ -283,7 +283,7 @@ impl EtcdStore {
     }
 
     /// Full read of the services and a watch from just after it.
-    fn resync_services(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn resync_services(&mut self) -> Result<KeyValues, StoreError> {
         let (items, read_at) = self.read_services()?;
         let prefix = self.services_prefix();
         let opts = WatchOptions::new()
@@ -711,7 +711,7 @@ impl Store for EtcdStore {
         Ok(std::mem::take(&mut self.dirty))
     }
 
-    fn services(&mut self) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+    fn services(&mut self) -> Result<Option<KeyValues>, StoreError> {
         if self.services_watch.is_none() {
             if Instant::now() < self.services_retry_at {
                 return Ok(None);

@@ -98,6 +98,9 @@ pub struct OwnLease {
 }
 
 /// A cluster store.
+/// Keys and their values, as read from the store.
+pub type KeyValues = Vec<(String, Vec<u8>)>;
+
 pub trait Store: Send {
     /// A short description for logs ("file:/etc/podwire/cluster.json", "etcd http://...").
     fn describe(&self) -> String;
@@ -117,7 +120,7 @@ pub trait Store: Send {
     /// The services the store holds (`<prefix>/services/<namespace>/<name>` in etcd, as
     /// (key, value) pairs) if they changed since the last call; always on the first. None:
     /// unchanged, or a store without services.
-    fn services(&mut self) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+    fn services(&mut self) -> Result<Option<KeyValues>, StoreError> {
         Ok(None)
     }
     /// Times the store connection was re-established after a failure.
