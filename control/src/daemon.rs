@@ -18,6 +18,7 @@ use podwire::config::{BackendConfig, NetworkConfig};
 use podwire::etcd::{EtcdOptions, EtcdStore};
 use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
+use podwire::masq;
 use podwire::netdev;
 use podwire::report;
 use podwire::services::{self, ServicesFile};
@@ -446,6 +447,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
         tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
     }
     netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
+    if opts.ip_masq {
+        let services = (opts.conntrack
+            && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
+        .then_some(opts.service_cidr);
+        masq::install(config.network, lease, services)?;
+        tracing::info!(
+            table = masq::TABLE,
+            "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
+        );
+    }
     let service_options = ServiceOptions {
         algorithm: opts.service_lb,
         ..ServiceOptions::new(opts.service_cidr)
@@ -585,6 +596,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     if let Some(cidr) = &service_route {
         let _ = netdev::ip(&["route", "del", cidr, "dev", &tun_name]);
+    }
+    if opts.ip_masq {
+        if let Err(e) = masq::remove() {
+            tracing::warn!(error = %e, "removing the masquerade rules");
+        }
     }
     let total = report::stats_json(&stats);
     if let Some(path) = &opts.stats_file {

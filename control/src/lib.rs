@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod etcd_server;
 pub mod health;
 pub mod lease;
+pub mod masq;
 pub mod netdev;
 pub mod report;
 pub mod services;

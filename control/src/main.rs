@@ -120,7 +120,8 @@ struct RunArgs {
     /// Name of the TUN device (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld).
     #[arg(long)]
     tun_name: Option<String>,
-    /// Value of FLANNEL_IPMASQ in subnet.env (masquerade itself is not done by podwire yet).
+    /// Masquerade pod traffic leaving the cluster network, as flanneld's -ip-masq (its rules,
+    /// in an nftables table podwire installs and removes on exit); FLANNEL_IPMASQ in subnet.env.
     #[arg(long, env = "FLANNELD_IP_MASQ")]
     ip_masq: bool,
     /// Packets per batch (1-256).
@@ -275,6 +276,10 @@ struct LabArgs {
     /// mid-run.
     #[arg(long)]
     services: bool,
+    /// `podwire run --ip-masq` on the podwire nodes: a pod reaches a host outside the cluster
+    /// as its node.
+    #[arg(long)]
+    ip_masq: bool,
 }
 
 fn init_logging() {
@@ -397,6 +402,7 @@ fn main() -> Result<()> {
                 extra_leases: a.extra_leases,
                 vxlan_tx: a.vxlan_tx,
                 services: a.services,
+                ip_masq: a.ip_masq,
             })?;
             if !ok {
                 std::process::exit(1);

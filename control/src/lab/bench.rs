@@ -108,6 +108,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         extra_leases: 0,
         vxlan_tx: vxlan_tx.to_string(),
         services: false,
+        ip_masq: false,
     })
 }
 

@@ -1,5 +1,5 @@
 //! `podwire lab --store etcd`: the cluster joins through a real etcd (Debian's etcd-server)
-//! that the lab starts in the underlay namespace, on br0's address 10.99.0.2, as a cluster's
+//! that the lab starts in the underlay namespace, on br0's address 192.168.99.2, as a cluster's
 //! etcd would sit on the node network.
 //!
 //! The lab writes only what an operator and flanneld nodes would write: the network config,
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 2);
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 /// Where every podwire node serves /healthz, /readyz and /metrics (on its underlay address).

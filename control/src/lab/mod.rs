@@ -5,8 +5,8 @@
 //!   pod netns pwP-pI          host netns pwP-nI                     underlay netns pwP-u
 //!   eth0 10.244.I.2/24 ──veth── vpod 10.244.I.1/24                  br0 (bridge)
 //!                               flannel0 10.244.I.0/32 (podwire)
-//!                               eth0 10.99.0.(10+I)/24 ──veth────── nI
-//!   rogue netns pwP-x: eth0 10.99.0.200/24 ──veth── x (a host on the underlay, no node)
+//!                               eth0 192.168.99.(10+I)/24 ──veth────── nI
+//!   rogue netns pwP-x: eth0 192.168.99.200/24 ──veth── x (a host on the underlay, no node)
 //! ```
 //! Each host runs `podwire run` against one cluster file. The pod MTU is FLANNEL_MTU from the
 //! node's subnet.env, as the flannel CNI plugin sets it. Everything is torn down at the end, on
@@ -60,15 +60,18 @@ pub struct LabOptions {
     pub vxlan_tx: String,
     /// ClusterIP services on every podwire node, and the service checks (`services_lab`).
     pub services: bool,
+    /// `podwire run --ip-masq` on every podwire node, and the masquerade check.
+    pub ip_masq: bool,
 }
 
-const UNDERLAY_NET: &str = "10.99.0";
+const UNDERLAY_NET: &str = "192.168.99";
 /// `--backend` value for the baseline: no podwire, the kernel's VXLAN configured as flanneld does.
 pub const KERNEL_VXLAN: &str = "kernel-vxlan";
-const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
+const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 200);
 const TCP_PORT: u16 = 5201;
 const UDP_PORT: u16 = 5202;
 const ROGUE_PORT: u16 = 5203;
+const MASQ_PORT: u16 = 5204;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl LabOptions {
@@ -396,6 +399,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
             "--store",
             &format!("file:{}", dir.join("cluster.json").display()),
         ]);
+    }
+    if opts.ip_masq {
+        cmd.arg("--ip-masq");
     }
     if opts.services && !opts.etcd {
         cmd.args([
@@ -821,6 +827,49 @@ fn unreachable_check(res: &Names) -> Result<Check> {
     })
 }
 
+/// With `--ip-masq`: pod 1 connects to a host outside the cluster (the underlay's rogue host,
+/// which has no route to the pods), which must see node 1's address; the services checks
+/// show that traffic between pods keeps its addresses.
+fn masquerade_check(res: &Names) -> Result<Check> {
+    let listener = netns::run_in(&res.ns("x"), || {
+        Ok(TcpListener::bind(SocketAddrV4::new(ROGUE_IP, MASQ_PORT))?)
+    })?;
+    listener.set_nonblocking(true)?;
+    let server = std::thread::spawn(move || -> Result<SocketAddrV4> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match listener.accept() {
+                Ok((_, std::net::SocketAddr::V4(peer))) => return Ok(peer),
+                Ok(_) => bail!("an IPv6 peer"),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    });
+    let connected = netns::run_in(&res.ns("p1"), || {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddrV4::new(ROGUE_IP, MASQ_PORT).into(),
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
+        .context("connecting to the outside host")
+    });
+    let seen = netns::join(server);
+    let ok = connected.is_ok() && matches!(&seen, Ok(p) if *p.ip() == underlay_ip(1));
+    Ok(Check {
+        name: "--ip-masq: a pod reaches a host outside the cluster as its node".into(),
+        ok,
+        detail: match (connected, seen) {
+            (Ok(()), Ok(peer)) => format!("{ROGUE_IP} saw {peer} (node 1 is {})", underlay_ip(1)),
+            (Err(e), _) | (_, Err(e)) => format!("{e:#}"),
+        },
+    })
+}
+
 /// Polls `probe` for up to 5 s until it returns true.
 fn eventually(mut probe: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1096,6 +1145,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.
     if !opts.is_kernel_node(1) {
         checks.push(unreachable_check(&r)?);
+        if opts.ip_masq {
+            checks.push(masquerade_check(&r)?);
+        }
         checks.push(rogue_check(&r, opts)?);
         if opts.etcd {
             checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);

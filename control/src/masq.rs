@@ -1,0 +1,130 @@
+//! `--ip-masq` in TUN mode: pod traffic leaving the cluster network is masqueraded by the
+//! kernel, with flannel's own rule set (`pkg/trafficmngr/iptables` masqRules, in the same
+//! order), written for nftables in a table of podwire's own that it replaces atomically at
+//! start (removing what a crashed run left) and deletes on exit.
+
+use podwire_dataplane::route::Ipv4Net;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// The table podwire owns.
+pub const TABLE: &str = "podwire-masq";
+/// kube-proxy's masquerade mark: traffic kube-proxy will masquerade itself is left alone.
+const KUBE_PROXY_MARK: u32 = 0x4000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasqError {
+    #[error("running nft: {0} (install Debian's nftables)")]
+    Spawn(std::io::Error),
+    #[error("nft refused the {what}: {stderr}")]
+    Nft { what: &'static str, stderr: String },
+}
+
+/// flannel's masquerade rules for a node holding `pod` in cluster `network`, as an nft script
+/// that (re)creates the table in one transaction. One rule comes first that flannel does not
+/// have: traffic to the service range (`services`) is left alone, because podwire translates
+/// it to pods after the kernel's POSTROUTING, where kube-proxy's DNAT happens before it.
+pub fn ruleset(network: Ipv4Net, pod: Ipv4Net, services: Option<Ipv4Net>) -> String {
+    let services = services
+        .map(|s| {
+            format!("\t\tip daddr {s} return comment \"to services: podwire DNATs them to pods\"\n")
+        })
+        .unwrap_or_default();
+    format!(
+        "table ip {TABLE}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         {services}\
+         \t\tmeta mark & {KUBE_PROXY_MARK:#x} == {KUBE_PROXY_MARK:#x} return comment \"kube-proxy masquerades these\"\n\
+         \t\tip saddr {pod} ip daddr {network} return comment \"pod to cluster\"\n\
+         \t\tip saddr {network} ip daddr {pod} return comment \"cluster to pod\"\n\
+         \t\tip saddr != {network} ip daddr {pod} return comment \"outside to a pod of this node\"\n\
+         \t\tip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random comment \"pod to outside\"\n\
+         \t\tip saddr != {network} ip daddr {network} masquerade fully-random comment \"host to cluster\"\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn nft(script: &str, what: &'static str) -> Result<(), MasqError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(MasqError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(MasqError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(MasqError::Spawn)?;
+    if !out.status.success() {
+        return Err(MasqError::Nft {
+            what,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Installs (or replaces) the rules.
+pub fn install(network: Ipv4Net, pod: Ipv4Net, services: Option<Ipv4Net>) -> Result<(), MasqError> {
+    nft(&ruleset(network, pod, services), "masquerade rules")
+}
+
+/// Removes the table (nothing if it is not there).
+pub fn remove() -> Result<(), MasqError> {
+    nft(
+        &format!("table ip {TABLE}\ndelete table ip {TABLE}\n"),
+        "table removal",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_rules_are_flannels_in_order() {
+        let r = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            None,
+        );
+        let rules: Vec<&str> = r
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains("return") || l.contains("masquerade"))
+            .collect();
+        assert_eq!(rules.len(), 6, "{r}");
+        assert!(rules[0].starts_with("meta mark & 0x4000 == 0x4000 return"));
+        assert!(rules[1].starts_with("ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return"));
+        assert!(rules[2].starts_with("ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return"));
+        assert!(rules[3].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return"));
+        assert!(rules[4]
+            .starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
+        assert!(rules[5].starts_with(
+            "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random"
+        ));
+        // Re-creating is one transaction that also clears a crashed run's table.
+        assert!(r.starts_with("table ip podwire-masq\ndelete table ip podwire-masq\n"));
+        let with_services = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            Some("10.96.0.0/12".parse().unwrap()),
+        );
+        let first = with_services
+            .lines()
+            .map(str::trim)
+            .find(|l| l.contains("return"))
+            .unwrap();
+        assert!(
+            first.starts_with("ip daddr 10.96.0.0/12 return"),
+            "{with_services}"
+        );
+    }
+}
