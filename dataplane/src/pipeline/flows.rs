@@ -513,6 +513,30 @@ mod tests {
     }
 
     #[test]
+    fn test_added_endpoint_leaves_existing_flows_on_their_backend() {
+        let a = SocketAddrV4::new(REMOTE_EP, 8080);
+        let t = tables(&[a]);
+        let f = Flows::new(Default::default());
+        let syn = |sport| tcp(CLIENT, sport, VIP, 80, true, false);
+        for sport in 40000..40100 {
+            run(&t, &f, Direction::FromTun, &syn(sport), CLIENT);
+        }
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 8080);
+        let t2 = tables(&[a, b]);
+        let mut new_on_b = 0;
+        for sport in 40000..40200 {
+            let (_, out) = run(&t2, &f, Direction::FromTun, &syn(sport), CLIENT);
+            let dst = tuple_of(&out).2;
+            if sport < 40100 {
+                assert_eq!(dst, REMOTE_EP, "an existing flow moved");
+            } else if dst == *b.ip() {
+                new_on_b += 1;
+            }
+        }
+        assert!(new_on_b > 20, "new flows use the new endpoint: {new_on_b} of 100");
+    }
+
+    #[test]
     fn test_icmp_error_from_the_backend_comes_back_from_the_vip() {
         let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
         let f = Flows::new(Default::default());
