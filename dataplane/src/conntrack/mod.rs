@@ -472,21 +472,23 @@ impl Conntrack {
         }
         let a = self.shard_of(t.client_endpoint(Dir::Original));
         let b = self.shard_of(t.client_endpoint(Dir::Reply));
-        {
-            let mut s = self.lock(a);
-            if let Some((slot, dir)) = s.get(t, now) {
-                return self.update(&mut s, slot, dir, l4, len, now);
-            }
+        let hit = |s: &mut Shard| {
+            let (slot, dir) = s.get(t, now)?;
+            Some(self.update(s, slot, dir, l4, len, now))
+        };
+        if let Some(r) = hit(&mut self.lock(a)) {
+            return r;
         }
         if b != a {
-            let mut s = self.lock(b);
-            if let Some((slot, dir)) = s.get(t, now) {
-                return self.update(&mut s, slot, dir, l4, len, now);
+            if let Some(r) = hit(&mut self.lock(b)) {
+                return r;
             }
         }
+        // Again under the lock the entry would be created under: another worker may have
+        // created it meanwhile.
         let mut s = self.lock(a);
-        if let Some((slot, dir)) = s.get(t, now) {
-            return self.update(&mut s, slot, dir, l4, len, now);
+        if let Some(r) = hit(&mut s) {
+            return r;
         }
         self.create(&mut s, a, t, l4, len, now, plan)
     }
@@ -600,6 +602,13 @@ impl Conntrack {
         Err(CtError::NoPort)
     }
 
+    /// A UDP flow that has been answered and is older than `udp_stream_after` (netfilter's
+    /// `stream_ts`): it gets the long timeout and is assured.
+    fn udp_is_stream(&self, e: &Entry, now: u64) -> bool {
+        e.status & SEEN_REPLY != 0
+            && now >= e.created + 1000 * u64::from(self.timeouts.udp_stream_after)
+    }
+
     fn timeout(&self, e: &Entry, now: u64) -> u32 {
         let to = &self.timeouts;
         match e.tuples[0].proto {
@@ -612,9 +621,7 @@ impl Conntrack {
                 }
             }
             PROTO_UDP => {
-                if e.status & SEEN_REPLY != 0
-                    && now >= e.created + 1000 * u64::from(to.udp_stream_after)
-                {
+                if self.udp_is_stream(e, now) {
                     to.udp_stream
                 } else {
                     to.udp_unreplied
@@ -674,10 +681,7 @@ impl Conntrack {
         } else if dir == Dir::Reply {
             e.status |= SEEN_REPLY;
         }
-        if e.tuples[0].proto == PROTO_UDP
-            && e.status & SEEN_REPLY != 0
-            && now >= e.created + 1000 * u64::from(self.timeouts.udp_stream_after)
-        {
+        if e.tuples[0].proto == PROTO_UDP && self.udp_is_stream(&e, now) {
             e.status |= ASSURED;
         }
         let d = dir as usize;

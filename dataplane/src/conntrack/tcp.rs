@@ -90,16 +90,7 @@ pub enum FlagClass {
     None = 5,
 }
 
-pub mod flag {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-}
+pub use crate::wire::tcp::flags as flag;
 
 impl FlagClass {
     pub fn of(flags: u8) -> FlagClass {

@@ -533,7 +533,10 @@ mod tests {
                 new_on_b += 1;
             }
         }
-        assert!(new_on_b > 20, "new flows use the new endpoint: {new_on_b} of 100");
+        assert!(
+            new_on_b > 20,
+            "new flows use the new endpoint: {new_on_b} of 100"
+        );
     }
 
     #[test]
