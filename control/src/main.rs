@@ -49,7 +49,8 @@ struct BenchArgs {
     /// Workers per podwire node.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference).
+    /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
+    /// `podwire-vxlan-no-conntrack`, the default mode without connection tracking.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
     /// Results as JSON.
@@ -280,6 +281,9 @@ struct LabArgs {
     /// as its node.
     #[arg(long)]
     ip_masq: bool,
+    /// `podwire run --conntrack` on the podwire nodes.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    conntrack: String,
 }
 
 fn init_logging() {
@@ -403,6 +407,7 @@ fn main() -> Result<()> {
                 vxlan_tx: a.vxlan_tx,
                 services: a.services,
                 ip_masq: a.ip_masq,
+                conntrack: a.conntrack == "on",
             })?;
             if !ok {
                 std::process::exit(1);

@@ -4,7 +4,8 @@
 //! - modes: `kernel-vxlan` (the kernel's VXLAN as flanneld configures it: the reference),
 //!   `podwire-vxlan` (UDP sockets with GSO, the default), `podwire-vxlan-flow-ports` (a raw
 //!   socket with a source port per flow, no GSO), `podwire-udp` (flannel's udp encapsulation),
-//!   `host-gw` (plain kernel routes between the nodes, no encapsulation: the ceiling);
+//!   `host-gw` (plain kernel routes between the nodes, no encapsulation: the ceiling); on
+//!   request `podwire-vxlan-no-conntrack` (the default mode without connection tracking);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -45,6 +46,10 @@ pub const MODES: [&str; 5] = [
     "host-gw",
 ];
 
+/// Modes run only when asked for (`--modes`): podwire without connection tracking, to see what
+/// tracking every packet costs.
+pub const EXTRA_MODES: [&str; 1] = ["podwire-vxlan-no-conntrack"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     Tcp1,
@@ -84,13 +89,13 @@ impl Workload {
 fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
     let (backend, direct_routing, vxlan_tx) = match mode {
         "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
-        "podwire-vxlan" => ("vxlan", false, "socket"),
+        "podwire-vxlan" | "podwire-vxlan-no-conntrack" => ("vxlan", false, "socket"),
         "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
         "podwire-udp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
         "host-gw" => (KERNEL_VXLAN, true, "flow-ports"),
-        other => bail!("unknown mode {other:?}: want one of {MODES:?}"),
+        other => bail!("unknown mode {other:?}: want one of {MODES:?} or {EXTRA_MODES:?}"),
     };
     Ok(LabOptions {
         nodes: 2,
@@ -109,6 +114,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         vxlan_tx: vxlan_tx.to_string(),
         services: false,
         ip_masq: false,
+        conntrack: mode != "podwire-vxlan-no-conntrack",
     })
 }
 
@@ -453,6 +459,8 @@ mod tests {
         }
         assert!(lab_options("nope", 1).is_err());
         assert!(lab_options("host-gw", 1).unwrap().direct_routing);
+        assert!(lab_options("podwire-vxlan", 1).unwrap().conntrack);
+        assert!(!lab_options(EXTRA_MODES[0], 1).unwrap().conntrack);
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct LabOptions {
     pub services: bool,
     /// `podwire run --ip-masq` on every podwire node, and the masquerade check.
     pub ip_masq: bool,
+    /// Connection tracking on the podwire nodes (`--conntrack`).
+    pub conntrack: bool,
 }
 
 const UNDERLAY_NET: &str = "192.168.99";
@@ -402,6 +404,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     }
     if opts.ip_masq {
         cmd.arg("--ip-masq");
+    }
+    if !opts.conntrack {
+        cmd.args(["--conntrack", "off"]);
     }
     if opts.services && !opts.etcd {
         cmd.args([
@@ -962,6 +967,9 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if opts.services && (opts.nodes < 3 || (opts.is_kernel_node(1) && opts.backend != KERNEL_VXLAN))
     {
         bail!("--services needs 3 nodes or more, and node 1 (its pod is the client) running podwire, or kube-proxy's rules with --backend {KERNEL_VXLAN}");
+    }
+    if opts.services && !opts.conntrack {
+        bail!("--services needs connection tracking");
     }
     if opts.extra_leases > 30_000 {
         bail!("--extra-leases: at most 30000");
