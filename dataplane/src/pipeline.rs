@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 mod flows;
 use crate::nat::Services;
-pub use flows::Flows;
+pub use flows::{Flows, Tracker};
 use flows::{Outcome, Stop};
 
 /// Why a packet was not forwarded. The names are the metrics labels.
@@ -235,17 +235,22 @@ pub fn process_with(
     dir: Direction,
     batch: &mut Batch,
 ) {
+    let mut tracker = flows.map(|f| Tracker::new(f, now));
     for i in 0..batch.len() {
         let (slot, meta) = batch.slot_mut(i);
+        let tr = tracker.as_mut();
         meta.verdict = match dir {
-            Direction::FromTun => from_tun(tables, flows, now, slot, meta),
-            Direction::FromUnderlay => from_underlay(tables, flows, now, slot, meta),
+            Direction::FromTun => from_tun(tables, tr, slot, meta),
+            Direction::FromUnderlay => from_underlay(tables, tr, slot, meta),
         };
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
             Verdict::ToUnderlayIp(dst) => meta.peer = SocketAddrV4::new(dst, 0),
             _ => {}
         }
+    }
+    if let Some(tr) = tracker.as_mut() {
+        tr.finish();
     }
 }
 
@@ -264,8 +269,7 @@ fn parse_ipv4(data: &[u8]) -> Result<ipv4::Packet<&[u8]>, DropReason> {
 /// A packet read from the TUN device: where does it go?
 pub fn from_tun(
     t: &Tables,
-    flows: Option<&Flows>,
-    now: u64,
+    tracker: Option<&mut Tracker>,
     slot: &mut [u8],
     meta: &mut Meta,
 ) -> Verdict {
@@ -282,9 +286,9 @@ pub fn from_tun(
     meta.len = total_len;
     let mut dst = dst;
     let mut translated = false;
-    if let Some(f) = flows {
+    if let Some(tr) = tracker {
         let pkt = &mut slot[meta.start..meta.start + meta.len];
-        match flows::track(t, f, now, pkt, true) {
+        match tr.track(t, pkt, true) {
             Ok(Outcome::Unchanged) => {}
             Ok(Outcome::Translated) => {
                 translated = true;
@@ -407,8 +411,7 @@ fn vxlan_encap(
 /// A datagram received on the underlay socket: may it enter the TUN?
 pub fn from_underlay(
     t: &Tables,
-    flows: Option<&Flows>,
-    now: u64,
+    tracker: Option<&mut Tracker>,
     slot: &mut [u8],
     meta: &mut Meta,
 ) -> Verdict {
@@ -431,7 +434,7 @@ pub fn from_underlay(
                 return Verdict::Drop(DropReason::TtlExpired);
             }
             p.decrement_ttl();
-            track_inbound(t, flows, now, &mut slot[meta.start..meta.start + meta.len])
+            track_inbound(t, tracker, &mut slot[meta.start..meta.start + meta.len])
         }
         Encap::Vxlan { vni, local_mac } => {
             let data = &slot[meta.start..meta.start + meta.len];
@@ -441,7 +444,7 @@ pub fn from_underlay(
                     meta.len = len;
                     let pkt = &mut slot[meta.start..meta.start + meta.len];
                     meta.completed_checksum = complete_partial_checksum(pkt);
-                    track_inbound(t, flows, now, pkt)
+                    track_inbound(t, tracker, pkt)
                 }
                 Err(r) => Verdict::Drop(r),
             }
@@ -451,8 +454,8 @@ pub fn from_underlay(
 
 /// Tracks (and reverse-translates) a checked inner packet from the underlay on its way into
 /// the TUN.
-fn track_inbound(t: &Tables, flows: Option<&Flows>, now: u64, pkt: &mut [u8]) -> Verdict {
-    match flows.map(|f| flows::track(t, f, now, pkt, false)) {
+fn track_inbound(t: &Tables, tracker: Option<&mut Tracker>, pkt: &mut [u8]) -> Verdict {
+    match tracker.map(|tr| tr.track(t, pkt, false)) {
         None | Some(Ok(_)) => Verdict::ToTun,
         Some(Err(Stop::Drop(r))) => Verdict::Drop(r),
         // Only packets from pods open service connections.

@@ -230,6 +230,9 @@ pub struct Tracked {
     pub service: Option<ServiceBinding>,
     /// The connection has seen traffic both ways and is past its handshake.
     pub assured: bool,
+    /// An assured TCP connection in ESTABLISHED: a plain ACK segment (no SYN, FIN or RST)
+    /// leaves its state as it is, so a run of them may be credited at once (`credit`).
+    pub established: bool,
 }
 
 /// Why a packet was refused by the tracker.
@@ -571,6 +574,7 @@ impl Conntrack {
             to: Tuple { zone: t.zone, ..to },
             service: nat.service,
             assured: false,
+            established: false,
         })
     }
 
@@ -700,7 +704,33 @@ impl Conntrack {
             },
             service: e.service,
             assured: e.assured(),
+            established: e.assured()
+                && e.tuples[0].proto == PROTO_TCP
+                && e.tcp_state == TcpState::Established,
         })
+    }
+
+    /// Accounts `packets` more plain ACK segments (`bytes` in all, `last` the latest) of the
+    /// established connection `t` whose first segment of the run went through `track`: their
+    /// counters, the window they moved, and the expiry. What `track` would have done to each,
+    /// with one lock instead of one per segment. Nothing if the connection is gone.
+    pub fn credit(&self, t: &Tuple, packets: u64, bytes: u64, last: &Segment, now: u64) {
+        for probe in [Dir::Original, Dir::Reply] {
+            let mut s = self.lock(self.shard_of(t.client_endpoint(probe)));
+            let Some((slot, dir)) = s.get(t, now) else {
+                continue;
+            };
+            let timeout = {
+                let e = &mut s.entries[slot];
+                let d = dir as usize;
+                e.packets[d] += packets;
+                e.bytes[d] += bytes;
+                tcp::track_window(&mut e.windows, dir, last);
+                *e
+            };
+            s.entries[slot].expires = now + 1000 * u64::from(self.timeout(&timeout, now));
+            return;
+        }
     }
 
     /// The connection a packet with tuple `t` belongs to, without touching its state: for ICMP

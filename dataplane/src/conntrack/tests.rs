@@ -89,7 +89,8 @@ fn test_expiry_is_checked_on_lookup_with_an_injected_clock() {
             new: true,
             to: rev(),
             service: None,
-            assured: false
+            assured: false,
+            established: false
         }),
         "an ACK with no entry is picked up mid-stream as a new connection"
     );

@@ -137,15 +137,65 @@ fn window_scale(mut opts: &[u8]) -> Option<u8> {
     None
 }
 
+/// A run of plain ACK segments of one established TCP connection, consecutive in a batch (a
+/// segmented superframe, a GRO batch): the first went through conntrack, the rest are
+/// credited to it at once when the run ends.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    tuple: Tuple,
+    to: Tuple,
+    service: Option<conntrack::ServiceBinding>,
+    /// Segments after the first, their bytes, and the latest of them.
+    packets: u64,
+    bytes: u64,
+    last: Option<Segment>,
+}
+
+/// Tracking for one batch: the shared state, the batch's time, and the current run.
+pub struct Tracker<'a> {
+    flows: &'a Flows,
+    now: u64,
+    run: Option<Run>,
+}
+
+impl<'a> Tracker<'a> {
+    pub fn new(flows: &'a Flows, now: u64) -> Tracker<'a> {
+        Tracker {
+            flows,
+            now,
+            run: None,
+        }
+    }
+
+    /// Credits the current run, if any; call at the end of the batch.
+    pub fn finish(&mut self) {
+        if let Some(run) = self.run.take() {
+            if let Some(last) = &run.last {
+                let ct = &self.flows.conntrack;
+                ct.credit(&run.tuple, run.packets, run.bytes, last, self.now);
+            }
+        }
+    }
+
+    /// Tracks and translates one packet (see [`track`]).
+    pub fn track(&mut self, t: &Tables, pkt: &mut [u8], from_pods: bool) -> Result<Outcome, Stop> {
+        track(t, self, pkt, from_pods)
+    }
+}
+
+/// A plain ACK (no SYN, FIN or RST): in ESTABLISHED it changes nothing but counters and window.
+fn plain_ack(l4: &L4) -> Option<&Segment> {
+    use conntrack::tcp::flag::{ACK, FIN, RST, SYN};
+    match l4 {
+        L4::Tcp(seg) if seg.flags & (SYN | FIN | RST) == 0 && seg.flags & ACK != 0 => Some(seg),
+        _ => None,
+    }
+}
+
 /// Tracks the IPv4 packet `pkt` (header checked, `len` its total length) travelling from the
 /// TUN (`from_pods`) or from the underlay, and translates it.
-pub fn track(
-    t: &Tables,
-    flows: &Flows,
-    now: u64,
-    pkt: &mut [u8],
-    from_pods: bool,
-) -> Result<Outcome, Stop> {
+fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Result<Outcome, Stop> {
+    let (flows, now) = (tr.flows, tr.now);
     let (tuple, l4) = match parse(pkt).map_err(Stop::Drop)? {
         Parsed::Flow(tuple, l4) => (tuple, l4),
         Parsed::IcmpError => return Ok(related_icmp_error(flows, now, pkt)),
@@ -163,6 +213,26 @@ pub fn track(
     if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
         return Err(Stop::Drop(DropReason::Fragmented));
     }
+    // The next segment of the current run: no lookup, no lock.
+    if let (Some(run), Some(seg)) = (tr.run.as_mut(), plain_ack(&l4)) {
+        if run.tuple == tuple && conntrack::tcp::valid_flags(seg.flags) {
+            if run.service.is_some_and(|b| !t.services.binding_alive(&b)) {
+                tr.finish();
+                flows.conntrack.remove(&tuple);
+                return Err(Stop::Drop(DropReason::EndpointGone));
+            }
+            run.packets += 1;
+            run.bytes += pkt.len() as u64;
+            run.last = Some(*seg);
+            let to = run.to;
+            if to == tuple {
+                return Ok(Outcome::Unchanged);
+            }
+            rewrite::apply(pkt, &tuple, &to);
+            return Ok(Outcome::Translated);
+        }
+    }
+    tr.finish();
     let mut refusal = None;
     let r = flows.conntrack.track(&tuple, &l4, pkt.len(), now, |orig| {
         if !to_service {
@@ -194,6 +264,16 @@ pub fn track(
     } else if to_service && tracked.dir == Dir::Original {
         // A connection tracked before its ClusterIP became a service: not ours to guess.
         return Err(Stop::Reject);
+    }
+    if tracked.established && plain_ack(&l4).is_some() {
+        tr.run = Some(Run {
+            tuple,
+            to: tracked.to,
+            service: tracked.service,
+            packets: 0,
+            bytes: 0,
+            last: None,
+        });
     }
     if tracked.to == tuple {
         return Ok(Outcome::Unchanged);
@@ -610,6 +690,119 @@ mod tests {
         short[10..12].copy_from_slice(&c.to_be_bytes());
         let (v, _) = run(&t, &f, Direction::FromTun, &short, CLIENT);
         assert_eq!(v, Verdict::Drop(DropReason::Truncated));
+    }
+
+    /// A TCP segment with explicit sequence numbers and flags.
+    fn seg(
+        src: Ipv4Addr,
+        sp: u16,
+        dst: Ipv4Addr,
+        dp: u16,
+        seq: u32,
+        ack: u32,
+        flags: &str,
+    ) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sp, dp, seq, 64000);
+        for f in flags.chars() {
+            b = match f {
+                'S' => b.syn(),
+                'A' => b.ack(ack),
+                'F' => b.fin(),
+                'P' => b.psh(),
+                _ => b,
+            };
+        }
+        let mut out = Vec::new();
+        b.write(
+            &mut out,
+            &[7u8; 100][..if flags.contains('P') { 100 } else { 0 }],
+        )
+        .unwrap();
+        out
+    }
+
+    fn run_batch(
+        t: &Tables,
+        f: &Flows,
+        dir: Direction,
+        pkts: &[Vec<u8>],
+        peer: Ipv4Addr,
+    ) -> Vec<(Verdict, Vec<u8>)> {
+        let mut b = Batch::new(pkts.len(), 2048);
+        for (i, p) in pkts.iter().enumerate() {
+            b.rx_slot(i)[..p.len()].copy_from_slice(p);
+            b.commit_rx(i, p.len(), SocketAddrV4::new(peer, 8285), false);
+        }
+        process_with(t, Some(f), 5, dir, &mut b);
+        (0..pkts.len())
+            .map(|i| (b.meta(i).verdict, b.packet(i).to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn test_runs_of_plain_acks_are_credited_and_a_fin_ends_the_run() {
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let (c, v) = (CLIENT, VIP);
+        run_batch(
+            &t,
+            &f,
+            Direction::FromTun,
+            &[seg(c, 40000, v, 80, 100, 0, "S")],
+            c,
+        );
+        let back = |seq, ack, flags| seg(REMOTE_EP, 8080, c, 40000, seq, ack, flags);
+        run_batch(
+            &t,
+            &f,
+            Direction::FromUnderlay,
+            &[back(500, 101, "SA")],
+            NODE_B,
+        );
+        run_batch(
+            &t,
+            &f,
+            Direction::FromTun,
+            &[seg(c, 40000, v, 80, 101, 501, "A")],
+            c,
+        );
+        run_batch(
+            &t,
+            &f,
+            Direction::FromUnderlay,
+            &[back(501, 101, "A")],
+            NODE_B,
+        );
+        // Ten data segments in one batch, then a FIN, then more data after it.
+        let mut pkts: Vec<Vec<u8>> = (0..10)
+            .map(|k| seg(c, 40000, v, 80, 101 + 100 * k, 501, "PA"))
+            .collect();
+        pkts.push(seg(c, 40000, v, 80, 1101, 501, "FA"));
+        pkts.push(seg(c, 40000, v, 80, 1102, 501, "A"));
+        let out = run_batch(&t, &f, Direction::FromTun, &pkts, c);
+        for (verdict, pkt) in &out {
+            assert_eq!(
+                *verdict,
+                Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285))
+            );
+            assert_eq!(
+                tuple_of(pkt),
+                (CLIENT, 40000, REMOTE_EP, 8080),
+                "every one translated"
+            );
+        }
+        let e = &f.conntrack.entries(5)[0];
+        assert_eq!(e.packets[0], 2 + 12, "the run's segments all counted");
+        assert_eq!(e.bytes[0], 2 * 40 + 10 * 140 + 40 + 40);
+        // The FIN ended the run (FIN_WAIT), and the ACK after it was tracked, not credited:
+        // netfilter's table takes an ORIGINAL ACK in FIN_WAIT to CLOSE_WAIT.
+        assert_eq!(e.tcp_state, Some(conntrack::tcp::TcpState::CloseWait));
+        // An RST at the sequence number the run reached is in window.
+        let rst = seg(REMOTE_EP, 8080, c, 40000, 501, 0, "");
+        let mut rst = rst;
+        rst[33] = 0x04;
+        let out = run_batch(&t, &f, Direction::FromUnderlay, &[rst], NODE_B);
+        assert_eq!(out[0].0, Verdict::ToTun);
     }
 
     #[test]
