@@ -120,5 +120,78 @@ fn dnat_new_connection(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conntrack_hit, dnat_new_connection);
+/// 64 pod-to-pod packets of one established flow through VXLAN encap, untracked and tracked:
+/// UDP (a conntrack hit each) and TCP ACK segments (one hit, the run credited).
+fn tracking_cost(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tracked_64_packets");
+    g.throughput(Throughput::Elements(64));
+    let t = tables(10_000, 24, true);
+    let none = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let udp = podwire_benches::udp_packet([10, 0, 1, 2], [10, 0, 200, 2], 1400);
+    let mut tcp = Vec::new();
+    etherparse::PacketBuilder::ipv4([10, 0, 1, 2], [10, 0, 200, 2], 64)
+        .tcp(40000, 5201, 1000, 64000)
+        .ack(1)
+        .write(&mut tcp, &[0u8; 1400])
+        .unwrap();
+    for (name, pkt) in [("udp", &udp), ("tcp_acks", &tcp)] {
+        let flows = Flows::new(Config::default());
+        // Establish: one packet each way (a TCP ACK is picked up mid-stream, then answered).
+        let fill = |b: &mut Batch, p: &[u8]| {
+            for i in 0..b.capacity() {
+                b.rx_slot(i)[..p.len()].copy_from_slice(p);
+                b.commit_rx(i, p.len(), none, false);
+            }
+        };
+        let mut b = Batch::new(64, 2048);
+        // Establish (assured): the first packet, then an answer straight into the table.
+        fill(&mut b, pkt);
+        pipeline::process_with(&t, Some(&flows), 1, Direction::FromTun, &mut b);
+        let fwd = Tuple::new(
+            Ipv4Addr::new(10, 0, 1, 2),
+            u16::from_be_bytes([pkt[20], pkt[21]]),
+            Ipv4Addr::new(10, 0, 200, 2),
+            u16::from_be_bytes([pkt[22], pkt[23]]),
+            pkt[9],
+        );
+        let answer = match fwd.proto {
+            PROTO_TCP => L4::Tcp(podwire_dataplane::conntrack::tcp::Segment {
+                flags: podwire_dataplane::conntrack::tcp::flag::ACK,
+                seq: 1,
+                ack: 1000,
+                window: 64000,
+                len: 0,
+                wscale: None,
+            }),
+            _ => L4::Udp,
+        };
+        let ok = |_: &Tuple| Ok(Default::default());
+        flows
+            .conntrack
+            .track(&fwd.invert().unwrap(), &answer, 40, 3000, ok)
+            .unwrap();
+        fill(&mut b, pkt);
+        pipeline::process_with(&t, Some(&flows), 3000, Direction::FromTun, &mut b);
+        assert!(
+            flows.conntrack.entries(3000)[0].assured,
+            "{name}: established"
+        );
+        for tracked in [false, true] {
+            g.bench_function(
+                format!("{name}_{}", if tracked { "tracked" } else { "untracked" }),
+                |bench| {
+                    bench.iter(|| {
+                        fill(&mut b, pkt);
+                        let f = tracked.then_some(&flows);
+                        pipeline::process_with(&t, f, 3000, Direction::FromTun, &mut b);
+                    })
+                },
+            );
+        }
+        assert!(flows.conntrack.counters().entries >= 1);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conntrack_hit, dnat_new_connection, tracking_cost);
 criterion_main!(benches);

@@ -230,9 +230,10 @@ pub struct Tracked {
     pub service: Option<ServiceBinding>,
     /// The connection has seen traffic both ways and is past its handshake.
     pub assured: bool,
-    /// An assured TCP connection in ESTABLISHED: a plain ACK segment (no SYN, FIN or RST)
-    /// leaves its state as it is, so a run of them may be credited at once (`credit`).
-    pub established: bool,
+    /// An assured UDP flow, or an assured TCP connection in ESTABLISHED: a UDP datagram or a
+    /// plain ACK segment (no SYN, FIN or RST) leaves its state as it is, so a run of them may
+    /// be credited at once (`credit`).
+    pub steady: bool,
 }
 
 /// Why a packet was refused by the tracker.
@@ -574,7 +575,7 @@ impl Conntrack {
             to: Tuple { zone: t.zone, ..to },
             service: nat.service,
             assured: false,
-            established: false,
+            steady: false,
         })
     }
 
@@ -704,17 +705,20 @@ impl Conntrack {
             },
             service: e.service,
             assured: e.assured(),
-            established: e.assured()
-                && e.tuples[0].proto == PROTO_TCP
-                && e.tcp_state == TcpState::Established,
+            steady: e.assured()
+                && match e.tuples[0].proto {
+                    PROTO_TCP => e.tcp_state == TcpState::Established,
+                    PROTO_UDP => true,
+                    _ => false,
+                },
         })
     }
 
-    /// Accounts `packets` more plain ACK segments (`bytes` in all, `last` the latest) of the
-    /// established connection `t` whose first segment of the run went through `track`: their
-    /// counters, the window they moved, and the expiry. What `track` would have done to each,
-    /// with one lock instead of one per segment. Nothing if the connection is gone.
-    pub fn credit(&self, t: &Tuple, packets: u64, bytes: u64, last: &Segment, now: u64) {
+    /// Accounts `packets` more packets (`bytes` in all; for TCP, plain ACK segments, `last` the
+    /// latest) of the steady connection `t` whose first packet of the run went through
+    /// `track`: their counters, the window they moved, and the expiry. What `track` would have
+    /// done to each, with one lock instead of one per packet. Nothing if the connection is gone.
+    pub fn credit(&self, t: &Tuple, packets: u64, bytes: u64, last: Option<&Segment>, now: u64) {
         for probe in [Dir::Original, Dir::Reply] {
             let mut s = self.lock(self.shard_of(t.client_endpoint(probe)));
             let Some((slot, dir)) = s.get(t, now) else {
@@ -725,7 +729,9 @@ impl Conntrack {
                 let d = dir as usize;
                 e.packets[d] += packets;
                 e.bytes[d] += bytes;
-                tcp::track_window(&mut e.windows, dir, last);
+                if let Some(seg) = last {
+                    tcp::track_window(&mut e.windows, dir, seg);
+                }
                 *e
             };
             s.entries[slot].expires = now + 1000 * u64::from(self.timeout(&timeout, now));

@@ -90,7 +90,7 @@ fn test_expiry_is_checked_on_lookup_with_an_injected_clock() {
             to: rev(),
             service: None,
             assured: false,
-            established: false
+            steady: false
         }),
         "an ACK with no entry is picked up mid-stream as a new connection"
     );

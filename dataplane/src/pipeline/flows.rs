@@ -137,9 +137,10 @@ fn window_scale(mut opts: &[u8]) -> Option<u8> {
     None
 }
 
-/// A run of plain ACK segments of one established TCP connection, consecutive in a batch (a
-/// segmented superframe, a GRO batch): the first went through conntrack, the rest are
-/// credited to it at once when the run ends.
+/// A run of packets of one steady connection (plain ACK segments of an established TCP
+/// connection, datagrams of an assured UDP flow), consecutive in a batch (a segmented
+/// superframe, a burst): the first went through conntrack, the rest are credited to it at once
+/// when the run ends.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     tuple: Tuple,
@@ -169,11 +170,15 @@ impl<'a> Tracker<'a> {
 
     /// Credits the current run, if any; call at the end of the batch.
     pub fn finish(&mut self) {
-        if let Some(run) = self.run.take() {
-            if let Some(last) = &run.last {
-                let ct = &self.flows.conntrack;
-                ct.credit(&run.tuple, run.packets, run.bytes, last, self.now);
-            }
+        if let Some(run) = self.run.take().filter(|r| r.packets > 0) {
+            let ct = &self.flows.conntrack;
+            ct.credit(
+                &run.tuple,
+                run.packets,
+                run.bytes,
+                run.last.as_ref(),
+                self.now,
+            );
         }
     }
 
@@ -183,12 +188,18 @@ impl<'a> Tracker<'a> {
     }
 }
 
-/// A plain ACK (no SYN, FIN or RST): in ESTABLISHED it changes nothing but counters and window.
-fn plain_ack(l4: &L4) -> Option<&Segment> {
+/// Whether a packet may continue a run: a UDP datagram, or a plain ACK segment (no SYN, FIN or
+/// RST, a valid flag set), which in ESTABLISHED changes nothing but counters and window.
+fn runs_on(l4: &L4) -> bool {
     use conntrack::tcp::flag::{ACK, FIN, RST, SYN};
     match l4 {
-        L4::Tcp(seg) if seg.flags & (SYN | FIN | RST) == 0 && seg.flags & ACK != 0 => Some(seg),
-        _ => None,
+        L4::Udp => true,
+        L4::Tcp(seg) => {
+            seg.flags & (SYN | FIN | RST) == 0
+                && seg.flags & ACK != 0
+                && conntrack::tcp::valid_flags(seg.flags)
+        }
+        _ => false,
     }
 }
 
@@ -213,24 +224,24 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
     if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
         return Err(Stop::Drop(DropReason::Fragmented));
     }
-    // The next segment of the current run: no lookup, no lock.
-    if let (Some(run), Some(seg)) = (tr.run.as_mut(), plain_ack(&l4)) {
-        if run.tuple == tuple && conntrack::tcp::valid_flags(seg.flags) {
-            if run.service.is_some_and(|b| !t.services.binding_alive(&b)) {
-                tr.finish();
-                flows.conntrack.remove(&tuple);
-                return Err(Stop::Drop(DropReason::EndpointGone));
-            }
-            run.packets += 1;
-            run.bytes += pkt.len() as u64;
-            run.last = Some(*seg);
-            let to = run.to;
-            if to == tuple {
-                return Ok(Outcome::Unchanged);
-            }
-            rewrite::apply(pkt, &tuple, &to);
-            return Ok(Outcome::Translated);
+    // The next packet of the current run: no lookup, no lock.
+    if let Some(run) = tr.run.as_mut().filter(|r| r.tuple == tuple && runs_on(&l4)) {
+        if run.service.is_some_and(|b| !t.services.binding_alive(&b)) {
+            tr.finish();
+            flows.conntrack.remove(&tuple);
+            return Err(Stop::Drop(DropReason::EndpointGone));
         }
+        run.packets += 1;
+        run.bytes += pkt.len() as u64;
+        if let L4::Tcp(seg) = l4 {
+            run.last = Some(seg);
+        }
+        let to = run.to;
+        if to == tuple {
+            return Ok(Outcome::Unchanged);
+        }
+        rewrite::apply(pkt, &tuple, &to);
+        return Ok(Outcome::Translated);
     }
     tr.finish();
     let mut refusal = None;
@@ -265,7 +276,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
         // A connection tracked before its ClusterIP became a service: not ours to guess.
         return Err(Stop::Reject);
     }
-    if tracked.established && plain_ack(&l4).is_some() {
+    if tracked.steady && runs_on(&l4) {
         tr.run = Some(Run {
             tuple,
             to: tracked.to,
@@ -803,6 +814,41 @@ mod tests {
         rst[33] = 0x04;
         let out = run_batch(&t, &f, Direction::FromUnderlay, &[rst], NODE_B);
         assert_eq!(out[0].0, Verdict::ToTun);
+    }
+
+    #[test]
+    fn test_a_burst_of_an_assured_udp_flow_is_credited_whole() {
+        let t = tables(&[]);
+        let f = Flows::new(Default::default());
+        let dgram = |src, sp, dst, dp| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(Ipv4Addr::octets(&src), Ipv4Addr::octets(&dst), 64)
+                .udp(sp, dp)
+                .write(&mut out, b"0123456789")
+                .unwrap();
+            out
+        };
+        let out = dgram(CLIENT, 5000, REMOTE_EP, 53);
+        let back = dgram(REMOTE_EP, 53, CLIENT, 5000);
+        run_batch(&t, &f, Direction::FromTun, &[out.clone()], CLIENT);
+        run_batch(&t, &f, Direction::FromUnderlay, &[back.clone()], NODE_B);
+        // Past the 2 s stream mark (the batch helper runs at t = 5 ms): assure it.
+        let mut b = Batch::new(1, 2048);
+        b.rx_slot(0)[..out.len()].copy_from_slice(&out);
+        b.commit_rx(0, out.len(), SocketAddrV4::new(CLIENT, 0), false);
+        process_with(&t, Some(&f), 3000, Direction::FromTun, &mut b);
+        assert!(f.conntrack.entries(3000)[0].assured);
+        let burst = vec![out.clone(); 20];
+        let mut b = Batch::new(20, 2048);
+        for (i, p) in burst.iter().enumerate() {
+            b.rx_slot(i)[..p.len()].copy_from_slice(p);
+            b.commit_rx(i, p.len(), SocketAddrV4::new(CLIENT, 0), false);
+        }
+        process_with(&t, Some(&f), 4000, Direction::FromTun, &mut b);
+        let e = &f.conntrack.entries(4000)[0];
+        assert_eq!(e.packets, [22, 1]);
+        assert_eq!(e.bytes[0], 22 * 38);
+        assert_eq!(e.expires_in, 120, "refreshed with the stream timeout");
     }
 
     #[test]
