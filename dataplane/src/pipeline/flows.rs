@@ -830,8 +830,20 @@ mod tests {
         };
         let out = dgram(CLIENT, 5000, REMOTE_EP, 53);
         let back = dgram(REMOTE_EP, 53, CLIENT, 5000);
-        run_batch(&t, &f, Direction::FromTun, &[out.clone()], CLIENT);
-        run_batch(&t, &f, Direction::FromUnderlay, &[back.clone()], NODE_B);
+        run_batch(
+            &t,
+            &f,
+            Direction::FromTun,
+            std::slice::from_ref(&out),
+            CLIENT,
+        );
+        run_batch(
+            &t,
+            &f,
+            Direction::FromUnderlay,
+            std::slice::from_ref(&back),
+            NODE_B,
+        );
         // Past the 2 s stream mark (the batch helper runs at t = 5 ms): assure it.
         let mut b = Batch::new(1, 2048);
         b.rx_slot(0)[..out.len()].copy_from_slice(&out);
