@@ -15,6 +15,7 @@
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use podwire::config::{BackendConfig, NetworkConfig};
+use podwire::ctl::{self, CtlState};
 use podwire::etcd::{EtcdOptions, EtcdStore};
 use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
@@ -80,6 +81,8 @@ pub struct RunOptions {
     pub services_file: Option<PathBuf>,
     pub service_cidr: Ipv4Net,
     pub service_lb: Algorithm,
+    /// Where `podwire ctl` finds us.
+    pub ctl_socket: Option<PathBuf>,
 }
 
 /// Smallest underlay MTU that leaves IPv4 pods the 576 bytes every host must accept.
@@ -557,8 +560,18 @@ pub fn run(opts: RunOptions) -> Result<()> {
         _ => None,
     };
     let live = Arc::new(ArcSwap::from_pointee(initial));
-    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), flows, ports)?;
+    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), flows.clone(), ports)?;
     health.set_workers(pool.shared_stats());
+    if let Some(path) = &opts.ctl_socket {
+        let state = CtlState::new(
+            Arc::clone(&live),
+            flows.clone(),
+            pool.shared_stats(),
+            Arc::clone(&health),
+        );
+        ctl::serve(path, Arc::new(state))?;
+        tracing::info!(socket = %path.display(), "podwire ctl answers here");
+    }
     health.map_loaded.store(true, Ordering::Relaxed);
 
     SubnetEnv {
@@ -596,6 +609,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     if let Some(cidr) = &service_route {
         let _ = netdev::ip(&["route", "del", cidr, "dev", &tun_name]);
+    }
+    if let Some(path) = &opts.ctl_socket {
+        let _ = std::fs::remove_file(path);
     }
     if opts.ip_masq {
         if let Err(e) = masq::remove() {

@@ -9,6 +9,7 @@
 
 pub mod allocate;
 pub mod config;
+pub mod ctl;
 pub mod etcd;
 pub mod etcd_server;
 pub mod health;

@@ -33,6 +33,46 @@ enum Cmd {
     /// vxlan, podwire udp and host-gw routing, side by side in one run; prints a table of
     /// ratios to kernel VXLAN and writes JSON and an SVG chart. Needs root.
     Bench(BenchArgs),
+    /// Ask the running daemon (over its ctl socket): the subnet map, the connection table
+    /// (like `conntrack -L`), services (like `ipvsadm -Ln`), worker counters and rates.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The daemon's ctl socket (`podwire run --ctl-socket`).
+    #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the answer as JSON, for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: CtlWhat,
+}
+
+#[derive(Subcommand)]
+enum CtlWhat {
+    /// The live subnet map and our lease's expiry.
+    Subnets,
+    /// Tracked connections, like `conntrack -L`.
+    Conntrack {
+        /// Only connections with this address in either direction.
+        #[arg(long)]
+        addr: Option<Ipv4Addr>,
+        /// Only connections with this port in either direction.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only TCP connections in this state (ESTABLISHED, TIME_WAIT, ...).
+        #[arg(long)]
+        state: Option<String>,
+        /// tcp, udp or icmp.
+        #[arg(long)]
+        proto: Option<String>,
+    },
+    /// Services and their endpoints with active and inactive connections, like `ipvsadm -Ln`.
+    Services,
+    /// Per-worker counters and drops by reason, with rates since the previous `stats`.
+    Stats,
 }
 
 #[derive(Args)]
@@ -180,6 +220,9 @@ struct RunArgs {
     /// the same choice on every node) or `random`.
     #[arg(long, default_value = "maglev", value_parser = ["maglev", "random"])]
     service_lb: String,
+    /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
+    #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
+    ctl_socket: PathBuf,
     /// Exit when the parent process dies (used by `podwire lab`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -368,6 +411,7 @@ fn main() -> Result<()> {
                     )),
                 },
                 service_cidr: a.service_cidr,
+                ctl_socket: (!a.ctl_socket.as_os_str().is_empty()).then_some(a.ctl_socket),
                 service_lb: if a.service_lb == "random" {
                     podwire_dataplane::nat::Algorithm::Random
                 } else {
@@ -376,6 +420,7 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Replay(a) => replay(a),
+        Cmd::Ctl(a) => ctl(a),
         Cmd::Bench(a) => {
             lab::install_signal_teardown()?;
             lab::bench::run(lab::bench::BenchOptions {
@@ -415,6 +460,31 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn ctl(a: CtlArgs) -> Result<()> {
+    let (cmd, req) = match a.what {
+        CtlWhat::Subnets => ("subnets", serde_json::json!({"cmd": "subnets"})),
+        CtlWhat::Conntrack {
+            addr,
+            port,
+            state,
+            proto,
+        } => (
+            "conntrack",
+            serde_json::json!({"cmd": "conntrack", "addr": addr.map(|a| a.to_string()),
+                               "port": port, "state": state, "proto": proto}),
+        ),
+        CtlWhat::Services => ("services", serde_json::json!({"cmd": "services"})),
+        CtlWhat::Stats => ("stats", serde_json::json!({"cmd": "stats"})),
+    };
+    let answer = podwire::ctl::request(&a.socket, &req)?;
+    if a.json {
+        println!("{answer:#}");
+    } else {
+        print!("{}", podwire::ctl::render(cmd, &answer));
+    }
+    Ok(())
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {

@@ -453,9 +453,9 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
             );
         }
         // The inner source MAC is each sender's VtepMAC (the outer one is its NIC's).
-        assert!(ours["eth.src"].ends_with(",0e:70:0a:63:00:0b"), "{ours:?}");
+        assert!(ours["eth.src"].ends_with(",0e:70:c0:a8:63:0b"), "{ours:?}");
         assert!(
-            kernel["eth.src"].ends_with(",0e:70:0a:63:00:0d"),
+            kernel["eth.src"].ends_with(",0e:70:c0:a8:63:0d"),
             "{kernel:?}"
         );
         // podwire fills the outer UDP checksum and gets it right. (The kernel's reads as bad here:

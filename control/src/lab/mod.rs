@@ -405,6 +405,10 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     if opts.ip_masq {
         cmd.arg("--ip-masq");
     }
+    cmd.args([
+        "--ctl-socket",
+        &node_dir.join("ctl.sock").display().to_string(),
+    ]);
     if !opts.conntrack {
         cmd.args(["--conntrack", "off"]);
     }
@@ -516,7 +520,7 @@ fn start_nodes(res: &mut Resources, opts: &LabOptions, exe: &Path) -> Result<()>
     Ok(())
 }
 
-/// Node `i`'s VTEP MAC: the one podwire derives from the PublicIP (0e:70:0a:63:00:0b for node
+/// Node `i`'s VTEP MAC: the one podwire derives from the PublicIP (0e:70:c0:a8:63:0b for node
 /// 1), so the kernel nodes, set up before any lease is written, already know podwire's.
 fn vtep_mac(i: usize) -> MacAddr {
     podwire::tables::derived_vtep_mac(underlay_ip(i))
@@ -875,6 +879,87 @@ fn masquerade_check(res: &Names) -> Result<Check> {
     })
 }
 
+const CTL_CHECK: &str = "podwire ctl answers from the running daemon, matching the lab's state";
+
+/// `podwire ctl` against node 1's running daemon, each answer checked against what the lab
+/// knows: the map holds every node, the workers counted traffic, the connection table holds
+/// the pods' connections, and with services every ClusterIP connection the checks made.
+fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
+    let sock = r.dir.join("n1/ctl.sock");
+    let ask = |req: serde_json::Value| podwire::ctl::request(&sock, &req);
+    let mut problems = Vec::new();
+    let subnets = ask(json!({"cmd": "subnets"}))?;
+    let leases = subnets["leases"].as_array().map_or(0, Vec::len);
+    if leases != opts.nodes || subnets["own"]["subnet"] != "10.244.1.0/24" {
+        problems.push(format!(
+            "subnets: {leases} leases, own {}",
+            subnets["own"]["subnet"]
+        ));
+    }
+    let stats = ask(json!({"cmd": "stats"}))?;
+    let rx: u64 = stats["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["counters"]["rx_tun"].as_u64())
+        .sum();
+    if rx == 0 {
+        problems.push("stats: no packets counted".into());
+    }
+    let mut detail = format!("{leases} leases, rx_tun {rx}");
+    if opts.conntrack {
+        let pod2 = pod_ip(2).to_string();
+        let ct = ask(json!({"cmd": "conntrack", "addr": pod2}))?;
+        let n = ct["count"].as_u64().unwrap_or(0);
+        if n == 0 {
+            problems.push(format!("conntrack: no connection with {}", pod_ip(2)));
+        }
+        detail += &format!(", {n} connections with {}", pod_ip(2));
+    }
+    if opts.services {
+        let vip = services_lab::WEB_VIP.to_string();
+        let ct = ask(json!({"cmd": "conntrack", "addr": vip, "port": 80, "proto": "tcp"}))?;
+        let to_vip = ct["count"].as_u64().unwrap_or(0);
+        let svcs = ask(json!({"cmd": "services"}))?;
+        let web = svcs["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == "default/web");
+        let (eps, conns) = web.map_or((0, 0), |w| {
+            let eps = w["endpoints"].as_array().cloned().unwrap_or_default();
+            let conns: u64 = eps
+                .iter()
+                .map(|e| e["active"].as_u64().unwrap_or(0) + e["inactive"].as_u64().unwrap_or(0))
+                .sum();
+            (eps.len(), conns)
+        });
+        let want = services_lab::CONNECTIONS as u64;
+        if eps != 3 || conns < want || to_vip < want {
+            problems.push(format!(
+                "services: web has {eps} endpoints, {conns} connections; conntrack to {vip}:80: {to_vip}"
+            ));
+        }
+        let human = Command::new(exe)
+            .args(["ctl", "--socket", &sock.display().to_string(), "services"])
+            .output()?;
+        let text = String::from_utf8_lossy(&human.stdout);
+        if !text.contains("TCP  10.96.0.10:80 mh") || !text.contains("-> 10.244.2.3:8080") {
+            problems.push(format!("`podwire ctl services` printed:\n{text}"));
+        }
+        detail += &format!(", web: {eps} endpoints with {conns} connections");
+    }
+    Ok(Check {
+        name: CTL_CHECK.into(),
+        ok: problems.is_empty(),
+        detail: if problems.is_empty() {
+            detail
+        } else {
+            problems.join("; ")
+        },
+    })
+}
+
 /// Polls `probe` for up to 5 s until it returns true.
 fn eventually(mut probe: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1162,6 +1247,11 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         } else {
             checks.push(map_reload_check(&r, opts)?);
         }
+        checks.push(ctl_check(&r, opts, exe).unwrap_or_else(|e| Check {
+            name: CTL_CHECK.into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        }));
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);

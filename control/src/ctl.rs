@@ -1,0 +1,563 @@
+//! `podwire ctl`: the running daemon, inspected over a unix socket (mode 0600, root's).
+//!
+//! One request per connection: a JSON object on one line (`{"cmd": "conntrack", "port": 80}`),
+//! answered with one JSON document. `podwire ctl` renders it as the tools an operator knows
+//! would (`conntrack -L`, `ipvsadm -Ln`), or passes it through with `--json`.
+//!
+//! Commands: `subnets` (the live map, our lease's expiry), `conntrack` (filters: `addr`,
+//! `port`, `state`, `proto`), `services` (endpoints with active and inactive connections),
+//! `stats` (per worker counters and drops, with rates since the previous `stats`).
+
+use crate::health::Health;
+use arc_swap::ArcSwap;
+use podwire_dataplane::conntrack::{
+    EntryView, ServiceBinding, Tuple, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+use podwire_dataplane::pipeline::{DropReason, Flows, Tables};
+use podwire_dataplane::route::Backend;
+use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/podwire/ctl.sock";
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("ctl socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to podwire at {path}: {source} (is `podwire run` up, and are you root?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("podwire answered garbage: {0}")]
+    Answer(String),
+}
+
+/// What the daemon shares with the ctl thread.
+pub struct CtlState {
+    pub tables: Arc<ArcSwap<Tables>>,
+    pub flows: Option<Arc<Flows>>,
+    pub workers: Vec<Arc<SharedStats>>,
+    pub health: Arc<Health>,
+    /// The previous `stats` answer's time and counters, for rates.
+    last_stats: Mutex<Option<(Instant, Vec<LocalStats>)>>,
+}
+
+impl CtlState {
+    pub fn new(
+        tables: Arc<ArcSwap<Tables>>,
+        flows: Option<Arc<Flows>>,
+        workers: Vec<Arc<SharedStats>>,
+        health: Arc<Health>,
+    ) -> CtlState {
+        CtlState {
+            tables,
+            flows,
+            workers,
+            health,
+            last_stats: Mutex::new(None),
+        }
+    }
+}
+
+/// Binds `path` (replacing a stale socket; the directory is created), mode 0600, and answers
+/// requests on a thread of its own until the process exits.
+pub fn serve(path: &Path, state: Arc<CtlState>) -> Result<(), CtlError> {
+    let err = |source| CtlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    std::thread::Builder::new()
+        .name("podwire-ctl".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = answer(conn, &state);
+            }
+        })
+        .map_err(err)?;
+    Ok(())
+}
+
+fn answer(conn: UnixStream, state: &CtlState) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Value>(&line) {
+        Ok(req) => handle(&req, state),
+        Err(e) => json!({"error": format!("bad request: {e}")}),
+    };
+    let mut w = &conn;
+    w.write_all(reply.to_string().as_bytes())?;
+    w.write_all(b"\n")
+}
+
+/// The answer to one request.
+pub fn handle(req: &Value, state: &CtlState) -> Value {
+    match req["cmd"].as_str() {
+        Some("subnets") => subnets(state),
+        Some("conntrack") => match Filter::from_request(req) {
+            Ok(f) => conntrack(state, &f),
+            Err(e) => json!({"error": e}),
+        },
+        Some("services") => services(state),
+        Some("stats") => stats(state),
+        Some("fdb") => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
+        other => {
+            json!({"error": format!("unknown command {other:?}: subnets, conntrack, services, stats")})
+        }
+    }
+}
+
+fn subnets(state: &CtlState) -> Value {
+    let t = state.tables.load();
+    let expiry = state.health.lease_expiry_unix.load(Ordering::Relaxed);
+    let leases: Vec<Value> = t
+        .map
+        .nodes()
+        .map(|n| {
+            let (backend, vtep) = match n.backend {
+                Backend::Udp => ("udp", None),
+                Backend::Vxlan { vtep_mac, .. } => ("vxlan", Some(vtep_mac.to_string())),
+                Backend::Other => ("other", None),
+            };
+            json!({"subnet": n.subnet.to_string(), "public_ip": n.public_ip.to_string(),
+                   "backend": backend, "vtep_mac": vtep, "own": n.subnet == t.local.subnet})
+        })
+        .collect();
+    json!({
+        "network": t.map.network().to_string(),
+        "own": {"subnet": t.local.subnet.to_string(), "public_ip": t.local.public_ip.to_string(),
+                "lease_expiry_unix": (expiry != 0).then_some(expiry)},
+        "leases": leases,
+    })
+}
+
+/// `conntrack -L`-style filters.
+#[derive(Debug, Default)]
+pub struct Filter {
+    addr: Option<Ipv4Addr>,
+    port: Option<u16>,
+    state: Option<String>,
+    proto: Option<u8>,
+}
+
+impl Filter {
+    fn from_request(req: &Value) -> Result<Filter, String> {
+        let addr = match req["addr"].as_str() {
+            None => None,
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|_| format!("addr {a:?}: not an IPv4 address"))?,
+            ),
+        };
+        let port = match &req["port"] {
+            Value::Null => None,
+            v => Some(
+                v.as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or(format!("port {v}: 0-65535"))?,
+            ),
+        };
+        let proto = match req["proto"].as_str() {
+            None => None,
+            Some("tcp") => Some(PROTO_TCP),
+            Some("udp") => Some(PROTO_UDP),
+            Some("icmp") => Some(PROTO_ICMP),
+            Some(p) => return Err(format!("proto {p:?}: tcp, udp or icmp")),
+        };
+        Ok(Filter {
+            addr,
+            port,
+            state: req["state"].as_str().map(str::to_uppercase),
+            proto,
+        })
+    }
+
+    fn matches(&self, e: &EntryView) -> bool {
+        let tuples = [&e.original, &e.reply];
+        self.addr
+            .is_none_or(|a| tuples.iter().any(|t| t.src == a || t.dst == a))
+            && self.port.is_none_or(|p| {
+                tuples
+                    .iter()
+                    .any(|t| t.proto != PROTO_ICMP && (t.sport == p || t.dport == p))
+            })
+            && self.proto.is_none_or(|p| e.original.proto == p)
+            && self
+                .state
+                .as_deref()
+                .is_none_or(|s| e.tcp_state.is_some_and(|st| st.as_str() == s))
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMP => "icmp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn tuple_json(t: &Tuple) -> Value {
+    json!({"src": t.src.to_string(), "dst": t.dst.to_string(), "sport": t.sport, "dport": t.dport})
+}
+
+fn now_ms(flows: &Flows) -> u64 {
+    flows.now()
+}
+
+fn conntrack(state: &CtlState, f: &Filter) -> Value {
+    let Some(flows) = &state.flows else {
+        return json!({"error": "connection tracking is off (--conntrack off)"});
+    };
+    let entries = flows.conntrack.entries(now_ms(flows));
+    let shown: Vec<Value> = entries
+        .iter()
+        .filter(|e| f.matches(e))
+        .map(|e| {
+            json!({
+                "proto": proto_name(e.original.proto),
+                "state": e.tcp_state.map(|s| s.as_str()),
+                "expires_in": e.expires_in,
+                "original": tuple_json(&e.original),
+                "reply": tuple_json(&e.reply),
+                "packets": e.packets, "bytes": e.bytes,
+                "seen_reply": e.seen_reply, "assured": e.assured,
+                "service": e.service.map(|s| format!("{}:{}", s.vip, s.port)),
+            })
+        })
+        .collect();
+    let c = flows.conntrack.counters();
+    json!({
+        "count": shown.len(), "total": entries.len(),
+        "counters": {"entries": c.entries, "max": flows.conntrack.capacity(), "inserted": c.inserted,
+                     "expired": c.expired, "early_drops": c.early_drops,
+                     "table_full": c.table_full, "invalid": c.invalid},
+        "entries": shown,
+    })
+}
+
+fn services(state: &CtlState) -> Value {
+    let t = state.tables.load();
+    // Connections per (ClusterIP, port, proto, backend): ipvsadm's ActiveConn (TCP
+    // ESTABLISHED) and InActConn (any other TCP state; UDP flows count as active).
+    let mut conns: HashMap<ServiceBinding, (u64, u64)> = HashMap::new();
+    if let Some(flows) = &state.flows {
+        for e in flows.conntrack.entries(now_ms(flows)) {
+            let Some(b) = e.service else { continue };
+            let c = conns.entry(b).or_default();
+            match e.tcp_state {
+                Some(podwire_dataplane::conntrack::tcp::TcpState::Established) | None => c.0 += 1,
+                Some(_) => c.1 += 1,
+            }
+        }
+    }
+    let algorithm = match t.services.options().algorithm {
+        podwire_dataplane::nat::Algorithm::Maglev => "mh",
+        podwire_dataplane::nat::Algorithm::Random => "random",
+    };
+    let list: Vec<Value> = t
+        .services
+        .specs()
+        .map(|s| {
+            let eps: Vec<Value> = s
+                .endpoints
+                .iter()
+                .map(|ep| {
+                    let binding = ServiceBinding {
+                        vip: s.cluster_ip,
+                        port: s.port,
+                        proto: s.proto,
+                        backend: *ep.ip(),
+                        backend_port: ep.port(),
+                    };
+                    let (active, inactive) = conns.get(&binding).copied().unwrap_or_default();
+                    json!({"ip": ep.ip().to_string(), "port": ep.port(),
+                           "active": active, "inactive": inactive})
+                })
+                .collect();
+            json!({"name": s.name, "cluster_ip": s.cluster_ip.to_string(), "port": s.port,
+                   "proto": proto_name(s.proto), "scheduler": algorithm,
+                   "affinity_timeout": s.affinity_timeout, "endpoints": eps})
+        })
+        .collect();
+    json!({"service_cidr": t.services.options().cidr.to_string(),
+           "hairpin_ip": t.services.options().hairpin_ip.to_string(), "services": list})
+}
+
+fn stats(state: &CtlState) -> Value {
+    let now = Instant::now();
+    let snap: Vec<LocalStats> = state.workers.iter().map(|w| w.snapshot()).collect();
+    let mut last = state
+        .last_stats
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let previous = last.replace((now, snap.clone()));
+    let workers: Vec<Value> = snap
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut counters = serde_json::Map::new();
+            let mut rates = serde_json::Map::new();
+            for c in Counter::ALL {
+                counters.insert(c.as_str().into(), json!(s.counter(c)));
+                if let Some((at, prev)) = &previous {
+                    let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+                    let d = s.counter(c).saturating_sub(prev[i].counter(c));
+                    rates.insert(c.as_str().into(), json!((d as f64 / secs).round()));
+                }
+            }
+            let drops: serde_json::Map<String, Value> = DropReason::ALL
+                .iter()
+                .filter(|r| s.drops(**r) > 0)
+                .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
+                .collect();
+            json!({"worker": i, "counters": counters, "per_second": rates, "drops": drops})
+        })
+        .collect();
+    json!({
+        "since_previous_s": previous.map(|(at, _)| now.duration_since(at).as_secs_f64()),
+        "workers": workers,
+    })
+}
+
+/// Sends one request to the daemon at `path` and returns its answer.
+pub fn request(path: &Path, req: &Value) -> Result<Value, CtlError> {
+    let connect = |source| CtlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(connect)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(connect)?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(connect)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(connect)?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| CtlError::Answer(e.to_string()))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(CtlError::Answer(e.to_string()));
+    }
+    Ok(v)
+}
+
+/// An answer as the operator's familiar tools print it.
+pub fn render(cmd: &str, v: &Value) -> String {
+    let mut out = String::new();
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    match cmd {
+        "subnets" => {
+            out.push_str(&format!("network {}\n", s(&v["network"])));
+            out.push_str(&format!(
+                "{:<20} {:<16} {:<8} {}\n",
+                "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC"
+            ));
+            for l in v["leases"].as_array().into_iter().flatten() {
+                let own = if l["own"].as_bool() == Some(true) {
+                    " (this node)"
+                } else {
+                    ""
+                };
+                out.push_str(&format!(
+                    "{:<20} {:<16} {:<8} {}{own}\n",
+                    s(&l["subnet"]),
+                    s(&l["public_ip"]),
+                    s(&l["backend"]),
+                    s(&l["vtep_mac"]),
+                ));
+            }
+            match v["own"]["lease_expiry_unix"].as_u64() {
+                Some(t) => out.push_str(&format!("lease expires at unix time {t}\n")),
+                None => out.push_str("lease never expires (file store)\n"),
+            }
+        }
+        "conntrack" => {
+            for e in v["entries"].as_array().into_iter().flatten() {
+                let t = |t: &Value, d: usize| {
+                    format!(
+                        "src={} dst={} sport={} dport={} packets={} bytes={}",
+                        s(&t["src"]),
+                        s(&t["dst"]),
+                        t["sport"],
+                        t["dport"],
+                        e["packets"][d],
+                        e["bytes"][d]
+                    )
+                };
+                let proto = s(&e["proto"]);
+                let num = match proto.as_str() {
+                    "tcp" => 6,
+                    "udp" => 17,
+                    "icmp" => 1,
+                    _ => 0,
+                };
+                out.push_str(&format!(
+                    "{proto:<8} {num} {} {}{} {}{}{}\n",
+                    e["expires_in"],
+                    e["state"]
+                        .as_str()
+                        .map(|s| format!("{s} "))
+                        .unwrap_or_default(),
+                    t(&e["original"], 0),
+                    if e["seen_reply"].as_bool() == Some(true) {
+                        ""
+                    } else {
+                        "[UNREPLIED] "
+                    },
+                    t(&e["reply"], 1),
+                    if e["assured"].as_bool() == Some(true) {
+                        " [ASSURED]"
+                    } else {
+                        ""
+                    },
+                ));
+            }
+            out.push_str(&format!(
+                "conntrack v{} (podwire): {} flow entries have been shown.\n",
+                env!("CARGO_PKG_VERSION"),
+                v["count"]
+            ));
+        }
+        "services" => {
+            out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
+            out.push_str("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");
+            for svc in v["services"].as_array().into_iter().flatten() {
+                let flags = svc["affinity_timeout"]
+                    .as_u64()
+                    .map(|t| format!(" persistent {t}"))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "{:<4} {}:{} {}{flags}   # {}\n",
+                    s(&svc["proto"]).to_uppercase(),
+                    s(&svc["cluster_ip"]),
+                    svc["port"],
+                    s(&svc["scheduler"]),
+                    s(&svc["name"]),
+                ));
+                for ep in svc["endpoints"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "  -> {:<28} Masq    1      {:<10} {}\n",
+                        format!("{}:{}", s(&ep["ip"]), ep["port"]),
+                        ep["active"],
+                        ep["inactive"]
+                    ));
+                }
+            }
+        }
+        "stats" => {
+            for w in v["workers"].as_array().into_iter().flatten() {
+                out.push_str(&format!("worker {}\n", w["worker"]));
+                for c in Counter::ALL {
+                    let rate = w["per_second"][c.as_str()]
+                        .as_f64()
+                        .map(|r| format!("  ({r:.0}/s)"))
+                        .unwrap_or_default();
+                    out.push_str(&format!(
+                        "  {:<22} {}{rate}\n",
+                        c.as_str(),
+                        w["counters"][c.as_str()]
+                    ));
+                }
+                for (reason, n) in w["drops"].as_object().into_iter().flatten() {
+                    out.push_str(&format!("  drop {reason:<17} {n}\n"));
+                }
+            }
+        }
+        _ => out.push_str(&format!("{v:#}\n")),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podwire_dataplane::conntrack::tcp::TcpState;
+
+    fn entry(sport: u16, state: TcpState) -> EntryView {
+        let o = Tuple::new(
+            Ipv4Addr::new(10, 244, 1, 2),
+            sport,
+            Ipv4Addr::new(10, 96, 0, 10),
+            80,
+            PROTO_TCP,
+        );
+        EntryView {
+            original: o,
+            reply: Tuple::new(Ipv4Addr::new(10, 244, 2, 2), 8080, o.src, sport, PROTO_TCP),
+            tcp_state: Some(state),
+            seen_reply: true,
+            assured: true,
+            expires_in: 100,
+            service: Some(ServiceBinding {
+                vip: o.dst,
+                port: 80,
+                proto: PROTO_TCP,
+                backend: Ipv4Addr::new(10, 244, 2, 2),
+                backend_port: 8080,
+            }),
+            packets: [3, 2],
+            bytes: [180, 120],
+        }
+    }
+
+    #[test]
+    fn test_filters_match_either_tuple() {
+        let e = entry(40000, TcpState::Established);
+        let f = |req: Value| Filter::from_request(&req).unwrap().matches(&e);
+        assert!(f(json!({})));
+        assert!(f(json!({"addr": "10.244.2.2"})), "the reply's source");
+        assert!(f(json!({"port": 8080})));
+        assert!(f(
+            json!({"port": 40000, "state": "established", "proto": "tcp"})
+        ));
+        assert!(!f(json!({"state": "TIME_WAIT"})));
+        assert!(!f(json!({"proto": "udp"})));
+        assert!(!f(json!({"addr": "10.244.9.9"})));
+        assert!(Filter::from_request(&json!({"addr": "nope"})).is_err());
+        assert!(Filter::from_request(&json!({"port": 70000})).is_err());
+    }
+
+    #[test]
+    fn test_rendering_looks_like_the_familiar_tools() {
+        let v = json!({"count": 1, "entries": [{
+            "proto": "tcp", "state": "ESTABLISHED", "expires_in": 431999,
+            "original": {"src": "10.244.1.2", "dst": "10.96.0.10", "sport": 40000, "dport": 80},
+            "reply": {"src": "10.244.2.2", "dst": "10.244.1.2", "sport": 8080, "dport": 40000},
+            "packets": [3, 2], "bytes": [180, 120], "seen_reply": true, "assured": true}]});
+        let text = render("conntrack", &v);
+        assert!(text.starts_with("tcp      6 431999 ESTABLISHED src=10.244.1.2 dst=10.96.0.10 sport=40000 dport=80 packets=3 bytes=180 src=10.244.2.2 dst=10.244.1.2 sport=8080 dport=40000 packets=2 bytes=120 [ASSURED]"), "{text}");
+        assert!(text.contains("1 flow entries have been shown."));
+        let v = json!({"services": [{"name": "default/web", "cluster_ip": "10.96.0.10", "port": 80,
+            "proto": "tcp", "scheduler": "mh", "affinity_timeout": null,
+            "endpoints": [{"ip": "10.244.2.2", "port": 8080, "active": 5, "inactive": 1}]}]});
+        let text = render("services", &v);
+        assert!(text.contains("TCP  10.96.0.10:80 mh"), "{text}");
+        assert!(text.contains("  -> 10.244.2.2:8080"), "{text}");
+    }
+}
