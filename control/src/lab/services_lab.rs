@@ -445,14 +445,20 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Chec
 
     // A service without endpoints refuses at once (ICMP port unreachable from the ClusterIP).
     let refused = netns::run_in(&client, || {
+        // A blocking connect bounded by SO_SNDTIMEO: it returns the socket's error itself.
+        // (std's connect_timeout polls, and a POLLHUP can win the race against the error being
+        // set: "no error set after POLLHUP".)
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_write_timeout(Some(TIMEOUT))?;
         let t = Instant::now();
-        let r = TcpStream::connect_timeout(&SocketAddrV4::new(EMPTY_VIP, 80).into(), TIMEOUT);
-        Ok((r.map(|_| ()).map_err(|e| e.kind()), t.elapsed()))
+        let r = sock.connect(&SocketAddrV4::new(EMPTY_VIP, 80).into());
+        Ok((r.map_err(|e| (e.kind(), e.raw_os_error())), t.elapsed()))
     });
     checks.push(match refused {
         Ok((r, took)) => Check {
             name: "a service without endpoints refuses connections".into(),
-            ok: r == Err(std::io::ErrorKind::ConnectionRefused) && took < Duration::from_secs(2),
+            ok: matches!(r, Err((std::io::ErrorKind::ConnectionRefused, _)))
+                && took < Duration::from_secs(2),
             detail: format!("{r:?} after {took:?}"),
         },
         Err(e) => Check {
