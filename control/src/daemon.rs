@@ -76,7 +76,8 @@ pub struct RunOptions {
     pub stats_file: Option<PathBuf>,
     /// Track connections (needed for services).
     pub conntrack: bool,
-    pub conntrack_max: usize,
+    /// The connection table's size and timeouts.
+    pub conntrack_config: conntrack::Config,
     /// Services to translate, from this file (re-read when it changes).
     pub services_file: Option<PathBuf>,
     pub service_cidr: Ipv4Net,
@@ -505,12 +506,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
         tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
     }
-    let flows = opts.conntrack.then(|| {
-        Arc::new(Flows::new(conntrack::Config {
-            max_entries: opts.conntrack_max,
-            ..conntrack::Config::default()
-        }))
-    });
+    let flows = opts
+        .conntrack
+        .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
     if let Some(f) = &flows {
         health.set_flows(Arc::clone(f));
     }

@@ -207,6 +207,19 @@ struct RunArgs {
     /// Most tracked connections; when full, unassured ones are evicted first.
     #[arg(long, default_value_t = 131_072)]
     conntrack_max: usize,
+    /// Seconds an idle ESTABLISHED TCP connection is kept (netfilter: 432000; kube-proxy sets
+    /// 86400 with its flag of the same name).
+    #[arg(long, default_value_t = 432_000, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_tcp_timeout_established: u32,
+    /// Seconds a TCP connection in CLOSE_WAIT is kept (netfilter: 60; kube-proxy: 3600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_tcp_timeout_close_wait: u32,
+    /// Seconds an unanswered UDP flow is kept (netfilter: 30).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_udp_timeout: u32,
+    /// Seconds an answered UDP flow (a stream) is kept (netfilter: 120).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_udp_timeout_stream: u32,
     /// Services to translate (ClusterIP DNAT, kube-proxy's job): `file:PATH`, a JSON file
     /// {"services": [{"name", "clusterIP", "protocol", "port", "endpoints": [{"ip", "port"}],
     /// "sessionAffinity", "nodePort"}]}, re-read on change. The service range is routed into
@@ -350,6 +363,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Run(a) => {
             init_logging();
+            let ct_config = conntrack_config(&a);
             if a.exit_with_parent {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
                     .context("prctl(PR_SET_PDEATHSIG)")?;
@@ -402,7 +416,7 @@ fn main() -> Result<()> {
                     .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
                 stats_file: a.stats_file,
                 conntrack: a.conntrack == "on",
-                conntrack_max: a.conntrack_max.max(1),
+                conntrack_config: ct_config,
                 services_file: match a.services.as_deref() {
                     None => None,
                     Some(s) => Some(PathBuf::from(
@@ -459,6 +473,20 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The connection table's size and timeouts from `podwire run`'s flags.
+fn conntrack_config(a: &RunArgs) -> podwire_dataplane::conntrack::Config {
+    use podwire_dataplane::conntrack::{tcp::TcpState, Config, Timeouts};
+    let mut timeouts = Timeouts::default();
+    timeouts.tcp[TcpState::Established as usize] = a.conntrack_tcp_timeout_established;
+    timeouts.tcp[TcpState::CloseWait as usize] = a.conntrack_tcp_timeout_close_wait;
+    timeouts.udp_unreplied = a.conntrack_udp_timeout;
+    timeouts.udp_stream = a.conntrack_udp_timeout_stream;
+    Config {
+        max_entries: a.conntrack_max.max(1),
+        timeouts,
     }
 }
 
@@ -542,6 +570,28 @@ mod tests {
             Cmd::Run(a) => *a,
             _ => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn test_conntrack_flags_set_the_table() {
+        use podwire_dataplane::conntrack::tcp::TcpState;
+        let defaults = conntrack_config(&run_args(&["podwire", "run"]));
+        assert_eq!(defaults, podwire_dataplane::conntrack::Config::default());
+        let kube_proxy_like = conntrack_config(&run_args(&[
+            "podwire",
+            "run",
+            "--conntrack-max=262144",
+            "--conntrack-tcp-timeout-established=86400",
+            "--conntrack-tcp-timeout-close-wait=3600",
+            "--conntrack-udp-timeout-stream=180",
+        ]));
+        assert_eq!(kube_proxy_like.max_entries, 262_144);
+        let t = &kube_proxy_like.timeouts;
+        assert_eq!(t.tcp[TcpState::Established as usize], 86_400);
+        assert_eq!(t.tcp[TcpState::CloseWait as usize], 3_600);
+        assert_eq!(t.tcp[TcpState::TimeWait as usize], 120);
+        assert_eq!((t.udp_unreplied, t.udp_stream), (30, 180));
+        assert!(Cli::try_parse_from(["podwire", "run", "--conntrack-udp-timeout=0"]).is_err());
     }
 
     #[test]
