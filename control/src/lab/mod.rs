@@ -14,6 +14,7 @@
 
 pub mod bench;
 mod etcd_lab;
+mod lifecycle;
 mod netns;
 mod services_lab;
 mod traffic;
@@ -1247,6 +1248,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         } else {
             checks.push(map_reload_check(&r, opts)?);
         }
+        if opts.podwire_nodes().contains(&2) {
+            checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
+        }
         checks.push(ctl_check(&r, opts, exe).unwrap_or_else(|e| Check {
             name: CTL_CHECK.into(),
             ok: false,
@@ -1255,6 +1259,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         // Stop the daemons so their final counters are on disk.
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
+        checks.push(lifecycle::residue_check(&r, opts)?);
         let unknown_peer = stats[0]
             .1
             .as_ref()

@@ -16,6 +16,19 @@ pub fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
     ip(&all)
 }
 
+/// Runs a command inside `ns` and returns its exit status and stdout.
+pub fn output_in(ns: &str, cmd: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .context("running ip netns exec")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
 /// Runs a command inside `ns` (`ip netns exec`) and fails with its stderr.
 pub fn exec_in(ns: &str, cmd: &[&str]) -> Result<()> {
     let out = Command::new("ip")

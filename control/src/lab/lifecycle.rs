@@ -1,0 +1,137 @@
+//! What the daemon leaves behind and how it comes back: a SIGKILL in the middle of a transfer
+//! and a restart (same subnet, the transfer completes), and after SIGTERM no device, route,
+//! nftables table or socket of podwire's left on any node.
+
+use super::{netns, pod_ip, spawn_node, traffic, Check, LabOptions, Names, Resources};
+use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::net::{SocketAddrV4, TcpListener};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+fn subnet_of(names: &Names, node: usize) -> Option<String> {
+    podwire::subnet_env::read_value(
+        &names.dir.join(format!("n{node}/subnet.env")),
+        "FLANNEL_SUBNET",
+    )
+}
+
+/// Node `node`'s podwire is SIGKILLed while pod 1 sends it 300 MB over TCP, then started
+/// again: it must come back on the same subnet, and the transfer must complete intact (TCP
+/// retransmits across the gap; the new daemon picks the connection up mid-stream).
+pub fn kill_restart_check(
+    res: &Arc<Mutex<Resources>>,
+    names: &Names,
+    opts: &LabOptions,
+    exe: &Path,
+    node: usize,
+) -> Result<Check> {
+    let name = "SIGKILL under a TCP transfer, then a restart: same subnet, transfer intact";
+    let before = subnet_of(names, node);
+    let bytes = 300_000_000u64;
+    let (src_ns, dst_ns) = (names.ns("p1"), names.ns(&format!("p{node}")));
+    let port = super::TCP_PORT + 2;
+    let listener = netns::run_in(&dst_ns, move || {
+        Ok(TcpListener::bind((pod_ip(node), port))?)
+    })?;
+    let sink = netns::spawn_in(&dst_ns, move || {
+        traffic::tcp_sink(listener, Duration::from_secs(60))
+    });
+    let source = netns::spawn_in(&src_ns, move || {
+        traffic::tcp_source(
+            SocketAddrV4::new(pod_ip(node), port),
+            bytes,
+            11,
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let killed_at = SystemTime::now();
+    let t = Instant::now();
+    {
+        let mut r = res.lock().expect("lab resources");
+        let child_name = format!("n{node}");
+        let pos = r
+            .children
+            .iter()
+            .position(|(n, _)| *n == child_name)
+            .context("node is not running")?;
+        let (_, mut child) = r.children.remove(pos);
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)?;
+        let _ = child.wait();
+        spawn_node(&mut r, opts, exe, node)?;
+    }
+    // Ready again: the new daemon rewrote subnet.env.
+    let env = names.dir.join(format!("n{node}/subnet.env"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&env)
+        .and_then(|m| m.modified())
+        .map_or(true, |m| m <= killed_at)
+    {
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let restart = t.elapsed();
+    let sent = netns::join(source);
+    let got = netns::join(sink);
+    let intact = match (&sent, &got) {
+        (Ok(s), Ok(g)) => g.bytes == bytes && traffic::same_digest(s, &g.sha256).is_ok(),
+        _ => false,
+    };
+    let after = subnet_of(names, node);
+    Ok(Check {
+        name: name.into(),
+        ok: intact && before.is_some() && before == after,
+        detail: format!(
+            "node {node}: back in {} ms on {} (was {}); 300 MB 1->{node} intact {intact}{}",
+            restart.as_millis(),
+            after.as_deref().unwrap_or("?"),
+            before.as_deref().unwrap_or("?"),
+            match (&sent, &got) {
+                (Err(e), _) | (_, Err(e)) => format!(" ({e:#})"),
+                _ => String::new(),
+            }
+        ),
+    })
+}
+
+/// After every daemon stopped on SIGTERM: no TUN device, no route through it, no service
+/// route, no nftables table and no ctl socket on any podwire node (the lease stays, as
+/// flanneld leaves it).
+pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
+    let mut left = Vec::new();
+    for i in opts.podwire_nodes() {
+        let ns = names.ns(&format!("n{i}"));
+        let (_, links) = netns::output_in(&ns, &["ip", "-o", "link", "show"])?;
+        if links.contains("flannel") {
+            left.push(format!("n{i}: a flannel device"));
+        }
+        let (_, routes) = netns::output_in(&ns, &["ip", "-o", "route", "show"])?;
+        if routes.contains("flannel") || routes.contains("10.96.0.0/12") {
+            left.push(format!(
+                "n{i}: routes {}",
+                routes.trim().replace('\n', "; ")
+            ));
+        }
+        let (_, tables) = netns::output_in(&ns, &["nft", "list", "tables"])?;
+        if tables.contains(podwire::masq::TABLE) {
+            left.push(format!("n{i}: nftables table {}", podwire::masq::TABLE));
+        }
+        if names.dir.join(format!("n{i}/ctl.sock")).exists() {
+            left.push(format!("n{i}: ctl socket"));
+        }
+    }
+    Ok(Check {
+        name: "SIGTERM leaves no device, route, nftables table or socket behind".into(),
+        ok: left.is_empty(),
+        detail: if left.is_empty() {
+            format!("{} nodes clean", opts.podwire_nodes().len())
+        } else {
+            left.join("; ")
+        },
+    })
+}
