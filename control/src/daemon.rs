@@ -367,6 +367,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&shutdown))
             .context("installing signal handlers")?;
     }
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .context("installing the SIGHUP handler")?;
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.healthz {
         let bound = health::serve(addr, Arc::clone(&health))
@@ -598,7 +601,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         store_services,
         service_options,
     };
-    let result = control_loop(&mut control, &opts, &shutdown);
+    let result = control_loop(&mut control, &opts, &shutdown, &hangup);
     let stats = pool.stats();
     let direct = control.direct.take();
     let stopped = pool.stop();
@@ -637,11 +640,20 @@ fn control_loop(
     c: &mut Control,
     opts: &RunOptions,
     shutdown: &AtomicBool,
+    hangup: &AtomicBool,
 ) -> Result<Option<usize>> {
     let mut last_stats = Instant::now();
     let mut next_renew_try = Instant::now();
     let mut reachable = true;
     while !shutdown.load(Ordering::Relaxed) {
+        if hangup.swap(false, Ordering::Relaxed) {
+            // SIGHUP: re-read what comes from files now, changed or not.
+            tracing::info!("SIGHUP: re-reading the cluster store and the services");
+            if let Some(src) = c.services.as_mut() {
+                src.forget();
+            }
+            c.refresh()?;
+        }
         if let Some(w) = c.pool.dead_worker() {
             return Ok(Some(w));
         }

@@ -233,6 +233,9 @@ struct RunArgs {
     /// the same choice on every node) or `random`.
     #[arg(long, default_value = "maglev", value_parser = ["maglev", "random"])]
     service_lb: String,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
     #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
     ctl_socket: PathBuf,
@@ -342,13 +345,18 @@ struct LabArgs {
     conntrack: String,
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        // One JSON object per line, fields flattened: for log shippers.
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.init();
+    }
 }
 
 fn main() -> Result<()> {
@@ -362,7 +370,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse_from(args);
     match cli.command {
         Cmd::Run(a) => {
-            init_logging();
+            init_logging(a.log_format == "json");
             let ct_config = conntrack_config(&a);
             if a.exit_with_parent {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)

@@ -180,6 +180,11 @@ impl ServicesFile {
         &self.path
     }
 
+    /// Makes the next `poll` read the file whether it changed or not (SIGHUP).
+    pub fn forget(&mut self) {
+        self.seen = None;
+    }
+
     /// The services if the file changed since the last call (always on the first).
     pub fn poll(&mut self) -> Result<Option<Vec<ServiceSpec>>, ServicesError> {
         let read_err = |source| ServicesError::Read {

@@ -135,3 +135,47 @@ pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
         },
     })
 }
+
+/// SIGHUP makes node 1 re-read its files at once and keep running; its log (`--log-format
+/// json` on node 1) is one JSON object per line throughout.
+pub fn hangup_check(res: &Arc<Mutex<Resources>>, names: &Names) -> Result<Check> {
+    let log = names.dir.join("n1/podwire.log");
+    let said = |text: &str| -> usize {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(text)
+            .count()
+    };
+    let before = said("SIGHUP: re-reading");
+    let alive = {
+        let mut r = res.lock().expect("lab resources");
+        let (_, child) = r
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == "n1")
+            .context("node 1 is not running")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP)?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while said("SIGHUP: re-reading") == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        matches!(child.try_wait(), Ok(None))
+    };
+    let reread = said("SIGHUP: re-reading") > before;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let json = lines.iter().all(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v["level"].is_string() && v["message"].is_string())
+    });
+    Ok(Check {
+        name: "SIGHUP re-reads the files without a restart; --log-format json logs JSON lines"
+            .into(),
+        ok: reread && alive && json && !lines.is_empty(),
+        detail: format!(
+            "re-read {reread}, still running {alive}, {} log lines all JSON {json}",
+            lines.len()
+        ),
+    })
+}

@@ -410,6 +410,10 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
         "--ctl-socket",
         &node_dir.join("ctl.sock").display().to_string(),
     ]);
+    if i == 1 {
+        // Node 1 logs JSON (checked by the lifecycle checks); the others plain text.
+        cmd.args(["--log-format", "json"]);
+    }
     if !opts.conntrack {
         cmd.args(["--conntrack", "off"]);
     }
@@ -1251,6 +1255,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         if opts.podwire_nodes().contains(&2) {
             checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
         }
+        checks.push(lifecycle::hangup_check(res, &r)?);
         checks.push(ctl_check(&r, opts, exe).unwrap_or_else(|e| Check {
             name: CTL_CHECK.into(),
             ok: false,
