@@ -6,14 +6,17 @@
 //!
 //! Commands: `subnets` (the live map, our lease's expiry), `conntrack` (filters: `addr`,
 //! `port`, `state`, `proto`), `services` (endpoints with active and inactive connections),
-//! `stats` (per worker counters and drops, with rates since the previous `stats`).
+//! `stats` (per worker counters and drops, with rates since the previous `stats`), `capture`
+//! (a pcap of what the TUN or the underlay socket receives).
 
 use crate::health::Health;
 use arc_swap::ArcSwap;
+use podwire_dataplane::capture::{Capture, CapturePoint};
 use podwire_dataplane::conntrack::{
     EntryView, ServiceBinding, Tuple, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 use podwire_dataplane::pipeline::{DropReason, Flows, Tables};
+use podwire_dataplane::port::pcap::outer_datagram;
 use podwire_dataplane::route::Backend;
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
 use serde_json::{json, Value};
@@ -52,6 +55,7 @@ pub enum CtlError {
 pub struct CtlState {
     pub tables: Arc<ArcSwap<Tables>>,
     pub flows: Option<Arc<Flows>>,
+    pub capture: Arc<Capture>,
     pub workers: Vec<Arc<SharedStats>>,
     pub health: Arc<Health>,
     /// The previous `stats` answer's time and counters, for rates.
@@ -62,12 +66,14 @@ impl CtlState {
     pub fn new(
         tables: Arc<ArcSwap<Tables>>,
         flows: Option<Arc<Flows>>,
+        capture: Arc<Capture>,
         workers: Vec<Arc<SharedStats>>,
         health: Arc<Health>,
     ) -> CtlState {
         CtlState {
             tables,
             flows,
+            capture,
             workers,
             health,
             last_stats: Mutex::new(None),
@@ -126,9 +132,10 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
         },
         Some("services") => services(state),
         Some("stats") => stats(state),
+        Some("capture") => capture(req, state).unwrap_or_else(|e| json!({"error": e})),
         Some("fdb") => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
         other => {
-            json!({"error": format!("unknown command {other:?}: subnets, conntrack, services, stats")})
+            json!({"error": format!("unknown command {other:?}: subnets, conntrack, services, stats, capture")})
         }
     }
 }
@@ -347,6 +354,60 @@ fn stats(state: &CtlState) -> Value {
     })
 }
 
+/// Most packets one capture may take.
+pub const MAX_CAPTURE: usize = 100_000;
+
+/// Arms the capture, waits for `count` packets (or `timeout_ms`), and writes them to `path` as
+/// a pcap (link type RAW; underlay datagrams with the outer IPv4/UDP headers they arrived in).
+fn capture(req: &Value, state: &CtlState) -> Result<Value, String> {
+    let point = match req["port"].as_str() {
+        Some("tun") => CapturePoint::Tun,
+        Some("underlay") => CapturePoint::Underlay,
+        other => return Err(format!("port {other:?}: tun or underlay")),
+    };
+    let count = req["count"]
+        .as_u64()
+        .unwrap_or(100)
+        .clamp(1, MAX_CAPTURE as u64) as usize;
+    let timeout = Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(10_000).min(600_000));
+    let path = PathBuf::from(req["path"].as_str().ok_or("no path to write")?);
+    if !path.is_absolute() {
+        return Err(format!("{}: the path must be absolute", path.display()));
+    }
+    state.capture.arm(point, count);
+    let deadline = Instant::now() + timeout;
+    while state.capture.remaining() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let frames = state.capture.take();
+    let t = state.tables.load();
+    let local = std::net::SocketAddrV4::new(t.local.public_ip, t.peer_port);
+    let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let header = pcap_file::pcap::PcapHeader {
+        datalink: pcap_file::DataLink::RAW,
+        ..Default::default()
+    };
+    let mut w = pcap_file::pcap::PcapWriter::with_header(std::io::BufWriter::new(file), header)
+        .map_err(|e| e.to_string())?;
+    for f in &frames {
+        let data = match point {
+            CapturePoint::Tun => f.data.clone(),
+            CapturePoint::Underlay => outer_datagram(*f.peer.ip(), f.peer.port(), local, &f.data),
+        };
+        let ts = f
+            .time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        w.write_packet(&pcap_file::pcap::PcapPacket::new(
+            ts,
+            data.len() as u32,
+            &data,
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(json!({"captured": frames.len(), "wanted": count, "path": path.display().to_string()}))
+}
+
 /// Sends one request to the daemon at `path` and returns its answer.
 pub fn request(path: &Path, req: &Value) -> Result<Value, CtlError> {
     let connect = |source| CtlError::Connect {
@@ -470,6 +531,12 @@ pub fn render(cmd: &str, v: &Value) -> String {
                 }
             }
         }
+        "capture" => out.push_str(&format!(
+            "captured {} of {} packets to {}\n",
+            v["captured"],
+            v["wanted"],
+            s(&v["path"])
+        )),
         "stats" => {
             for w in v["workers"].as_array().into_iter().flatten() {
                 out.push_str(&format!("worker {}\n", w["worker"]));

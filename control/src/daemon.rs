@@ -26,6 +26,7 @@ use podwire::services::{self, ServicesFile};
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
+use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Algorithm, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables};
@@ -561,12 +562,20 @@ pub fn run(opts: RunOptions) -> Result<()> {
         _ => None,
     };
     let live = Arc::new(ArcSwap::from_pointee(initial));
-    let pool = WorkerPool::start(opts.worker.clone(), Arc::clone(&live), flows.clone(), ports)?;
+    let capture = Arc::new(Capture::default());
+    let pool = WorkerPool::start(
+        opts.worker.clone(),
+        Arc::clone(&live),
+        flows.clone(),
+        Arc::clone(&capture),
+        ports,
+    )?;
     health.set_workers(pool.shared_stats());
     if let Some(path) = &opts.ctl_socket {
         let state = CtlState::new(
             Arc::clone(&live),
             flows.clone(),
+            capture,
             pool.shared_stats(),
             Arc::clone(&health),
         );

@@ -73,6 +73,21 @@ enum CtlWhat {
     Services,
     /// Per-worker counters and drops by reason, with rates since the previous `stats`.
     Stats,
+    /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
+    /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
+    Capture {
+        #[arg(long, value_parser = ["tun", "underlay"])]
+        port: String,
+        /// Packets to capture (at most 100000).
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Stop after this many seconds even if fewer packets came.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// The pcap file to write.
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -513,6 +528,21 @@ fn ctl(a: CtlArgs) -> Result<()> {
         ),
         CtlWhat::Services => ("services", serde_json::json!({"cmd": "services"})),
         CtlWhat::Stats => ("stats", serde_json::json!({"cmd": "stats"})),
+        CtlWhat::Capture {
+            port,
+            count,
+            timeout,
+            write,
+        } => {
+            let path =
+                std::path::absolute(&write).with_context(|| format!("{}", write.display()))?;
+            (
+                "capture",
+                serde_json::json!({"cmd": "capture", "port": port, "count": count,
+                                   "timeout_ms": timeout.saturating_mul(1000),
+                                   "path": path.display().to_string()}),
+            )
+        }
     };
     let answer = podwire::ctl::request(&a.socket, &req)?;
     if a.json {

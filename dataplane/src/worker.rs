@@ -11,6 +11,7 @@
 //! has seen EAGAIN on both ports does it sleep, so epoll's edge-triggered wakeups are never missed.
 
 use crate::batch::Batch;
+use crate::capture::{Capture, CapturePoint};
 use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
 use crate::port::raw::RawIpPort;
 use crate::port::tun::TunQueue;
@@ -101,6 +102,7 @@ struct Worker {
     ports: WorkerPorts,
     tables: Arc<ArcSwap<Tables>>,
     flows: Option<Arc<Flows>>,
+    capture: Arc<Capture>,
     stats: Arc<SharedStats>,
     shutdown: Arc<AtomicBool>,
     poll: Poll,
@@ -118,11 +120,12 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     /// Starts one worker per set of ports, all reading `tables` and, when given, tracking
-    /// connections in `flows`.
+    /// connections in `flows`; received packets go to `capture` while it is armed.
     pub fn start(
         config: WorkerConfig,
         tables: Arc<ArcSwap<Tables>>,
         flows: Option<Arc<Flows>>,
+        capture: Arc<Capture>,
         ports: Vec<WorkerPorts>,
     ) -> Result<WorkerPool, WorkerError> {
         let cpus = if config.pin {
@@ -152,6 +155,7 @@ impl WorkerPool {
                 ports,
                 tables: Arc::clone(&tables),
                 flows: flows.clone(),
+                capture: Arc::clone(&capture),
                 stats: Arc::clone(&stats),
                 shutdown: Arc::clone(&pool.shutdown),
                 poll,
@@ -353,12 +357,18 @@ impl Worker {
             let n_tun = self.ports.tun.rx_batch(&mut from_tun).map_err(port_err)?;
             if n_tun > 0 {
                 local.add(Counter::RxTun, n_tun as u64);
+                if self.capture.wants(CapturePoint::Tun) {
+                    self.capture.record(CapturePoint::Tun, &from_tun);
+                }
                 pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
                 dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
             let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
             if n_udp > 0 {
                 local.add(Counter::RxUnderlay, n_udp as u64);
+                if self.capture.wants(CapturePoint::Underlay) {
+                    self.capture.record(CapturePoint::Underlay, &from_udp);
+                }
                 let b = &mut from_udp;
                 pipeline::process_with(&tables, flows, now, Direction::FromUnderlay, b);
                 dispatch.run(&mut from_udp, &mut self.ports, &mut local);

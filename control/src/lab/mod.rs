@@ -912,6 +912,47 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
         problems.push("stats: no packets counted".into());
     }
     let mut detail = format!("{leases} leases, rx_tun {rx}");
+    // Captures while pod 1 pings pod 2: the pods' echoes on the TUN, datagrams on the underlay;
+    // tshark must read both files.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinging = Arc::clone(&stop);
+    let pinger = netns::spawn_in(&r.ns("p1"), move || {
+        while !pinging.load(std::sync::atomic::Ordering::Relaxed) {
+            traffic::ping(pod_ip(2), 5, 84, Duration::from_secs(1))?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    });
+    for (port, want) in [("tun", "1"), ("underlay", "17")] {
+        let file = r.dir.join(format!("capture-{port}.pcap"));
+        let got = ask(
+            json!({"cmd": "capture", "port": port, "count": 10, "timeout_ms": 4000,
+                             "path": file.display().to_string()}),
+        )?;
+        let out = Command::new("tshark")
+            .args([
+                "-r",
+                &file.display().to_string(),
+                "-T",
+                "fields",
+                "-e",
+                "ip.proto",
+            ])
+            .output();
+        let protos = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let decoded = protos.lines().filter(|l| l.starts_with(want)).count();
+        if got["captured"] != 10 || decoded != 10 {
+            problems.push(format!(
+                "capture {port}: {} captured, tshark read {decoded} with ip.proto {want}",
+                got["captured"]
+            ));
+        }
+        detail += &format!(", {decoded} {port} packets captured");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = netns::join(pinger);
     if opts.conntrack {
         let pod2 = pod_ip(2).to_string();
         let ct = ask(json!({"cmd": "conntrack", "addr": pod2}))?;
