@@ -16,7 +16,7 @@ use podwire::etcd_server::EtcdServer;
 use podwire::subnet_env::SubnetEnv;
 use podwire_dataplane::route::Ipv4Net;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -306,33 +306,16 @@ pub fn outage_check(
     to: usize,
 ) -> Result<Check> {
     let bytes = opts.transfer_mb.max(200) * 1_000_000;
-    let (src_ns, dst_ns) = (names.ns("p1"), names.ns(&format!("p{to}")));
-    let port = super::TCP_PORT + 1;
-    let listener = netns::run_in(&dst_ns, move || Ok(TcpListener::bind((pod_ip(to), port))?))?;
-    let sink = netns::spawn_in(&dst_ns, move || {
-        traffic::tcp_sink(listener, Duration::from_secs(60))
-    });
-    let source = netns::spawn_in(&src_ns, move || {
-        traffic::tcp_source(
-            SocketAddrV4::new(pod_ip(to), port),
-            bytes,
-            7,
-            Duration::from_secs(60),
-        )
-    });
+    let transfer = super::lifecycle::Transfer::start(names, to, super::TCP_PORT + 1, bytes, 7)?;
     std::thread::sleep(Duration::from_millis(50));
     let killed_at = Instant::now();
     lab_etcd(res, |e| {
         e.kill();
         Ok(())
     })?;
-    let sent = netns::join(source);
-    let got = netns::join(sink);
+    let outcome = transfer.finish();
+    let intact = outcome.is_ok();
     let transfer_while_down = killed_at.elapsed();
-    let intact = match (&sent, &got) {
-        (Ok(s), Ok(g)) => g.bytes == bytes && traffic::same_digest(s, &g.sha256).is_ok(),
-        _ => false,
-    };
     let noticed = within(Duration::from_secs(10), || {
         metric(names, 1, "podwire_store_up") == Some(0.0)
     });
@@ -349,10 +332,10 @@ pub fn outage_check(
             "{} MB 1->{to} intact {intact} ({} ms after the kill); outage seen {noticed}; ping during outage {still}; resynced {resynced}{}",
             bytes / 1_000_000,
             transfer_while_down.as_millis(),
-            match (&sent, &got) {
-                (Err(e), _) | (_, Err(e)) => format!("; transfer error: {e:#}"),
-                _ => String::new(),
-            }
+            outcome
+                .err()
+                .map(|e| format!("; transfer error: {e}"))
+                .unwrap_or_default()
         ),
     })
 }

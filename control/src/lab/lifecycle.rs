@@ -11,6 +11,53 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// A TCP transfer from pod 1 to pod `to`, running in the background while a check disturbs
+/// the cluster.
+pub struct Transfer {
+    bytes: u64,
+    sink: std::thread::JoinHandle<Result<traffic::Received>>,
+    source: std::thread::JoinHandle<Result<String>>,
+}
+
+impl Transfer {
+    /// Starts sending `bytes` of a pattern seeded with `seed` to pod `to` on `port`.
+    pub fn start(names: &Names, to: usize, port: u16, bytes: u64, seed: u64) -> Result<Transfer> {
+        let (src_ns, dst_ns) = (names.ns("p1"), names.ns(&format!("p{to}")));
+        let listener = netns::run_in(&dst_ns, move || Ok(TcpListener::bind((pod_ip(to), port))?))?;
+        let sink = netns::spawn_in(&dst_ns, move || {
+            traffic::tcp_sink(listener, Duration::from_secs(60))
+        });
+        let source = netns::spawn_in(&src_ns, move || {
+            traffic::tcp_source(
+                SocketAddrV4::new(pod_ip(to), port),
+                bytes,
+                seed,
+                Duration::from_secs(60),
+            )
+        });
+        Ok(Transfer {
+            bytes,
+            sink,
+            source,
+        })
+    }
+
+    /// Waits for the end: whether every byte arrived intact, or why not.
+    pub fn finish(self) -> Result<(), String> {
+        let sent = netns::join(self.source);
+        let got = netns::join(self.sink);
+        match (sent, got) {
+            (Ok(s), Ok(g))
+                if g.bytes == self.bytes && traffic::same_digest(&s, &g.sha256).is_ok() =>
+            {
+                Ok(())
+            }
+            (Ok(_), Ok(g)) => Err(format!("{} of {} bytes, or damaged", g.bytes, self.bytes)),
+            (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
+        }
+    }
+}
+
 fn subnet_of(names: &Names, node: usize) -> Option<String> {
     podwire::subnet_env::read_value(
         &names.dir.join(format!("n{node}/subnet.env")),
@@ -30,23 +77,7 @@ pub fn kill_restart_check(
 ) -> Result<Check> {
     let name = "SIGKILL under a TCP transfer, then a restart: same subnet, transfer intact";
     let before = subnet_of(names, node);
-    let bytes = 300_000_000u64;
-    let (src_ns, dst_ns) = (names.ns("p1"), names.ns(&format!("p{node}")));
-    let port = super::TCP_PORT + 2;
-    let listener = netns::run_in(&dst_ns, move || {
-        Ok(TcpListener::bind((pod_ip(node), port))?)
-    })?;
-    let sink = netns::spawn_in(&dst_ns, move || {
-        traffic::tcp_sink(listener, Duration::from_secs(60))
-    });
-    let source = netns::spawn_in(&src_ns, move || {
-        traffic::tcp_source(
-            SocketAddrV4::new(pod_ip(node), port),
-            bytes,
-            11,
-            Duration::from_secs(60),
-        )
-    });
+    let transfer = Transfer::start(names, node, super::TCP_PORT + 2, 300_000_000, 11)?;
     std::thread::sleep(Duration::from_millis(100));
     let killed_at = SystemTime::now();
     let t = Instant::now();
@@ -76,12 +107,8 @@ pub fn kill_restart_check(
         std::thread::sleep(Duration::from_millis(10));
     }
     let restart = t.elapsed();
-    let sent = netns::join(source);
-    let got = netns::join(sink);
-    let intact = match (&sent, &got) {
-        (Ok(s), Ok(g)) => g.bytes == bytes && traffic::same_digest(s, &g.sha256).is_ok(),
-        _ => false,
-    };
+    let outcome = transfer.finish();
+    let intact = outcome.is_ok();
     let after = subnet_of(names, node);
     Ok(Check {
         name: name.into(),
@@ -91,10 +118,7 @@ pub fn kill_restart_check(
             restart.as_millis(),
             after.as_deref().unwrap_or("?"),
             before.as_deref().unwrap_or("?"),
-            match (&sent, &got) {
-                (Err(e), _) | (_, Err(e)) => format!(" ({e:#})"),
-                _ => String::new(),
-            }
+            outcome.err().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
     })
 }
