@@ -923,7 +923,13 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
         }
         Ok(())
     });
-    for (port, want) in [("tun", "1"), ("underlay", "17")] {
+    // (With DirectRouting the pods' traffic skips podwire: nothing to capture.)
+    let ports: &[(&str, &str)] = if opts.direct_routing {
+        &[]
+    } else {
+        &[("tun", "1"), ("underlay", "17")]
+    };
+    for &(port, want) in ports {
         let file = r.dir.join(format!("capture-{port}.pcap"));
         let got = ask(
             json!({"cmd": "capture", "port": port, "count": 10, "timeout_ms": 4000,
