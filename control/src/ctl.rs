@@ -235,15 +235,11 @@ fn tuple_json(t: &Tuple) -> Value {
     json!({"src": t.src.to_string(), "dst": t.dst.to_string(), "sport": t.sport, "dport": t.dport})
 }
 
-fn now_ms(flows: &Flows) -> u64 {
-    flows.now()
-}
-
 fn conntrack(state: &CtlState, f: &Filter) -> Value {
     let Some(flows) = &state.flows else {
         return json!({"error": "connection tracking is off (--conntrack off)"});
     };
-    let entries = flows.conntrack.entries(now_ms(flows));
+    let entries = flows.conntrack.entries(flows.now());
     let shown: Vec<Value> = entries
         .iter()
         .filter(|e| f.matches(e))
@@ -276,7 +272,7 @@ fn services(state: &CtlState) -> Value {
     // ESTABLISHED) and InActConn (any other TCP state; UDP flows count as active).
     let mut conns: HashMap<ServiceBinding, (u64, u64)> = HashMap::new();
     if let Some(flows) = &state.flows {
-        for e in flows.conntrack.entries(now_ms(flows)) {
+        for e in flows.conntrack.entries(flows.now()) {
             let Some(b) = e.service else { continue };
             let c = conns.entry(b).or_default();
             match e.tcp_state {

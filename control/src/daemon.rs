@@ -28,7 +28,7 @@ use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
 use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
-use podwire_dataplane::nat::{Algorithm, ServiceOptions, ServiceSpec, Services};
+use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
 use podwire_dataplane::route::Ipv4Net;
@@ -174,6 +174,15 @@ fn renew_at(own: &OwnLease, margin: Duration, ttl: Duration) -> Option<SystemTim
     Some(expires - margin.min(ttl / 2))
 }
 
+/// One snapshot of the services from the file and from the store.
+fn merged_services(
+    options: ServiceOptions,
+    file: &[ServiceSpec],
+    store: &[ServiceSpec],
+) -> Result<Services, ServiceError> {
+    Services::build(options, file.iter().chain(store).cloned().collect())
+}
+
 /// The control loop's state once forwarding runs.
 struct Control<'a> {
     store: Box<dyn Store>,
@@ -224,13 +233,11 @@ impl Control<'_> {
         if !changed {
             return;
         }
-        let specs: Vec<ServiceSpec> = self
-            .file_services
-            .iter()
-            .chain(&self.store_services)
-            .cloned()
-            .collect();
-        match Services::build(self.service_options, specs) {
+        match merged_services(
+            self.service_options,
+            &self.file_services,
+            &self.store_services,
+        ) {
             Ok(services) => {
                 let n = services.len();
                 let old = self.live.load();
@@ -491,12 +498,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
     }
     if services_src.is_some() || services_from_store {
-        let specs = file_services
-            .iter()
-            .chain(&store_services)
-            .cloned()
-            .collect();
-        let services = Services::build(service_options, specs).context("loading services")?;
+        let services = merged_services(service_options, &file_services, &store_services)
+            .context("loading services")?;
         health
             .services
             .store(services.len() as u64, Ordering::Relaxed);

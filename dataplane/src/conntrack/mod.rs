@@ -466,16 +466,14 @@ impl Conntrack {
         now: u64,
         plan: impl FnOnce(&Tuple) -> Result<NatPlan, ()>,
     ) -> Result<Tracked, CtError> {
+        let a = self.shard_of(t.client_endpoint(Dir::Original));
+        let b = self.shard_of(t.client_endpoint(Dir::Reply));
         if let L4::Tcp(seg) = l4 {
             if !tcp::valid_flags(seg.flags) {
-                self.lock(self.shard_of(t.client_endpoint(Dir::Original)))
-                    .counters
-                    .invalid += 1;
+                self.lock(a).counters.invalid += 1;
                 return Err(CtError::Invalid);
             }
         }
-        let a = self.shard_of(t.client_endpoint(Dir::Original));
-        let b = self.shard_of(t.client_endpoint(Dir::Reply));
         let hit = |s: &mut Shard| {
             let (slot, dir) = s.get(t, now)?;
             Some(self.update(s, slot, dir, l4, len, now))
@@ -719,49 +717,50 @@ impl Conntrack {
     /// `track`: their counters, the window they moved, and the expiry. What `track` would have
     /// done to each, with one lock instead of one per packet. Nothing if the connection is gone.
     pub fn credit(&self, t: &Tuple, packets: u64, bytes: u64, last: Option<&Segment>, now: u64) {
-        for probe in [Dir::Original, Dir::Reply] {
-            let mut s = self.lock(self.shard_of(t.client_endpoint(probe)));
-            let Some((slot, dir)) = s.get(t, now) else {
-                continue;
-            };
-            let timeout = {
-                let e = &mut s.entries[slot];
-                let d = dir as usize;
-                e.packets[d] += packets;
-                e.bytes[d] += bytes;
-                if let Some(seg) = last {
-                    tcp::track_window(&mut e.windows, dir, seg);
-                }
-                *e
-            };
-            s.entries[slot].expires = now + 1000 * u64::from(self.timeout(&timeout, now));
-            return;
-        }
+        self.with_entry(t, now, |s, slot, dir| {
+            let e = &mut s.entries[slot];
+            let d = dir as usize;
+            e.packets[d] += packets;
+            e.bytes[d] += bytes;
+            if let Some(seg) = last {
+                tcp::track_window(&mut e.windows, dir, seg);
+            }
+            let secs = self.timeout(e, now);
+            e.expires = now + 1000 * u64::from(secs);
+        });
     }
 
-    /// The connection a packet with tuple `t` belongs to, without touching its state: for ICMP
-    /// errors, which are matched through the packet they quote.
-    pub fn find(&self, t: &Tuple, now: u64) -> Option<(Dir, Tuple, Tuple)> {
-        for dir in [Dir::Original, Dir::Reply] {
-            let mut s = self.lock(self.shard_of(t.client_endpoint(dir)));
-            if let Some((slot, d)) = s.get(t, now) {
-                let e = &s.entries[slot];
-                return Some((d, e.tuples[d as usize], e.tuples[1 - d as usize]));
+    /// Runs `f` on the live entry that `t` names in either direction (probing the shard of
+    /// each direction's client endpoint), under its shard's lock.
+    fn with_entry<R>(
+        &self,
+        t: &Tuple,
+        now: u64,
+        mut f: impl FnMut(&mut Shard, usize, Dir) -> R,
+    ) -> Option<R> {
+        for probe in [Dir::Original, Dir::Reply] {
+            let mut s = self.lock(self.shard_of(t.client_endpoint(probe)));
+            if let Some((slot, dir)) = s.get(t, now) {
+                return Some(f(&mut s, slot, dir));
             }
         }
         None
     }
 
+    /// The connection a packet with tuple `t` belongs to, without touching its state: for ICMP
+    /// errors, which are matched through the packet they quote. Returns `t`'s direction's tuple
+    /// and the other direction's.
+    pub fn find(&self, t: &Tuple, now: u64) -> Option<(Tuple, Tuple)> {
+        self.with_entry(t, now, |s, slot, d| {
+            let e = &s.entries[slot];
+            (e.tuples[d as usize], e.tuples[1 - d as usize])
+        })
+    }
+
     /// Deletes the connection a tuple of either direction names.
     pub fn remove(&self, t: &Tuple) -> bool {
-        for dir in [Dir::Original, Dir::Reply] {
-            let mut s = self.lock(self.shard_of(t.client_endpoint(dir)));
-            if let Some(&v) = s.index.get(t) {
-                s.remove((v >> 1) as usize);
-                return true;
-            }
-        }
-        false
+        // At time 0 nothing counts as expired: the entry is removed, not reaped.
+        self.with_entry(t, 0, |s, slot, _| s.remove(slot)).is_some()
     }
 
     /// Reaps up to `budget` slots of the next shard: expired entries always, and when the

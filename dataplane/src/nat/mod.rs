@@ -258,16 +258,13 @@ impl Services {
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
-        let &idx = self
-            .by_key
-            .get(&key(t.dst, t.dport, t.proto))
-            .ok_or(NoBackend::NoService)?;
+        let k = key(t.dst, t.dport, t.proto);
+        let &idx = self.by_key.get(&k).ok_or(NoBackend::NoService)?;
         let svc = &self.services[idx as usize];
         let eps = &svc.spec.endpoints;
         if eps.is_empty() {
             return Err(NoBackend::NoEndpoints);
         }
-        let k = key(t.dst, t.dport, t.proto);
         let choose = || -> SocketAddrV4 {
             let h = flow_hash(t);
             match &svc.maglev {

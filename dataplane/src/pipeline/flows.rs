@@ -228,8 +228,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
     if let Some(run) = tr.run.as_mut().filter(|r| r.tuple == tuple && runs_on(&l4)) {
         if run.service.is_some_and(|b| !t.services.binding_alive(&b)) {
             tr.finish();
-            flows.conntrack.remove(&tuple);
-            return Err(Stop::Drop(DropReason::EndpointGone));
+            return Err(endpoint_gone(flows, &tuple));
         }
         run.packets += 1;
         run.bytes += pkt.len() as u64;
@@ -237,11 +236,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
             run.last = Some(seg);
         }
         let to = run.to;
-        if to == tuple {
-            return Ok(Outcome::Unchanged);
-        }
-        rewrite::apply(pkt, &tuple, &to);
-        return Ok(Outcome::Translated);
+        return Ok(translate(pkt, &tuple, &to));
     }
     tr.finish();
     let mut refusal = None;
@@ -267,10 +262,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
     };
     if let Some(binding) = tracked.service {
         if !t.services.binding_alive(&binding) {
-            // The backend is gone: forget the connection and drop rather than black-hole;
-            // the client's next packet starts over on a live backend, which resets it.
-            flows.conntrack.remove(&tuple);
-            return Err(Stop::Drop(DropReason::EndpointGone));
+            return Err(endpoint_gone(flows, &tuple));
         }
     } else if to_service && tracked.dir == Dir::Original {
         // A connection tracked before its ClusterIP became a service: not ours to guess.
@@ -286,11 +278,24 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
             last: None,
         });
     }
-    if tracked.to == tuple {
-        return Ok(Outcome::Unchanged);
+    Ok(translate(pkt, &tuple, &tracked.to))
+}
+
+/// A packet of a connection whose backend left its service: the connection is forgotten and
+/// the packet dropped rather than black-holed; the client's next packet starts over on a live
+/// backend, which resets it.
+fn endpoint_gone(flows: &Flows, tuple: &Tuple) -> Stop {
+    flows.conntrack.remove(tuple);
+    Stop::Drop(DropReason::EndpointGone)
+}
+
+/// Rewrites `pkt` from tuple `from` to `to`, if they differ.
+fn translate(pkt: &mut [u8], from: &Tuple, to: &Tuple) -> Outcome {
+    if from == to {
+        return Outcome::Unchanged;
     }
-    rewrite::apply(pkt, &tuple, &tracked.to);
-    Ok(Outcome::Translated)
+    rewrite::apply(pkt, from, to);
+    Outcome::Translated
 }
 
 /// An ICMP error is RELATED to the connection of the packet it quotes; a translated connection
@@ -305,16 +310,16 @@ fn related_icmp_error(flows: &Flows, now: u64, pkt: &mut [u8]) -> Outcome {
         };
         (p.src(), p.dst(), it)
     };
-    let Some(inv) = quoted.invert() else {
-        return Outcome::Unchanged;
-    };
-    let Some((_, this_dir, other_dir)) = flows.conntrack.find(&inv, now) else {
-        return Outcome::Unchanged;
-    };
     // netfilter: RELATED only if the error goes to the quoted packet's sender.
     if outer_dst != quoted.src {
         return Outcome::Unchanged;
     }
+    let Some(inv) = quoted.invert() else {
+        return Outcome::Unchanged;
+    };
+    let Some((this_dir, other_dir)) = flows.conntrack.find(&inv, now) else {
+        return Outcome::Unchanged;
+    };
     let Some(to) = other_dir.invert() else {
         return Outcome::Unchanged;
     };
