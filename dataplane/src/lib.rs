@@ -11,6 +11,7 @@
 //! and swaps them in.
 
 pub mod batch;
+pub mod bridge;
 pub mod capture;
 pub mod conntrack;
 pub mod nat;

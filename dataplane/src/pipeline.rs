@@ -82,10 +82,18 @@ pub enum DropReason {
     Fragmented,
     /// No free source port for a hairpin connection's SNAT.
     SnatPortsExhausted,
+    /// An Ethernet frame whose source MAC is multicast or all zeros (L2 mode).
+    InvalidSourceMac,
+    /// A frame to an IEEE link-local group (STP, LACP, 802.1X), which bridges never forward
+    /// (L2 mode).
+    LinkLocal,
+    /// A frame whose destination sits behind the port it came in by, which is not in hairpin
+    /// mode (L2 mode).
+    Hairpin,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 23;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
@@ -107,6 +115,9 @@ impl DropReason {
         DropReason::EndpointGone,
         DropReason::Fragmented,
         DropReason::SnatPortsExhausted,
+        DropReason::InvalidSourceMac,
+        DropReason::LinkLocal,
+        DropReason::Hairpin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +142,9 @@ impl DropReason {
             DropReason::EndpointGone => "endpoint_gone",
             DropReason::Fragmented => "fragment_to_service",
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
+            DropReason::InvalidSourceMac => "invalid_source_mac",
+            DropReason::LinkLocal => "link_local",
+            DropReason::Hairpin => "hairpin",
         }
     }
 

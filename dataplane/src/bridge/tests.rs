@@ -1,0 +1,292 @@
+use super::*;
+
+const A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
+const B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+const C: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc];
+const BCAST: [u8; 6] = [0xff; 6];
+const VTEP1: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 11);
+const VTEP2: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 12);
+
+fn frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.resize(60, 0);
+    f
+}
+
+fn bridge_with(ports: usize, config: Config) -> (Bridge, Vec<PortId>) {
+    let mut b = Bridge::new(config, 16);
+    let ids = (0..ports)
+        .map(|_| b.add_port(PortOptions::default()).unwrap())
+        .collect();
+    (b, ids)
+}
+
+fn flood_set(b: &Bridge, from: Station) -> Vec<PortId> {
+    b.flood_ports(from).collect()
+}
+
+#[test]
+fn test_unknown_unicast_floods_then_learned_station_gets_it_alone() {
+    let (mut b, p) = bridge_with(3, Config::default());
+    // A (on p0) talks to unknown B: flooded to p1 and p2, and A is learned.
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 0), Decision::Flood);
+    assert_eq!(flood_set(&b, Station::Port(p[0])), vec![p[1], p[2]]);
+    assert_eq!(b.lookup(&A, 0), Some(Station::Port(p[0])));
+    // B answers from p1: unicast to p0 only; B learned.
+    assert_eq!(b.input(Station::Port(p[1]), &frame(A, B), 1), Decision::Port(p[0]));
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 2), Decision::Port(p[1]));
+    let c = b.take_counts();
+    assert_eq!((c.learned, c.flooded, c.moved), (2, 1, 0));
+}
+
+#[test]
+fn test_broadcast_and_multicast_flood_to_all_but_ingress_and_to_every_vtep() {
+    let (mut b, p) = bridge_with(3, Config::default());
+    b.set_vteps(&[VTEP2, VTEP1, VTEP1]);
+    assert_eq!(b.vteps(), &[VTEP1, VTEP2]);
+    let mcast = [0x01, 0x00, 0x5e, 0, 0, 1];
+    for dst in [BCAST, mcast] {
+        assert_eq!(b.input(Station::Port(p[1]), &frame(dst, A), 0), Decision::Flood);
+    }
+    assert_eq!(flood_set(&b, Station::Port(p[1])), vec![p[0], p[2]]);
+    assert!(Bridge::floods_to_tunnel(Station::Port(p[1])));
+    // From the tunnel: every local port, never back into the tunnel.
+    assert_eq!(b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0), Decision::Flood);
+    assert_eq!(flood_set(&b, Station::Remote(VTEP1)), p);
+    assert!(!Bridge::floods_to_tunnel(Station::Remote(VTEP1)));
+}
+
+#[test]
+fn test_remote_stations_are_learned_per_vtep_and_not_sent_back_into_the_tunnel() {
+    let (mut b, p) = bridge_with(2, Config::default());
+    b.set_vteps(&[VTEP1, VTEP2]);
+    b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0);
+    assert_eq!(b.lookup(&B, 0), Some(Station::Remote(VTEP1)));
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 1), Decision::Remote(VTEP1));
+    // A frame from VTEP2 for B (behind VTEP1) would go back into the tunnel: dropped.
+    assert_eq!(
+        b.input(Station::Remote(VTEP2), &frame(B, C), 2),
+        Decision::Drop(DropReason::Hairpin)
+    );
+    // B moves to VTEP2.
+    b.input(Station::Remote(VTEP2), &frame(A, B), 3);
+    assert_eq!(b.lookup(&B, 3), Some(Station::Remote(VTEP2)));
+    assert_eq!(b.take_counts().moved, 1);
+    // VTEP2 leaves the cluster: its stations go with it.
+    b.set_vteps(&[VTEP1]);
+    assert_eq!(b.lookup(&B, 3), None);
+}
+
+#[test]
+fn test_tunnel_learning_can_be_off() {
+    let config = Config {
+        tunnel_learning: false,
+        ..Config::default()
+    };
+    let (mut b, p) = bridge_with(1, config);
+    b.set_vteps(&[VTEP1]);
+    b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0);
+    assert_eq!(b.lookup(&B, 0), None);
+    b.add_static(MacAddr(B), Station::Remote(VTEP1)).unwrap();
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 0), Decision::Remote(VTEP1));
+}
+
+#[test]
+fn test_a_station_moving_ports_moves_its_entry() {
+    let (mut b, p) = bridge_with(3, Config::default());
+    b.input(Station::Port(p[0]), &frame(BCAST, A), 0);
+    b.input(Station::Port(p[2]), &frame(BCAST, A), 5);
+    assert_eq!(b.lookup(&A, 5), Some(Station::Port(p[2])));
+    assert_eq!(b.input(Station::Port(p[1]), &frame(A, B), 6), Decision::Port(p[2]));
+    assert_eq!(b.take_counts().moved, 1);
+    assert_eq!(b.learned(), 2);
+}
+
+#[test]
+fn test_static_entries_neither_move_nor_age() {
+    let (mut b, p) = bridge_with(2, Config::default());
+    b.add_static(MacAddr(A), Station::Port(p[0])).unwrap();
+    b.input(Station::Port(p[1]), &frame(BCAST, A), 0);
+    assert_eq!(b.lookup(&A, 0), Some(Station::Port(p[0])));
+    let later = 10 * Config::default().ageing_ms;
+    assert_eq!(b.age(later, 1000), 0);
+    assert_eq!(b.lookup(&A, later), Some(Station::Port(p[0])));
+    assert!(b.remove_static(MacAddr(A)));
+    assert!(!b.remove_static(MacAddr(A)));
+    assert!(b.add_static(MacAddr(BCAST), Station::Port(p[0])).is_err());
+    assert!(b.add_static(MacAddr(B), Station::Port(PortId(99))).is_err());
+}
+
+#[test]
+fn test_ageing_with_an_injected_clock() {
+    let config = Config {
+        ageing_ms: 1000,
+        ..Config::default()
+    };
+    let (mut b, p) = bridge_with(2, config);
+    b.input(Station::Port(p[0]), &frame(BCAST, A), 0);
+    b.input(Station::Port(p[1]), &frame(BCAST, B), 0);
+    // A is seen again at 600, B is not.
+    b.input(Station::Port(p[0]), &frame(BCAST, A), 600);
+    assert_eq!(b.lookup(&B, 999), Some(Station::Port(p[1])));
+    assert_eq!(b.lookup(&B, 1000), None, "expired on lookup");
+    // Forwarding to an expired station floods again and reclaims the entry.
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 1000), Decision::Flood);
+    assert_eq!(b.learned(), 1);
+    // That frame refreshed A (seen at 1000); the collector reclaims it once it ages out.
+    assert_eq!(b.age(1999, usize::MAX), 0);
+    assert_eq!(b.age(2000, usize::MAX), 1);
+    assert!(b.is_empty());
+    assert_eq!(b.take_counts().aged, 2);
+}
+
+#[test]
+fn test_incremental_ageing_visits_every_slot() {
+    let config = Config {
+        ageing_ms: 10,
+        max_learned: 100,
+        ..Config::default()
+    };
+    let (mut b, p) = bridge_with(1, config);
+    for i in 0..100u8 {
+        b.input(Station::Port(p[0]), &frame(BCAST, [2, 0, 0, 0, 1, i]), 0);
+    }
+    assert_eq!(b.learned(), 100);
+    let mut removed = 0;
+    for _ in 0..20 {
+        removed += b.age(50, 7);
+    }
+    assert_eq!(removed, 100);
+    assert!(b.is_empty());
+}
+
+#[test]
+fn test_a_mac_flood_neither_grows_the_table_nor_evicts_static_or_known_stations() {
+    let config = Config {
+        max_learned: 1000,
+        ..Config::default()
+    };
+    let (mut b, p) = bridge_with(3, config);
+    b.add_static(MacAddr(C), Station::Port(p[2])).unwrap();
+    b.input(Station::Port(p[1]), &frame(BCAST, B), 0);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..20_000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut src = seed.to_be_bytes()[..6].try_into().unwrap();
+        let src: &mut [u8; 6] = &mut src;
+        src[0] &= 0xfe; // unicast
+        src[0] |= 0x02;
+        let d = b.input(Station::Port(p[0]), &frame(A, *src), 1);
+        assert_eq!(d, Decision::Flood);
+    }
+    assert_eq!(b.learned(), 1000);
+    assert_eq!(b.len(), 1001);
+    assert!(b.take_counts().learn_refused >= 20_000 - 1000);
+    assert_eq!(b.input(Station::Port(p[0]), &frame(C, A), 2), Decision::Port(p[2]));
+    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 2), Decision::Port(p[1]));
+}
+
+#[test]
+fn test_hairpin_is_off_by_default_and_can_be_switched_on() {
+    let mut b = Bridge::new(Config::default(), 0);
+    let p0 = b.add_port(PortOptions::default()).unwrap();
+    let hp = b
+        .add_port(PortOptions {
+            hairpin: true,
+            ..PortOptions::default()
+        })
+        .unwrap();
+    b.input(Station::Port(p0), &frame(BCAST, A), 0);
+    b.input(Station::Port(p0), &frame(BCAST, B), 0);
+    assert_eq!(
+        b.input(Station::Port(p0), &frame(B, A), 0),
+        Decision::Drop(DropReason::Hairpin)
+    );
+    b.input(Station::Port(hp), &frame(BCAST, C), 0);
+    assert_eq!(flood_set(&b, Station::Port(hp)), vec![p0, hp]);
+    b.input(Station::Port(hp), &frame(BCAST, A), 0);
+    assert_eq!(b.input(Station::Port(hp), &frame(C, A), 0), Decision::Port(hp));
+}
+
+#[test]
+fn test_invalid_sources_short_frames_and_link_local_groups() {
+    let mut b = Bridge::new(Config::default(), 0);
+    let pod = b.add_port(PortOptions::default()).unwrap();
+    let host = b
+        .add_port(PortOptions {
+            host: true,
+            ..PortOptions::default()
+        })
+        .unwrap();
+    let stp = [0x01, 0x80, 0xc2, 0, 0, 0];
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(B, BCAST), 0),
+        Decision::Drop(DropReason::InvalidSourceMac)
+    );
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(B, [0; 6]), 0),
+        Decision::Drop(DropReason::InvalidSourceMac)
+    );
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(B, A)[..13], 0),
+        Decision::Drop(DropReason::Truncated)
+    );
+    assert_eq!(b.input(Station::Port(pod), &frame(stp, A), 0), Decision::Port(host));
+    assert_eq!(
+        b.input(Station::Port(host), &frame(stp, B), 0),
+        Decision::Drop(DropReason::LinkLocal)
+    );
+    // 01:80:c2:00:00:10 is outside the reserved block: an ordinary multicast.
+    let not_reserved = [0x01, 0x80, 0xc2, 0, 0, 0x10];
+    assert_eq!(b.input(Station::Port(pod), &frame(not_reserved, A), 0), Decision::Flood);
+    assert!(b.is_empty() || b.lookup(&A, 0).is_some());
+}
+
+#[test]
+fn test_removing_a_port_flushes_its_entries_and_frees_its_id() {
+    let (mut b, p) = bridge_with(3, Config::default());
+    b.input(Station::Port(p[1]), &frame(BCAST, A), 0);
+    b.add_static(MacAddr(B), Station::Port(p[1])).unwrap();
+    b.remove_port(p[1]).unwrap();
+    assert_eq!(b.lookup(&A, 0), None);
+    assert_eq!(b.lookup(&B, 0), None);
+    assert_eq!(flood_set(&b, Station::Port(p[0])), vec![p[2]]);
+    assert_eq!(b.remove_port(p[1]), Err(BridgeError::NoSuchPort(p[1].0)));
+    assert_eq!(b.remove_port(TUNNEL), Err(BridgeError::NoSuchPort(0)));
+    assert_eq!(b.add_port(PortOptions::default()).unwrap(), p[1]);
+    // A frame from a port that no longer exists is not forwarded.
+    b.remove_port(p[2]).unwrap();
+    assert_eq!(
+        b.input(Station::Port(p[2]), &frame(BCAST, C), 0),
+        Decision::Drop(DropReason::NoRoute)
+    );
+}
+
+#[test]
+fn test_entries_view_lists_dynamic_and_static_with_idle_time() {
+    let (mut b, p) = bridge_with(1, Config::default());
+    b.set_vteps(&[VTEP1]);
+    b.input(Station::Port(p[0]), &frame(BCAST, A), 100);
+    b.add_static(MacAddr(B), Station::Remote(VTEP1)).unwrap();
+    let v = b.entries(400);
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[0].mac, MacAddr(A));
+    assert_eq!((v[0].kind, v[0].idle_ms), (EntryKind::Dynamic, 300));
+    assert_eq!(v[1].station, Station::Remote(VTEP1));
+    assert_eq!(v[1].kind, EntryKind::Static);
+    assert_eq!(v[1].vni, 1);
+}
+
+#[test]
+fn test_ports_are_bounded() {
+    let mut b = Bridge::new(Config::default(), 0);
+    for _ in 0..MAX_PORTS {
+        b.add_port(PortOptions::default()).unwrap();
+    }
+    assert_eq!(b.add_port(PortOptions::default()), Err(BridgeError::TooManyPorts));
+}
