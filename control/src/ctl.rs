@@ -7,9 +7,13 @@
 //! Commands: `subnets` (the live map, our lease's expiry), `conntrack` (filters: `addr`,
 //! `port`, `state`, `proto`), `services` (endpoints with active and inactive connections),
 //! `stats` (per worker counters and drops, with rates since the previous `stats`), `capture`
-//! (a pcap of what the TUN or the underlay socket receives).
+//! (a pcap of what the TUN or the underlay socket receives), and in L2 mode `fdb` (like `bridge
+//! fdb show`), `attach` and `detach` (a pod's TAP interface).
 
 use crate::health::Health;
+use crate::l2::{self, Attach};
+use podwire_dataplane::bridge::{EntryKind, Station};
+use podwire_dataplane::worker::l2::{FdbDump, L2Handle};
 use arc_swap::ArcSwap;
 use podwire_dataplane::capture::{Capture, CapturePoint};
 use podwire_dataplane::conntrack::{
@@ -60,6 +64,17 @@ pub struct CtlState {
     pub health: Arc<Health>,
     /// The previous `stats` answer's time and counters, for rates.
     last_stats: Mutex<Option<(Instant, Vec<LocalStats>)>>,
+    /// The bridge, in L2 mode.
+    pub l2: Option<L2Ctl>,
+}
+
+/// What ctl needs of the L2 worker: its handle, and what a pod's interface gets.
+pub struct L2Ctl {
+    pub handle: L2Handle,
+    /// The pods' MTU (the underlay's minus VXLAN's 50 bytes).
+    pub mtu: u32,
+    /// The node's gateway address (the host port's), the pods' default route.
+    pub gateway: Ipv4Addr,
 }
 
 impl CtlState {
@@ -77,7 +92,14 @@ impl CtlState {
             workers,
             health,
             last_stats: Mutex::new(None),
+            l2: None,
         }
+    }
+
+    /// Adds the bridge's commands (L2 mode).
+    pub fn with_l2(mut self, l2: Option<L2Ctl>) -> CtlState {
+        self.l2 = l2;
+        self
     }
 }
 
@@ -133,11 +155,84 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
         Some("services") => services(state),
         Some("stats") => stats(state),
         Some("capture") => capture(req, state).unwrap_or_else(|e| json!({"error": e})),
-        Some("fdb") => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
+        Some(cmd @ ("fdb" | "attach" | "detach")) => match &state.l2 {
+            None => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
+            Some(l2) => l2_command(cmd, req, l2).unwrap_or_else(|e| json!({"error": e})),
+        },
         other => {
-            json!({"error": format!("unknown command {other:?}: subnets, conntrack, services, stats, capture")})
+            json!({"error": format!("unknown command {other:?}: subnets, conntrack, services, stats, capture, fdb, attach, detach")})
         }
     }
+}
+
+fn l2_command(cmd: &str, req: &Value, l2: &L2Ctl) -> Result<Value, String> {
+    let netns = req["netns"].as_str().unwrap_or_default().to_string();
+    match cmd {
+        "fdb" => l2.handle.dump().map(|d| fdb_json(&d)).map_err(|e| e.to_string()),
+        "detach" => match l2.handle.detach(&netns) {
+            Ok(true) => Ok(json!({"detached": netns})),
+            Ok(false) => Err(format!("no pod attached from netns {netns:?}")),
+            Err(e) => Err(e.to_string()),
+        },
+        _ => {
+            let field = |k: &str| req[k].as_str().filter(|s| !s.is_empty());
+            fn parsed<T: std::str::FromStr>(req: &Value, k: &str) -> Result<Option<T>, String> {
+                req[k]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(|v| v.parse().map_err(|_| format!("{k}: cannot parse {v:?}")))
+                    .transpose()
+            }
+            let attach = Attach {
+                netns,
+                ip: field("ip")
+                    .ok_or("attach needs ip (ADDRESS/PREFIX)")?
+                    .parse()?,
+                mac: parsed(req, "mac")?,
+                ifname: field("ifname").unwrap_or("eth0").to_string(),
+                gateway: parsed(req, "gateway")?,
+            };
+            let a = l2::attach(&l2.handle, &attach, l2.mtu, l2.gateway).map_err(|e| e.to_string())?;
+            Ok(json!({
+                "netns": attach.netns, "ifname": attach.ifname, "ip": attach.ip.to_string(),
+                "mac": a.mac.to_string(), "port": a.port.0, "device": a.device, "mtu": l2.mtu,
+            }))
+        }
+    }
+}
+
+fn fdb_json(d: &FdbDump) -> Value {
+    let port_name = |id: u16| {
+        d.ports
+            .iter()
+            .find(|p| p.id.0 == id)
+            .map_or_else(|| format!("port{id}"), |p| p.label.clone())
+    };
+    let mut entries: Vec<Value> = d
+        .entries
+        .iter()
+        .map(|e| {
+            let (port, dst) = match e.station {
+                Station::Port(p) => (port_name(p.0), None),
+                Station::Remote(ip) => ("vxlan".to_string(), Some(ip.to_string())),
+            };
+            json!({
+                "mac": e.mac.to_string(), "port": port, "dst": dst, "vni": e.vni,
+                "static": e.kind == EntryKind::Static, "idle_ms": e.idle_ms,
+            })
+        })
+        .collect();
+    // A kernel VXLAN FDB's default entries: unknown and BUM traffic to every VTEP.
+    entries.extend(d.vteps.iter().map(|ip| {
+        json!({"mac": "00:00:00:00:00:00", "port": "vxlan", "dst": ip.to_string(),
+               "vni": d.entries.first().map_or(0, |e| e.vni), "static": true, "idle_ms": 0})
+    }));
+    let ports: Vec<Value> = d
+        .ports
+        .iter()
+        .map(|p| json!({"port": p.id.0, "label": p.label, "device": p.device}))
+        .collect();
+    json!({"entries": entries, "ports": ports})
 }
 
 fn subnets(state: &CtlState) -> Value {
@@ -429,6 +524,33 @@ pub fn render(cmd: &str, v: &Value) -> String {
     let mut out = String::new();
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
     match cmd {
+        "fdb" => {
+            // As `bridge fdb show` prints a bridge with a VXLAN port.
+            for e in v["entries"].as_array().into_iter().flatten() {
+                let mut line = format!("{} dev {}", s(&e["mac"]), s(&e["port"]));
+                if let Some(dst) = e["dst"].as_str() {
+                    line.push_str(&format!(" dst {dst} vni {}", e["vni"]));
+                }
+                if e["static"].as_bool() == Some(true) {
+                    line.push_str(" static");
+                } else {
+                    let idle = e["idle_ms"].as_u64().unwrap_or(0) / 1000;
+                    line.push_str(&format!(" used {idle}"));
+                }
+                out.push_str(&line);
+                out.push_str(" master podwire\n");
+            }
+        }
+        "attach" => out.push_str(&format!(
+            "attached {} in {} as {} ({}, mtu {}, bridge port {})\n",
+            s(&v["ip"]),
+            s(&v["netns"]),
+            s(&v["ifname"]),
+            s(&v["mac"]),
+            v["mtu"],
+            v["port"]
+        )),
+        "detach" => out.push_str(&format!("detached {}\n", s(&v["detached"]))),
         "subnets" => {
             out.push_str(&format!("network {}\n", s(&v["network"])));
             out.push_str(&format!(

@@ -26,6 +26,7 @@ use podwire::services::{self, ServicesFile};
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use podwire::subnet_env::{self, SubnetEnv};
 use podwire::tables;
+use podwire_dataplane::bridge::{self, Bridge};
 use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
@@ -85,7 +86,22 @@ pub struct RunOptions {
     pub service_lb: Algorithm,
     /// Where `podwire ctl` finds us.
     pub ctl_socket: Option<PathBuf>,
+    /// L2 mode (`--mode l2`): podwire is the node's bridge; None: routed mode through the TUN.
+    pub l2: Option<L2Options>,
 }
+
+/// `--mode l2`'s settings.
+#[derive(Debug, Clone)]
+pub struct L2Options {
+    /// Ageing, FDB bound and tunnel learning (the VNI comes from the network config).
+    pub bridge: bridge::Config,
+    /// Name of the host's bridge port (a TAP device carrying the node's gateway address).
+    pub host_port: String,
+}
+
+/// Static FDB entries the bridge has room for beyond its learned ones: the pods' and the
+/// other nodes' host ports.
+const L2_STATIC_ROOM: usize = 4096;
 
 /// Smallest underlay MTU that leaves IPv4 pods the 576 bytes every host must accept.
 const MIN_UNDERLAY_MTU: u32 = 576 + 28;
@@ -453,126 +469,187 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
 
     let workers = opts.workers.max(1);
-    let (queues, tun_name, offload) = tun::open(
-        opts.tun_name.as_deref().unwrap_or(&default_tun),
-        workers,
-        opts.tun_offload,
-    )?;
-    if opts.tun_offload && !offload {
-        tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
-    }
-    netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
-    if opts.ip_masq {
-        let services = (opts.conntrack
-            && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
-        .then_some(opts.service_cidr);
-        masq::install(config.network, lease, services)?;
-        tracing::info!(
-            table = masq::TABLE,
-            "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
-        );
-    }
     let service_options = ServiceOptions {
         algorithm: opts.service_lb,
         ..ServiceOptions::new(opts.service_cidr)
     };
-    let mut services_src = opts.services_file.as_deref().map(ServicesFile::new);
-    let services_from_store = matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack;
+    let mut services_src = None;
+    let mut services_from_store = false;
     let mut file_services = Vec::new();
     let mut store_services = Vec::new();
-    let mut initial = initial;
-    if let Some(src) = services_src.as_mut() {
-        if !opts.conntrack {
-            bail!("services need connection tracking: drop --conntrack off");
-        }
-        file_services = src
-            .poll()?
-            .context("services file vanished while starting")?;
-    }
-    if services_from_store {
-        match store.services() {
-            Ok(items) => store_services = services::parse_etcd(&items.unwrap_or_default()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
-            }
-        }
-    }
-    if services_src.is_some() || services_from_store {
-        let services = merged_services(service_options, &file_services, &store_services)
-            .context("loading services")?;
-        health
-            .services
-            .store(services.len() as u64, Ordering::Relaxed);
-        initial.services = Arc::new(services);
-    }
-    // The service range is routed into podwire: ClusterIPs, and the hairpin address that
-    // local backends answer.
-    let service_route =
-        (services_src.is_some() || services_from_store).then(|| opts.service_cidr.to_string());
-    if let Some(cidr) = &service_route {
-        netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
-        tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
-    }
-    let flows = opts
-        .conntrack
-        .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
-    if let Some(f) = &flows {
-        health.set_flows(Arc::clone(f));
-    }
-    let bind = SocketAddrV4::new(iface.addr, port);
-    let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
-    let mut ports = Vec::with_capacity(workers);
-    for tun in queues {
-        let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
-        // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
-        // the raw socket (per-flow source ports) cannot use GSO.
-        udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
-        let raw = if vxlan && !opts.vxlan_via_socket {
-            Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
-        } else {
-            None
-        };
-        let mut vxlan_tx = Vec::new();
-        if vxlan && opts.vxlan_via_socket {
-            // Ephemeral source ports on the underlay address: flows spread over them by hash.
-            for _ in 0..opts.vxlan_tx_sockets {
-                let mut s = UdpPort::bind(
-                    SocketAddrV4::new(iface.addr, 0),
-                    opts.worker.batch_size,
-                    opts.socket_buffer,
-                )?;
-                s.set_gso(opts.udp_gso);
-                vxlan_tx.push(s);
-            }
-        }
-        ports.push(WorkerPorts {
-            tun,
-            udp,
-            raw,
-            vxlan_tx,
-        });
-    }
-
-    let direct = match config.backend {
-        BackendConfig::Vxlan {
-            direct_routing: true,
-            ..
-        } => {
-            let mut d = netdev::DirectRoutes::new(iface.clone());
-            d.sync(initial.local.subnet, initial.map.nodes());
-            Some(d)
-        }
-        _ => None,
-    };
-    let live = Arc::new(ArcSwap::from_pointee(initial));
+    let mut service_route = None;
+    let mut direct = None;
+    let mut flows = None;
+    let mut l2_handle = None;
     let capture = Arc::new(Capture::default());
-    let pool = WorkerPool::start(
-        opts.worker.clone(),
-        Arc::clone(&live),
-        flows.clone(),
-        Arc::clone(&capture),
-        ports,
-    )?;
+    let live;
+    let pool;
+    let device;
+    let offload;
+    if let Some(l2) = &opts.l2 {
+        let Encap::Vxlan { vni, local_mac } = initial.encap else {
+            bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
+        };
+        if matches!(config.backend, BackendConfig::Vxlan { direct_routing: true, .. }) {
+            bail!("--mode l2 does not support DirectRouting (pods share one L2 domain over VXLAN)");
+        }
+        if opts.ip_masq || opts.services_file.is_some() {
+            bail!("--mode l2 does not do --ip-masq or --services yet");
+        }
+        let gateway = lease.nth(1);
+        let host_addr = podwire::l2::IfAddr {
+            addr: gateway,
+            prefix: config.network.prefix(),
+        };
+        let host = podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu)?;
+        device = host.name().to_string();
+        offload = false;
+        let udp = UdpPort::bind(
+            SocketAddrV4::new(iface.addr, port),
+            opts.worker.batch_size,
+            opts.socket_buffer,
+        )?;
+        let bridge = Bridge::new(
+            bridge::Config {
+                vni: vni.get(),
+                ..l2.bridge.clone()
+            },
+            L2_STATIC_ROOM,
+        );
+        live = Arc::new(ArcSwap::from_pointee(initial));
+        let (p, handle) = WorkerPool::start_l2(
+            opts.worker.clone(),
+            bridge,
+            Arc::clone(&live),
+            host,
+            local_mac,
+            udp,
+        )?;
+        pool = p;
+        health.set_fdb_entries(Arc::clone(&handle.fdb_entries));
+        tracing::info!(bridge_port = %device, %host_addr, %vni, ageing_s = l2.bridge.ageing_ms / 1000, fdb_max = l2.bridge.max_learned, "L2 mode: podwire is the node's bridge");
+        l2_handle = Some(ctl::L2Ctl {
+            handle,
+            mtu: tun_mtu,
+            gateway,
+        });
+    } else {
+        let (queues, tun_name, tun_offload) = tun::open(
+            opts.tun_name.as_deref().unwrap_or(&default_tun),
+            workers,
+            opts.tun_offload,
+        )?;
+        offload = tun_offload;
+        device = tun_name.clone();
+        if opts.tun_offload && !offload {
+            tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
+        }
+        netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
+        if opts.ip_masq {
+            let services = (opts.conntrack
+                && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
+            .then_some(opts.service_cidr);
+            masq::install(config.network, lease, services)?;
+            tracing::info!(
+                table = masq::TABLE,
+                "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
+            );
+        }
+        services_src = opts.services_file.as_deref().map(ServicesFile::new);
+        services_from_store = matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack;
+        let mut initial = initial;
+        if let Some(src) = services_src.as_mut() {
+            if !opts.conntrack {
+                bail!("services need connection tracking: drop --conntrack off");
+            }
+            file_services = src
+                .poll()?
+                .context("services file vanished while starting")?;
+        }
+        if services_from_store {
+            match store.services() {
+                Ok(items) => store_services = services::parse_etcd(&items.unwrap_or_default()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
+                }
+            }
+        }
+        if services_src.is_some() || services_from_store {
+            let services = merged_services(service_options, &file_services, &store_services)
+                .context("loading services")?;
+            health
+                .services
+                .store(services.len() as u64, Ordering::Relaxed);
+            initial.services = Arc::new(services);
+        }
+        // The service range is routed into podwire: ClusterIPs, and the hairpin address that
+        // local backends answer.
+        service_route =
+            (services_src.is_some() || services_from_store).then(|| opts.service_cidr.to_string());
+        if let Some(cidr) = &service_route {
+            netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
+            tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
+        }
+        flows = opts
+            .conntrack
+            .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
+        if let Some(f) = &flows {
+            health.set_flows(Arc::clone(f));
+        }
+        let bind = SocketAddrV4::new(iface.addr, port);
+        let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
+        let mut ports = Vec::with_capacity(workers);
+        for tun in queues {
+            let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
+            // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
+            // the raw socket (per-flow source ports) cannot use GSO.
+            udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
+            let raw = if vxlan && !opts.vxlan_via_socket {
+                Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
+            } else {
+                None
+            };
+            let mut vxlan_tx = Vec::new();
+            if vxlan && opts.vxlan_via_socket {
+                // Ephemeral source ports on the underlay address: flows spread over them by hash.
+                for _ in 0..opts.vxlan_tx_sockets {
+                    let mut s = UdpPort::bind(
+                        SocketAddrV4::new(iface.addr, 0),
+                        opts.worker.batch_size,
+                        opts.socket_buffer,
+                    )?;
+                    s.set_gso(opts.udp_gso);
+                    vxlan_tx.push(s);
+                }
+            }
+            ports.push(WorkerPorts {
+                tun,
+                udp,
+                raw,
+                vxlan_tx,
+            });
+        }
+
+        direct = match config.backend {
+            BackendConfig::Vxlan {
+                direct_routing: true,
+                ..
+            } => {
+                let mut d = netdev::DirectRoutes::new(iface.clone());
+                d.sync(initial.local.subnet, initial.map.nodes());
+                Some(d)
+            }
+            _ => None,
+        };
+        live = Arc::new(ArcSwap::from_pointee(initial));
+        pool = WorkerPool::start(
+            opts.worker.clone(),
+            Arc::clone(&live),
+            flows.clone(),
+            Arc::clone(&capture),
+            ports,
+        )?;
+    }
     health.set_workers(pool.shared_stats());
     if let Some(path) = &opts.ctl_socket {
         let state = CtlState::new(
@@ -581,7 +658,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             capture,
             pool.shared_stats(),
             Arc::clone(&health),
-        );
+        )
+        .with_l2(l2_handle);
         ctl::serve(path, Arc::new(state))?;
         tracing::info!(socket = %path.display(), "podwire ctl answers here");
     }
@@ -596,7 +674,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .write(&opts.subnet_file)
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
     health.subnet_env_written.store(true, Ordering::Relaxed);
-    tracing::info!(tun = %tun_name, mtu = tun_mtu, tun_offload = offload, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
+    let bind = SocketAddrV4::new(iface.addr, port);
+    tracing::info!(%device, mtu = tun_mtu, tun_offload = offload, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
 
     let mut control = Control {
         store,
@@ -621,7 +700,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         d.clear();
     }
     if let Some(cidr) = &service_route {
-        let _ = netdev::ip(&["route", "del", cidr, "dev", &tun_name]);
+        let _ = netdev::ip(&["route", "del", cidr, "dev", &device]);
     }
     if let Some(path) = &opts.ctl_socket {
         let _ = std::fs::remove_file(path);

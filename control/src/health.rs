@@ -38,6 +38,7 @@ pub struct Health {
     pub service_updates: AtomicU64,
     workers: OnceLock<Vec<Arc<SharedStats>>>,
     flows: OnceLock<Arc<Flows>>,
+    fdb_entries: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Health {
@@ -49,6 +50,11 @@ impl Health {
     /// Hands the connection table to the endpoint.
     pub fn set_flows(&self, flows: Arc<Flows>) {
         let _ = self.flows.set(flows);
+    }
+
+    /// Hands the bridge's FDB size (L2 mode) to the endpoint.
+    pub fn set_fdb_entries(&self, entries: Arc<AtomicU64>) {
+        let _ = self.fdb_entries.set(entries);
     }
 
     pub fn set_lease_expiry(&self, expires: Option<SystemTime>) {
@@ -85,6 +91,8 @@ impl Health {
             (Counter::RxUnderlay, "podwire_rx_packets_total", "underlay"),
             (Counter::TxTun, "podwire_tx_packets_total", "tun"),
             (Counter::TxUnderlay, "podwire_tx_packets_total", "underlay"),
+            (Counter::RxTap, "podwire_rx_packets_total", "tap"),
+            (Counter::TxTap, "podwire_tx_packets_total", "tap"),
         ];
         let mut out = String::with_capacity(4096);
         let mut fam = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
@@ -132,6 +140,31 @@ impl Health {
                 Counter::IdleSleeps,
                 "podwire_idle_sleeps_total",
                 "Times a worker found no work and slept in epoll.",
+            ),
+            (
+                Counter::Flooded,
+                "podwire_bridge_flooded_total",
+                "Frames the bridge flooded (unknown unicast, broadcast, multicast).",
+            ),
+            (
+                Counter::FdbLearned,
+                "podwire_fdb_learned_total",
+                "Stations learned into the bridge's FDB.",
+            ),
+            (
+                Counter::FdbMoved,
+                "podwire_fdb_moved_total",
+                "FDB stations that moved to another port or VTEP.",
+            ),
+            (
+                Counter::FdbAged,
+                "podwire_fdb_aged_total",
+                "FDB entries removed by ageing.",
+            ),
+            (
+                Counter::FdbLearnRefused,
+                "podwire_fdb_learn_refused_total",
+                "Source MACs not learned because the FDB was full.",
             ),
         ] {
             let samples = workers
@@ -261,6 +294,11 @@ impl Health {
         ];
         for (name, kind, help, v) in services {
             fam(name, kind, help, vec![format!("{name} {v}")]);
+        }
+        if let Some(n) = self.fdb_entries.get() {
+            let name = "podwire_fdb_entries";
+            let v = n.load(Ordering::Relaxed);
+            fam(name, "gauge", "Bridge FDB entries (L2 mode).", vec![format!("{name} {v}")]);
         }
         if let Some(f) = self.flows.get() {
             let c = f.conntrack.counters();

@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod etcd;
 pub mod etcd_server;
 pub mod health;
+pub mod l2;
 pub mod lease;
 pub mod masq;
 pub mod netdev;

@@ -73,6 +73,35 @@ enum CtlWhat {
     Services,
     /// Per-worker counters and drops by reason, with rates since the previous `stats`.
     Stats,
+    /// L2 mode: the bridge's forwarding database, like `bridge fdb show` (the pods' static
+    /// entries, learned stations with their idle time, remote ones with their VTEP, and the
+    /// all-zero default entries of head-end replication).
+    Fdb,
+    /// L2 mode: give a pod an interface on the bridge: a TAP device moved into its network
+    /// namespace and configured there (address, MTU, default route via the node's gateway).
+    Attach {
+        /// The pod's network namespace (as `ip netns` names it).
+        #[arg(long)]
+        netns: String,
+        /// The pod's address with the prefix that is on-link (the cluster network's, for one
+        /// L2 domain across nodes), e.g. 10.244.1.10/16.
+        #[arg(long)]
+        ip: String,
+        /// The interface's MAC (default: random).
+        #[arg(long)]
+        mac: Option<String>,
+        /// The interface's name in the pod.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// Default gateway (default: the node's gateway, the host port's address).
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+    },
+    /// L2 mode: remove a pod's interface (the TAP device) and its FDB entries.
+    Detach {
+        #[arg(long)]
+        netns: String,
+    },
     /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
     /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
     Capture {
@@ -254,6 +283,24 @@ struct RunArgs {
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
     #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
     ctl_socket: PathBuf,
+    /// `l3` routes pod traffic through a TUN device (flannel's model); `l2` makes podwire the
+    /// node's bridge (in place of cni0), with pods attached as TAP interfaces by `podwire ctl
+    /// attach`, and one L2 domain across nodes over VXLAN (needs the vxlan backend).
+    #[arg(long, default_value = "l3", value_parser = ["l3", "l2"])]
+    mode: String,
+    /// L2 mode: seconds a learned MAC is kept after it was last seen (Linux bridge: 300).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    fdb_ageing: u32,
+    /// L2 mode: most learned MACs; when full, new ones are not learned (and are flooded to).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    fdb_max: u32,
+    /// L2 mode: learn remote MACs from decapsulated frames (`off`: only the nodes' host ports,
+    /// from the subnet map, are known, like a kernel VXLAN device with `nolearning`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    fdb_learning_tunnel: String,
+    /// L2 mode: name of the host's bridge port, a TAP device with the node's gateway address.
+    #[arg(long, default_value = "podwire0")]
+    bridge_port: String,
     /// Exit when the parent process dies (used by `podwire lab`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -358,6 +405,11 @@ struct LabArgs {
     /// `podwire run --conntrack` on the podwire nodes.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     conntrack: String,
+    /// `l2`: podwire is every node's bridge (needs `--backend vxlan`): pods attached by
+    /// `podwire ctl attach`, 3 on node 1 and 2 on node 2, in one L2 domain over VXLAN; ARP,
+    /// pings, TCP, the FDB, a pod moved across nodes, and same-node TCP against a Linux bridge.
+    #[arg(long, default_value = "l3", value_parser = ["l3", "l2"])]
+    mode: String,
 }
 
 fn init_logging(json: bool) {
@@ -449,6 +501,15 @@ fn main() -> Result<()> {
                 },
                 service_cidr: a.service_cidr,
                 ctl_socket: (!a.ctl_socket.as_os_str().is_empty()).then_some(a.ctl_socket),
+                l2: (a.mode == "l2").then(|| daemon::L2Options {
+                    bridge: podwire_dataplane::bridge::Config {
+                        ageing_ms: u64::from(a.fdb_ageing) * 1000,
+                        max_learned: a.fdb_max as usize,
+                        tunnel_learning: a.fdb_learning_tunnel == "on",
+                        ..Default::default()
+                    },
+                    host_port: a.bridge_port.clone(),
+                }),
                 service_lb: if a.service_lb == "random" {
                     podwire_dataplane::nat::Algorithm::Random
                 } else {
@@ -490,6 +551,7 @@ fn main() -> Result<()> {
                 services: a.services,
                 ip_masq: a.ip_masq,
                 conntrack: a.conntrack == "on",
+                l2: a.mode == "l2",
             })?;
             if !ok {
                 std::process::exit(1);
@@ -528,6 +590,22 @@ fn ctl(a: CtlArgs) -> Result<()> {
         ),
         CtlWhat::Services => ("services", serde_json::json!({"cmd": "services"})),
         CtlWhat::Stats => ("stats", serde_json::json!({"cmd": "stats"})),
+        CtlWhat::Fdb => ("fdb", serde_json::json!({"cmd": "fdb"})),
+        CtlWhat::Attach {
+            netns,
+            ip,
+            mac,
+            ifname,
+            gateway,
+        } => (
+            "attach",
+            serde_json::json!({"cmd": "attach", "netns": netns, "ip": ip, "mac": mac,
+                               "ifname": ifname, "gateway": gateway.map(|g| g.to_string())}),
+        ),
+        CtlWhat::Detach { netns } => (
+            "detach",
+            serde_json::json!({"cmd": "detach", "netns": netns}),
+        ),
         CtlWhat::Capture {
             port,
             count,

@@ -21,10 +21,24 @@ pub enum Counter {
     IdleSleeps,
     /// Inner TCP/UDP checksums completed because the sender left them for offload.
     ChecksumsCompleted,
+    /// Frames read from the bridge's TAP ports (L2 mode).
+    RxTap,
+    /// Frames written to the bridge's TAP ports, flood copies included (L2 mode).
+    TxTap,
+    /// Frames flooded: unknown unicast, broadcast, multicast (L2 mode).
+    Flooded,
+    /// Stations learned into the FDB (L2 mode).
+    FdbLearned,
+    /// Stations that moved to another port or VTEP (L2 mode).
+    FdbMoved,
+    /// FDB entries removed by ageing (L2 mode).
+    FdbAged,
+    /// Source MACs not learned because the FDB was full (L2 mode).
+    FdbLearnRefused,
 }
 
 impl Counter {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 14;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -33,6 +47,13 @@ impl Counter {
         Counter::IcmpUnreachable,
         Counter::IdleSleeps,
         Counter::ChecksumsCompleted,
+        Counter::RxTap,
+        Counter::TxTap,
+        Counter::Flooded,
+        Counter::FdbLearned,
+        Counter::FdbMoved,
+        Counter::FdbAged,
+        Counter::FdbLearnRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +65,13 @@ impl Counter {
             Counter::IcmpUnreachable => "icmp_unreachable",
             Counter::IdleSleeps => "idle_sleeps",
             Counter::ChecksumsCompleted => "checksums_completed",
+            Counter::RxTap => "rx_tap",
+            Counter::TxTap => "tx_tap",
+            Counter::Flooded => "flooded",
+            Counter::FdbLearned => "fdb_learned",
+            Counter::FdbMoved => "fdb_moved",
+            Counter::FdbAged => "fdb_aged",
+            Counter::FdbLearnRefused => "fdb_learn_refused",
         }
     }
 }

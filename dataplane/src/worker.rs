@@ -28,6 +28,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod l2;
+
 /// Most packets a worker moves per batch.
 pub const MAX_BATCH: usize = 256;
 
@@ -113,7 +115,7 @@ struct Worker {
 /// Running workers.
 pub struct WorkerPool {
     handles: Vec<JoinHandle<Result<(), WorkerError>>>,
-    wakers: Vec<Waker>,
+    wakers: Vec<Arc<Waker>>,
     stats: Vec<Arc<SharedStats>>,
     shutdown: Arc<AtomicBool>,
 }
@@ -171,7 +173,7 @@ impl WorkerPool {
                 .spawn(move || worker.run())
                 .map_err(|source| WorkerError::Poll { worker: id, source })?;
             pool.handles.push(handle);
-            pool.wakers.push(waker);
+            pool.wakers.push(Arc::new(waker));
             pool.stats.push(stats);
         }
         Ok(pool)

@@ -115,6 +115,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         services: false,
         ip_masq: false,
         conntrack: mode != "podwire-vxlan-no-conntrack",
+        l2: false,
     })
 }
 

@@ -14,6 +14,7 @@
 
 pub mod bench;
 mod etcd_lab;
+mod l2_lab;
 mod lifecycle;
 mod netns;
 mod services_lab;
@@ -65,6 +66,8 @@ pub struct LabOptions {
     pub ip_masq: bool,
     /// Connection tracking on the podwire nodes (`--conntrack`).
     pub conntrack: bool,
+    /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
+    pub l2: bool,
 }
 
 const UNDERLAY_NET: &str = "192.168.99";
@@ -282,7 +285,9 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     let mut names = vec![u.clone()];
     for i in 1..=opts.nodes {
         names.push(res.ns(&format!("n{i}")));
-        names.push(res.ns(&format!("p{i}")));
+        if !opts.l2 {
+            names.push(res.ns(&format!("p{i}")));
+        }
     }
     names.push(res.ns("x"));
     for name in names {
@@ -322,7 +327,8 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
         attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
     }
     attach("x", &res.ns("x"), ROGUE_IP)?;
-    for i in 1..=opts.nodes {
+    // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
+    for i in (1..=opts.nodes).filter(|_| !opts.l2) {
         let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
         netns::ip_in(
             &host,
@@ -417,6 +423,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     if !opts.conntrack {
         cmd.args(["--conntrack", "off"]);
     }
+    if opts.l2 {
+        cmd.args(["--mode", "l2"]);
+    }
     if opts.services && !opts.etcd {
         cmd.args([
             "--services",
@@ -478,6 +487,9 @@ fn wait_node_ready(res: &mut Resources, opts: &LabOptions, i: usize) -> Result<(
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if opts.l2 {
+        return Ok(());
     }
     let mtu = subnet_env::read_value(&env, "FLANNEL_MTU")
         .context("FLANNEL_MTU missing from subnet.env")?;
@@ -1111,6 +1123,15 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if opts.extra_leases > 30_000 {
         bail!("--extra-leases: at most 30000");
     }
+    if opts.l2 {
+        if opts.backend != "vxlan" || opts.peer_kernel || opts.direct_routing {
+            bail!("--mode l2 goes with --backend vxlan (podwire on every node, no DirectRouting)");
+        }
+        if opts.services || opts.ip_masq || opts.etcd {
+            bail!("--mode l2 does not combine with --services, --ip-masq or --store etcd yet");
+        }
+        return with_lab(&opts, |outcome| !matches!(outcome, Ok(true)), l2_lab::run);
+    }
     with_lab(&opts, |outcome| !matches!(outcome, Ok(true)), run_inner)
 }
 
@@ -1425,10 +1446,12 @@ fn print_summary(
     took: Duration,
 ) {
     println!();
-    println!(
-        "{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}",
-        "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp"
-    );
+    if !pairs.is_empty() {
+        println!(
+            "{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}",
+            "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp"
+        );
+    }
     for p in pairs {
         println!(
             "{:<14} {:>10} {:>10.3} {:>14.0} {:>8} {:>10}",
@@ -1456,11 +1479,22 @@ fn print_summary(
             sorted[sorted.len() - 1]
         );
     }
+    // The pods' side of a node: its TUN device, or in L2 mode the bridge's TAP ports.
+    let (rx_pods, tx_pods, fifth) = if opts.l2 {
+        (Counter::RxTap, Counter::TxTap, Counter::Flooded)
+    } else {
+        (Counter::RxTun, Counter::TxTun, Counter::IcmpUnreachable)
+    };
     if !stats.is_empty() {
         println!();
         println!(
             "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason",
-            "node", "rx_tun", "tx_underlay", "rx_underlay", "tx_tun", "icmp"
+            "node",
+            rx_pods.as_str(),
+            "tx_underlay",
+            "rx_underlay",
+            tx_pods.as_str(),
+            if opts.l2 { "flooded" } else { "icmp" }
         );
         for (node, s) in stats {
             match s {
@@ -1473,11 +1507,11 @@ fn print_summary(
                     println!(
                         "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
                         format!("n{node}"),
-                        s.counter(Counter::RxTun),
+                        s.counter(rx_pods),
                         s.counter(Counter::TxUnderlay),
                         s.counter(Counter::RxUnderlay),
-                        s.counter(Counter::TxTun),
-                        s.counter(Counter::IcmpUnreachable),
+                        s.counter(tx_pods),
+                        s.counter(fifth),
                         if drops.is_empty() {
                             "none".to_string()
                         } else {

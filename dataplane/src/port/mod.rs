@@ -16,6 +16,7 @@ use std::os::fd::BorrowedFd;
 
 pub mod pcap;
 pub mod raw;
+pub mod tap;
 pub mod tun;
 pub mod udp;
 
@@ -63,19 +64,19 @@ pub trait TxPort {
 /// How long a full socket buffer may hold up a send before the rest of the batch is dropped.
 const SEND_WAIT_MS: i32 = 10;
 
-/// Sends the packets of `batch` at `indices` with sendmmsg, each to its `meta.peer`: waits once
-/// for a full socket buffer to drain, and skips (counts) a datagram the kernel refuses.
-fn sendmmsg_all(
+/// Sends `items` (packet indices, or packets with their peers) with `send`, a sendmmsg over a
+/// prefix of what it is given: waits once for a full socket buffer to drain, and skips (counts)
+/// a datagram the kernel refuses.
+fn send_all<T>(
     fd: BorrowedFd<'_>,
-    scratch: &mut MmsgScratch,
-    batch: &Batch,
-    indices: &[u16],
+    items: &[T],
+    mut send: impl FnMut(&[T]) -> io::Result<usize>,
 ) -> TxOutcome {
     let mut out = TxOutcome::default();
-    let mut rest = indices;
+    let mut rest = items;
     let mut waited = false;
     while !rest.is_empty() {
-        match scratch.send(fd, batch, rest) {
+        match send(rest) {
             Ok(n) => {
                 out.sent += n;
                 rest = &rest[n..];
@@ -98,4 +99,14 @@ fn sendmmsg_all(
         }
     }
     out
+}
+
+/// Sends the packets of `batch` at `indices` with sendmmsg, each to its `meta.peer`.
+fn sendmmsg_all(
+    fd: BorrowedFd<'_>,
+    scratch: &mut MmsgScratch,
+    batch: &Batch,
+    indices: &[u16],
+) -> TxOutcome {
+    send_all(fd, indices, |rest| scratch.send(fd, batch, rest))
 }

@@ -66,7 +66,7 @@ fn open_with(
             what: format!("TUN device {name}"),
             source,
         };
-        let (fd, n) = sys::tun::open_queue(&actual, true, offload).map_err(err)?;
+        let (fd, n) = sys::tun::open_queue(&actual, sys::tun::Kind::Tun, true, offload).map_err(err)?;
         let state = if offload {
             use sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN};
             sys::tun::set_offload(&fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN).map_err(err)?;
@@ -190,19 +190,38 @@ impl RxPort for TunQueue {
             rx_offload(self.fd.as_fd(), st, batch)?;
             return Ok(batch.len());
         }
-        for i in 0..batch.capacity() {
-            let slot = batch.rx_slot(i);
-            let cap = slot.len();
-            match sys::fdio::read(self.fd.as_fd(), slot) {
-                Ok(n) => batch.commit_rx(i, n, NO_PEER, n >= cap),
-                Err(e) => {
-                    read_error(e)?;
-                    break;
-                }
-            }
-        }
-        Ok(batch.len())
+        rx_plain(self.fd.as_fd(), batch, "TUN read")
     }
+}
+
+/// Reads one frame per read(2) into `batch` (cleared first) until EAGAIN or the batch is full.
+pub(super) fn rx_plain(
+    fd: BorrowedFd<'_>,
+    batch: &mut Batch,
+    what: &'static str,
+) -> Result<usize, PortError> {
+    batch.clear();
+    for i in 0..batch.capacity() {
+        let slot = batch.rx_slot(i);
+        let cap = slot.len();
+        match sys::fdio::read(fd, slot) {
+            Ok(n) => batch.commit_rx(i, n, NO_PEER, n >= cap),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                break
+            }
+            Err(source) => return Err(PortError::Io { what, source }),
+        }
+    }
+    Ok(batch.len())
+}
+
+/// Writes the packets at `indices`, one write(2) each.
+pub(super) fn tx_plain(fd: BorrowedFd<'_>, batch: &Batch, indices: &[u16]) -> TxOutcome {
+    let mut out = TxOutcome::default();
+    for &i in indices {
+        count_write(&mut out, sys::fdio::write(fd, batch.packet(usize::from(i))), 1);
+    }
+    out
 }
 
 fn count_write(out: &mut TxOutcome, r: io::Result<usize>, packets: usize) {
@@ -247,14 +266,6 @@ impl TxPort for TunQueue {
         if let Some(st) = self.offload.as_deref_mut() {
             return tx_offload(self.fd.as_fd(), &mut st.coalescer, batch, indices);
         }
-        let mut out = TxOutcome::default();
-        for &i in indices {
-            count_write(
-                &mut out,
-                sys::fdio::write(self.fd.as_fd(), batch.packet(usize::from(i))),
-                1,
-            );
-        }
-        out
+        tx_plain(self.fd.as_fd(), batch, indices)
     }
 }

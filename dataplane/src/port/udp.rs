@@ -61,6 +61,14 @@ impl UdpPort {
         self.socket.as_raw_fd()
     }
 
+    /// Sends packets of `batch` each to the peer paired with it (one packet may be listed
+    /// for several peers: head-end replication), without GSO.
+    pub fn tx_to(&mut self, batch: &Batch, items: &[(u16, SocketAddrV4)]) -> TxOutcome {
+        let fd = self.socket.as_fd();
+        let scratch = &mut self.scratch;
+        super::send_all(fd, items, |rest| scratch.send_to(fd, batch, rest))
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddrV4> {
         self.socket
             .local_addr()?

@@ -179,6 +179,25 @@ impl MmsgScratch {
         self.sendmmsg(fd, n)
     }
 
+    /// Sends packets of `batch`, each to the peer paired with it (no GSO). Returns how many
+    /// leading items the kernel took; an error is returned only if the first one failed.
+    pub fn send_to(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        batch: &Batch,
+        items: &[(u16, SocketAddrV4)],
+    ) -> io::Result<usize> {
+        let n = items.len().min(self.hdrs.len());
+        for (k, &(i, peer)) in items[..n].iter().enumerate() {
+            let pkt = batch.packet(usize::from(i));
+            self.addrs[k] = to_sockaddr(peer);
+            // sendmmsg only reads through the iovec, so a pointer derived from a shared borrow
+            // is sound here.
+            self.aim(k, pkt.as_ptr() as *mut libc::c_void, pkt.len());
+        }
+        self.sendmmsg(fd, n)
+    }
+
     /// sendmmsg(2) of the first `n` headers, which the caller has aimed at live sockaddrs,
     /// iovecs and control buffers in `self`, whose iovecs point into buffers borrowed for the
     /// call. Returns how many messages the kernel took.

@@ -1,4 +1,4 @@
-//! Opening TUN queues: open(2) of /dev/net/tun and the TUNSETIFF ioctl.
+//! Opening TUN and TAP queues: open(2) of /dev/net/tun and the TUNSETIFF ioctl.
 //!
 //! With `IFF_MULTI_QUEUE` every open+TUNSETIFF on the same name attaches one more queue to the
 //! device; the kernel spreads packets across queues by flow hash, so one flow stays on one queue.
@@ -24,9 +24,22 @@ struct IfReqFlags {
     _pad: [u8; 22],
 }
 
-/// Opens one queue of TUN device `name` (created if absent) in non-blocking mode and returns
-/// its descriptor and the device's actual name.
-pub fn open_queue(name: &str, multi_queue: bool, vnet_hdr: bool) -> io::Result<(OwnedFd, String)> {
+/// Which kind of device: IP packets (TUN) or Ethernet frames (TAP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tun,
+    Tap,
+}
+
+/// Opens one queue of TUN or TAP device `name` (created if absent; a name ending in `%d` is
+/// numbered by the kernel) in non-blocking mode and returns its descriptor and the device's
+/// actual name.
+pub fn open_queue(
+    name: &str,
+    kind: Kind,
+    multi_queue: bool,
+    vnet_hdr: bool,
+) -> io::Result<(OwnedFd, String)> {
     if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -54,7 +67,11 @@ pub fn open_queue(name: &str, multi_queue: bool, vnet_hdr: bool) -> io::Result<(
     for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    let mut flags = libc::IFF_NO_PI
+        | match kind {
+            Kind::Tun => libc::IFF_TUN,
+            Kind::Tap => libc::IFF_TAP,
+        };
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
     }

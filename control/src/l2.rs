@@ -1,0 +1,187 @@
+//! L2 mode's devices: the host's bridge port and the pods' TAP interfaces.
+//!
+//! `podwire run --mode l2` replaces the node's Linux bridge (cni0): the host gets a TAP port
+//! carrying the lease's gateway address (`.1`) with the cluster network's prefix, so the host
+//! reaches every pod of the L2 domain on-link, and its MAC is the lease's VtepMAC, which the
+//! other nodes install as a static FDB entry behind our PublicIP.
+//!
+//! A pod is attached (`podwire ctl attach --netns NS --ip CIDR`) by creating a TAP device here,
+//! moving it into the pod's namespace, and configuring it there as the pod's interface (name,
+//! MAC, MTU, address, default route via the node's gateway). The descriptor stays with podwire:
+//! closing it (detach, exit, crash) deletes the device.
+
+use crate::netdev::{ip, NetdevError};
+use podwire_dataplane::bridge::PortId;
+use podwire_dataplane::port::tap::TapPort;
+use podwire_dataplane::port::PortError;
+use podwire_dataplane::wire::MacAddr;
+use podwire_dataplane::worker::l2::{L2Error, L2Handle};
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+/// What can go wrong attaching a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error(transparent)]
+    Netdev(#[from] NetdevError),
+    #[error(transparent)]
+    Bridge(#[from] L2Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An address with its prefix length, as `ip addr` takes it (`10.244.1.10/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfAddr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for IfAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IfAddr, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s}: expected ADDRESS/PREFIX"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a}: not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|&p| (1..=32).contains(&p))
+            .ok_or_else(|| format!("{p}: not a prefix length (1..32)"))?;
+        Ok(IfAddr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IfAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A pod to attach.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    /// The pod's network namespace (a name under /run/netns).
+    pub netns: String,
+    pub ip: IfAddr,
+    /// The interface's MAC (default: the kernel's random one).
+    pub mac: Option<MacAddr>,
+    /// The interface's name in the pod.
+    pub ifname: String,
+    /// The pod's default gateway (default: the node's gateway, the host port's address).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// What an attach did.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub port: PortId,
+    pub device: String,
+    pub mac: MacAddr,
+}
+
+/// Runs `ip -n NS ARGS`.
+fn ip_in(ns: &str, args: &[&str]) -> Result<(), NetdevError> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// The MAC of `dev` in namespace `ns`.
+fn mac_in(ns: &str, dev: &str) -> Result<MacAddr, AttachError> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", "dev", dev])
+        .output()
+        .map_err(|e| AttachError::Netdev(NetdevError::Spawn(e)))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| AttachError::Invalid(format!("ip -j link: {e}")))?;
+    v[0]["address"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| AttachError::Invalid(format!("no MAC for {dev} in {ns}")))
+}
+
+/// Creates the host's bridge port `name` with MAC `mac`, address `addr` and MTU `mtu`.
+pub fn host_port(name: &str, mac: MacAddr, addr: IfAddr, mtu: u32) -> Result<TapPort, AttachError> {
+    // A port left by a crashed run is still a TAP device nobody holds: open it again.
+    let tap = TapPort::open(name)?;
+    let dev = tap.name().to_string();
+    ip(&["link", "set", "dev", &dev, "address", &mac.to_string()])?;
+    ip(&["link", "set", "dev", &dev, "mtu", &mtu.to_string()])?;
+    ip(&["addr", "replace", &addr.to_string(), "dev", &dev])?;
+    ip(&["link", "set", "dev", &dev, "up"])?;
+    Ok(tap)
+}
+
+/// Creates a TAP device, moves it into the pod's namespace, configures it there and attaches
+/// it to the bridge. On any failure the device is gone again (its descriptor is dropped).
+pub fn attach(
+    handle: &L2Handle,
+    req: &Attach,
+    mtu: u32,
+    node_gateway: Ipv4Addr,
+) -> Result<Attached, AttachError> {
+    if req.netns.is_empty() || req.netns.contains('/') || req.ifname.is_empty() {
+        return Err(AttachError::Invalid("netns and ifname must be plain names".into()));
+    }
+    if let Some(mac) = req.mac {
+        if mac.is_multicast() || mac == MacAddr::ZERO {
+            return Err(AttachError::Invalid(format!("{mac} is not a unicast MAC")));
+        }
+    }
+    let tap = TapPort::open("pwtap%d")?;
+    let dev = tap.name().to_string();
+    let ns = req.netns.as_str();
+    ip(&["link", "set", "dev", &dev, "netns", ns])?;
+    ip_in(ns, &["link", "set", "dev", &dev, "name", &req.ifname])?;
+    let ifname = req.ifname.as_str();
+    if let Some(mac) = req.mac {
+        ip_in(ns, &["link", "set", "dev", ifname, "address", &mac.to_string()])?;
+    }
+    ip_in(ns, &["link", "set", "dev", ifname, "mtu", &mtu.to_string()])?;
+    ip_in(ns, &["addr", "replace", &req.ip.to_string(), "dev", ifname])?;
+    ip_in(ns, &["link", "set", "dev", "lo", "up"])?;
+    ip_in(ns, &["link", "set", "dev", ifname, "up"])?;
+    let gateway = req.gateway.unwrap_or(node_gateway);
+    if gateway != req.ip.addr {
+        ip_in(
+            ns,
+            &[
+                "route",
+                "replace",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                ifname,
+                "onlink",
+            ],
+        )?;
+    }
+    let mac = mac_in(ns, ifname)?;
+    let port = handle.attach(tap, ns, Default::default(), Some(mac))?;
+    Ok(Attached {
+        port,
+        device: dev,
+        mac,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_ifaddr_parses_what_ip_addr_takes() {
+        let a: IfAddr = "10.244.1.10/16".parse().unwrap();
+        assert_eq!(a.addr, Ipv4Addr::new(10, 244, 1, 10));
+        assert_eq!(a.prefix, 16);
+        assert_eq!(a.to_string(), "10.244.1.10/16");
+        for bad in ["10.244.1.10", "10.244.1.10/33", "10.244.1.10/0", "x/16", "10.1/8"] {
+            assert!(bad.parse::<IfAddr>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The L2-mode worker: podwire as the node's bridge, extended across nodes over VXLAN.
+//!
+//! One thread owns the [`Bridge`] and every port: the pods' TAP devices, the host's TAP port,
+//! and the underlay socket that all remote VTEPs sit behind. Owning the FDB alone, it learns
+//! and forwards without a lock. Ports come and go at run time through [`L2Handle`] (attach,
+//! detach, and a copy of the FDB for `podwire ctl fdb`), read between batches.
+//!
+//! A port is read only when epoll said it is readable, until it comes up short of a batch
+//! (drained), so an idle pod costs nothing however many there are. Frames for remote stations
+//! get an 8-byte VXLAN header in their headroom and leave through the underlay socket (the
+//! kernel adds the outer IP and UDP headers); a flood from a local port is written to every
+//! other port and sent once per VTEP from the same buffer (head-end replication).
+//!
+//! Decapsulation accepts a datagram only from a VTEP in the subnet map, with exactly the I
+//! flag and our VNI (the kernel's `vxlan_rcv` rules). Unlike routed mode, the inner source
+//! address is not tied to the sender's lease: in one L2 domain a pod keeps its address when
+//! it moves to another node.
+//!
+//! The VTEPs and the control plane's static entries (each node's host-port MAC, advertised as
+//! the VtepMAC of its lease, behind its PublicIP) come from the same table snapshot the
+//! routed workers read, re-synced when the control plane swaps it.
+
+use super::{WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
+use crate::batch::Batch;
+use crate::bridge::{Bridge, BridgeError, Decision, EntryView, PortId, PortOptions, Station};
+use crate::pipeline::{DropReason, Encap, Tables};
+use crate::port::tap::TapPort;
+use crate::port::udp::UdpPort;
+use crate::port::{PortError, RxPort, TxPort};
+use crate::route::Backend;
+use crate::stats::{Counter, LocalStats, SharedStats};
+use crate::wire::vxlan;
+use crate::wire::MacAddr;
+use arc_swap::ArcSwap;
+use core::net::{Ipv4Addr, SocketAddrV4};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const UDP: Token = Token(0);
+const WAKE: Token = Token(1);
+/// Port `p` is registered as token `PORT_TOKENS + p`.
+const PORT_TOKENS: usize = 16;
+/// FDB slots examined for ageing per round.
+const AGE_SLOTS_PER_ROUND: usize = 64;
+/// How long a management request waits for the worker.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pod (or host) port as `podwire ctl fdb` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    pub id: PortId,
+    /// The TAP device's name when it was created (before it moved into the pod's namespace).
+    pub device: String,
+    /// What the port is attached for: the pod's namespace, or "host".
+    pub label: String,
+}
+
+/// The FDB and the ports, as one copy for `podwire ctl fdb`.
+#[derive(Debug, Clone, Default)]
+pub struct FdbDump {
+    pub entries: Vec<EntryView>,
+    pub ports: Vec<PortInfo>,
+    pub vteps: Vec<Ipv4Addr>,
+}
+
+enum Command {
+    Attach {
+        tap: TapPort,
+        label: String,
+        options: PortOptions,
+        mac: Option<MacAddr>,
+        reply: SyncSender<Result<PortId, BridgeError>>,
+    },
+    Detach {
+        label: String,
+        reply: SyncSender<bool>,
+    },
+    Dump {
+        reply: SyncSender<FdbDump>,
+    },
+}
+
+/// Why a management request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum L2Error {
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error("the bridge worker did not answer (stopped or stuck)")]
+    NoAnswer,
+}
+
+/// The control plane's hold on a running L2 worker.
+#[derive(Clone)]
+pub struct L2Handle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    /// FDB entries, as of the worker's last round.
+    pub fdb_entries: Arc<AtomicU64>,
+}
+
+impl L2Handle {
+    fn ask<T>(&self, make: impl FnOnce(SyncSender<T>) -> Command) -> Result<T, L2Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.commands.send(make(tx)).map_err(|_| L2Error::NoAnswer)?;
+        let _ = self.waker.wake();
+        rx.recv_timeout(REQUEST_TIMEOUT)
+            .map_err(|_| L2Error::NoAnswer)
+    }
+
+    /// Adds `tap` as a bridge port labelled `label`; with `mac`, that station is installed as
+    /// a static entry behind it (so it is known before it speaks).
+    pub fn attach(
+        &self,
+        tap: TapPort,
+        label: &str,
+        options: PortOptions,
+        mac: Option<MacAddr>,
+    ) -> Result<PortId, L2Error> {
+        let label = label.to_string();
+        Ok(self.ask(|reply| Command::Attach {
+            tap,
+            label,
+            options,
+            mac,
+            reply,
+        })??)
+    }
+
+    /// Removes the port labelled `label` (closing its TAP device, which deletes it) and its FDB
+    /// entries. False if there was none.
+    pub fn detach(&self, label: &str) -> Result<bool, L2Error> {
+        let label = label.to_string();
+        self.ask(|reply| Command::Detach { label, reply })
+    }
+
+    /// A copy of the FDB, the ports and the VTEPs.
+    pub fn dump(&self) -> Result<FdbDump, L2Error> {
+        self.ask(|reply| Command::Dump { reply })
+    }
+}
+
+struct LocalPort {
+    tap: TapPort,
+    info: PortInfo,
+    /// Indices of the current batch leaving by this port.
+    out: Vec<u16>,
+    ready: bool,
+}
+
+struct L2Worker {
+    bridge: Bridge,
+    ports: Vec<Option<LocalPort>>,
+    udp: UdpPort,
+    udp_ready: bool,
+    /// Packets of the current batch for the tunnel, with their VTEP.
+    remote: Vec<(u16, SocketAddrV4)>,
+    /// Which packets of the current batch carry a VXLAN header already.
+    encapsulated: [bool; MAX_BATCH],
+    tables: Arc<ArcSwap<Tables>>,
+    synced: Option<Arc<Tables>>,
+    vni: Option<vxlan::Vni>,
+    peer_port: u16,
+    /// Our own host-port MAC and the other nodes' (installed as static entries).
+    control_statics: Vec<MacAddr>,
+    commands: Receiver<Command>,
+    fdb_entries: Arc<AtomicU64>,
+    stats: Arc<SharedStats>,
+    shutdown: Arc<AtomicBool>,
+    poll: Poll,
+    config: WorkerConfig,
+    epoch: Instant,
+}
+
+impl WorkerPool {
+    /// Starts the L2 worker with the host's port `host` (whose MAC is `host_mac`) and the
+    /// underlay socket `udp`; the VNI, the VTEPs and the peers' host-port MACs come from
+    /// `tables` (which must be VXLAN's).
+    pub fn start_l2(
+        config: WorkerConfig,
+        bridge: Bridge,
+        tables: Arc<ArcSwap<Tables>>,
+        host: TapPort,
+        host_mac: MacAddr,
+        udp: UdpPort,
+    ) -> Result<(WorkerPool, L2Handle), WorkerError> {
+        let err = |source| WorkerError::Poll { worker: 0, source };
+        let poll = Poll::new().map_err(err)?;
+        poll.registry()
+            .register(&mut SourceFd(&udp.raw_fd()), UDP, Interest::READABLE)
+            .map_err(err)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(err)?);
+        let (commands, rx) = mpsc::channel();
+        let stats = Arc::new(SharedStats::default());
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let fdb_entries = Arc::new(AtomicU64::new(0));
+        let size = config.batch_size.clamp(1, MAX_BATCH);
+        let mut worker = L2Worker {
+            bridge,
+            ports: Vec::new(),
+            udp,
+            udp_ready: true,
+            remote: Vec::with_capacity(size * 4),
+            encapsulated: [false; MAX_BATCH],
+            tables,
+            synced: None,
+            vni: None,
+            peer_port: 0,
+            control_statics: Vec::new(),
+            commands: rx,
+            fdb_entries: Arc::clone(&fdb_entries),
+            stats: Arc::clone(&stats),
+            shutdown: Arc::clone(&shutdown),
+            poll,
+            config,
+            epoch: Instant::now(),
+        };
+        let options = PortOptions {
+            host: true,
+            ..PortOptions::default()
+        };
+        worker
+            .attach(host, "host".into(), options, Some(host_mac))
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        let handle = std::thread::Builder::new()
+            .name("podwire-l2".into())
+            .spawn(move || worker.run())
+            .map_err(err)?;
+        let pool = WorkerPool {
+            handles: vec![handle],
+            wakers: vec![Arc::clone(&waker)],
+            stats: vec![stats],
+            shutdown,
+        };
+        Ok((
+            pool,
+            L2Handle {
+                commands,
+                waker,
+                fdb_entries,
+            },
+        ))
+    }
+}
+
+impl L2Worker {
+    fn attach(
+        &mut self,
+        tap: TapPort,
+        label: String,
+        options: PortOptions,
+        mac: Option<MacAddr>,
+    ) -> Result<PortId, BridgeError> {
+        let id = self.bridge.add_port(options)?;
+        if let Some(mac) = mac {
+            if let Err(e) = self.bridge.add_static(mac, Station::Port(id)) {
+                let _ = self.bridge.remove_port(id);
+                return Err(e);
+            }
+        }
+        let token = Token(PORT_TOKENS + usize::from(id.0));
+        let registered =
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&tap.raw_fd()), token, Interest::READABLE);
+        if registered.is_err() {
+            let _ = self.bridge.remove_port(id);
+            return Err(BridgeError::NoSuchPort(id.0));
+        }
+        let slot = usize::from(id.0);
+        if self.ports.len() <= slot {
+            self.ports.resize_with(slot + 1, || None);
+        }
+        let info = PortInfo {
+            id,
+            device: tap.name().to_string(),
+            label,
+        };
+        self.ports[slot] = Some(LocalPort {
+            tap,
+            info,
+            out: Vec::with_capacity(MAX_BATCH),
+            ready: true,
+        });
+        Ok(id)
+    }
+
+    fn detach(&mut self, label: &str) -> bool {
+        let Some(slot) = self
+            .ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.info.label == label && p.info.label != "host"))
+        else {
+            return false;
+        };
+        let port = self.ports[slot].take().expect("found above");
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&port.tap.raw_fd()));
+        let _ = self.bridge.remove_port(port.info.id);
+        true
+    }
+
+    fn dump(&self) -> FdbDump {
+        FdbDump {
+            entries: self.bridge.entries(self.now()),
+            ports: self.ports.iter().flatten().map(|p| p.info.clone()).collect(),
+            vteps: self.bridge.vteps().to_vec(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Takes the VNI, the VTEPs and the peers' host-port MACs from a new table snapshot.
+    fn sync(&mut self, tables: &Arc<Tables>) {
+        if self
+            .synced
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, tables))
+        {
+            return;
+        }
+        self.synced = Some(Arc::clone(tables));
+        let Encap::Vxlan { vni, local_mac } = tables.encap else {
+            self.vni = None;
+            self.bridge.set_vteps(&[]);
+            return;
+        };
+        self.vni = Some(vni);
+        self.peer_port = tables.peer_port;
+        let me = tables.local.public_ip;
+        let peers: Vec<(Ipv4Addr, MacAddr)> = tables
+            .map
+            .nodes()
+            .filter(|n| n.public_ip != me)
+            .filter_map(|n| match n.backend {
+                Backend::Vxlan { vni: v, vtep_mac } if v == vni => Some((n.public_ip, vtep_mac)),
+                _ => None,
+            })
+            .collect();
+        let vteps: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).collect();
+        self.bridge.set_vteps(&vteps);
+        // Room for a whole batch flooded to every VTEP, so sending never allocates.
+        let need = self.config.batch_size.clamp(1, MAX_BATCH) * (vteps.len() + 1);
+        self.remote.reserve(need.saturating_sub(self.remote.len()));
+        for mac in self.control_statics.drain(..) {
+            if mac != local_mac {
+                self.bridge.remove_static(mac);
+            }
+        }
+        for (ip, mac) in peers {
+            if mac != local_mac && self.bridge.add_static(mac, Station::Remote(ip)).is_ok() {
+                self.control_statics.push(mac);
+            }
+        }
+    }
+
+    fn handle_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Attach {
+                    tap,
+                    label,
+                    options,
+                    mac,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach(tap, label, options, mac));
+                }
+                Command::Detach { label, reply } => {
+                    let _ = reply.send(self.detach(&label));
+                }
+                Command::Dump { reply } => {
+                    let _ = reply.send(self.dump());
+                }
+            }
+        }
+    }
+
+    fn run(mut self) -> Result<(), WorkerError> {
+        let size = self.config.batch_size.clamp(1, MAX_BATCH);
+        let mut batch = Batch::new(size, self.config.frame_size);
+        let mut local = LocalStats::default();
+        let mut events = Events::with_capacity(64);
+        let mut last_work = Instant::now();
+        let port_err = |source: PortError| WorkerError::Port { worker: 0, source };
+        while !self.shutdown.load(Ordering::Acquire) {
+            let tables = self.tables.load_full();
+            self.sync(&tables);
+            drop(tables);
+            self.handle_commands();
+            let now = self.now();
+            let mut moved = 0;
+            for slot in 0..self.ports.len() {
+                let Some(port) = self.ports[slot].as_mut().filter(|p| p.ready) else {
+                    continue;
+                };
+                let n = port.tap.rx_batch(&mut batch).map_err(port_err)?;
+                port.ready = n == batch.capacity();
+                if n > 0 {
+                    local.add(Counter::RxTap, n as u64);
+                    let id = port.info.id;
+                    self.from_port(id, &mut batch, now, &mut local);
+                    moved += n;
+                }
+            }
+            if self.udp_ready {
+                let n = self.udp.rx_batch(&mut batch).map_err(port_err)?;
+                self.udp_ready = n == batch.capacity();
+                if n > 0 {
+                    local.add(Counter::RxUnderlay, n as u64);
+                    self.from_tunnel(&mut batch, now, &mut local);
+                    moved += n;
+                }
+            }
+            self.bridge.age(now, AGE_SLOTS_PER_ROUND);
+            let c = self.bridge.take_counts();
+            local.add(Counter::Flooded, c.flooded);
+            local.add(Counter::FdbLearned, c.learned);
+            local.add(Counter::FdbMoved, c.moved);
+            local.add(Counter::FdbAged, c.aged);
+            local.add(Counter::FdbLearnRefused, c.learn_refused);
+            self.fdb_entries
+                .store(self.bridge.len() as u64, Ordering::Relaxed);
+            let busy = moved > 0;
+            let any_ready = self.udp_ready || self.ports.iter().flatten().any(|p| p.ready);
+            if busy {
+                self.stats.flush(&mut local);
+                last_work = Instant::now();
+            }
+            let timeout = if any_ready {
+                continue;
+            } else if last_work.elapsed() < self.config.busy_poll {
+                Duration::ZERO
+            } else {
+                local.add(Counter::IdleSleeps, 1);
+                self.stats.flush(&mut local);
+                IDLE_SLEEP
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(WorkerError::Poll { worker: 0, source }),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    UDP => self.udp_ready = true,
+                    WAKE => {}
+                    Token(t) => {
+                        if let Some(Some(p)) = self.ports.get_mut(t.wrapping_sub(PORT_TOKENS)) {
+                            p.ready = true;
+                        }
+                    }
+                }
+            }
+            if timeout == IDLE_SLEEP {
+                last_work = Instant::now();
+            }
+        }
+        self.stats.flush(&mut local);
+        Ok(())
+    }
+
+    /// Decides and sends a batch read from local port `from`.
+    fn from_port(&mut self, from: PortId, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
+        let ingress = Station::Port(from);
+        let peer_port = self.peer_port;
+        for i in 0..batch.len() {
+            let meta = batch.meta(i);
+            if meta.oversized {
+                stats.drop(DropReason::Oversized);
+                continue;
+            }
+            let idx = i as u16;
+            match self.bridge.input(ingress, batch.packet(i), now) {
+                Decision::Port(p) => push_out(&mut self.ports, p, idx),
+                Decision::Remote(ip) => self.remote.push((idx, SocketAddrV4::new(ip, peer_port))),
+                Decision::Flood => {
+                    for p in self.bridge.flood_ports(ingress) {
+                        push_out(&mut self.ports, p, idx);
+                    }
+                    for &ip in self.bridge.vteps() {
+                        self.remote.push((idx, SocketAddrV4::new(ip, peer_port)));
+                    }
+                }
+                Decision::Drop(r) => stats.drop(r),
+            }
+        }
+        self.send(batch, stats);
+    }
+
+    /// Checks, decapsulates, decides and sends a batch of underlay datagrams.
+    fn from_tunnel(&mut self, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
+        let Some(vni) = self.vni else {
+            for _ in 0..batch.len() {
+                stats.drop(DropReason::UnknownPeer);
+            }
+            return;
+        };
+        for i in 0..batch.len() {
+            let (slot, meta) = batch.slot_mut(i);
+            if meta.oversized {
+                stats.drop(DropReason::Oversized);
+                continue;
+            }
+            let sender = *meta.peer.ip();
+            if self.bridge.vteps().binary_search(&sender).is_err() {
+                stats.drop(DropReason::UnknownPeer);
+                continue;
+            }
+            let datagram = &slot[meta.start..meta.start + meta.len];
+            let header = match vxlan::Packet::new_checked(datagram) {
+                Ok(h) => h,
+                Err(_) => {
+                    stats.drop(DropReason::Truncated);
+                    continue;
+                }
+            };
+            if header.check_strict().is_err() {
+                stats.drop(DropReason::BadVxlanHeader);
+                continue;
+            }
+            if header.vni() != vni {
+                stats.drop(DropReason::WrongVni);
+                continue;
+            }
+            meta.start += vxlan::HEADER_LEN;
+            meta.len -= vxlan::HEADER_LEN;
+            let frame = &slot[meta.start..meta.start + meta.len];
+            let from = Station::Remote(sender);
+            match self.bridge.input(from, frame, now) {
+                Decision::Port(p) => push_out(&mut self.ports, p, i as u16),
+                Decision::Flood => {
+                    for p in self.bridge.flood_ports(from) {
+                        push_out(&mut self.ports, p, i as u16);
+                    }
+                }
+                // The bridge never sends a frame from the tunnel back into it.
+                Decision::Remote(_) => stats.drop(DropReason::Hairpin),
+                Decision::Drop(r) => stats.drop(r),
+            }
+        }
+        self.send(batch, stats);
+    }
+
+    /// Writes each port's share of the batch, then encapsulates what goes into the tunnel
+    /// (after the local copies were written from the same bytes) and sends it.
+    fn send(&mut self, batch: &mut Batch, stats: &mut LocalStats) {
+        for port in self.ports.iter_mut().flatten() {
+            if port.out.is_empty() {
+                continue;
+            }
+            let out = port.tap.tx_batch(batch, &port.out);
+            stats.add(Counter::TxTap, out.sent as u64);
+            stats.drops[DropReason::TxError as usize] += out.failed as u64;
+            port.out.clear();
+        }
+        if self.remote.is_empty() {
+            return;
+        }
+        let Some(vni) = self.vni else {
+            for _ in self.remote.drain(..) {
+                stats.drop(DropReason::NoRoute);
+            }
+            return;
+        };
+        self.encapsulated[..batch.len()].fill(false);
+        for &(i, _) in &self.remote {
+            let i = usize::from(i);
+            if !self.encapsulated[i] {
+                self.encapsulated[i] = true;
+                let (slot, meta) = batch.slot_mut(i);
+                meta.start -= vxlan::HEADER_LEN;
+                meta.len += vxlan::HEADER_LEN;
+                vxlan::Repr { vni }.emit(&mut slot[meta.start..]);
+            }
+        }
+        let out = self.udp.tx_to(batch, &self.remote);
+        stats.add(Counter::TxUnderlay, out.sent as u64);
+        stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        self.remote.clear();
+    }
+}
+
+fn push_out(ports: &mut [Option<LocalPort>], p: PortId, i: u16) {
+    if let Some(Some(port)) = ports.get_mut(usize::from(p.0)) {
+        port.out.push(i);
+    }
+}
