@@ -8,8 +8,10 @@
 //! - **Forwarding**: a known unicast destination leaves by its port only; an unknown one, a
 //!   broadcast or a multicast is flooded to every port but the one it came in on. A frame is
 //!   never sent back out its ingress port unless that port is in hairpin mode (off by default).
-//!   Link-local group addresses (01:80:c2:00:00:0x: STP, LACP, 802.1X) are never forwarded; they
-//!   go to the host port only, as the Linux bridge passes them up to its own device.
+//!   The host port, like the Linux bridge's own device, receives broadcasts and multicasts but
+//!   not floods of unknown unicast (it is not promiscuous). Link-local group addresses
+//!   (01:80:c2:00:00:01 to :0f: pause, LACP, 802.1X, LLDP) are never forwarded; the STP group
+//!   (:00) is flooded like any multicast, as a bridge with STP off does (`br_handle_frame`).
 //! - **VXLAN**: all remote VTEPs sit behind one tunnel port, as behind a kernel `vxlan` device
 //!   enslaved to the bridge. A remote MAC's entry names the VTEP (learned from the outer source
 //!   of a decapsulated frame, or installed by the control plane), and flooding from a local port
@@ -116,7 +118,8 @@ pub struct PortOptions {
     pub flood: bool,
     /// Frames may leave by the port they came in on (BR_HAIRPIN_MODE, off).
     pub hairpin: bool,
-    /// The host's port: link-local group frames are delivered here and nowhere else.
+    /// The host's port: like the Linux bridge's own device, it is left out of floods of
+    /// unknown unicast (broadcasts and multicasts still reach it).
     pub host: bool,
 }
 
@@ -194,9 +197,10 @@ fn mac_of(key: u64) -> MacAddr {
     MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
-/// 01:80:c2:00:00:00 to 01:80:c2:00:00:0f: IEEE 802.1D reserved, never forwarded by a bridge.
+/// 01:80:c2:00:00:01 to 01:80:c2:00:00:0f: IEEE 802.1D reserved, never forwarded by a bridge.
+/// (:00, the STP group, is forwarded by a bridge that runs no STP.)
 fn is_link_local(dst: &[u8]) -> bool {
-    dst[..5] == [0x01, 0x80, 0xc2, 0x00, 0x00] && dst[5] & 0xf0 == 0
+    dst[..5] == [0x01, 0x80, 0xc2, 0x00, 0x00] && dst[5] & 0xf0 == 0 && dst[5] != 0
 }
 
 /// Ways a management request can fail.
@@ -360,10 +364,7 @@ impl Bridge {
         }
         if dst[0] & 1 != 0 {
             if is_link_local(dst) {
-                return match self.host_port() {
-                    Some(h) if h != ingress => Decision::Port(h),
-                    _ => Decision::Drop(DropReason::LinkLocal),
-                };
+                return Decision::Drop(DropReason::LinkLocal);
             }
             self.counts.flooded += 1;
             return Decision::Flood;
@@ -385,20 +386,19 @@ impl Bridge {
         }
     }
 
-    fn host_port(&self) -> Option<PortId> {
-        self.active
-            .iter()
-            .copied()
-            .find(|&p| self.port_options(p).is_some_and(|o| o.host))
-    }
-
-    /// The local ports a flood that came in by `from` leaves by (the VTEPs, for a flood from
-    /// a local port, are [`Bridge::vteps`]).
-    pub fn flood_ports(&self, from: Station) -> impl Iterator<Item = PortId> + '_ {
+    /// The local ports a flood of `frame` that came in by `from` leaves by (the VTEPs, for a
+    /// flood from a local port, are [`Bridge::vteps`]).
+    pub fn flood_ports<'a>(
+        &'a self,
+        from: Station,
+        frame: &[u8],
+    ) -> impl Iterator<Item = PortId> + 'a {
         let ingress = from.port();
+        let unknown_unicast = frame.first().is_some_and(|b| b & 1 == 0);
         self.active.iter().copied().filter(move |&p| {
-            self.port_options(p)
-                .is_some_and(|o| o.flood && (p != ingress || o.hairpin))
+            self.port_options(p).is_some_and(|o| {
+                o.flood && (p != ingress || o.hairpin) && !(unknown_unicast && o.host)
+            })
         })
     }
 

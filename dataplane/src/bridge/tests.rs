@@ -25,7 +25,7 @@ fn bridge_with(ports: usize, config: Config) -> (Bridge, Vec<PortId>) {
 }
 
 fn flood_set(b: &Bridge, from: Station) -> Vec<PortId> {
-    b.flood_ports(from).collect()
+    b.flood_ports(from, &BCAST).collect()
 }
 
 #[test]
@@ -223,6 +223,7 @@ fn test_invalid_sources_short_frames_and_link_local_groups() {
             ..PortOptions::default()
         })
         .unwrap();
+    let lldp = [0x01, 0x80, 0xc2, 0, 0, 0x0e];
     let stp = [0x01, 0x80, 0xc2, 0, 0, 0];
     assert_eq!(
         b.input(Station::Port(pod), &frame(B, BCAST), 0),
@@ -236,11 +237,16 @@ fn test_invalid_sources_short_frames_and_link_local_groups() {
         b.input(Station::Port(pod), &frame(B, A)[..13], 0),
         Decision::Drop(DropReason::Truncated)
     );
-    assert_eq!(b.input(Station::Port(pod), &frame(stp, A), 0), Decision::Port(host));
     assert_eq!(
-        b.input(Station::Port(host), &frame(stp, B), 0),
+        b.input(Station::Port(pod), &frame(lldp, A), 0),
         Decision::Drop(DropReason::LinkLocal)
     );
+    // With no STP running, BPDUs are flooded like any multicast.
+    assert_eq!(b.input(Station::Port(pod), &frame(stp, A), 0), Decision::Flood);
+    assert_eq!(b.flood_ports(Station::Port(pod), &stp).collect::<Vec<_>>(), vec![host]);
+    // The host port gets broadcasts but not floods of unknown unicast.
+    assert_eq!(b.input(Station::Port(pod), &frame(C, A), 0), Decision::Flood);
+    assert_eq!(b.flood_ports(Station::Port(pod), &C).count(), 0);
     // 01:80:c2:00:00:10 is outside the reserved block: an ordinary multicast.
     let not_reserved = [0x01, 0x80, 0xc2, 0, 0, 0x10];
     assert_eq!(b.input(Station::Port(pod), &frame(not_reserved, A), 0), Decision::Flood);

@@ -482,7 +482,7 @@ impl L2Worker {
                 Decision::Port(p) => push_out(&mut self.ports, p, idx),
                 Decision::Remote(ip) => self.remote.push((idx, SocketAddrV4::new(ip, peer_port))),
                 Decision::Flood => {
-                    for p in self.bridge.flood_ports(ingress) {
+                    for p in self.bridge.flood_ports(ingress, batch.packet(i)) {
                         push_out(&mut self.ports, p, idx);
                     }
                     for &ip in self.bridge.vteps() {
@@ -537,7 +537,7 @@ impl L2Worker {
             match self.bridge.input(from, frame, now) {
                 Decision::Port(p) => push_out(&mut self.ports, p, i as u16),
                 Decision::Flood => {
-                    for p in self.bridge.flood_ports(from) {
+                    for p in self.bridge.flood_ports(from, frame) {
                         push_out(&mut self.ports, p, i as u16);
                     }
                 }
