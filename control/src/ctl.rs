@@ -12,9 +12,8 @@
 
 use crate::health::Health;
 use crate::l2::{self, Attach};
-use podwire_dataplane::bridge::{EntryKind, Station};
-use podwire_dataplane::worker::l2::{FdbDump, L2Handle};
 use arc_swap::ArcSwap;
+use podwire_dataplane::bridge::{EntryKind, Station};
 use podwire_dataplane::capture::{Capture, CapturePoint};
 use podwire_dataplane::conntrack::{
     EntryView, ServiceBinding, Tuple, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -23,6 +22,7 @@ use podwire_dataplane::pipeline::{DropReason, Flows, Tables};
 use podwire_dataplane::port::pcap::outer_datagram;
 use podwire_dataplane::route::Backend;
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
+use podwire_dataplane::worker::l2::{FdbDump, L2Handle};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -168,7 +168,11 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
 fn l2_command(cmd: &str, req: &Value, l2: &L2Ctl) -> Result<Value, String> {
     let netns = req["netns"].as_str().unwrap_or_default().to_string();
     match cmd {
-        "fdb" => l2.handle.dump().map(|d| fdb_json(&d)).map_err(|e| e.to_string()),
+        "fdb" => l2
+            .handle
+            .dump()
+            .map(|d| fdb_json(&d))
+            .map_err(|e| e.to_string()),
         "detach" => match l2.handle.detach(&netns) {
             Ok(true) => Ok(json!({"detached": netns})),
             Ok(false) => Err(format!("no pod attached from netns {netns:?}")),
@@ -192,7 +196,8 @@ fn l2_command(cmd: &str, req: &Value, l2: &L2Ctl) -> Result<Value, String> {
                 ifname: field("ifname").unwrap_or("eth0").to_string(),
                 gateway: parsed(req, "gateway")?,
             };
-            let a = l2::attach(&l2.handle, &attach, l2.mtu, l2.gateway).map_err(|e| e.to_string())?;
+            let a =
+                l2::attach(&l2.handle, &attach, l2.mtu, l2.gateway).map_err(|e| e.to_string())?;
             Ok(json!({
                 "netns": attach.netns, "ifname": attach.ifname, "ip": attach.ip.to_string(),
                 "mac": a.mac.to_string(), "port": a.port.0, "device": a.device, "mtu": l2.mtu,

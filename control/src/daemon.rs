@@ -490,7 +490,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
         let Encap::Vxlan { vni, local_mac } = initial.encap else {
             bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
         };
-        if matches!(config.backend, BackendConfig::Vxlan { direct_routing: true, .. }) {
+        if matches!(
+            config.backend,
+            BackendConfig::Vxlan {
+                direct_routing: true,
+                ..
+            }
+        ) {
             bail!("--mode l2 does not support DirectRouting (pods share one L2 domain over VXLAN)");
         }
         if opts.ip_masq || opts.services_file.is_some() {
@@ -542,7 +548,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         offload = tun_offload;
         device = tun_name.clone();
         if opts.tun_offload && !offload {
-            tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
+            tracing::warn!(
+                "the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read"
+            );
         }
         netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
         if opts.ip_masq {

@@ -298,7 +298,12 @@ impl Health {
         if let Some(n) = self.fdb_entries.get() {
             let name = "podwire_fdb_entries";
             let v = n.load(Ordering::Relaxed);
-            fam(name, "gauge", "Bridge FDB entries (L2 mode).", vec![format!("{name} {v}")]);
+            fam(
+                name,
+                "gauge",
+                "Bridge FDB entries (L2 mode).",
+                vec![format!("{name} {v}")],
+            );
         }
         if let Some(f) = self.flows.get() {
             let c = f.conntrack.counters();

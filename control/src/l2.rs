@@ -125,7 +125,9 @@ pub fn attach(
     node_gateway: Ipv4Addr,
 ) -> Result<Attached, AttachError> {
     if req.netns.is_empty() || req.netns.contains('/') || req.ifname.is_empty() {
-        return Err(AttachError::Invalid("netns and ifname must be plain names".into()));
+        return Err(AttachError::Invalid(
+            "netns and ifname must be plain names".into(),
+        ));
     }
     if let Some(mac) = req.mac {
         if mac.is_multicast() || mac == MacAddr::ZERO {
@@ -139,7 +141,10 @@ pub fn attach(
     ip_in(ns, &["link", "set", "dev", &dev, "name", &req.ifname])?;
     let ifname = req.ifname.as_str();
     if let Some(mac) = req.mac {
-        ip_in(ns, &["link", "set", "dev", ifname, "address", &mac.to_string()])?;
+        ip_in(
+            ns,
+            &["link", "set", "dev", ifname, "address", &mac.to_string()],
+        )?;
     }
     ip_in(ns, &["link", "set", "dev", ifname, "mtu", &mtu.to_string()])?;
     ip_in(ns, &["addr", "replace", &req.ip.to_string(), "dev", ifname])?;
@@ -180,7 +185,13 @@ mod tests {
         assert_eq!(a.addr, Ipv4Addr::new(10, 244, 1, 10));
         assert_eq!(a.prefix, 16);
         assert_eq!(a.to_string(), "10.244.1.10/16");
-        for bad in ["10.244.1.10", "10.244.1.10/33", "10.244.1.10/0", "x/16", "10.1/8"] {
+        for bad in [
+            "10.244.1.10",
+            "10.244.1.10/33",
+            "10.244.1.10/0",
+            "x/16",
+            "10.1/8",
+        ] {
             assert!(bad.parse::<IfAddr>().is_err(), "{bad}");
         }
     }

@@ -667,13 +667,23 @@ fn l2_mode_bridges_pods_within_and_across_nodes() {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
     let f = &report["figures"];
-    assert!(f["same_node_tcp_ratio_to_linux_bridge"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(
+        f["same_node_tcp_ratio_to_linux_bridge"].as_f64().unwrap() > 0.0,
+        "{f}"
+    );
     // tshark decodes what crossed the underlay: VXLAN with VNI 1 around the pods' own
     // Ethernet frames, ARP requests replicated to every VTEP and answered by unicast.
     let frames = decode(
         &pcap,
         "vxlan && arp",
-        &["ip.src", "ip.dst", "vxlan.vni", "eth.src", "eth.dst", "arp.opcode"],
+        &[
+            "ip.src",
+            "ip.dst",
+            "vxlan.vni",
+            "eth.src",
+            "eth.dst",
+            "arp.opcode",
+        ],
     );
     let pod_1a = "02:00:0a:f4:01:0a";
     let requests: Vec<&Frame> = frames
@@ -686,8 +696,9 @@ fn l2_mode_bridges_pods_within_and_across_nodes() {
         replicated_to.contains("192.168.99.12") && replicated_to.contains("192.168.99.13"),
         "pod 1a's ARP requests reached {replicated_to:?}: {frames:?}"
     );
-    assert!(requests.iter().all(|f| f["vxlan.vni"] == "1"
-        && f["eth.dst"].ends_with("ff:ff:ff:ff:ff:ff")));
+    assert!(requests
+        .iter()
+        .all(|f| f["vxlan.vni"] == "1" && f["eth.dst"].ends_with("ff:ff:ff:ff:ff:ff")));
     assert!(
         frames
             .iter()

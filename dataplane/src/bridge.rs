@@ -304,7 +304,9 @@ impl Bridge {
         }
         let k = key(&mac.0);
         if let Some(&slot) = self.index.get(&k) {
-            let e = self.slots[slot as usize].as_mut().expect("indexed slot is live");
+            let e = self.slots[slot as usize]
+                .as_mut()
+                .expect("indexed slot is live");
             if e.kind == EntryKind::Dynamic {
                 self.dynamic -= 1;
             }
@@ -320,7 +322,9 @@ impl Bridge {
     pub fn remove_static(&mut self, mac: MacAddr) -> bool {
         let k = key(&mac.0);
         match self.index.get(&k) {
-            Some(&slot) if self.slots[slot as usize].is_some_and(|e| e.kind == EntryKind::Static) => {
+            Some(&slot)
+                if self.slots[slot as usize].is_some_and(|e| e.kind == EntryKind::Static) =>
+            {
                 self.remove_slot(slot);
                 true
             }
@@ -421,7 +425,9 @@ impl Bridge {
     fn learn(&mut self, src: &[u8; 6], from: Station, now_ms: u64) {
         let k = key(src);
         if let Some(&slot) = self.index.get(&k) {
-            let e = self.slots[slot as usize].as_mut().expect("indexed slot is live");
+            let e = self.slots[slot as usize]
+                .as_mut()
+                .expect("indexed slot is live");
             if e.kind == EntryKind::Dynamic {
                 if e.station != from {
                     e.station = from;

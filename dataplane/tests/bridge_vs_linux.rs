@@ -8,6 +8,8 @@
 //! three pod ports and a host port standing for `br0`. Every frame must leave on the same set.
 //! Needs root; skipped otherwise.
 
+#![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
+
 use podwire_dataplane::batch::Batch;
 use podwire_dataplane::bridge::{Bridge, Config, Decision, PortId, PortOptions, Station};
 use podwire_dataplane::port::tap::TapPort;
@@ -46,7 +48,9 @@ fn br0_rx(ns: &str) -> u64 {
         .output()
         .expect("ip");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
-    v[0]["stats64"]["rx"]["packets"].as_u64().expect("rx packets")
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .expect("rx packets")
 }
 
 fn frame(dst: [u8; 6], src: [u8; 6], seq: u32) -> Vec<u8> {
@@ -60,7 +64,8 @@ fn frame(dst: [u8; 6], src: [u8; 6], seq: u32) -> Vec<u8> {
 }
 
 fn seq_of(f: &[u8]) -> Option<u32> {
-    (f.len() >= 18 && f[12..14] == ETHERTYPE).then(|| u32::from_be_bytes([f[14], f[15], f[16], f[17]]))
+    (f.len() >= 18 && f[12..14] == ETHERTYPE)
+        .then(|| u32::from_be_bytes([f[14], f[15], f[16], f[17]]))
 }
 
 fn mac(last: u8) -> [u8; 6] {
@@ -72,23 +77,23 @@ fn sequence() -> Vec<(usize, [u8; 6], [u8; 6])> {
     let (a, b, c, d) = (mac(0xa), mac(0xb), mac(0xc), mac(0xd));
     let bcast = [0xff; 6];
     vec![
-        (0, bcast, a),                                 // broadcast: everyone but p0, host too
-        (1, a, b),                                     // known unicast: p0 only
-        (2, d, c),                                     // unknown unicast: p0, p1, not the host
-        (0, b, a),                                     // p1 only
-        (0, c, a),                                     // p2 only
-        (1, a, a),                                     // a moves to p1 (frame to itself: nowhere)
-        (2, a, c),                                     // follows a to p1
-        (0, [0x01, 0x00, 0x5e, 0, 0, 1], d),           // multicast: flooded, host too
-        (1, [0x01, 0x80, 0xc2, 0, 0, 0], b),           // STP group, no STP: flooded
-        (2, [0x01, 0x80, 0xc2, 0, 0, 0x0e], c),        // LLDP: never forwarded
-        (2, [0x01, 0x80, 0xc2, 0, 0, 0x01], c),        // pause: never forwarded
-        (0, b, [0x01, 0, 0, 0, 0, 1]),                 // multicast source: dropped
-        (0, b, [0; 6]),                                // zero source: dropped
-        (2, BR0_MAC, c),                               // to the bridge itself: host only
-        (1, d, b),                                     // d never spoke: flooded to p0, p2
-        (1, c, d),                                     // d now at p1; c at p2
-        (0, d, a),                                     // p1
+        (0, bcast, a),                          // broadcast: everyone but p0, host too
+        (1, a, b),                              // known unicast: p0 only
+        (2, d, c),                              // unknown unicast: p0, p1, not the host
+        (0, b, a),                              // p1 only
+        (0, c, a),                              // p2 only
+        (1, a, a),                              // a moves to p1 (frame to itself: nowhere)
+        (2, a, c),                              // follows a to p1
+        (0, [0x01, 0x00, 0x5e, 0, 0, 1], d),    // multicast: flooded, host too
+        (1, [0x01, 0x80, 0xc2, 0, 0, 0], b),    // STP group, no STP: flooded
+        (2, [0x01, 0x80, 0xc2, 0, 0, 0x0e], c), // LLDP: never forwarded
+        (2, [0x01, 0x80, 0xc2, 0, 0, 0x01], c), // pause: never forwarded
+        (0, b, [0x01, 0, 0, 0, 0, 1]),          // multicast source: dropped
+        (0, b, [0; 6]),                         // zero source: dropped
+        (2, BR0_MAC, c),                        // to the bridge itself: host only
+        (1, d, b),                              // d never spoke: flooded to p0, p2
+        (1, c, d),                              // d now at p1; c at p2
+        (0, d, a),                              // p1
     ]
 }
 
@@ -126,8 +131,26 @@ fn frames_leave_by_the_same_ports_as_through_a_linux_bridge() {
         let tap = TapPort::open("pwcmp%d").expect("TAP device");
         let dev = tap.name().to_string();
         ip(&["link", "set", "dev", &dev, "netns", n]);
-        ip(&["-n", n, "link", "set", "dev", &dev, "name", &format!("p{i}")]);
-        ip(&["-n", n, "link", "set", &format!("p{i}"), "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            "dev",
+            &dev,
+            "name",
+            &format!("p{i}"),
+        ]);
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            &format!("p{i}"),
+            "master",
+            "br0",
+            "up",
+        ]);
         taps.push(tap);
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -147,7 +170,8 @@ fn frames_leave_by_the_same_ports_as_through_a_linux_bridge() {
             ..PortOptions::default()
         })
         .unwrap();
-    ours.add_static(MacAddr(BR0_MAC), Station::Port(host)).unwrap();
+    ours.add_static(MacAddr(BR0_MAC), Station::Port(host))
+        .unwrap();
     let name_of = |p: PortId| -> String {
         if p == host {
             HOST.to_string()
@@ -188,7 +212,8 @@ fn frames_leave_by_the_same_ports_as_through_a_linux_bridge() {
             Decision::Drop(_) => BTreeSet::new(),
         };
         assert_eq!(
-            podwire, linux,
+            podwire,
+            linux,
             "frame {seq}: in p{ingress}, dst {}, src {}",
             MacAddr(dst),
             MacAddr(src)

@@ -10,7 +10,7 @@
 //! transfer through a Linux bridge built beside it.
 
 use super::{
-    eventually, netns, ms, print_summary, read_stats, set_up, traffic, underlay_ip, write_json,
+    eventually, ms, netns, print_summary, read_stats, set_up, traffic, underlay_ip, write_json,
     Check, LabOptions, Names, Resources, ROGUE_IP, STEP_TIMEOUT, TCP_PORT,
 };
 use anyhow::{bail, Context, Result};
@@ -85,7 +85,12 @@ fn attach(r: &Names, exe: &Path, pod: &Pod, node: usize) -> Result<()> {
     let ns = pod.ns(r);
     let ip = format!("{}/16", pod.ip);
     let mac = pod.mac.to_string();
-    ctl(r, exe, node, &["attach", "--netns", &ns, "--ip", &ip, "--mac", &mac])?;
+    ctl(
+        r,
+        exe,
+        node,
+        &["attach", "--netns", &ns, "--ip", &ip, "--mac", &mac],
+    )?;
     Ok(())
 }
 
@@ -182,7 +187,9 @@ fn kernel_bridge(res: &Arc<Mutex<Resources>>, mtu: u32) -> Result<(String, Strin
         let port = format!("v{host}");
         netns::ip_in(
             &br,
-            &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns],
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
         )?;
         netns::ip_in(&br, &["link", "set", &port, "master", "br0", "up"])?;
         netns::ip_in(ns, &["link", "set", "eth0", "mtu", &mtu.to_string()])?;
@@ -235,7 +242,11 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     let t = Instant::now();
     let attached: Vec<String> = pods
         .iter()
-        .filter_map(|p| attach(&r, exe, p, p.node).err().map(|e| format!("{}: {e:#}", p.name)))
+        .filter_map(|p| {
+            attach(&r, exe, p, p.node)
+                .err()
+                .map(|e| format!("{}: {e:#}", p.name))
+        })
         .collect();
     figures.insert(
         "attach_ms_per_pod".into(),
@@ -322,7 +333,9 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     let node2 = underlay_ip(2).to_string();
     checks.push(check(
         "podwire ctl fdb: local pods on their ports, remote pods behind their VTEP",
-        local.as_ref().is_some_and(|(p, d)| *p == first.ns(&r) && d.is_none())
+        local
+            .as_ref()
+            .is_some_and(|(p, d)| *p == first.ns(&r) && d.is_none())
             && learned
                 .as_ref()
                 .is_some_and(|(p, d)| p == "vxlan" && d.as_deref() == Some(node2.as_str())),
@@ -335,12 +348,17 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
         .and_then(|_| attach(&r, exe, moved, 2));
     let t = Instant::now();
     let reached = moved_ok.is_ok()
-        && eventually(|| ping(&r, moved, first.ip, 1).1 == 1 && ping(&r, first, moved.ip, 1).1 == 1);
+        && eventually(|| {
+            ping(&r, moved, first.ip, 1).1 == 1 && ping(&r, first, moved.ip, 1).1 == 1
+        });
     figures.insert("moved_pod_reachable_ms".into(), json!(ms(t.elapsed())));
     let now_at = fdb_entry(&r, exe, 1, moved.mac);
     checks.push(check(
         "a pod moved to another node is reachable after its first packet",
-        reached && now_at.as_ref().is_some_and(|(_, d)| d.as_deref() == Some(node2.as_str())),
+        reached
+            && now_at
+                .as_ref()
+                .is_some_and(|(_, d)| d.as_deref() == Some(node2.as_str())),
         format!("attach: {moved_ok:?}; node 1 now has it at {now_at:?}"),
     ));
     let still = transfer(&remote.ns(&r), &moved.ns(&r), moved.ip, bytes / 5, 9);
@@ -373,7 +391,11 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     figures.insert("same_node_tcp_mbps_linux_bridge".into(), json!(k.round()));
     figures.insert(
         "same_node_tcp_ratio_to_linux_bridge".into(),
-        json!(if k > 0.0 { (o / k * 1000.0).round() / 1000.0 } else { 0.0 }),
+        json!(if k > 0.0 {
+            (o / k * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }),
     );
     let mut stats_checks = finish_checks(res, &r, opts, forged)?;
     checks.append(&mut stats_checks);

@@ -32,12 +32,21 @@ fn flood_set(b: &Bridge, from: Station) -> Vec<PortId> {
 fn test_unknown_unicast_floods_then_learned_station_gets_it_alone() {
     let (mut b, p) = bridge_with(3, Config::default());
     // A (on p0) talks to unknown B: flooded to p1 and p2, and A is learned.
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 0), Decision::Flood);
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 0),
+        Decision::Flood
+    );
     assert_eq!(flood_set(&b, Station::Port(p[0])), vec![p[1], p[2]]);
     assert_eq!(b.lookup(&A, 0), Some(Station::Port(p[0])));
     // B answers from p1: unicast to p0 only; B learned.
-    assert_eq!(b.input(Station::Port(p[1]), &frame(A, B), 1), Decision::Port(p[0]));
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 2), Decision::Port(p[1]));
+    assert_eq!(
+        b.input(Station::Port(p[1]), &frame(A, B), 1),
+        Decision::Port(p[0])
+    );
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 2),
+        Decision::Port(p[1])
+    );
     let c = b.take_counts();
     assert_eq!((c.learned, c.flooded, c.moved), (2, 1, 0));
 }
@@ -49,12 +58,18 @@ fn test_broadcast_and_multicast_flood_to_all_but_ingress_and_to_every_vtep() {
     assert_eq!(b.vteps(), &[VTEP1, VTEP2]);
     let mcast = [0x01, 0x00, 0x5e, 0, 0, 1];
     for dst in [BCAST, mcast] {
-        assert_eq!(b.input(Station::Port(p[1]), &frame(dst, A), 0), Decision::Flood);
+        assert_eq!(
+            b.input(Station::Port(p[1]), &frame(dst, A), 0),
+            Decision::Flood
+        );
     }
     assert_eq!(flood_set(&b, Station::Port(p[1])), vec![p[0], p[2]]);
     assert!(Bridge::floods_to_tunnel(Station::Port(p[1])));
     // From the tunnel: every local port, never back into the tunnel.
-    assert_eq!(b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0), Decision::Flood);
+    assert_eq!(
+        b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0),
+        Decision::Flood
+    );
     assert_eq!(flood_set(&b, Station::Remote(VTEP1)), p);
     assert!(!Bridge::floods_to_tunnel(Station::Remote(VTEP1)));
 }
@@ -65,7 +80,10 @@ fn test_remote_stations_are_learned_per_vtep_and_not_sent_back_into_the_tunnel()
     b.set_vteps(&[VTEP1, VTEP2]);
     b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0);
     assert_eq!(b.lookup(&B, 0), Some(Station::Remote(VTEP1)));
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 1), Decision::Remote(VTEP1));
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 1),
+        Decision::Remote(VTEP1)
+    );
     // A frame from VTEP2 for B (behind VTEP1) would go back into the tunnel: dropped.
     assert_eq!(
         b.input(Station::Remote(VTEP2), &frame(B, C), 2),
@@ -91,7 +109,10 @@ fn test_tunnel_learning_can_be_off() {
     b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0);
     assert_eq!(b.lookup(&B, 0), None);
     b.add_static(MacAddr(B), Station::Remote(VTEP1)).unwrap();
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 0), Decision::Remote(VTEP1));
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 0),
+        Decision::Remote(VTEP1)
+    );
 }
 
 #[test]
@@ -100,7 +121,10 @@ fn test_a_station_moving_ports_moves_its_entry() {
     b.input(Station::Port(p[0]), &frame(BCAST, A), 0);
     b.input(Station::Port(p[2]), &frame(BCAST, A), 5);
     assert_eq!(b.lookup(&A, 5), Some(Station::Port(p[2])));
-    assert_eq!(b.input(Station::Port(p[1]), &frame(A, B), 6), Decision::Port(p[2]));
+    assert_eq!(
+        b.input(Station::Port(p[1]), &frame(A, B), 6),
+        Decision::Port(p[2])
+    );
     assert_eq!(b.take_counts().moved, 1);
     assert_eq!(b.learned(), 2);
 }
@@ -134,7 +158,10 @@ fn test_ageing_with_an_injected_clock() {
     assert_eq!(b.lookup(&B, 999), Some(Station::Port(p[1])));
     assert_eq!(b.lookup(&B, 1000), None, "expired on lookup");
     // Forwarding to an expired station floods again and reclaims the entry.
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 1000), Decision::Flood);
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 1000),
+        Decision::Flood
+    );
     assert_eq!(b.learned(), 1);
     // That frame refreshed A (seen at 1000); the collector reclaims it once it ages out.
     assert_eq!(b.age(1999, usize::MAX), 0);
@@ -187,8 +214,14 @@ fn test_a_mac_flood_neither_grows_the_table_nor_evicts_static_or_known_stations(
     assert_eq!(b.learned(), 1000);
     assert_eq!(b.len(), 1001);
     assert!(b.take_counts().learn_refused >= 20_000 - 1000);
-    assert_eq!(b.input(Station::Port(p[0]), &frame(C, A), 2), Decision::Port(p[2]));
-    assert_eq!(b.input(Station::Port(p[0]), &frame(B, A), 2), Decision::Port(p[1]));
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(C, A), 2),
+        Decision::Port(p[2])
+    );
+    assert_eq!(
+        b.input(Station::Port(p[0]), &frame(B, A), 2),
+        Decision::Port(p[1])
+    );
 }
 
 #[test]
@@ -210,7 +243,10 @@ fn test_hairpin_is_off_by_default_and_can_be_switched_on() {
     b.input(Station::Port(hp), &frame(BCAST, C), 0);
     assert_eq!(flood_set(&b, Station::Port(hp)), vec![p0, hp]);
     b.input(Station::Port(hp), &frame(BCAST, A), 0);
-    assert_eq!(b.input(Station::Port(hp), &frame(C, A), 0), Decision::Port(hp));
+    assert_eq!(
+        b.input(Station::Port(hp), &frame(C, A), 0),
+        Decision::Port(hp)
+    );
 }
 
 #[test]
@@ -242,14 +278,26 @@ fn test_invalid_sources_short_frames_and_link_local_groups() {
         Decision::Drop(DropReason::LinkLocal)
     );
     // With no STP running, BPDUs are flooded like any multicast.
-    assert_eq!(b.input(Station::Port(pod), &frame(stp, A), 0), Decision::Flood);
-    assert_eq!(b.flood_ports(Station::Port(pod), &stp).collect::<Vec<_>>(), vec![host]);
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(stp, A), 0),
+        Decision::Flood
+    );
+    assert_eq!(
+        b.flood_ports(Station::Port(pod), &stp).collect::<Vec<_>>(),
+        vec![host]
+    );
     // The host port gets broadcasts but not floods of unknown unicast.
-    assert_eq!(b.input(Station::Port(pod), &frame(C, A), 0), Decision::Flood);
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(C, A), 0),
+        Decision::Flood
+    );
     assert_eq!(b.flood_ports(Station::Port(pod), &C).count(), 0);
     // 01:80:c2:00:00:10 is outside the reserved block: an ordinary multicast.
     let not_reserved = [0x01, 0x80, 0xc2, 0, 0, 0x10];
-    assert_eq!(b.input(Station::Port(pod), &frame(not_reserved, A), 0), Decision::Flood);
+    assert_eq!(
+        b.input(Station::Port(pod), &frame(not_reserved, A), 0),
+        Decision::Flood
+    );
     assert!(b.is_empty() || b.lookup(&A, 0).is_some());
 }
 
@@ -294,5 +342,8 @@ fn test_ports_are_bounded() {
     for _ in 0..MAX_PORTS {
         b.add_port(PortOptions::default()).unwrap();
     }
-    assert_eq!(b.add_port(PortOptions::default()), Err(BridgeError::TooManyPorts));
+    assert_eq!(
+        b.add_port(PortOptions::default()),
+        Err(BridgeError::TooManyPorts)
+    );
 }

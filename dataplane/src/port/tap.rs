@@ -23,12 +23,13 @@ impl TapPort {
     /// Creates TAP device `name` (a name ending in `%d` is numbered by the kernel), or attaches
     /// to it if it exists and is a TAP device nobody holds.
     pub fn open(name: &str) -> Result<TapPort, PortError> {
-        let (fd, name) = sys::tun::open_queue(name, sys::tun::Kind::Tap, false, false).map_err(
-            |source| PortError::Open {
-                what: format!("TAP device {name}"),
-                source,
-            },
-        )?;
+        let (fd, name) =
+            sys::tun::open_queue(name, sys::tun::Kind::Tap, false, false).map_err(|source| {
+                PortError::Open {
+                    what: format!("TAP device {name}"),
+                    source,
+                }
+            })?;
         Ok(TapPort { fd, name })
     }
 

@@ -66,7 +66,8 @@ fn open_with(
             what: format!("TUN device {name}"),
             source,
         };
-        let (fd, n) = sys::tun::open_queue(&actual, sys::tun::Kind::Tun, true, offload).map_err(err)?;
+        let (fd, n) =
+            sys::tun::open_queue(&actual, sys::tun::Kind::Tun, true, offload).map_err(err)?;
         let state = if offload {
             use sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN};
             sys::tun::set_offload(&fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN).map_err(err)?;
@@ -206,7 +207,12 @@ pub(super) fn rx_plain(
         let cap = slot.len();
         match sys::fdio::read(fd, slot) {
             Ok(n) => batch.commit_rx(i, n, NO_PEER, n >= cap),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 break
             }
             Err(source) => return Err(PortError::Io { what, source }),
@@ -219,7 +225,11 @@ pub(super) fn rx_plain(
 pub(super) fn tx_plain(fd: BorrowedFd<'_>, batch: &Batch, indices: &[u16]) -> TxOutcome {
     let mut out = TxOutcome::default();
     for &i in indices {
-        count_write(&mut out, sys::fdio::write(fd, batch.packet(usize::from(i))), 1);
+        count_write(
+            &mut out,
+            sys::fdio::write(fd, batch.packet(usize::from(i))),
+            1,
+        );
     }
     out
 }

@@ -105,7 +105,9 @@ pub struct L2Handle {
 impl L2Handle {
     fn ask<T>(&self, make: impl FnOnce(SyncSender<T>) -> Command) -> Result<T, L2Error> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.commands.send(make(tx)).map_err(|_| L2Error::NoAnswer)?;
+        self.commands
+            .send(make(tx))
+            .map_err(|_| L2Error::NoAnswer)?;
         let _ = self.waker.wake();
         rx.recv_timeout(REQUEST_TIMEOUT)
             .map_err(|_| L2Error::NoAnswer)
@@ -289,11 +291,10 @@ impl L2Worker {
     }
 
     fn detach(&mut self, label: &str) -> bool {
-        let Some(slot) = self
-            .ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.info.label == label && p.info.label != "host"))
-        else {
+        let Some(slot) = self.ports.iter().position(|p| {
+            p.as_ref()
+                .is_some_and(|p| p.info.label == label && p.info.label != "host")
+        }) else {
             return false;
         };
         let port = self.ports[slot].take().expect("found above");
@@ -308,7 +309,12 @@ impl L2Worker {
     fn dump(&self) -> FdbDump {
         FdbDump {
             entries: self.bridge.entries(self.now()),
-            ports: self.ports.iter().flatten().map(|p| p.info.clone()).collect(),
+            ports: self
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| p.info.clone())
+                .collect(),
             vteps: self.bridge.vteps().to_vec(),
         }
     }
@@ -319,11 +325,7 @@ impl L2Worker {
 
     /// Takes the VNI, the VTEPs and the peers' host-port MACs from a new table snapshot.
     fn sync(&mut self, tables: &Arc<Tables>) {
-        if self
-            .synced
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s, tables))
-        {
+        if self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, tables)) {
             return;
         }
         self.synced = Some(Arc::clone(tables));
@@ -406,7 +408,7 @@ impl L2Worker {
                 if n > 0 {
                     local.add(Counter::RxTap, n as u64);
                     let id = port.info.id;
-                    self.from_port(id, &mut batch, now, &mut local);
+                    self.forward_from_port(id, &mut batch, now, &mut local);
                     moved += n;
                 }
             }
@@ -415,7 +417,7 @@ impl L2Worker {
                 self.udp_ready = n == batch.capacity();
                 if n > 0 {
                     local.add(Counter::RxUnderlay, n as u64);
-                    self.from_tunnel(&mut batch, now, &mut local);
+                    self.forward_from_tunnel(&mut batch, now, &mut local);
                     moved += n;
                 }
             }
@@ -468,7 +470,7 @@ impl L2Worker {
     }
 
     /// Decides and sends a batch read from local port `from`.
-    fn from_port(&mut self, from: PortId, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
+    fn forward_from_port(&mut self, from: PortId, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
         let ingress = Station::Port(from);
         let peer_port = self.peer_port;
         for i in 0..batch.len() {
@@ -496,7 +498,7 @@ impl L2Worker {
     }
 
     /// Checks, decapsulates, decides and sends a batch of underlay datagrams.
-    fn from_tunnel(&mut self, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
+    fn forward_from_tunnel(&mut self, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
         let Some(vni) = self.vni else {
             for _ in 0..batch.len() {
                 stats.drop(DropReason::UnknownPeer);
