@@ -352,6 +352,7 @@ impl Control<'_> {
                     .map_leases
                     .store(leases as u64, Ordering::Relaxed);
                 self.health.map_updates.fetch_add(1, Ordering::Relaxed);
+                self.health.map_update_latency.observe(started.elapsed());
                 tracing::info!(
                     leases,
                     took_us = started.elapsed().as_micros() as u64,

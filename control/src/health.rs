@@ -39,6 +39,51 @@ pub struct Health {
     workers: OnceLock<Vec<Arc<SharedStats>>>,
     flows: OnceLock<Arc<Flows>>,
     fdb_entries: OnceLock<Arc<AtomicU64>>,
+    /// From a store change noticed to the new map live in the workers.
+    pub map_update_latency: LatencyHistogram,
+}
+
+/// Upper bounds (seconds) of the map-update latency buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A Prometheus histogram of durations, lock-free (one atomic per bucket).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The exposition lines of histogram `name` (cumulative buckets, sum, count).
+    fn samples(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::with_capacity(LATENCY_BUCKETS.len() + 3);
+        let mut cumulative = 0;
+        for (b, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            out.push(format!("{name}_bucket{{le=\"{b}\"}} {cumulative}"));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        out.push(format!("{name}_bucket{{le=\"+Inf\"}} {count}"));
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        out.push(format!("{name}_sum {sum}"));
+        out.push(format!("{name}_count {count}"));
+        out
+    }
 }
 
 impl Health {
@@ -295,6 +340,13 @@ impl Health {
         for (name, kind, help, v) in services {
             fam(name, kind, help, vec![format!("{name} {v}")]);
         }
+        let name = "podwire_subnet_map_update_seconds";
+        fam(
+            name,
+            "histogram",
+            "From a cluster-store change noticed to the new subnet map live in the workers.",
+            self.map_update_latency.samples(name),
+        );
         if let Some(n) = self.fdb_entries.get() {
             let name = "podwire_fdb_entries";
             let v = n.load(Ordering::Relaxed);
@@ -486,6 +538,8 @@ mod tests {
         stats[1].flush(&mut local);
         h.set_workers(stats);
         h.map_leases.store(1003, Ordering::Relaxed);
+        h.map_update_latency.observe(Duration::from_micros(300));
+        h.map_update_latency.observe(Duration::from_millis(3));
         h.lease_held.store(true, Ordering::Relaxed);
         h.set_lease_expiry(Some(SystemTime::now() + Duration::from_secs(3600)));
         let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&h)).unwrap();
@@ -526,6 +580,16 @@ mod tests {
             Value::Counter(2.0)
         );
         assert_eq!(find("podwire_subnet_map_leases", &[]), Value::Gauge(1003.0));
+        match find("podwire_subnet_map_update_seconds", &[]) {
+            Value::Histogram(h) => {
+                let at = |le: f64| h.iter().find(|b| b.less_than == le).map(|b| b.count);
+                assert_eq!(at(0.00025), Some(0.0));
+                assert_eq!(at(0.0005), Some(1.0));
+                assert_eq!(at(0.005), Some(2.0));
+                assert_eq!(at(f64::INFINITY), Some(2.0));
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(find("podwire_lease_held", &[]), Value::Gauge(1.0));
         match find("podwire_lease_expiry_seconds", &[]) {
             Value::Gauge(v) => assert!((3500.0..=3600.0).contains(&v), "{v}"),

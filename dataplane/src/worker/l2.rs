@@ -470,7 +470,13 @@ impl L2Worker {
     }
 
     /// Decides and sends a batch read from local port `from`.
-    fn forward_from_port(&mut self, from: PortId, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
+    fn forward_from_port(
+        &mut self,
+        from: PortId,
+        batch: &mut Batch,
+        now: u64,
+        stats: &mut LocalStats,
+    ) {
         let ingress = Station::Port(from);
         let peer_port = self.peer_port;
         for i in 0..batch.len() {
