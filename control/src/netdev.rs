@@ -150,18 +150,28 @@ pub fn configure_tun(
 /// flanneld installs it. Those routes are more specific than the cluster Network's route through
 /// the TUN, so that traffic never enters podwire. Kept in step with the subnet map; removed on
 /// exit.
+///
+/// They carry routing protocol [`ROUTE_PROTO`] (`ip route ... proto 112`), so a start after a
+/// crash adopts the routes the previous run left and withdraws those whose lease vanished
+/// meanwhile, without touching anyone else's routes.
 #[derive(Debug)]
 pub struct DirectRoutes {
     iface: Iface,
     installed: std::collections::BTreeMap<Ipv4Net, Ipv4Addr>,
 }
 
+/// The routing protocol number podwire's routes carry (unassigned in iproute2's rt_protos).
+pub const ROUTE_PROTO: &str = "112";
+
 impl DirectRoutes {
+    /// Starts with the routes an earlier run left on `iface` (protocol [`ROUTE_PROTO`]); the
+    /// first [`DirectRoutes::sync`] keeps those still wanted and withdraws the rest.
     pub fn new(iface: Iface) -> DirectRoutes {
-        DirectRoutes {
-            iface,
-            installed: Default::default(),
+        let installed = leftover_routes(&iface.name);
+        if !installed.is_empty() {
+            tracing::info!(routes = installed.len(), iface = %iface.name, "adopting direct routes left by an earlier run");
         }
+        DirectRoutes { iface, installed }
     }
 
     /// Installs and withdraws routes so that exactly the on-link peers of `nodes` (other than our
@@ -214,6 +224,8 @@ impl DirectRoutes {
                 &via.to_string(),
                 "dev",
                 &self.iface.name,
+                "proto",
+                ROUTE_PROTO,
             ]) {
                 Ok(()) => {
                     tracing::info!(%subnet, %via, "direct route installed");
@@ -235,9 +247,47 @@ impl DirectRoutes {
     }
 }
 
+/// Routes with our protocol on `dev`, as `ip -j route` lists them.
+fn leftover_routes(dev: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
+    let out = Command::new("ip")
+        .args(["-j", "route", "show", "dev", dev, "proto", ROUTE_PROTO])
+        .output();
+    let Ok(out) = out else {
+        return Default::default();
+    };
+    parse_routes(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `dst` and `gateway` of each route in `ip -j route` output.
+fn parse_routes(json: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let (net, len) = r["dst"].as_str()?.split_once('/')?;
+            let net = Ipv4Net::new(net.parse().ok()?, len.parse().ok()?).ok()?;
+            Some((net, r["gateway"].as_str()?.parse().ok()?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_leftover_routes_parse_from_ip_json() {
+        let json = r#"[{"dst":"10.244.2.0/24","gateway":"192.168.99.12","protocol":"112","flags":[]},
+                      {"dst":"default","gateway":"192.168.99.1"},{"dst":"10.244.3.0/24"}]"#;
+        let r = parse_routes(json);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r.get(&"10.244.2.0/24".parse().unwrap()),
+            Some(&Ipv4Addr::new(192, 168, 99, 12))
+        );
+        assert!(parse_routes("garbage").is_empty());
+    }
 
     #[test]
     fn test_loopback_resolves_by_name_and_address() {

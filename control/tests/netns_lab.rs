@@ -309,6 +309,11 @@ fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
         true,
         "{text}"
     );
+    assert_eq!(
+        check(&report, "DirectRouting: a crashed run's route")["ok"],
+        true,
+        "{text}"
+    );
 }
 
 #[test]

@@ -79,6 +79,15 @@ const UDP_PORT: u16 = 5202;
 const ROGUE_PORT: u16 = 5203;
 const MASQ_PORT: u16 = 5204;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Routes planted on node 1 before it starts, with DirectRouting: (net, via, protocol).
+const STALE_ROUTES: [(&str, &str, &str); 2] = [
+    (
+        "10.244.77.0/24",
+        "192.168.99.77",
+        podwire::netdev::ROUTE_PROTO,
+    ),
+    ("10.244.78.0/24", "192.168.99.78", "static"),
+];
 
 impl LabOptions {
     fn vxlan(&self) -> bool {
@@ -325,6 +334,19 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     };
     for i in 1..=opts.nodes {
         attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
+    }
+    if opts.direct_routing && !opts.is_kernel_node(1) {
+        // What a SIGKILLed podwire leaves when the peer's lease vanishes before the restart,
+        // and somebody else's route beside it: the first must go, the second stay.
+        let n1 = res.ns("n1");
+        for (net, via, proto) in STALE_ROUTES {
+            netns::ip_in(
+                &n1,
+                &[
+                    "route", "add", net, "via", via, "dev", "eth0", "proto", proto,
+                ],
+            )?;
+        }
     }
     attach("x", &res.ns("x"), ROGUE_IP)?;
     // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
@@ -1355,6 +1377,12 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             detail: format!("node 1 unknown_peer = {unknown_peer}"),
         });
         if opts.direct_routing {
+            let (_, routes) = netns::output_in(&r.ns("n1"), &["ip", "route", "show"])?;
+            checks.push(Check {
+                name: "DirectRouting: a crashed run's route for a vanished lease is withdrawn at start, others' routes kept".into(),
+                ok: !routes.contains(STALE_ROUTES[0].0) && routes.contains(STALE_ROUTES[1].0),
+                detail: routes.lines().filter(|l| l.contains("via")).collect::<Vec<_>>().join("; "),
+            });
             // Pod traffic takes the plain routes; only the lab's probes and forgeries reach
             // node 1's tunnel.
             let tunnelled = stats[0]
