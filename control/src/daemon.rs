@@ -541,6 +541,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
             gateway,
         });
     } else {
+        let wanted = opts.tun_name.as_deref().unwrap_or(&default_tun);
+        if netdev::remove_vxlan_device(wanted)? {
+            tracing::warn!(device = wanted, "removed a kernel VXLAN device of that name (flanneld's, left behind when it stopped); podwire's device takes its place");
+        }
         let (queues, tun_name, tun_offload) = tun::open(
             opts.tun_name.as_deref().unwrap_or(&default_tun),
             workers,

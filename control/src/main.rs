@@ -282,7 +282,7 @@ struct RunArgs {
     log_format: String,
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
     #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
-    ctl_socket: PathBuf,
+    ctl_socket: String,
     /// `l3` routes pod traffic through a TUN device (flannel's model); `l2` makes podwire the
     /// node's bridge (in place of cni0), with pods attached as TAP interfaces by `podwire ctl
     /// attach`, and one L2 domain across nodes over VXLAN (needs the vxlan backend).
@@ -500,7 +500,7 @@ fn main() -> Result<()> {
                     )),
                 },
                 service_cidr: a.service_cidr,
-                ctl_socket: (!a.ctl_socket.as_os_str().is_empty()).then_some(a.ctl_socket),
+                ctl_socket: (!a.ctl_socket.is_empty()).then(|| PathBuf::from(&a.ctl_socket)),
                 l2: (a.mode == "l2").then(|| daemon::L2Options {
                     bridge: podwire_dataplane::bridge::Config {
                         ageing_ms: u64::from(a.fdb_ageing) * 1000,

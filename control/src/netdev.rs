@@ -115,6 +115,35 @@ pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
     }
 }
 
+/// The kind of link `name` (`vxlan`, `tun`, `veth`, ...; empty for a plain device), if it exists.
+pub fn link_kind(name: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", name])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v[0]["linkinfo"]["info_kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Removes a kernel VXLAN device called `name`: what flanneld's vxlan backend leaves behind
+/// when it stops (`flannel.<VNI>`), holding the name podwire's device takes and the VXLAN port.
+/// Returns whether there was one.
+pub fn remove_vxlan_device(name: &str) -> Result<bool, NetdevError> {
+    if link_kind(name).as_deref() != Some("vxlan") {
+        return Ok(false);
+    }
+    ip(&["link", "del", "dev", name])?;
+    Ok(true)
+}
+
 /// Configures the TUN device as flanneld does for the udp backend: the lease's `.0/32` address,
 /// the MTU, up, and a route for the whole cluster network through it.
 ///

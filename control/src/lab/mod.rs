@@ -79,6 +79,8 @@ const UDP_PORT: u16 = 5202;
 const ROGUE_PORT: u16 = 5203;
 const MASQ_PORT: u16 = 5204;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The device a stopped flanneld leaves on a vxlan node, planted on node 1 before it starts.
+const FLANNELD_DEVICE: &str = "flannel.1";
 /// Routes planted on node 1 before it starts, with DirectRouting: (net, via, protocol).
 const STALE_ROUTES: [(&str, &str, &str); 2] = [
     (
@@ -334,6 +336,28 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     };
     for i in 1..=opts.nodes {
         attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
+    }
+    if opts.vxlan() && !opts.l2 && !opts.is_kernel_node(1) {
+        // Node 1 was a flanneld vxlan node: its flannel.1 is still there, up, holding the name
+        // and port 8472. podwire must take its place.
+        let n1 = res.ns("n1");
+        netns::ip_in(
+            &n1,
+            &[
+                "link",
+                "add",
+                FLANNELD_DEVICE,
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                "8472",
+                "dev",
+                "eth0",
+            ],
+        )?;
+        netns::ip_in(&n1, &["link", "set", FLANNELD_DEVICE, "up"])?;
     }
     if opts.direct_routing && !opts.is_kernel_node(1) {
         // What a SIGKILLed podwire leaves when the peer's lease vanishes before the restart,
@@ -1346,6 +1370,14 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
         }
         checks.push(lifecycle::hangup_check(res, &r)?);
+        if opts.vxlan() {
+            let log = std::fs::read_to_string(r.dir.join("n1/podwire.log")).unwrap_or_default();
+            checks.push(Check {
+                name: "node 1 takes over from flanneld: its leftover flannel.1 VXLAN device is replaced".into(),
+                ok: log.contains("removed a kernel VXLAN device"),
+                detail: "node 1 log".into(),
+            });
+        }
         checks.push(ctl_check(&r, opts, exe).unwrap_or_else(|e| Check {
             name: CTL_CHECK.into(),
             ok: false,
