@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub socket_buffer: usize,
     /// Send runs of same-size datagrams to one peer with UDP GSO.
     pub udp_gso: bool,
+    /// Receive on the underlay with UDP GRO (falls back if refused).
+    pub udp_gro: bool,
     /// VXLAN leaves through the UDP socket (source port 8472, UDP GSO) instead of the raw
     /// socket (a source port per flow, as the kernel picks them, but no GSO).
     pub vxlan_via_socket: bool,
@@ -485,6 +487,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let capture = Arc::new(Capture::default());
     let live;
     let pool;
+    let mut gro = false;
     let device;
     let offload;
     if let Some(l2) = &opts.l2 {
@@ -511,11 +514,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
         let host = podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu)?;
         device = host.name().to_string();
         offload = false;
-        let udp = UdpPort::bind(
+        let mut udp = UdpPort::bind(
             SocketAddrV4::new(iface.addr, port),
             opts.worker.batch_size,
             opts.socket_buffer,
         )?;
+        gro = udp.set_gro(opts.udp_gro);
         let bridge = Bridge::new(
             bridge::Config {
                 vni: vni.get(),
@@ -617,6 +621,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
             // the raw socket (per-flow source ports) cannot use GSO.
             udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
+            gro = udp.set_gro(opts.udp_gro);
             let raw = if vxlan && !opts.vxlan_via_socket {
                 Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
             } else {
@@ -688,7 +693,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
     health.subnet_env_written.store(true, Ordering::Relaxed);
     let bind = SocketAddrV4::new(iface.addr, port);
-    tracing::info!(%device, mtu = tun_mtu, tun_offload = offload, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
+    if opts.udp_gro && !gro {
+        tracing::warn!("the kernel refused UDP GRO on the underlay socket; one datagram per slot");
+    }
+    tracing::info!(%device, mtu = tun_mtu, tun_offload = offload, udp_gro = gro, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
 
     let mut control = Control {
         store,

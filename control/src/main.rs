@@ -227,6 +227,11 @@ struct RunArgs {
     /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     udp_gso: String,
+    /// UDP GRO on the underlay socket: `on` receives a sender's run of datagrams (its GSO
+    /// buffer, or what the kernel coalesced) in one piece and splits it in user space, so the
+    /// socket layer runs once per run. Falls back to plain receives if the kernel refuses it.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    udp_gro: String,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
     /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
     /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
@@ -484,6 +489,7 @@ fn main() -> Result<()> {
                 socket_buffer: a.socket_buffer,
                 tun_offload: a.tun_offload == "on",
                 udp_gso: a.udp_gso == "on",
+                udp_gro: a.udp_gro == "on",
                 vxlan_via_socket: a.vxlan_tx == "socket",
                 vxlan_tx_sockets: usize::from(a.vxlan_tx_sockets),
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
@@ -552,6 +558,7 @@ fn main() -> Result<()> {
                 ip_masq: a.ip_masq,
                 conntrack: a.conntrack == "on",
                 l2: a.mode == "l2",
+                udp_gro: true,
             })?;
             if !ok {
                 std::process::exit(1);

@@ -66,6 +66,8 @@ pub struct LabOptions {
     pub ip_masq: bool,
     /// Connection tracking on the podwire nodes (`--conntrack`).
     pub conntrack: bool,
+    /// UDP GRO on the podwire nodes' underlay sockets (`--udp-gro`).
+    pub udp_gro: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
     pub l2: bool,
 }
@@ -471,6 +473,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     }
     if opts.l2 {
         cmd.args(["--mode", "l2"]);
+    }
+    if !opts.udp_gro {
+        cmd.args(["--udp-gro", "off"]);
     }
     if opts.services && !opts.etcd {
         cmd.args([

@@ -47,7 +47,7 @@ fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     s
 }
 
-fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
+pub(super) fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::from(s.sin_addr.s_addr.to_ne_bytes()),
         u16::from_be(s.sin_port),

@@ -6,6 +6,7 @@
 
 pub mod affinity;
 pub mod fdio;
+pub mod gro;
 pub mod mmsg;
 pub mod sockopt;
 pub mod tun;

@@ -32,3 +32,12 @@ pub fn set_buffers_force(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v)?;
     set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v)
 }
+
+/// `SOL_UDP` option: deliver coalesced datagrams (UDP GRO) with their segment size in a
+/// control message.
+pub const UDP_GRO: libc::c_int = 104;
+
+/// Asks for UDP GRO on a UDP socket (Linux 5.0+); an error means the kernel has none.
+pub fn set_udp_gro(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    set_int(fd, libc::SOL_UDP, UDP_GRO, libc::c_int::from(on))
+}
