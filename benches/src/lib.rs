@@ -61,6 +61,7 @@ pub fn tables(leases: u32, subnet_len: u8, vxlan: bool) -> Tables {
             Encap::FlannelUdp
         },
         services: Default::default(),
+        outer_udp_checksum: true,
     }
 }
 

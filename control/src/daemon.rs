@@ -332,6 +332,7 @@ impl Control<'_> {
                 let old = self.live.load();
                 let new = Tables {
                     services: Arc::clone(&old.services),
+                    outer_udp_checksum: old.outer_udp_checksum,
                     ..new
                 };
                 if new.local != old.local
@@ -457,8 +458,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
         config: config.clone(),
         leases,
     };
-    let initial = tables::build(&view, public_ip, Some(own.subnet))
+    let mut initial = tables::build(&view, public_ip, Some(own.subnet))
         .with_context(|| format!("in {describe}"))?;
+    // VXLAN through UDP sockets: the kernel writes the outer headers (and their checksum).
+    initial.outer_udp_checksum = !opts.vxlan_via_socket;
     let lease = initial.local.subnet;
     health
         .map_leases

@@ -68,6 +68,8 @@ pub fn build(
         encap,
         // The daemon puts the current services snapshot in.
         services: Default::default(),
+        // And says whether the outer headers reach the wire as the pipeline wrote them.
+        outer_udp_checksum: true,
     })
 }
 

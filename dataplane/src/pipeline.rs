@@ -214,6 +214,9 @@ pub struct Tables {
     pub encap: Encap,
     /// The services whose ClusterIPs are translated (when flows are tracked).
     pub services: Arc<Services>,
+    /// Fill the outer UDP checksum of VXLAN packets. Off when they leave through a UDP socket,
+    /// which drops the outer headers the pipeline wrote and has the kernel write its own.
+    pub outer_udp_checksum: bool,
 }
 
 /// TTL of the ICMP errors we generate (the kernel's default hop limit).
@@ -400,12 +403,16 @@ fn vxlan_encap(
         vxlan::Repr { vni }.emit(&mut rest[udp::HEADER_LEN..]);
     }
     let udp_payload = total - ipv4::HEADER_LEN - udp::HEADER_LEN;
-    udp::Repr {
+    let outer_udp = udp::Repr {
         src_port,
         dst_port: t.peer_port,
         payload_len: udp_payload,
+    };
+    if t.outer_udp_checksum {
+        outer_udp.emit(rest, t.local.public_ip, peer);
+    } else {
+        outer_udp.emit_unchecked(rest);
     }
-    .emit(rest, t.local.public_ip, peer);
     ipv4::Repr {
         src: t.local.public_ip,
         dst: peer,
@@ -662,6 +669,7 @@ mod tests {
             peer_port: 8285,
             encap: Encap::FlannelUdp,
             services: Default::default(),
+            outer_udp_checksum: true,
         }
     }
 
@@ -766,6 +774,25 @@ mod tests {
         assert!((SRC_PORT_MIN..=SRC_PORT_MAX).contains(&u.source_port));
         assert_ne!(u.checksum, 0);
         assert_eq!(u.checksum, u.calc_checksum_ipv4(&ip, payload).unwrap());
+        assert_eq!(
+            payload,
+            vxlan_payload(0x08, 1, MAC_B, MAC_A, 0x0800, &inner)
+        );
+    }
+
+    #[test]
+    fn test_vxlan_for_a_socket_leaves_the_outer_checksum_to_the_kernel() {
+        let inner = udp_packet(POD_A, POD_B, 63);
+        let t = Tables {
+            outer_udp_checksum: false,
+            ..vxlan_tables()
+        };
+        let (v, out) = run_with(&t, Direction::FromTun, &inner, NODE_A);
+        assert_eq!(v, Verdict::ToUnderlayIp(NODE_B));
+        let (_, rest) = etherparse::Ipv4Header::from_slice(&out).unwrap();
+        let (u, payload) = etherparse::UdpHeader::from_slice(rest).unwrap();
+        assert_eq!((u.destination_port, u.checksum), (8472, 0));
+        assert_eq!(usize::from(u.length), 8 + payload.len());
         assert_eq!(
             payload,
             vxlan_payload(0x08, 1, MAC_B, MAC_A, 0x0800, &inner)

@@ -430,6 +430,7 @@ mod tests {
             peer_port: 8285,
             encap: Encap::FlannelUdp,
             services: Arc::new(services),
+            outer_udp_checksum: true,
         }
     }
 

@@ -170,7 +170,9 @@ impl GroReceiver {
 
 /// The UDP_GRO segment size in a received message's control data, or 0.
 fn gro_segment(msg: &libc::msghdr) -> usize {
-    if msg.msg_control.is_null() || (msg.msg_controllen as usize) < core::mem::size_of::<libc::cmsghdr>() {
+    if msg.msg_control.is_null()
+        || (msg.msg_controllen as usize) < core::mem::size_of::<libc::cmsghdr>()
+    {
         return 0;
     }
     // SAFETY: the kernel filled `msg_controllen` bytes of the control buffer, which we checked

@@ -120,6 +120,16 @@ impl Repr {
         p.set_len((HEADER_LEN + self.payload_len) as u16);
         p.fill_checksum(src, dst);
     }
+
+    /// Writes the header with checksum 0 ("none", allowed over IPv4): for headers that only
+    /// carry the ports and length to a socket that writes its own (the kernel's UDP send).
+    pub fn emit_unchecked(&self, buf: &mut [u8]) {
+        let mut p = Packet::new_unchecked(buf);
+        p.set_src_port(self.src_port);
+        p.set_dst_port(self.dst_port);
+        p.set_len((HEADER_LEN + self.payload_len) as u16);
+        p.buffer.as_mut()[6..8].fill(0);
+    }
 }
 
 #[cfg(test)]
