@@ -171,7 +171,7 @@ impl GroReceiver {
 /// The UDP_GRO segment size in a received message's control data, or 0.
 fn gro_segment(msg: &libc::msghdr) -> usize {
     if msg.msg_control.is_null()
-        || (msg.msg_controllen as usize) < core::mem::size_of::<libc::cmsghdr>()
+        || (msg.msg_controllen as u64) < core::mem::size_of::<libc::cmsghdr>() as u64
     {
         return 0;
     }

@@ -128,7 +128,7 @@ impl Repr {
         p.set_src_port(self.src_port);
         p.set_dst_port(self.dst_port);
         p.set_len((HEADER_LEN + self.payload_len) as u16);
-        p.buffer.as_mut()[6..8].fill(0);
+        p.buffer[6..8].fill(0);
     }
 }
 
