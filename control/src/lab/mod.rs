@@ -887,6 +887,59 @@ fn rogue_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     })
 }
 
+/// Pod 1 sends one UDP GSO buffer (UDP_SEGMENT: 20 datagrams of 1000 bytes and a short one)
+/// to pod 2. Through podwire's TUN it arrives as a USO superframe, which podwire cuts into the
+/// sender's datagrams; pod 2 must receive exactly those.
+fn udp_gso_check(res: &Names) -> Result<Check> {
+    use podwire_dataplane::batch::Batch;
+    use podwire_dataplane::port::{udp::UdpPort, RxPort as _, TxPort as _};
+    const PORT: u16 = 5205;
+    let sizes: Vec<usize> = (0..20).map(|_| 1000).chain([333]).collect();
+    let sink = netns::run_in(&res.ns("p2"), move || {
+        let s = UdpSocket::bind((pod_ip(2), PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        Ok(s)
+    })?;
+    let want = sizes.clone();
+    netns::run_in(&res.ns("p1"), move || {
+        let mut port = UdpPort::bind(SocketAddrV4::new(pod_ip(1), 0), 64, 1 << 20)?;
+        port.set_gso(true);
+        let mut batch = Batch::new(64, 2048);
+        for (i, &len) in want.iter().enumerate() {
+            batch.rx_slot(i)[..len].fill(i as u8);
+            batch.commit_rx(i, len, SocketAddrV4::new(pod_ip(2), PORT), false);
+        }
+        let indices: Vec<u16> = (0..want.len() as u16).collect();
+        let out = port.tx_batch(&batch, &indices);
+        let _ = port.rx_batch(&mut batch);
+        anyhow::ensure!(
+            out.sent == want.len(),
+            "sent {} of {}",
+            out.sent,
+            want.len()
+        );
+        Ok(())
+    })?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sink.recv(&mut buf) {
+        let i = got.len();
+        got.push(n == sizes.get(i).copied().unwrap_or(0) && buf[..n].iter().all(|&b| b == i as u8));
+        if got.len() == sizes.len() {
+            break;
+        }
+    }
+    Ok(Check {
+        name: "a pod's UDP GSO send (USO) arrives as the sender's datagrams".into(),
+        ok: got.len() == sizes.len() && got.iter().all(|&ok| ok),
+        detail: format!(
+            "{} of {} datagrams intact and in order",
+            got.iter().filter(|&&ok| ok).count(),
+            sizes.len()
+        ),
+    })
+}
+
 fn unreachable_check(res: &Names) -> Result<Check> {
     let target = Ipv4Addr::new(10, 244, 250, 1);
     let got = netns::run_in(&res.ns("p1"), move || {
@@ -1361,6 +1414,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     let mut stats = Vec::new();
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.
     if !opts.is_kernel_node(1) {
+        checks.push(udp_gso_check(&r)?);
         checks.push(unreachable_check(&r)?);
         if opts.ip_masq {
             checks.push(masquerade_check(&r)?);

@@ -4,9 +4,10 @@
 //! the batch is full. The device disappears when its last queue is closed, taking its addresses
 //! and routes with it, so dropping the queues is the cleanup.
 //!
-//! **Offload** (`IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM|TSO4|TSO_ECN): every frame carries a
-//! virtio-net header, and the kernel may hand over TCP superframes of up to 64 KiB and packets
-//! with partial checksums, as it would to a NIC with TSO. One read then brings up to ~45 MTU
+//! **Offload** (`IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM|TSO4|TSO_ECN, and USO4 where the kernel
+//! has it): every frame carries a virtio-net header, and the kernel may hand over TCP and UDP
+//! superframes of up to 64 KiB and packets with partial checksums, as it would to a NIC with
+//! TSO and USO. One read then brings up to ~45 MTU
 //! packets' worth, which the port segments into the batch itself ([`crate::wire::vnet`]), so
 //! the pods' TCP sends big frames and the TUN costs one syscall per superframe instead of per
 //! packet. Writes carry a plain header. If the kernel refuses the offload, the device is
@@ -69,8 +70,12 @@ fn open_with(
         let (fd, n) =
             sys::tun::open_queue(&actual, sys::tun::Kind::Tun, true, offload).map_err(err)?;
         let state = if offload {
-            use sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN};
-            sys::tun::set_offload(&fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN).map_err(err)?;
+            use sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN, TUN_F_USO4, TUN_F_USO6};
+            let tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+            // USO where the kernel has it (6.2+), TSO alone where it does not.
+            if sys::tun::set_offload(&fd, tso | TUN_F_USO4 | TUN_F_USO6).is_err() {
+                sys::tun::set_offload(&fd, tso).map_err(err)?;
+            }
             Some(Box::new(OffloadState {
                 frame: vec![0; FRAME_MAX],
                 pending: None,
@@ -175,7 +180,7 @@ fn rx_offload(
         }
         for k in 0..count {
             let slot = batch.rx_slot(i + k);
-            match vnet::tcp4_segment(&hdr, frame, k, slot) {
+            match vnet::segment(&hdr, frame, k, slot) {
                 Ok(len) => batch.commit_rx(i + k, len, NO_PEER, false),
                 Err(_) => batch.commit_rx(i + k, 0, NO_PEER, true),
             }

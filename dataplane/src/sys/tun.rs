@@ -15,6 +15,10 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 pub const TUN_F_CSUM: libc::c_uint = 0x01;
 pub const TUN_F_TSO4: libc::c_uint = 0x02;
 pub const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+/// UDP superframes (USO, a sender's UDP_SEGMENT kept whole), Linux 6.2+. The kernel takes
+/// them only together (one device feature covers both families); only IPv4 is routed to us.
+pub const TUN_F_USO4: libc::c_uint = 0x20;
+pub const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags of the union.
 #[repr(C)]

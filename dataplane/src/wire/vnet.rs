@@ -1,6 +1,6 @@
 //! The virtio-net header a TUN device with `IFF_VNET_HDR` puts in front of every frame, and
 //! what it asks of the reader: finishing a partial checksum, or cutting a TCP superframe (TSO)
-//! into MSS-sized segments as a NIC would.
+//! or a UDP one (USO, a sender's UDP_SEGMENT) into segments as a NIC would.
 //!
 //! Layout (10 bytes, host byte order, which is little endian on every target podwire builds
 //! for): flags u8, gso_type u8, hdr_len u16, gso_size u16, csum_start u16, csum_offset u16.
@@ -12,6 +12,8 @@ pub const HEADER_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+/// A UDP superframe (USO): datagrams of `gso_size` payload bytes each, the last shorter.
+pub const GSO_UDP_L4: u8 = 5;
 /// `gso_type` bit: the superframe carries ECN's CWR on its first segment only.
 pub const GSO_ECN: u8 = 0x80;
 
@@ -91,17 +93,94 @@ fn tcp4_headers(frame: &[u8]) -> Result<(usize, usize), VnetError> {
     Ok((ihl, thl))
 }
 
+/// Header sizes of an IPv4/UDP superframe: (IP header, 8).
+fn udp4_headers(frame: &[u8]) -> Result<(usize, usize), VnetError> {
+    if frame.len() < 20 || frame[0] >> 4 != 4 || frame[9] != 17 {
+        return Err(VnetError::BadHeaders);
+    }
+    let ihl = usize::from(frame[0] & 0x0f) * 4;
+    if ihl < 20 || frame.len() < ihl + 8 {
+        return Err(VnetError::BadHeaders);
+    }
+    Ok((ihl, 8))
+}
+
+/// Header sizes of a superframe of a kind we segment.
+fn headers(hdr: &VnetHeader, frame: &[u8]) -> Result<(usize, usize), VnetError> {
+    if hdr.gso_size == 0 {
+        return Err(VnetError::Unsupported(hdr.gso_type));
+    }
+    match hdr.gso_type & !GSO_ECN {
+        GSO_TCPV4 => tcp4_headers(frame),
+        GSO_UDP_L4 => udp4_headers(frame),
+        other => Err(VnetError::Unsupported(other)),
+    }
+}
+
 /// How many segments `frame` becomes under `hdr` (1 for a plain frame).
 pub fn segment_count(hdr: &VnetHeader, frame: &[u8]) -> Result<usize, VnetError> {
     if !hdr.is_gso() {
         return Ok(1);
     }
-    if hdr.gso_type & !GSO_ECN != GSO_TCPV4 || hdr.gso_size == 0 {
-        return Err(VnetError::Unsupported(hdr.gso_type));
-    }
-    let (ihl, thl) = tcp4_headers(frame)?;
-    let payload = frame.len() - ihl - thl;
+    let (ihl, l4) = headers(hdr, frame)?;
+    let payload = frame.len() - ihl - l4;
     Ok(payload.div_ceil(usize::from(hdr.gso_size)).max(1))
+}
+
+/// Writes segment `k` of the superframe `frame` (TCP or UDP) into `out`; returns its length.
+pub fn segment(
+    hdr: &VnetHeader,
+    frame: &[u8],
+    k: usize,
+    out: &mut [u8],
+) -> Result<usize, VnetError> {
+    if hdr.gso_type & !GSO_ECN == GSO_UDP_L4 {
+        udp4_segment(hdr, frame, k, out)
+    } else {
+        tcp4_segment(hdr, frame, k, out)
+    }
+}
+
+/// Writes datagram `k` of the IPv4/UDP superframe `frame` into `out`; returns its length. Each
+/// gets the headers with its own total length, IP ID (+k), UDP length and full IP and UDP
+/// checksums, as the kernel's `__udp_gso_segment` produces them.
+pub fn udp4_segment(
+    hdr: &VnetHeader,
+    frame: &[u8],
+    k: usize,
+    out: &mut [u8],
+) -> Result<usize, VnetError> {
+    let (ihl, _) = udp4_headers(frame)?;
+    let size = usize::from(hdr.gso_size);
+    let payload = &frame[ihl + 8..];
+    let from = k * size;
+    if size == 0 || (from >= payload.len() && !(k == 0 && payload.is_empty())) {
+        return Err(VnetError::BadHeaders);
+    }
+    let chunk = &payload[from..(from + size).min(payload.len())];
+    let len = ihl + 8 + chunk.len();
+    if out.len() < len {
+        return Err(VnetError::BadHeaders);
+    }
+    out[..ihl + 8].copy_from_slice(&frame[..ihl + 8]);
+    out[ihl + 8..len].copy_from_slice(chunk);
+    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    let id = u16::from_be_bytes([frame[4], frame[5]]).wrapping_add(k as u16);
+    out[4..6].copy_from_slice(&id.to_be_bytes());
+    out[10..12].fill(0);
+    let ip_sum = checksum::checksum(&out[..ihl]);
+    out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let u = ihl;
+    out[u + 4..u + 6].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+    out[u + 6..u + 8].fill(0);
+    let src = core::net::Ipv4Addr::new(out[12], out[13], out[14], out[15]);
+    let dst = core::net::Ipv4Addr::new(out[16], out[17], out[18], out[19]);
+    let sum = match !checksum::l4_sum_v4(src, dst, 17, &out[u..len]) {
+        0 => 0xffff, // 0 means "no checksum" in UDP
+        s => s,
+    };
+    out[u + 6..u + 8].copy_from_slice(&sum.to_be_bytes());
+    Ok(len)
 }
 
 /// Writes segment `k` of the IPv4/TCP superframe `frame` into `out`; returns its length. Each
@@ -352,6 +431,58 @@ mod tests {
     }
 
     #[test]
+    fn test_udp_superframe_becomes_the_datagrams_the_sender_meant() {
+        let data: Vec<u8> = (0..3000).map(|i| (i % 251) as u8).collect();
+        let mut frame = Vec::new();
+        PacketBuilder::ipv4([10, 244, 1, 2], [10, 244, 2, 2], 64)
+            .udp(40000, 443)
+            .write(&mut frame, &data)
+            .unwrap();
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: 28,
+            gso_size: 1200,
+            csum_start: 20,
+            csum_offset: 6,
+        };
+        assert_eq!(segment_count(&hdr, &frame), Ok(3));
+        let mut got = Vec::new();
+        for k in 0..3 {
+            let mut out = vec![0u8; 2000];
+            let n = segment(&hdr, &frame, k, &mut out).unwrap();
+            let p = SlicedPacket::from_ip(&out[..n]).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(usize::from(h.total_len), n);
+            let Some(TransportSlice::Udp(u)) = p.transport else {
+                panic!()
+            };
+            assert_eq!(
+                u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap(),
+                u.checksum()
+            );
+            assert_eq!(usize::from(u.length()), 8 + u.payload().len());
+            assert_eq!((u.source_port(), u.destination_port()), (40000, 443));
+            got.extend_from_slice(u.payload());
+        }
+        assert_eq!(got, data);
+        let mut out = vec![0u8; 2000];
+        assert!(segment(&hdr, &frame, 3, &mut out).is_err());
+        let other = VnetHeader {
+            gso_type: 4, // TCPv6
+            ..hdr
+        };
+        assert_eq!(
+            segment_count(&other, &frame),
+            Err(VnetError::Unsupported(4))
+        );
+    }
+
+    #[test]
     fn test_parse_header() {
         let h = VnetHeader::parse(&[1, 0x81, 54, 0, 0xa0, 0x05, 20, 0, 16, 0]).unwrap();
         assert_eq!(h.flags, F_NEEDS_CSUM);
@@ -408,8 +539,11 @@ mod tests {
         let mut out = [0u8; 2048];
         assert!(tcp4_segment(&hdr, &frame, 3, &mut out).is_err());
         assert!(tcp4_segment(&hdr, &frame[..30], 0, &mut out).is_err());
+        // A UDP superframe header over a TCP frame does not parse as one.
         let udp = VnetHeader { gso_type: 5, ..hdr };
-        assert_eq!(segment_count(&udp, &frame), Err(VnetError::Unsupported(5)));
+        assert_eq!(segment_count(&udp, &frame), Err(VnetError::BadHeaders));
+        let tcp6 = VnetHeader { gso_type: 4, ..hdr };
+        assert_eq!(segment_count(&tcp6, &frame), Err(VnetError::Unsupported(4)));
         assert!(tcp4_segment(&hdr, &frame, 0, &mut out[..100]).is_err());
     }
 
