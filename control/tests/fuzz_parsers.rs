@@ -55,8 +55,8 @@ fn ctl_state() -> &'static CtlState {
     static STATE: OnceLock<CtlState> = OnceLock::new();
     STATE.get_or_init(|| {
         let view = parse_cluster(CLUSTER).expect("cluster");
-        let tables = podwire::tables::build(&view, "192.168.99.11".parse().unwrap(), None)
-            .expect("tables");
+        let tables =
+            podwire::tables::build(&view, "192.168.99.11".parse().unwrap(), None).expect("tables");
         CtlState::new(
             Arc::new(ArcSwap::from_pointee(tables)),
             Some(Arc::new(Flows::new(Default::default()))),

@@ -33,10 +33,22 @@ fn out_dir() -> PathBuf {
 }
 
 fn case_dirs() -> Vec<PathBuf> {
+    // Cases, and groups of cases (malformed/) one level down.
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.join("case.json").exists())
+        .flat_map(|p| {
+            if p.join("case.json").exists() {
+                vec![p]
+            } else {
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.unwrap().path())
+                    .filter(|c| c.join("case.json").exists())
+                    .collect()
+            }
+        })
         .collect();
     dirs.sort();
     assert!(

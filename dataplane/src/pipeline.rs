@@ -53,7 +53,8 @@ pub enum DropReason {
     TtlExpired,
     /// No lease holds the destination and no ICMP error may be sent for this packet.
     NoRoute,
-    /// A packet from the TUN for our own lease, or a frame from our own VtepMAC: it would loop.
+    /// A packet from the TUN for our own lease, a frame from our own VtepMAC, or an underlay
+    /// datagram from our own address: it would loop.
     LoopToSelf,
     /// An underlay datagram from an address that is no node's PublicIP.
     UnknownPeer,
@@ -442,6 +443,10 @@ pub fn from_underlay(
     let sender = *meta.peer.ip();
     if !t.map.is_node(sender) {
         return Verdict::Drop(DropReason::UnknownPeer);
+    }
+    if sender == t.local.public_ip {
+        // We never send to ourselves over the underlay: a forgery, or a loop.
+        return Verdict::Drop(DropReason::LoopToSelf);
     }
     match t.encap {
         Encap::FlannelUdp => {

@@ -85,37 +85,46 @@ fn pod_packet() -> impl Strategy<Value = Vec<u8>> {
         (1u8..42, 1u8..6),
         (prop_oneof![Just(244u8), Just(96u8)], 0u8..42, 1u8..6),
         0u8..3,
-        (any::<u16>(), 1u16..100, any::<u8>(), prop_oneof![Just(64u8), Just(1u8), Just(0u8)]),
+        (
+            any::<u16>(),
+            1u16..100,
+            any::<u8>(),
+            prop_oneof![Just(64u8), Just(1u8), Just(0u8)],
+        ),
         0usize..300,
     )
-        .prop_map(|((sn, sh), (net, dn, dh), proto, (sport, dport, flags, ttl), len)| {
-            let src = [10, 244, sn, sh];
-            let dst = [10, net, dn, dh];
-            let payload = vec![0x5a; len];
-            let b = etherparse::PacketBuilder::ipv4(src, dst, ttl);
-            let mut out = Vec::new();
-            let _ = match proto {
-                0 => {
-                    let mut t = b.tcp(sport, dport, u32::from(sport) << 8, 64_000);
-                    if flags & 1 != 0 {
-                        t = t.syn();
+        .prop_map(
+            |((sn, sh), (net, dn, dh), proto, (sport, dport, flags, ttl), len)| {
+                let src = [10, 244, sn, sh];
+                let dst = [10, net, dn, dh];
+                let payload = vec![0x5a; len];
+                let b = etherparse::PacketBuilder::ipv4(src, dst, ttl);
+                let mut out = Vec::new();
+                let _ = match proto {
+                    0 => {
+                        let mut t = b.tcp(sport, dport, u32::from(sport) << 8, 64_000);
+                        if flags & 1 != 0 {
+                            t = t.syn();
+                        }
+                        if flags & 2 != 0 {
+                            t = t.ack(u32::from(flags));
+                        }
+                        if flags & 4 != 0 {
+                            t = t.fin();
+                        }
+                        if flags & 8 != 0 {
+                            t = t.rst();
+                        }
+                        t.write(&mut out, &payload)
                     }
-                    if flags & 2 != 0 {
-                        t = t.ack(u32::from(flags));
-                    }
-                    if flags & 4 != 0 {
-                        t = t.fin();
-                    }
-                    if flags & 8 != 0 {
-                        t = t.rst();
-                    }
-                    t.write(&mut out, &payload)
-                }
-                1 => b.udp(sport, dport).write(&mut out, &payload),
-                _ => b.icmpv4_echo_request(sport, dport).write(&mut out, &payload),
-            };
-            out
-        })
+                    1 => b.udp(sport, dport).write(&mut out, &payload),
+                    _ => b
+                        .icmpv4_echo_request(sport, dport)
+                        .write(&mut out, &payload),
+                };
+                out
+            },
+        )
 }
 
 /// A random cluster: 2 to 40 /24 leases in 10.244.0.0/16 (ours among them), udp or VXLAN,
