@@ -129,12 +129,15 @@ fn pod_packet() -> impl Strategy<Value = Vec<u8>> {
 
 /// A random cluster: 2 to 40 /24 leases in 10.244.0.0/16 (ours among them), udp or VXLAN,
 /// with 0 to 4 services whose endpoints are pods of those leases.
+/// A service: ClusterIP host byte, port, UDP?, endpoints (lease, host, port).
+type ServiceShape = (u8, u16, bool, Vec<(u8, u8, u16)>);
+
 #[derive(Debug, Clone)]
 struct World {
     leases: u8,
     ours: u8,
     vxlan: bool,
-    services: Vec<(u8, u16, bool, Vec<(u8, u8, u16)>)>,
+    services: Vec<ServiceShape>,
     track: bool,
 }
 
