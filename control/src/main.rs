@@ -415,6 +415,14 @@ struct LabArgs {
     /// pings, TCP, the FDB, a pod moved across nodes, and same-node TCP against a Linux bridge.
     #[arg(long, default_value = "l3", value_parser = ["l3", "l2"])]
     mode: String,
+    /// Soak: after the pairs, a fixed-rate UDP stream from pod 1 to pod 2 for this many
+    /// seconds, checked for loss, duplicates and reordering while the daemons' RSS and open
+    /// descriptors are sampled (0: no soak).
+    #[arg(long, default_value_t = 0)]
+    soak: u64,
+    /// Datagrams per second (512 bytes each) of the soak.
+    #[arg(long, default_value_t = 5000)]
+    soak_pps: u32,
 }
 
 fn init_logging(json: bool) {
@@ -559,6 +567,8 @@ fn main() -> Result<()> {
                 conntrack: a.conntrack == "on",
                 l2: a.mode == "l2",
                 udp_gro: true,
+                soak_seconds: a.soak,
+                soak_pps: a.soak_pps.max(1),
             })?;
             if !ok {
                 std::process::exit(1);

@@ -319,7 +319,20 @@ fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
 #[test]
 fn vxlan_two_podwire_nodes() {
     let Some(_slot) = lab_slot() else { return };
-    let (report, text) = run_lab(&["--nodes", "2", "--backend", "vxlan", "--transfer-mb", "50"]);
+    // With a 60 s soak: a fixed-rate stream with nothing lost, memory and descriptors flat.
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "2",
+        "--backend",
+        "vxlan",
+        "--transfer-mb",
+        "50",
+        "--soak",
+        "60",
+    ]);
+    for name in ["soak: a fixed-rate UDP stream", "soak: daemon memory flat"] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
     assert_all_checks_pass(&report, &text);
     assert!(
         report["node_stats"][0]["stats"]["drops"]["unknown_peer"]

@@ -119,6 +119,8 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         ip_masq: false,
         conntrack: mode != "podwire-vxlan-no-conntrack",
         udp_gro: mode != "podwire-vxlan-no-gro",
+        soak_seconds: 0,
+        soak_pps: 0,
         l2: false,
     })
 }

@@ -18,6 +18,7 @@ mod l2_lab;
 mod lifecycle;
 mod netns;
 mod services_lab;
+mod soak;
 mod traffic;
 
 use anyhow::{bail, Context, Result};
@@ -66,6 +67,11 @@ pub struct LabOptions {
     pub ip_masq: bool,
     /// Connection tracking on the podwire nodes (`--conntrack`).
     pub conntrack: bool,
+    /// `--soak SECS`: a fixed-rate UDP stream pod 1 -> pod 2 this long, with the daemons'
+    /// memory and descriptors sampled (0: none).
+    pub soak_seconds: u64,
+    /// Datagrams per second of the soak.
+    pub soak_pps: u32,
     /// UDP GRO on the podwire nodes' underlay sockets (`--udp-gro`).
     pub udp_gro: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
@@ -1410,6 +1416,30 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             json!((f.connections_per_s * 10.0).round() / 10.0),
         );
         figures.insert("service_spread".into(), json!(f.spread));
+    }
+    if opts.soak_seconds > 0 {
+        let daemons: Vec<(usize, u32)> = {
+            let g = res.lock().expect("lab resources");
+            podwire_nodes
+                .iter()
+                .filter_map(|&i| {
+                    let name = format!("n{i}");
+                    g.children
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, c)| (i, c.id()))
+                })
+                .collect()
+        };
+        let s = soak::run(&r, &daemons, opts.soak_seconds, opts.soak_pps)?;
+        figures.insert(
+            "soak".into(),
+            json!({"seconds": s.seconds, "pps": s.pps, "sent": s.sent, "received": s.received,
+                   "daemons": s.daemons.iter().map(|d| json!({"node": d.0, "rss_kb_start": d.1,
+                   "rss_kb_end": d.2, "rss_kb_max": d.3, "fds_start": d.4, "fds_end": d.5}))
+                   .collect::<Vec<_>>()}),
+        );
+        checks.extend(soak::checks(&s));
     }
     let mut stats = Vec::new();
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.

@@ -1,0 +1,174 @@
+//! `podwire lab --soak SECS`: a fixed-rate UDP stream from pod 1 to pod 2, well under
+//! capacity, for SECS seconds, while the node daemons' memory and descriptors are sampled.
+//!
+//! Every datagram carries a sequence number; the receiver counts each one once, so loss,
+//! duplicates and reordering are exact. The figures: rate, duration, loss, RSS of each podwire
+//! daemon at the start (after a 5 s warm-up) and at the end, and open descriptors at both ends.
+
+use super::{netns, pod_ip, Check, Names};
+use anyhow::Result;
+use std::net::{SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 5206;
+const PAYLOAD: usize = 512;
+/// Samples before this are the warm-up (allocations that happen once).
+const WARM_UP: Duration = Duration::from_secs(5);
+
+/// What a soak measured.
+#[derive(Debug, Clone, Default)]
+pub struct Soak {
+    pub seconds: f64,
+    pub pps: u32,
+    pub sent: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Per daemon: (node, RSS kB after warm-up, RSS kB at the end, max RSS kB, fds after
+    /// warm-up, fds at the end).
+    pub daemons: Vec<(usize, u64, u64, u64, usize, usize)>,
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Runs the soak; `daemons` are (node, pid) of the podwire daemons to watch.
+pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Result<Soak> {
+    let duration = Duration::from_secs(seconds);
+    let total = u64::from(pps) * seconds;
+    let sink = netns::run_in(&r.ns("p2"), move || {
+        let s = UdpSocket::bind((pod_ip(2), PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })?;
+    let receiver = std::thread::spawn(move || {
+        let mut seen = vec![false; total as usize];
+        let (mut received, mut duplicates, mut reordered, mut last) = (0u64, 0u64, 0u64, 0u64);
+        let mut buf = [0u8; 2048];
+        let mut idle = 0;
+        while idle < 10 {
+            match sink.recv(&mut buf) {
+                Ok(n) if n >= 8 => {
+                    idle = 0;
+                    let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                    match seen.get_mut(seq as usize) {
+                        Some(s) if *s => duplicates += 1,
+                        Some(s) => {
+                            *s = true;
+                            received += 1;
+                            if seq < last {
+                                reordered += 1;
+                            }
+                            last = seq;
+                        }
+                        None => duplicates += 1,
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => idle += 1,
+            }
+        }
+        (received, duplicates, reordered)
+    });
+    let sender = netns::spawn_in(&r.ns("p1"), move || {
+        let s = UdpSocket::bind((pod_ip(1), 0))?;
+        let to = SocketAddrV4::new(pod_ip(2), PORT);
+        let mut buf = [0x5au8; PAYLOAD];
+        let started = Instant::now();
+        let mut seq = 0u64;
+        while seq < total {
+            // Paced per millisecond: what should have left by now, leaves now.
+            let due = (started.elapsed().as_secs_f64() * f64::from(pps)) as u64;
+            while seq < due.min(total) {
+                buf[..8].copy_from_slice(&seq.to_be_bytes());
+                if s.send_to(&buf, to).is_ok() {
+                    seq += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(seq)
+    });
+    let started = Instant::now();
+    let mut samples: Vec<Vec<(u64, usize)>> = vec![Vec::new(); daemons.len()];
+    let mut baseline: Option<Vec<(u64, usize)>> = None;
+    while started.elapsed() < duration {
+        std::thread::sleep(Duration::from_secs(1));
+        let now: Vec<(u64, usize)> = daemons
+            .iter()
+            .map(|&(_, pid)| (rss_kb(pid).unwrap_or(0), fds(pid)))
+            .collect();
+        if baseline.is_none() && started.elapsed() >= WARM_UP {
+            baseline = Some(now.clone());
+        }
+        for (s, n) in samples.iter_mut().zip(now) {
+            s.push(n);
+        }
+    }
+    let sent = netns::join(sender)?;
+    let (received, duplicates, reordered) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("soak receiver panicked"))?;
+    let base = baseline.unwrap_or_else(|| samples.iter().map(|s| s[0]).collect());
+    let daemons = daemons
+        .iter()
+        .zip(&samples)
+        .zip(base)
+        .map(|((&(node, _), s), (rss0, fd0))| {
+            let (rss1, fd1) = *s.last().unwrap_or(&(0, 0));
+            let max = s.iter().map(|x| x.0).max().unwrap_or(0);
+            (node, rss0, rss1, max, fd0, fd1)
+        })
+        .collect();
+    Ok(Soak {
+        seconds: started.elapsed().as_secs_f64(),
+        pps,
+        sent,
+        received,
+        duplicates,
+        reordered,
+        daemons,
+    })
+}
+
+/// The soak's checks: nothing lost, duplicated or reordered; memory flat (within 2 MB after
+/// the warm-up); no descriptor leaked.
+pub fn checks(s: &Soak) -> Vec<Check> {
+    let flat = s
+        .daemons
+        .iter()
+        .all(|d| d.2 <= d.1 + 2048 && d.3 <= d.1 + 4096);
+    vec![
+        Check {
+            name: "soak: a fixed-rate UDP stream loses, duplicates and reorders nothing".into(),
+            ok: s.sent > 0 && s.received == s.sent && s.duplicates == 0 && s.reordered == 0,
+            detail: format!(
+                "{} of {} datagrams at {} pps over {:.0} s; {} duplicates, {} reordered",
+                s.received, s.sent, s.pps, s.seconds, s.duplicates, s.reordered
+            ),
+        },
+        Check {
+            name: "soak: daemon memory flat and no descriptor leaked".into(),
+            ok: flat && s.daemons.iter().all(|d| d.5 <= d.4),
+            detail: s
+                .daemons
+                .iter()
+                .map(|(n, r0, r1, m, f0, f1)| {
+                    format!("n{n}: RSS {r0} -> {r1} kB (max {m}), fds {f0} -> {f1}")
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    ]
+}
