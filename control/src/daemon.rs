@@ -516,13 +516,15 @@ pub fn run(opts: RunOptions) -> Result<()> {
         };
         let host = podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu)?;
         device = host.name().to_string();
-        offload = false;
+        offload = host.offload();
         let mut udp = UdpPort::bind(
             SocketAddrV4::new(iface.addr, port),
             opts.worker.batch_size,
             opts.socket_buffer,
         )?;
         gro = udp.set_gro(opts.udp_gro);
+        // Segments of a superframe go to one VTEP alike: one GSO send.
+        udp.set_gso(opts.udp_gso);
         let bridge = Bridge::new(
             bridge::Config {
                 vni: vni.get(),

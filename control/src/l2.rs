@@ -106,8 +106,15 @@ fn mac_in(ns: &str, dev: &str) -> Result<MacAddr, AttachError> {
 
 /// Creates the host's bridge port `name` with MAC `mac`, address `addr` and MTU `mtu`.
 pub fn host_port(name: &str, mac: MacAddr, addr: IfAddr, mtu: u32) -> Result<TapPort, AttachError> {
-    // A port left by a crashed run is still a TAP device nobody holds: open it again.
-    let tap = TapPort::open(name)?;
+    // A port left by a crashed run is still a TAP device nobody holds: open it again. With
+    // offload where the kernel allows it (the pods' ports follow the host's).
+    let tap = match TapPort::open_offload(name) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "TAP offload refused; the bridge moves one frame per syscall");
+            TapPort::open(name)?
+        }
+    };
     let dev = tap.name().to_string();
     ip(&["link", "set", "dev", &dev, "address", &mac.to_string()])?;
     ip(&["link", "set", "dev", &dev, "mtu", &mtu.to_string()])?;
@@ -134,7 +141,11 @@ pub fn attach(
             return Err(AttachError::Invalid(format!("{mac} is not a unicast MAC")));
         }
     }
-    let tap = TapPort::open("pwtap%d")?;
+    let tap = if handle.offload {
+        TapPort::open_offload("pwtap%d")?
+    } else {
+        TapPort::open("pwtap%d")?
+    };
     let dev = tap.name().to_string();
     let ns = req.netns.as_str();
     ip(&["link", "set", "dev", &dev, "netns", ns])?;

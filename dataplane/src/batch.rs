@@ -116,6 +116,15 @@ impl Batch {
         &self.arena[base + m.start..base + m.start + m.len]
     }
 
+    /// The packet bytes of slot `i` with the `before` bytes in front of them (a header kept in
+    /// the headroom, such as a virtio-net header). None if the slot has no such room.
+    pub fn packet_with_prefix(&self, i: usize, before: usize) -> Option<&[u8]> {
+        let m = &self.meta[i];
+        let base = i * self.frame_size;
+        let from = m.start.checked_sub(before)?;
+        Some(&self.arena[base + from..base + m.start + m.len])
+    }
+
     pub fn meta(&self, i: usize) -> &Meta {
         &self.meta[i]
     }

@@ -212,6 +212,8 @@ pub enum BridgeError {
     NoSuchPort(u16),
     #[error("{0} is not a unicast station address")]
     BadMac(MacAddr),
+    #[error("the port's offload (virtio-net headers) differs from the bridge's other ports")]
+    PortMismatch,
 }
 
 impl Bridge {

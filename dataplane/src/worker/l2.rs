@@ -29,8 +29,8 @@ use crate::port::udp::UdpPort;
 use crate::port::{PortError, RxPort, TxPort};
 use crate::route::Backend;
 use crate::stats::{Counter, LocalStats, SharedStats};
-use crate::wire::vxlan;
 use crate::wire::MacAddr;
+use crate::wire::{ethernet, vnet, vxlan};
 use arc_swap::ArcSwap;
 use core::net::{Ipv4Addr, SocketAddrV4};
 use mio::unix::SourceFd;
@@ -46,6 +46,10 @@ const WAKE: Token = Token(1);
 const PORT_TOKENS: usize = 16;
 /// FDB slots examined for ageing per round.
 const AGE_SLOTS_PER_ROUND: usize = 64;
+/// Slots of the tunnel's transmit batch (segments of superframes, flood copies).
+const TUNNEL_TX_SLOTS: usize = 256;
+/// A receive slot that holds a whole TSO superframe with its virtio-net header.
+const SUPERFRAME_SLOT: usize = 65_536 + vnet::HEADER_LEN + crate::batch::HEADROOM;
 /// How long a management request waits for the worker.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -100,6 +104,9 @@ pub struct L2Handle {
     waker: Arc<Waker>,
     /// FDB entries, as of the worker's last round.
     pub fdb_entries: Arc<AtomicU64>,
+    /// Whether the bridge's ports use offload (as the host port does): pods' TAP devices
+    /// must be opened the same way ([`TapPort::open_offload`]).
+    pub offload: bool,
 }
 
 impl L2Handle {
@@ -155,6 +162,10 @@ struct LocalPort {
 
 struct L2Worker {
     bridge: Bridge,
+    /// Every port carries virtio-net headers (TSO superframes in, passed whole between ports).
+    offload: bool,
+    /// Frames for the tunnel, cut into segments where they were superframes, encapsulated.
+    tunnel_tx: Batch,
     ports: Vec<Option<LocalPort>>,
     udp: UdpPort,
     udp_ready: bool,
@@ -200,8 +211,11 @@ impl WorkerPool {
         let shutdown = Arc::new(AtomicBool::new(false));
         let fdb_entries = Arc::new(AtomicU64::new(0));
         let size = config.batch_size.clamp(1, MAX_BATCH);
+        let offload = host.offload();
         let mut worker = L2Worker {
             bridge,
+            offload,
+            tunnel_tx: Batch::new(TUNNEL_TX_SLOTS, config.frame_size),
             ports: Vec::new(),
             udp,
             udp_ready: true,
@@ -243,6 +257,7 @@ impl WorkerPool {
                 commands,
                 waker,
                 fdb_entries,
+                offload,
             },
         ))
     }
@@ -256,6 +271,10 @@ impl L2Worker {
         options: PortOptions,
         mac: Option<MacAddr>,
     ) -> Result<PortId, BridgeError> {
+        if tap.offload() != self.offload {
+            // Offload is all or nothing: a frame's header is written to every port.
+            return Err(BridgeError::PortMismatch);
+        }
         let id = self.bridge.add_port(options)?;
         if let Some(mac) = mac {
             if let Err(e) = self.bridge.add_static(mac, Station::Port(id)) {
@@ -387,7 +406,12 @@ impl L2Worker {
 
     fn run(mut self) -> Result<(), WorkerError> {
         let size = self.config.batch_size.clamp(1, MAX_BATCH);
-        let mut batch = Batch::new(size, self.config.frame_size);
+        let frame = if self.offload {
+            self.config.frame_size.max(SUPERFRAME_SLOT)
+        } else {
+            self.config.frame_size
+        };
+        let mut batch = Batch::new(size, frame);
         let mut local = LocalStats::default();
         let mut events = Events::with_capacity(64);
         let mut last_work = Instant::now();
@@ -540,6 +564,10 @@ impl L2Worker {
             }
             meta.start += vxlan::HEADER_LEN;
             meta.len -= vxlan::HEADER_LEN;
+            if self.offload {
+                // Offload ports expect a virtio-net header in front: a plain one.
+                slot[meta.start - vnet::HEADER_LEN..meta.start].copy_from_slice(&vnet::PLAIN);
+            }
             let frame = &slot[meta.start..meta.start + meta.len];
             let from = Station::Remote(sender);
             match self.bridge.input(from, frame, now) {
@@ -578,6 +606,10 @@ impl L2Worker {
             }
             return;
         };
+        if self.offload {
+            self.send_segmented(batch, vni, stats);
+            return;
+        }
         self.encapsulated[..batch.len()].fill(false);
         for &(i, _) in &self.remote {
             let i = usize::from(i);
@@ -593,6 +625,88 @@ impl L2Worker {
         stats.add(Counter::TxUnderlay, out.sent as u64);
         stats.drops[DropReason::TxError as usize] += out.failed as u64;
         self.remote.clear();
+    }
+}
+
+impl L2Worker {
+    /// The tunnel's share of a batch from offload ports, in order: each frame copied (or, a
+    /// superframe, cut into segments) into the tunnel's transmit batch, once per VTEP, with
+    /// partial checksums finished, encapsulated, and sent with UDP GSO.
+    fn send_segmented(&mut self, batch: &Batch, vni: vxlan::Vni, stats: &mut LocalStats) {
+        self.tunnel_tx.clear();
+        for k in 0..self.remote.len() {
+            let (i, peer) = self.remote[k];
+            let i = usize::from(i);
+            let (Some(with_hdr), frame) = (
+                batch.packet_with_prefix(i, vnet::HEADER_LEN),
+                batch.packet(i),
+            ) else {
+                stats.drop(DropReason::Truncated);
+                continue;
+            };
+            let Ok(hdr) = vnet::VnetHeader::parse(with_hdr) else {
+                stats.drop(DropReason::Truncated);
+                continue;
+            };
+            let count = if hdr.is_gso() && frame.len() > ethernet::HEADER_LEN {
+                vnet::segment_count(&hdr, &frame[ethernet::HEADER_LEN..])
+            } else {
+                Ok(1)
+            };
+            let Ok(count) = count else {
+                stats.drop(DropReason::Oversized);
+                continue;
+            };
+            for seg in 0..count {
+                if self.tunnel_tx.len() == self.tunnel_tx.capacity() {
+                    self.flush_tunnel(stats);
+                }
+                let j = self.tunnel_tx.len();
+                let slot = self.tunnel_tx.rx_slot(j);
+                let len = if hdr.is_gso() {
+                    let (eth, rest) = slot.split_at_mut(ethernet::HEADER_LEN);
+                    eth.copy_from_slice(&frame[..ethernet::HEADER_LEN]);
+                    vnet::segment(&hdr, &frame[ethernet::HEADER_LEN..], seg, rest)
+                        .map(|n| n + ethernet::HEADER_LEN)
+                        .ok()
+                } else if frame.len() <= slot.len() {
+                    slot[..frame.len()].copy_from_slice(frame);
+                    let finished = hdr.flags & vnet::F_NEEDS_CSUM == 0
+                        || vnet::finish_checksum(
+                            &mut slot[..frame.len()],
+                            usize::from(hdr.csum_start),
+                            usize::from(hdr.csum_offset),
+                        )
+                        .is_ok();
+                    finished.then_some(frame.len())
+                } else {
+                    None
+                };
+                let Some(len) = len else {
+                    stats.drop(DropReason::Oversized);
+                    continue;
+                };
+                self.tunnel_tx.commit_rx(j, len, peer, false);
+                let (slot, meta) = self.tunnel_tx.slot_mut(j);
+                meta.start -= vxlan::HEADER_LEN;
+                meta.len += vxlan::HEADER_LEN;
+                vxlan::Repr { vni }.emit(&mut slot[meta.start..]);
+            }
+        }
+        self.flush_tunnel(stats);
+        self.remote.clear();
+    }
+
+    fn flush_tunnel(&mut self, stats: &mut LocalStats) {
+        let n = self.tunnel_tx.len();
+        if n == 0 {
+            return;
+        }
+        let indices: [u16; TUNNEL_TX_SLOTS] = core::array::from_fn(|k| k as u16);
+        let out = self.udp.tx_batch(&self.tunnel_tx, &indices[..n]);
+        stats.add(Counter::TxUnderlay, out.sent as u64);
+        stats.drops[DropReason::TxError as usize] += out.failed as u64;
+        self.tunnel_tx.clear();
     }
 }
 
