@@ -1437,6 +1437,8 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             json!({"seconds": s.seconds, "pps": s.pps, "sent": s.sent, "received": s.received,
                    "daemons": s.daemons.iter().map(|d| json!({"node": d.0, "rss_kb_start": d.1,
                    "rss_kb_end": d.2, "rss_kb_max": d.3, "fds_start": d.4, "fds_end": d.5}))
+                   .collect::<Vec<_>>(),
+                   "kernel_drops": s.kernel_drops.iter().map(|(w, n)| json!({"where": w, "count": n}))
                    .collect::<Vec<_>>()}),
         );
         checks.extend(soak::checks(&s));

@@ -7,6 +7,9 @@
 
 use super::{netns, pod_ip, Check, Names};
 use anyhow::Result;
+use podwire_dataplane::batch::Batch;
+use podwire_dataplane::port::udp::UdpPort;
+use podwire_dataplane::port::RxPort;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ pub struct Soak {
     /// Per daemon: (node, RSS kB after warm-up, RSS kB at the end, max RSS kB, fds after
     /// warm-up, fds at the end).
     pub daemons: Vec<(usize, u64, u64, u64, usize, usize)>,
+    /// Where the kernel counted drops meanwhile, if anywhere.
+    pub kernel_drops: Vec<(String, u64)>,
 }
 
 fn rss_kb(pid: u32) -> Option<u64> {
@@ -43,40 +48,92 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// UDP receive-buffer drops in namespace `ns` (`RcvbufErrors` of /proc/net/snmp).
+fn rcvbuf_errors(ns: &str) -> u64 {
+    let Ok((_, text)) = netns::output_in(ns, &["cat", "/proc/net/snmp"]) else {
+        return 0;
+    };
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// TX drops of `dev` in namespace `ns` (a TUN whose reader fell behind drops here).
+fn tx_dropped(ns: &str, dev: &str) -> u64 {
+    let Ok((_, text)) = netns::output_in(ns, &["ip", "-j", "-s", "link", "show", dev]) else {
+        return 0;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v[0]["stats64"]["tx"]["dropped"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Where the kernel dropped datagrams during the soak: (where, count) for each place looked at.
+fn kernel_drops(r: &Names) -> Vec<(String, u64)> {
+    let mut v = vec![
+        ("pod 2 socket".to_string(), rcvbuf_errors(&r.ns("p2"))),
+        ("node 2 sockets".to_string(), rcvbuf_errors(&r.ns("n2"))),
+        ("node 1 sockets".to_string(), rcvbuf_errors(&r.ns("n1"))),
+    ];
+    for dev in ["flannel.1", "flannel0"] {
+        v.push((format!("node 1 {dev} queue"), tx_dropped(&r.ns("n1"), dev)));
+    }
+    v
+}
+
 /// Runs the soak; `daemons` are (node, pid) of the podwire daemons to watch.
 pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Result<Soak> {
     let duration = Duration::from_secs(seconds);
+    let drops_before = kernel_drops(r);
     let total = u64::from(pps) * seconds;
+    // The receiving pod reads with recvmmsg into a 16 MB socket buffer, so a receiver that
+    // is descheduled for a while on this shared machine loses nothing by itself.
     let sink = netns::run_in(&r.ns("p2"), move || {
-        let s = UdpSocket::bind((pod_ip(2), PORT))?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        Ok(s)
+        Ok(UdpPort::bind(
+            SocketAddrV4::new(pod_ip(2), PORT),
+            64,
+            16 << 20,
+        )?)
     })?;
     let receiver = std::thread::spawn(move || {
+        let mut sink = sink;
         let mut seen = vec![false; total as usize];
         let (mut received, mut duplicates, mut reordered, mut last) = (0u64, 0u64, 0u64, 0u64);
-        let mut buf = [0u8; 2048];
-        let mut idle = 0;
-        while idle < 10 {
-            match sink.recv(&mut buf) {
-                Ok(n) if n >= 8 => {
-                    idle = 0;
-                    let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-                    match seen.get_mut(seq as usize) {
-                        Some(s) if *s => duplicates += 1,
-                        Some(s) => {
-                            *s = true;
-                            received += 1;
-                            if seq < last {
-                                reordered += 1;
-                            }
-                            last = seq;
-                        }
-                        None => duplicates += 1,
-                    }
+        let mut batch = Batch::new(64, 2048);
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < Duration::from_secs(2) {
+            let n = sink.rx_batch(&mut batch).unwrap_or(0);
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            idle_since = Instant::now();
+            for i in 0..n {
+                let d = batch.packet(i);
+                if d.len() < 8 {
+                    continue;
                 }
-                Ok(_) => {}
-                Err(_) => idle += 1,
+                let seq = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
+                match seen.get_mut(seq as usize) {
+                    Some(s) if *s => duplicates += 1,
+                    Some(s) => {
+                        *s = true;
+                        received += 1;
+                        if seq < last {
+                            reordered += 1;
+                        }
+                        last = seq;
+                    }
+                    None => duplicates += 1,
+                }
             }
         }
         (received, duplicates, reordered)
@@ -131,7 +188,14 @@ pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Resul
             (node, rss0, rss1, max, fd0, fd1)
         })
         .collect();
+    let kernel_drops = kernel_drops(r)
+        .into_iter()
+        .zip(drops_before)
+        .map(|((w, after), (_, before))| (w, after.saturating_sub(before)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
     Ok(Soak {
+        kernel_drops,
         seconds: started.elapsed().as_secs_f64(),
         pps,
         sent,
@@ -154,8 +218,8 @@ pub fn checks(s: &Soak) -> Vec<Check> {
             name: "soak: a fixed-rate UDP stream loses, duplicates and reorders nothing".into(),
             ok: s.sent > 0 && s.received == s.sent && s.duplicates == 0 && s.reordered == 0,
             detail: format!(
-                "{} of {} datagrams at {} pps over {:.0} s; {} duplicates, {} reordered",
-                s.received, s.sent, s.pps, s.seconds, s.duplicates, s.reordered
+                "{} of {} datagrams at {} pps over {:.0} s; {} duplicates, {} reordered; kernel drops: {:?}",
+                s.received, s.sent, s.pps, s.seconds, s.duplicates, s.reordered, s.kernel_drops
             ),
         },
         Check {
