@@ -181,38 +181,62 @@ fn frames_leave_by_the_same_ports_as_through_a_linux_bridge() {
     };
 
     let no_peer = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    // Where each frame (by sequence number) came out of the Linux bridge, gathered over the
+    // whole run so a late one still counts for its own frame.
+    let mut linux_out: Vec<BTreeSet<String>> = vec![BTreeSet::new(); sequence().len()];
+    let mut collect = |taps: &mut Vec<TapPort>, batch: &mut Batch| -> bool {
+        let mut any = false;
+        for (i, tap) in taps.iter_mut().enumerate() {
+            while tap.rx_batch(batch).unwrap() > 0 {
+                for k in 0..batch.len() {
+                    if let Some(seq) = seq_of(batch.packet(k)) {
+                        linux_out[seq as usize].insert(format!("p{i}"));
+                        any = true;
+                    }
+                }
+            }
+        }
+        any
+    };
+    let mut podwire_out = Vec::new();
+    let mut host_rx = Vec::new();
     for (seq, (ingress, dst, src)) in sequence().into_iter().enumerate() {
         let f = frame(dst, src, seq as u32);
-        // Linux.
+        // Linux: write, then wait until nothing more comes out for 30 ms (at least 60 ms).
         let rx_before = br0_rx(n);
         batch.clear();
         batch.rx_slot(0)[..f.len()].copy_from_slice(&f);
         batch.commit_rx(0, f.len(), no_peer, false);
         assert_eq!(taps[ingress].tx_batch(&batch, &[0]).sent, 1);
-        std::thread::sleep(Duration::from_millis(30));
-        let mut linux = BTreeSet::new();
-        for (i, tap) in taps.iter_mut().enumerate() {
-            while tap.rx_batch(&mut batch).unwrap() > 0 {
-                for k in 0..batch.len() {
-                    if seq_of(batch.packet(k)) == Some(seq as u32) {
-                        linux.insert(format!("p{i}"));
-                    }
-                }
-            }
+        let started = std::time::Instant::now();
+        let mut quiet = 0;
+        while quiet < 3 || started.elapsed() < Duration::from_millis(60) {
+            std::thread::sleep(Duration::from_millis(10));
+            quiet = if collect(&mut taps, &mut batch) {
+                0
+            } else {
+                quiet + 1
+            };
         }
-        if br0_rx(n) > rx_before {
-            linux.insert(HOST.to_string());
-        }
+        host_rx.push(br0_rx(n) > rx_before);
         // podwire.
         let from = Station::Port(ports[ingress]);
-        let podwire: BTreeSet<String> = match ours.input(from, &f, seq as u64) {
+        let out: BTreeSet<String> = match ours.input(from, &f, seq as u64) {
             Decision::Port(p) => [name_of(p)].into(),
             Decision::Flood => ours.flood_ports(from, &f).map(name_of).collect(),
             Decision::Remote(_) => panic!("no VTEPs here"),
             Decision::Drop(_) => BTreeSet::new(),
         };
+        podwire_out.push(out);
+    }
+    collect(&mut taps, &mut batch);
+    for (seq, (ingress, dst, src)) in sequence().into_iter().enumerate() {
+        let mut linux = linux_out[seq].clone();
+        if host_rx[seq] {
+            linux.insert(HOST.to_string());
+        }
         assert_eq!(
-            podwire,
+            podwire_out[seq],
             linux,
             "frame {seq}: in p{ingress}, dst {}, src {}",
             MacAddr(dst),
