@@ -5,12 +5,12 @@
 //! A call receives at most once; what does not fit the batch waits for the next call, so no
 //! datagram is lost and the batch bound holds.
 
-use super::mmsg::from_sockaddr;
+use super::mmsg::{from_sockaddr, recvmmsg_dontwait};
 use super::sockopt::UDP_GRO;
 use crate::batch::Batch;
 use core::net::{Ipv4Addr, SocketAddrV4};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 /// Messages per recvmmsg.
 const MSGS: usize = 8;
@@ -133,25 +133,8 @@ impl GroReceiver {
         }
         // SAFETY: every header points at its own live iovec (a distinct BUF-byte area of
         // `arena`), sockaddr and 24-byte control buffer, all owned by `self` and alive across
-        // the non-blocking call, which writes only within those bounds.
-        let ret = unsafe {
-            libc::recvmmsg(
-                fd.as_raw_fd(),
-                self.hdrs.as_mut_ptr(),
-                MSGS as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                core::ptr::null_mut(),
-            )
-        };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let got = ret as usize;
+        // the call.
+        let got = unsafe { recvmmsg_dontwait(fd, &mut self.hdrs[..]) }?;
         for k in 0..got {
             let h = &self.hdrs[k];
             self.pending[k] = Pending {

@@ -54,6 +54,38 @@ pub(super) fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
     )
 }
 
+/// recvmmsg(2) into every header of `hdrs`, non-blocking: how many messages came (0 when none
+/// was waiting).
+///
+/// # Safety
+/// Every header's pointers (address, iovecs and the buffers they point at, control buffer)
+/// must be valid for writes of their stated lengths for the duration of the call.
+pub(super) unsafe fn recvmmsg_dontwait(
+    fd: BorrowedFd<'_>,
+    hdrs: &mut [libc::mmsghdr],
+) -> io::Result<usize> {
+    // SAFETY: the caller guarantees every pointer in `hdrs` is writable for the call; the
+    // call is non-blocking (MSG_DONTWAIT) and writes only within those bounds.
+    let ret = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            core::ptr::null_mut(),
+        )
+    };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(ret as usize)
+}
+
 impl MmsgScratch {
     pub fn new(capacity: usize) -> MmsgScratch {
         // SAFETY: mmsghdr and iovec are plain data; all-zero (null pointers, zero lengths) is a
@@ -112,26 +144,8 @@ impl MmsgScratch {
             self.aim(i, base.wrapping_add(i * stride).cast(), max);
         }
         // SAFETY: the first `n` headers point at live iovecs and sockaddrs in `self` and each
-        // iovec at a distinct `max`-byte receive area of `batch`; all outlive the call, which is
-        // non-blocking (MSG_DONTWAIT) and writes only within those bounds.
-        let ret = unsafe {
-            libc::recvmmsg(
-                fd.as_raw_fd(),
-                self.hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                core::ptr::null_mut(),
-            )
-        };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let got = ret as usize;
+        // iovec at a distinct `max`-byte receive area of `batch`; all outlive the call.
+        let got = unsafe { recvmmsg_dontwait(fd, &mut self.hdrs[..n]) }?;
         for i in 0..got {
             let h = &self.hdrs[i];
             let oversized = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;

@@ -127,6 +127,21 @@ pub fn segment_count(hdr: &VnetHeader, frame: &[u8]) -> Result<usize, VnetError>
     Ok(payload.div_ceil(usize::from(hdr.gso_size)).max(1))
 }
 
+/// Writes segment `k`'s headers (`hdrs` bytes of `frame`'s) and `chunk` into `out`, and fixes
+/// its IPv4 header: total length, ID (+k), checksum. `out` holds at least `hdrs + chunk`.
+fn segment_ipv4(frame: &[u8], hdrs: usize, chunk: &[u8], k: usize, out: &mut [u8]) {
+    let len = hdrs + chunk.len();
+    let ihl = usize::from(frame[0] & 0x0f) * 4;
+    out[..hdrs].copy_from_slice(&frame[..hdrs]);
+    out[hdrs..len].copy_from_slice(chunk);
+    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    let id = u16::from_be_bytes([frame[4], frame[5]]).wrapping_add(k as u16);
+    out[4..6].copy_from_slice(&id.to_be_bytes());
+    out[10..12].fill(0);
+    let ip_sum = checksum::checksum(&out[..ihl]);
+    out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+}
+
 /// Writes segment `k` of the superframe `frame` (TCP or UDP) into `out`; returns its length.
 pub fn segment(
     hdr: &VnetHeader,
@@ -162,14 +177,7 @@ pub fn udp4_segment(
     if out.len() < len {
         return Err(VnetError::BadHeaders);
     }
-    out[..ihl + 8].copy_from_slice(&frame[..ihl + 8]);
-    out[ihl + 8..len].copy_from_slice(chunk);
-    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    let id = u16::from_be_bytes([frame[4], frame[5]]).wrapping_add(k as u16);
-    out[4..6].copy_from_slice(&id.to_be_bytes());
-    out[10..12].fill(0);
-    let ip_sum = checksum::checksum(&out[..ihl]);
-    out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    segment_ipv4(frame, ihl + 8, chunk, k, out);
     let u = ihl;
     out[u + 4..u + 6].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
     out[u + 6..u + 8].fill(0);
@@ -205,15 +213,7 @@ pub fn tcp4_segment(
     if out.len() < len {
         return Err(VnetError::BadHeaders);
     }
-    out[..ihl + thl].copy_from_slice(&frame[..ihl + thl]);
-    out[ihl + thl..len].copy_from_slice(chunk);
-    // IPv4: total length, ID, checksum.
-    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    let id = u16::from_be_bytes([frame[4], frame[5]]).wrapping_add(k as u16);
-    out[4..6].copy_from_slice(&id.to_be_bytes());
-    out[10..12].fill(0);
-    let ip_sum = checksum::checksum(&out[..ihl]);
-    out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    segment_ipv4(frame, ihl + thl, chunk, k, out);
     // TCP: sequence number, flags, checksum.
     let t = ihl;
     let seq = u32::from_be_bytes([frame[t + 4], frame[t + 5], frame[t + 6], frame[t + 7]])
