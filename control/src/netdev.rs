@@ -156,6 +156,7 @@ pub const TUN_QUEUE_LEN: u32 = 10_000;
 ///
 /// Also sets `accept_local` on it: the ICMP errors we write into the TUN come from the device's
 /// own address (as flanneld's do), which the kernel otherwise discards as a martian source.
+/// And turns IPv6 off on it, since it carries IPv4 only.
 pub fn configure_tun(
     name: &str,
     lease: Ipv4Net,
@@ -167,6 +168,10 @@ pub fn configure_tun(
         path: sysctl,
         source,
     })?;
+    // The device carries IPv4 only: without IPv6 on it, the host sends no router
+    // solicitations or MLD reports into it for podwire to drop (as not_ipv4). Best effort: a
+    // kernel without IPv6 has no such file.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     let addr = format!("{}/32", lease.addr());
     ip(&["addr", "replace", &addr, "dev", name])?;
     ip(&[
