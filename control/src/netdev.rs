@@ -116,7 +116,7 @@ pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
 }
 
 /// The kind of link `name` (`vxlan`, `tun`, `veth`, ...; empty for a plain device), if it exists.
-pub fn link_kind(name: &str) -> Option<String> {
+fn link_kind(name: &str) -> Option<String> {
     let out = Command::new("ip")
         .args(["-j", "-d", "link", "show", "dev", name])
         .output()

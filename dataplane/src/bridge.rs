@@ -237,10 +237,6 @@ impl Bridge {
         b
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// Adds a local port; returns its id (the lowest free one).
     pub fn add_port(&mut self, opts: PortOptions) -> Result<PortId, BridgeError> {
         let id = match self.ports.iter().skip(1).position(Option::is_none) {
@@ -267,11 +263,6 @@ impl Bridge {
         self.active.retain(|&p| p != id);
         self.remove_where(|e| e.station == Station::Port(id));
         Ok(())
-    }
-
-    /// The local ports in service.
-    pub fn ports(&self) -> &[PortId] {
-        &self.active
     }
 
     pub fn port_options(&self, id: PortId) -> Option<PortOptions> {

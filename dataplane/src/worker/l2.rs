@@ -344,9 +344,6 @@ impl L2Worker {
 
     /// Takes the VNI, the VTEPs and the peers' host-port MACs from a new table snapshot.
     fn sync(&mut self, tables: &Arc<Tables>) {
-        if self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, tables)) {
-            return;
-        }
         self.synced = Some(Arc::clone(tables));
         let Encap::Vxlan { vni, local_mac } = tables.encap else {
             self.vni = None;
@@ -417,8 +414,15 @@ impl L2Worker {
         let mut last_work = Instant::now();
         let port_err = |source: PortError| WorkerError::Port { worker: 0, source };
         while !self.shutdown.load(Ordering::Acquire) {
-            let tables = self.tables.load_full();
-            self.sync(&tables);
+            // One atomic load per round; a new snapshot is taken only when it changed.
+            let tables = self.tables.load();
+            if !self
+                .synced
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &tables))
+            {
+                self.sync(&Arc::clone(&tables));
+            }
             drop(tables);
             self.handle_commands();
             let now = self.now();
@@ -513,18 +517,25 @@ impl L2Worker {
             match self.bridge.input(ingress, batch.packet(i), now) {
                 Decision::Port(p) => push_out(&mut self.ports, p, idx),
                 Decision::Remote(ip) => self.remote.push((idx, SocketAddrV4::new(ip, peer_port))),
-                Decision::Flood => {
-                    for p in self.bridge.flood_ports(ingress, batch.packet(i)) {
-                        push_out(&mut self.ports, p, idx);
-                    }
-                    for &ip in self.bridge.vteps() {
-                        self.remote.push((idx, SocketAddrV4::new(ip, peer_port)));
-                    }
-                }
+                Decision::Flood => self.flood(ingress, idx, batch.packet(i)),
                 Decision::Drop(r) => stats.drop(r),
             }
         }
         self.send(batch, stats);
+    }
+
+    /// Queues packet `idx` of the batch, which came in by `from`, on every port a flood of it
+    /// leaves by, and for every VTEP when it came from a local port.
+    fn flood(&mut self, from: Station, idx: u16, frame: &[u8]) {
+        for p in self.bridge.flood_ports(from, frame) {
+            push_out(&mut self.ports, p, idx);
+        }
+        if Bridge::floods_to_tunnel(from) {
+            for &ip in self.bridge.vteps() {
+                self.remote
+                    .push((idx, SocketAddrV4::new(ip, self.peer_port)));
+            }
+        }
     }
 
     /// Checks, decapsulates, decides and sends a batch of underlay datagrams.
@@ -572,11 +583,7 @@ impl L2Worker {
             let from = Station::Remote(sender);
             match self.bridge.input(from, frame, now) {
                 Decision::Port(p) => push_out(&mut self.ports, p, i as u16),
-                Decision::Flood => {
-                    for p in self.bridge.flood_ports(from, frame) {
-                        push_out(&mut self.ports, p, i as u16);
-                    }
-                }
+                Decision::Flood => self.flood(from, i as u16, frame),
                 // The bridge never sends a frame from the tunnel back into it.
                 Decision::Remote(_) => stats.drop(DropReason::Hairpin),
                 Decision::Drop(r) => stats.drop(r),
