@@ -23,6 +23,7 @@ use podwire_dataplane::port::pcap::outer_datagram;
 use podwire_dataplane::route::Backend;
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
 use podwire_dataplane::worker::l2::{FdbDump, L2Handle};
+use podwire_dataplane::worker::FaultInjector;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -66,6 +67,8 @@ pub struct CtlState {
     last_stats: Mutex<Option<(Instant, Vec<LocalStats>)>>,
     /// The bridge, in L2 mode.
     pub l2: Option<L2Ctl>,
+    /// Makes workers fail on request (`--fault-injection`).
+    pub faults: Option<FaultInjector>,
 }
 
 /// What ctl needs of the L2 worker: its handle, and what a pod's interface gets.
@@ -93,12 +96,19 @@ impl CtlState {
             health,
             last_stats: Mutex::new(None),
             l2: None,
+            faults: None,
         }
     }
 
     /// Adds the bridge's commands (L2 mode).
     pub fn with_l2(mut self, l2: Option<L2Ctl>) -> CtlState {
         self.l2 = l2;
+        self
+    }
+
+    /// Adds `fault` (`--fault-injection`).
+    pub fn with_faults(mut self, faults: Option<FaultInjector>) -> CtlState {
+        self.faults = faults;
         self
     }
 }
@@ -154,6 +164,7 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
         },
         Some("services") => services(state),
         Some("stats") => stats(state),
+        Some("fault") => fault(req, state).unwrap_or_else(|e| json!({"error": e})),
         Some("capture") => capture(req, state).unwrap_or_else(|e| json!({"error": e})),
         Some(cmd @ ("fdb" | "attach" | "detach")) => match &state.l2 {
             None => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
@@ -238,6 +249,21 @@ fn fdb_json(d: &FdbDump) -> Value {
         .map(|p| json!({"port": p.id.0, "label": p.label, "device": p.device}))
         .collect();
     json!({"entries": entries, "ports": ports})
+}
+
+fn fault(req: &Value, state: &CtlState) -> Result<Value, String> {
+    let faults = state
+        .faults
+        .as_ref()
+        .ok_or("fault injection is off: start podwire with --fault-injection")?;
+    match req["kind"].as_str() {
+        Some("worker-panic") => {}
+        other => return Err(format!("kind {other:?}: worker-panic")),
+    }
+    let worker = req["worker"].as_u64().unwrap_or(0) as usize;
+    faults.panic_worker(worker).map_err(|e| e.to_string())?;
+    tracing::warn!(worker, "ctl: injecting a panic into a worker");
+    Ok(json!({"fault": "worker-panic", "worker": worker}))
 }
 
 fn subnets(state: &CtlState) -> Value {
@@ -556,6 +582,7 @@ pub fn render(cmd: &str, v: &Value) -> String {
             v["port"]
         )),
         "detach" => out.push_str(&format!("detached {}\n", s(&v["detached"]))),
+        "fault" => out.push_str(&format!("worker {} asked to panic\n", v["worker"])),
         "subnets" => {
             out.push_str(&format!("network {}\n", s(&v["network"])));
             out.push_str(&format!(

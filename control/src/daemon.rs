@@ -88,6 +88,8 @@ pub struct RunOptions {
     pub service_lb: Algorithm,
     /// Where `podwire ctl` finds us.
     pub ctl_socket: Option<PathBuf>,
+    /// Answer `ctl fault` (tests of the supervisor path).
+    pub fault_injection: bool,
     /// L2 mode (`--mode l2`): podwire is the node's bridge; None: routed mode through the TUN.
     pub l2: Option<L2Options>,
 }
@@ -682,7 +684,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             pool.shared_stats(),
             Arc::clone(&health),
         )
-        .with_l2(l2_handle);
+        .with_l2(l2_handle)
+        .with_faults(opts.fault_injection.then(|| pool.fault_injector()));
         ctl::serve(path, Arc::new(state))?;
         tracing::info!(socket = %path.display(), "podwire ctl answers here");
     }
@@ -743,6 +746,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     tracing::info!(stats = %total["total"], "stopped");
     match result? {
         Some(w) => {
+            tracing::error!(
+                worker = w,
+                "a worker stopped; exiting non-zero for the supervisor to restart podwire"
+            );
             stopped.with_context(|| format!("worker {w} stopped"))?;
             bail!("worker {w} stopped unexpectedly");
         }

@@ -102,6 +102,15 @@ enum CtlWhat {
         #[arg(long)]
         netns: String,
     },
+    /// Test a supervisor: make worker N panic (the daemon then exits non-zero). Needs a daemon
+    /// started with --fault-injection.
+    Fault {
+        #[arg(value_parser = ["worker-panic"])]
+        kind: String,
+        /// The worker to fail.
+        #[arg(long, default_value_t = 0)]
+        worker: usize,
+    },
     /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
     /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
     Capture {
@@ -288,6 +297,10 @@ struct RunArgs {
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
     #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
     ctl_socket: String,
+    /// Accept `podwire ctl fault` (make a worker panic), to test that a supervisor restarts a
+    /// daemon whose worker died. For test clusters only.
+    #[arg(long)]
+    fault_injection: bool,
     /// `l3` routes pod traffic through a TUN device (flannel's model); `l2` makes podwire the
     /// node's bridge (in place of cni0), with pods attached as TAP interfaces by `podwire ctl
     /// attach`, and one L2 domain across nodes over VXLAN (needs the vxlan backend).
@@ -437,6 +450,12 @@ fn init_logging(json: bool) {
     } else {
         fmt.init();
     }
+    // A panic (a worker's, say) goes to the log like everything else, so a JSON log stays JSON
+    // and the supervisor's log shows which thread died and where.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(thread = thread.name().unwrap_or("?"), "panicked: {info}");
+    }));
 }
 
 fn main() -> Result<()> {
@@ -515,6 +534,7 @@ fn main() -> Result<()> {
                 },
                 service_cidr: a.service_cidr,
                 ctl_socket: (!a.ctl_socket.is_empty()).then(|| PathBuf::from(&a.ctl_socket)),
+                fault_injection: a.fault_injection,
                 l2: (a.mode == "l2").then(|| daemon::L2Options {
                     bridge: podwire_dataplane::bridge::Config {
                         ageing_ms: u64::from(a.fdb_ageing) * 1000,
@@ -622,6 +642,10 @@ fn ctl(a: CtlArgs) -> Result<()> {
         CtlWhat::Detach { netns } => (
             "detach",
             serde_json::json!({"cmd": "detach", "netns": netns}),
+        ),
+        CtlWhat::Fault { kind, worker } => (
+            "fault",
+            serde_json::json!({"cmd": "fault", "kind": kind, "worker": worker}),
         ),
         CtlWhat::Capture {
             port,

@@ -107,8 +107,17 @@ fn request() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// Cases per target: `PROPTEST_CASES` when set (a long run), else the CI default. proptest reads
+/// the variable only into its own default, which an explicit `cases` would override.
+fn cases(ci_default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci_default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(3000), ..ProptestConfig::default() })]
 
     #[test]
     fn cluster_file_and_net_conf_never_panic(t in text(CLUSTER), n in text(r#"{"Network": "10.244.0.0/16", "SubnetLen": 24, "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.200.0", "Backend": {"Type": "udp", "Port": 8285}}"#)) {

@@ -28,7 +28,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod fault;
 pub mod l2;
+
+use fault::FaultPoint;
+pub use fault::{FaultInjector, NoSuchWorker};
 
 /// Most packets a worker moves per batch.
 pub const MAX_BATCH: usize = 256;
@@ -107,6 +111,7 @@ struct Worker {
     capture: Arc<Capture>,
     stats: Arc<SharedStats>,
     shutdown: Arc<AtomicBool>,
+    fault: FaultPoint,
     poll: Poll,
     config: WorkerConfig,
     cpu: Option<usize>,
@@ -118,6 +123,7 @@ pub struct WorkerPool {
     wakers: Vec<Arc<Waker>>,
     stats: Vec<Arc<SharedStats>>,
     shutdown: Arc<AtomicBool>,
+    fault: FaultPoint,
 }
 
 impl WorkerPool {
@@ -141,6 +147,7 @@ impl WorkerPool {
             wakers: Vec::new(),
             stats: Vec::new(),
             shutdown,
+            fault: FaultPoint::new(),
         };
         for (id, ports) in ports.into_iter().enumerate() {
             let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
@@ -160,6 +167,7 @@ impl WorkerPool {
                 capture: Arc::clone(&capture),
                 stats: Arc::clone(&stats),
                 shutdown: Arc::clone(&pool.shutdown),
+                fault: pool.fault.clone(),
                 poll,
                 config: config.clone(),
                 cpu: if cpus.is_empty() {
@@ -192,6 +200,11 @@ impl WorkerPool {
     /// The first worker that has stopped on its own, if any (it failed or panicked).
     pub fn dead_worker(&self) -> Option<usize> {
         self.handles.iter().position(|h| h.is_finished())
+    }
+
+    /// A handle that makes a worker panic on request (`--fault-injection`).
+    pub fn fault_injector(&self) -> FaultInjector {
+        FaultInjector::new(self.fault.clone(), self.wakers.clone())
     }
 
     /// Wakes every worker so it sees new tables (or shutdown) now instead of after its sleep.
@@ -353,6 +366,7 @@ impl Worker {
         let epoch = self.flows.as_ref().map(|f| f.epoch);
         let flows = self.flows.as_deref();
         while !self.shutdown.load(Ordering::Acquire) {
+            self.fault.check(id);
             let tables = self.tables.load();
             // Connection-tracking time, read once per round (milliseconds).
             let now = epoch.map_or(0, |e| e.elapsed().as_millis() as u64);

@@ -290,8 +290,17 @@ fn check_batch(t: &Tables, dir: Direction, b: &Batch) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// Cases per target: `PROPTEST_CASES` when set (a long run), else the CI default. proptest reads
+/// the variable only into its own default, which an explicit `cases` would override.
+fn cases(ci_default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci_default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2000), ..ProptestConfig::default() })]
 
     /// The pipeline, both directions, tracked or not, on random clusters.
     #[test]

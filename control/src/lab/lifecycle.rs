@@ -95,17 +95,7 @@ pub fn kill_restart_check(
         spawn_node(&mut r, opts, exe, node)?;
     }
     // Ready again: the new daemon rewrote subnet.env.
-    let env = names.dir.join(format!("n{node}/subnet.env"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(&env)
-        .and_then(|m| m.modified())
-        .map_or(true, |m| m <= killed_at)
-    {
-        if Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_rewritten(names, node, killed_at);
     let restart = t.elapsed();
     let outcome = transfer.finish();
     let intact = outcome.is_ok();
@@ -121,6 +111,100 @@ pub fn kill_restart_check(
             outcome.err().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
     })
+}
+
+/// Node `node`'s worker 0 is made to panic (`ctl fault worker-panic`) while pod 1 sends it
+/// 200 MB over TCP: the daemon must log the panic and exit non-zero by itself within seconds
+/// (not run on half-dead), and once restarted, as its supervisor would, carry the transfer to
+/// the end intact on the same subnet.
+pub fn worker_panic_check(
+    res: &Arc<Mutex<Resources>>,
+    names: &Names,
+    opts: &LabOptions,
+    exe: &Path,
+    node: usize,
+) -> Result<Check> {
+    let name = "a worker panics under a TCP transfer: the daemon exits non-zero, a restart resumes";
+    let before = subnet_of(names, node);
+    let log = names.dir.join(format!("n{node}/podwire.log"));
+    let transfer = Transfer::start(names, node, super::TCP_PORT + 3, 200_000_000, 13)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let sock = names.dir.join(format!("n{node}/ctl.sock"));
+    let asked = podwire::ctl::request(
+        &sock,
+        &serde_json::json!({"cmd": "fault", "kind": "worker-panic", "worker": 0}),
+    )?;
+    let t = Instant::now();
+    let exited = {
+        let mut r = res.lock().expect("lab resources");
+        let child_name = format!("n{node}");
+        let pos = r
+            .children
+            .iter()
+            .position(|(n, _)| *n == child_name)
+            .context("node is not running")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            match r.children[pos].1.try_wait()? {
+                Some(status) => break Some(status),
+                None if Instant::now() > deadline => break None,
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let (_, mut child) = r.children.remove(pos);
+        if status.is_none() {
+            // Half-dead: the check fails, and the node is replaced all the same.
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)?;
+            let _ = child.wait();
+        }
+        let exited = status.map(|s| (s, t.elapsed()));
+        let restarted_at = SystemTime::now();
+        spawn_node(&mut r, opts, exe, node)?;
+        exited.map(|e| (e, restarted_at))
+    };
+    if let Some((_, restarted_at)) = exited {
+        wait_rewritten(names, node, restarted_at);
+    }
+    let outcome = transfer.finish();
+    let intact = outcome.is_ok();
+    let after = subnet_of(names, node);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let logged = text.contains("panic injected") && text.contains("worker 0 stopped");
+    let nonzero = exited
+        .as_ref()
+        .is_some_and(|((s, _), _)| !s.success() && s.code().is_some());
+    Ok(Check {
+        name: name.into(),
+        ok: asked["error"].is_null()
+            && nonzero
+            && logged
+            && intact
+            && before.is_some()
+            && before == after,
+        detail: format!(
+            "node {node}: {}; panic and exit logged {logged}; back on {} (was {}); 200 MB 1->{node} intact {intact}{}",
+            match &exited {
+                Some(((s, after), _)) => format!("exited {s} {} ms after the fault", after.as_millis()),
+                None => format!("still running 10 s after the fault ({asked})"),
+            },
+            after.as_deref().unwrap_or("?"),
+            before.as_deref().unwrap_or("?"),
+            outcome.err().map(|e| format!(" ({e})")).unwrap_or_default()
+        ),
+    })
+}
+
+/// Waits (up to 20 s) until node `node`'s new daemon has rewritten subnet.env: it is ready.
+fn wait_rewritten(names: &Names, node: usize, since: SystemTime) {
+    let env = names.dir.join(format!("n{node}/subnet.env"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&env)
+        .and_then(|m| m.modified())
+        .map_or(true, |m| m <= since)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// After every daemon stopped on SIGTERM: no TUN device, no route through it, no service

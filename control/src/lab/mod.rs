@@ -470,6 +470,8 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
         "--ctl-socket",
         &node_dir.join("ctl.sock").display().to_string(),
     ]);
+    // The lab is a test cluster: its checks make a worker panic.
+    cmd.arg("--fault-injection");
     if i == 1 {
         // Node 1 logs JSON (checked by the lifecycle checks); the others plain text.
         cmd.args(["--log-format", "json"]);
@@ -1462,6 +1464,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         }
         if opts.podwire_nodes().contains(&2) {
             checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
+            checks.push(lifecycle::worker_panic_check(res, &r, opts, exe, 2)?);
         }
         checks.push(lifecycle::hangup_check(res, &r)?);
         if opts.vxlan() {

@@ -20,7 +20,7 @@
 //! the VtepMAC of its lease, behind its PublicIP) come from the same table snapshot the
 //! routed workers read, re-synced when the control plane swaps it.
 
-use super::{WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
+use super::{FaultPoint, WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
 use crate::batch::Batch;
 use crate::bridge::{Bridge, BridgeError, Decision, EntryView, PortId, PortOptions, Station};
 use crate::pipeline::{DropReason, Encap, Tables};
@@ -183,6 +183,7 @@ struct L2Worker {
     fdb_entries: Arc<AtomicU64>,
     stats: Arc<SharedStats>,
     shutdown: Arc<AtomicBool>,
+    fault: FaultPoint,
     poll: Poll,
     config: WorkerConfig,
     epoch: Instant,
@@ -210,6 +211,7 @@ impl WorkerPool {
         let stats = Arc::new(SharedStats::default());
         let shutdown = Arc::new(AtomicBool::new(false));
         let fdb_entries = Arc::new(AtomicU64::new(0));
+        let fault = FaultPoint::new();
         let size = config.batch_size.clamp(1, MAX_BATCH);
         let offload = host.offload();
         let mut worker = L2Worker {
@@ -230,6 +232,7 @@ impl WorkerPool {
             fdb_entries: Arc::clone(&fdb_entries),
             stats: Arc::clone(&stats),
             shutdown: Arc::clone(&shutdown),
+            fault: fault.clone(),
             poll,
             config,
             epoch: Instant::now(),
@@ -250,6 +253,7 @@ impl WorkerPool {
             wakers: vec![Arc::clone(&waker)],
             stats: vec![stats],
             shutdown,
+            fault,
         };
         Ok((
             pool,
@@ -414,6 +418,7 @@ impl L2Worker {
         let mut last_work = Instant::now();
         let port_err = |source: PortError| WorkerError::Port { worker: 0, source };
         while !self.shutdown.load(Ordering::Acquire) {
+            self.fault.check(0);
             // One atomic load per round; a new snapshot is taken only when it changed.
             let tables = self.tables.load();
             if !self
