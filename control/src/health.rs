@@ -211,6 +211,21 @@ impl Health {
                 "podwire_fdb_learn_refused_total",
                 "Source MACs not learned because the FDB was full.",
             ),
+            (
+                Counter::UnderlayQueueFull,
+                "podwire_underlay_queue_full_total",
+                "Datagrams the kernel dropped at the shared underlay socket (queue full).",
+            ),
+            (
+                Counter::PeerQueueFull,
+                "podwire_peer_queue_full_total",
+                "Datagrams the kernel dropped at per-peer sockets: a peer sent more than its share.",
+            ),
+            (
+                Counter::PeerSocketErrors,
+                "podwire_peer_socket_errors_total",
+                "Per-peer sockets that could not be made (their peers use the shared socket).",
+            ),
         ] {
             let samples = workers
                 .iter()

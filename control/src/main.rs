@@ -143,7 +143,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
-    /// `podwire-vxlan-no-conntrack`, the default mode without connection tracking.
+    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro` and `podwire-vxlan-shared-queue`:
+    /// the default mode without connection tracking, without UDP GRO, without per-peer queues.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
     /// Results as JSON.
@@ -241,6 +242,12 @@ struct RunArgs {
     /// socket layer runs once per run. Falls back to plain receives if the kernel refuses it.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     udp_gro: String,
+    /// A receive queue per peer node: `on` gives each peer (sending from the backend's port, as
+    /// flannel udp and podwire's VXLAN do) a connected socket of its own, read round robin, so
+    /// a peer flooding this node overflows only its own queue (counted as peer_queue_full)
+    /// and cannot starve the others. Routed (L3) mode.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    peer_queues: String,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
     /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
     /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
@@ -423,6 +430,10 @@ struct LabArgs {
     /// `podwire run --conntrack` on the podwire nodes.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     conntrack: String,
+    /// `podwire run --peer-queues` on the podwire nodes (`off` shows what the flooding-peer
+    /// check of a 3-node lab looks like without them: it fails).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    peer_queues: String,
     /// `l2`: podwire is every node's bridge (needs `--backend vxlan`): pods attached by
     /// `podwire ctl attach`, 3 on node 1 and 2 on node 2, in one L2 domain over VXLAN; ARP,
     /// pings, TCP, the FDB, a pod moved across nodes, and same-node TCP against a Linux bridge.
@@ -511,6 +522,7 @@ fn main() -> Result<()> {
                     batch_size: a.batch_size.clamp(1, podwire_dataplane::worker::MAX_BATCH),
                     busy_poll: Duration::from_micros(a.busy_poll_us),
                     pin: !a.no_pin,
+                    peer_queues: a.peer_queues == "on",
                     ..WorkerConfig::default()
                 },
                 socket_buffer: a.socket_buffer,
@@ -587,6 +599,7 @@ fn main() -> Result<()> {
                 conntrack: a.conntrack == "on",
                 l2: a.mode == "l2",
                 udp_gro: true,
+                peer_queues: a.peer_queues == "on",
                 soak_seconds: a.soak,
                 soak_pps: a.soak_pps.max(1),
             })?;

@@ -35,10 +35,16 @@ pub enum Counter {
     FdbAged,
     /// Source MACs not learned because the FDB was full (L2 mode).
     FdbLearnRefused,
+    /// Datagrams the kernel dropped at the shared underlay socket: its queue was full.
+    UnderlayQueueFull,
+    /// Datagrams the kernel dropped at per-peer sockets: a peer sent more than its share.
+    PeerQueueFull,
+    /// Per-peer sockets that could not be made (their peers use the shared socket).
+    PeerSocketErrors,
 }
 
 impl Counter {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 17;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -54,6 +60,9 @@ impl Counter {
         Counter::FdbMoved,
         Counter::FdbAged,
         Counter::FdbLearnRefused,
+        Counter::UnderlayQueueFull,
+        Counter::PeerQueueFull,
+        Counter::PeerSocketErrors,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +81,9 @@ impl Counter {
             Counter::FdbMoved => "fdb_moved",
             Counter::FdbAged => "fdb_aged",
             Counter::FdbLearnRefused => "fdb_learn_refused",
+            Counter::UnderlayQueueFull => "underlay_queue_full",
+            Counter::PeerQueueFull => "peer_queue_full",
+            Counter::PeerSocketErrors => "peer_socket_errors",
         }
     }
 }

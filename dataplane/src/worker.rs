@@ -30,9 +30,11 @@ use std::time::{Duration, Instant};
 
 mod fault;
 pub mod l2;
+mod peers;
 
 use fault::FaultPoint;
 pub use fault::{FaultInjector, NoSuchWorker};
+use peers::PeerQueues;
 
 /// Most packets a worker moves per batch.
 pub const MAX_BATCH: usize = 256;
@@ -42,6 +44,9 @@ const UDP: Token = Token(1);
 const WAKE: Token = Token(2);
 /// Conntrack slots each worker examines for expiry per round.
 const GC_SLOTS_PER_ROUND: usize = 32;
+/// Rounds between samples of the kernel's drop counters while busy (one getsockopt per
+/// socket; also sampled before every sleep).
+const KERNEL_DROP_SAMPLE_ROUNDS: u32 = 4096;
 /// Longest epoll sleep, so a stalled wakeup can never hang a worker for long.
 const IDLE_SLEEP: Duration = Duration::from_millis(200);
 
@@ -56,6 +61,8 @@ pub struct WorkerConfig {
     pub busy_poll: Duration,
     /// Pin worker i to the i-th allowed CPU.
     pub pin: bool,
+    /// A receive socket per peer (see `peers`), so a flooding peer cannot starve the others.
+    pub peer_queues: bool,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +72,7 @@ impl Default for WorkerConfig {
             frame_size: 16384,
             busy_poll: Duration::from_micros(50),
             pin: true,
+            peer_queues: true,
         }
     }
 }
@@ -115,6 +123,8 @@ struct Worker {
     poll: Poll,
     config: WorkerConfig,
     cpu: Option<usize>,
+    /// How many workers the pool has (peers are shared out among them).
+    workers: usize,
 }
 
 /// Running workers.
@@ -149,6 +159,7 @@ impl WorkerPool {
             shutdown,
             fault: FaultPoint::new(),
         };
+        let workers = ports.len();
         for (id, ports) in ports.into_iter().enumerate() {
             let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
             let reg = poll.registry();
@@ -175,6 +186,7 @@ impl WorkerPool {
                 } else {
                     Some(cpus[id % cpus.len()])
                 },
+                workers,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("podwire-w{id}"))
@@ -228,6 +240,36 @@ impl WorkerPool {
             }
         }
         first
+    }
+}
+
+/// What deciding a batch from the underlay needs, for one round.
+struct Underlay<'a> {
+    tables: &'a Tables,
+    flows: Option<&'a Flows>,
+    now: u64,
+    capture: &'a Capture,
+}
+
+impl Underlay<'_> {
+    /// Decides and sends a batch read from an underlay socket (the shared one or a peer's).
+    fn run(
+        &self,
+        batch: &mut Batch,
+        dispatch: &mut Dispatch,
+        ports: &mut WorkerPorts,
+        local: &mut LocalStats,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        local.add(Counter::RxUnderlay, batch.len() as u64);
+        if self.capture.wants(CapturePoint::Underlay) {
+            self.capture.record(CapturePoint::Underlay, batch);
+        }
+        let dir = Direction::FromUnderlay;
+        pipeline::process_with(self.tables, self.flows, self.now, dir, batch);
+        dispatch.run(batch, ports, local);
     }
 }
 
@@ -359,15 +401,25 @@ impl Worker {
         let mut from_udp = Batch::new(size, self.config.frame_size);
         let mut dispatch = Dispatch::new();
         let mut local = LocalStats::default();
-        let mut events = Events::with_capacity(4);
+        let mut events = Events::with_capacity(64);
         let mut last_work = Instant::now();
         let id = self.id;
         let port_err = |source| WorkerError::Port { worker: id, source };
         let epoch = self.flows.as_ref().map(|f| f.epoch);
         let flows = self.flows.as_deref();
+        let mut peers = self
+            .config
+            .peer_queues
+            .then(|| PeerQueues::new(id, self.workers));
+        let mut shared_drops_seen = self.ports.udp.rx_drops();
+        let mut rounds = 0u32;
         while !self.shutdown.load(Ordering::Acquire) {
             self.fault.check(id);
             let tables = self.tables.load();
+            if let Some(p) = peers.as_mut().filter(|p| p.stale(&tables)) {
+                let done = p.sync(&tables, &self.ports.udp, self.poll.registry());
+                local.add(Counter::PeerSocketErrors, done.failed as u64);
+            }
             // Connection-tracking time, read once per round (milliseconds).
             let now = epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
             let n_tun = self.ports.tun.rx_batch(&mut from_tun).map_err(port_err)?;
@@ -380,21 +432,49 @@ impl Worker {
                 dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
             let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
-            if n_udp > 0 {
-                local.add(Counter::RxUnderlay, n_udp as u64);
-                if self.capture.wants(CapturePoint::Underlay) {
-                    self.capture.record(CapturePoint::Underlay, &from_udp);
+            let (capture, ports) = (&*self.capture, &mut self.ports);
+            let underlay = Underlay {
+                tables: &tables,
+                flows,
+                now,
+                capture,
+            };
+            underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+            let mut n_peers = 0;
+            if let Some(p) = peers.as_mut().filter(|p| p.any()) {
+                // Which peer queues have datagrams: epoll, without waiting.
+                match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                    Ok(()) => events.iter().for_each(|e| p.mark_ready(e.token())),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(source) => return Err(WorkerError::Poll { worker: id, source }),
                 }
-                let b = &mut from_udp;
-                pipeline::process_with(&tables, flows, now, Direction::FromUnderlay, b);
-                dispatch.run(&mut from_udp, &mut self.ports, &mut local);
+                n_peers = p
+                    .read_round(|sock| {
+                        let n = ports.udp.rx_batch_from(sock, &mut from_udp)?;
+                        underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+                        Ok((n, n > 0))
+                    })
+                    .map_err(port_err)?;
             }
             drop(tables);
-            let idle = n_tun + n_udp == 0;
+            let idle = n_tun + n_udp + n_peers == 0;
             if let Some(f) = flows.filter(|_| !idle || last_work.elapsed() >= self.config.busy_poll)
             {
                 // Incremental expiry: a slice of one shard per busy round and before each sleep.
                 f.conntrack.gc_step(now, GC_SLOTS_PER_ROUND);
+            }
+            rounds = rounds.wrapping_add(1);
+            if idle || rounds % KERNEL_DROP_SAMPLE_ROUNDS == 0 {
+                // What the kernel dropped before we could read it, by queue.
+                let shared = self.ports.udp.rx_drops();
+                local.add(
+                    Counter::UnderlayQueueFull,
+                    u64::from(shared.wrapping_sub(shared_drops_seen)),
+                );
+                shared_drops_seen = shared;
+                if let Some(p) = peers.as_mut() {
+                    local.add(Counter::PeerQueueFull, p.take_kernel_drops());
+                }
             }
             if !idle {
                 self.stats.flush(&mut local);
@@ -403,7 +483,11 @@ impl Worker {
                 local.add(Counter::IdleSleeps, 1);
                 self.stats.flush(&mut local);
                 match self.poll.poll(&mut events, Some(IDLE_SLEEP)) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        if let Some(p) = peers.as_mut() {
+                            events.iter().for_each(|e| p.mark_ready(e.token()));
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(source) => return Err(WorkerError::Poll { worker: id, source }),
                 }

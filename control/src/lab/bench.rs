@@ -6,7 +6,8 @@
 //!   socket with a source port per flow, no GSO), `podwire-udp` (flannel's udp encapsulation),
 //!   `host-gw` (plain kernel routes between the nodes, no encapsulation: the ceiling); on
 //!   request `podwire-vxlan-no-conntrack` (the default mode without connection tracking) and
-//!   `podwire-vxlan-no-gro` (the default mode receiving without UDP GRO);
+//!   `podwire-vxlan-no-gro` (the default mode receiving without UDP GRO) and
+//!   `podwire-vxlan-shared-queue` (the default mode without per-peer receive queues);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -49,7 +50,11 @@ pub const MODES: [&str; 5] = [
 
 /// Modes run only when asked for (`--modes`): podwire without connection tracking, to see what
 /// tracking every packet costs.
-pub const EXTRA_MODES: [&str; 2] = ["podwire-vxlan-no-conntrack", "podwire-vxlan-no-gro"];
+pub const EXTRA_MODES: [&str; 3] = [
+    "podwire-vxlan-no-conntrack",
+    "podwire-vxlan-no-gro",
+    "podwire-vxlan-shared-queue",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -90,9 +95,10 @@ impl Workload {
 fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
     let (backend, direct_routing, vxlan_tx) = match mode {
         "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
-        "podwire-vxlan" | "podwire-vxlan-no-conntrack" | "podwire-vxlan-no-gro" => {
-            ("vxlan", false, "socket")
-        }
+        "podwire-vxlan"
+        | "podwire-vxlan-no-conntrack"
+        | "podwire-vxlan-no-gro"
+        | "podwire-vxlan-shared-queue" => ("vxlan", false, "socket"),
         "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
         "podwire-udp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
@@ -119,6 +125,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         ip_masq: false,
         conntrack: mode != "podwire-vxlan-no-conntrack",
         udp_gro: mode != "podwire-vxlan-no-gro",
+        peer_queues: mode != "podwire-vxlan-shared-queue",
         soak_seconds: 0,
         soak_pps: 0,
         l2: false,

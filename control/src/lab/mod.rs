@@ -14,6 +14,7 @@
 
 pub mod bench;
 mod etcd_lab;
+mod fairness;
 mod l2_lab;
 mod lifecycle;
 mod netns;
@@ -74,6 +75,8 @@ pub struct LabOptions {
     pub soak_pps: u32,
     /// UDP GRO on the podwire nodes' underlay sockets (`--udp-gro`).
     pub udp_gro: bool,
+    /// Per-peer receive queues on the podwire nodes (`--peer-queues`).
+    pub peer_queues: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
     pub l2: bool,
 }
@@ -484,6 +487,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     }
     if !opts.udp_gro {
         cmd.args(["--udp-gro", "off"]);
+    }
+    if !opts.peer_queues {
+        cmd.args(["--peer-queues", "off"]);
     }
     if opts.services && !opts.etcd {
         cmd.args([
@@ -1457,6 +1463,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.push(masquerade_check(&r)?);
         }
         checks.push(rogue_check(&r, opts)?);
+        if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) {
+            checks.push(fairness::check(&r, opts)?);
+        }
         if opts.etcd {
             checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);
         } else {

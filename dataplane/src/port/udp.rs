@@ -18,6 +18,32 @@ pub struct UdpPort {
     scratch: MmsgScratch,
     /// With UDP GRO on: coalesced runs received whole and split into the batch.
     gro: Option<Box<GroReceiver>>,
+    /// Socket buffer size, for the peer sockets made beside this one.
+    buffer_bytes: usize,
+}
+
+/// A socket bound beside a [`UdpPort`] (same address and port) and connected to one peer.
+/// The kernel delivers a datagram to the connected socket whose 4-tuple matches it before it
+/// considers the SO_REUSEPORT group, so each peer gets a receive queue of its own: a peer that
+/// floods fills (and overflows) only its own queue. Read it with [`UdpPort::rx_batch_from`].
+pub struct PeerSocket {
+    socket: Socket,
+    peer: SocketAddrV4,
+}
+
+impl PeerSocket {
+    pub fn peer(&self) -> SocketAddrV4 {
+        self.peer
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Datagrams the kernel dropped here since the socket was made (its queue was full).
+    pub fn rx_drops(&self) -> u32 {
+        sys::sockopt::rx_drops(self.socket.as_fd()).unwrap_or(0)
+    }
 }
 
 impl UdpPort {
@@ -32,23 +58,47 @@ impl UdpPort {
             what: format!("UDP socket {addr}"),
             source,
         };
-        let socket = Socket::new(
-            Domain::IPV4,
-            Type::DGRAM.nonblocking().cloexec(),
-            Some(Protocol::UDP),
-        )
-        .map_err(open)?;
-        socket.set_reuse_port(true).map_err(open)?;
-        if sys::sockopt::set_buffers_force(socket.as_fd(), buffer_bytes).is_err() {
-            let _ = socket.set_recv_buffer_size(buffer_bytes);
-            let _ = socket.set_send_buffer_size(buffer_bytes);
-        }
-        socket.bind(&addr.into()).map_err(open)?;
+        let socket = reuseport_socket(addr, buffer_bytes).map_err(open)?;
         Ok(UdpPort {
             socket,
             scratch: MmsgScratch::new(batch_cap),
             gro: None,
+            buffer_bytes,
         })
+    }
+
+    /// A socket beside this one, connected to `peer` (see [`PeerSocket`]), with this one's
+    /// buffer size and GRO setting.
+    pub fn connect_peer(&self, peer: SocketAddrV4) -> Result<PeerSocket, PortError> {
+        let open = |source| PortError::Open {
+            what: format!("UDP socket for peer {peer}"),
+            source,
+        };
+        let local = self.local_addr().map_err(open)?;
+        let socket = reuseport_socket(local, self.buffer_bytes).map_err(open)?;
+        if self.gro.is_some() {
+            sys::sockopt::set_udp_gro(socket.as_fd(), true).map_err(open)?;
+        }
+        // Until connect() the socket is one more member of the SO_REUSEPORT group and may take
+        // other senders' datagrams: they are read and decided like any others, not lost.
+        socket.connect(&peer.into()).map_err(open)?;
+        Ok(PeerSocket { socket, peer })
+    }
+
+    /// Receives a batch from a peer socket through this port's buffers (one set per worker,
+    /// however many peers). GRO leftovers of one socket may be returned by the next read of
+    /// another: they are datagrams like any others, each with its sender.
+    pub fn rx_batch_from(
+        &mut self,
+        peer: &PeerSocket,
+        batch: &mut Batch,
+    ) -> Result<usize, PortError> {
+        recv_on(&mut self.gro, &mut self.scratch, peer.socket.as_fd(), batch)
+    }
+
+    /// Datagrams the kernel dropped at this socket since it was opened (its queue was full).
+    pub fn rx_drops(&self) -> u32 {
+        sys::sockopt::rx_drops(self.socket.as_fd()).unwrap_or(0)
     }
 
     /// Sends runs of equal-size datagrams to one peer with UDP GSO (see [`MmsgScratch::set_gso`]).
@@ -106,23 +156,48 @@ impl AsFd for UdpPort {
     }
 }
 
+/// A non-blocking UDP socket in the SO_REUSEPORT group of `addr`, bound there.
+fn reuseport_socket(addr: SocketAddrV4, buffer_bytes: usize) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::IPV4,
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    if sys::sockopt::set_buffers_force(socket.as_fd(), buffer_bytes).is_err() {
+        let _ = socket.set_recv_buffer_size(buffer_bytes);
+        let _ = socket.set_send_buffer_size(buffer_bytes);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 impl RxPort for UdpPort {
     fn rx_batch(&mut self, batch: &mut Batch) -> Result<usize, PortError> {
-        let fd = self.socket.as_fd();
-        let got = match self.gro.as_deref_mut() {
-            Some(g) => g.recv(fd, batch),
-            None => self.scratch.recv(fd, batch),
-        };
-        match got {
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            // ICMP errors about earlier sends surface here (ECONNREFUSED etc.): not fatal.
-            Err(e) if e.raw_os_error().is_some_and(is_async_send_error) => Ok(0),
-            Err(source) => Err(PortError::Io {
-                what: "UDP receive",
-                source,
-            }),
-        }
+        recv_on(&mut self.gro, &mut self.scratch, self.socket.as_fd(), batch)
+    }
+}
+
+/// One receive on `fd` through a port's buffers.
+fn recv_on(
+    gro: &mut Option<Box<GroReceiver>>,
+    scratch: &mut MmsgScratch,
+    fd: BorrowedFd<'_>,
+    batch: &mut Batch,
+) -> Result<usize, PortError> {
+    let got = match gro.as_deref_mut() {
+        Some(g) => g.recv(fd, batch),
+        None => scratch.recv(fd, batch),
+    };
+    match got {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+        // ICMP errors about earlier sends surface here (ECONNREFUSED etc.): not fatal.
+        Err(e) if e.raw_os_error().is_some_and(is_async_send_error) => Ok(0),
+        Err(source) => Err(PortError::Io {
+            what: "UDP receive",
+            source,
+        }),
     }
 }
 

@@ -41,3 +41,30 @@ pub const UDP_GRO: libc::c_int = 104;
 pub fn set_udp_gro(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     set_int(fd, libc::SOL_UDP, UDP_GRO, libc::c_int::from(on))
 }
+
+/// `SO_MEMINFO` (asm-generic/socket.h; libc has the offsets but not the option).
+const SO_MEMINFO: libc::c_int = 55;
+/// Entries of the `SO_MEMINFO` array (`SK_MEMINFO_VARS`).
+const SK_MEMINFO_VARS: usize = 9;
+
+/// Datagrams the kernel dropped at this socket since it was opened (its receive queue was
+/// full, mostly): `SK_MEMINFO_DROPS`, what `ss -m` prints as `d`.
+pub fn rx_drops(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u32; SK_MEMINFO_VARS];
+    let mut len = core::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large, and
+    // updates `len`, a live socklen_t.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[libc::SK_MEMINFO_DROPS as usize])
+}
