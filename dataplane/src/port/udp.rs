@@ -230,6 +230,34 @@ mod tests {
         (s, a)
     }
 
+    /// A peer socket takes its peer's datagrams and nobody else's: the shared socket keeps
+    /// everyone else's, and each peer's queue (and drop count) is its own.
+    #[test]
+    fn test_peer_socket_takes_only_its_peers_datagrams() {
+        let mut port =
+            UdpPort::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 64, 1 << 20).unwrap();
+        let port_addr = port.local_addr().unwrap();
+        let (peer, peer_addr) = receiver();
+        let (other, _) = receiver();
+        let sock = port.connect_peer(peer_addr).unwrap();
+        assert_eq!(sock.peer(), peer_addr);
+        for i in 0..5u8 {
+            peer.send_to(&[i; 10], port_addr).unwrap();
+            other.send_to(&[100 + i; 10], port_addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut batch = Batch::new(64, 2048);
+        let n = port.rx_batch_from(&sock, &mut batch).unwrap();
+        assert_eq!(n, 5);
+        assert!((0..n).all(|i| batch.meta(i).peer == peer_addr && batch.packet(i)[0] < 100));
+        let n = port.rx_batch(&mut batch).unwrap();
+        assert_eq!(n, 5);
+        assert!((0..n).all(|i| batch.packet(i)[0] >= 100));
+        assert_eq!(port.rx_batch_from(&sock, &mut batch).unwrap(), 0);
+        assert_eq!(sock.rx_drops(), 0);
+        assert_eq!(port.rx_drops(), 0);
+    }
+
     /// Runs of same-size datagrams go out as GSO buffers; every datagram must still arrive
     /// alone, whole and in order, at the right peer, with or without GSO.
     #[test]
