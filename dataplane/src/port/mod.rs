@@ -19,6 +19,7 @@ pub mod raw;
 pub mod tap;
 pub mod tun;
 pub mod udp;
+pub mod xdp;
 
 /// A device error that is not about one packet.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 //! `BorrowedFd` and buffers as slices.
 
 pub mod affinity;
+pub mod bpf;
 pub mod fdio;
 pub mod gro;
 pub mod mmsg;

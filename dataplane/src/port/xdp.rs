@@ -1,0 +1,191 @@
+//! The XDP program on an interface: built from `ebpf/podwire_xdp.c` by build.rs, embedded,
+//! loaded and attached with aya. It steers what podwire owns into the AF_XDP socket of the
+//! receiving queue and passes the rest to the kernel (see the C source).
+//!
+//! Driver (native) mode is tried first, then generic (SKB) mode. The attachment is a bpf_link
+//! where the kernel has them (5.9+): dropping an [`XdpProgram`] detaches it, and so does the
+//! process's end, even by SIGKILL, since the link lives in a descriptor. (Kernels before 5.9
+//! get a netlink attachment, which outlives a killed process; podwire does not clean those up
+//! yet.)
+
+use crate::sys::bpf::{XdpConfig, ROLE_POD, ROLE_UNDERLAY};
+use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::programs::{Xdp, XdpMode};
+use aya::Ebpf;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+/// The compiled program.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/podwire_xdp.o"));
+/// Its entry point, as `ip link` shows it.
+pub const PROGRAM_NAME: &str = "podwire_xdp";
+
+/// What the program does on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The node's uplink: UDP to `local_ip:port` goes to podwire, the rest to the kernel.
+    Underlay { local_ip: Ipv4Addr, port: u16 },
+    /// A pod's veth host end: every IPv4 frame goes to podwire; ARP and IPv6 to the kernel.
+    Pod,
+}
+
+/// How the program runs on the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In the driver, before an skb exists.
+    Driver,
+    /// Generic XDP, after the skb is built (any driver).
+    Skb,
+}
+
+/// Per-CPU counts summed: what the program did with the frames it saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpCounters {
+    /// Redirected to an AF_XDP socket.
+    pub redirected: u64,
+    /// Ours, but the queue had no socket: passed to the kernel.
+    pub no_socket: u64,
+    /// Not ours: passed to the kernel.
+    pub passed: u64,
+    /// Shorter than the headers it claims: passed (the kernel drops it).
+    pub malformed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("loading the XDP program: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("XDP program: {0}")]
+    Program(Box<aya::programs::ProgramError>),
+    #[error("XDP map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("XDP map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("attaching XDP to {ifname}: driver mode: {driver}; generic mode: {skb}")]
+    Attach {
+        ifname: String,
+        driver: Box<aya::programs::ProgramError>,
+        skb: Box<aya::programs::ProgramError>,
+    },
+}
+
+impl From<aya::EbpfError> for XdpError {
+    fn from(e: aya::EbpfError) -> XdpError {
+        XdpError::Load(Box::new(e))
+    }
+}
+
+impl From<aya::programs::ProgramError> for XdpError {
+    fn from(e: aya::programs::ProgramError) -> XdpError {
+        XdpError::Program(Box::new(e))
+    }
+}
+
+/// A map error, named.
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
+    move |source| XdpError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// The program, attached to one interface until dropped.
+pub struct XdpProgram {
+    // Dropping it detaches the program and frees it (and its maps, unless a socket holds them).
+    ebpf: Ebpf,
+    ifname: String,
+    mode: Mode,
+}
+
+impl XdpProgram {
+    /// Loads the program, sets its role and attaches it to `ifname`, in driver mode if the
+    /// driver has it, else in generic mode.
+    pub fn attach(ifname: &str, role: Role) -> Result<XdpProgram, XdpError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let config = match role {
+            Role::Underlay { local_ip, port } => XdpConfig {
+                role: ROLE_UNDERLAY,
+                local_ip: u32::from_ne_bytes(local_ip.octets()),
+                port: port.to_be(),
+                pad: 0,
+            },
+            Role::Pod => XdpConfig {
+                role: ROLE_POD,
+                ..XdpConfig::default()
+            },
+        };
+        {
+            let map = ebpf
+                .map_mut("config_map")
+                .ok_or(XdpError::MissingMap("config_map"))?;
+            let mut array: Array<&mut MapData, XdpConfig> =
+                Array::try_from(map).map_err(map_err("config_map"))?;
+            array.set(0, config, 0).map_err(map_err("config_map"))?;
+        }
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(XdpError::MissingMap(PROGRAM_NAME))?
+            .try_into()?;
+        prog.load()?;
+        let mode = match prog.attach(ifname, XdpMode::Driver) {
+            Ok(_) => Mode::Driver,
+            Err(driver) => match prog.attach(ifname, XdpMode::Skb) {
+                Ok(_) => Mode::Skb,
+                Err(skb) => {
+                    return Err(XdpError::Attach {
+                        ifname: ifname.to_string(),
+                        driver: Box::new(driver),
+                        skb: Box::new(skb),
+                    })
+                }
+            },
+        };
+        Ok(XdpProgram {
+            ebpf,
+            ifname: ifname.to_string(),
+            mode,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// Hands queue `queue`'s frames to the AF_XDP socket `socket`.
+    pub fn set_socket(&mut self, queue: u32, socket: &impl AsRawFd) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut("xsks_map")
+            .ok_or(XdpError::MissingMap("xsks_map"))?;
+        let mut xsks = XskMap::try_from(map).map_err(map_err("xsks_map"))?;
+        xsks.set(queue, socket.as_raw_fd(), 0)
+            .map_err(map_err("xsks_map"))
+    }
+
+    /// The program's counts so far, summed over CPUs.
+    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
+        let map = self
+            .ebpf
+            .map("counters")
+            .ok_or(XdpError::MissingMap("counters"))?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err("counters"))?;
+        let sum = |i: u32| -> Result<u64, XdpError> {
+            let values = array.get(&i, 0).map_err(map_err("counters"))?;
+            Ok(values.iter().sum())
+        };
+        Ok(XdpCounters {
+            redirected: sum(0)?,
+            no_socket: sum(1)?,
+            passed: sum(2)?,
+            malformed: sum(3)?,
+        })
+    }
+}

@@ -1,0 +1,20 @@
+//! Values shared with the XDP program (`ebpf/podwire_xdp.c`) through its maps.
+
+/// `struct config` of the XDP program, field for field: its role on the interface and, for the
+/// underlay, the node's address and the data port (network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpConfig {
+    pub role: u32,
+    pub local_ip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 + 2 bytes, alignment 4)
+// and every bit pattern is a valid value, which is what aya's `Pod` asks of map values.
+unsafe impl aya::Pod for XdpConfig {}
+
+/// Roles, as the program's `ROLE_*`.
+pub const ROLE_UNDERLAY: u32 = 0;
+pub const ROLE_POD: u32 = 1;

@@ -1,0 +1,127 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
+//
+// podwire's XDP program: steers what podwire owns into the AF_XDP socket of the queue it
+// arrived on and passes everything else to the kernel untouched.
+//
+// - Underlay role: IPv4 UDP addressed to the node's own address and podwire's port (VXLAN
+//   8472 or flannel udp 8285), unfragmented only (the kernel reassembles fragments). ARP, ND,
+//   SSH, other UDP, fragments: XDP_PASS.
+// - Pod role (a pod's veth host end): every IPv4 frame from the pod; ARP and IPv6 pass.
+//
+// Counters are per CPU (no atomics on the fast path); podwire sums them.
+// Built by dataplane/build.rs with `clang -O2 -g -target bpf` and embedded in the binary.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define ROLE_UNDERLAY 0
+#define ROLE_POD 1
+
+// What podwire tells the program: its role on this interface, and for the underlay the node's
+// address and the data port, both in network byte order.
+struct config {
+    __u32 role;
+    __u32 local_ip;
+    __u16 port;
+    __u16 pad;
+};
+
+enum counter {
+    // Redirected to an AF_XDP socket.
+    CNT_REDIRECTED = 0,
+    // Ours, but the queue has no socket (yet): passed to the kernel instead.
+    CNT_NO_SOCKET = 1,
+    // Not ours: passed to the kernel.
+    CNT_PASSED = 2,
+    // Too short for the headers it claims: passed (the kernel drops and counts it).
+    CNT_MALFORMED = 3,
+    CNT_MAX = 4,
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_XSKMAP);
+    __uint(max_entries, 64);
+    __type(key, __u32);
+    __type(value, __u32);
+} xsks_map SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct config);
+} config_map SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, CNT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+    __u64 *c = bpf_map_lookup_elem(&counters, &which);
+    if (c)
+        *c += 1;
+}
+
+static __always_inline int pass(__u32 why)
+{
+    count(why);
+    return XDP_PASS;
+}
+
+// Hands the frame to the queue's socket; without one, the kernel gets it (the lower bits of
+// the flags are the action when the map has no entry).
+static __always_inline int to_socket(struct xdp_md *ctx)
+{
+    __u32 queue = ctx->rx_queue_index;
+    if (!bpf_map_lookup_elem(&xsks_map, &queue))
+        return pass(CNT_NO_SOCKET);
+    count(CNT_REDIRECTED);
+    return bpf_redirect_map(&xsks_map, queue, XDP_PASS);
+}
+
+SEC("xdp")
+int podwire_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    __u32 zero = 0;
+    struct config *cfg = bpf_map_lookup_elem(&config_map, &zero);
+    if (!cfg)
+        return pass(CNT_PASSED);
+
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return pass(CNT_MALFORMED);
+    if (eth->h_proto != bpf_htons(ETH_P_IP))
+        return pass(CNT_PASSED);
+    if (cfg->role == ROLE_POD)
+        return to_socket(ctx);
+
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end)
+        return pass(CNT_MALFORMED);
+    if (ip->version != 4 || ip->ihl < 5)
+        return pass(CNT_MALFORMED);
+    if (ip->protocol != IPPROTO_UDP || ip->daddr != cfg->local_ip)
+        return pass(CNT_PASSED);
+    // Later fragments carry no UDP header: the kernel reassembles those.
+    if (ip->frag_off & bpf_htons(0x1fff | 0x2000))
+        return pass(CNT_PASSED);
+    struct udphdr *udp = (void *)ip + ip->ihl * 4;
+    if ((void *)(udp + 1) > end)
+        return pass(CNT_MALFORMED);
+    if (udp->dest != cfg->port)
+        return pass(CNT_PASSED);
+    return to_socket(ctx);
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
