@@ -20,6 +20,7 @@ pub mod tap;
 pub mod tun;
 pub mod udp;
 pub mod xdp;
+pub mod xsk;
 
 /// A device error that is not about one packet.
 #[derive(Debug, thiserror::Error)]

@@ -11,3 +11,4 @@ pub mod gro;
 pub mod mmsg;
 pub mod sockopt;
 pub mod tun;
+pub mod xsk;
