@@ -11,10 +11,11 @@
 
 use podwire_dataplane::batch::Batch;
 use podwire_dataplane::port::xdp::{Mode, Role, XdpProgram};
+use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::{RxPort, TxPort};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::Duration;
@@ -291,12 +292,7 @@ fn af_xdp_port_receives_podwires_frames_and_sends_without_leaking() {
                 .write(&mut frame, &((sent + j) as u32).to_be_bytes())
                 .unwrap();
             out.rx_slot(j)[..frame.len()].copy_from_slice(&frame);
-            out.commit_rx(
-                j,
-                frame.len(),
-                std::net::SocketAddrV4::new(local_ip, 0),
-                false,
-            );
+            out.commit_rx(j, frame.len(), SocketAddrV4::new(local_ip, 0), false);
         }
         let idx: Vec<u16> = (0..k as u16).collect();
         let r = port.tx_batch(&out, &idx);
@@ -318,4 +314,107 @@ fn af_xdp_port_receives_podwires_frames_and_sends_without_leaking() {
     assert_eq!(free, total, "UMEM send frames leaked");
     let stats = port.stats().expect("stats");
     assert_eq!(stats.rx_invalid + stats.tx_invalid, 0, "{stats:?}");
+}
+
+#[test]
+fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (a, b) = veth_pair("xul");
+    // GRO as above; checksum offload off, so the peer's frames carry full UDP checksums as
+    // on a physical wire (veth otherwise leaves them partial, which only an skb can say).
+    let gro = Command::new("ip")
+        .args(["netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on", "tx", "off"])
+        .status()
+        .expect("ethtool");
+    assert!(gro.success());
+    let local_ip = Ipv4Addr::new(10, 99, 0, 1);
+    let peer_ip = Ipv4Addr::new(10, 99, 0, 2);
+    let (mut prog, mut port) = in_netns(&a.0, move || {
+        let prog = XdpProgram::attach(
+            "xa",
+            Role::Underlay {
+                local_ip,
+                port: PORT,
+            },
+        )
+        .expect("attach");
+        let xsk = XskPort::bind("xa", 0, XskConfig::default()).expect("AF_XDP socket");
+        let mac = "02:00:00:00:0a:01".parse().unwrap();
+        (prog, XdpUnderlayPort::new(xsk, "xa", mac, local_ip, PORT))
+    });
+    prog.set_socket(0, &port.xsk().raw_fd()).expect("xsks_map");
+
+    // Receive: what a UDP socket would return, payload and sender.
+    in_netns(&b.0, move || {
+        let s = UdpSocket::bind((peer_ip, 5555)).expect("bind");
+        for i in 0..20u32 {
+            s.send_to(&i.to_be_bytes(), (local_ip, PORT)).expect("send");
+        }
+    });
+    let mut batch = Batch::new(64, 2048);
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while got < 20 && std::time::Instant::now() < deadline {
+        let n = port.rx_batch(&mut batch).expect("rx");
+        for i in 0..n {
+            assert_eq!(batch.packet(i).len(), 4, "the UDP payload alone");
+            assert_eq!(batch.meta(i).peer, SocketAddrV4::new(peer_ip, 5555));
+            got += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(got, 20);
+    assert_eq!(port.take_refused(), 0);
+
+    // Send: outer IPv4 + UDP packets, as the pipeline writes them; the port adds Ethernet
+    // with the peer's MAC from the kernel's table (in node A's namespace, so it runs there).
+    const M: u32 = 50;
+    let sink = in_netns(&b.0, move || UdpSocket::bind((peer_ip, 7777)).unwrap());
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Ok((n, from)) = sink.recv_from(&mut buf) {
+            assert_eq!(from, std::net::SocketAddr::from((local_ip, 6666)));
+            seen.insert(u32::from_be_bytes(buf[..n].try_into().unwrap()));
+            if seen.len() == M as usize {
+                break;
+            }
+        }
+        seen.len()
+    });
+    let (refused_sends, _port) = in_netns(&a.0, move || {
+        let mut out = Batch::new(64, 2048);
+        let mut refused = 0;
+        for seq in 0..M {
+            let mut pkt = Vec::new();
+            etherparse::PacketBuilder::ipv4(local_ip.octets(), peer_ip.octets(), 64)
+                .udp(6666, 7777)
+                .write(&mut pkt, &seq.to_be_bytes())
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                out.clear();
+                out.rx_slot(0)[..pkt.len()].copy_from_slice(&pkt);
+                out.commit_rx(0, pkt.len(), SocketAddrV4::new(peer_ip, 7777), false);
+                let r = port.tx_batch(&out, &[0]);
+                if r.sent == 1 || std::time::Instant::now() > deadline {
+                    break;
+                }
+                // The neighbour is being resolved by the kernel: try again shortly.
+                refused += r.failed;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            while port.xsk().flush() > 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        (refused, port)
+    });
+    assert_eq!(reader.join().expect("reader"), M as usize);
+    // Resolution takes at most a few tries, and only at the start.
+    assert!(refused_sends < 10, "{refused_sends} sends refused");
 }

@@ -14,12 +14,14 @@ use std::io;
 pub use crate::sys::mmsg::MmsgScratch;
 use std::os::fd::BorrowedFd;
 
+pub mod neighbours;
 pub mod pcap;
 pub mod raw;
 pub mod tap;
 pub mod tun;
 pub mod udp;
 pub mod xdp;
+pub mod xdp_underlay;
 pub mod xsk;
 
 /// A device error that is not about one packet.

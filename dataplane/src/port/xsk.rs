@@ -64,6 +64,15 @@ impl XskPort {
         })
     }
 
+    /// Sends frames given as a header and a body each (see [`XskSocket::send`]); returns how
+    /// many were queued.
+    pub(crate) fn send_parts<'a>(
+        &mut self,
+        frames: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> usize {
+        self.socket.send(frames)
+    }
+
     /// Kicks the kernel to send what is still queued (copy mode sends a budget per kick);
     /// returns the frames still in its hands. A worker calls it every round that it has any.
     pub fn flush(&mut self) -> usize {
@@ -96,9 +105,11 @@ impl RxPort for XskPort {
 
 impl TxPort for XskPort {
     fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
-        let sent = self
-            .socket
-            .send(indices.iter().map(|&i| batch.packet(usize::from(i))));
+        let sent = self.socket.send(
+            indices
+                .iter()
+                .map(|&i| (&[][..], batch.packet(usize::from(i)))),
+        );
         TxOutcome {
             sent,
             failed: indices.len() - sent,

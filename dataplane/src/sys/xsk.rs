@@ -194,21 +194,27 @@ impl XskSocket {
         self.tx_free.extend_from_slice(&self.completed[..n]);
     }
 
-    /// Sends each frame `frames` yields (copied into the UMEM), as many as there are free
-    /// send frames; returns how many were queued.
-    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    /// Sends each frame `frames` yields, as a header and a body copied one after the other
+    /// into a UMEM frame, as many as there are free send frames; returns how many were queued.
+    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> usize {
         self.reclaim();
         let mut queued = 0;
         let start = self.tx_free.len();
         let mut iter = frames.into_iter();
         while queued < start {
-            let Some(frame) = iter.next() else { break };
+            let Some((header, body)) = iter.next() else {
+                break;
+            };
             let desc = &mut self.tx_free[start - 1 - queued];
             // SAFETY: a free send frame: in no ring, so nothing else reads or writes it.
             let mut data = unsafe { self.umem.data_mut(desc) };
             let mut cursor = data.cursor();
             cursor.set_pos(0);
-            if cursor.write_all(frame).is_err() {
+            if cursor
+                .write_all(header)
+                .and_then(|_| cursor.write_all(body))
+                .is_err()
+            {
                 // Longer than a frame: skipped (the caller counts it from the return value).
                 continue;
             }

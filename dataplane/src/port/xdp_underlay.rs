@@ -1,0 +1,249 @@
+//! The underlay through AF_XDP: what the kernel's IP and UDP layers do for podwire's UDP
+//! socket, done here for the frames the XDP program steers to an [`XskPort`].
+//!
+//! Receive: a frame must be IPv4 with a valid header checksum, addressed to us, unfragmented,
+//! UDP to our port with a length that fits and a valid (or absent) checksum. What remains is
+//! what the UDP socket would have returned: the payload, and the sender's address and port.
+//! A frame that fails is left empty in the batch, so the pipeline counts it as truncated.
+//!
+//! Send: packets start at their outer IPv4 header (the pipeline writes outer IPv4 and UDP, as
+//! for the raw socket); this port puts the Ethernet header in front, with the next hop's MAC
+//! from the kernel's neighbour table. A packet to an unresolved neighbour is refused (counted
+//! as a send error by the worker) while the kernel is asked to resolve it.
+
+use super::neighbours::Neighbours;
+use super::xsk::XskPort;
+use super::{PortError, RxPort, TxOutcome, TxPort};
+use crate::batch::Batch;
+use crate::wire::{ethernet, ipv4, udp, IpProtocol, MacAddr};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Ethernet header length.
+const ETH: usize = 14;
+
+/// Why a received frame is not one of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NotIpv4,
+    BadIpHeader,
+    NotForUs,
+    Fragment,
+    BadUdp,
+}
+
+/// Where the UDP payload of `frame` is and who sent it, if `frame` is a datagram to
+/// `local`:`port` that the kernel's UDP socket would have accepted.
+pub fn udp_payload(
+    frame: &[u8],
+    local: Ipv4Addr,
+    port: u16,
+) -> Result<(core::ops::Range<usize>, SocketAddrV4), Refused> {
+    if frame.len() < ETH || u16::from_be_bytes([frame[12], frame[13]]) != ethernet::ethertype::IPV4
+    {
+        return Err(Refused::NotIpv4);
+    }
+    let ip = ipv4::Packet::new_checked(&frame[ETH..]).map_err(|_| Refused::BadIpHeader)?;
+    if ip.version() != 4 || !ip.verify_checksum() {
+        return Err(Refused::BadIpHeader);
+    }
+    if ip.dst() != local || ip.protocol() != IpProtocol::Udp {
+        return Err(Refused::NotForUs);
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Err(Refused::Fragment);
+    }
+    let datagram = udp::Packet::new_checked(ip.payload()).map_err(|_| Refused::BadUdp)?;
+    if datagram.dst_port() != port {
+        return Err(Refused::NotForUs);
+    }
+    if !datagram.verify_checksum(ip.src(), ip.dst()) {
+        return Err(Refused::BadUdp);
+    }
+    let start = ETH + ip.header_len() + udp::HEADER_LEN;
+    let len = usize::from(datagram.len()) - udp::HEADER_LEN;
+    Ok((
+        start..start + len,
+        SocketAddrV4::new(ip.src(), datagram.src_port()),
+    ))
+}
+
+/// An AF_XDP socket on the underlay, speaking in datagrams.
+pub struct XdpUnderlayPort {
+    xsk: XskPort,
+    local_mac: MacAddr,
+    local_ip: Ipv4Addr,
+    port: u16,
+    neighbours: Neighbours,
+    /// Frames refused on receive since the last [`XdpUnderlayPort::take_refused`].
+    refused: u64,
+    /// Send scratch: each packet's Ethernet header and index (reused, never reallocated past
+    /// a batch).
+    framed: Vec<([u8; ETH], u16)>,
+}
+
+impl XdpUnderlayPort {
+    /// `xsk` is bound to a queue of `device`, which has `local_mac` and `local_ip`; `port` is
+    /// the backend's UDP port.
+    pub fn new(
+        xsk: XskPort,
+        device: &str,
+        local_mac: MacAddr,
+        local_ip: Ipv4Addr,
+        port: u16,
+    ) -> XdpUnderlayPort {
+        XdpUnderlayPort {
+            xsk,
+            local_mac,
+            local_ip,
+            port,
+            neighbours: Neighbours::new(device, local_ip),
+            refused: 0,
+            framed: Vec::with_capacity(crate::worker::MAX_BATCH),
+        }
+    }
+
+    pub fn xsk(&mut self) -> &mut XskPort {
+        &mut self.xsk
+    }
+
+    /// Frames refused on receive since the last call.
+    pub fn take_refused(&mut self) -> u64 {
+        std::mem::take(&mut self.refused)
+    }
+}
+
+impl RxPort for XdpUnderlayPort {
+    fn rx_batch(&mut self, batch: &mut Batch) -> Result<usize, PortError> {
+        let n = self.xsk.rx_batch(batch)?;
+        for i in 0..n {
+            let (slot, meta) = batch.slot_mut(i);
+            let frame = &slot[meta.start..meta.start + meta.len];
+            match udp_payload(frame, self.local_ip, self.port) {
+                Ok((range, peer)) => {
+                    meta.start += range.start;
+                    meta.len = range.len();
+                    meta.peer = peer;
+                }
+                Err(_) => {
+                    self.refused += 1;
+                    meta.len = 0;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl TxPort for XdpUnderlayPort {
+    fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
+        self.framed.clear();
+        let mut unresolved = 0;
+        for &i in indices {
+            let pkt = batch.packet(usize::from(i));
+            let Some(dst) = pkt
+                .get(16..20)
+                .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+            else {
+                unresolved += 1;
+                continue;
+            };
+            let Some(mac) = self.neighbours.lookup(dst) else {
+                unresolved += 1;
+                continue;
+            };
+            let mut header = [0u8; ETH];
+            header[..6].copy_from_slice(&mac.0);
+            header[6..12].copy_from_slice(&self.local_mac.0);
+            header[12..].copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
+            self.framed.push((header, i));
+        }
+        let ready = self.framed.len();
+        let framed = &self.framed;
+        let sent = self.xsk.send_parts(
+            framed
+                .iter()
+                .map(|(h, i)| (&h[..], batch.packet(usize::from(*i)))),
+        );
+        TxOutcome {
+            sent,
+            failed: unresolved + (ready - sent),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = 20 + 8 + payload.len();
+        let mut ip = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
+        ip.extend_from_slice(&[10, 99, 0, 2]);
+        ip.extend_from_slice(&dst.octets());
+        let mut p = ipv4::Packet::new_unchecked(&mut ip[..]);
+        p.fill_checksum();
+        out.extend_from_slice(&ip);
+        let ulen = (8 + payload.len()) as u16;
+        out.extend_from_slice(&5555u16.to_be_bytes());
+        out.extend_from_slice(&dport.to_be_bytes());
+        out.extend_from_slice(&ulen.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn a_datagram_to_us_yields_its_payload_and_sender() {
+        let me = Ipv4Addr::new(10, 99, 0, 1);
+        let f = frame(me, 8472, b"vxlan!");
+        let (range, peer) = udp_payload(&f, me, 8472).unwrap();
+        assert_eq!(&f[range], b"vxlan!");
+        assert_eq!(peer, SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 2), 5555));
+    }
+
+    #[test]
+    fn frames_the_udp_socket_would_not_see_are_refused() {
+        let me = Ipv4Addr::new(10, 99, 0, 1);
+        let good = frame(me, 8472, b"x");
+        assert_eq!(
+            udp_payload(&frame(Ipv4Addr::new(10, 99, 0, 9), 8472, b"x"), me, 8472),
+            Err(Refused::NotForUs)
+        );
+        assert_eq!(
+            udp_payload(&frame(me, 9999, b"x"), me, 8472),
+            Err(Refused::NotForUs)
+        );
+        let mut bad_sum = good.clone();
+        bad_sum[24] ^= 1;
+        assert_eq!(udp_payload(&bad_sum, me, 8472), Err(Refused::BadIpHeader));
+        let mut arp = good.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(udp_payload(&arp, me, 8472), Err(Refused::NotIpv4));
+        for cut in 0..good.len() - 1 {
+            assert!(udp_payload(&good[..cut], me, 8472).is_err(), "cut at {cut}");
+        }
+        let mut frag = good.clone();
+        frag[20] |= 0x20; // more fragments
+        let mut p = ipv4::Packet::new_unchecked(&mut frag[14..]);
+        p.fill_checksum();
+        assert_eq!(udp_payload(&frag, me, 8472), Err(Refused::Fragment));
+        let mut bad_udp_sum = good.clone();
+        let n = bad_udp_sum.len();
+        bad_udp_sum[n - 3] = 0x12; // a checksum that does not match
+        assert_eq!(udp_payload(&bad_udp_sum, me, 8472), Err(Refused::BadUdp));
+    }
+}
