@@ -31,7 +31,9 @@ use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables};
-use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort};
+use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
+use podwire_dataplane::port::xsk::{XskConfig, XskPort};
+use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort, xdp};
 use podwire_dataplane::route::Ipv4Net;
 use podwire_dataplane::worker::{WorkerConfig, WorkerPool, WorkerPorts};
 use serde_json::json;
@@ -69,6 +71,8 @@ pub struct RunOptions {
     /// VXLAN leaves through the UDP socket (source port 8472, UDP GSO) instead of the raw
     /// socket (a source port per flow, as the kernel picks them, but no GSO).
     pub vxlan_via_socket: bool,
+    /// `--io xdp`: the underlay through AF_XDP sockets fed by podwire's XDP program.
+    pub io_xdp: bool,
     /// With `vxlan_via_socket`: source-port sockets per worker (0: send from 8472 itself).
     pub vxlan_tx_sockets: usize,
     /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
@@ -487,6 +491,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut store_services = Vec::new();
     let mut service_route = None;
     let mut direct = None;
+    // Attached for the daemon's life (`--io xdp`); dropping it detaches it.
+    let mut xdp_program: Option<xdp::XdpProgram> = None;
     let mut flows = None;
     let mut l2_handle = None;
     let capture = Arc::new(Capture::default());
@@ -495,6 +501,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut gro = false;
     let device;
     let offload;
+    if opts.io_xdp && opts.l2.is_some() {
+        bail!("--io xdp is routed (L3) mode only for now");
+    }
     if let Some(l2) = &opts.l2 {
         let Encap::Vxlan { vni, local_mac } = initial.encap else {
             bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
@@ -622,14 +631,35 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
         let bind = SocketAddrV4::new(iface.addr, port);
         let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
+        if opts.io_xdp && !vxlan {
+            bail!(
+                "--io xdp carries VXLAN only (the backend is {})",
+                config.backend.name()
+            );
+        }
+        if opts.io_xdp {
+            let role = xdp::Role::Underlay {
+                local_ip: iface.addr,
+                port,
+            };
+            let prog = xdp::XdpProgram::attach(&iface.name, role)
+                .with_context(|| format!("XDP on {}", iface.name))?;
+            tracing::info!(device = %iface.name, mode = ?prog.mode(), "XDP program attached");
+            xdp_program = Some(prog);
+        }
+        let iface_mac = if opts.io_xdp {
+            netdev::mac_of(&iface.name)?
+        } else {
+            Default::default()
+        };
         let mut ports = Vec::with_capacity(workers);
-        for tun in queues {
+        for (queue, tun) in queues.into_iter().enumerate() {
             let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
             // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
             // the raw socket (per-flow source ports) cannot use GSO.
             udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
             gro = udp.set_gro(opts.udp_gro);
-            let raw = if vxlan && !opts.vxlan_via_socket {
+            let raw = if vxlan && !opts.vxlan_via_socket && !opts.io_xdp {
                 Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
             } else {
                 None
@@ -647,10 +677,27 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     vxlan_tx.push(s);
                 }
             }
+            let xdp = match xdp_program.as_mut() {
+                Some(prog) => {
+                    let queue = queue as u32;
+                    let xsk = XskPort::bind(&iface.name, queue, XskConfig::default())?;
+                    prog.set_socket(queue, &xsk.raw_fd())?;
+                    tracing::info!(device = %iface.name, queue, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
+                    Some(XdpUnderlayPort::new(
+                        xsk,
+                        &iface.name,
+                        iface_mac,
+                        iface.addr,
+                        port,
+                    ))
+                }
+                None => None,
+            };
             ports.push(WorkerPorts {
                 tun,
                 udp,
                 raw,
+                xdp,
                 vxlan_tx,
             });
         }
@@ -725,6 +772,18 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let stats = pool.stats();
     let direct = control.direct.take();
     let stopped = pool.stop();
+    if let Some(prog) = xdp_program.take() {
+        match prog.counters() {
+            Ok(c) => tracing::info!(
+                redirected = c.redirected,
+                no_socket = c.no_socket,
+                passed = c.passed,
+                malformed = c.malformed,
+                "detaching the XDP program"
+            ),
+            Err(e) => tracing::warn!(error = %e, "reading the XDP program's counters"),
+        }
+    }
     if let Some(mut d) = direct {
         d.clear();
     }

@@ -143,8 +143,9 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
-    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro` and `podwire-vxlan-shared-queue`:
-    /// the default mode without connection tracking, without UDP GRO, without per-peer queues.
+    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro`, `podwire-vxlan-shared-queue` and
+    /// `podwire-vxlan-xdp`: the default mode without connection tracking, without UDP GRO,
+    /// without per-peer queues, and with the underlay through AF_XDP.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
     /// Results as JSON.
@@ -248,6 +249,12 @@ struct RunArgs {
     /// and cannot starve the others. Routed (L3) mode.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     peer_queues: String,
+    /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
+    /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN only; worker i owns
+    /// queue i; the program passes everything that is not podwire's to the kernel and is
+    /// detached on exit). Pods still reach podwire through the TUN device.
+    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
+    io: String,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
     /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
     /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
@@ -430,6 +437,10 @@ struct LabArgs {
     /// `podwire run --conntrack` on the podwire nodes.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     conntrack: String,
+    /// `podwire run --io` on the podwire nodes: `xdp` puts the underlay through AF_XDP
+    /// (VXLAN; every node's port then finishes its own checksums, as on a physical wire).
+    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
+    io: String,
     /// `podwire run --peer-queues` on the podwire nodes (`off` shows what the flooding-peer
     /// check of a 3-node lab looks like without them: it fails).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -529,7 +540,8 @@ fn main() -> Result<()> {
                 tun_offload: a.tun_offload == "on",
                 udp_gso: a.udp_gso == "on",
                 udp_gro: a.udp_gro == "on",
-                vxlan_via_socket: a.vxlan_tx == "socket",
+                vxlan_via_socket: a.vxlan_tx == "socket" && a.io != "xdp",
+                io_xdp: a.io == "xdp",
                 vxlan_tx_sockets: usize::from(a.vxlan_tx_sockets),
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
@@ -600,6 +612,7 @@ fn main() -> Result<()> {
                 l2: a.mode == "l2",
                 udp_gro: true,
                 peer_queues: a.peer_queues == "on",
+                io_xdp: a.io == "xdp",
                 soak_seconds: a.soak,
                 soak_pps: a.soak_pps.max(1),
             })?;

@@ -29,6 +29,8 @@ pub enum NetdevError {
     },
     #[error("cannot run `ip`: {0} (install iproute2)")]
     Spawn(std::io::Error),
+    #[error("cannot read the MAC address of {iface}: {detail}")]
+    Mac { iface: String, detail: String },
 }
 
 /// The underlay interface.
@@ -39,6 +41,19 @@ pub struct Iface {
     /// The interface's own subnet (address and netmask): the peers it reaches without a gateway.
     pub net: Ipv4Net,
     pub mtu: u32,
+}
+
+/// The MAC address of device `name`.
+pub fn mac_of(name: &str) -> Result<podwire_dataplane::wire::MacAddr, NetdevError> {
+    let path = format!("/sys/class/net/{name}/address");
+    let err = |detail: String| NetdevError::Mac {
+        iface: name.to_string(),
+        detail,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{path}: {e}")))?;
+    text.trim()
+        .parse()
+        .map_err(|_| err(format!("{path}: {:?}", text.trim())))
 }
 
 fn ipv4_addrs() -> Result<Vec<(String, Ipv4Addr, u8)>, NetdevError> {

@@ -16,6 +16,7 @@ use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
 use crate::port::raw::RawIpPort;
 use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
+use crate::port::xdp_underlay::XdpUnderlayPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::sys;
@@ -42,6 +43,7 @@ pub const MAX_BATCH: usize = 256;
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 const WAKE: Token = Token(2);
+const XDP: Token = Token(3);
 /// Conntrack slots each worker examines for expiry per round.
 const GC_SLOTS_PER_ROUND: usize = 32;
 /// Rounds between samples of the kernel's drop counters while busy (one getsockopt per
@@ -101,6 +103,11 @@ pub struct WorkerPorts {
     /// UDP source port. None for flannel udp, and for VXLAN sent through `udp` instead (from
     /// our port 8472, with UDP GSO): the outer IP and UDP headers are then left to the kernel.
     pub raw: Option<RawIpPort>,
+    /// `--io xdp`: an AF_XDP socket on the underlay device's queue, which receives what the
+    /// XDP program steers to it and sends what `raw` would (packets with the outer IPv4 and
+    /// UDP headers the pipeline wrote), with Ethernet in front. `udp` still receives what the
+    /// program passes to the kernel (a queue without a socket, fragments).
+    pub xdp: Option<XdpUnderlayPort>,
     /// With `raw` None and VXLAN: sockets on different source ports that VXLAN leaves
     /// through, with UDP GSO, each inner flow on one of them (by its flow hash), so flows
     /// still spread over the underlay's paths and a receiver's queues. Empty: VXLAN leaves
@@ -160,12 +167,16 @@ impl WorkerPool {
             fault: FaultPoint::new(),
         };
         let workers = ports.len();
-        for (id, ports) in ports.into_iter().enumerate() {
+        for (id, mut ports) in ports.into_iter().enumerate() {
             let poll = Poll::new().map_err(|source| WorkerError::Poll { worker: id, source })?;
             let reg = poll.registry();
             let register = |fd, token| reg.register(&mut SourceFd(&fd), token, Interest::READABLE);
             register(ports.tun.raw_fd(), TUN)
                 .and_then(|_| register(ports.udp.raw_fd(), UDP))
+                .and_then(|_| match ports.xdp.as_mut() {
+                    Some(x) => register(x.xsk().raw_fd(), XDP),
+                    None => Ok(()),
+                })
                 .map_err(|source| WorkerError::Poll { worker: id, source })?;
             let waker =
                 Waker::new(reg, WAKE).map_err(|source| WorkerError::Poll { worker: id, source })?;
@@ -315,7 +326,7 @@ impl Dispatch {
                     self.to_underlay[self.n_underlay] = i as u16;
                     self.n_underlay += 1;
                 }
-                Verdict::ToUnderlayIp(peer) if ports.raw.is_none() => {
+                Verdict::ToUnderlayIp(peer) if ports.raw.is_none() && ports.xdp.is_none() => {
                     // Through the UDP socket: hand it the datagram's payload (VXLAN onwards) and
                     // the peer's port from the outer UDP header the pipeline wrote.
                     let (slot, meta) = batch.slot_mut(i);
@@ -372,9 +383,10 @@ impl Dispatch {
         }
         if self.n_raw > 0 {
             let to_raw = &self.to_raw[..self.n_raw];
-            let out = match ports.raw.as_mut() {
-                Some(raw) => raw.tx_batch(batch, to_raw),
-                None => TxOutcome {
+            let out = match (ports.xdp.as_mut(), ports.raw.as_mut()) {
+                (Some(xdp), _) => xdp.tx_batch(batch, to_raw),
+                (None, Some(raw)) => raw.tx_batch(batch, to_raw),
+                (None, None) => TxOutcome {
                     sent: 0,
                     failed: to_raw.len(),
                 },
@@ -412,6 +424,8 @@ impl Worker {
             .peer_queues
             .then(|| PeerQueues::new(id, self.workers));
         let mut shared_drops_seen = self.ports.udp.rx_drops();
+        // The tables whose peers the AF_XDP port last resolved.
+        let mut xdp_primed: *const Tables = std::ptr::null();
         let mut rounds = 0u32;
         while !self.shutdown.load(Ordering::Acquire) {
             self.fault.check(id);
@@ -419,6 +433,19 @@ impl Worker {
             if let Some(p) = peers.as_mut().filter(|p| p.stale(&tables)) {
                 let done = p.sync(&tables, &self.ports.udp, self.poll.registry());
                 local.add(Counter::PeerSocketErrors, done.failed as u64);
+            }
+            if let Some(x) = self.ports.xdp.as_mut() {
+                if !std::ptr::eq(xdp_primed, Arc::as_ptr(&tables)) {
+                    xdp_primed = Arc::as_ptr(&tables);
+                    let me = tables.local.public_ip;
+                    x.prime(
+                        tables
+                            .map
+                            .nodes()
+                            .map(|n| n.public_ip)
+                            .filter(|&ip| ip != me),
+                    );
+                }
             }
             // Connection-tracking time, read once per round (milliseconds).
             let now = epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
@@ -440,6 +467,13 @@ impl Worker {
                 capture,
             };
             underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+            let mut n_xdp = 0;
+            if let Some(x) = ports.xdp.as_mut() {
+                // Frames the kernel still holds to send need a kick in copy mode.
+                x.xsk().flush();
+                n_xdp = x.rx_batch(&mut from_udp).map_err(port_err)?;
+                underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+            }
             let mut n_peers = 0;
             if let Some(p) = peers.as_mut().filter(|p| p.any()) {
                 // Which peer queues have datagrams: epoll, without waiting.
@@ -457,7 +491,7 @@ impl Worker {
                     .map_err(port_err)?;
             }
             drop(tables);
-            let idle = n_tun + n_udp + n_peers == 0;
+            let idle = n_tun + n_udp + n_xdp + n_peers == 0;
             if let Some(f) = flows.filter(|_| !idle || last_work.elapsed() >= self.config.busy_poll)
             {
                 // Incremental expiry: a slice of one shard per busy round and before each sleep.

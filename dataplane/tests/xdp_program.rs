@@ -270,9 +270,13 @@ fn af_xdp_port_receives_podwires_frames_and_sends_without_leaking() {
     let reader = std::thread::spawn(move || {
         let mut got = vec![false; M];
         let mut buf = [0u8; 64];
+        let mut last = None;
         while let Ok(n) = sink.recv(&mut buf) {
             assert_eq!(n, 4);
-            got[u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize] = true;
+            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            assert!(last < Some(seq), "{seq} after {last:?}: frames reordered");
+            last = Some(seq);
+            got[seq as usize] = true;
             if got.iter().all(|&g| g) {
                 break;
             }
@@ -326,7 +330,9 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
     // GRO as above; checksum offload off, so the peer's frames carry full UDP checksums as
     // on a physical wire (veth otherwise leaves them partial, which only an skb can say).
     let gro = Command::new("ip")
-        .args(["netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on", "tx", "off"])
+        .args([
+            "netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on", "tx", "off",
+        ])
         .status()
         .expect("ethtool");
     assert!(gro.success());

@@ -232,9 +232,15 @@ pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
         if names.dir.join(format!("n{i}/ctl.sock")).exists() {
             left.push(format!("n{i}: ctl socket"));
         }
+        // `--io xdp`: the XDP program is detached (its link closes with the process).
+        let (_, eth0) = netns::output_in(&ns, &["ip", "-d", "link", "show", "eth0"])?;
+        if eth0.contains("prog/xdp") {
+            left.push(format!("n{i}: an XDP program on eth0"));
+        }
     }
     Ok(Check {
-        name: "SIGTERM leaves no device, route, nftables table or socket behind".into(),
+        name: "SIGTERM leaves no device, route, XDP program, nftables table or socket behind"
+            .into(),
         ok: left.is_empty(),
         detail: if left.is_empty() {
             format!("{} nodes clean", opts.podwire_nodes().len())

@@ -77,6 +77,8 @@ pub struct LabOptions {
     pub udp_gro: bool,
     /// Per-peer receive queues on the podwire nodes (`--peer-queues`).
     pub peer_queues: bool,
+    /// `--io xdp` on the podwire nodes: the underlay through AF_XDP (VXLAN).
+    pub io_xdp: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
     pub l2: bool,
 }
@@ -347,6 +349,15 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
     };
     for i in 1..=opts.nodes {
         attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
+        if opts.io_xdp {
+            // AF_XDP sees frames as they are on the wire, with no skb to say a checksum was
+            // left to offload: make every node's port finish its checksums, as a physical
+            // wire carries them (veth leaves them partial otherwise).
+            netns::exec_in(
+                &res.ns(&format!("n{i}")),
+                &["ethtool", "-K", "eth0", "tx", "off"],
+            )?;
+        }
     }
     if opts.vxlan() && !opts.l2 && !opts.is_kernel_node(1) {
         // Node 1 was a flanneld vxlan node: its flannel.1 is still there, up, holding the name
@@ -490,6 +501,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     }
     if !opts.peer_queues {
         cmd.args(["--peer-queues", "off"]);
+    }
+    if opts.io_xdp {
+        cmd.args(["--io", "xdp"]);
     }
     if opts.services && !opts.etcd {
         cmd.args([

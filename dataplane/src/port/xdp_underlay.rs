@@ -106,6 +106,14 @@ impl XdpUnderlayPort {
         &mut self.xsk
     }
 
+    /// Asks for the next hops of `peers` now, so the first packet to each finds its MAC
+    /// (the kernel would queue a few packets while resolving; this port refuses them).
+    pub fn prime(&mut self, peers: impl IntoIterator<Item = Ipv4Addr>) {
+        for ip in peers {
+            let _ = self.neighbours.lookup(ip);
+        }
+    }
+
     /// Frames refused on receive since the last call.
     pub fn take_refused(&mut self) -> u64 {
         std::mem::take(&mut self.refused)

@@ -64,6 +64,8 @@ pub struct XskSocket {
     rx_taken: Vec<FrameDesc>,
     /// Completion scratch.
     completed: Vec<FrameDesc>,
+    /// Send scratch: the frames of one send, in order.
+    staged: Vec<FrameDesc>,
     half: usize,
     zero_copy: bool,
     template: FrameDesc,
@@ -137,6 +139,7 @@ impl XskSocket {
             tx_free,
             rx_taken,
             completed: Vec::with_capacity(half),
+            staged: Vec::with_capacity(half),
             half,
             zero_copy,
             template,
@@ -198,16 +201,14 @@ impl XskSocket {
     /// into a UMEM frame, as many as there are free send frames; returns how many were queued.
     pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> usize {
         self.reclaim();
-        let mut queued = 0;
-        let start = self.tx_free.len();
-        let mut iter = frames.into_iter();
-        while queued < start {
-            let Some((header, body)) = iter.next() else {
+        // Frames take free descriptors in the order they come, so the TX ring keeps their order.
+        self.staged.clear();
+        for (header, body) in frames {
+            let Some(mut desc) = self.tx_free.pop() else {
                 break;
             };
-            let desc = &mut self.tx_free[start - 1 - queued];
             // SAFETY: a free send frame: in no ring, so nothing else reads or writes it.
-            let mut data = unsafe { self.umem.data_mut(desc) };
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
             let mut cursor = data.cursor();
             cursor.set_pos(0);
             if cursor
@@ -216,17 +217,19 @@ impl XskSocket {
                 .is_err()
             {
                 // Longer than a frame: skipped (the caller counts it from the return value).
+                self.tx_free.push(desc);
                 continue;
             }
-            queued += 1;
+            self.staged.push(desc);
         }
-        if queued == 0 {
+        if self.staged.is_empty() {
             return 0;
         }
-        let first = start - queued;
-        // SAFETY: the last `queued` free frames were just written and are in no ring.
-        let sent = unsafe { self.tx.produce(&self.tx_free[first..start]) };
-        self.tx_free.truncate(start - sent);
+        // SAFETY: the staged frames were just written and are in no ring.
+        let sent = unsafe { self.tx.produce(&self.staged) };
+        // The TX ring is as large as the send half, so it takes them all; were it ever to
+        // refuse, the frames go back to the free list rather than leak.
+        self.tx_free.extend_from_slice(&self.staged[sent..]);
         // Copy mode sends only on a wakeup, whatever the ring's need-wakeup flag says.
         if self.tx.needs_wakeup() || !self.zero_copy {
             let _ = self.tx.wakeup();
