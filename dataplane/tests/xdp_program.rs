@@ -189,6 +189,32 @@ fn veth_pair(tag: &str) -> (Netns, Netns) {
     (a, b)
 }
 
+/// Sets `xb` (in `b`) up as the sending peer: GRO on, since native XDP redirects on veth
+/// arrive only if the sender has GRO (or XDP), and `extra` ethtool features.
+fn peer_features(b: &Netns, extra: &[&str]) {
+    let mut args = vec!["netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on"];
+    args.extend_from_slice(extra);
+    let status = Command::new("ip").args(&args).status().expect("ethtool");
+    assert!(status.success(), "ethtool {extra:?}");
+}
+
+/// In namespace `a`: the XDP program on `xa` as the underlay of 10.99.0.1:PORT, and an
+/// AF_XDP socket on its queue 0, in the program's map.
+fn xdp_with_socket(a: &Netns) -> (XdpProgram, XskPort) {
+    let local_ip = Ipv4Addr::new(10, 99, 0, 1);
+    let (mut prog, port) = in_netns(&a.0, move || {
+        let role = Role::Underlay {
+            local_ip,
+            port: PORT,
+        };
+        let prog = XdpProgram::attach("xa", role).expect("attach");
+        let port = XskPort::bind("xa", 0, XskConfig::default()).expect("AF_XDP socket");
+        (prog, port)
+    });
+    prog.set_socket(0, &port.raw_fd()).expect("xsks_map");
+    (prog, port)
+}
+
 #[test]
 fn af_xdp_port_receives_podwires_frames_and_sends_without_leaking() {
     if !is_root() {
@@ -196,28 +222,13 @@ fn af_xdp_port_receives_podwires_frames_and_sends_without_leaking() {
         return;
     }
     let (a, b) = veth_pair("xsk");
-    // Native XDP redirects on veth arrive only if the sending peer has GRO (or XDP) on.
-    let gro = Command::new("ip")
-        .args(["netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on"])
-        .status()
-        .expect("ethtool");
-    assert!(gro.success());
+    peer_features(&b, &[]);
     let local_ip = Ipv4Addr::new(10, 99, 0, 1);
-    let (mut prog, mut port, kernel_sock) = in_netns(&a.0, move || {
-        let prog = XdpProgram::attach(
-            "xa",
-            Role::Underlay {
-                local_ip,
-                port: PORT,
-            },
-        )
-        .expect("attach");
-        let port = XskPort::bind("xa", 0, XskConfig::default()).expect("AF_XDP socket");
-        let kernel_sock = UdpSocket::bind((local_ip, PORT)).expect("bind 8472");
-        (prog, port, kernel_sock)
+    let (prog, mut port) = xdp_with_socket(&a);
+    let kernel_sock = in_netns(&a.0, move || {
+        UdpSocket::bind((local_ip, PORT)).expect("bind")
     });
     assert!(!port.zero_copy(), "veth is copy mode only");
-    prog.set_socket(0, &port.raw_fd()).expect("xsks_map");
 
     // 100 datagrams to podwire's port: all on the AF_XDP socket, none on the kernel's.
     const N: usize = 100;
@@ -327,31 +338,17 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
         return;
     }
     let (a, b) = veth_pair("xul");
-    // GRO as above; checksum offload off, so the peer's frames carry full UDP checksums as
-    // on a physical wire (veth otherwise leaves them partial, which only an skb can say).
-    let gro = Command::new("ip")
-        .args([
-            "netns", "exec", &b.0, "ethtool", "-K", "xb", "gro", "on", "tx", "off",
-        ])
-        .status()
-        .expect("ethtool");
-    assert!(gro.success());
+    // Checksum offload off, so the peer's frames carry full UDP checksums as on a physical
+    // wire (veth otherwise leaves them partial, which only an skb can say).
+    peer_features(&b, &["tx", "off"]);
     let local_ip = Ipv4Addr::new(10, 99, 0, 1);
     let peer_ip = Ipv4Addr::new(10, 99, 0, 2);
-    let (mut prog, mut port) = in_netns(&a.0, move || {
-        let prog = XdpProgram::attach(
-            "xa",
-            Role::Underlay {
-                local_ip,
-                port: PORT,
-            },
-        )
-        .expect("attach");
-        let xsk = XskPort::bind("xa", 0, XskConfig::default()).expect("AF_XDP socket");
+    let (_prog, xsk) = xdp_with_socket(&a);
+    // The port resolves next hops from the namespace it is made in.
+    let mut port = in_netns(&a.0, move || {
         let mac = "02:00:00:00:0a:01".parse().unwrap();
-        (prog, XdpUnderlayPort::new(xsk, "xa", mac, local_ip, PORT))
+        XdpUnderlayPort::new(xsk, "xa", mac, local_ip, PORT)
     });
-    prog.set_socket(0, &port.xsk().raw_fd()).expect("xsks_map");
 
     // Receive: what a UDP socket would return, payload and sender.
     in_netns(&b.0, move || {

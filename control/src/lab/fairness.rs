@@ -8,13 +8,10 @@
 
 use super::{netns, pod_ip, traffic, underlay_ip, vtep_mac, Check, LabOptions, Names};
 use anyhow::Result;
-use podwire_dataplane::batch::Batch;
 use podwire_dataplane::port::udp::UdpPort;
-use podwire_dataplane::port::{MmsgScratch, RxPort};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PORT: u16 = 5207;
 const FLOOD: Duration = Duration::from_secs(3);
@@ -78,23 +75,7 @@ fn flood(
         })?;
         let datagram = datagram.clone();
         threads.push(std::thread::spawn(move || {
-            const BATCH: usize = 64;
-            let mut batch = Batch::new(BATCH, 2048);
-            for i in 0..BATCH {
-                batch.rx_slot(i)[..datagram.len()].copy_from_slice(&datagram);
-                batch.commit_rx(i, datagram.len(), to, false);
-            }
-            let indices: Vec<u16> = (0..BATCH as u16).collect();
-            let mut scratch = MmsgScratch::new(BATCH);
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while start.elapsed() < duration {
-                match scratch.send(sock.as_fd(), &batch, &indices) {
-                    Ok(n) => sent += n as u64,
-                    Err(_) => std::thread::yield_now(),
-                }
-            }
-            Ok(sent)
+            Ok(traffic::blast_from(&sock, &datagram, to, duration))
         }));
     }
     Ok(threads)
@@ -111,55 +92,19 @@ fn run(r: &Names, opts: &LabOptions) -> Result<Outcome> {
             16 << 20,
         )?)
     })?;
-    let receiver = std::thread::spawn(move || {
-        let mut sink = sink;
-        let mut seen = vec![false; total as usize];
-        let mut received = 0u64;
-        let mut batch = Batch::new(64, 2048);
-        let mut idle_since = Instant::now();
-        while idle_since.elapsed() < Duration::from_secs(2) {
-            let n = sink.rx_batch(&mut batch).unwrap_or(0);
-            if n == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            idle_since = Instant::now();
-            for i in 0..n {
-                let d = batch.packet(i);
-                let Some(seq) = d
-                    .get(..8)
-                    .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
-                else {
-                    continue;
-                };
-                if let Some(s) = seen.get_mut(seq as usize).filter(|s| !**s) {
-                    *s = true;
-                    received += 1;
-                }
-            }
-        }
-        received
-    });
+    let receiver =
+        std::thread::spawn(move || traffic::receive_seq(sink, total, Duration::from_secs(2)));
     let flooder = flood(r, opts, FLOOD + Duration::from_millis(500))?;
     // Let the flood build up before node 2's stream starts.
     std::thread::sleep(Duration::from_millis(250));
     let sender = netns::spawn_in(&r.ns("p2"), move || {
-        let s = UdpSocket::bind((pod_ip(2), 0))?;
-        let to = SocketAddrV4::new(pod_ip(1), PORT);
-        let mut buf = [0x5au8; 200];
-        let started = Instant::now();
-        let mut seq = 0u64;
-        while seq < total {
-            let due = (started.elapsed().as_secs_f64() * f64::from(PPS)) as u64;
-            while seq < due.min(total) {
-                buf[..8].copy_from_slice(&seq.to_be_bytes());
-                if s.send_to(&buf, to).is_ok() {
-                    seq += 1;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(seq)
+        traffic::paced_seq_send(
+            SocketAddrV4::new(pod_ip(2), 0),
+            SocketAddrV4::new(pod_ip(1), PORT),
+            PPS,
+            total,
+            200,
+        )
     });
     let sent = netns::join(sender)?;
     let mut flood_sent = 0;
@@ -168,7 +113,8 @@ fn run(r: &Names, opts: &LabOptions) -> Result<Outcome> {
     }
     let received = receiver
         .join()
-        .map_err(|_| anyhow::anyhow!("fairness receiver panicked"))?;
+        .map_err(|_| anyhow::anyhow!("fairness receiver panicked"))?
+        .received;
     Ok(Outcome {
         flood_sent,
         sent,

@@ -5,12 +5,10 @@
 //! duplicates and reordering are exact. The figures: rate, duration, loss, RSS of each podwire
 //! daemon at the start (after a 5 s warm-up) and at the end, and open descriptors at both ends.
 
-use super::{netns, pod_ip, Check, Names};
+use super::{netns, pod_ip, traffic, Check, Names};
 use anyhow::Result;
-use podwire_dataplane::batch::Batch;
 use podwire_dataplane::port::udp::UdpPort;
-use podwire_dataplane::port::RxPort;
-use std::net::{SocketAddrV4, UdpSocket};
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 5206;
@@ -103,59 +101,16 @@ pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Resul
             16 << 20,
         )?)
     })?;
-    let receiver = std::thread::spawn(move || {
-        let mut sink = sink;
-        let mut seen = vec![false; total as usize];
-        let (mut received, mut duplicates, mut reordered, mut last) = (0u64, 0u64, 0u64, 0u64);
-        let mut batch = Batch::new(64, 2048);
-        let mut idle_since = Instant::now();
-        while idle_since.elapsed() < Duration::from_secs(2) {
-            let n = sink.rx_batch(&mut batch).unwrap_or(0);
-            if n == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            idle_since = Instant::now();
-            for i in 0..n {
-                let d = batch.packet(i);
-                if d.len() < 8 {
-                    continue;
-                }
-                let seq = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
-                match seen.get_mut(seq as usize) {
-                    Some(s) if *s => duplicates += 1,
-                    Some(s) => {
-                        *s = true;
-                        received += 1;
-                        if seq < last {
-                            reordered += 1;
-                        }
-                        last = seq;
-                    }
-                    None => duplicates += 1,
-                }
-            }
-        }
-        (received, duplicates, reordered)
-    });
+    let receiver =
+        std::thread::spawn(move || traffic::receive_seq(sink, total, Duration::from_secs(2)));
     let sender = netns::spawn_in(&r.ns("p1"), move || {
-        let s = UdpSocket::bind((pod_ip(1), 0))?;
-        let to = SocketAddrV4::new(pod_ip(2), PORT);
-        let mut buf = [0x5au8; PAYLOAD];
-        let started = Instant::now();
-        let mut seq = 0u64;
-        while seq < total {
-            // Paced per millisecond: what should have left by now, leaves now.
-            let due = (started.elapsed().as_secs_f64() * f64::from(pps)) as u64;
-            while seq < due.min(total) {
-                buf[..8].copy_from_slice(&seq.to_be_bytes());
-                if s.send_to(&buf, to).is_ok() {
-                    seq += 1;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(seq)
+        traffic::paced_seq_send(
+            SocketAddrV4::new(pod_ip(1), 0),
+            SocketAddrV4::new(pod_ip(2), PORT),
+            pps,
+            total,
+            PAYLOAD,
+        )
     });
     let started = Instant::now();
     let mut samples: Vec<Vec<(u64, usize)>> = vec![Vec::new(); daemons.len()];
@@ -174,7 +129,11 @@ pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Resul
         }
     }
     let sent = netns::join(sender)?;
-    let (received, duplicates, reordered) = receiver
+    let traffic::SeqReceived {
+        received,
+        duplicates,
+        reordered,
+    } = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("soak receiver panicked"))?;
     let base = baseline.unwrap_or_else(|| samples.iter().map(|s| s[0]).collect());

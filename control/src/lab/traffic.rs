@@ -379,16 +379,22 @@ pub struct UdpRate {
 /// Bench source: datagrams of `ip_len` bytes (IP header included) to `dst` for `duration`,
 /// 64 per sendmmsg call, so the sender itself is not what limits the rate.
 pub fn udp_blast(dst: SocketAddrV4, ip_len: usize, duration: Duration) -> Result<u64> {
+    let payload = vec![0x5a; ip_len.saturating_sub(28).max(1)];
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    Ok(blast_from(&sock, &payload, dst, duration))
+}
+
+/// Sends `datagram` from `sock` to `dst` as fast as it goes, 64 per sendmmsg call, for
+/// `duration`; returns how many left.
+pub fn blast_from(sock: &UdpSocket, datagram: &[u8], dst: SocketAddrV4, duration: Duration) -> u64 {
     use podwire_dataplane::batch::Batch;
     use podwire_dataplane::port::MmsgScratch;
     use std::os::fd::AsFd;
     const BATCH: usize = 64;
-    let payload = ip_len.saturating_sub(28).max(1);
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     let mut batch = Batch::new(BATCH, 2048);
     for i in 0..BATCH {
-        batch.rx_slot(i)[..payload].fill(0x5a);
-        batch.commit_rx(i, payload, dst, false);
+        batch.rx_slot(i)[..datagram.len()].copy_from_slice(datagram);
+        batch.commit_rx(i, datagram.len(), dst, false);
     }
     let indices: Vec<u16> = (0..BATCH as u16).collect();
     let mut scratch = MmsgScratch::new(BATCH);
@@ -401,7 +407,88 @@ pub fn udp_blast(dst: SocketAddrV4, ip_len: usize, duration: Duration) -> Result
             Err(_) => std::thread::yield_now(),
         }
     }
-    Ok(sent)
+    sent
+}
+
+/// Sends `total` datagrams of `len` bytes from `from` to `to` at `pps`, each starting with its
+/// sequence number (8 bytes, big-endian), paced per millisecond. Returns how many left.
+pub fn paced_seq_send(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    pps: u32,
+    total: u64,
+    len: usize,
+) -> Result<u64> {
+    let s = UdpSocket::bind(from)?;
+    let mut buf = vec![0x5au8; len.max(8)];
+    let started = Instant::now();
+    let mut seq = 0u64;
+    while seq < total {
+        // What should have left by now, leaves now.
+        let due = (started.elapsed().as_secs_f64() * f64::from(pps)) as u64;
+        while seq < due.min(total) {
+            buf[..8].copy_from_slice(&seq.to_be_bytes());
+            if s.send_to(&buf, to).is_ok() {
+                seq += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(seq)
+}
+
+/// What a sequence-numbered stream delivered: each number counted once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SeqReceived {
+    pub received: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+}
+
+/// Receives a [`paced_seq_send`] stream of `total` datagrams on `sink` (recvmmsg, so a
+/// receiver descheduled for a while loses nothing by itself) until none came for `idle`.
+pub fn receive_seq(
+    mut sink: podwire_dataplane::port::udp::UdpPort,
+    total: u64,
+    idle: Duration,
+) -> SeqReceived {
+    use podwire_dataplane::batch::Batch;
+    use podwire_dataplane::port::RxPort;
+    let mut seen = vec![false; total as usize];
+    let mut r = SeqReceived::default();
+    let mut last = 0u64;
+    let mut batch = Batch::new(64, 2048);
+    let mut idle_since = Instant::now();
+    while idle_since.elapsed() < idle {
+        let n = sink.rx_batch(&mut batch).unwrap_or(0);
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        idle_since = Instant::now();
+        for i in 0..n {
+            let Some(seq) = batch
+                .packet(i)
+                .get(..8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+            else {
+                continue;
+            };
+            match seen.get_mut(seq as usize) {
+                Some(s) if *s => r.duplicates += 1,
+                Some(s) => {
+                    *s = true;
+                    r.received += 1;
+                    if seq < last {
+                        r.reordered += 1;
+                    }
+                    last = seq;
+                }
+                None => r.duplicates += 1,
+            }
+        }
+    }
+    r
 }
 
 /// Bench sink: counts datagrams on `sock` until none came for `idle` (after the first) or
