@@ -683,13 +683,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     let xsk = XskPort::bind(&iface.name, queue, XskConfig::default())?;
                     prog.set_socket(queue, &xsk.raw_fd())?;
                     tracing::info!(device = %iface.name, queue, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
-                    Some(XdpUnderlayPort::new(
-                        xsk,
-                        &iface.name,
-                        iface_mac,
-                        iface.addr,
-                        port,
-                    ))
+                    // Until a next hop is resolved, the kernel sends (and resolves) for us.
+                    let fallback = RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?;
+                    Some(
+                        XdpUnderlayPort::new(xsk, &iface.name, iface_mac, iface.addr, port)
+                            .with_fallback(fallback),
+                    )
                 }
                 None => None,
             };

@@ -255,7 +255,12 @@ fn test_watch_sees_flanneld_leases_deletions_and_survives_outage() {
     etcd.put(&format!("{PREFIX}/config"), UDP_CONF).unwrap();
     let mut s = store(&etcd);
     s.config().unwrap();
-    s.acquire(&request(UDP_CONF, "192.168.0.1", None)).unwrap();
+    // Our own lease where the leases written below cannot collide with it (a random pick
+    // landed on 10.244.60.0/24 once, and the expiring lease then replaced ours).
+    let own = s
+        .acquire(&request(UDP_CONF, "192.168.0.1", Some("10.244.1.0/24")))
+        .unwrap();
+    assert_eq!(own.subnet.to_string(), "10.244.1.0/24");
     assert_eq!(s.leases().unwrap().len(), 1);
     let vxlan_key = format!("{PREFIX}/subnets/10.244.50.0-24");
     // Written exactly as flanneld's vxlan backend writes it, with a 24 h etcd lease.

@@ -289,6 +289,56 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
 }
 
 #[test]
+fn vxlan_over_af_xdp_with_a_kernel_flannel_node() {
+    let Some(_slot) = lab_slot() else { return };
+    // Node 1 podwire with `--io xdp`, node 2 the kernel's flannel.1: ping, TCP with SHA-256
+    // both ways, node 1's host still reachable on the XDP interface, and no program left
+    // after SIGTERM. (The restart checks need a second podwire node: the test below.)
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "2",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--io",
+        "xdp",
+        "--transfer-mb",
+        "50",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(
+        check(&report, "with XDP on node 1's interface")["ok"],
+        true,
+        "host reachable beside XDP"
+    );
+    assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
+}
+
+#[test]
+fn vxlan_two_podwire_nodes_over_af_xdp() {
+    let Some(_slot) = lab_slot() else { return };
+    // Both nodes `--io xdp`: every lab check, the SIGKILL restart and the worker panic among
+    // them (the next start attaches again: nothing stale was left).
+    let (report, text) = run_lab(&[
+        "--nodes",
+        "2",
+        "--backend",
+        "vxlan",
+        "--io",
+        "xdp",
+        "--transfer-mb",
+        "50",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(
+        check(&report, "SIGTERM leaves no device, route, XDP program")["ok"],
+        true,
+        "no XDP program left"
+    );
+}
+
+#[test]
 fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
     let Some(_slot) = lab_slot() else { return };
     // Node 1 podwire, node 2 kernel, both with DirectRouting on one L2 subnet.

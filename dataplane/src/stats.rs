@@ -41,10 +41,12 @@ pub enum Counter {
     PeerQueueFull,
     /// Per-peer sockets that could not be made (their peers use the shared socket).
     PeerSocketErrors,
+    /// `--io xdp`: packets sent through the kernel because their next hop was not resolved.
+    XdpViaKernel,
 }
 
 impl Counter {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -63,6 +65,7 @@ impl Counter {
         Counter::UnderlayQueueFull,
         Counter::PeerQueueFull,
         Counter::PeerSocketErrors,
+        Counter::XdpViaKernel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +87,7 @@ impl Counter {
             Counter::UnderlayQueueFull => "underlay_queue_full",
             Counter::PeerQueueFull => "peer_queue_full",
             Counter::PeerSocketErrors => "peer_socket_errors",
+            Counter::XdpViaKernel => "xdp_via_kernel",
         }
     }
 }

@@ -509,6 +509,9 @@ impl Worker {
                 if let Some(p) = peers.as_mut() {
                     local.add(Counter::PeerQueueFull, p.take_kernel_drops());
                 }
+                if let Some(x) = self.ports.xdp.as_mut() {
+                    local.add(Counter::XdpViaKernel, x.take_via_kernel());
+                }
             }
             if !idle {
                 self.stats.flush(&mut local);

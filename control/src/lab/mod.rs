@@ -31,7 +31,8 @@ use podwire_dataplane::pipeline::DropReason;
 use podwire_dataplane::stats::{Counter, LocalStats};
 use podwire_dataplane::wire::MacAddr;
 use serde_json::json;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -872,6 +873,41 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
 }
 
 /// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
+/// `--io xdp`: node 1's own address still answers on the interface podwire's XDP program sits
+/// on: a ping from node 2, and a TCP connection to a port podwire does not own.
+fn xdp_host_check(res: &Names) -> Result<Check> {
+    const PORT: u16 = 2222;
+    let n1 = underlay_ip(1);
+    let listener = netns::run_in(&res.ns("n1"), move || Ok(TcpListener::bind((n1, PORT))?))?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf)?;
+        conn.write_all(&buf)?;
+        Ok(())
+    });
+    let (pings, echoed) = netns::run_in(&res.ns("n2"), move || {
+        let pings = traffic::ping(n1, 3, 84, Duration::from_secs(1))?;
+        let mut c = TcpStream::connect_timeout(&(n1, PORT).into(), Duration::from_secs(3))?;
+        c.write_all(b"hello")?;
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf)?;
+        Ok((pings, buf == *b"hello"))
+    })?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?
+        .is_ok();
+    Ok(Check {
+        name: "with XDP on node 1's interface, its host still answers there (ping, TCP)".into(),
+        ok: pings.received == pings.sent && echoed && served,
+        detail: format!(
+            "{} of {} pings answered by {n1}; TCP to port {PORT} echoed: {echoed}",
+            pings.received, pings.sent
+        ),
+    })
+}
+
 fn rogue_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     let p1 = res.ns("p1");
     let sock = netns::run_in(&p1, move || Ok(UdpSocket::bind((pod_ip(1), ROGUE_PORT))?))?;
@@ -1477,6 +1513,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.push(masquerade_check(&r)?);
         }
         checks.push(rogue_check(&r, opts)?);
+        if opts.io_xdp {
+            checks.push(xdp_host_check(&r)?);
+        }
         if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) {
             checks.push(fairness::check(&r, opts)?);
         }

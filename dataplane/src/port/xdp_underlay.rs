@@ -8,10 +8,13 @@
 //!
 //! Send: packets start at their outer IPv4 header (the pipeline writes outer IPv4 and UDP, as
 //! for the raw socket); this port puts the Ethernet header in front, with the next hop's MAC
-//! from the kernel's neighbour table. A packet to an unresolved neighbour is refused (counted
-//! as a send error by the worker) while the kernel is asked to resolve it.
+//! from the kernel's neighbour table. A packet to a neighbour not resolved yet goes through the
+//! kernel instead (a raw socket, when the port has one): the kernel resolves the neighbour and
+//! holds the packet meanwhile, as it would for its own. Without one, the packet is refused
+//! (counted as a send error by the worker) and the kernel is asked to resolve the neighbour.
 
 use super::neighbours::Neighbours;
+use super::raw::RawIpPort;
 use super::xsk::XskPort;
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
@@ -79,6 +82,12 @@ pub struct XdpUnderlayPort {
     /// Send scratch: each packet's Ethernet header and index (reused, never reallocated past
     /// a batch).
     framed: Vec<([u8; ETH], u16)>,
+    /// Sends what has no next-hop MAC yet through the kernel.
+    fallback: Option<RawIpPort>,
+    /// Send scratch: packets for the fallback.
+    unresolved: Vec<u16>,
+    /// Packets sent through the fallback since the last [`XdpUnderlayPort::take_via_kernel`].
+    via_kernel: u64,
 }
 
 impl XdpUnderlayPort {
@@ -99,7 +108,22 @@ impl XdpUnderlayPort {
             neighbours: Neighbours::new(device, local_ip),
             refused: 0,
             framed: Vec::with_capacity(crate::worker::MAX_BATCH),
+            fallback: None,
+            unresolved: Vec::with_capacity(crate::worker::MAX_BATCH),
+            via_kernel: 0,
         }
+    }
+
+    /// Packets to neighbours not resolved yet go through `raw`, so the kernel resolves them
+    /// and sends them once it has (instead of their being refused).
+    pub fn with_fallback(mut self, raw: RawIpPort) -> XdpUnderlayPort {
+        self.fallback = Some(raw);
+        self
+    }
+
+    /// Packets sent through the kernel for want of a resolved neighbour, since the last call.
+    pub fn take_via_kernel(&mut self) -> u64 {
+        std::mem::take(&mut self.via_kernel)
     }
 
     pub fn xsk(&mut self) -> &mut XskPort {
@@ -145,18 +169,19 @@ impl RxPort for XdpUnderlayPort {
 impl TxPort for XdpUnderlayPort {
     fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
         self.framed.clear();
-        let mut unresolved = 0;
+        self.unresolved.clear();
+        let mut malformed = 0;
         for &i in indices {
             let pkt = batch.packet(usize::from(i));
             let Some(dst) = pkt
                 .get(16..20)
                 .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]))
             else {
-                unresolved += 1;
+                malformed += 1;
                 continue;
             };
             let Some(mac) = self.neighbours.lookup(dst) else {
-                unresolved += 1;
+                self.unresolved.push(i);
                 continue;
             };
             let mut header = [0u8; ETH];
@@ -172,10 +197,20 @@ impl TxPort for XdpUnderlayPort {
                 .iter()
                 .map(|(h, i)| (&h[..], batch.packet(usize::from(*i)))),
         );
-        TxOutcome {
+        let mut out = TxOutcome {
             sent,
-            failed: unresolved + (ready - sent),
+            failed: malformed + (ready - sent),
+        };
+        match self.fallback.as_mut() {
+            Some(raw) if !self.unresolved.is_empty() => {
+                let via = raw.tx_batch(batch, &self.unresolved);
+                self.via_kernel += via.sent as u64;
+                out.sent += via.sent;
+                out.failed += via.failed;
+            }
+            _ => out.failed += self.unresolved.len(),
         }
+        out
     }
 }
 
