@@ -498,8 +498,10 @@ impl Worker {
                 f.conntrack.gc_step(now, GC_SLOTS_PER_ROUND);
             }
             rounds = rounds.wrapping_add(1);
-            if idle || rounds % KERNEL_DROP_SAMPLE_ROUNDS == 0 {
-                // What the kernel dropped before we could read it, by queue.
+            let sleeping = idle && last_work.elapsed() >= self.config.busy_poll;
+            if sleeping || rounds % KERNEL_DROP_SAMPLE_ROUNDS == 0 {
+                // What the kernel dropped before we could read it, by queue: sampled every few
+                // thousand busy rounds and before a sleep, not in the idle spin in between.
                 let shared = self.ports.udp.rx_drops();
                 local.add(
                     Counter::UnderlayQueueFull,
@@ -516,7 +518,7 @@ impl Worker {
             if !idle {
                 self.stats.flush(&mut local);
                 last_work = Instant::now();
-            } else if last_work.elapsed() >= self.config.busy_poll {
+            } else if sleeping {
                 local.add(Counter::IdleSleeps, 1);
                 self.stats.flush(&mut local);
                 match self.poll.poll(&mut events, Some(IDLE_SLEEP)) {

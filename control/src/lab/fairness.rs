@@ -8,7 +8,6 @@
 
 use super::{netns, pod_ip, traffic, underlay_ip, vtep_mac, Check, LabOptions, Names};
 use anyhow::Result;
-use podwire_dataplane::port::udp::UdpPort;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::Duration;
@@ -85,15 +84,8 @@ fn run(r: &Names, opts: &LabOptions) -> Result<Outcome> {
     let ctl = r.dir.join("n1/ctl.sock");
     let full_before = counter(&ctl, "peer_queue_full");
     let total = u64::from(PPS) * FLOOD.as_secs();
-    let sink = netns::run_in(&r.ns("p1"), move || {
-        Ok(UdpPort::bind(
-            SocketAddrV4::new(pod_ip(1), PORT),
-            64,
-            16 << 20,
-        )?)
-    })?;
     let receiver =
-        std::thread::spawn(move || traffic::receive_seq(sink, total, Duration::from_secs(2)));
+        traffic::spawn_seq_receiver(&r.ns("p1"), SocketAddrV4::new(pod_ip(1), PORT), total)?;
     let flooder = flood(r, opts, FLOOD + Duration::from_millis(500))?;
     // Let the flood build up before node 2's stream starts.
     std::thread::sleep(Duration::from_millis(250));

@@ -58,6 +58,15 @@ impl Transfer {
     }
 }
 
+/// Where node `node`'s daemon is among the lab's children.
+fn node_child(r: &Resources, node: usize) -> Result<usize> {
+    let name = format!("n{node}");
+    r.children
+        .iter()
+        .position(|(n, _)| *n == name)
+        .context("node is not running")
+}
+
 fn subnet_of(names: &Names, node: usize) -> Option<String> {
     podwire::subnet_env::read_value(
         &names.dir.join(format!("n{node}/subnet.env")),
@@ -83,12 +92,7 @@ pub fn kill_restart_check(
     let t = Instant::now();
     {
         let mut r = res.lock().expect("lab resources");
-        let child_name = format!("n{node}");
-        let pos = r
-            .children
-            .iter()
-            .position(|(n, _)| *n == child_name)
-            .context("node is not running")?;
+        let pos = node_child(&r, node)?;
         let (_, mut child) = r.children.remove(pos);
         kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)?;
         let _ = child.wait();
@@ -137,12 +141,7 @@ pub fn worker_panic_check(
     let t = Instant::now();
     let exited = {
         let mut r = res.lock().expect("lab resources");
-        let child_name = format!("n{node}");
-        let pos = r
-            .children
-            .iter()
-            .position(|(n, _)| *n == child_name)
-            .context("node is not running")?;
+        let pos = node_child(&r, node)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             match r.children[pos].1.try_wait()? {

@@ -7,7 +7,6 @@
 
 use super::{netns, pod_ip, traffic, Check, Names};
 use anyhow::Result;
-use podwire_dataplane::port::udp::UdpPort;
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
@@ -92,17 +91,8 @@ pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Resul
     let duration = Duration::from_secs(seconds);
     let drops_before = kernel_drops(r);
     let total = u64::from(pps) * seconds;
-    // The receiving pod reads with recvmmsg into a 16 MB socket buffer, so a receiver that
-    // is descheduled for a while on this shared machine loses nothing by itself.
-    let sink = netns::run_in(&r.ns("p2"), move || {
-        Ok(UdpPort::bind(
-            SocketAddrV4::new(pod_ip(2), PORT),
-            64,
-            16 << 20,
-        )?)
-    })?;
     let receiver =
-        std::thread::spawn(move || traffic::receive_seq(sink, total, Duration::from_secs(2)));
+        traffic::spawn_seq_receiver(&r.ns("p2"), SocketAddrV4::new(pod_ip(2), PORT), total)?;
     let sender = netns::spawn_in(&r.ns("p1"), move || {
         traffic::paced_seq_send(
             SocketAddrV4::new(pod_ip(1), 0),

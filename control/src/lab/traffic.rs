@@ -445,6 +445,21 @@ pub struct SeqReceived {
     pub reordered: u64,
 }
 
+/// Receives a [`paced_seq_send`] stream of `total` datagrams to `addr` in namespace `ns`, on a
+/// thread of its own. The socket reads with recvmmsg into a 16 MB buffer, so a receiver that is
+/// descheduled for a while on a shared machine loses nothing by itself.
+pub fn spawn_seq_receiver(
+    ns: &str,
+    addr: SocketAddrV4,
+    total: u64,
+) -> Result<std::thread::JoinHandle<SeqReceived>> {
+    use podwire_dataplane::port::udp::UdpPort;
+    let sink = super::netns::run_in(ns, move || Ok(UdpPort::bind(addr, 64, 16 << 20)?))?;
+    Ok(std::thread::spawn(move || {
+        receive_seq(sink, total, Duration::from_secs(2))
+    }))
+}
+
 /// Receives a [`paced_seq_send`] stream of `total` datagrams on `sink` (recvmmsg, so a
 /// receiver descheduled for a while loses nothing by itself) until none came for `idle`.
 pub fn receive_seq(

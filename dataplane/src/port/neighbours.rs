@@ -39,16 +39,20 @@ impl Neighbours {
         }
     }
 
-    /// The MAC of `ip`, if the kernel has it resolved. On a miss the table is re-read (at most
-    /// every 100 ms) and the kernel is asked to resolve `ip`.
-    pub fn lookup(&mut self, ip: Ipv4Addr) -> Option<MacAddr> {
-        let now = Instant::now();
+    /// Called once per batch with the batch's time: re-reads the table if it is due (every
+    /// second), so lookups themselves read no clock.
+    pub fn tick(&mut self, now: Instant) {
         if self
             .read_at
             .is_none_or(|t| now.duration_since(t) >= REFRESH_ALWAYS)
         {
             self.refresh(now);
         }
+    }
+
+    /// The MAC of `ip`, if the kernel has it resolved. On a miss the table is re-read (at most
+    /// every 100 ms after `now`'s [`Neighbours::tick`]) and the kernel is asked to resolve `ip`.
+    pub fn lookup(&mut self, ip: Ipv4Addr, now: Instant) -> Option<MacAddr> {
         if let Some(mac) = self.table.get(&ip) {
             return Some(*mac);
         }

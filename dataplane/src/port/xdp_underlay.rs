@@ -20,6 +20,7 @@ use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::wire::{ethernet, ipv4, udp, IpProtocol, MacAddr};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
 
 /// Ethernet header length.
 const ETH: usize = 14;
@@ -133,8 +134,10 @@ impl XdpUnderlayPort {
     /// Asks for the next hops of `peers` now, so the first packet to each finds its MAC
     /// (the kernel would queue a few packets while resolving; this port refuses them).
     pub fn prime(&mut self, peers: impl IntoIterator<Item = Ipv4Addr>) {
+        let now = Instant::now();
+        self.neighbours.tick(now);
         for ip in peers {
-            let _ = self.neighbours.lookup(ip);
+            let _ = self.neighbours.lookup(ip, now);
         }
     }
 
@@ -170,6 +173,9 @@ impl TxPort for XdpUnderlayPort {
     fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
         self.framed.clear();
         self.unresolved.clear();
+        // One clock read per batch, not per packet.
+        let now = Instant::now();
+        self.neighbours.tick(now);
         let mut malformed = 0;
         for &i in indices {
             let pkt = batch.packet(usize::from(i));
@@ -180,7 +186,7 @@ impl TxPort for XdpUnderlayPort {
                 malformed += 1;
                 continue;
             };
-            let Some(mac) = self.neighbours.lookup(dst) else {
+            let Some(mac) = self.neighbours.lookup(dst, now) else {
                 self.unresolved.push(i);
                 continue;
             };
