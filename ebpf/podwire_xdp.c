@@ -4,8 +4,10 @@
 // arrived on and passes everything else to the kernel untouched.
 //
 // - Underlay role: IPv4 UDP addressed to the node's own address and podwire's port (VXLAN
-//   8472 or flannel udp 8285), unfragmented only (the kernel reassembles fragments). ARP, ND,
-//   SSH, other UDP, fragments: XDP_PASS.
+//   8472 or flannel udp 8285), unfragmented only (the kernel reassembles fragments). Also, when
+//   podwire serves NodePorts or masquerades pods, TCP and UDP to the node's address whose
+//   destination port is a NodePort (`node_ports`) or in podwire's masquerade range (the
+//   replies of masqueraded connections). ARP, ND, SSH, other UDP, fragments: XDP_PASS.
 // - Pod role (a pod's veth host end): every IPv4 frame from the pod; ARP and IPv6 pass.
 //
 // Counters are per CPU (no atomics on the fast path); podwire sums them.
@@ -23,12 +25,15 @@
 #define ROLE_POD 1
 
 // What podwire tells the program: its role on this interface, and for the underlay the node's
-// address and the data port, both in network byte order.
+// address and the data port, both in network byte order, and the masquerade port range (host
+// byte order; empty when masq_lo > masq_hi).
 struct config {
     __u32 role;
     __u32 local_ip;
     __u16 port;
     __u16 pad;
+    __u16 masq_lo;
+    __u16 masq_hi;
 };
 
 enum counter {
@@ -56,6 +61,14 @@ struct {
     __type(key, __u32);
     __type(value, struct config);
 } config_map SEC(".maps");
+
+// NodePorts podwire serves: key (protocol << 16 | port in host byte order), any value.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 4096);
+    __type(key, __u32);
+    __type(value, __u8);
+} node_ports SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -111,17 +124,26 @@ int podwire_xdp(struct xdp_md *ctx)
         return pass(CNT_MALFORMED);
     if (ip->version != 4 || ip->ihl < 5)
         return pass(CNT_MALFORMED);
-    if (ip->protocol != IPPROTO_UDP || ip->daddr != cfg->local_ip)
+    if (ip->daddr != cfg->local_ip)
         return pass(CNT_PASSED);
-    // Later fragments carry no UDP header: the kernel reassembles those.
+    if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
+        return pass(CNT_PASSED);
+    // Later fragments carry no ports: the kernel reassembles those.
     if (ip->frag_off & bpf_htons(0x1fff | 0x2000))
         return pass(CNT_PASSED);
-    struct udphdr *udp = (void *)ip + ip->ihl * 4;
-    if ((void *)(udp + 1) > end)
+    // Source and destination ports sit first in both UDP and TCP headers.
+    struct udphdr *l4 = (void *)ip + ip->ihl * 4;
+    if ((void *)(l4 + 1) > end)
         return pass(CNT_MALFORMED);
-    if (udp->dest != cfg->port)
-        return pass(CNT_PASSED);
-    return to_socket(ctx);
+    if (ip->protocol == IPPROTO_UDP && l4->dest == cfg->port)
+        return to_socket(ctx);
+    __u16 dport = bpf_ntohs(l4->dest);
+    if (dport >= cfg->masq_lo && dport <= cfg->masq_hi)
+        return to_socket(ctx);
+    __u32 key = (__u32)ip->protocol << 16 | dport;
+    if (bpf_map_lookup_elem(&node_ports, &key))
+        return to_socket(ctx);
+    return pass(CNT_PASSED);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

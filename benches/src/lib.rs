@@ -79,6 +79,7 @@ pub fn tables(leases: u32, subnet_len: u8, vxlan: bool) -> Tables {
         },
         services: Default::default(),
         outer_udp_checksum: true,
+        wire: None,
     }
 }
 

@@ -30,7 +30,7 @@ use podwire_dataplane::bridge::{self, Bridge};
 use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
-use podwire_dataplane::pipeline::{Encap, Flows, Tables};
+use podwire_dataplane::pipeline::{Encap, Flows, Tables, WireNat, MASQ_PORTS};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort, xdp};
@@ -223,6 +223,17 @@ struct Control<'a> {
     file_services: Vec<ServiceSpec>,
     store_services: Vec<ServiceSpec>,
     service_options: ServiceOptions,
+    /// `--io xdp`: the program on the underlay, told the NodePorts as services change.
+    xdp: Option<xdp::XdpProgram>,
+}
+
+/// Tells the XDP program which NodePorts to steer to podwire.
+fn sync_node_ports(prog: &mut xdp::XdpProgram, services: &Services) {
+    let ports: Vec<(u8, u16)> = services.node_ports().collect();
+    match prog.set_node_ports(&ports) {
+        Ok(n) => tracing::info!(node_ports = n, "NodePorts served on the node's address"),
+        Err(e) => tracing::error!(error = %e, "cannot tell the XDP program the NodePorts"),
+    }
 }
 
 impl Control<'_> {
@@ -264,6 +275,9 @@ impl Control<'_> {
         ) {
             Ok(services) => {
                 let n = services.len();
+                if let Some(prog) = self.xdp.as_mut() {
+                    sync_node_ports(prog, &services);
+                }
                 let old = self.live.load();
                 self.live.store(Arc::new(Tables {
                     services: Arc::new(services),
@@ -339,6 +353,7 @@ impl Control<'_> {
                 let new = Tables {
                     services: Arc::clone(&old.services),
                     outer_udp_checksum: old.outer_udp_checksum,
+                    wire: old.wire,
                     ..new
                 };
                 if new.local != old.local
@@ -390,6 +405,23 @@ impl Control<'_> {
                 tracing::warn!(error = %e, "lease renewal failed; retrying");
                 Ok(())
             }
+        }
+    }
+}
+
+/// Warns when the kernel's ephemeral ports overlap podwire's masquerade ports: a connection of
+/// the host's own on such a port would have its answers taken by podwire.
+fn warn_if_kernel_uses_masq_ports() {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = text.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if lo <= MASQ_PORTS.1 && hi >= MASQ_PORTS.0 {
+            tracing::warn!(
+                kernel = ?(lo, hi), podwire = ?MASQ_PORTS,
+                "net.ipv4.ip_local_port_range overlaps podwire's masquerade ports; lower its end below 61000"
+            );
         }
     }
 }
@@ -504,6 +536,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
     if opts.io_xdp && opts.l2.is_some() {
         bail!("--io xdp is routed (L3) mode only for now");
     }
+    if opts.io_xdp && opts.ip_masq && !opts.conntrack {
+        bail!("--ip-masq with --io xdp masquerades in podwire, which needs --conntrack on");
+    }
+    // With --io xdp podwire owns the node's address on the wire, and masquerades itself.
+    let masq_userspace = opts.io_xdp && opts.ip_masq;
     if let Some(l2) = &opts.l2 {
         let Encap::Vxlan { vni, local_mac } = initial.encap else {
             bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
@@ -578,11 +615,28 @@ pub fn run(opts: RunOptions) -> Result<()> {
             );
         }
         netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
+        if masq_userspace {
+            let mut keep = vec![config.network];
+            if opts.conntrack {
+                keep.push(opts.service_cidr);
+            }
+            masq::steer_pods(&tun_name, lease, &keep)?;
+            warn_if_kernel_uses_masq_ports();
+            tracing::info!(
+                ports = ?MASQ_PORTS,
+                "pods' TCP and UDP leaving the cluster are masqueraded by podwire (to the node's address); other protocols by the kernel"
+            );
+        }
         if opts.ip_masq {
             let services = (opts.conntrack
                 && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
             .then_some(opts.service_cidr);
-            masq::install(config.network, lease, services)?;
+            masq::install(
+                config.network,
+                lease,
+                services,
+                masq_userspace.then_some(tun_name.as_str()),
+            )?;
             tracing::info!(
                 table = masq::TABLE,
                 "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
@@ -626,6 +680,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
         flows = opts
             .conntrack
             .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
+        // Owning the node's address on the wire: NodePorts, and masquerade with --ip-masq.
+        initial.wire = (opts.io_xdp && opts.conntrack).then_some(WireNat {
+            masquerade: masq_userspace,
+            masq_ports: MASQ_PORTS,
+        });
         if let Some(f) = &flows {
             health.set_flows(Arc::clone(f));
         }
@@ -641,10 +700,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
             let role = xdp::Role::Underlay {
                 local_ip: iface.addr,
                 port,
+                masq_ports: masq_userspace.then_some(MASQ_PORTS),
             };
-            let prog = xdp::XdpProgram::attach(&iface.name, role)
+            let mut prog = xdp::XdpProgram::attach(&iface.name, role)
                 .with_context(|| format!("XDP on {}", iface.name))?;
             tracing::info!(device = %iface.name, mode = ?prog.mode(), "XDP program attached");
+            if initial.wire.is_some() {
+                sync_node_ports(&mut prog, &initial.services);
+            }
             xdp_program = Some(prog);
         }
         let iface_mac = if opts.io_xdp {
@@ -766,12 +829,17 @@ pub fn run(opts: RunOptions) -> Result<()> {
         file_services,
         store_services,
         service_options,
+        xdp: xdp_program.take(),
     };
     let result = control_loop(&mut control, &opts, &shutdown, &hangup);
     let stats = pool.stats();
     let direct = control.direct.take();
+    let xdp_program = control.xdp.take();
     let stopped = pool.stop();
-    if let Some(prog) = xdp_program.take() {
+    if masq_userspace {
+        masq::unsteer_pods();
+    }
+    if let Some(prog) = xdp_program {
         match prog.counters() {
             Ok(c) => tracing::info!(
                 redirected = c.redirected,

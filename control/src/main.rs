@@ -218,6 +218,9 @@ struct RunArgs {
     tun_name: Option<String>,
     /// Masquerade pod traffic leaving the cluster network, as flanneld's -ip-masq (its rules,
     /// in an nftables table podwire installs and removes on exit); FLANNEL_IPMASQ in subnet.env.
+    /// With `--io xdp`, podwire masquerades the pods' TCP and UDP itself (to the node's
+    /// address, source ports 61000-65535, steered into the TUN by policy routing); the
+    /// kernel's rules keep the rest (ICMP).
     #[arg(long, env = "FLANNELD_IP_MASQ")]
     ip_masq: bool,
     /// Packets per batch (1-256).
@@ -252,7 +255,10 @@ struct RunArgs {
     /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
     /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN only; worker i owns
     /// queue i; the program passes everything that is not podwire's to the kernel and is
-    /// detached on exit). Pods still reach podwire through the TUN device.
+    /// detached on exit). Pods still reach podwire through the TUN device. podwire then also
+    /// owns the node's address for the services' NodePorts: TCP and UDP to a NodePort are
+    /// sent to the service's backend, on any node, masqueraded so the answer comes back
+    /// through this node (needs --conntrack on).
     #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
     io: String,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of

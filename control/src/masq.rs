@@ -24,12 +24,25 @@ pub enum MasqError {
 /// that (re)creates the table in one transaction. One rule comes first that flannel does not
 /// have: traffic to the service range (`services`) is left alone, because podwire translates
 /// it to pods after the kernel's POSTROUTING, where kube-proxy's DNAT happens before it.
-pub fn ruleset(network: Ipv4Net, pod: Ipv4Net, services: Option<Ipv4Net>) -> String {
-    let services = services
+///
+/// With `userspace` (the TUN device's name), podwire masquerades pods' TCP and UDP itself
+/// ([`steer_pods`]): those, routed into the TUN, are left alone too.
+pub fn ruleset(
+    network: Ipv4Net,
+    pod: Ipv4Net,
+    services: Option<Ipv4Net>,
+    userspace: Option<&str>,
+) -> String {
+    let mut services = services
         .map(|s| {
             format!("\t\tip daddr {s} return comment \"to services: podwire DNATs them to pods\"\n")
         })
         .unwrap_or_default();
+    if let Some(tun) = userspace {
+        services += &format!(
+            "\t\tip saddr {pod} oifname \"{tun}\" meta l4proto {{ tcp, udp }} return comment \"podwire masquerades these\"\n"
+        );
+    }
     format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
@@ -72,8 +85,16 @@ fn nft(script: &str, what: &'static str) -> Result<(), MasqError> {
 }
 
 /// Installs (or replaces) the rules.
-pub fn install(network: Ipv4Net, pod: Ipv4Net, services: Option<Ipv4Net>) -> Result<(), MasqError> {
-    nft(&ruleset(network, pod, services), "masquerade rules")
+pub fn install(
+    network: Ipv4Net,
+    pod: Ipv4Net,
+    services: Option<Ipv4Net>,
+    userspace: Option<&str>,
+) -> Result<(), MasqError> {
+    nft(
+        &ruleset(network, pod, services, userspace),
+        "masquerade rules",
+    )
 }
 
 /// Removes the table (nothing if it is not there).
@@ -82,6 +103,49 @@ pub fn remove() -> Result<(), MasqError> {
         &format!("table ip {TABLE}\ndelete table ip {TABLE}\n"),
         "table removal",
     )
+}
+
+/// The routing table that steers pods' TCP and UDP into podwire when podwire masquerades them
+/// itself (`--ip-masq` with `--io xdp`), and the priority of its rules (before `main`).
+pub const POD_TABLE: &str = "28791";
+pub const POD_RULE_PRIORITY: &str = "100";
+
+/// `--ip-masq` with `--io xdp`: podwire owns the node's address on the wire and masquerades
+/// pods' TCP and UDP itself. The kernel would send that traffic out of the node's interface
+/// (and masquerade it with the rules above), past podwire; policy routing sends it into
+/// `tun` instead: TCP and UDP from `pod` to anywhere but `keep` (the cluster network, the
+/// service range, multicast, which the main table routes as before). Other protocols (ICMP)
+/// stay with the kernel and its masquerade. Replies come in from `tun` with sources that the
+/// main table routes elsewhere, so its reverse-path filter is made loose.
+pub fn steer_pods(tun: &str, pod: Ipv4Net, keep: &[Ipv4Net]) -> Result<(), crate::netdev::NetdevError> {
+    use crate::netdev::ip;
+    unsteer_pods();
+    ip(&["route", "replace", "default", "dev", tun, "table", POD_TABLE])?;
+    for net in keep {
+        ip(&["route", "replace", "throw", &net.to_string(), "table", POD_TABLE])?;
+    }
+    ip(&["route", "replace", "throw", "224.0.0.0/4", "table", POD_TABLE])?;
+    for proto in ["tcp", "udp"] {
+        ip(&[
+            "rule", "add", "priority", POD_RULE_PRIORITY, "from", &pod.to_string(), "ipproto", proto,
+            "table", POD_TABLE,
+        ])?;
+    }
+    let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
+    std::fs::write(&rp, "2").map_err(|source| crate::netdev::NetdevError::Sysctl { path: rp, source })?;
+    Ok(())
+}
+
+/// Removes the rules and the table's routes (also a crashed run's); nothing if absent.
+pub fn unsteer_pods() {
+    use crate::netdev::ip;
+    // One rule per call; there are two, or a few more if runs crashed in between.
+    for _ in 0..16 {
+        if ip(&["rule", "del", "priority", POD_RULE_PRIORITY, "table", POD_TABLE]).is_err() {
+            break;
+        }
+    }
+    let _ = ip(&["route", "flush", "table", POD_TABLE]);
 }
 
 #[cfg(test)]
@@ -93,6 +157,7 @@ mod tests {
         let r = ruleset(
             "10.244.0.0/16".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
+            None,
             None,
         );
         let rules: Vec<&str> = r
@@ -116,6 +181,7 @@ mod tests {
             "10.244.0.0/16".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
             Some("10.96.0.0/12".parse().unwrap()),
+            None,
         );
         let first = with_services
             .lines()
@@ -125,6 +191,23 @@ mod tests {
         assert!(
             first.starts_with("ip daddr 10.96.0.0/12 return"),
             "{with_services}"
+        );
+        let userspace = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            None,
+            Some("flannel.1"),
+        );
+        let first = userspace
+            .lines()
+            .map(str::trim)
+            .find(|l| l.contains("return"))
+            .unwrap();
+        assert!(
+            first.starts_with(
+                "ip saddr 10.244.1.0/24 oifname \"flannel.1\" meta l4proto { tcp, udp } return"
+            ),
+            "{userspace}"
         );
     }
 }

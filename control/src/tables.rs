@@ -70,6 +70,7 @@ pub fn build(
         services: Default::default(),
         // And says whether the outer headers reach the wire as the pipeline wrote them.
         outer_udp_checksum: true,
+        wire: None,
     })
 }
 

@@ -23,6 +23,9 @@ pub struct Meta {
     pub oversized: bool,
     /// The pipeline completed an offloaded (partial) inner L4 checksum.
     pub completed_checksum: bool,
+    /// An IPv4 packet to the node's own address from the wire (`--io xdp`: a NodePort
+    /// connection, or the answer to a masqueraded one), not a datagram of the underlay.
+    pub wire: bool,
     /// What the pipeline decided.
     pub verdict: Verdict,
 }
@@ -34,6 +37,7 @@ impl Meta {
         peer: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         oversized: false,
         completed_checksum: false,
+        wire: false,
         verdict: Verdict::Pending,
     };
 }
@@ -99,6 +103,7 @@ impl Batch {
         m.peer = peer;
         m.oversized = oversized;
         m.completed_checksum = false;
+        m.wire = false;
         m.verdict = Verdict::Pending;
         self.len = self.len.max(i + 1);
     }

@@ -27,7 +27,7 @@
 //! panic. Nothing here allocates, locks or makes a syscall.
 
 use crate::batch::{Batch, Meta, HEADROOM};
-use crate::route::{Backend, Ipv4Net, SubnetMap};
+use crate::route::{Backend, Ipv4Net, Node, SubnetMap};
 use crate::wire::vxlan::Vni;
 use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol, MacAddr};
 use core::net::{Ipv4Addr, SocketAddrV4};
@@ -36,7 +36,7 @@ use std::sync::Arc;
 mod flows;
 use crate::nat::Services;
 pub use flows::{Flows, Tracker};
-use flows::{Outcome, Stop};
+use flows::{Ingress, Outcome, Stop};
 
 /// Why a packet was not forwarded. The names are the metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,6 +174,10 @@ pub enum Verdict {
     ToTun,
     /// The packet was replaced by an ICMP error for its sender: write it back into the TUN.
     IcmpToTun,
+    /// A whole IPv4 packet from this node's address, or to it translated, for a host outside
+    /// the cluster (`--io xdp`: NodePort answers, masqueraded pod traffic): send it on the
+    /// node's wire towards this address.
+    ToWire(Ipv4Addr),
     /// Count and forget.
     Drop(DropReason),
 }
@@ -218,7 +222,22 @@ pub struct Tables {
     /// Fill the outer UDP checksum of VXLAN packets. Off when they leave through a UDP socket,
     /// which drops the outer headers the pipeline wrote and has the kernel write its own.
     pub outer_udp_checksum: bool,
+    /// `--io xdp`: podwire owns the node's address on the wire for NodePorts and masquerade.
+    pub wire: Option<WireNat>,
 }
+
+/// What podwire does with the node's own address when it owns the NIC (`--io xdp`): serve
+/// the services' NodePorts on it, and (with `masquerade`) SNAT pods' TCP and UDP to hosts
+/// outside the cluster network to it, with source ports from `masq_ports`, which the kernel
+/// does not use (its ephemeral ports end at 60999).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireNat {
+    pub masquerade: bool,
+    pub masq_ports: (u16, u16),
+}
+
+/// The masquerade source ports: above the kernel's default `ip_local_port_range`.
+pub const MASQ_PORTS: (u16, u16) = (61000, 65535);
 
 /// TTL of the ICMP errors we generate (the kernel's default hop limit).
 pub const ICMP_ERROR_TTL: u8 = 64;
@@ -263,7 +282,9 @@ pub fn process_with(
         };
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
-            Verdict::ToUnderlayIp(dst) => meta.peer = SocketAddrV4::new(dst, 0),
+            Verdict::ToUnderlayIp(dst) | Verdict::ToWire(dst) => {
+                meta.peer = SocketAddrV4::new(dst, 0)
+            }
             _ => {}
         }
     }
@@ -306,7 +327,7 @@ pub fn from_tun(
     let mut translated = false;
     if let Some(tr) = tracker {
         let pkt = &mut slot[meta.start..meta.start + meta.len];
-        match tr.track(t, pkt, true) {
+        match tr.track(t, pkt, Ingress::Pods) {
             Ok(Outcome::Unchanged) => {}
             Ok(Outcome::Translated) => {
                 translated = true;
@@ -320,6 +341,8 @@ pub fn from_tun(
     }
     let node = match t.map.lookup(dst) {
         Some(node) => node,
+        // Masqueraded, or the answer to a NodePort client: the kernel routed it here already.
+        None if translated && t.wire.is_some() => return Verdict::ToWire(dst),
         None => return net_unreachable(t, slot, meta),
     };
     if node.subnet == t.local.subnet {
@@ -328,13 +351,26 @@ pub fn from_tun(
         }
         // A translated packet for a pod of this node (a local backend, or the answer to a local
         // client): back into the TUN for the kernel to deliver, one routing hop.
-        let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
-        if p.ttl() <= 1 {
+        if !decrement_ttl(&mut slot[meta.start..meta.start + meta.len]) {
             return Verdict::Drop(DropReason::TtlExpired);
         }
-        p.decrement_ttl();
         return Verdict::ToTun;
     }
+    to_node(t, slot, meta, node)
+}
+
+/// Decrements the TTL of an IPv4 packet, unless it would expire (false).
+fn decrement_ttl(pkt: &mut [u8]) -> bool {
+    let mut p = ipv4::Packet::new_unchecked(pkt);
+    if p.ttl() <= 1 {
+        return false;
+    }
+    p.decrement_ttl();
+    true
+}
+
+/// A pod packet for `node`, another node: encapsulated for it.
+fn to_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, node: &Node) -> Verdict {
     match t.encap {
         Encap::FlannelUdp => {
             let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
@@ -352,6 +388,49 @@ pub fn from_tun(
             // flannel's vxlan backend installs no route for other backends' leases.
             Backend::Udp | Backend::Other => net_unreachable(t, slot, meta),
         },
+    }
+}
+
+/// A packet from the wire to the node's own address that the XDP program steered to podwire:
+/// a NodePort connection (translated to its backend, here or on another node) or the answer to
+/// a masqueraded one (translated back to its pod). Anything else is not ours.
+pub fn from_wire(
+    t: &Tables,
+    tracker: Option<&mut Tracker>,
+    slot: &mut [u8],
+    meta: &mut Meta,
+) -> Verdict {
+    if meta.oversized {
+        return Verdict::Drop(DropReason::Oversized);
+    }
+    let (Some(tr), Some(_)) = (tracker, t.wire) else {
+        return Verdict::Drop(DropReason::NotForThisNode);
+    };
+    meta.len = match parse_ipv4(&slot[meta.start..meta.start + meta.len]) {
+        Ok(p) if p.dst() != t.local.public_ip => return Verdict::Drop(DropReason::NotForThisNode),
+        Ok(p) => usize::from(p.total_len()),
+        Err(r) => return Verdict::Drop(r),
+    };
+    let pkt = &mut slot[meta.start..meta.start + meta.len];
+    match tr.track(t, pkt, Ingress::Wire) {
+        Ok(Outcome::Translated) => {}
+        Ok(Outcome::Unchanged) | Err(Stop::Reject) => {
+            return Verdict::Drop(DropReason::NotForThisNode)
+        }
+        Err(Stop::Drop(r)) => return Verdict::Drop(r),
+    }
+    let dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
+    match t.map.lookup(dst) {
+        // The kernel routes it from the TUN to the pod (one hop, as from eth0 to cni0).
+        Some(node) if node.subnet == t.local.subnet => Verdict::ToTun,
+        Some(node) => {
+            // Routed here, from the wire to another node, as the kernel would have.
+            if !decrement_ttl(pkt) {
+                return Verdict::Drop(DropReason::TtlExpired);
+            }
+            to_node(t, slot, meta, node)
+        }
+        None => Verdict::Drop(DropReason::NoRoute),
     }
 }
 
@@ -437,6 +516,9 @@ pub fn from_underlay(
     slot: &mut [u8],
     meta: &mut Meta,
 ) -> Verdict {
+    if meta.wire {
+        return from_wire(t, tracker, slot, meta);
+    }
     if meta.oversized {
         return Verdict::Drop(DropReason::Oversized);
     }
@@ -479,10 +561,21 @@ pub fn from_underlay(
 }
 
 /// Tracks (and reverse-translates) a checked inner packet from the underlay on its way into
-/// the TUN.
+/// the TUN; the answer to a NodePort client outside the cluster goes to the wire instead.
 fn track_inbound(t: &Tables, tracker: Option<&mut Tracker>, pkt: &mut [u8]) -> Verdict {
-    match tracker.map(|tr| tr.track(t, pkt, false)) {
-        None | Some(Ok(_)) => Verdict::ToTun,
+    match tracker.map(|tr| tr.track(t, pkt, Ingress::Underlay)) {
+        None | Some(Ok(Outcome::Unchanged)) => Verdict::ToTun,
+        Some(Ok(Outcome::Translated)) => {
+            let dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
+            if t.local.subnet.contains(dst) || t.services.in_cidr(dst) || t.wire.is_none() {
+                return Verdict::ToTun;
+            }
+            // Routed from the tunnel to the wire, as the kernel would have.
+            if !decrement_ttl(pkt) {
+                return Verdict::Drop(DropReason::TtlExpired);
+            }
+            Verdict::ToWire(dst)
+        }
         Some(Err(Stop::Drop(r))) => Verdict::Drop(r),
         // Only packets from pods open service connections.
         Some(Err(Stop::Reject)) => Verdict::Drop(DropReason::CtInvalid),
@@ -675,6 +768,7 @@ mod tests {
             encap: Encap::FlannelUdp,
             services: Default::default(),
             outer_udp_checksum: true,
+            wire: None,
         }
     }
 

@@ -88,6 +88,10 @@ pub fn replay_with(
                     stats.add(Counter::TxUnderlay, 1);
                     sink.as_is().tx_batch(&batch, &idx)
                 }
+                Verdict::ToWire(_) => {
+                    stats.add(Counter::TxWire, 1);
+                    sink.as_is().tx_batch(&batch, &idx)
+                }
                 Verdict::ToTun | Verdict::IcmpToTun => {
                     stats.add(Counter::TxTun, 1);
                     if batch.meta(i).verdict == Verdict::IcmpToTun {

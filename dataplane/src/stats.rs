@@ -43,10 +43,16 @@ pub enum Counter {
     PeerSocketErrors,
     /// `--io xdp`: packets sent through the kernel because their next hop was not resolved.
     XdpViaKernel,
+    /// `--io xdp`: packets from the wire to the node's address (NodePort connections, answers
+    /// to masqueraded ones).
+    RxWire,
+    /// `--io xdp`: packets sent to hosts outside the cluster as the node (NodePort answers,
+    /// masqueraded pod traffic).
+    TxWire,
 }
 
 impl Counter {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 20;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -66,6 +72,8 @@ impl Counter {
         Counter::PeerQueueFull,
         Counter::PeerSocketErrors,
         Counter::XdpViaKernel,
+        Counter::RxWire,
+        Counter::TxWire,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +96,8 @@ impl Counter {
             Counter::PeerQueueFull => "peer_queue_full",
             Counter::PeerSocketErrors => "peer_socket_errors",
             Counter::XdpViaKernel => "xdp_via_kernel",
+            Counter::RxWire => "rx_wire",
+            Counter::TxWire => "tx_wire",
         }
     }
 }

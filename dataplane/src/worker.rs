@@ -351,6 +351,12 @@ impl Dispatch {
                     self.to_raw[self.n_raw] = i as u16;
                     self.n_raw += 1;
                 }
+                Verdict::ToWire(_) => {
+                    // Out of the same port as the underlay's packets: whole IPv4 packets.
+                    stats.add(Counter::TxWire, 1);
+                    self.to_raw[self.n_raw] = i as u16;
+                    self.n_raw += 1;
+                }
                 Verdict::ToTun => {
                     if batch.meta(i).completed_checksum {
                         stats.add(Counter::ChecksumsCompleted, 1);
@@ -472,6 +478,7 @@ impl Worker {
                 // Frames the kernel still holds to send need a kick in copy mode.
                 x.xsk().flush();
                 n_xdp = x.rx_batch(&mut from_udp).map_err(port_err)?;
+                local.add(Counter::RxWire, x.take_wire());
                 underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
             }
             let mut n_peers = 0;

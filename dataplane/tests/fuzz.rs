@@ -13,7 +13,9 @@ use podwire_dataplane::batch::{Batch, HEADROOM};
 use podwire_dataplane::bridge::{Bridge, Config as BridgeConfig, Decision, PortOptions, Station};
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{ServiceOptions, ServiceSpec, Services};
-use podwire_dataplane::pipeline::{self, Direction, Encap, Flows, LocalNode, Tables, Verdict};
+use podwire_dataplane::pipeline::{
+    self, Direction, Encap, Flows, LocalNode, Tables, Verdict, WireNat, MASQ_PORTS,
+};
 use podwire_dataplane::route::{Backend, Ipv4Net, Node, SubnetMap};
 use podwire_dataplane::wire::{arp, ethernet, icmpv4, ipv4, ipv6, tcp, udp, vnet, vxlan, MacAddr};
 use proptest::prelude::*;
@@ -214,7 +216,8 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
                 .map(|&(n, h, p)| SocketAddrV4::new(Ipv4Addr::new(10, 244, n, h), p))
                 .collect(),
             affinity_timeout: (k % 2 == 1).then_some(60),
-            node_port: None,
+            // Small, so random packets hit them.
+            node_port: Some(*port),
         })
         .collect();
     let services = Services::build(options, specs).unwrap_or_else(|_| Services::empty(options));
@@ -236,6 +239,7 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
         },
         services: Arc::new(services),
         outer_udp_checksum: true,
+        wire: None,
     };
     let flows = w.track.then(|| {
         Flows::new(conntrack::Config {
@@ -260,8 +264,20 @@ fn check_batch(t: &Tables, dir: Direction, b: &Batch) -> Result<(), TestCaseErro
         prop_assert!(m.verdict != Verdict::Pending, "packet {i} left undecided");
         prop_assert!(m.start + m.len <= FRAME, "packet {i} outside its slot");
         let pkt = b.packet(i);
+        if let Verdict::ToWire(to) = m.verdict {
+            prop_assert!(t.wire.is_some(), "to the wire without owning it");
+            let (src, dst) = (
+                Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
+                Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]),
+            );
+            prop_assert_eq!(dst, to);
+            prop_assert_eq!(src, t.local.public_ip, "to the wire not as the node");
+            prop_assert!(!t.map.network().contains(dst), "{} is in the cluster", dst);
+        }
+        // A packet from the wire may go on to another node (a NodePort's backend there).
+        let routed = dir == Direction::FromTun || m.wire;
         match (dir, m.verdict) {
-            (Direction::FromTun, v @ (Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_))) => {
+            (_, v @ (Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_))) if routed => {
                 let to = match v {
                     Verdict::ToUnderlay(a) => *a.ip(),
                     Verdict::ToUnderlayIp(ip) => ip,
@@ -310,9 +326,12 @@ proptest! {
         from_node in any::<u8>(),
         wrap in any::<bool>(),
         aim in any::<bool>(),
+        owns_wire in any::<bool>(),
         now in 0u64..1_000_000,
     ) {
-        let (t, flows) = build(&w);
+        let (mut t, flows) = build(&w);
+        // Owning the node's address: NodePorts, masquerade, packets from the wire.
+        t.wire = owns_wire.then_some(WireNat { masquerade: true, masq_ports: MASQ_PORTS });
         let sender_ip = node_ip(from_node % (w.leases + 3));
         for dir in [Direction::FromTun, Direction::FromUnderlay] {
             let mut b = Batch::new(pkts.len(), FRAME);
@@ -353,6 +372,10 @@ proptest! {
                 let n = p.len().min(FRAME - HEADROOM);
                 b.rx_slot(i)[..n].copy_from_slice(&p[..n]);
                 b.commit_rx(i, n, sender, n < p.len());
+                if dir == Direction::FromUnderlay && i % 3 == 2 {
+                    // As the AF_XDP port hands over TCP and UDP to the node's address.
+                    b.slot_mut(i).1.wire = true;
+                }
             }
             pipeline::process_with(&t, flows.as_ref(), now, dir, &mut b);
             check_batch(&t, dir, &b)?;

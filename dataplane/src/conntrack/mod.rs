@@ -216,6 +216,9 @@ pub struct NatPlan {
     pub dnat: Option<(Ipv4Addr, u16)>,
     /// SNAT: the new source address; the table chooses the port.
     pub snat: Option<Ipv4Addr>,
+    /// SNAT: the range the port must come from (masquerade to the node's address, whose
+    /// other ports the kernel owns); None keeps the original port if it is free.
+    pub snat_ports: Option<(u16, u16)>,
     pub service: Option<ServiceBinding>,
 }
 
@@ -534,7 +537,7 @@ impl Conntrack {
         }
         if let Some(addr) = nat.snat {
             reply.dst = addr;
-            reply.dport = self.snat_port(s, shard, &reply)?;
+            reply.dport = self.snat_port(s, shard, &reply, nat.snat_ports)?;
         }
         if s.index.contains_key(&reply) {
             // The reply tuple belongs to another connection (netfilter's clash): refuse.
@@ -578,20 +581,30 @@ impl Conntrack {
     }
 
     /// A source port for the SNATed reply tuple `reply` (whose `dport` is the original source
-    /// port) that is free and keeps the entry in this shard: first the original port, then
-    /// ports from a hash-derived start in the same range class as netfilter (1-511, 600-1023,
-    /// 1024-65535).
-    fn snat_port(&self, s: &Shard, shard: usize, reply: &Tuple) -> Result<u16, CtError> {
+    /// port) that is free and keeps the entry in this shard. Without a `range`: first the
+    /// original port, then ports from a hash-derived start in the same range class as
+    /// netfilter (1-511, 600-1023, 1024-65535). With one: only ports of `range`.
+    fn snat_port(
+        &self,
+        s: &Shard,
+        shard: usize,
+        reply: &Tuple,
+        range: Option<(u16, u16)>,
+    ) -> Result<u16, CtError> {
         let orig = reply.dport;
-        let (lo, hi) = match orig {
-            0..=511 => (1u32, 511u32),
-            512..=1023 => (600, 1023),
-            _ => (1024, 65535),
+        let (lo, hi) = match (range, orig) {
+            (Some((lo, hi)), _) if lo <= hi => (u32::from(lo), u32::from(hi)),
+            (Some(_), _) => return Err(CtError::NoPort),
+            (None, 0..=511) => (1u32, 511u32),
+            (None, 512..=1023) => (600, 1023),
+            (None, _) => (1024, 65535),
         };
         let span = hi - lo + 1;
         let start =
             (mix(self.seed ^ u64::from(reply.src.to_bits()) ^ u64::from(orig)) as u32) % span;
-        let candidates = core::iter::once(orig)
+        let keep = (lo..=hi).contains(&u32::from(orig)).then_some(orig);
+        let candidates = keep
+            .into_iter()
             .chain((0..SNAT_TRIES.min(span)).map(|k| (lo + (start + k) % span) as u16));
         for port in candidates {
             let t = Tuple {

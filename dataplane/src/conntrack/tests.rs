@@ -198,6 +198,7 @@ fn test_dnat_translates_both_directions() {
             Ok(NatPlan {
                 dnat: Some((S, 8080)),
                 snat: None,
+                snat_ports: None,
                 service: Some(binding),
             })
         })
@@ -227,6 +228,7 @@ fn test_snat_picks_a_port_in_the_same_shard_and_never_clashes() {
                 Ok(NatPlan {
                     dnat: Some((S, 8080)),
                     snat: Some(HAIRPIN),
+                    snat_ports: None,
                     service: None,
                 })
             })

@@ -43,7 +43,7 @@ pub struct ServiceSpec {
     pub endpoints: Vec<SocketAddrV4>,
     /// sessionAffinity ClientIP with this timeout in seconds; None for sessionAffinity None.
     pub affinity_timeout: Option<u32>,
-    /// Parsed and kept; served once podwire owns the NIC (AF_XDP).
+    /// Served on the node's own address when podwire owns the NIC (`--io xdp`).
     pub node_port: Option<u16>,
 }
 
@@ -107,6 +107,10 @@ pub enum ServiceError {
     TooManyEndpoints { name: String, n: usize },
     #[error("service {name}: sessionAffinity timeout {secs} s outside 1..=86400")]
     AffinityTimeout { name: String, secs: u32 },
+    #[error("services {a} and {b} both claim NodePort {port}")]
+    DuplicateNodePort { a: String, b: String, port: u16 },
+    #[error("service {name}: NodePort 0")]
+    NodePortZero { name: String },
 }
 
 /// (ClusterIP, port, protocol) packed for one hash lookup.
@@ -128,6 +132,8 @@ pub struct Services {
     services: Vec<Service>,
     /// (service key, backend) pairs that exist, so a connection's binding can be checked.
     alive: rustc_hash::FxHashSet<(u64, SocketAddrV4)>,
+    /// NodePort (protocol << 16 | port) -> service index.
+    by_node_port: rustc_hash::FxHashMap<u32, u32>,
 }
 
 /// Why a new connection to a service got no backend.
@@ -155,6 +161,7 @@ impl Services {
             by_key: Default::default(),
             services: Vec::new(),
             alive: Default::default(),
+            by_node_port: Default::default(),
         }
     }
 
@@ -212,6 +219,20 @@ impl Services {
             for ep in &spec.endpoints {
                 s.alive.insert((k, *ep));
             }
+            if let Some(port) = spec.node_port {
+                if port == 0 {
+                    return Err(ServiceError::NodePortZero { name });
+                }
+                let np = node_port_key(spec.proto, port);
+                if let Some(&other) = s.by_node_port.get(&np) {
+                    return Err(ServiceError::DuplicateNodePort {
+                        a: s.services[other as usize].spec.name.clone(),
+                        b: name,
+                        port,
+                    });
+                }
+                s.by_node_port.insert(np, s.services.len() as u32);
+            }
             s.by_key.insert(k, s.services.len() as u32);
             s.services.push(Service { spec, maglev });
         }
@@ -232,6 +253,13 @@ impl Services {
 
     pub fn specs(&self) -> impl Iterator<Item = &ServiceSpec> {
         self.services.iter().map(|s| &s.spec)
+    }
+
+    /// The NodePorts served, as (protocol, port).
+    pub fn node_ports(&self) -> impl Iterator<Item = (u8, u16)> + '_ {
+        self.by_node_port
+            .keys()
+            .map(|&k| ((k >> 16) as u8, k as u16))
     }
 
     /// Whether a destination is in the service range (and so must be a service).
@@ -258,9 +286,56 @@ impl Services {
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
-        let k = key(t.dst, t.dport, t.proto);
-        let &idx = self.by_key.get(&k).ok_or(NoBackend::NoService)?;
+        let &idx = self
+            .by_key
+            .get(&key(t.dst, t.dport, t.proto))
+            .ok_or(NoBackend::NoService)?;
+        let plan = self.bind(idx, t, affinity, now)?;
+        let local_backend = plan.dnat.is_some_and(|(ip, _)| local.contains(ip));
+        Ok(NatPlan {
+            snat: local_backend.then_some(self.options.hairpin_ip),
+            ..plan
+        })
+    }
+
+    /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
+    /// address: its backend, and SNAT so that the answer comes back through this node: to the
+    /// hairpin address for a backend on this node (`local`), else to `cluster_ip`, the node's
+    /// address in the cluster network, which other nodes route to it.
+    pub fn plan_node_port(
+        &self,
+        t: &Tuple,
+        local: Ipv4Net,
+        cluster_ip: Ipv4Addr,
+        affinity: &Affinity,
+        now: u64,
+    ) -> Result<NatPlan, NoBackend> {
+        let &idx = self
+            .by_node_port
+            .get(&node_port_key(t.proto, t.dport))
+            .ok_or(NoBackend::NoService)?;
+        let plan = self.bind(idx, t, affinity, now)?;
+        let local_backend = plan.dnat.is_some_and(|(ip, _)| local.contains(ip));
+        Ok(NatPlan {
+            snat: Some(if local_backend {
+                self.options.hairpin_ip
+            } else {
+                cluster_ip
+            }),
+            ..plan
+        })
+    }
+
+    /// A backend of service `idx` for the new connection `t` (DNAT and binding, no SNAT).
+    fn bind(
+        &self,
+        idx: u32,
+        t: &Tuple,
+        affinity: &Affinity,
+        now: u64,
+    ) -> Result<NatPlan, NoBackend> {
         let svc = &self.services[idx as usize];
+        let k = key(svc.spec.cluster_ip, svc.spec.port, svc.spec.proto);
         let eps = &svc.spec.endpoints;
         if eps.is_empty() {
             return Err(NoBackend::NoEndpoints);
@@ -283,21 +358,24 @@ impl Services {
             ),
             None => choose(),
         };
-        let snat = local
-            .contains(*backend.ip())
-            .then_some(self.options.hairpin_ip);
         Ok(NatPlan {
             dnat: Some((*backend.ip(), backend.port())),
-            snat,
+            snat: None,
+            snat_ports: None,
             service: Some(ServiceBinding {
-                vip: t.dst,
-                port: t.dport,
-                proto: t.proto,
+                vip: svc.spec.cluster_ip,
+                port: svc.spec.port,
+                proto: svc.spec.proto,
                 backend: *backend.ip(),
                 backend_port: backend.port(),
             }),
         })
     }
+}
+
+/// NodePort lookup key.
+fn node_port_key(proto: u8, port: u16) -> u32 {
+    u32::from(proto) << 16 | u32::from(port)
 }
 
 /// A fixed hash of a 5-tuple, the same on every node (so Maglev is consistent cluster-wide).

@@ -4,7 +4,7 @@
 
 use super::{DropReason, Tables};
 use crate::conntrack::{
-    self, tcp::Segment, CtError, Dir, Tuple, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    self, tcp::Segment, CtError, Dir, NatPlan, Tuple, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 use crate::nat::{rewrite, Affinity, NoBackend};
 use crate::wire::{icmpv4, ipv4, tcp};
@@ -58,6 +58,17 @@ pub enum Stop {
     /// A connection to a service that cannot be served: answer with ICMP port unreachable,
     /// as kube-proxy's REJECT rule does.
     Reject,
+}
+
+/// Where a tracked packet came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// From the TUN: the node's pods (and host).
+    Pods,
+    /// From the underlay, decapsulated: another node's pods.
+    Underlay,
+    /// From the wire, to the node's own address (`--io xdp`).
+    Wire,
 }
 
 /// The tuple and L4 facts of an IPv4 packet whose header was checked, or what to do instead.
@@ -183,8 +194,8 @@ impl<'a> Tracker<'a> {
     }
 
     /// Tracks and translates one packet (see [`track`]).
-    pub fn track(&mut self, t: &Tables, pkt: &mut [u8], from_pods: bool) -> Result<Outcome, Stop> {
-        track(t, self, pkt, from_pods)
+    pub fn track(&mut self, t: &Tables, pkt: &mut [u8], from: Ingress) -> Result<Outcome, Stop> {
+        track(t, self, pkt, from)
     }
 }
 
@@ -203,9 +214,9 @@ fn runs_on(l4: &L4) -> bool {
     }
 }
 
-/// Tracks the IPv4 packet `pkt` (header checked, `len` its total length) travelling from the
-/// TUN (`from_pods`) or from the underlay, and translates it.
-fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Result<Outcome, Stop> {
+/// Tracks the IPv4 packet `pkt` (header checked, `len` its total length) that came in `from`,
+/// and translates it.
+fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<Outcome, Stop> {
     let (flows, now) = (tr.flows, tr.now);
     let (tuple, l4) = match parse(pkt).map_err(Stop::Drop)? {
         Parsed::Flow(tuple, l4) => (tuple, l4),
@@ -220,7 +231,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
             return Ok(Outcome::Unchanged);
         }
     };
-    let to_service = from_pods && t.services.in_cidr(tuple.dst);
+    let to_service = from == Ingress::Pods && t.services.in_cidr(tuple.dst);
     if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
         return Err(Stop::Drop(DropReason::Fragmented));
     }
@@ -241,12 +252,20 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
     tr.finish();
     let mut refusal = None;
     let r = flows.conntrack.track(&tuple, &l4, pkt.len(), now, |orig| {
-        if !to_service {
-            return Ok(Default::default());
+        if to_service {
+            return t
+                .services
+                .plan(orig, t.local.subnet, &flows.affinity, now)
+                .map_err(|e| refusal = Some(e));
         }
-        t.services
-            .plan(orig, t.local.subnet, &flows.affinity, now)
-            .map_err(|e| refusal = Some(e))
+        match from {
+            Ingress::Wire => t
+                .services
+                .plan_node_port(orig, t.local.subnet, t.local.tun_addr, &flows.affinity, now)
+                .map_err(|e| refusal = Some(e)),
+            Ingress::Pods => Ok(masquerade(t, orig).unwrap_or_default()),
+            Ingress::Underlay => Ok(Default::default()),
+        }
     });
     let tracked = match r {
         Ok(tracked) => tracked,
@@ -279,6 +298,25 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from_pods: bool) -> Resul
         });
     }
     Ok(translate(pkt, &tuple, &tracked.to))
+}
+
+/// flannel's "pod to outside" masquerade, done here when podwire owns the node's address
+/// (`--io xdp`): TCP and UDP from the cluster network to anywhere outside it but multicast
+/// leave from the node's address, with a port of the masquerade range.
+fn masquerade(t: &Tables, orig: &Tuple) -> Option<NatPlan> {
+    let wire = t.wire.filter(|w| w.masquerade)?;
+    let network = t.map.network();
+    let eligible = matches!(orig.proto, PROTO_TCP | PROTO_UDP)
+        && network.contains(orig.src)
+        && !network.contains(orig.dst)
+        && !orig.dst.is_multicast()
+        && !t.services.in_cidr(orig.dst);
+    eligible.then_some(NatPlan {
+        dnat: None,
+        snat: Some(t.local.public_ip),
+        snat_ports: Some(wire.masq_ports),
+        service: None,
+    })
 }
 
 /// A packet of a connection whose backend left its service: the connection is forgotten and
@@ -431,6 +469,7 @@ mod tests {
             encap: Encap::FlannelUdp,
             services: Arc::new(services),
             outer_udp_checksum: true,
+            wire: None,
         }
     }
 
@@ -454,11 +493,144 @@ mod tests {
         pkt: &[u8],
         peer: Ipv4Addr,
     ) -> (Verdict, Vec<u8>) {
+        run_as(t, f, dir, pkt, peer, false)
+    }
+
+    /// `run`, the packet coming from the wire (the AF_XDP port's TCP and UDP to the node).
+    fn from_wire(t: &Tables, f: &Flows, pkt: &[u8]) -> (Verdict, Vec<u8>) {
+        let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+        run_as(t, f, Direction::FromUnderlay, pkt, src, true)
+    }
+
+    fn run_as(
+        t: &Tables,
+        f: &Flows,
+        dir: Direction,
+        pkt: &[u8],
+        peer: Ipv4Addr,
+        wire: bool,
+    ) -> (Verdict, Vec<u8>) {
         let mut b = Batch::new(1, 2048);
         b.rx_slot(0)[..pkt.len()].copy_from_slice(pkt);
         b.commit_rx(0, pkt.len(), SocketAddrV4::new(peer, 8285), false);
+        b.slot_mut(0).1.wire = wire;
         process_with(t, Some(f), 0, dir, &mut b);
         (b.meta(0).verdict, b.packet(0).to_vec())
+    }
+
+    const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 200);
+    const NODE_PORT: u16 = 30080;
+
+    /// `tables` owning the node's address, the web service on NodePort 30080.
+    fn wire_tables(endpoints: &[SocketAddrV4]) -> Tables {
+        let t = tables(endpoints);
+        let mut specs: Vec<ServiceSpec> = t.services.specs().cloned().collect();
+        specs[0].node_port = Some(NODE_PORT);
+        let services = Services::build(*t.services.options(), specs).unwrap();
+        Tables {
+            services: Arc::new(services),
+            wire: Some(super::super::WireNat {
+                masquerade: true,
+                masq_ports: super::super::MASQ_PORTS,
+            }),
+            ..t
+        }
+    }
+
+    #[test]
+    fn test_node_port_to_a_remote_backend_is_masqueraded_to_the_nodes_cluster_address() {
+        let t = wire_tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
+        let (v, out) = from_wire(&t, &f, &syn);
+        assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
+        let (src, sport, dst, dport) = tuple_of(&out);
+        assert_eq!((src, dst, dport), (t.local.tun_addr, REMOTE_EP, 8080));
+        // Routed from eth0 into the tunnel, and by flannel's udp backend (which decrements too).
+        assert_eq!(out[8], 62);
+        // The backend answers the node's cluster address, through the tunnel: out on the wire
+        // from the NodePort, to the client.
+        let synack = tcp(REMOTE_EP, 8080, t.local.tun_addr, sport, true, true);
+        let (v, out) = run(&t, &f, Direction::FromUnderlay, &synack, NODE_B);
+        assert_eq!(v, Verdict::ToWire(OUTSIDE));
+        assert_eq!(tuple_of(&out), (NODE_A, NODE_PORT, OUTSIDE, 50000));
+    }
+
+    #[test]
+    fn test_node_port_to_a_local_backend_goes_through_the_hairpin_address() {
+        let t = wire_tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let hairpin = t.services.options().hairpin_ip;
+        let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
+        let (v, out) = from_wire(&t, &f, &syn);
+        assert_eq!(v, Verdict::ToTun);
+        let (src, sport, dst, dport) = tuple_of(&out);
+        assert_eq!((src, dst, dport), (hairpin, LOCAL_EP, 8080));
+        let synack = tcp(LOCAL_EP, 8080, hairpin, sport, true, true);
+        let (v, out) = run(&t, &f, Direction::FromTun, &synack, LOCAL_EP);
+        assert_eq!(v, Verdict::ToWire(OUTSIDE));
+        assert_eq!(tuple_of(&out), (NODE_A, NODE_PORT, OUTSIDE, 50000));
+    }
+
+    #[test]
+    fn test_pods_are_masqueraded_to_the_node_with_ports_of_the_masquerade_range() {
+        let t = wire_tables(&[]);
+        let f = Flows::new(Default::default());
+        let (lo, hi) = super::super::MASQ_PORTS;
+        let mut seen = std::collections::HashSet::new();
+        for sport in 40000..40100 {
+            let syn = tcp(CLIENT, sport, OUTSIDE, 443, true, false);
+            let (v, out) = run(&t, &f, Direction::FromTun, &syn, CLIENT);
+            assert_eq!(v, Verdict::ToWire(OUTSIDE));
+            let (src, masq, dst, dport) = tuple_of(&out);
+            assert_eq!((src, dst, dport), (NODE_A, OUTSIDE, 443));
+            assert!((lo..=hi).contains(&masq), "port {masq}");
+            assert!(seen.insert(masq), "port {masq} twice");
+            // The answer comes in on the wire and goes back to the pod.
+            let synack = tcp(OUTSIDE, 443, NODE_A, masq, true, true);
+            let (v, out) = from_wire(&t, &f, &synack);
+            assert_eq!(v, Verdict::ToTun);
+            assert_eq!(tuple_of(&out), (OUTSIDE, 443, CLIENT, sport));
+        }
+        // Pod to pod keeps its addresses; nothing is masqueraded without --ip-masq.
+        let (v, out) = run(&t, &f, Direction::FromTun, &tcp(CLIENT, 1, REMOTE_EP, 2, true, false), CLIENT);
+        assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
+        assert_eq!(tuple_of(&out), (CLIENT, 1, REMOTE_EP, 2));
+        let t = Tables {
+            wire: Some(super::super::WireNat {
+                masquerade: false,
+                masq_ports: super::super::MASQ_PORTS,
+            }),
+            ..wire_tables(&[])
+        };
+        let syn = tcp(CLIENT, 40000, OUTSIDE, 443, true, false);
+        let (v, _) = run(&t, &Flows::new(Default::default()), Direction::FromTun, &syn, CLIENT);
+        assert_eq!(v, Verdict::IcmpToTun, "no route outside without masquerade");
+    }
+
+    #[test]
+    fn test_wire_packets_that_are_no_connection_of_ours_are_dropped() {
+        let t = wire_tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let cases = [
+            // An answer to no masqueraded connection.
+            tcp(OUTSIDE, 443, NODE_A, 61000, true, true),
+            // A port that is no NodePort.
+            tcp(OUTSIDE, 50000, NODE_A, 30081, true, false),
+            // Not to the node's address.
+            tcp(OUTSIDE, 50000, NODE_B, NODE_PORT, true, false),
+        ];
+        for pkt in cases {
+            let (v, _) = from_wire(&t, &f, &pkt);
+            assert!(
+                matches!(v, Verdict::Drop(DropReason::NotForThisNode | DropReason::CtInvalid)),
+                "{v:?}"
+            );
+        }
+        // Without owning the wire, nothing from it is taken.
+        let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
+        assert_eq!(from_wire(&t, &f, &syn).0, Verdict::Drop(DropReason::NotForThisNode));
     }
 
     /// Source, destination and ports of a packet, its checksums verified.

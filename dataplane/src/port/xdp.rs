@@ -9,7 +9,7 @@
 //! yet.)
 
 use crate::sys::bpf::{XdpConfig, ROLE_POD, ROLE_UNDERLAY};
-use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use std::net::Ipv4Addr;
@@ -23,8 +23,14 @@ pub const PROGRAM_NAME: &str = "podwire_xdp";
 /// What the program does on an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// The node's uplink: UDP to `local_ip:port` goes to podwire, the rest to the kernel.
-    Underlay { local_ip: Ipv4Addr, port: u16 },
+    /// The node's uplink: UDP to `local_ip:port` goes to podwire, the rest to the kernel;
+    /// also TCP and UDP to `local_ip` with a destination port in `masq_ports` (the replies of
+    /// masqueraded connections) or among the NodePorts set with [`XdpProgram::set_node_ports`].
+    Underlay {
+        local_ip: Ipv4Addr,
+        port: u16,
+        masq_ports: Option<(u16, u16)>,
+    },
     /// A pod's veth host end: every IPv4 frame goes to podwire; ARP and IPv6 to the kernel.
     Pod,
 }
@@ -106,12 +112,21 @@ impl XdpProgram {
     pub fn attach(ifname: &str, role: Role) -> Result<XdpProgram, XdpError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
         let config = match role {
-            Role::Underlay { local_ip, port } => XdpConfig {
-                role: ROLE_UNDERLAY,
-                local_ip: u32::from_ne_bytes(local_ip.octets()),
-                port: port.to_be(),
-                pad: 0,
-            },
+            Role::Underlay {
+                local_ip,
+                port,
+                masq_ports,
+            } => {
+                let (masq_lo, masq_hi) = masq_ports.unwrap_or((1, 0));
+                XdpConfig {
+                    role: ROLE_UNDERLAY,
+                    local_ip: u32::from_ne_bytes(local_ip.octets()),
+                    port: port.to_be(),
+                    pad: 0,
+                    masq_lo,
+                    masq_hi,
+                }
+            }
             Role::Pod => XdpConfig {
                 role: ROLE_POD,
                 ..XdpConfig::default()
@@ -167,6 +182,33 @@ impl XdpProgram {
         let mut xsks = XskMap::try_from(map).map_err(map_err("xsks_map"))?;
         xsks.set(queue, socket.as_raw_fd(), 0)
             .map_err(map_err("xsks_map"))
+    }
+
+    /// Makes `ports` (protocol number, port) the NodePorts steered to podwire: adds the new
+    /// ones and removes the rest. Returns how many are set.
+    pub fn set_node_ports(&mut self, ports: &[(u8, u16)]) -> Result<usize, XdpError> {
+        let map = self
+            .ebpf
+            .map_mut("node_ports")
+            .ok_or(XdpError::MissingMap("node_ports"))?;
+        let mut set: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(map).map_err(map_err("node_ports"))?;
+        let want: std::collections::HashSet<u32> = ports
+            .iter()
+            .map(|&(proto, port)| u32::from(proto) << 16 | u32::from(port))
+            .collect();
+        let stale: Vec<u32> = set
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in stale {
+            set.remove(&k).map_err(map_err("node_ports"))?;
+        }
+        for &k in &want {
+            set.insert(k, 1, 0).map_err(map_err("node_ports"))?;
+        }
+        Ok(want.len())
     }
 
     /// The program's counts so far, summed over CPUs.

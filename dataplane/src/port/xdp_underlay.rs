@@ -71,6 +71,31 @@ pub fn udp_payload(
     ))
 }
 
+/// Where the IPv4 packet in `frame` is, if it is TCP or UDP to `local` that the kernel's IP
+/// layer would have accepted (valid header, unfragmented, its length within the frame): what
+/// the XDP program steers to podwire besides the underlay's datagrams (NodePorts, answers to
+/// masqueraded connections).
+pub fn wire_packet(
+    frame: &[u8],
+    local: Ipv4Addr,
+) -> Result<(core::ops::Range<usize>, Ipv4Addr), Refused> {
+    if frame.len() < ETH || u16::from_be_bytes([frame[12], frame[13]]) != ethernet::ethertype::IPV4
+    {
+        return Err(Refused::NotIpv4);
+    }
+    let ip = ipv4::Packet::new_checked(&frame[ETH..]).map_err(|_| Refused::BadIpHeader)?;
+    if ip.version() != 4 || !ip.verify_checksum() {
+        return Err(Refused::BadIpHeader);
+    }
+    if ip.dst() != local || !matches!(ip.protocol(), IpProtocol::Tcp | IpProtocol::Udp) {
+        return Err(Refused::NotForUs);
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Err(Refused::Fragment);
+    }
+    Ok((ETH..ETH + usize::from(ip.total_len()), ip.src()))
+}
+
 /// An AF_XDP socket on the underlay, speaking in datagrams.
 pub struct XdpUnderlayPort {
     xsk: XskPort,
@@ -89,6 +114,8 @@ pub struct XdpUnderlayPort {
     unresolved: Vec<u16>,
     /// Packets sent through the fallback since the last [`XdpUnderlayPort::take_via_kernel`].
     via_kernel: u64,
+    /// Wire packets received since the last [`XdpUnderlayPort::take_wire`].
+    wire: u64,
 }
 
 impl XdpUnderlayPort {
@@ -112,6 +139,7 @@ impl XdpUnderlayPort {
             fallback: None,
             unresolved: Vec::with_capacity(crate::worker::MAX_BATCH),
             via_kernel: 0,
+            wire: 0,
         }
     }
 
@@ -141,6 +169,12 @@ impl XdpUnderlayPort {
         }
     }
 
+    /// Packets from the wire to the node's address (not underlay datagrams) received since
+    /// the last call.
+    pub fn take_wire(&mut self) -> u64 {
+        std::mem::take(&mut self.wire)
+    }
+
     /// Frames refused on receive since the last call.
     pub fn take_refused(&mut self) -> u64 {
         std::mem::take(&mut self.refused)
@@ -153,11 +187,19 @@ impl RxPort for XdpUnderlayPort {
         for i in 0..n {
             let (slot, meta) = batch.slot_mut(i);
             let frame = &slot[meta.start..meta.start + meta.len];
-            match udp_payload(frame, self.local_ip, self.port) {
-                Ok((range, peer)) => {
+            let arrival = match udp_payload(frame, self.local_ip, self.port) {
+                Ok((range, peer)) => Ok((range, peer, false)),
+                Err(Refused::NotForUs) => wire_packet(frame, self.local_ip)
+                    .map(|(range, src)| (range, SocketAddrV4::new(src, 0), true)),
+                Err(e) => Err(e),
+            };
+            match arrival {
+                Ok((range, peer, wire)) => {
                     meta.start += range.start;
                     meta.len = range.len();
                     meta.peer = peer;
+                    meta.wire = wire;
+                    self.wire += u64::from(wire);
                 }
                 Err(_) => {
                     self.refused += 1;
@@ -262,6 +304,29 @@ mod tests {
         let (range, peer) = udp_payload(&f, me, 8472).unwrap();
         assert_eq!(&f[range], b"vxlan!");
         assert_eq!(peer, SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 2), 5555));
+    }
+
+    #[test]
+    fn tcp_and_udp_to_us_are_wire_packets_and_the_rest_is_refused() {
+        let me = Ipv4Addr::new(10, 99, 0, 1);
+        let mut f = frame(me, 30080, b"syn?");
+        let (range, src) = wire_packet(&f, me).unwrap();
+        assert_eq!(range, ETH..f.len());
+        assert_eq!(src, Ipv4Addr::new(10, 99, 0, 2));
+        // Not a datagram of the underlay's port: the underlay refuses it as not ours.
+        assert_eq!(udp_payload(&f, me, 8472), Err(Refused::NotForUs));
+        assert_eq!(
+            wire_packet(&frame(Ipv4Addr::new(10, 99, 0, 9), 30080, b"x"), me),
+            Err(Refused::NotForUs)
+        );
+        f[14 + 9] = 1; // ICMP
+        let mut p = ipv4::Packet::new_unchecked(&mut f[14..]);
+        p.fill_checksum();
+        assert_eq!(wire_packet(&f, me), Err(Refused::NotForUs));
+        let good = frame(me, 30080, b"x");
+        for cut in 0..good.len() - 1 {
+            assert!(wire_packet(&good[..cut], me).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

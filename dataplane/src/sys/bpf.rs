@@ -1,7 +1,8 @@
 //! Values shared with the XDP program (`ebpf/podwire_xdp.c`) through its maps.
 
 /// `struct config` of the XDP program, field for field: its role on the interface and, for the
-/// underlay, the node's address and the data port (network byte order).
+/// underlay, the node's address and the data port (network byte order), and the masquerade
+/// port range (host byte order, empty when `masq_lo > masq_hi`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdpConfig {
@@ -9,9 +10,11 @@ pub struct XdpConfig {
     pub local_ip: u32,
     pub port: u16,
     pub pad: u16,
+    pub masq_lo: u16,
+    pub masq_hi: u16,
 }
 
-// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 + 2 bytes, alignment 4)
+// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 * 4 bytes, alignment 4)
 // and every bit pattern is a valid value, which is what aya's `Pod` asks of map values.
 unsafe impl aya::Pod for XdpConfig {}
 
