@@ -415,7 +415,9 @@ fn warn_if_kernel_uses_masq_ports() {
     let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
         return;
     };
-    let mut it = text.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u16>().ok());
     if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
         if lo <= MASQ_PORTS.1 && hi >= MASQ_PORTS.0 {
             tracing::warn!(

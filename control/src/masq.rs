@@ -117,22 +117,51 @@ pub const POD_RULE_PRIORITY: &str = "100";
 /// service range, multicast, which the main table routes as before). Other protocols (ICMP)
 /// stay with the kernel and its masquerade. Replies come in from `tun` with sources that the
 /// main table routes elsewhere, so its reverse-path filter is made loose.
-pub fn steer_pods(tun: &str, pod: Ipv4Net, keep: &[Ipv4Net]) -> Result<(), crate::netdev::NetdevError> {
+pub fn steer_pods(
+    tun: &str,
+    pod: Ipv4Net,
+    keep: &[Ipv4Net],
+) -> Result<(), crate::netdev::NetdevError> {
     use crate::netdev::ip;
     unsteer_pods();
-    ip(&["route", "replace", "default", "dev", tun, "table", POD_TABLE])?;
+    ip(&[
+        "route", "replace", "default", "dev", tun, "table", POD_TABLE,
+    ])?;
     for net in keep {
-        ip(&["route", "replace", "throw", &net.to_string(), "table", POD_TABLE])?;
+        ip(&[
+            "route",
+            "replace",
+            "throw",
+            &net.to_string(),
+            "table",
+            POD_TABLE,
+        ])?;
     }
-    ip(&["route", "replace", "throw", "224.0.0.0/4", "table", POD_TABLE])?;
+    ip(&[
+        "route",
+        "replace",
+        "throw",
+        "224.0.0.0/4",
+        "table",
+        POD_TABLE,
+    ])?;
     for proto in ["tcp", "udp"] {
         ip(&[
-            "rule", "add", "priority", POD_RULE_PRIORITY, "from", &pod.to_string(), "ipproto", proto,
-            "table", POD_TABLE,
+            "rule",
+            "add",
+            "priority",
+            POD_RULE_PRIORITY,
+            "from",
+            &pod.to_string(),
+            "ipproto",
+            proto,
+            "table",
+            POD_TABLE,
         ])?;
     }
     let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
-    std::fs::write(&rp, "2").map_err(|source| crate::netdev::NetdevError::Sysctl { path: rp, source })?;
+    std::fs::write(&rp, "2")
+        .map_err(|source| crate::netdev::NetdevError::Sysctl { path: rp, source })?;
     Ok(())
 }
 
@@ -141,7 +170,16 @@ pub fn unsteer_pods() {
     use crate::netdev::ip;
     // One rule per call; there are two, or a few more if runs crashed in between.
     for _ in 0..16 {
-        if ip(&["rule", "del", "priority", POD_RULE_PRIORITY, "table", POD_TABLE]).is_err() {
+        if ip(&[
+            "rule",
+            "del",
+            "priority",
+            POD_RULE_PRIORITY,
+            "table",
+            POD_TABLE,
+        ])
+        .is_err()
+        {
             break;
         }
     }

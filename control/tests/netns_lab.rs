@@ -291,51 +291,65 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
 #[test]
 fn vxlan_over_af_xdp_with_a_kernel_flannel_node() {
     let Some(_slot) = lab_slot() else { return };
-    // Node 1 podwire with `--io xdp`, node 2 the kernel's flannel.1: ping, TCP with SHA-256
-    // both ways, node 1's host still reachable on the XDP interface, and no program left
-    // after SIGTERM. (The restart checks need a second podwire node: the test below.)
+    // Node 1 podwire with `--io xdp`, nodes 2 and 3 the kernel's flannel.1: ping, TCP with
+    // SHA-256 both ways, node 1's host still reachable on the XDP interface, NodePorts on node
+    // 1 from an outside host with backends on the kernel nodes, podwire's masquerade of pod 1,
+    // and no program or rule left after SIGTERM. (The restart checks need a second podwire
+    // node: the test below.)
     let (report, text) = run_lab(&[
         "--nodes",
-        "2",
+        "3",
         "--backend",
         "vxlan",
         "--peer",
         "kernel",
         "--io",
         "xdp",
+        "--services",
+        "--ip-masq",
         "--transfer-mb",
         "50",
     ]);
     assert_all_checks_pass(&report, &text);
-    assert_eq!(
-        check(&report, "with XDP on node 1's interface")["ok"],
-        true,
-        "host reachable beside XDP"
-    );
+    for name in [
+        "with XDP on node 1's interface",
+        "60 TCP connections from outside to node 1's NodePort",
+        "a NodePort (30081) whose backend is on node 1 itself",
+        "UDP from outside to NodePort",
+        "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node (by podwire",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}");
+    }
     assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
 }
 
 #[test]
 fn vxlan_two_podwire_nodes_over_af_xdp() {
     let Some(_slot) = lab_slot() else { return };
-    // Both nodes `--io xdp`: every lab check, the SIGKILL restart and the worker panic among
-    // them (the next start attaches again: nothing stale was left).
+    // Every node `--io xdp`: every lab check, the SIGKILL restart and the worker panic among
+    // them (the next start attaches again: nothing stale was left); NodePorts with backends
+    // on podwire nodes, and podwire's masquerade.
     let (report, text) = run_lab(&[
         "--nodes",
-        "2",
+        "3",
         "--backend",
         "vxlan",
         "--io",
         "xdp",
+        "--services",
+        "--ip-masq",
         "--transfer-mb",
         "50",
     ]);
     assert_all_checks_pass(&report, &text);
-    assert_eq!(
-        check(&report, "SIGTERM leaves no device, route, XDP program")["ok"],
-        true,
-        "no XDP program left"
-    );
+    for name in [
+        "SIGTERM leaves no device, route, XDP program",
+        "60 TCP connections from outside to node 1's NodePort",
+        "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node (by podwire",
+        "SIGKILL under a TCP transfer",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}");
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@
 #![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
 
 use podwire_dataplane::batch::Batch;
+use podwire_dataplane::pipeline::MASQ_PORTS;
 use podwire_dataplane::port::xdp::{Mode, Role, XdpProgram};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
@@ -83,12 +84,13 @@ fn xdp_program_steers_only_podwires_udp_and_detaches_on_drop() {
     ip(&["-n", &b.0, "link", "set", "xb", "up"]);
     // Native XDP on veth needs the peer to have GRO or XDP for redirects; passing does not.
     let local_ip = Ipv4Addr::new(10, 99, 0, 1);
-    let (prog, ours, theirs) = in_netns(&a.0, move || {
+    let (mut prog, ours, theirs) = in_netns(&a.0, move || {
         let prog = XdpProgram::attach(
             "xa",
             Role::Underlay {
                 local_ip,
                 port: PORT,
+                masq_ports: Some(MASQ_PORTS),
             },
         )
         .expect("attach");
@@ -146,6 +148,24 @@ fn xdp_program_steers_only_podwires_udp_and_detaches_on_drop() {
     // 3 UDP to 9999, the TCP connection's segments, ARP.
     assert!(c.passed >= 7, "{c:?}");
 
+    // A NodePort and a port of the masquerade range are podwire's too (a SYN each, refused by
+    // the kernel with a RST since no socket is bound); once the NodePort is gone, it is not.
+    assert_eq!(prog.set_node_ports(&[(6, 30080), (17, 30053)]).unwrap(), 2);
+    let syn = |port: u16| {
+        in_netns(&b.0, move || {
+            let r = TcpStream::connect_timeout(&(local_ip, port).into(), Duration::from_secs(3));
+            assert!(r.is_err(), "nothing listens on {port}");
+        })
+    };
+    syn(30080);
+    syn(MASQ_PORTS.0 + 7);
+    syn(30081);
+    assert_eq!(prog.counters().unwrap().no_socket, 7);
+    assert_eq!(prog.set_node_ports(&[(17, 30053)]).unwrap(), 1);
+    syn(30080);
+    let c = prog.counters().unwrap();
+    assert_eq!(c.no_socket, 7, "{c:?}");
+
     drop(prog);
     let link = ip(&["-n", &a.0, "-d", "link", "show", "xa"]);
     assert!(
@@ -198,12 +218,13 @@ fn peer_features(b: &Netns, extra: &[&str]) {
     assert!(status.success(), "ethtool {extra:?}");
 }
 
-/// In namespace `a`: the XDP program on `xa` as the underlay of 10.99.0.1:PORT, and an
-/// AF_XDP socket on its queue 0, in the program's map.
+/// In namespace `a`: the XDP program on `xa` as the underlay of 10.99.0.1:PORT (and of the
+/// masquerade range), and an AF_XDP socket on its queue 0, in the program's map.
 fn xdp_with_socket(a: &Netns) -> (XdpProgram, XskPort) {
     let local_ip = Ipv4Addr::new(10, 99, 0, 1);
     let (mut prog, port) = in_netns(&a.0, move || {
         let role = Role::Underlay {
+            masq_ports: Some(MASQ_PORTS),
             local_ip,
             port: PORT,
         };
@@ -371,6 +392,25 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
     }
     assert_eq!(got, 20);
     assert_eq!(port.take_refused(), 0);
+    assert_eq!(port.take_wire(), 0);
+
+    // A TCP segment to a port of the masquerade range: a whole IPv4 packet from the wire.
+    let masq_port = MASQ_PORTS.0 + 3;
+    in_netns(&b.0, move || {
+        let r =
+            TcpStream::connect_timeout(&(local_ip, masq_port).into(), Duration::from_millis(300));
+        assert!(r.is_err(), "podwire's, not the kernel's: nobody answers");
+    });
+    let n = port.rx_batch(&mut batch).expect("rx");
+    assert_eq!(n, 1);
+    assert!(batch.meta(0).wire);
+    assert_eq!(batch.meta(0).peer, SocketAddrV4::new(peer_ip, 0));
+    let p = etherparse::SlicedPacket::from_ip(batch.packet(0)).expect("an IPv4 packet");
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP");
+    };
+    assert!(tcp.syn() && tcp.destination_port() == masq_port);
+    assert_eq!(port.take_wire(), 1);
 
     // Send: outer IPv4 + UDP packets, as the pipeline writes them; the port adds Ethernet
     // with the peer's MAC from the kernel's table (in node A's namespace, so it runs there).

@@ -207,7 +207,7 @@ fn wait_rewritten(names: &Names, node: usize, since: SystemTime) {
 }
 
 /// After every daemon stopped on SIGTERM: no TUN device, no route through it, no service
-/// route, no nftables table and no ctl socket on any podwire node (the lease stays, as
+/// route, no policy rule, no nftables table and no ctl socket on any podwire node (the lease stays, as
 /// flanneld leaves it).
 pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
     let mut left = Vec::new();
@@ -224,6 +224,14 @@ pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
                 routes.trim().replace('\n', "; ")
             ));
         }
+        // `--ip-masq --io xdp`: the policy rules that steer pods' TCP and UDP into podwire.
+        let (_, rules) = netns::output_in(&ns, &["ip", "rule", "show"])?;
+        if rules.contains(podwire::masq::POD_TABLE) {
+            left.push(format!(
+                "n{i}: ip rules to table {}",
+                podwire::masq::POD_TABLE
+            ));
+        }
         let (_, tables) = netns::output_in(&ns, &["nft", "list", "tables"])?;
         if tables.contains(podwire::masq::TABLE) {
             left.push(format!("n{i}: nftables table {}", podwire::masq::TABLE));
@@ -238,7 +246,7 @@ pub fn residue_check(names: &Names, opts: &LabOptions) -> Result<Check> {
         }
     }
     Ok(Check {
-        name: "SIGTERM leaves no device, route, XDP program, nftables table or socket behind"
+        name: "SIGTERM leaves no device, route, XDP program, policy rule, nftables table or socket behind"
             .into(),
         ok: left.is_empty(),
         detail: if left.is_empty() {

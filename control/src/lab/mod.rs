@@ -396,6 +396,10 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
         }
     }
     attach("x", &res.ns("x"), ROGUE_IP)?;
+    if opts.io_xdp {
+        // It is the outside client of node 1's NodePorts: its frames reach AF_XDP whole too.
+        netns::exec_in(&res.ns("x"), &["ethtool", "-K", "eth0", "tx", "off"])?;
+    }
     // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
     for i in (1..=opts.nodes).filter(|_| !opts.l2) {
         let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
@@ -1021,10 +1025,12 @@ fn unreachable_check(res: &Names) -> Result<Check> {
     })
 }
 
-/// With `--ip-masq`: pod 1 connects to a host outside the cluster (the underlay's rogue host,
-/// which has no route to the pods), which must see node 1's address; the services checks
-/// show that traffic between pods keeps its addresses.
-fn masquerade_check(res: &Names) -> Result<Check> {
+/// With `--ip-masq`: pod 1 sends 2 MB to a host outside the cluster (the underlay's rogue
+/// host, which has no route to the pods), which must see node 1's address and answer with the
+/// data's SHA-256; the services checks show that traffic between pods keeps its addresses.
+/// With `--io xdp` podwire masquerades, so the port must be one of its masquerade range.
+fn masquerade_check(res: &Names, opts: &LabOptions) -> Result<Check> {
+    const SIZE: usize = 2 << 20;
     let listener = netns::run_in(&res.ns("x"), || {
         Ok(TcpListener::bind(SocketAddrV4::new(ROGUE_IP, MASQ_PORT))?)
     })?;
@@ -1033,7 +1039,14 @@ fn masquerade_check(res: &Names) -> Result<Check> {
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             match listener.accept() {
-                Ok((_, std::net::SocketAddr::V4(peer))) => return Ok(peer),
+                Ok((mut s, std::net::SocketAddr::V4(peer))) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(STEP_TIMEOUT))?;
+                    let mut data = Vec::with_capacity(SIZE);
+                    s.read_to_end(&mut data)?;
+                    s.write_all(&<sha2::Sha256 as sha2::Digest>::digest(&data))?;
+                    return Ok(peer);
+                }
                 Ok(_) => bail!("an IPv6 peer"),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
@@ -1044,20 +1057,40 @@ fn masquerade_check(res: &Names) -> Result<Check> {
             }
         }
     });
-    let connected = netns::run_in(&res.ns("p1"), || {
-        std::net::TcpStream::connect_timeout(
+    let sent = netns::run_in(&res.ns("p1"), || {
+        let mut s = std::net::TcpStream::connect_timeout(
             &SocketAddrV4::new(ROGUE_IP, MASQ_PORT).into(),
             Duration::from_secs(5),
         )
-        .map(|_| ())
-        .context("connecting to the outside host")
+        .context("connecting to the outside host")?;
+        s.set_read_timeout(Some(STEP_TIMEOUT))?;
+        let mut data = vec![0u8; SIZE];
+        traffic::Pattern::new(41).fill(&mut data);
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut digest = [0u8; 32];
+        s.read_exact(&mut digest)
+            .context("reading the outside host's digest")?;
+        if digest[..] != <sha2::Sha256 as sha2::Digest>::digest(&data)[..] {
+            bail!("the outside host received other bytes than pod 1 sent");
+        }
+        Ok(())
     });
     let seen = netns::join(server);
-    let ok = connected.is_ok() && matches!(&seen, Ok(p) if *p.ip() == underlay_ip(1));
+    let (lo, hi) = podwire_dataplane::pipeline::MASQ_PORTS;
+    let port_ok = |p: &SocketAddrV4| !opts.io_xdp || (lo..=hi).contains(&p.port());
+    let ok = sent.is_ok() && matches!(&seen, Ok(p) if *p.ip() == underlay_ip(1) && port_ok(p));
+    let by = if opts.io_xdp {
+        format!("by podwire, from a port in {lo}-{hi}")
+    } else {
+        "by the kernel".into()
+    };
     Ok(Check {
-        name: "--ip-masq: a pod reaches a host outside the cluster as its node".into(),
+        name: format!(
+            "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node ({by}), intact"
+        ),
         ok,
-        detail: match (connected, seen) {
+        detail: match (sent, seen) {
             (Ok(()), Ok(peer)) => format!("{ROGUE_IP} saw {peer} (node 1 is {})", underlay_ip(1)),
             (Err(e), _) | (_, Err(e)) => format!("{e:#}"),
         },
@@ -1470,7 +1503,14 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
             podwire_dataplane::nat::hairpin_ip_for(cidr)
         };
-        let (c, f) = services_lab::checks(&r, hairpin, &services_source(res, opts))?;
+        // With --io xdp, node 1's podwire owns its address: its NodePorts, from outside.
+        let node_ports =
+            (opts.io_xdp && !opts.is_kernel_node(1)).then_some(services_lab::NodePorts {
+                node: underlay_ip(1),
+                cluster_addr: Ipv4Addr::new(10, 244, 1, 0),
+                outside: "x",
+            });
+        let (c, f) = services_lab::checks(&r, hairpin, &services_source(res, opts), node_ports)?;
         checks.extend(c);
         figures.insert(
             "service_connections_per_s".into(),
@@ -1510,13 +1550,14 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         checks.push(udp_gso_check(&r)?);
         checks.push(unreachable_check(&r)?);
         if opts.ip_masq {
-            checks.push(masquerade_check(&r)?);
+            checks.push(masquerade_check(&r, opts)?);
         }
         checks.push(rogue_check(&r, opts)?);
         if opts.io_xdp {
             checks.push(xdp_host_check(&r)?);
         }
-        if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) {
+        // Per-peer queues are sockets: through AF_XDP, every peer shares the queue's ring.
+        if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) && !opts.io_xdp {
             checks.push(fairness::check(&r, opts)?);
         }
         if opts.etcd {

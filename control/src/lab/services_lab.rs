@@ -8,6 +8,9 @@
 //! - `default/self` 10.96.0.11:80/TCP -> 10.244.1.2:8080, the calling pod itself (hairpin);
 //! - `default/empty` 10.96.0.12:80/TCP, no endpoints (kube-proxy rejects: connection refused).
 //!
+//! `web`, `self` and `dns` also have NodePorts (30080, 30081, 30053/UDP): with `--io xdp`,
+//! node 1's podwire serves them on its own address to the outside host of the underlay.
+//!
 //! Every backend runs a small server in its pod that answers each request with the address
 //! it served on, the peer it saw and the SHA-256 of what it received.
 
@@ -31,6 +34,11 @@ pub const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 pub const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const BACKEND_PORT: u16 = 8080;
+pub const WEB_NODE_PORT: u16 = 30080;
+pub const SELF_NODE_PORT: u16 = 30081;
+pub const DNS_NODE_PORT: u16 = 30053;
+/// Connections from outside to the web service's NodePort.
+const NODE_PORT_CONNECTIONS: usize = 60;
 const DNS_PORT: u16 = 5353;
 /// The second address of pod 2: a third "pod" of the web service.
 pub const POD2_SECOND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
@@ -54,11 +62,11 @@ fn services_json(web: &[Ipv4Addr]) -> serde_json::Value {
     };
     json!({"services": [
         {"name": "default/web", "clusterIP": WEB_VIP.to_string(), "protocol": "TCP", "port": 80,
-         "endpoints": eps(web, BACKEND_PORT)},
+         "endpoints": eps(web, BACKEND_PORT), "nodePort": WEB_NODE_PORT},
         {"name": "default/dns", "clusterIP": DNS_VIP.to_string(), "protocol": "UDP", "port": 53,
-         "endpoints": eps(&[pod(2), pod(3)], DNS_PORT)},
+         "endpoints": eps(&[pod(2), pod(3)], DNS_PORT), "nodePort": DNS_NODE_PORT},
         {"name": "default/self", "clusterIP": SELF_VIP.to_string(), "protocol": "TCP", "port": 80,
-         "endpoints": eps(&[pod(1)], BACKEND_PORT)},
+         "endpoints": eps(&[pod(1)], BACKEND_PORT), "nodePort": SELF_NODE_PORT},
         {"name": "default/empty", "clusterIP": EMPTY_VIP.to_string(), "protocol": "TCP", "port": 80,
          "endpoints": []},
     ]})
@@ -286,8 +294,12 @@ fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answer> {
 }
 
 fn connect(vip: Ipv4Addr) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&SocketAddrV4::new(vip, 80).into(), TIMEOUT)
-        .with_context(|| format!("connecting to {vip}:80"))?;
+    connect_to(SocketAddrV4::new(vip, 80))
+}
+
+fn connect_to(addr: SocketAddrV4) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr.into(), TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     Ok(s)
@@ -314,9 +326,26 @@ pub struct Figures {
     pub spread: BTreeMap<String, usize>,
 }
 
+/// Where node 1 serves NodePorts to the outside host, and what it is seen as by backends.
+#[derive(Debug, Clone, Copy)]
+pub struct NodePorts {
+    /// Node 1's address on the underlay.
+    pub node: Ipv4Addr,
+    /// Node 1's address in the cluster network: remote backends see NodePort clients as it.
+    pub cluster_addr: Ipv4Addr,
+    /// The outside host's netns name suffix (`x`).
+    pub outside: &'static str,
+}
+
 /// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as;
-/// `kernel`: node 1 is kube-proxy's iptables rules, not podwire.
-pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Check>, Figures)> {
+/// `kernel`: node 1 is kube-proxy's iptables rules, not podwire. With `node_ports`, the
+/// NodePorts are checked from outside the cluster too.
+pub fn checks(
+    r: &Names,
+    hairpin_ip: Ipv4Addr,
+    src: &Source,
+    node_ports: Option<NodePorts>,
+) -> Result<(Vec<Check>, Figures)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     for (node, ip) in [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))] {
@@ -332,7 +361,7 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Chec
         }));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let outcome = run_checks(r, hairpin_ip, src);
+    let outcome = run_checks(r, hairpin_ip, src, node_ports);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         netns::join(s).context("a backend server failed")?;
@@ -340,7 +369,12 @@ pub fn checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Chec
     outcome
 }
 
-fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Check>, Figures)> {
+fn run_checks(
+    r: &Names,
+    hairpin_ip: Ipv4Addr,
+    src: &Source,
+    node_ports: Option<NodePorts>,
+) -> Result<(Vec<Check>, Figures)> {
     let mut checks = Vec::new();
     let mut figures = Figures::default();
     let client = r.ns("p1");
@@ -468,8 +502,107 @@ fn run_checks(r: &Names, hairpin_ip: Ipv4Addr, src: &Source) -> Result<(Vec<Chec
         },
     });
 
+    if let Some(np) = node_ports {
+        checks.extend(node_port_checks(r, hairpin_ip, np));
+    }
     checks.push(removal_check(r, src)?);
     Ok((checks, figures))
+}
+
+/// From the outside host: the web service's NodePort (backends on nodes 2 and 3, which must
+/// see node 1's cluster address), the self service's (a backend on node 1, which sees the
+/// hairpin address), and the dns service's over UDP (answered from the NodePort).
+fn node_port_checks(r: &Names, hairpin_ip: Ipv4Addr, np: NodePorts) -> Vec<Check> {
+    let outside = r.ns(np.outside);
+    let mut checks = Vec::new();
+    let web = netns::run_in(&outside, move || {
+        let mut answers = Vec::new();
+        for i in 0..NODE_PORT_CONNECTIONS {
+            let mut s = connect_to(SocketAddrV4::new(np.node, WEB_NODE_PORT))?;
+            answers.push(request(&mut s, 20_000 + 97 * i, 1000 + i as u64)?);
+        }
+        Ok(answers)
+    });
+    let name = format!(
+        "{NODE_PORT_CONNECTIONS} TCP connections from outside to node 1's NodePort {WEB_NODE_PORT}, \
+         content intact, remote backends see node 1's cluster address"
+    );
+    checks.push(match web {
+        Ok(answers) => {
+            let mut spread = BTreeMap::<Ipv4Addr, usize>::new();
+            for a in &answers {
+                *spread.entry(a.served_on).or_default() += 1;
+            }
+            let seen_node = answers.iter().all(|a| *a.peer.ip() == np.cluster_addr);
+            let backends = web_backends();
+            Check {
+                name,
+                ok: seen_node && spread.len() >= 2 && spread.keys().all(|b| backends.contains(b)),
+                detail: format!(
+                    "served by {spread:?}; backends saw {:?}",
+                    answers
+                        .iter()
+                        .map(|a| *a.peer.ip())
+                        .collect::<std::collections::BTreeSet<_>>()
+                ),
+            }
+        }
+        Err(e) => Check {
+            name,
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+    let local = netns::run_in(&outside, move || {
+        let mut s = connect_to(SocketAddrV4::new(np.node, SELF_NODE_PORT))?;
+        request(&mut s, 100_000, 77)
+    });
+    let name = format!("a NodePort ({SELF_NODE_PORT}) whose backend is on node 1 itself");
+    checks.push(match local {
+        Ok(a) => Check {
+            name,
+            ok: a.served_on == pod(1) && *a.peer.ip() == hairpin_ip,
+            detail: format!("served by {}, which saw {}", a.served_on, a.peer),
+        },
+        Err(e) => Check {
+            name,
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+    let udp = netns::run_in(&outside, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let to = SocketAddrV4::new(np.node, DNS_NODE_PORT);
+        let (mut ok, mut from_node) = (0, 0);
+        let mut buf = [0u8; 2048];
+        for i in 0..50u32 {
+            sock.send_to(&i.to_be_bytes(), to)?;
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if n == 8 && buf[4..8] == i.to_be_bytes() {
+                    ok += 1;
+                }
+                if from == to.into() {
+                    from_node += 1;
+                }
+            }
+        }
+        Ok((ok, from_node))
+    });
+    let name = format!("UDP from outside to NodePort {DNS_NODE_PORT}, answered from it");
+    checks.push(match udp {
+        Ok((ok, from_node)) => Check {
+            name,
+            ok: ok >= 49 && from_node == ok,
+            detail: format!("{ok} of 50 answered, {from_node} from node 1"),
+        },
+        Err(e) => Check {
+            name,
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    });
+    checks
 }
 
 /// Long-lived connections, then a backend leaves the service: with podwire its connections

@@ -593,7 +593,13 @@ mod tests {
             assert_eq!(tuple_of(&out), (OUTSIDE, 443, CLIENT, sport));
         }
         // Pod to pod keeps its addresses; nothing is masqueraded without --ip-masq.
-        let (v, out) = run(&t, &f, Direction::FromTun, &tcp(CLIENT, 1, REMOTE_EP, 2, true, false), CLIENT);
+        let (v, out) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, 1, REMOTE_EP, 2, true, false),
+            CLIENT,
+        );
         assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
         assert_eq!(tuple_of(&out), (CLIENT, 1, REMOTE_EP, 2));
         let t = Tables {
@@ -604,7 +610,13 @@ mod tests {
             ..wire_tables(&[])
         };
         let syn = tcp(CLIENT, 40000, OUTSIDE, 443, true, false);
-        let (v, _) = run(&t, &Flows::new(Default::default()), Direction::FromTun, &syn, CLIENT);
+        let (v, _) = run(
+            &t,
+            &Flows::new(Default::default()),
+            Direction::FromTun,
+            &syn,
+            CLIENT,
+        );
         assert_eq!(v, Verdict::IcmpToTun, "no route outside without masquerade");
     }
 
@@ -623,14 +635,20 @@ mod tests {
         for pkt in cases {
             let (v, _) = from_wire(&t, &f, &pkt);
             assert!(
-                matches!(v, Verdict::Drop(DropReason::NotForThisNode | DropReason::CtInvalid)),
+                matches!(
+                    v,
+                    Verdict::Drop(DropReason::NotForThisNode | DropReason::CtInvalid)
+                ),
                 "{v:?}"
             );
         }
         // Without owning the wire, nothing from it is taken.
         let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
         let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
-        assert_eq!(from_wire(&t, &f, &syn).0, Verdict::Drop(DropReason::NotForThisNode));
+        assert_eq!(
+            from_wire(&t, &f, &syn).0,
+            Verdict::Drop(DropReason::NotForThisNode)
+        );
     }
 
     /// Source, destination and ports of a packet, its checksums verified.

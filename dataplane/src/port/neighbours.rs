@@ -190,11 +190,17 @@ mod tests {
         let routes = parse_proc_route(&text, "eth0");
         assert_eq!(routes.len(), 2);
         let gw = Ipv4Addr::new(192, 168, 99, 1);
-        assert_eq!(next_hop(&routes, Ipv4Addr::new(192, 168, 99, 12)), Ipv4Addr::new(192, 168, 99, 12));
+        assert_eq!(
+            next_hop(&routes, Ipv4Addr::new(192, 168, 99, 12)),
+            Ipv4Addr::new(192, 168, 99, 12)
+        );
         assert_eq!(next_hop(&routes, Ipv4Addr::new(8, 8, 8, 8)), gw);
         // Another device's route is not this device's.
         assert_eq!(next_hop(&routes, Ipv4Addr::new(10, 1, 2, 3)), gw);
-        assert_eq!(next_hop(&[], Ipv4Addr::new(8, 8, 8, 8)), Ipv4Addr::new(8, 8, 8, 8));
+        assert_eq!(
+            next_hop(&[], Ipv4Addr::new(8, 8, 8, 8)),
+            Ipv4Addr::new(8, 8, 8, 8)
+        );
     }
 
     #[test]
