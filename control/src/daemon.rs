@@ -704,6 +704,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 port,
                 masq_ports: masq_userspace.then_some(MASQ_PORTS),
             };
+            if let Some(id) = netdev::remove_stale_xdp(&iface.name, xdp::PROGRAM_NAME)? {
+                tracing::warn!(device = %iface.name, id, "took off podwire's XDP program that a podwire now gone left attached (netlink)");
+            }
             let mut prog = xdp::XdpProgram::attach(&iface.name, role)
                 .with_context(|| format!("XDP on {}", iface.name))?;
             tracing::info!(device = %iface.name, mode = ?prog.mode(), "XDP program attached");

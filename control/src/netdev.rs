@@ -31,6 +31,83 @@ pub enum NetdevError {
     Spawn(std::io::Error),
     #[error("cannot read the MAC address of {iface}: {detail}")]
     Mac { iface: String, detail: String },
+    #[error("{iface} already runs XDP program {name:?} (id {id}), which is not podwire's: detach it first (ip link set dev {iface} xdp off)")]
+    ForeignXdp {
+        iface: String,
+        name: String,
+        id: u64,
+    },
+    #[error("{iface} runs podwire's XDP program (id {id}) held by a live process: is another podwire running on it?")]
+    XdpBusy { iface: String, id: u64 },
+    #[error("cannot read {iface}'s XDP state: {detail}")]
+    XdpState { iface: String, detail: String },
+}
+
+/// An XDP program on a device, as `ip -d -j link show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedXdp {
+    pub id: u64,
+    pub name: String,
+    /// 1 driver, 2 generic, 3 offloaded (the kernel's XDP_ATTACHED_*).
+    pub mode: u64,
+}
+
+/// The XDP program of `ip -d -j link show dev X`'s output, if one is attached.
+pub fn parse_attached_xdp(json: &str) -> Result<Option<AttachedXdp>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let xdp = &v[0]["xdp"];
+    if xdp.is_null() {
+        return Ok(None);
+    }
+    let prog = &xdp["prog"];
+    Ok(Some(AttachedXdp {
+        id: prog["id"].as_u64().ok_or("no program id")?,
+        name: prog["name"].as_str().unwrap_or_default().to_string(),
+        mode: xdp["mode"].as_u64().unwrap_or(0),
+    }))
+}
+
+/// Removes podwire's XDP program from `iface` if a podwire that is gone left it attached (a
+/// netlink attachment, as kernels before 5.9 make, or one made by hand), so that this start
+/// can attach its own; returns the removed program's id. A program that is not podwire's
+/// (`ours` is its name) is an error, as is podwire's held by a live process (a bpf_link,
+/// which netlink cannot detach).
+pub fn remove_stale_xdp(iface: &str, ours: &str) -> Result<Option<u64>, NetdevError> {
+    let state_err = |detail: String| NetdevError::XdpState {
+        iface: iface.to_string(),
+        detail,
+    };
+    let out = Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", iface])
+        .output()
+        .map_err(NetdevError::Spawn)?;
+    if !out.status.success() {
+        return Err(state_err(
+            String::from_utf8_lossy(&out.stderr).trim().into(),
+        ));
+    }
+    let Some(prog) =
+        parse_attached_xdp(&String::from_utf8_lossy(&out.stdout)).map_err(state_err)?
+    else {
+        return Ok(None);
+    };
+    if prog.name != ours {
+        return Err(NetdevError::ForeignXdp {
+            iface: iface.to_string(),
+            name: prog.name,
+            id: prog.id,
+        });
+    }
+    let kind = match prog.mode {
+        1 => "xdpdrv",
+        3 => "xdpoffload",
+        _ => "xdpgeneric",
+    };
+    ip(&["link", "set", "dev", iface, kind, "off"]).map_err(|_| NetdevError::XdpBusy {
+        iface: iface.to_string(),
+        id: prog.id,
+    })?;
+    Ok(Some(prog.id))
 }
 
 /// The underlay interface.
@@ -341,6 +418,22 @@ fn parse_routes(json: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_attached_xdp_is_read_from_ip_json() {
+        let with = r#"[{"ifindex":3,"ifname":"xa","xdp":{"mode":2,"prog":{"id":653,"name":"podwire_xdp","tag":"ee44"},"attached":[]}}]"#;
+        assert_eq!(
+            parse_attached_xdp(with).unwrap(),
+            Some(AttachedXdp {
+                id: 653,
+                name: "podwire_xdp".into(),
+                mode: 2
+            })
+        );
+        let without = r#"[{"ifindex":3,"ifname":"xa","mtu":1500}]"#;
+        assert_eq!(parse_attached_xdp(without).unwrap(), None);
+        assert!(parse_attached_xdp("not json").is_err());
+    }
 
     #[test]
     fn test_leftover_routes_parse_from_ip_json() {

@@ -382,6 +382,28 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
         )?;
         netns::ip_in(&n1, &["link", "set", FLANNELD_DEVICE, "up"])?;
     }
+    if opts.io_xdp && !opts.is_kernel_node(1) {
+        // What a podwire killed on a kernel before 5.9 leaves: its program attached through
+        // netlink, which outlives the process. Node 1's podwire must take it off.
+        let object = res.names.dir.join("podwire_xdp.o");
+        std::fs::write(&object, podwire_dataplane::port::xdp::object())?;
+        let path = object.display().to_string();
+        netns::ip_in(
+            &res.ns("n1"),
+            &[
+                "link",
+                "set",
+                "dev",
+                "eth0",
+                "xdpgeneric",
+                "obj",
+                &path,
+                "sec",
+                "xdp",
+            ],
+        )
+        .context("attaching a stale XDP program to node 1 (ip link ... xdpgeneric obj)")?;
+    }
     if opts.direct_routing && !opts.is_kernel_node(1) {
         // What a SIGKILLed podwire leaves when the peer's lease vanishes before the restart,
         // and somebody else's route beside it: the first must go, the second stay.
@@ -1575,6 +1597,15 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.push(Check {
                 name: "node 1 takes over from flanneld: its leftover flannel.1 VXLAN device is replaced".into(),
                 ok: log.contains("removed a kernel VXLAN device"),
+                detail: "node 1 log".into(),
+            });
+        }
+        if opts.io_xdp {
+            let log = std::fs::read_to_string(r.dir.join("n1/podwire.log")).unwrap_or_default();
+            checks.push(Check {
+                name: "node 1 takes off the XDP program a gone podwire left attached (netlink)"
+                    .into(),
+                ok: log.contains("left attached"),
                 detail: "node 1 log".into(),
             });
         }

@@ -5,8 +5,8 @@
 //! Driver (native) mode is tried first, then generic (SKB) mode. The attachment is a bpf_link
 //! where the kernel has them (5.9+): dropping an [`XdpProgram`] detaches it, and so does the
 //! process's end, even by SIGKILL, since the link lives in a descriptor. (Kernels before 5.9
-//! get a netlink attachment, which outlives a killed process; podwire does not clean those up
-//! yet.)
+//! get a netlink attachment, which outlives a killed process; the next start takes it off
+//! before attaching, see the daemon.)
 
 use crate::sys::bpf::{XdpConfig, ROLE_POD, ROLE_UNDERLAY};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
@@ -17,6 +17,11 @@ use std::os::fd::AsRawFd;
 
 /// The compiled program.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/podwire_xdp.o"));
+/// The compiled program, for tools that load it themselves (`ip link set ... xdp obj`).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// Its entry point, as `ip link` shows it.
 pub const PROGRAM_NAME: &str = "podwire_xdp";
 
