@@ -138,6 +138,8 @@ impl Health {
             (Counter::TxUnderlay, "podwire_tx_packets_total", "underlay"),
             (Counter::RxTap, "podwire_rx_packets_total", "tap"),
             (Counter::TxTap, "podwire_tx_packets_total", "tap"),
+            (Counter::RxWire, "podwire_rx_packets_total", "wire"),
+            (Counter::TxWire, "podwire_tx_packets_total", "wire"),
         ];
         let mut out = String::with_capacity(4096);
         let mut fam = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
@@ -225,6 +227,31 @@ impl Health {
                 Counter::PeerSocketErrors,
                 "podwire_peer_socket_errors_total",
                 "Per-peer sockets that could not be made (their peers use the shared socket).",
+            ),
+            (
+                Counter::XdpViaKernel,
+                "podwire_xdp_via_kernel_total",
+                "Packets sent through the kernel because their next hop was not resolved yet.",
+            ),
+            (
+                Counter::XdpRxFrames,
+                "podwire_xdp_rx_frames_total",
+                "Frames received from AF_XDP sockets.",
+            ),
+            (
+                Counter::XdpRxBatches,
+                "podwire_xdp_rx_batches_total",
+                "Receives from AF_XDP sockets that found frames.",
+            ),
+            (
+                Counter::XdpTxFrames,
+                "podwire_xdp_tx_frames_total",
+                "Frames sent through AF_XDP sockets.",
+            ),
+            (
+                Counter::XdpWakeups,
+                "podwire_xdp_wakeups_total",
+                "System calls that woke the kernel for AF_XDP (fill-ring wakeups, send kicks).",
             ),
         ] {
             let samples = workers

@@ -49,10 +49,18 @@ pub enum Counter {
     /// `--io xdp`: packets sent to hosts outside the cluster as the node (NodePort answers,
     /// masqueraded pod traffic).
     TxWire,
+    /// `--io xdp`: frames received from AF_XDP sockets.
+    XdpRxFrames,
+    /// `--io xdp`: receives that found frames (frames per batch: xdp_rx_frames / this).
+    XdpRxBatches,
+    /// `--io xdp`: frames sent through AF_XDP sockets.
+    XdpTxFrames,
+    /// `--io xdp`: wakeups of the kernel (fill-ring wakeups, send kicks): system calls.
+    XdpWakeups,
 }
 
 impl Counter {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 24;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -74,6 +82,10 @@ impl Counter {
         Counter::XdpViaKernel,
         Counter::RxWire,
         Counter::TxWire,
+        Counter::XdpRxFrames,
+        Counter::XdpRxBatches,
+        Counter::XdpTxFrames,
+        Counter::XdpWakeups,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +110,10 @@ impl Counter {
             Counter::XdpViaKernel => "xdp_via_kernel",
             Counter::RxWire => "rx_wire",
             Counter::TxWire => "tx_wire",
+            Counter::XdpRxFrames => "xdp_rx_frames",
+            Counter::XdpRxBatches => "xdp_rx_batches",
+            Counter::XdpTxFrames => "xdp_tx_frames",
+            Counter::XdpWakeups => "xdp_wakeups",
         }
     }
 }

@@ -479,6 +479,12 @@ impl Worker {
                 x.xsk().flush();
                 n_xdp = x.rx_batch(&mut from_udp).map_err(port_err)?;
                 local.add(Counter::RxWire, x.take_wire());
+                // What the socket did since the last round: frames moved and wakeups taken.
+                let a = x.xsk().take_activity();
+                local.add(Counter::XdpRxFrames, a.rx_frames);
+                local.add(Counter::XdpRxBatches, a.rx_batches);
+                local.add(Counter::XdpTxFrames, a.tx_frames);
+                local.add(Counter::XdpWakeups, a.wakeups);
                 underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
             }
             let mut n_peers = 0;

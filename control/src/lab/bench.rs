@@ -225,6 +225,34 @@ fn measure(names: &super::Names, opts: &BenchOptions) -> Result<Vec<(Workload, f
     ])
 }
 
+/// `--io xdp`: frames per wakeup (frames received and sent over the kernel wakeups they
+/// took: fill-ring wakeups and send kicks) and frames per receive, from both nodes' counters
+/// summed over their workers, for everything the lab carried.
+fn xdp_activity(names: &super::Names) -> Result<(f64, f64)> {
+    let keys = [
+        "xdp_rx_frames",
+        "xdp_rx_batches",
+        "xdp_tx_frames",
+        "xdp_wakeups",
+    ];
+    let mut sum = [0u64; 4];
+    for n in [1, 2] {
+        let sock = names.dir.join(format!("n{n}/ctl.sock"));
+        let stats = podwire::ctl::request(&sock, &json!({"cmd": "stats"}))
+            .with_context(|| format!("node {n}'s counters"))?;
+        for w in stats["workers"].as_array().into_iter().flatten() {
+            for (i, k) in keys.iter().enumerate() {
+                sum[i] += w["counters"][k].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    let [rx, batches, tx, wakeups] = sum;
+    Ok((
+        (rx + tx) as f64 / wakeups.max(1) as f64,
+        rx as f64 / batches.max(1) as f64,
+    ))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -251,17 +279,22 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let started = Instant::now();
     // samples[mode][workload] = one value per round
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); Workload::ALL.len()]; labs.len()];
+    // `--io xdp` modes: (frames per wakeup, frames per receive), one per round.
+    let mut xdp: Vec<Vec<(f64, f64)>> = vec![Vec::new(); labs.len()];
     for round in 1..=opts.rounds {
         for (m, (mode, lab)) in labs.iter().enumerate() {
-            let got = with_lab(
+            let (got, activity) = with_lab(
                 lab,
                 |o| o.is_err(),
                 |res, lab, exe| {
                     let names = set_up(res, lab, exe, &mut serde_json::Map::new())?;
-                    measure(&names, &opts)
+                    let got = measure(&names, &opts)?;
+                    let activity = lab.io_xdp.then(|| xdp_activity(&names)).transpose()?;
+                    Ok((got, activity))
                 },
             )
             .with_context(|| format!("round {round}, {mode}"))?;
+            xdp[m].extend(activity);
             for (w, v) in got {
                 let wi = Workload::ALL.iter().position(|x| *x == w).expect("listed");
                 samples[m][wi].push(v);
@@ -300,6 +333,16 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             }));
         }
     }
+    let mut xdp_figures = serde_json::Map::new();
+    for (m, (mode, _)) in labs.iter().enumerate().filter(|(m, _)| !xdp[*m].is_empty()) {
+        let per_wakeup = median(&mut xdp[m].iter().map(|a| a.0).collect::<Vec<_>>());
+        let per_receive = median(&mut xdp[m].iter().map(|a| a.1).collect::<Vec<_>>());
+        xdp_figures.insert(
+            mode.clone(),
+            json!({"frames_per_wakeup": (per_wakeup * 100.0).round() / 100.0,
+                   "frames_per_receive": (per_receive * 100.0).round() / 100.0}),
+        );
+    }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -314,12 +357,19 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         "workers_per_podwire_node": opts.workers,
         "took_seconds": started.elapsed().as_secs(),
         "results": results,
+        "af_xdp": xdp_figures,
     });
     std::fs::write(&opts.out, serde_json::to_vec_pretty(&doc)?)
         .with_context(|| format!("writing {}", opts.out.display()))?;
     std::fs::write(&opts.svg, svg(&labs, &medians, reference))
         .with_context(|| format!("writing {}", opts.svg.display()))?;
     print_table(&labs, &medians, reference, &opts, &kernel, cores);
+    for (mode, f) in &xdp_figures {
+        println!(
+            "{mode}: {} frames per wakeup (fill-ring wakeups and send kicks), {} frames per receive",
+            f["frames_per_wakeup"], f["frames_per_receive"]
+        );
+    }
     println!(
         "\nwrote {} and {} in {:.0} s",
         opts.out.display(),

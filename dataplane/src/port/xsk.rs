@@ -10,7 +10,7 @@
 
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
-use crate::sys::xsk::{XskSocket, XskStats};
+use crate::sys::xsk::{XskActivity, XskSocket, XskStats};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 
@@ -71,6 +71,11 @@ impl XskPort {
         frames: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> usize {
         self.socket.send(frames)
+    }
+
+    /// Frames moved and wakeups taken since the last call.
+    pub fn take_activity(&mut self) -> XskActivity {
+        self.socket.take_activity()
     }
 
     /// Kicks the kernel to send what is still queued (copy mode sends a budget per kick);

@@ -51,6 +51,18 @@ pub struct XskStats {
     pub tx_invalid: u64,
 }
 
+/// What a socket did since it was last asked: frames moved, and the system calls (wakeups)
+/// it took, so frames per wakeup can be told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XskActivity {
+    pub rx_frames: u64,
+    /// Receives that found frames.
+    pub rx_batches: u64,
+    pub tx_frames: u64,
+    /// Wakeups of the kernel: fill-ring wakeups on receive, kicks on send.
+    pub wakeups: u64,
+}
+
 pub struct XskSocket {
     // Field order is drop order: the rings before the UMEM they map.
     rx: RxQueue,
@@ -69,6 +81,7 @@ pub struct XskSocket {
     half: usize,
     zero_copy: bool,
     template: FrameDesc,
+    activity: XskActivity,
 }
 
 fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -143,6 +156,7 @@ impl XskSocket {
             half,
             zero_copy,
             template,
+            activity: XskActivity::default(),
         })
     }
 
@@ -174,7 +188,10 @@ impl XskSocket {
             // The fill ring has room for every receive frame, so this cannot come up short;
             // if it ever did, the frames would be lost to receiving, so say so loudly.
             debug_assert_eq!(back, got, "fill ring refused frames");
+            self.activity.rx_frames += got as u64;
+            self.activity.rx_batches += 1;
             if self.fill.needs_wakeup() {
+                self.activity.wakeups += 1;
                 let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
             }
         }
@@ -230,8 +247,10 @@ impl XskSocket {
         // The TX ring is as large as the send half, so it takes them all; were it ever to
         // refuse, the frames go back to the free list rather than leak.
         self.tx_free.extend_from_slice(&self.staged[sent..]);
+        self.activity.tx_frames += sent as u64;
         // Copy mode sends only on a wakeup, whatever the ring's need-wakeup flag says.
         if self.tx.needs_wakeup() || !self.zero_copy {
+            self.activity.wakeups += 1;
             let _ = self.tx.wakeup();
         }
         sent
@@ -244,6 +263,7 @@ impl XskSocket {
         self.reclaim();
         let in_flight = self.half - self.tx_free.len();
         if in_flight > 0 {
+            self.activity.wakeups += 1;
             let _ = self.tx.wakeup();
         }
         in_flight
@@ -259,6 +279,11 @@ impl XskSocket {
     /// Frames set aside for sending.
     pub fn send_frames(&self) -> usize {
         self.half
+    }
+
+    /// What the socket did since the last call.
+    pub fn take_activity(&mut self) -> XskActivity {
+        std::mem::take(&mut self.activity)
     }
 
     /// The kernel's counters for this socket.
