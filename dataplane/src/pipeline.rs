@@ -391,6 +391,17 @@ fn to_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, node: &Node) -> Verdict
     }
 }
 
+/// A packet from the node's own address (translated, or an ICMP error of the node's) for
+/// `dst`: on the wire, unless `dst` is a pod (a client in the cluster that came in over the
+/// wire, as pods of DirectRouting nodes do): then through the cluster's routes.
+fn out_as_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, dst: Ipv4Addr) -> Verdict {
+    match t.map.lookup(dst) {
+        None => Verdict::ToWire(dst),
+        Some(node) if node.subnet == t.local.subnet => Verdict::ToTun,
+        Some(node) => to_node(t, slot, meta, node),
+    }
+}
+
 /// A packet from the wire to the node's own address that the XDP program steered to podwire:
 /// a NodePort connection (translated to its backend, here or on another node) or the answer to
 /// a masqueraded one (translated back to its pod). Anything else is not ours.
@@ -414,10 +425,17 @@ pub fn from_wire(
     let pkt = &mut slot[meta.start..meta.start + meta.len];
     match tr.track(t, pkt, Ingress::Wire) {
         Ok(Outcome::Translated) => {}
-        Ok(Outcome::Unchanged) | Err(Stop::Reject) => {
-            return Verdict::Drop(DropReason::NotForThisNode)
-        }
+        Ok(Outcome::Unchanged) => return Verdict::Drop(DropReason::NotForThisNode),
         Err(Stop::Drop(r)) => return Verdict::Drop(r),
+        // A NodePort without endpoints: port unreachable from the node, as kube-proxy's REJECT.
+        Err(Stop::Reject) => {
+            let client = ipv4::Packet::new_unchecked(&pkt[..]).src();
+            let unreachable = icmpv4::unreachable::PORT;
+            return match icmp_unreachable(slot, meta, unreachable, t.local.public_ip) {
+                Verdict::IcmpToTun => out_as_node(t, slot, meta, client),
+                other => other,
+            };
+        }
     }
     let dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
     match t.map.lookup(dst) {
@@ -542,7 +560,7 @@ pub fn from_underlay(
                 return Verdict::Drop(DropReason::TtlExpired);
             }
             p.decrement_ttl();
-            track_inbound(t, tracker, &mut slot[meta.start..meta.start + meta.len])
+            track_inbound(t, tracker, slot, meta)
         }
         Encap::Vxlan { vni, local_mac } => {
             let data = &slot[meta.start..meta.start + meta.len];
@@ -552,7 +570,7 @@ pub fn from_underlay(
                     meta.len = len;
                     let pkt = &mut slot[meta.start..meta.start + meta.len];
                     meta.completed_checksum = complete_partial_checksum(pkt);
-                    track_inbound(t, tracker, pkt)
+                    track_inbound(t, tracker, slot, meta)
                 }
                 Err(r) => Verdict::Drop(r),
             }
@@ -562,7 +580,13 @@ pub fn from_underlay(
 
 /// Tracks (and reverse-translates) a checked inner packet from the underlay on its way into
 /// the TUN; the answer to a NodePort client outside the cluster goes to the wire instead.
-fn track_inbound(t: &Tables, tracker: Option<&mut Tracker>, pkt: &mut [u8]) -> Verdict {
+fn track_inbound(
+    t: &Tables,
+    tracker: Option<&mut Tracker>,
+    slot: &mut [u8],
+    meta: &mut Meta,
+) -> Verdict {
+    let pkt = &mut slot[meta.start..meta.start + meta.len];
     match tracker.map(|tr| tr.track(t, pkt, Ingress::Underlay)) {
         None | Some(Ok(Outcome::Unchanged)) => Verdict::ToTun,
         Some(Ok(Outcome::Translated)) => {
@@ -570,11 +594,11 @@ fn track_inbound(t: &Tables, tracker: Option<&mut Tracker>, pkt: &mut [u8]) -> V
             if t.local.subnet.contains(dst) || t.services.in_cidr(dst) || t.wire.is_none() {
                 return Verdict::ToTun;
             }
-            // Routed from the tunnel to the wire, as the kernel would have.
+            // Routed from the tunnel towards the client, as the kernel would have.
             if !decrement_ttl(pkt) {
                 return Verdict::Drop(DropReason::TtlExpired);
             }
-            Verdict::ToWire(dst)
+            out_as_node(t, slot, meta, dst)
         }
         Some(Err(Stop::Drop(r))) => Verdict::Drop(r),
         // Only packets from pods open service connections.

@@ -274,8 +274,9 @@ fn check_batch(t: &Tables, dir: Direction, b: &Batch) -> Result<(), TestCaseErro
             prop_assert_eq!(src, t.local.public_ip, "to the wire not as the node");
             prop_assert!(!t.map.network().contains(dst), "{} is in the cluster", dst);
         }
-        // A packet from the wire may go on to another node (a NodePort's backend there).
-        let routed = dir == Direction::FromTun || m.wire;
+        // A packet from the wire may go on to another node (a NodePort's backend there), and so
+        // may the backend's answer to a NodePort client that is a pod of a third node.
+        let routed = dir == Direction::FromTun || m.wire || t.wire.is_some();
         match (dir, m.verdict) {
             (_, v @ (Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_))) if routed => {
                 let to = match v {

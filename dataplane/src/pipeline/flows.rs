@@ -273,10 +273,15 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
         Err(CtError::TableFull) => return Err(Stop::Drop(DropReason::CtTableFull)),
         Err(CtError::NoPort) => return Err(Stop::Drop(DropReason::SnatPortsExhausted)),
         Err(CtError::Refused) => {
-            return match refusal {
-                Some(NoBackend::NoEndpoints | NoBackend::NoService) => Err(Stop::Reject),
-                None => Err(Stop::Drop(DropReason::CtInvalid)),
-            }
+            return match (refusal, from) {
+                // From the wire, only a NodePort without endpoints is refused; anything else
+                // to the node's owned ports is no connection of ours.
+                (Some(NoBackend::NoService), Ingress::Wire) => {
+                    Err(Stop::Drop(DropReason::NotForThisNode))
+                }
+                (Some(NoBackend::NoEndpoints | NoBackend::NoService), _) => Err(Stop::Reject),
+                (None, _) => Err(Stop::Drop(DropReason::CtInvalid)),
+            };
         }
     };
     if let Some(binding) = tracked.service {
@@ -642,6 +647,20 @@ mod tests {
                 "{v:?}"
             );
         }
+        // A NodePort whose service has no endpoints: port unreachable, from the node.
+        let mut specs: Vec<ServiceSpec> = t.services.specs().cloned().collect();
+        specs[1].node_port = Some(30082);
+        let services = Services::build(*t.services.options(), specs).unwrap();
+        let t2 = Tables {
+            services: Arc::new(services),
+            ..t.clone()
+        };
+        let syn = tcp(OUTSIDE, 50000, NODE_A, 30082, true, false);
+        let (v, out) = from_wire(&t2, &f, &syn);
+        assert_eq!(v, Verdict::ToWire(OUTSIDE));
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&out).unwrap();
+        assert_eq!((ip.source_addr(), ip.destination_addr()), (NODE_A, OUTSIDE));
+        assert_eq!((out[20], out[21]), (3, 3), "port unreachable");
         // Without owning the wire, nothing from it is taken.
         let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
         let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
