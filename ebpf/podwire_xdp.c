@@ -7,7 +7,8 @@
 //   8472 or flannel udp 8285), unfragmented only (the kernel reassembles fragments). Also, when
 //   podwire serves NodePorts or masquerades pods, TCP and UDP to the node's address whose
 //   destination port is a NodePort (`node_ports`) or in podwire's masquerade range (the
-//   replies of masqueraded connections). ARP, ND, SSH, other UDP, fragments: XDP_PASS.
+//   replies of masqueraded connections), and ICMP errors about packets sent from those ports
+//   (path MTU discovery). ARP, ND, SSH, other UDP and ICMP, fragments: XDP_PASS.
 // - Pod role (a pod's veth host end): every IPv4 frame from the pod; ARP and IPv6 pass.
 //
 // Counters are per CPU (no atomics on the fast path); podwire sums them.
@@ -101,6 +102,45 @@ static __always_inline int to_socket(struct xdp_md *ctx)
     return bpf_redirect_map(&xsks_map, queue, XDP_PASS);
 }
 
+// Whether a TCP or UDP port of the node's address is podwire's: a NodePort, or one of the
+// masquerade range. `proto` is the protocol number, `port` in host byte order.
+static __always_inline int owned_port(struct config *cfg, __u8 proto, __u16 port)
+{
+    if (port >= cfg->masq_lo && port <= cfg->masq_hi)
+        return 1;
+    __u32 key = (__u32)proto << 16 | port;
+    return bpf_map_lookup_elem(&node_ports, &key) != 0;
+}
+
+// An ICMP error about a packet podwire sent from an owned port (a router's "fragmentation
+// needed" for a masqueraded connection, say) goes to podwire, which owns that connection;
+// every other ICMP message goes to the kernel.
+static __always_inline int icmp_error(struct xdp_md *ctx, struct config *cfg, struct iphdr *ip,
+                                      void *end)
+{
+    if (ip->frag_off & bpf_htons(0x1fff | 0x2000))
+        return pass(CNT_PASSED);
+    __u8 *icmp = (void *)ip + ip->ihl * 4;
+    if ((void *)(icmp + 8) > end)
+        return pass(CNT_MALFORMED);
+    // Destination unreachable, time exceeded, parameter problem.
+    if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
+        return pass(CNT_PASSED);
+    struct iphdr *quoted = (void *)(icmp + 8);
+    if ((void *)(quoted + 1) > end)
+        return pass(CNT_MALFORMED);
+    if (quoted->saddr != cfg->local_ip || quoted->ihl < 5)
+        return pass(CNT_PASSED);
+    if (quoted->protocol != IPPROTO_UDP && quoted->protocol != IPPROTO_TCP)
+        return pass(CNT_PASSED);
+    struct udphdr *ports = (void *)quoted + quoted->ihl * 4;
+    if ((void *)(ports + 1) > end)
+        return pass(CNT_MALFORMED);
+    if (!owned_port(cfg, quoted->protocol, bpf_ntohs(ports->source)))
+        return pass(CNT_PASSED);
+    return to_socket(ctx);
+}
+
 SEC("xdp")
 int podwire_xdp(struct xdp_md *ctx)
 {
@@ -126,6 +166,8 @@ int podwire_xdp(struct xdp_md *ctx)
         return pass(CNT_MALFORMED);
     if (ip->daddr != cfg->local_ip)
         return pass(CNT_PASSED);
+    if (ip->protocol == IPPROTO_ICMP)
+        return icmp_error(ctx, cfg, ip, end);
     if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
         return pass(CNT_PASSED);
     // Later fragments carry no ports: the kernel reassembles those.
@@ -137,11 +179,7 @@ int podwire_xdp(struct xdp_md *ctx)
         return pass(CNT_MALFORMED);
     if (ip->protocol == IPPROTO_UDP && l4->dest == cfg->port)
         return to_socket(ctx);
-    __u16 dport = bpf_ntohs(l4->dest);
-    if (dport >= cfg->masq_lo && dport <= cfg->masq_hi)
-        return to_socket(ctx);
-    __u32 key = (__u32)ip->protocol << 16 | dport;
-    if (bpf_map_lookup_elem(&node_ports, &key))
+    if (owned_port(cfg, ip->protocol, bpf_ntohs(l4->dest)))
         return to_socket(ctx);
     return pass(CNT_PASSED);
 }

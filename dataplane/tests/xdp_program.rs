@@ -166,6 +166,39 @@ fn xdp_program_steers_only_podwires_udp_and_detaches_on_drop() {
     let c = prog.counters().unwrap();
     assert_eq!(c.no_socket, 7, "{c:?}");
 
+    // ICMP errors: about a packet the node sent from a port of the masquerade range, podwire's;
+    // from another port, or an echo request, the kernel's.
+    let icmp = |quoted_sport: u16, kind: u8| {
+        in_netns(&b.0, move || {
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::ICMPV4),
+            )
+            .expect("raw socket");
+            let mut quoted = Vec::new();
+            etherparse::PacketBuilder::ipv4([10, 99, 0, 1], [10, 99, 0, 2], 64)
+                .udp(quoted_sport, 443)
+                .write(&mut quoted, &[])
+                .unwrap();
+            let mut msg = vec![kind, if kind == 3 { 4 } else { 0 }, 0, 0, 0, 0, 0x05, 0x78];
+            msg.extend_from_slice(&quoted);
+            let sum = podwire_dataplane::wire::checksum::checksum(&msg);
+            msg[2..4].copy_from_slice(&sum.to_be_bytes());
+            let to = SocketAddrV4::new(local_ip, 0);
+            s.send_to(&msg, &to.into()).expect("send ICMP");
+        })
+    };
+    icmp(MASQ_PORTS.0 + 9, 3);
+    icmp(2222, 3);
+    icmp(MASQ_PORTS.0 + 9, 8);
+    std::thread::sleep(Duration::from_millis(100));
+    let c = prog.counters().unwrap();
+    assert_eq!(
+        c.no_socket, 8,
+        "only the error about a masqueraded port: {c:?}"
+    );
+
     drop(prog);
     let link = ip(&["-n", &a.0, "-d", "link", "show", "xa"]);
     assert!(

@@ -626,6 +626,36 @@ mod tests {
     }
 
     #[test]
+    fn test_an_icmp_error_about_a_masqueraded_connection_reaches_its_pod() {
+        let t = wire_tables(&[]);
+        let f = Flows::new(Default::default());
+        let syn = tcp(CLIENT, 40000, OUTSIDE, 443, true, false);
+        let (v, sent) = run(&t, &f, Direction::FromTun, &syn, CLIENT);
+        assert_eq!(v, Verdict::ToWire(OUTSIDE));
+        let (_, masq, _, _) = tuple_of(&sent);
+        // A router on the way: fragmentation needed, quoting what the node sent.
+        let router = Ipv4Addr::new(192, 168, 100, 254);
+        let mut err = Vec::new();
+        PacketBuilder::ipv4(router.octets(), NODE_A.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            ))
+            .write(&mut err, &sent[..28])
+            .unwrap();
+        let (v, out) = from_wire(&t, &f, &err);
+        assert_eq!(v, Verdict::ToTun);
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&out).unwrap();
+        assert_eq!((ip.source_addr(), ip.destination_addr()), (router, CLIENT));
+        // The quoted packet is the pod's own again.
+        let quoted = &out[28..];
+        assert_eq!(&quoted[12..16], &CLIENT.octets());
+        assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 40000);
+        assert_ne!(masq, 40000);
+    }
+
+    #[test]
     fn test_wire_packets_that_are_no_connection_of_ours_are_dropped() {
         let t = wire_tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
         let f = Flows::new(Default::default());

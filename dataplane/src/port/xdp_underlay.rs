@@ -71,10 +71,10 @@ pub fn udp_payload(
     ))
 }
 
-/// Where the IPv4 packet in `frame` is, if it is TCP or UDP to `local` that the kernel's IP
-/// layer would have accepted (valid header, unfragmented, its length within the frame): what
+/// Where the IPv4 packet in `frame` is, if it is TCP, UDP or ICMP to `local` that the kernel's
+/// IP layer would have accepted (valid header, unfragmented, its length within the frame): what
 /// the XDP program steers to podwire besides the underlay's datagrams (NodePorts, answers to
-/// masqueraded connections).
+/// masqueraded connections, ICMP errors about them).
 pub fn wire_packet(
     frame: &[u8],
     local: Ipv4Addr,
@@ -87,7 +87,11 @@ pub fn wire_packet(
     if ip.version() != 4 || !ip.verify_checksum() {
         return Err(Refused::BadIpHeader);
     }
-    if ip.dst() != local || !matches!(ip.protocol(), IpProtocol::Tcp | IpProtocol::Udp) {
+    let ours = matches!(
+        ip.protocol(),
+        IpProtocol::Tcp | IpProtocol::Udp | IpProtocol::Icmp
+    );
+    if ip.dst() != local || !ours {
         return Err(Refused::NotForUs);
     }
     if ip.more_frags() || ip.frag_offset() != 0 {
@@ -307,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn tcp_and_udp_to_us_are_wire_packets_and_the_rest_is_refused() {
+    fn tcp_udp_and_icmp_to_us_are_wire_packets_and_the_rest_is_refused() {
         let me = Ipv4Addr::new(10, 99, 0, 1);
         let mut f = frame(me, 30080, b"syn?");
         let (range, src) = wire_packet(&f, me).unwrap();
@@ -319,7 +323,7 @@ mod tests {
             wire_packet(&frame(Ipv4Addr::new(10, 99, 0, 9), 30080, b"x"), me),
             Err(Refused::NotForUs)
         );
-        f[14 + 9] = 1; // ICMP
+        f[14 + 9] = 47; // GRE
         let mut p = ipv4::Packet::new_unchecked(&mut f[14..]);
         p.fill_checksum();
         assert_eq!(wire_packet(&f, me), Err(Refused::NotForUs));
