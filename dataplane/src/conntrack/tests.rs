@@ -246,6 +246,54 @@ fn test_snat_picks_a_port_in_the_same_shard_and_never_clashes() {
 }
 
 #[test]
+fn test_snat_in_a_port_range_uses_only_it_and_says_when_it_is_spent() {
+    let ct = Conntrack::new(Config::default());
+    let node = Ipv4Addr::new(192, 168, 99, 11);
+    let outside = Ipv4Addr::new(192, 168, 99, 200);
+    let (lo, hi) = (61000u16, 61063u16);
+    let plan = |_: &Tuple| {
+        Ok(NatPlan {
+            dnat: None,
+            snat: Some(node),
+            snat_ports: Some((lo, hi)),
+            service: None,
+        })
+    };
+    let mut ports = std::collections::HashSet::new();
+    let mut spent = 0;
+    for sport in 40000..40200u16 {
+        let o = Tuple::new(C, sport, outside, 443, PROTO_TCP);
+        match ct.track(&o, &seg(SYN, 1, 0), 60, 0, plan) {
+            Ok(t) => {
+                assert_eq!((t.to.src, t.to.dst), (node, outside));
+                assert!((lo..=hi).contains(&t.to.sport), "port {}", t.to.sport);
+                assert!(ports.insert(t.to.sport), "port {} twice", t.to.sport);
+            }
+            Err(e) => {
+                assert_eq!(e, CtError::NoPort);
+                spent += 1;
+            }
+        }
+    }
+    // Every port of the range that maps to a connection's shard can be had; no more.
+    assert!(
+        ports.len() <= 64 && ports.len() >= 64 / SHARDS,
+        "{}",
+        ports.len()
+    );
+    assert_eq!(spent, 200 - ports.len());
+    // Another destination has the whole range again: the same connections all fit.
+    let other = Ipv4Addr::new(192, 168, 99, 201);
+    let fit = (40000..40200u16)
+        .filter(|&sport| {
+            let o = Tuple::new(C, sport, other, 443, PROTO_TCP);
+            ct.track(&o, &seg(SYN, 1, 0), 60, 0, plan).is_ok()
+        })
+        .count();
+    assert_eq!(fit, ports.len());
+}
+
+#[test]
 fn test_full_table_early_drops_unassured_and_keeps_established() {
     let ct = Conntrack::new(Config {
         max_entries: SHARDS * 8,
