@@ -9,7 +9,10 @@
 //   destination port is a NodePort (`node_ports`) or in podwire's masquerade range (the
 //   replies of masqueraded connections), and ICMP errors about packets sent from those ports
 //   (path MTU discovery). ARP, ND, SSH, other UDP and ICMP, fragments: XDP_PASS.
-// - Pod role (a pod's veth host end): every IPv4 frame from the pod; ARP and IPv6 pass.
+// - Pod role (a pod's veth host end): IPv4 from the pod that podwire routes: to the cluster
+//   network outside the node's own lease, to the service range, and (when podwire
+//   masquerades) TCP and UDP to anywhere else. Traffic to the host, to the node's other pods
+//   and (without masquerade) to the outside, ARP and IPv6 pass to the kernel.
 //
 // Counters are per CPU (no atomics on the fast path); podwire sums them.
 // Built by dataplane/build.rs with `clang -O2 -g -target bpf` and embedded in the binary.
@@ -35,6 +38,13 @@ struct config {
     __u16 pad;
     __u16 masq_lo;
     __u16 masq_hi;
+    // Pod role, network byte order: the cluster network, the node's lease, the service range.
+    __u32 net_addr;
+    __u32 net_mask;
+    __u32 lease_addr;
+    __u32 lease_mask;
+    __u32 svc_addr;
+    __u32 svc_mask;
 };
 
 enum counter {
@@ -141,6 +151,24 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct config *cfg, st
     return to_socket(ctx);
 }
 
+// Pod role: whether podwire routes this packet from a pod (see the top of the file).
+static __always_inline int from_pod(struct xdp_md *ctx, struct config *cfg, struct iphdr *ip)
+{
+    __u32 dst = ip->daddr;
+    if (dst == cfg->local_ip)
+        return pass(CNT_PASSED);
+    if ((dst & cfg->svc_mask) == cfg->svc_addr)
+        return to_socket(ctx);
+    if ((dst & cfg->lease_mask) == cfg->lease_addr)
+        return pass(CNT_PASSED);
+    if ((dst & cfg->net_mask) == cfg->net_addr)
+        return to_socket(ctx);
+    int masquerading = cfg->masq_lo <= cfg->masq_hi;
+    if (masquerading && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP))
+        return to_socket(ctx);
+    return pass(CNT_PASSED);
+}
+
 SEC("xdp")
 int podwire_xdp(struct xdp_md *ctx)
 {
@@ -156,14 +184,13 @@ int podwire_xdp(struct xdp_md *ctx)
         return pass(CNT_MALFORMED);
     if (eth->h_proto != bpf_htons(ETH_P_IP))
         return pass(CNT_PASSED);
-    if (cfg->role == ROLE_POD)
-        return to_socket(ctx);
-
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end)
         return pass(CNT_MALFORMED);
     if (ip->version != 4 || ip->ihl < 5)
         return pass(CNT_MALFORMED);
+    if (cfg->role == ROLE_POD)
+        return from_pod(ctx, cfg, ip);
     if (ip->daddr != cfg->local_ip)
         return pass(CNT_PASSED);
     if (ip->protocol == IPPROTO_ICMP)

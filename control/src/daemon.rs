@@ -31,6 +31,7 @@ use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables, WireNat, MASQ_PORTS};
+use podwire_dataplane::port::xdp_pod::{PodPorts, XdpPodPort};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort, xdp};
@@ -73,6 +74,8 @@ pub struct RunOptions {
     pub vxlan_via_socket: bool,
     /// `--io xdp`: the underlay through AF_XDP sockets fed by podwire's XDP program.
     pub io_xdp: bool,
+    /// `--pod-ports`: pods' veth host ends that podwire reads and writes through AF_XDP.
+    pub pod_ports: Vec<String>,
     /// With `vxlan_via_socket`: source-port sockets per worker (0: send from 8472 itself).
     pub vxlan_tx_sockets: usize,
     /// Ask the TUN device for TSO superframes and partial checksums (falls back if refused).
@@ -527,6 +530,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut direct = None;
     // Attached for the daemon's life (`--io xdp`); dropping it detaches it.
     let mut xdp_program: Option<xdp::XdpProgram> = None;
+    // The pod ports' programs (`--pod-ports`), likewise.
+    let mut pod_programs: Vec<xdp::XdpProgram> = Vec::new();
     let mut flows = None;
     let mut l2_handle = None;
     let capture = Arc::new(Capture::default());
@@ -537,6 +542,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let offload;
     if opts.io_xdp && opts.l2.is_some() {
         bail!("--io xdp is routed (L3) mode only for now");
+    }
+    if !opts.pod_ports.is_empty() && !opts.io_xdp {
+        bail!("--pod-ports needs --io xdp");
     }
     if opts.io_xdp && opts.ip_masq && !opts.conntrack {
         bail!("--ip-masq with --io xdp masquerades in podwire, which needs --conntrack on");
@@ -720,14 +728,46 @@ pub fn run(opts: RunOptions) -> Result<()> {
         } else {
             Default::default()
         };
+        // Pods' veth host ends: the program in its pod role, a socket on queue 0, and the
+        // port to worker k % workers.
+        let mut pod_ports: Vec<Vec<XdpPodPort>> = (0..workers).map(|_| Vec::new()).collect();
+        for (k, name) in opts.pod_ports.iter().enumerate() {
+            let dev =
+                netdev::resolve_iface(Some(name)).with_context(|| format!("pod port {name}"))?;
+            let role = xdp::Role::Pod {
+                local_ip: dev.addr,
+                network: config.network,
+                lease,
+                services: opts.service_cidr,
+                masquerade: masq_userspace,
+            };
+            if let Some(id) = netdev::remove_stale_xdp(name, xdp::PROGRAM_NAME)? {
+                tracing::warn!(device = %name, id, "took off podwire's XDP program that a podwire now gone left attached (netlink)");
+            }
+            let mut prog = xdp::XdpProgram::attach(name, role)
+                .with_context(|| format!("XDP on pod port {name}"))?;
+            let xsk = XskPort::bind(name, 0, XskConfig::default())?;
+            prog.set_socket(0, &xsk.raw_fd())?;
+            let mac = netdev::mac_of(name)?;
+            tracing::info!(device = %name, mode = ?prog.mode(), worker = k % workers, "pod port through AF_XDP");
+            pod_ports[k % workers].push(XdpPodPort::new(xsk, name, mac, dev.addr));
+            pod_programs.push(prog);
+        }
+        let underlay_queues = netdev::rx_queues(&iface.name);
+        if opts.io_xdp && underlay_queues < workers {
+            tracing::warn!(device = %iface.name, queues = underlay_queues, workers, "fewer receive queues than workers: the workers past them send through the kernel and receive nothing through AF_XDP");
+        }
         let mut ports = Vec::with_capacity(workers);
-        for (queue, tun) in queues.into_iter().enumerate() {
+        for ((queue, tun), pods) in queues.into_iter().enumerate().zip(pod_ports) {
             let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
             // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
             // the raw socket (per-flow source ports) cannot use GSO.
             udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
             gro = udp.set_gro(opts.udp_gro);
-            let raw = if vxlan && !opts.vxlan_via_socket && !opts.io_xdp {
+            // A worker past the device's receive queues has no AF_XDP socket: it sends through
+            // the kernel (its underlay traffic arrives on the queues that have one).
+            let has_xsk = xdp_program.is_some() && queue < underlay_queues;
+            let raw = if vxlan && !opts.vxlan_via_socket && !has_xsk {
                 Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
             } else {
                 None
@@ -745,7 +785,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     vxlan_tx.push(s);
                 }
             }
-            let xdp = match xdp_program.as_mut() {
+            let xdp = match xdp_program.as_mut().filter(|_| has_xsk) {
                 Some(prog) => {
                     let queue = queue as u32;
                     let xsk = XskPort::bind(&iface.name, queue, XskConfig::default())?;
@@ -765,6 +805,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 udp,
                 raw,
                 xdp,
+                pods: PodPorts::new(pods),
                 vxlan_tx,
             });
         }
@@ -856,6 +897,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             Err(e) => tracing::warn!(error = %e, "reading the XDP program's counters"),
         }
     }
+    drop(pod_programs);
     if let Some(mut d) = direct {
         d.clear();
     }

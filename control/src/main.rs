@@ -143,9 +143,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
-    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro`, `podwire-vxlan-shared-queue` and
-    /// `podwire-vxlan-xdp`: the default mode without connection tracking, without UDP GRO,
-    /// without per-peer queues, and with the underlay through AF_XDP.
+    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro`, `podwire-vxlan-shared-queue`,
+    /// `podwire-vxlan-xdp` and `podwire-vxlan-xdp-pods`: the default mode without connection
+    /// tracking, without UDP GRO, without per-peer queues, with the underlay through AF_XDP,
+    /// and with the pods through AF_XDP too.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
     /// Results as JSON.
@@ -261,6 +262,14 @@ struct RunArgs {
     /// through this node (needs --conntrack on).
     #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
     io: String,
+    /// With `--io xdp`: pods' veth host ends (comma-separated) that podwire serves through
+    /// AF_XDP instead of the TUN: its XDP program takes what the pod sends to other nodes' pods,
+    /// to services and (with --ip-masq) outside, and podwire writes the pod's packets into the
+    /// veth with the pod's MAC from the neighbour table. The host, the node's other pods and
+    /// everything else stay with the kernel. Each port belongs to one worker; packets another
+    /// worker has for its pod, and pods not resolved yet, go through the TUN.
+    #[arg(long, value_delimiter = ',')]
+    pod_ports: Vec<String>,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
     /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
     /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
@@ -447,6 +456,10 @@ struct LabArgs {
     /// (VXLAN; every node's port then finishes its own checksums, as on a physical wire).
     #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
     io: String,
+    /// How the podwire nodes reach their pod: `tun` (the kernel routes it into the TUN), or
+    /// `xdp` (with `--io xdp`: AF_XDP on the pod's veth host end, `run --pod-ports vpod`).
+    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
+    pods: String,
     /// `podwire run --peer-queues` on the podwire nodes (`off` shows what the flooding-peer
     /// check of a 3-node lab looks like without them: it fails).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -548,6 +561,7 @@ fn main() -> Result<()> {
                 udp_gro: a.udp_gro == "on",
                 vxlan_via_socket: a.vxlan_tx == "socket" && a.io != "xdp",
                 io_xdp: a.io == "xdp",
+                pod_ports: a.pod_ports.clone(),
                 vxlan_tx_sockets: usize::from(a.vxlan_tx_sockets),
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 healthz: (a.healthz_port != 0)
@@ -619,6 +633,7 @@ fn main() -> Result<()> {
                 udp_gro: true,
                 peer_queues: a.peer_queues == "on",
                 io_xdp: a.io == "xdp",
+                pod_xdp: a.pods == "xdp",
                 soak_seconds: a.soak,
                 soak_pps: a.soak_pps.max(1),
             })?;

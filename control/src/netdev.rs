@@ -120,6 +120,19 @@ pub struct Iface {
     pub mtu: u32,
 }
 
+/// How many receive queues device `name` has (`/sys/class/net/NAME/queues/rx-*`; 1 if that
+/// cannot be read).
+pub fn rx_queues(name: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{name}/queues"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// The MAC address of device `name`.
 pub fn mac_of(name: &str) -> Result<podwire_dataplane::wire::MacAddr, NetdevError> {
     let path = format!("/sys/class/net/{name}/address");

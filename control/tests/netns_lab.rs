@@ -326,15 +326,18 @@ fn vxlan_over_af_xdp_with_a_kernel_flannel_node() {
 #[test]
 fn vxlan_two_podwire_nodes_over_af_xdp() {
     let Some(_slot) = lab_slot() else { return };
-    // Every node `--io xdp`: every lab check, the SIGKILL restart and the worker panic among
-    // them (the next start attaches again: nothing stale was left); NodePorts with backends
-    // on podwire nodes, and podwire's masquerade.
+    // Every node `--io xdp --pods xdp`: pods on AF_XDP too, so neither direction of pod
+    // traffic touches the kernel's stack on a node; every lab check, the SIGKILL restart and
+    // the worker panic among them (the next start attaches again: nothing stale was left);
+    // NodePorts with backends on podwire nodes, and podwire's masquerade.
     let (report, text) = run_lab(&[
         "--nodes",
         "3",
         "--backend",
         "vxlan",
         "--io",
+        "xdp",
+        "--pods",
         "xdp",
         "--services",
         "--ip-masq",
@@ -343,6 +346,7 @@ fn vxlan_two_podwire_nodes_over_af_xdp() {
     ]);
     assert_all_checks_pass(&report, &text);
     for name in [
+        "pods reach podwire through AF_XDP on their veths, not the TUN",
         "SIGTERM leaves no device, route, XDP program",
         "60 TCP connections from outside to node 1's NodePort",
         "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node (by podwire",

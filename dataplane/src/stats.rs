@@ -57,10 +57,14 @@ pub enum Counter {
     XdpTxFrames,
     /// `--io xdp`: wakeups of the kernel (fill-ring wakeups, send kicks): system calls.
     XdpWakeups,
+    /// `--pod-ports`: packets read from pods through AF_XDP.
+    RxPods,
+    /// `--pod-ports`: packets sent to pods through AF_XDP.
+    TxPods,
 }
 
 impl Counter {
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 26;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -86,6 +90,8 @@ impl Counter {
         Counter::XdpRxBatches,
         Counter::XdpTxFrames,
         Counter::XdpWakeups,
+        Counter::RxPods,
+        Counter::TxPods,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -114,6 +120,8 @@ impl Counter {
             Counter::XdpRxBatches => "xdp_rx_batches",
             Counter::XdpTxFrames => "xdp_tx_frames",
             Counter::XdpWakeups => "xdp_wakeups",
+            Counter::RxPods => "rx_pods",
+            Counter::TxPods => "tx_pods",
         }
     }
 }

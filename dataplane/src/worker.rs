@@ -16,13 +16,16 @@ use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
 use crate::port::raw::RawIpPort;
 use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
+use crate::port::xdp_pod::PodPorts;
 use crate::port::xdp_underlay::XdpUnderlayPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::sys;
+use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use std::net::Ipv4Addr;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +47,8 @@ const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 const WAKE: Token = Token(2);
 const XDP: Token = Token(3);
+/// Every pod port's AF_XDP socket: readiness only wakes the worker, which reads them all.
+const PODS: Token = Token(4);
 /// Conntrack slots each worker examines for expiry per round.
 const GC_SLOTS_PER_ROUND: usize = 32;
 /// Rounds between samples of the kernel's drop counters while busy (one getsockopt per
@@ -113,6 +118,9 @@ pub struct WorkerPorts {
     /// still spread over the underlay's paths and a receiver's queues. Empty: VXLAN leaves
     /// through `udp` (port 8472).
     pub vxlan_tx: Vec<UdpPort>,
+    /// `--pod-ports`: pods' veth host ends through AF_XDP, read like the TUN; packets for
+    /// their pods leave through them (those for pods not found, through the TUN).
+    pub pods: PodPorts,
 }
 
 /// Most source-port sockets a worker sends VXLAN through.
@@ -176,6 +184,13 @@ impl WorkerPool {
                 .and_then(|_| match ports.xdp.as_mut() {
                     Some(x) => register(x.xsk().raw_fd(), XDP),
                     None => Ok(()),
+                })
+                .and_then(|_| {
+                    ports
+                        .pods
+                        .ports
+                        .iter_mut()
+                        .try_for_each(|p| register(p.xsk().raw_fd(), PODS))
                 })
                 .map_err(|source| WorkerError::Poll { worker: id, source })?;
             let waker =
@@ -294,14 +309,19 @@ struct Dispatch {
     n_raw: usize,
     to_tun: [u16; MAX_BATCH],
     n_tun: usize,
+    /// Per pod port: the packets for its pods and their MACs (capacity reserved at start).
+    to_pods: Vec<Vec<(u16, MacAddr)>>,
 }
 
 /// Outer IPv4 (20) and UDP (8) headers of an encapsulated packet.
 const OUTER_IP_UDP: usize = 28;
 
 impl Dispatch {
-    fn new() -> Dispatch {
+    fn new(pod_ports: usize) -> Dispatch {
         Dispatch {
+            to_pods: (0..pod_ports)
+                .map(|_| Vec::with_capacity(MAX_BATCH))
+                .collect(),
             to_underlay: [0; MAX_BATCH],
             n_underlay: 0,
             to_pool: [[0; MAX_BATCH]; MAX_VXLAN_TX_SOCKETS],
@@ -311,6 +331,24 @@ impl Dispatch {
             to_tun: [0; MAX_BATCH],
             n_tun: 0,
         }
+    }
+
+    /// Packet `i` for a pod of this node: through its pod port if it has one here and is
+    /// resolved, else into the TUN for the kernel to deliver.
+    fn queue_for_pod(&mut self, batch: &Batch, i: usize, pods: &mut PodPorts) {
+        if !pods.is_empty() {
+            let pkt = batch.packet(i);
+            if let Some(d) = pkt.get(16..20) {
+                let dst = Ipv4Addr::new(d[0], d[1], d[2], d[3]);
+                if let Some((k, mac)) = pods.lookup(dst) {
+                    self.to_pods[usize::from(k)].push((i as u16, mac));
+                    return;
+                }
+                pods.missed(dst);
+            }
+        }
+        self.to_tun[self.n_tun] = i as u16;
+        self.n_tun += 1;
     }
 
     /// Sorts the decided batch by verdict, counts drops, and sends.
@@ -361,13 +399,11 @@ impl Dispatch {
                     if batch.meta(i).completed_checksum {
                         stats.add(Counter::ChecksumsCompleted, 1);
                     }
-                    self.to_tun[self.n_tun] = i as u16;
-                    self.n_tun += 1;
+                    self.queue_for_pod(batch, i, &mut ports.pods);
                 }
                 Verdict::IcmpToTun => {
                     stats.add(Counter::IcmpUnreachable, 1);
-                    self.to_tun[self.n_tun] = i as u16;
-                    self.n_tun += 1;
+                    self.queue_for_pod(batch, i, &mut ports.pods);
                 }
                 Verdict::Drop(r) => stats.drop(r),
                 Verdict::Pending => {}
@@ -400,6 +436,14 @@ impl Dispatch {
             stats.add(Counter::TxUnderlay, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
         }
+        for (k, items) in self.to_pods.iter_mut().enumerate() {
+            if !items.is_empty() {
+                let out = ports.pods.ports[k].send(batch, items);
+                stats.add(Counter::TxPods, out.sent as u64);
+                stats.drops[DropReason::TxError as usize] += out.failed as u64;
+                items.clear();
+            }
+        }
         if self.n_tun > 0 {
             let out = ports.tun.tx_batch(batch, &self.to_tun[..self.n_tun]);
             stats.add(Counter::TxTun, out.sent as u64);
@@ -417,7 +461,7 @@ impl Worker {
         let size = self.config.batch_size.clamp(1, MAX_BATCH);
         let mut from_tun = Batch::new(size, self.config.frame_size);
         let mut from_udp = Batch::new(size, self.config.frame_size);
-        let mut dispatch = Dispatch::new();
+        let mut dispatch = Dispatch::new(self.ports.pods.ports.len());
         let mut local = LocalStats::default();
         let mut events = Events::with_capacity(64);
         let mut last_work = Instant::now();
@@ -464,6 +508,40 @@ impl Worker {
                 pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
                 dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
+            // Pods through AF_XDP: what they send, as if read from the TUN.
+            let mut n_pods = 0;
+            if !self.ports.pods.is_empty() {
+                self.ports.pods.tick(Instant::now());
+                for k in 0..self.ports.pods.ports.len() {
+                    let port = &mut self.ports.pods.ports[k];
+                    // Frames the kernel still holds to send need a kick in copy mode.
+                    port.xsk().flush();
+                    let n = port.rx_batch(&mut from_tun).map_err(port_err)?;
+                    let a = port.xsk().take_activity();
+                    local.add(Counter::XdpRxFrames, a.rx_frames);
+                    local.add(Counter::XdpRxBatches, a.rx_batches);
+                    local.add(Counter::XdpTxFrames, a.tx_frames);
+                    local.add(Counter::XdpWakeups, a.wakeups);
+                    if n == 0 {
+                        continue;
+                    }
+                    n_pods += n;
+                    local.add(Counter::RxPods, n as u64);
+                    // The pods' side of the node, as the TUN's packets are.
+                    if self.capture.wants(CapturePoint::Tun) {
+                        self.capture.record(CapturePoint::Tun, &from_tun);
+                    }
+                    for i in 0..n {
+                        let (slot, meta) = from_tun.slot_mut(i);
+                        let pkt = &mut slot[meta.start..meta.start + meta.len];
+                        if pipeline::complete_partial_checksum(pkt) {
+                            local.add(Counter::ChecksumsCompleted, 1);
+                        }
+                    }
+                    pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
+                    dispatch.run(&mut from_tun, &mut self.ports, &mut local);
+                }
+            }
             let n_udp = self.ports.udp.rx_batch(&mut from_udp).map_err(port_err)?;
             let (capture, ports) = (&*self.capture, &mut self.ports);
             let underlay = Underlay {
@@ -504,7 +582,7 @@ impl Worker {
                     .map_err(port_err)?;
             }
             drop(tables);
-            let idle = n_tun + n_udp + n_xdp + n_peers == 0;
+            let idle = n_tun + n_udp + n_xdp + n_peers + n_pods == 0;
             if let Some(f) = flows.filter(|_| !idle || last_work.elapsed() >= self.config.busy_poll)
             {
                 // Incremental expiry: a slice of one shard per busy round and before each sleep.

@@ -494,3 +494,51 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
     // Resolution takes at most a few tries, and only at the start.
     assert!(refused_sends < 10, "{refused_sends} sends refused");
 }
+
+#[test]
+fn pod_role_takes_what_podwire_routes_and_leaves_the_rest_to_the_kernel() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // `xa` is a pod's veth host end (10.99.0.1, the pod's gateway); the pod behind `xb` sends
+    // through it to everything.
+    let (a, b) = veth_pair("xpod");
+    ip(&["-n", &b.0, "route", "add", "default", "via", "10.99.0.1"]);
+    let role = |masquerade| Role::Pod {
+        local_ip: Ipv4Addr::new(10, 99, 0, 1),
+        network: "10.244.0.0/16".parse().unwrap(),
+        lease: "10.244.1.0/24".parse().unwrap(),
+        services: "10.96.0.0/12".parse().unwrap(),
+        masquerade,
+    };
+    let send_to = |b: &Netns, dsts: &'static [[u8; 4]]| {
+        in_netns(&b.0, move || {
+            let s = UdpSocket::bind((Ipv4Addr::new(10, 99, 0, 2), 0)).expect("bind");
+            for d in dsts {
+                s.send_to(b"x", (Ipv4Addr::from(*d), 7)).expect("send");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Another node's pod and a service: podwire's (no socket yet: counted, passed).
+    // The gateway, this node's other pods and the outside: the kernel's.
+    const OURS: &[[u8; 4]] = &[[10, 244, 2, 5], [10, 96, 0, 10]];
+    const THEIRS: &[[u8; 4]] = &[[10, 99, 0, 1], [10, 244, 1, 7], [192, 0, 2, 9]];
+    let prog = in_netns(&a.0, move || {
+        XdpProgram::attach("xa", role(false)).expect("attach")
+    });
+    send_to(&b, OURS);
+    send_to(&b, THEIRS);
+    let c = prog.counters().unwrap();
+    assert_eq!(c.no_socket, 2, "{c:?}");
+    assert!(c.passed >= 3, "{c:?}");
+    drop(prog);
+    // Masquerading: TCP and UDP to the outside is podwire's too.
+    let prog = in_netns(&a.0, move || {
+        XdpProgram::attach("xa", role(true)).expect("attach")
+    });
+    send_to(&b, THEIRS);
+    let c = prog.counters().unwrap();
+    assert_eq!(c.no_socket, 1, "only the outside host: {c:?}");
+}

@@ -8,7 +8,8 @@
 //!   request `podwire-vxlan-no-conntrack` (the default mode without connection tracking) and
 //!   `podwire-vxlan-no-gro` (the default mode receiving without UDP GRO) and
 //!   `podwire-vxlan-shared-queue` (the default mode without per-peer receive queues) and
-//!   `podwire-vxlan-xdp` (the underlay through AF_XDP, `--io xdp`);
+//!   `podwire-vxlan-xdp` (the underlay through AF_XDP, `--io xdp`) and `podwire-vxlan-xdp-pods`
+//!   (the pods through AF_XDP too, `--pod-ports`);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -51,11 +52,12 @@ pub const MODES: [&str; 5] = [
 
 /// Modes run only when asked for (`--modes`): podwire without connection tracking, to see what
 /// tracking every packet costs.
-pub const EXTRA_MODES: [&str; 4] = [
+pub const EXTRA_MODES: [&str; 5] = [
     "podwire-vxlan-no-conntrack",
     "podwire-vxlan-no-gro",
     "podwire-vxlan-shared-queue",
     "podwire-vxlan-xdp",
+    "podwire-vxlan-xdp-pods",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +105,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         | "podwire-vxlan-shared-queue" => ("vxlan", false, "socket"),
         "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
         // Outer headers written by the pipeline, as for the raw socket.
-        "podwire-vxlan-xdp" => ("vxlan", false, "flow-ports"),
+        "podwire-vxlan-xdp" | "podwire-vxlan-xdp-pods" => ("vxlan", false, "flow-ports"),
         "podwire-udp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
@@ -130,7 +132,8 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         conntrack: mode != "podwire-vxlan-no-conntrack",
         udp_gro: mode != "podwire-vxlan-no-gro",
         peer_queues: mode != "podwire-vxlan-shared-queue",
-        io_xdp: mode == "podwire-vxlan-xdp",
+        io_xdp: mode.starts_with("podwire-vxlan-xdp"),
+        pod_xdp: mode == "podwire-vxlan-xdp-pods",
         soak_seconds: 0,
         soak_pps: 0,
         l2: false,

@@ -80,6 +80,9 @@ pub struct LabOptions {
     pub peer_queues: bool,
     /// `--io xdp` on the podwire nodes: the underlay through AF_XDP (VXLAN).
     pub io_xdp: bool,
+    /// `--pods xdp` (with `--io xdp`): the podwire nodes serve their pod through AF_XDP on
+    /// its veth host end (`run --pod-ports vpod`) instead of the TUN.
+    pub pod_xdp: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
     pub l2: bool,
 }
@@ -447,6 +450,12 @@ fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
             &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"],
         )?;
         netns::ip_in(&pod, &["link", "set", "eth0", "up"])?;
+        if opts.pod_xdp && !opts.is_kernel_node(i) {
+            // AF_XDP on vpod sees the pod's frames as sent: with full checksums (no skb to say
+            // one was left to offload), and with GRO, which native XDP on veth wants of the
+            // sender for its frames to be redirected.
+            netns::exec_in(&pod, &["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
+        }
         netns::ip_in(
             &pod,
             &["route", "add", "default", "via", &gateway_ip(i).to_string()],
@@ -531,6 +540,9 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     }
     if opts.io_xdp {
         cmd.args(["--io", "xdp"]);
+    }
+    if opts.pod_xdp {
+        cmd.args(["--pod-ports", "vpod"]);
     }
     if opts.services && !opts.etcd {
         cmd.args([
@@ -1137,16 +1149,18 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
         ));
     }
     let stats = ask(json!({"cmd": "stats"}))?;
+    // From the pod: through the TUN, or with `--pods xdp` through its AF_XDP port.
+    let from_pod = if opts.pod_xdp { "rx_pods" } else { "rx_tun" };
     let rx: u64 = stats["workers"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|w| w["counters"]["rx_tun"].as_u64())
+        .filter_map(|w| w["counters"][from_pod].as_u64())
         .sum();
     if rx == 0 {
-        problems.push("stats: no packets counted".into());
+        problems.push(format!("stats: no packets counted in {from_pod}"));
     }
-    let mut detail = format!("{leases} leases, rx_tun {rx}");
+    let mut detail = format!("{leases} leases, {from_pod} {rx}");
     // Captures while pod 1 pings pod 2: the pods' echoes on the TUN, datagrams on the underlay;
     // tshark must read both files.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1618,6 +1632,34 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
         checks.push(lifecycle::residue_check(&r, opts)?);
+        if opts.pod_xdp {
+            // Everything the pods sent podwire came through their AF_XDP ports.
+            let per_node: Vec<String> = stats
+                .iter()
+                .map(|(i, s)| match s {
+                    Some(s) => format!(
+                        "node {i}: rx_pods {}, tx_pods {}, rx_tun {}, tx_tun {}",
+                        s.counter(Counter::RxPods),
+                        s.counter(Counter::TxPods),
+                        s.counter(Counter::RxTun),
+                        s.counter(Counter::TxTun)
+                    ),
+                    None => format!("node {i}: no stats"),
+                })
+                .collect();
+            let ok = stats.iter().all(|(_, s)| {
+                s.as_ref().is_some_and(|s| {
+                    s.counter(Counter::RxPods) > 0
+                        && s.counter(Counter::TxPods) > 0
+                        && s.counter(Counter::RxTun) == 0
+                })
+            });
+            checks.push(Check {
+                name: "pods reach podwire through AF_XDP on their veths, not the TUN".into(),
+                ok,
+                detail: per_node.join("; "),
+            });
+        }
         let unknown_peer = stats[0]
             .1
             .as_ref()

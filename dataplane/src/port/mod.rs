@@ -21,6 +21,7 @@ pub mod tap;
 pub mod tun;
 pub mod udp;
 pub mod xdp;
+pub mod xdp_pod;
 pub mod xdp_underlay;
 pub mod xsk;
 

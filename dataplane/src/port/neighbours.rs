@@ -45,14 +45,33 @@ impl Neighbours {
     }
 
     /// Called once per batch with the batch's time: re-reads the table if it is due (every
-    /// second), so lookups themselves read no clock.
-    pub fn tick(&mut self, now: Instant) {
-        if self
+    /// second), so lookups themselves read no clock. Returns whether it did.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let due = self
             .read_at
-            .is_none_or(|t| now.duration_since(t) >= REFRESH_ALWAYS)
-        {
+            .is_none_or(|t| now.duration_since(t) >= REFRESH_ALWAYS);
+        if due {
             self.refresh(now);
         }
+        due
+    }
+
+    /// Whether a route of the device (not a default route, not via a gateway) reaches `ip`.
+    pub fn on_link(&self, ip: Ipv4Addr) -> bool {
+        let bits = ip.to_bits();
+        self.routes
+            .iter()
+            .any(|r| r.mask != 0 && r.gateway.is_none() && bits & r.mask == r.dst)
+    }
+
+    /// Re-reads the table now (a caller that rate-limits its misses itself).
+    pub fn reread(&mut self, now: Instant) {
+        self.refresh(now);
+    }
+
+    /// The resolved neighbours, as last read.
+    pub fn resolved(&self) -> impl Iterator<Item = (Ipv4Addr, MacAddr)> + '_ {
+        self.table.iter().map(|(ip, mac)| (*ip, *mac))
     }
 
     /// The MAC of `ip`, if the kernel has it resolved. On a miss the table is re-read (at most

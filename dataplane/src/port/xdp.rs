@@ -8,6 +8,7 @@
 //! get a netlink attachment, which outlives a killed process; the next start takes it off
 //! before attaching, see the daemon.)
 
+use crate::route::Ipv4Net;
 use crate::sys::bpf::{XdpConfig, ROLE_POD, ROLE_UNDERLAY};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
@@ -36,8 +37,17 @@ pub enum Role {
         port: u16,
         masq_ports: Option<(u16, u16)>,
     },
-    /// A pod's veth host end: every IPv4 frame goes to podwire; ARP and IPv6 to the kernel.
-    Pod,
+    /// A pod's veth host end (whose own address is `local_ip`): IPv4 from the pod to the
+    /// cluster `network` outside this node's `lease`, to the `services` range and, when
+    /// podwire masquerades, TCP and UDP to anywhere else goes to podwire; the rest (the host,
+    /// the node's other pods, ARP, IPv6) to the kernel.
+    Pod {
+        local_ip: Ipv4Addr,
+        network: Ipv4Net,
+        lease: Ipv4Net,
+        services: Ipv4Net,
+        masquerade: bool,
+    },
 }
 
 /// How the program runs on the interface.
@@ -127,15 +137,35 @@ impl XdpProgram {
                     role: ROLE_UNDERLAY,
                     local_ip: u32::from_ne_bytes(local_ip.octets()),
                     port: port.to_be(),
-                    pad: 0,
                     masq_lo,
                     masq_hi,
+                    ..XdpConfig::default()
                 }
             }
-            Role::Pod => XdpConfig {
-                role: ROLE_POD,
-                ..XdpConfig::default()
-            },
+            Role::Pod {
+                local_ip,
+                network,
+                lease,
+                services,
+                masquerade,
+            } => {
+                let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+                let mask = |net: Ipv4Net| u32::from_ne_bytes(net.mask().to_be_bytes());
+                let (masq_lo, masq_hi) = if masquerade { (0, u16::MAX) } else { (1, 0) };
+                XdpConfig {
+                    role: ROLE_POD,
+                    local_ip: be(local_ip),
+                    masq_lo,
+                    masq_hi,
+                    net_addr: be(network.addr()),
+                    net_mask: mask(network),
+                    lease_addr: be(lease.addr()),
+                    lease_mask: mask(lease),
+                    svc_addr: be(services.addr()),
+                    svc_mask: mask(services),
+                    ..XdpConfig::default()
+                }
+            }
         };
         {
             let map = ebpf

@@ -12,10 +12,18 @@ pub struct XdpConfig {
     pub pad: u16,
     pub masq_lo: u16,
     pub masq_hi: u16,
+    /// Pod role, network byte order: the cluster network, the node's lease, the service range.
+    pub net_addr: u32,
+    pub net_mask: u32,
+    pub lease_addr: u32,
+    pub lease_mask: u32,
+    pub svc_addr: u32,
+    pub svc_mask: u32,
 }
 
-// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 * 4 bytes, alignment 4)
-// and every bit pattern is a valid value, which is what aya's `Pod` asks of map values.
+// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 * 4 + 6 * 4 bytes,
+// alignment 4) and every bit pattern is a valid value, which is what aya's `Pod` asks of map
+// values.
 unsafe impl aya::Pod for XdpConfig {}
 
 /// Roles, as the program's `ROLE_*`.
