@@ -663,7 +663,7 @@ fn services_through_podwire_behave_as_kube_proxy_iptables() {
     assert_all_checks_pass(&kp, &kp_text);
     for name in SERVICE_CHECKS
         .iter()
-        .chain(&["--ip-masq: a pod reaches a host outside"])
+        .chain(&["--ip-masq: a pod sends 2 MB to a host outside"])
     {
         assert_eq!(check(&pw, name)["ok"], true, "{name}: {pw_text}");
     }

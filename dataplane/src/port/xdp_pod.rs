@@ -10,7 +10,7 @@
 //! (resolving the pod on the way, which the next refresh of the table picks up).
 
 use super::neighbours::Neighbours;
-use super::xsk::XskPort;
+use super::xsk::{ipv4_ethernet_header, XskPort};
 use super::{PortError, RxPort, TxOutcome};
 use crate::batch::Batch;
 use crate::wire::{ethernet, MacAddr};
@@ -48,11 +48,7 @@ impl XdpPodPort {
     pub fn send(&mut self, batch: &Batch, items: &[(u16, MacAddr)]) -> TxOutcome {
         self.framed.clear();
         for &(i, mac) in items {
-            let mut header = [0u8; ETH];
-            header[..6].copy_from_slice(&mac.0);
-            header[6..12].copy_from_slice(&self.mac.0);
-            header[12..].copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
-            self.framed.push((header, i));
+            self.framed.push((ipv4_ethernet_header(mac, self.mac), i));
         }
         let framed = &self.framed;
         let sent = self.xsk.send_parts(

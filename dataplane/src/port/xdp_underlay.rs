@@ -15,7 +15,7 @@
 
 use super::neighbours::Neighbours;
 use super::raw::RawIpPort;
-use super::xsk::XskPort;
+use super::xsk::{ipv4_ethernet_header, XskPort};
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::wire::{ethernet, ipv4, udp, IpProtocol, MacAddr};
@@ -35,13 +35,8 @@ pub enum Refused {
     BadUdp,
 }
 
-/// Where the UDP payload of `frame` is and who sent it, if `frame` is a datagram to
-/// `local`:`port` that the kernel's UDP socket would have accepted.
-pub fn udp_payload(
-    frame: &[u8],
-    local: Ipv4Addr,
-    port: u16,
-) -> Result<(core::ops::Range<usize>, SocketAddrV4), Refused> {
+/// The IPv4 packet of an Ethernet frame, if its header is whole and its checksum right.
+fn ipv4_of(frame: &[u8]) -> Result<ipv4::Packet<&[u8]>, Refused> {
     if frame.len() < ETH || u16::from_be_bytes([frame[12], frame[13]]) != ethernet::ethertype::IPV4
     {
         return Err(Refused::NotIpv4);
@@ -50,6 +45,17 @@ pub fn udp_payload(
     if ip.version() != 4 || !ip.verify_checksum() {
         return Err(Refused::BadIpHeader);
     }
+    Ok(ip)
+}
+
+/// Where the UDP payload of `frame` is and who sent it, if `frame` is a datagram to
+/// `local`:`port` that the kernel's UDP socket would have accepted.
+pub fn udp_payload(
+    frame: &[u8],
+    local: Ipv4Addr,
+    port: u16,
+) -> Result<(core::ops::Range<usize>, SocketAddrV4), Refused> {
+    let ip = ipv4_of(frame)?;
     if ip.dst() != local || ip.protocol() != IpProtocol::Udp {
         return Err(Refused::NotForUs);
     }
@@ -79,14 +85,7 @@ pub fn wire_packet(
     frame: &[u8],
     local: Ipv4Addr,
 ) -> Result<(core::ops::Range<usize>, Ipv4Addr), Refused> {
-    if frame.len() < ETH || u16::from_be_bytes([frame[12], frame[13]]) != ethernet::ethertype::IPV4
-    {
-        return Err(Refused::NotIpv4);
-    }
-    let ip = ipv4::Packet::new_checked(&frame[ETH..]).map_err(|_| Refused::BadIpHeader)?;
-    if ip.version() != 4 || !ip.verify_checksum() {
-        return Err(Refused::BadIpHeader);
-    }
+    let ip = ipv4_of(frame)?;
     let ours = matches!(
         ip.protocol(),
         IpProtocol::Tcp | IpProtocol::Udp | IpProtocol::Icmp
@@ -236,11 +235,8 @@ impl TxPort for XdpUnderlayPort {
                 self.unresolved.push(i);
                 continue;
             };
-            let mut header = [0u8; ETH];
-            header[..6].copy_from_slice(&mac.0);
-            header[6..12].copy_from_slice(&self.local_mac.0);
-            header[12..].copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
-            self.framed.push((header, i));
+            self.framed
+                .push((ipv4_ethernet_header(mac, self.local_mac), i));
         }
         let ready = self.framed.len();
         let framed = &self.framed;

@@ -11,6 +11,7 @@
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::sys::xsk::{XskActivity, XskSocket, XskStats};
+use crate::wire::MacAddr;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 
@@ -89,6 +90,16 @@ impl XskPort {
     pub fn send_frames(&mut self) -> (usize, usize) {
         (self.socket.send_frames_free(), self.socket.send_frames())
     }
+}
+
+/// The Ethernet header of an IPv4 frame from `src` to `dst`, for ports that send IPv4 packets
+/// through an AF_XDP socket.
+pub fn ipv4_ethernet_header(dst: MacAddr, src: MacAddr) -> [u8; 14] {
+    let mut header = [0u8; 14];
+    header[..6].copy_from_slice(&dst.0);
+    header[6..12].copy_from_slice(&src.0);
+    header[12..].copy_from_slice(&crate::wire::ethernet::ethertype::IPV4.to_be_bytes());
+    header
 }
 
 impl RxPort for XskPort {
