@@ -290,12 +290,7 @@ impl Services {
             .by_key
             .get(&key(t.dst, t.dport, t.proto))
             .ok_or(NoBackend::NoService)?;
-        let plan = self.bind(idx, t, affinity, now)?;
-        let local_backend = plan.dnat.is_some_and(|(ip, _)| local.contains(ip));
-        Ok(NatPlan {
-            snat: local_backend.then_some(self.options.hairpin_ip),
-            ..plan
-        })
+        self.bind(idx, t, local, None, affinity, now)
     }
 
     /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
@@ -314,23 +309,17 @@ impl Services {
             .by_node_port
             .get(&node_port_key(t.proto, t.dport))
             .ok_or(NoBackend::NoService)?;
-        let plan = self.bind(idx, t, affinity, now)?;
-        let local_backend = plan.dnat.is_some_and(|(ip, _)| local.contains(ip));
-        Ok(NatPlan {
-            snat: Some(if local_backend {
-                self.options.hairpin_ip
-            } else {
-                cluster_ip
-            }),
-            ..plan
-        })
+        self.bind(idx, t, local, Some(cluster_ip), affinity, now)
     }
 
-    /// A backend of service `idx` for the new connection `t` (DNAT and binding, no SNAT).
+    /// A backend of service `idx` for the new connection `t`: DNAT to it, and SNAT to the
+    /// hairpin address if it is on this node (`local`), else to `snat_remote` if given.
     fn bind(
         &self,
         idx: u32,
         t: &Tuple,
+        local: Ipv4Net,
+        snat_remote: Option<Ipv4Addr>,
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
@@ -358,9 +347,14 @@ impl Services {
             ),
             None => choose(),
         };
+        let snat = if local.contains(*backend.ip()) {
+            Some(self.options.hairpin_ip)
+        } else {
+            snat_remote
+        };
         Ok(NatPlan {
             dnat: Some((*backend.ip(), backend.port())),
-            snat: None,
+            snat,
             snat_ports: None,
             service: Some(ServiceBinding {
                 vip: svc.spec.cluster_ip,

@@ -123,11 +123,15 @@ impl PodPorts {
         if self
             .reread_at
             .is_some_and(|t| now.duration_since(t) < REREAD_ON_MISS)
-            || !self.ports.iter().any(|p| p.neighbours.on_link(ip))
         {
             return;
         }
+        // Rate-limits the scan of the ports' routes too: misses for another worker's pods
+        // come with every one of their packets.
         self.reread_at = Some(now);
+        if !self.ports.iter().any(|p| p.neighbours.on_link(ip)) {
+            return;
+        }
         for p in &mut self.ports {
             p.neighbours.reread(now);
         }
