@@ -700,12 +700,6 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
         let bind = SocketAddrV4::new(iface.addr, port);
         let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
-        if opts.io_xdp && !vxlan {
-            bail!(
-                "--io xdp carries VXLAN only (the backend is {})",
-                config.backend.name()
-            );
-        }
         if opts.io_xdp {
             let role = xdp::Role::Underlay {
                 local_ip: iface.addr,
@@ -795,7 +789,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     let fallback = RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?;
                     Some(
                         XdpUnderlayPort::new(xsk, &iface.name, iface_mac, iface.addr, port)
-                            .with_fallback(fallback),
+                            .with_fallback(fallback)
+                            // flannel's udp backend checksums its datagrams (a kernel socket).
+                            .with_udp_checksum(!vxlan),
                     )
                 }
                 None => None,

@@ -254,7 +254,7 @@ struct RunArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     peer_queues: String,
     /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
-    /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN only; worker i owns
+    /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN or udp; worker i owns
     /// queue i; the program passes everything that is not podwire's to the kernel and is
     /// detached on exit). Pods still reach podwire through the TUN device. podwire then also
     /// owns the node's address for the services' NodePorts: TCP and UDP to a NodePort are

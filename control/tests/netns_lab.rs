@@ -357,6 +357,59 @@ fn vxlan_two_podwire_nodes_over_af_xdp() {
 }
 
 #[test]
+fn udp_backend_over_af_xdp() {
+    let Some(_slot) = lab_slot() else { return };
+    let pcap = std::env::temp_dir().join(format!("podwire-udp-xdp-{}.pcap", std::process::id()));
+    // flannel's udp backend with the underlay through AF_XDP on both nodes: every lab check
+    // (the restarts among them), and the datagrams podwire writes itself decoded by tshark.
+    let (report, text) = run_lab(&[
+        "--backend",
+        "udp",
+        "--io",
+        "xdp",
+        "--transfer-mb",
+        "20",
+        "--capture",
+        pcap.to_str().unwrap(),
+    ]);
+    assert_all_checks_pass(&report, &text);
+    for name in [
+        "the underlay passes through AF_XDP on every podwire node",
+        "TCP 20 MB with intact SHA-256",
+        "SIGTERM leaves no device, route, XDP program",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}");
+    }
+    // Node 1's datagrams: from port 8285, with a UDP checksum tshark verifies, around the
+    // pods' own IPv4 packets (TCP and ICMP among them).
+    let frames = decode_first(
+        &pcap,
+        Some(20_000),
+        "udp.port == 8285 && ip.src == 192.168.99.11",
+        &["udp.srcport", "udp.checksum.status", "ip.proto", "ip.src"],
+    );
+    let _ = std::fs::remove_file(&pcap);
+    assert!(frames.len() > 100, "{} datagrams from node 1", frames.len());
+    // Layered fields hold the outer value first.
+    let outer = |f: &Frame, field: &str| f[field].split(',').next().unwrap_or("").to_string();
+    for f in &frames {
+        assert_eq!(outer(f, "udp.srcport"), "8285", "{f:?}");
+        assert_eq!(
+            outer(f, "udp.checksum.status"),
+            "1",
+            "a good checksum: {f:?}"
+        );
+        assert!(f["ip.src"].starts_with("192.168.99.11,10.244.1."), "{f:?}");
+    }
+    for proto in ["17,6", "17,1"] {
+        assert!(
+            frames.iter().any(|f| f["ip.proto"] == proto),
+            "no inner protocol {proto}: {frames:?}"
+        );
+    }
+}
+
+#[test]
 fn vxlan_direct_routing_skips_the_tunnel_between_on_link_nodes() {
     let Some(_slot) = lab_slot() else { return };
     // Node 1 podwire, node 2 kernel, both with DirectRouting on one L2 subnet.
@@ -414,10 +467,27 @@ fn vxlan_two_podwire_nodes() {
 type Frame = std::collections::HashMap<String, String>;
 
 fn decode(pcap: &std::path::Path, filter: &str, fields: &[&str]) -> Vec<Frame> {
+    decode_first(pcap, None, filter, fields)
+}
+
+/// [`decode`] of the capture's first `frames` frames only (a lab's capture holds its bulk
+/// transfers too).
+fn decode_first(
+    pcap: &std::path::Path,
+    frames: Option<usize>,
+    filter: &str,
+    fields: &[&str],
+) -> Vec<Frame> {
     let mut cmd = Command::new("tshark");
-    cmd.arg("-r").arg(pcap).args([
+    cmd.arg("-r").arg(pcap);
+    if let Some(n) = frames {
+        cmd.args(["-c", &n.to_string()]);
+    }
+    cmd.args([
         "-d",
         "udp.port==8472,vxlan",
+        "-d",
+        "udp.port==8285,ip",
         "-o",
         "udp.check_checksum:TRUE",
         "-Y",

@@ -410,9 +410,26 @@ impl Dispatch {
             }
         }
         if self.n_underlay > 0 {
-            let out = ports
-                .udp
-                .tx_batch(batch, &self.to_underlay[..self.n_underlay]);
+            let to_underlay = &self.to_underlay[..self.n_underlay];
+            let out = match ports.xdp.as_mut() {
+                // Datagrams through AF_XDP; those to a next hop not resolved yet through the
+                // socket, so the kernel resolves it.
+                Some(xdp) => {
+                    let items = to_underlay
+                        .iter()
+                        .map(|&i| (i, batch.meta(usize::from(i)).peer));
+                    let mut out = xdp.send_datagrams(batch, items);
+                    let unresolved = xdp.unresolved_datagrams();
+                    if !unresolved.is_empty() {
+                        let via = ports.udp.tx_to(batch, unresolved);
+                        xdp.sent_via_kernel(via.sent);
+                        out.sent += via.sent;
+                        out.failed += via.failed;
+                    }
+                    out
+                }
+                None => ports.udp.tx_batch(batch, to_underlay),
+            };
             stats.add(Counter::TxUnderlay, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
         }

@@ -462,7 +462,7 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
         }
         seen.len()
     });
-    let (refused_sends, _port) = in_netns(&a.0, move || {
+    let (refused_sends, mut port) = in_netns(&a.0, move || {
         let mut out = Batch::new(64, 2048);
         let mut refused = 0;
         for seq in 0..M {
@@ -493,6 +493,38 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
     assert_eq!(reader.join().expect("reader"), M as usize);
     // Resolution takes at most a few tries, and only at the start.
     assert!(refused_sends < 10, "{refused_sends} sends refused");
+
+    // Datagrams (the udp backend, L2 mode): the port writes Ethernet, IPv4 and UDP, with a
+    // checksum the receiving kernel verifies (it drops a wrong one), from our port.
+    let sink = in_netns(&b.0, move || UdpSocket::bind((peer_ip, 8285)).unwrap());
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut out = Batch::new(64, 2048);
+    let sizes = [1usize, 2, 3, 63, 1400];
+    for (k, &len) in sizes.iter().enumerate() {
+        out.rx_slot(k)[..len].fill(k as u8 + 1);
+        out.commit_rx(k, len, SocketAddrV4::new(peer_ip, 8285), false);
+    }
+    let items: Vec<(u16, SocketAddrV4)> = (0..sizes.len() as u16)
+        .map(|i| (i, SocketAddrV4::new(peer_ip, 8285)))
+        .collect();
+    let r = in_netns(&a.0, move || {
+        let r = port.send_datagrams(&out, items);
+        assert!(port.unresolved_datagrams().is_empty(), "resolved above");
+        while port.xsk().flush() > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        r
+    });
+    assert_eq!((r.sent, r.failed), (sizes.len(), 0));
+    let mut buf = [0u8; 2048];
+    for (k, &len) in sizes.iter().enumerate() {
+        let (n, from) = sink
+            .recv_from(&mut buf)
+            .expect("a datagram with a valid checksum");
+        assert_eq!(from, std::net::SocketAddr::from((local_ip, PORT)));
+        assert_eq!(n, len);
+        assert!(buf[..n].iter().all(|&b| b == k as u8 + 1));
+    }
 }
 
 #[test]

@@ -78,7 +78,7 @@ pub struct LabOptions {
     pub udp_gro: bool,
     /// Per-peer receive queues on the podwire nodes (`--peer-queues`).
     pub peer_queues: bool,
-    /// `--io xdp` on the podwire nodes: the underlay through AF_XDP (VXLAN).
+    /// `--io xdp` on the podwire nodes: the underlay through AF_XDP (VXLAN or udp).
     pub io_xdp: bool,
     /// `--pods xdp` (with `--io xdp`): the podwire nodes serve their pod through AF_XDP on
     /// its veth host end (`run --pod-ports vpod`) instead of the TUN.
@@ -1325,6 +1325,37 @@ fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     })
 }
 
+/// `--io xdp`: every podwire node received its underlay traffic through AF_XDP (the UDP
+/// socket saw none of it) and sent through it.
+fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
+    let per_node: Vec<String> = stats
+        .iter()
+        .map(|(i, s)| match s {
+            Some(s) => format!(
+                "node {i}: rx_underlay {}, xdp_rx_frames {}, tx_underlay {}, xdp_tx_frames {}, xdp_via_kernel {}",
+                s.counter(Counter::RxUnderlay),
+                s.counter(Counter::XdpRxFrames),
+                s.counter(Counter::TxUnderlay),
+                s.counter(Counter::XdpTxFrames),
+                s.counter(Counter::XdpViaKernel)
+            ),
+            None => format!("node {i}: no stats"),
+        })
+        .collect();
+    let ok = stats.iter().all(|(_, s)| {
+        s.as_ref().is_some_and(|s| {
+            s.counter(Counter::RxUnderlay) > 0
+                && s.counter(Counter::XdpRxFrames) >= s.counter(Counter::RxUnderlay)
+                && s.counter(Counter::XdpTxFrames) > 0
+        })
+    });
+    Check {
+        name: "the underlay passes through AF_XDP on every podwire node, not the UDP socket".into(),
+        ok,
+        detail: per_node.join("; "),
+    }
+}
+
 fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
     let read = |i: usize| {
         let text = std::fs::read_to_string(dir.join(format!("n{i}/stats.json"))).ok()?;
@@ -1632,6 +1663,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
         checks.push(lifecycle::residue_check(&r, opts)?);
+        if opts.io_xdp {
+            checks.push(underlay_through_xdp_check(&stats));
+        }
         if opts.pod_xdp {
             // Everything the pods sent podwire came through their AF_XDP ports.
             let per_node: Vec<String> = stats

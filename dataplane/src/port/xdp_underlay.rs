@@ -24,6 +24,10 @@ use std::time::Instant;
 
 /// Ethernet header length.
 const ETH: usize = 14;
+/// Ethernet, IPv4 and UDP headers in front of a datagram's payload.
+const DATAGRAM_HEADERS: usize = ETH + ipv4::HEADER_LEN + udp::HEADER_LEN;
+/// The outer TTL of datagrams, as the kernel's UDP socket sends them (`ip_default_ttl`).
+const DATAGRAM_TTL: u8 = 64;
 
 /// Why a received frame is not one of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +123,15 @@ pub struct XdpUnderlayPort {
     via_kernel: u64,
     /// Wire packets received since the last [`XdpUnderlayPort::take_wire`].
     wire: u64,
+    /// Datagram send scratch: each datagram's headers and index.
+    datagrams: Vec<([u8; DATAGRAM_HEADERS], u16)>,
+    /// Datagrams whose next hop is not resolved yet, for the caller's UDP socket.
+    unresolved_datagrams: Vec<(u16, SocketAddrV4)>,
+    /// The IPv4 identification of the next datagram (they may be fragmented on the way).
+    ident: u16,
+    /// Whether datagrams carry a UDP checksum (flannel's udp backend, as its socket sent
+    /// them) or none (VXLAN, as the kernel's VXLAN device sends it).
+    udp_checksum: bool,
 }
 
 impl XdpUnderlayPort {
@@ -143,7 +156,95 @@ impl XdpUnderlayPort {
             unresolved: Vec::with_capacity(crate::worker::MAX_BATCH),
             via_kernel: 0,
             wire: 0,
+            datagrams: Vec::with_capacity(crate::worker::MAX_BATCH),
+            unresolved_datagrams: Vec::with_capacity(crate::worker::MAX_BATCH),
+            ident: 0,
+            udp_checksum: true,
         }
+    }
+
+    /// Whether [`XdpUnderlayPort::send_datagrams`] writes UDP checksums (the default).
+    pub fn with_udp_checksum(mut self, on: bool) -> XdpUnderlayPort {
+        self.udp_checksum = on;
+        self
+    }
+
+    /// Sends each item's packet as the payload of a UDP datagram from our address and port to
+    /// its address, as the underlay's UDP socket would: this port writes the Ethernet, IPv4
+    /// and UDP headers in front. Datagrams to a next hop not resolved yet are neither sent nor
+    /// counted here: they wait in [`XdpUnderlayPort::unresolved_datagrams`] for the caller's
+    /// socket (through which the kernel resolves the neighbour), until the next call.
+    pub fn send_datagrams(
+        &mut self,
+        batch: &Batch,
+        items: impl IntoIterator<Item = (u16, SocketAddrV4)>,
+    ) -> TxOutcome {
+        self.datagrams.clear();
+        self.unresolved_datagrams.clear();
+        let now = Instant::now();
+        self.neighbours.tick(now);
+        let mut oversized = 0;
+        for (i, to) in items {
+            let payload = batch.packet(usize::from(i));
+            let Some(mac) = self.neighbours.lookup(*to.ip(), now) else {
+                self.unresolved_datagrams.push((i, to));
+                continue;
+            };
+            if payload.len() > usize::from(u16::MAX) - ipv4::HEADER_LEN - udp::HEADER_LEN {
+                oversized += 1;
+                continue;
+            }
+            let mut headers = [0u8; DATAGRAM_HEADERS];
+            let (eth, rest) = headers.split_at_mut(ETH);
+            let (ip, l4) = rest.split_at_mut(ipv4::HEADER_LEN);
+            eth.copy_from_slice(&ipv4_ethernet_header(mac, self.local_mac));
+            ipv4::Repr {
+                src: self.local_ip,
+                dst: *to.ip(),
+                protocol: IpProtocol::Udp,
+                payload_len: udp::HEADER_LEN + payload.len(),
+                ttl: DATAGRAM_TTL,
+                dscp_ecn: 0,
+                ident: self.ident,
+                dont_frag: false,
+            }
+            .emit(ip);
+            self.ident = self.ident.wrapping_add(1);
+            let repr = udp::Repr {
+                src_port: self.port,
+                dst_port: to.port(),
+                payload_len: payload.len(),
+            };
+            let l4: &mut [u8; udp::HEADER_LEN] = l4.try_into().expect("sized above");
+            if self.udp_checksum {
+                repr.emit_detached(l4, payload, self.local_ip, *to.ip());
+            } else {
+                repr.emit_unchecked(l4);
+            }
+            self.datagrams.push((headers, i));
+        }
+        let ready = self.datagrams.len();
+        let datagrams = &self.datagrams;
+        let sent = self.xsk.send_parts(
+            datagrams
+                .iter()
+                .map(|(h, i)| (&h[..], batch.packet(usize::from(*i)))),
+        );
+        TxOutcome {
+            sent,
+            failed: oversized + (ready - sent),
+        }
+    }
+
+    /// The datagrams the last [`XdpUnderlayPort::send_datagrams`] left for the caller's
+    /// socket, their next hop being unresolved.
+    pub fn unresolved_datagrams(&self) -> &[(u16, SocketAddrV4)] {
+        &self.unresolved_datagrams
+    }
+
+    /// Counts `n` datagrams sent through the kernel for want of a next hop.
+    pub fn sent_via_kernel(&mut self, n: usize) {
+        self.via_kernel += n as u64;
     }
 
     /// Packets to neighbours not resolved yet go through `raw`, so the kernel resolves them

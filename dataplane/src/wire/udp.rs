@@ -121,6 +121,23 @@ impl Repr {
         p.fill_checksum(src, dst);
     }
 
+    /// Writes the header into `header`, which is not followed by its `payload` in memory (a
+    /// header built apart and sent in front of the payload), with the checksum over both.
+    pub fn emit_detached(
+        &self,
+        header: &mut [u8; HEADER_LEN],
+        payload: &[u8],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+    ) {
+        self.emit_unchecked(header);
+        let len = (HEADER_LEN + payload.len()) as u16;
+        let acc = checksum::pseudo_header_v4(src, dst, PROTO_UDP, len);
+        let acc = checksum::accumulate(checksum::accumulate(acc, header), payload);
+        let c = !checksum::fold(acc);
+        header[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    }
+
     /// Writes the header with checksum 0 ("none", allowed over IPv4): for headers that only
     /// carry the ports and length to a socket that writes its own (the kernel's UDP send).
     pub fn emit_unchecked(&self, buf: &mut [u8]) {
@@ -185,6 +202,28 @@ mod tests {
         }
         .emit(&mut buf, SRC, DST);
         assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn test_detached_header_matches_etherparse() {
+        let want = reference();
+        for payload in [&b"hello"[..], b"", b"odd", b"four"] {
+            let mut header = [0u8; HEADER_LEN];
+            Repr {
+                src_port: 8285,
+                dst_port: 8285,
+                payload_len: payload.len(),
+            }
+            .emit_detached(&mut header, payload, SRC, DST);
+            let mut whole = header.to_vec();
+            whole.extend_from_slice(payload);
+            assert!(Packet::new_checked(&whole[..])
+                .unwrap()
+                .verify_checksum(SRC, DST));
+            if payload == b"hello" {
+                assert_eq!(whole, want);
+            }
+        }
     }
 
     #[test]
