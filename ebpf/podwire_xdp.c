@@ -13,6 +13,9 @@
 //   network outside the node's own lease, to the service range, and (when podwire
 //   masquerades) TCP and UDP to anywhere else. Traffic to the host, to the node's other pods
 //   and (without masquerade) to the outside, ARP and IPv6 pass to the kernel.
+// - Bridge-port role (a pod's veth host end in L2 mode, where podwire is the node's bridge):
+//   every frame, whatever it carries (ARP, IPv6, broadcasts): the host end has no address and
+//   the kernel has nothing to do with it.
 //
 // Counters are per CPU (no atomics on the fast path); podwire sums them.
 // Built by dataplane/build.rs with `clang -O2 -g -target bpf` and embedded in the binary.
@@ -27,6 +30,7 @@
 
 #define ROLE_UNDERLAY 0
 #define ROLE_POD 1
+#define ROLE_BRIDGE_PORT 2
 
 // What podwire tells the program: its role on this interface, and for the underlay the node's
 // address and the data port, both in network byte order, and the masquerade port range (host
@@ -182,6 +186,8 @@ int podwire_xdp(struct xdp_md *ctx)
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
         return pass(CNT_MALFORMED);
+    if (cfg->role == ROLE_BRIDGE_PORT)
+        return to_socket(ctx);
     if (eth->h_proto != bpf_htons(ETH_P_IP))
         return pass(CNT_PASSED);
     struct iphdr *ip = (void *)(eth + 1);

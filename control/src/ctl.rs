@@ -78,6 +78,9 @@ pub struct L2Ctl {
     pub mtu: u32,
     /// The node's gateway address (the host port's), the pods' default route.
     pub gateway: Ipv4Addr,
+    /// `--l2-pods xdp`: pods get veth pairs served through AF_XDP, kept here.
+    pub pods_xdp: bool,
+    pub veths: l2::Veths,
 }
 
 impl CtlState {
@@ -185,7 +188,11 @@ fn l2_command(cmd: &str, req: &Value, l2: &L2Ctl) -> Result<Value, String> {
             .map(|d| fdb_json(&d))
             .map_err(|e| e.to_string()),
         "detach" => match l2.handle.detach(&netns) {
-            Ok(true) => Ok(json!({"detached": netns})),
+            Ok(true) => {
+                // The port is gone from the bridge: its veth pair (if any) goes too.
+                l2.veths.lock().expect("veths").remove(&netns);
+                Ok(json!({"detached": netns}))
+            }
             Ok(false) => Err(format!("no pod attached from netns {netns:?}")),
             Err(e) => Err(e.to_string()),
         },
@@ -207,8 +214,9 @@ fn l2_command(cmd: &str, req: &Value, l2: &L2Ctl) -> Result<Value, String> {
                 ifname: field("ifname").unwrap_or("eth0").to_string(),
                 gateway: parsed(req, "gateway")?,
             };
-            let a =
-                l2::attach(&l2.handle, &attach, l2.mtu, l2.gateway).map_err(|e| e.to_string())?;
+            let veths = l2.pods_xdp.then_some(&l2.veths);
+            let a = l2::attach(&l2.handle, &attach, l2.mtu, l2.gateway, veths)
+                .map_err(|e| e.to_string())?;
             Ok(json!({
                 "netns": attach.netns, "ifname": attach.ifname, "ip": attach.ip.to_string(),
                 "mac": a.mac.to_string(), "port": a.port.0, "device": a.device, "mtu": l2.mtu,

@@ -108,6 +108,8 @@ pub struct L2Options {
     pub bridge: bridge::Config,
     /// Name of the host's bridge port (a TAP device carrying the node's gateway address).
     pub host_port: String,
+    /// `--l2-pods xdp`: `podwire ctl attach` gives a pod a veth pair served through AF_XDP.
+    pub pods_xdp: bool,
 }
 
 /// Static FDB entries the bridge has room for beyond its learned ones: the pods' and the
@@ -534,17 +536,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut pod_programs: Vec<xdp::XdpProgram> = Vec::new();
     let mut flows = None;
     let mut l2_handle = None;
+    // L2 mode's pods on veth pairs (`--l2-pods xdp`): removed when the daemon stops.
+    let mut l2_veths = None;
     let capture = Arc::new(Capture::default());
     let live;
     let pool;
     let mut gro = false;
     let device;
     let offload;
-    if opts.io_xdp && opts.l2.is_some() {
-        bail!("--io xdp is routed (L3) mode only for now");
-    }
-    if !opts.pod_ports.is_empty() && !opts.io_xdp {
-        bail!("--pod-ports needs --io xdp");
+    if !opts.pod_ports.is_empty() && (!opts.io_xdp || opts.l2.is_some()) {
+        bail!("--pod-ports needs --io xdp in routed mode (L2 mode: --l2-pods xdp)");
     }
     if opts.io_xdp && opts.ip_masq && !opts.conntrack {
         bail!("--ip-masq with --io xdp masquerades in podwire, which needs --conntrack on");
@@ -572,7 +573,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
             addr: gateway,
             prefix: config.network.prefix(),
         };
-        let host = podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu)?;
+        // AF_XDP ports carry no virtio-net header: with them, no port of the bridge does.
+        let host =
+            podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu, !l2.pods_xdp)?;
         device = host.name().to_string();
         offload = host.offload();
         let mut udp = UdpPort::bind(
@@ -590,6 +593,32 @@ pub fn run(opts: RunOptions) -> Result<()> {
             },
             L2_STATIC_ROOM,
         );
+        let underlay_xdp = if opts.io_xdp {
+            // One worker: an AF_XDP socket on queue 0. What other queues receive passes to
+            // the kernel (no socket there), which hands it to the UDP socket.
+            let role = xdp::Role::Underlay {
+                local_ip: iface.addr,
+                port,
+                masq_ports: None,
+            };
+            let mut prog = netdev::attach_xdp(&iface.name, role)?;
+            let queues = netdev::rx_queues(&iface.name);
+            if queues > 1 {
+                tracing::warn!(device = %iface.name, queues, "L2 mode reads queue 0 through AF_XDP; the other queues' datagrams come through the kernel's UDP socket");
+            }
+            let xsk = XskPort::bind(&iface.name, 0, XskConfig::default())?;
+            prog.set_socket(0, &xsk.raw_fd())?;
+            tracing::info!(device = %iface.name, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
+            xdp_program = Some(prog);
+            let mac = netdev::mac_of(&iface.name)?;
+            // VXLAN without a UDP checksum, as the kernel's VXLAN device sends it.
+            Some(
+                XdpUnderlayPort::new(xsk, &iface.name, mac, iface.addr, port)
+                    .with_udp_checksum(false),
+            )
+        } else {
+            None
+        };
         live = Arc::new(ArcSwap::from_pointee(initial));
         let (p, handle) = WorkerPool::start_l2(
             opts.worker.clone(),
@@ -598,15 +627,20 @@ pub fn run(opts: RunOptions) -> Result<()> {
             host,
             local_mac,
             udp,
+            underlay_xdp,
         )?;
         pool = p;
         health.set_fdb_entries(Arc::clone(&handle.fdb_entries));
         tracing::info!(bridge_port = %device, %host_addr, %vni, ageing_s = l2.bridge.ageing_ms / 1000, fdb_max = l2.bridge.max_learned, "L2 mode: podwire is the node's bridge");
-        l2_handle = Some(ctl::L2Ctl {
+        let ctl = ctl::L2Ctl {
             handle,
             mtu: tun_mtu,
             gateway,
-        });
+            pods_xdp: l2.pods_xdp,
+            veths: Default::default(),
+        };
+        l2_veths = Some(Arc::clone(&ctl.veths));
+        l2_handle = Some(ctl);
     } else {
         let wanted = opts.tun_name.as_deref().unwrap_or(&default_tun);
         if netdev::remove_vxlan_device(wanted)? {
@@ -706,12 +740,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 port,
                 masq_ports: masq_userspace.then_some(MASQ_PORTS),
             };
-            if let Some(id) = netdev::remove_stale_xdp(&iface.name, xdp::PROGRAM_NAME)? {
-                tracing::warn!(device = %iface.name, id, "took off podwire's XDP program that a podwire now gone left attached (netlink)");
-            }
-            let mut prog = xdp::XdpProgram::attach(&iface.name, role)
-                .with_context(|| format!("XDP on {}", iface.name))?;
-            tracing::info!(device = %iface.name, mode = ?prog.mode(), "XDP program attached");
+            let mut prog = netdev::attach_xdp(&iface.name, role)?;
             if initial.wire.is_some() {
                 sync_node_ports(&mut prog, &initial.services);
             }
@@ -735,11 +764,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 services: opts.service_cidr,
                 masquerade: masq_userspace,
             };
-            if let Some(id) = netdev::remove_stale_xdp(name, xdp::PROGRAM_NAME)? {
-                tracing::warn!(device = %name, id, "took off podwire's XDP program that a podwire now gone left attached (netlink)");
-            }
-            let mut prog = xdp::XdpProgram::attach(name, role)
-                .with_context(|| format!("XDP on pod port {name}"))?;
+            let mut prog = netdev::attach_xdp(name, role)?;
             let xsk = XskPort::bind(name, 0, XskConfig::default())?;
             prog.set_socket(0, &xsk.raw_fd())?;
             let mac = netdev::mac_of(name)?;
@@ -894,6 +919,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
     }
     drop(pod_programs);
+    if let Some(veths) = l2_veths {
+        // After the worker closed their sockets: the programs come off, the pairs go.
+        veths.lock().expect("veths").clear();
+    }
     if let Some(mut d) = direct {
         d.clear();
     }

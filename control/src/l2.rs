@@ -9,15 +9,42 @@
 //! moving it into the pod's namespace, and configuring it there as the pod's interface (name,
 //! MAC, MTU, address, default route via the node's gateway). The descriptor stays with podwire:
 //! closing it (detach, exit, crash) deletes the device.
+//!
+//! With `run --l2-pods xdp` the pod gets one end of a veth pair instead, and podwire serves the
+//! host end through AF_XDP: its XDP program (bridge-port role) hands every frame to a socket
+//! that is the bridge port. The pair is removed on detach and when the daemon stops (after a
+//! crash it stays, as a CNI plugin's pair would, until the pod's namespace goes).
 
-use crate::netdev::{ip, NetdevError};
+use crate::netdev::{attach_xdp, ip, NetdevError};
 use podwire_dataplane::bridge::PortId;
 use podwire_dataplane::port::tap::TapPort;
+use podwire_dataplane::port::xdp::{Role, XdpProgram};
+use podwire_dataplane::port::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::PortError;
 use podwire_dataplane::wire::MacAddr;
-use podwire_dataplane::worker::l2::{L2Error, L2Handle};
+use podwire_dataplane::worker::l2::{BridgeDevice, L2Error, L2Handle};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+/// A pod's veth pair served through AF_XDP: the program on its host end, and the pair, which
+/// is deleted when this is dropped.
+pub struct VethPort {
+    host_end: String,
+    program: Option<XdpProgram>,
+}
+
+impl Drop for VethPort {
+    fn drop(&mut self) {
+        // The program comes off first, then the pair goes (both ends with it).
+        drop(self.program.take());
+        let _ = ip(&["link", "del", "dev", &self.host_end]);
+    }
+}
+
+/// The pods' veth pairs, by the label of their bridge port (the pod's namespace).
+pub type Veths = Arc<Mutex<HashMap<String, VethPort>>>;
 
 /// What can go wrong attaching a pod.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +57,59 @@ pub enum AttachError {
     Bridge(#[from] L2Error),
     #[error("{0}")]
     Invalid(String),
+    #[error("`ethtool {args}` failed: {detail} (install ethtool)")]
+    Ethtool { args: String, detail: String },
+}
+
+fn ethtool(args: &[&str]) -> Result<(), AttachError> {
+    let failed = |detail: String| AttachError::Ethtool {
+        args: args.join(" "),
+        detail,
+    };
+    let out = Command::new("ethtool")
+        .args(args)
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(String::from_utf8_lossy(&out.stderr).trim().into()));
+    }
+    Ok(())
+}
+
+/// A name for a new veth host end (`pwvN`, its pod end `pwvNp`) that no device has.
+fn free_veth_name() -> Result<String, AttachError> {
+    let exists = |n: &str| std::path::Path::new("/sys/class/net").join(n).exists();
+    (0..100_000)
+        .map(|n| format!("pwv{n}"))
+        .find(|n| !exists(n) && !exists(&format!("{n}p")))
+        .ok_or_else(|| AttachError::Invalid("no free veth name".into()))
+}
+
+/// Creates a veth pair whose host end podwire serves through AF_XDP; returns the pod's end's
+/// name (still in our namespace), the bridge port's device and the pair's owner.
+fn veth_port(mtu: u32) -> Result<(String, BridgeDevice, VethPort), AttachError> {
+    let host_end = free_veth_name()?;
+    let pod_end = format!("{host_end}p");
+    ip(&[
+        "link", "add", &host_end, "type", "veth", "peer", "name", &pod_end,
+    ])?;
+    let mut owner = VethPort {
+        host_end: host_end.clone(),
+        program: None,
+    };
+    // AF_XDP sees the pod's frames as sent, with no skb to say a checksum was left to
+    // offload: the pod's end finishes its checksums. GRO on it lets native XDP on veth
+    // redirect its frames.
+    ethtool(&["-K", &pod_end, "tx", "off", "gro", "on"])?;
+    ip(&["link", "set", "dev", &host_end, "mtu", &mtu.to_string()])?;
+    ip(&["link", "set", "dev", &host_end, "up"])?;
+    let mut program = attach_xdp(&host_end, Role::BridgePort)?;
+    let xsk = XskPort::bind(&host_end, 0, XskConfig::default())?;
+    program
+        .set_socket(0, &xsk.raw_fd())
+        .map_err(|e| AttachError::Invalid(format!("XDP on {host_end}: {e}")))?;
+    owner.program = Some(program);
+    Ok((pod_end, BridgeDevice::Xsk(xsk), owner))
 }
 
 /// An address with its prefix length, as `ip addr` takes it (`10.244.1.10/16`).
@@ -105,15 +185,23 @@ fn mac_in(ns: &str, dev: &str) -> Result<MacAddr, AttachError> {
 }
 
 /// Creates the host's bridge port `name` with MAC `mac`, address `addr` and MTU `mtu`.
-pub fn host_port(name: &str, mac: MacAddr, addr: IfAddr, mtu: u32) -> Result<TapPort, AttachError> {
+pub fn host_port(
+    name: &str,
+    mac: MacAddr,
+    addr: IfAddr,
+    mtu: u32,
+    offload: bool,
+) -> Result<TapPort, AttachError> {
     // A port left by a crashed run is still a TAP device nobody holds: open it again. With
-    // offload where the kernel allows it (the pods' ports follow the host's).
-    let tap = match TapPort::open_offload(name) {
-        Ok(t) => t,
-        Err(e) => {
+    // offload where the kernel allows it and `offload` asks for it (the pods' ports follow
+    // the host's).
+    let tap = match offload.then(|| TapPort::open_offload(name)) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "TAP offload refused; the bridge moves one frame per syscall");
             TapPort::open(name)?
         }
+        None => TapPort::open(name)?,
     };
     let dev = tap.name().to_string();
     ip(&["link", "set", "dev", &dev, "address", &mac.to_string()])?;
@@ -123,13 +211,15 @@ pub fn host_port(name: &str, mac: MacAddr, addr: IfAddr, mtu: u32) -> Result<Tap
     Ok(tap)
 }
 
-/// Creates a TAP device, moves it into the pod's namespace, configures it there and attaches
-/// it to the bridge. On any failure the device is gone again (its descriptor is dropped).
+/// Creates a TAP device (with `veths`, a veth pair kept there), moves it (the pod's end) into
+/// the pod's namespace, configures it there and attaches it to the bridge. On any failure the
+/// device is gone again (its descriptor, or the pair's owner, is dropped).
 pub fn attach(
     handle: &L2Handle,
     req: &Attach,
     mtu: u32,
     node_gateway: Ipv4Addr,
+    veths: Option<&Veths>,
 ) -> Result<Attached, AttachError> {
     if req.netns.is_empty() || req.netns.contains('/') || req.ifname.is_empty() {
         return Err(AttachError::Invalid(
@@ -141,13 +231,28 @@ pub fn attach(
             return Err(AttachError::Invalid(format!("{mac} is not a unicast MAC")));
         }
     }
-    let tap = if handle.offload {
-        TapPort::open_offload("pwtap%d")?
-    } else {
-        TapPort::open("pwtap%d")?
-    };
-    let dev = tap.name().to_string();
     let ns = req.netns.as_str();
+    if let Some(v) = veths {
+        if v.lock().expect("veths").contains_key(ns) {
+            return Err(AttachError::Invalid(format!(
+                "a pod is attached from netns {ns:?} already"
+            )));
+        }
+    }
+    let (dev, device, owner) = match veths {
+        Some(_) => {
+            let (pod_end, device, owner) = veth_port(mtu)?;
+            (pod_end, device, Some(owner))
+        }
+        None => {
+            let tap = if handle.offload {
+                TapPort::open_offload("pwtap%d")?
+            } else {
+                TapPort::open("pwtap%d")?
+            };
+            (tap.name().to_string(), BridgeDevice::Tap(tap), None)
+        }
+    };
     ip(&["link", "set", "dev", &dev, "netns", ns])?;
     ip_in(ns, &["link", "set", "dev", &dev, "name", &req.ifname])?;
     let ifname = req.ifname.as_str();
@@ -178,7 +283,10 @@ pub fn attach(
         )?;
     }
     let mac = mac_in(ns, ifname)?;
-    let port = handle.attach(tap, ns, Default::default(), Some(mac))?;
+    let port = handle.attach(device, ns, Default::default(), Some(mac))?;
+    if let (Some(v), Some(owner)) = (veths, owner) {
+        v.lock().expect("veths").insert(ns.to_string(), owner);
+    }
     Ok(Attached {
         port,
         device: dev,

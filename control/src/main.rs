@@ -348,6 +348,12 @@ struct RunArgs {
     /// L2 mode: name of the host's bridge port, a TAP device with the node's gateway address.
     #[arg(long, default_value = "podwire0")]
     bridge_port: String,
+    /// L2 mode: what `podwire ctl attach` gives a pod. `tap`: a TAP device that podwire reads
+    /// and writes. `xdp`: a veth pair whose host end podwire's XDP program hands every frame
+    /// to an AF_XDP socket (the pod's end is set to finish its checksums, as AF_XDP has no
+    /// offload); the bridge then runs without offload.
+    #[arg(long, default_value = "tap", value_parser = ["tap", "xdp"])]
+    l2_pods: String,
     /// Exit when the parent process dies (used by `podwire lab`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -453,11 +459,12 @@ struct LabArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     conntrack: String,
     /// `podwire run --io` on the podwire nodes: `xdp` puts the underlay through AF_XDP
-    /// (VXLAN; every node's port then finishes its own checksums, as on a physical wire).
+    /// (every node's port then finishes its own checksums, as on a physical wire).
     #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
     io: String,
     /// How the podwire nodes reach their pod: `tun` (the kernel routes it into the TUN), or
-    /// `xdp` (with `--io xdp`: AF_XDP on the pod's veth host end, `run --pod-ports vpod`).
+    /// `xdp` (AF_XDP on the pod's veth host end: `run --pod-ports vpod`, with `--io xdp`; in
+    /// L2 mode `run --l2-pods xdp`, every pod on a veth pair as a bridge port).
     #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
     pods: String,
     /// `podwire run --peer-queues` on the podwire nodes (`off` shows what the flooding-peer
@@ -587,6 +594,7 @@ fn main() -> Result<()> {
                         ..Default::default()
                     },
                     host_port: a.bridge_port.clone(),
+                    pods_xdp: a.l2_pods == "xdp",
                 }),
                 service_lb: if a.service_lb == "random" {
                     podwire_dataplane::nat::Algorithm::Random

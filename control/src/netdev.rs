@@ -41,6 +41,29 @@ pub enum NetdevError {
     XdpBusy { iface: String, id: u64 },
     #[error("cannot read {iface}'s XDP state: {detail}")]
     XdpState { iface: String, detail: String },
+    #[error("XDP on {iface}: {source}")]
+    Xdp {
+        iface: String,
+        source: podwire_dataplane::port::xdp::XdpError,
+    },
+}
+
+/// Attaches podwire's XDP program to `iface` in `role`, first taking off one that a podwire
+/// now gone left there.
+pub fn attach_xdp(
+    iface: &str,
+    role: podwire_dataplane::port::xdp::Role,
+) -> Result<podwire_dataplane::port::xdp::XdpProgram, NetdevError> {
+    use podwire_dataplane::port::xdp;
+    if let Some(id) = remove_stale_xdp(iface, xdp::PROGRAM_NAME)? {
+        tracing::warn!(device = %iface, id, "took off podwire's XDP program that a podwire now gone left attached (netlink)");
+    }
+    let prog = xdp::XdpProgram::attach(iface, role).map_err(|source| NetdevError::Xdp {
+        iface: iface.to_string(),
+        source,
+    })?;
+    tracing::info!(device = %iface, mode = ?prog.mode(), ?role, "XDP program attached");
+    Ok(prog)
 }
 
 /// An XDP program on a device, as `ip -d -j link show` reports it.

@@ -802,6 +802,63 @@ const L2_CHECKS: &[&str] = &[
 ];
 
 #[test]
+fn l2_mode_over_af_xdp_with_pods_on_veth_pairs() {
+    let Some(_slot) = lab_slot() else { return };
+    // The underlay and every pod's bridge port through AF_XDP: ARP, pings, TCP within and
+    // across nodes, a pod moved to another node (detached, its veth pair gone, attached
+    // again there), forged VXLAN, and nothing left behind (no veth pair, no XDP program).
+    let (report, text) = run_lab(&[
+        "--mode",
+        "l2",
+        "--backend",
+        "vxlan",
+        "--nodes",
+        "3",
+        "--io",
+        "xdp",
+        "--pods",
+        "xdp",
+        "--transfer-mb",
+        "10",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    for name in L2_CHECKS.iter().chain(&[
+        "every pod's bridge port is its veth's host end through AF_XDP",
+        "the underlay passes through AF_XDP on every podwire node",
+        "the pods' frames reached the bridges through AF_XDP",
+    ]) {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
+}
+
+#[test]
+fn l2_mode_with_pods_on_af_xdp_over_the_udp_socket() {
+    let Some(_slot) = lab_slot() else { return };
+    // AF_XDP pods make the bridge run without offload, so the tunnel carries one frame per
+    // datagram through the kernel's UDP socket (with GRO): every datagram must be read, also
+    // when a receive splits into fewer than a batch while more wait in the socket.
+    let (report, text) = run_lab(&[
+        "--mode",
+        "l2",
+        "--backend",
+        "vxlan",
+        "--nodes",
+        "2",
+        "--pods",
+        "xdp",
+        "--transfer-mb",
+        "10",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    for name in L2_CHECKS.iter().chain(&[
+        "every pod's bridge port is its veth's host end through AF_XDP",
+        "the pods' frames reached the bridges through AF_XDP",
+    ]) {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
+}
+
+#[test]
 fn l2_mode_bridges_pods_within_and_across_nodes() {
     let Some(_slot) = lab_slot() else { return };
     let pcap = std::env::temp_dir().join(format!("podwire-l2-{}.pcap", std::process::id()));

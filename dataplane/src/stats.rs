@@ -21,9 +21,9 @@ pub enum Counter {
     IdleSleeps,
     /// Inner TCP/UDP checksums completed because the sender left them for offload.
     ChecksumsCompleted,
-    /// Frames read from the bridge's TAP ports (L2 mode).
+    /// Frames read from the bridge's ports, TAP or AF_XDP (L2 mode).
     RxTap,
-    /// Frames written to the bridge's TAP ports, flood copies included (L2 mode).
+    /// Frames written to the bridge's ports, TAP or AF_XDP, flood copies included (L2 mode).
     TxTap,
     /// Frames flooded: unknown unicast, broadcast, multicast (L2 mode).
     Flooded,

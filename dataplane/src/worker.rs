@@ -18,6 +18,7 @@ use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
 use crate::port::xdp_pod::PodPorts;
 use crate::port::xdp_underlay::XdpUnderlayPort;
+use crate::port::xsk::XskActivity;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::sys;
@@ -299,6 +300,14 @@ impl Underlay<'_> {
     }
 }
 
+/// Adds what an AF_XDP socket did (frames moved, wakeups taken) to the counters.
+fn count_xsk_activity(local: &mut LocalStats, a: XskActivity) {
+    local.add(Counter::XdpRxFrames, a.rx_frames);
+    local.add(Counter::XdpRxBatches, a.rx_batches);
+    local.add(Counter::XdpTxFrames, a.tx_frames);
+    local.add(Counter::XdpWakeups, a.wakeups);
+}
+
 /// Packet indices of one batch, per destination port.
 struct Dispatch {
     to_underlay: [u16; MAX_BATCH],
@@ -534,11 +543,7 @@ impl Worker {
                     // Frames the kernel still holds to send need a kick in copy mode.
                     port.xsk().flush();
                     let n = port.rx_batch(&mut from_tun).map_err(port_err)?;
-                    let a = port.xsk().take_activity();
-                    local.add(Counter::XdpRxFrames, a.rx_frames);
-                    local.add(Counter::XdpRxBatches, a.rx_batches);
-                    local.add(Counter::XdpTxFrames, a.tx_frames);
-                    local.add(Counter::XdpWakeups, a.wakeups);
+                    count_xsk_activity(&mut local, port.xsk().take_activity());
                     if n == 0 {
                         continue;
                     }
@@ -575,11 +580,7 @@ impl Worker {
                 n_xdp = x.rx_batch(&mut from_udp).map_err(port_err)?;
                 local.add(Counter::RxWire, x.take_wire());
                 // What the socket did since the last round: frames moved and wakeups taken.
-                let a = x.xsk().take_activity();
-                local.add(Counter::XdpRxFrames, a.rx_frames);
-                local.add(Counter::XdpRxBatches, a.rx_batches);
-                local.add(Counter::XdpTxFrames, a.tx_frames);
-                local.add(Counter::XdpWakeups, a.wakeups);
+                count_xsk_activity(&mut local, x.xsk().take_activity());
                 underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
             }
             let mut n_peers = 0;

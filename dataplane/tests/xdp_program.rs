@@ -574,3 +574,72 @@ fn pod_role_takes_what_podwire_routes_and_leaves_the_rest_to_the_kernel() {
     let c = prog.counters().unwrap();
     assert_eq!(c.no_socket, 1, "only the outside host: {c:?}");
 }
+
+#[test]
+fn bridge_port_role_hands_every_frame_to_podwire() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (a, b) = veth_pair("xbr");
+    peer_features(&b, &["tx", "off"]);
+    let local_ip = Ipv4Addr::new(10, 99, 0, 1);
+    // A pod's veth host end as a bridge port: every frame is podwire's, also IPv4 to the
+    // host end's own address (which a kernel socket there waits for) and ARP.
+    let (mut prog, mut port) = in_netns(&a.0, move || {
+        let prog = XdpProgram::attach("xa", Role::BridgePort).expect("attach");
+        let port = XskPort::bind("xa", 0, XskConfig::default()).expect("AF_XDP socket");
+        (prog, port)
+    });
+    prog.set_socket(0, &port.raw_fd()).expect("xsks_map");
+    let kernel_sock = in_netns(&a.0, move || {
+        UdpSocket::bind((local_ip, 9999)).expect("bind")
+    });
+    ip(&[
+        "-n",
+        &b.0,
+        "neigh",
+        "replace",
+        "10.99.0.1",
+        "lladdr",
+        "02:00:00:00:0a:01",
+        "dev",
+        "xb",
+    ]);
+    in_netns(&b.0, move || {
+        let s = UdpSocket::bind((Ipv4Addr::new(10, 99, 0, 2), 5555)).expect("bind");
+        s.send_to(b"to the host end", (local_ip, 9999))
+            .expect("send");
+        // No neighbour entry: the kernel asks by ARP first (a broadcast).
+        let _ = s.send_to(b"x", (Ipv4Addr::new(10, 99, 0, 50), 9999));
+    });
+    let mut batch = Batch::new(64, 2048);
+    let (mut udp, mut arp) = (false, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !(udp && arp) && std::time::Instant::now() < deadline {
+        let n = port.rx_batch(&mut batch).expect("rx");
+        for i in 0..n {
+            let frame = batch.packet(i);
+            assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0x0b, 1], "from the peer");
+            match u16::from_be_bytes([frame[12], frame[13]]) {
+                0x0806 => arp |= frame[..6] == [0xff; 6],
+                0x0800 => udp |= frame.ends_with(b"to the host end"),
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        udp && arp,
+        "IPv4 to the host end: {udp}; ARP broadcast: {arp}"
+    );
+    kernel_sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        kernel_sock.recv_from(&mut buf).is_err(),
+        "the kernel saw nothing"
+    );
+    let c = prog.counters().expect("counters");
+    assert_eq!((c.passed, c.malformed), (0, 0), "{c:?}");
+    assert!(c.redirected >= 2, "{c:?}");
+}

@@ -264,6 +264,28 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     if !attached.is_empty() {
         return finish(res, &r, opts, checks, figures, started);
     }
+    if opts.pod_xdp {
+        // Every pod's bridge port is the host end of its veth pair, served through AF_XDP.
+        let mut wrong = Vec::new();
+        for node in 1..=opts.nodes {
+            let v = ctl(&r, exe, node, &["fdb"])?;
+            for p in v["ports"].as_array().into_iter().flatten() {
+                let (label, device) = (p["label"].as_str(), p["device"].as_str());
+                if label != Some("host") && !device.is_some_and(|d| d.starts_with("pwv")) {
+                    wrong.push(format!("node {node}: {p}"));
+                }
+            }
+        }
+        checks.push(check(
+            "every pod's bridge port is its veth's host end through AF_XDP (--l2-pods xdp)",
+            wrong.is_empty(),
+            if wrong.is_empty() {
+                format!("{} pods", pods.len())
+            } else {
+                wrong.join("; ")
+            },
+        ));
+    }
 
     // Every pair pings (the first packet of each pair resolves ARP through the bridges).
     let mut sent = 0;
@@ -432,11 +454,40 @@ fn finish_checks(
             n1.counter(Counter::FdbMoved)
         ),
     ));
+    if opts.io_xdp {
+        checks.push(super::underlay_through_xdp_check(&stats));
+    }
+    if opts.pod_xdp {
+        // The pods' frames came through AF_XDP: more frames than the underlay's.
+        let per_node: Vec<(usize, u64, u64)> = stats
+            .iter()
+            .map(|(i, s)| {
+                let s = s.clone().unwrap_or_default();
+                let underlay = if opts.io_xdp {
+                    s.counter(Counter::RxUnderlay)
+                } else {
+                    0
+                };
+                (*i, s.counter(Counter::XdpRxFrames), underlay)
+            })
+            .collect();
+        checks.push(check(
+            "the pods' frames reached the bridges through AF_XDP",
+            per_node.iter().all(|&(_, xdp, underlay)| xdp > underlay),
+            per_node
+                .iter()
+                .map(|(i, xdp, u)| format!("node {i}: xdp_rx_frames {xdp} (underlay {u})"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
     let mut left = Vec::new();
     for i in 1..=opts.nodes {
         let ns = r.ns(&format!("n{i}"));
         let (_, out) = netns::output_in(&ns, &["ip", "-o", "link", "show"])?;
-        if out.contains("podwire0") || out.contains("pwtap") {
+        // No bridge port, pod device or veth pair, and no XDP program left on eth0.
+        let leftover = ["podwire0", "pwtap", "pwv", "xdp"];
+        if leftover.iter().any(|l| out.contains(l)) {
             left.push(format!("n{i}: {}", out.trim()));
         }
     }

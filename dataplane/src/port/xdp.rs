@@ -9,7 +9,7 @@
 //! before attaching, see the daemon.)
 
 use crate::route::Ipv4Net;
-use crate::sys::bpf::{XdpConfig, ROLE_POD, ROLE_UNDERLAY};
+use crate::sys::bpf::{XdpConfig, ROLE_BRIDGE_PORT, ROLE_POD, ROLE_UNDERLAY};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
@@ -48,6 +48,9 @@ pub enum Role {
         services: Ipv4Net,
         masquerade: bool,
     },
+    /// A pod's veth host end as a port of podwire's bridge (L2 mode): every frame goes to
+    /// podwire (an Ethernet header is all the program checks).
+    BridgePort,
 }
 
 /// How the program runs on the interface.
@@ -166,6 +169,10 @@ impl XdpProgram {
                     ..XdpConfig::default()
                 }
             }
+            Role::BridgePort => XdpConfig {
+                role: ROLE_BRIDGE_PORT,
+                ..XdpConfig::default()
+            },
         };
         {
             let map = ebpf

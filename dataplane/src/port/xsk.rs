@@ -10,7 +10,8 @@
 
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
-use crate::sys::xsk::{XskActivity, XskSocket, XskStats};
+pub use crate::sys::xsk::XskActivity;
+use crate::sys::xsk::{XskSocket, XskStats};
 use crate::wire::MacAddr;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;

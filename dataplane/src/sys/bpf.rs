@@ -29,3 +29,5 @@ unsafe impl aya::Pod for XdpConfig {}
 /// Roles, as the program's `ROLE_*`.
 pub const ROLE_UNDERLAY: u32 = 0;
 pub const ROLE_POD: u32 = 1;
+/// A pod's veth host end as a bridge port: every frame.
+pub const ROLE_BRIDGE_PORT: u32 = 2;

@@ -1,7 +1,8 @@
 //! The L2-mode worker: podwire as the node's bridge, extended across nodes over VXLAN.
 //!
-//! One thread owns the [`Bridge`] and every port: the pods' TAP devices, the host's TAP port,
-//! and the underlay socket that all remote VTEPs sit behind. Owning the FDB alone, it learns
+//! One thread owns the [`Bridge`] and every port: the pods' TAP devices (or AF_XDP sockets on
+//! their veth host ends), the host's TAP port, and the underlay (a UDP socket, or an AF_XDP
+//! socket on the uplink) that all remote VTEPs sit behind. Owning the FDB alone, it learns
 //! and forwards without a lock. Ports come and go at run time through [`L2Handle`] (attach,
 //! detach, and a copy of the FDB for `podwire ctl fdb`), read between batches.
 //!
@@ -26,7 +27,9 @@ use crate::bridge::{Bridge, BridgeError, Decision, EntryView, PortId, PortOption
 use crate::pipeline::{DropReason, Encap, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
-use crate::port::{PortError, RxPort, TxPort};
+use crate::port::xdp_underlay::XdpUnderlayPort;
+use crate::port::xsk::XskPort;
+use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::route::Backend;
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::wire::MacAddr;
@@ -42,6 +45,7 @@ use std::time::{Duration, Instant};
 
 const UDP: Token = Token(0);
 const WAKE: Token = Token(1);
+const XDP: Token = Token(2);
 /// Port `p` is registered as token `PORT_TOKENS + p`.
 const PORT_TOKENS: usize = 16;
 /// FDB slots examined for ageing per round.
@@ -71,9 +75,62 @@ pub struct FdbDump {
     pub vteps: Vec<Ipv4Addr>,
 }
 
+/// What a bridge port is on the node.
+pub enum BridgeDevice {
+    /// A TAP device; closing it deletes the device.
+    Tap(TapPort),
+    /// An AF_XDP socket on a pod's veth host end, which podwire's XDP program (bridge-port
+    /// role) feeds every frame. Frames carry no virtio-net header: the bridge runs without
+    /// offload.
+    Xsk(XskPort),
+}
+
+impl BridgeDevice {
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            BridgeDevice::Tap(t) => t.raw_fd(),
+            BridgeDevice::Xsk(x) => x.raw_fd(),
+        }
+    }
+
+    /// Whether frames carry a virtio-net header.
+    pub fn offload(&self) -> bool {
+        matches!(self, BridgeDevice::Tap(t) if t.offload())
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            BridgeDevice::Tap(t) => t.name(),
+            BridgeDevice::Xsk(x) => x.ifname(),
+        }
+    }
+
+    fn rx_batch(&mut self, batch: &mut Batch) -> Result<usize, PortError> {
+        match self {
+            BridgeDevice::Tap(t) => t.rx_batch(batch),
+            BridgeDevice::Xsk(x) => x.rx_batch(batch),
+        }
+    }
+
+    fn tx_batch(&mut self, batch: &Batch, indices: &[u16]) -> TxOutcome {
+        match self {
+            BridgeDevice::Tap(t) => t.tx_batch(batch, indices),
+            BridgeDevice::Xsk(x) => x.tx_batch(batch, indices),
+        }
+    }
+
+    /// The AF_XDP socket, if the port has one.
+    fn xsk(&mut self) -> Option<&mut XskPort> {
+        match self {
+            BridgeDevice::Tap(_) => None,
+            BridgeDevice::Xsk(x) => Some(x),
+        }
+    }
+}
+
 enum Command {
     Attach {
-        tap: TapPort,
+        dev: BridgeDevice,
         label: String,
         options: PortOptions,
         mac: Option<MacAddr>,
@@ -105,7 +162,7 @@ pub struct L2Handle {
     /// FDB entries, as of the worker's last round.
     pub fdb_entries: Arc<AtomicU64>,
     /// Whether the bridge's ports use offload (as the host port does): pods' TAP devices
-    /// must be opened the same way ([`TapPort::open_offload`]).
+    /// must be opened the same way ([`TapPort::open_offload`]), and AF_XDP ports need it off.
     pub offload: bool,
 }
 
@@ -120,18 +177,18 @@ impl L2Handle {
             .map_err(|_| L2Error::NoAnswer)
     }
 
-    /// Adds `tap` as a bridge port labelled `label`; with `mac`, that station is installed as
+    /// Adds `dev` as a bridge port labelled `label`; with `mac`, that station is installed as
     /// a static entry behind it (so it is known before it speaks).
     pub fn attach(
         &self,
-        tap: TapPort,
+        dev: BridgeDevice,
         label: &str,
         options: PortOptions,
         mac: Option<MacAddr>,
     ) -> Result<PortId, L2Error> {
         let label = label.to_string();
         Ok(self.ask(|reply| Command::Attach {
-            tap,
+            dev,
             label,
             options,
             mac,
@@ -139,8 +196,8 @@ impl L2Handle {
         })??)
     }
 
-    /// Removes the port labelled `label` (closing its TAP device, which deletes it) and its FDB
-    /// entries. False if there was none.
+    /// Removes the port labelled `label` (closing its TAP device, which deletes it, or its
+    /// AF_XDP socket) and its FDB entries. False if there was none.
     pub fn detach(&self, label: &str) -> Result<bool, L2Error> {
         let label = label.to_string();
         self.ask(|reply| Command::Detach { label, reply })
@@ -153,7 +210,7 @@ impl L2Handle {
 }
 
 struct LocalPort {
-    tap: TapPort,
+    dev: BridgeDevice,
     info: PortInfo,
     /// Indices of the current batch leaving by this port.
     out: Vec<u16>,
@@ -169,8 +226,15 @@ struct L2Worker {
     ports: Vec<Option<LocalPort>>,
     udp: UdpPort,
     udp_ready: bool,
+    /// `--io xdp`: the underlay through an AF_XDP socket on the uplink's queue 0 (the UDP
+    /// socket then sends only to next hops not resolved yet, and receives what arrives on
+    /// other queues).
+    xdp: Option<XdpUnderlayPort>,
+    xdp_ready: bool,
     /// Packets of the current batch for the tunnel, with their VTEP.
     remote: Vec<(u16, SocketAddrV4)>,
+    /// The tunnel's transmit batch's packets with their VTEP (send scratch).
+    tunnel_items: Vec<(u16, SocketAddrV4)>,
     /// Which packets of the current batch carry a VXLAN header already.
     encapsulated: [bool; MAX_BATCH],
     tables: Arc<ArcSwap<Tables>>,
@@ -191,8 +255,8 @@ struct L2Worker {
 
 impl WorkerPool {
     /// Starts the L2 worker with the host's port `host` (whose MAC is `host_mac`) and the
-    /// underlay socket `udp`; the VNI, the VTEPs and the peers' host-port MACs come from
-    /// `tables` (which must be VXLAN's).
+    /// underlay socket `udp` (and with `xdp`, an AF_XDP socket on the underlay); the VNI, the
+    /// VTEPs and the peers' host-port MACs come from `tables` (which must be VXLAN's).
     pub fn start_l2(
         config: WorkerConfig,
         bridge: Bridge,
@@ -200,12 +264,19 @@ impl WorkerPool {
         host: TapPort,
         host_mac: MacAddr,
         udp: UdpPort,
+        xdp: Option<XdpUnderlayPort>,
     ) -> Result<(WorkerPool, L2Handle), WorkerError> {
         let err = |source| WorkerError::Poll { worker: 0, source };
         let poll = Poll::new().map_err(err)?;
         poll.registry()
             .register(&mut SourceFd(&udp.raw_fd()), UDP, Interest::READABLE)
             .map_err(err)?;
+        let mut xdp = xdp;
+        if let Some(x) = xdp.as_mut() {
+            poll.registry()
+                .register(&mut SourceFd(&x.xsk().raw_fd()), XDP, Interest::READABLE)
+                .map_err(err)?;
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(err)?);
         let (commands, rx) = mpsc::channel();
         let stats = Arc::new(SharedStats::default());
@@ -221,7 +292,10 @@ impl WorkerPool {
             ports: Vec::new(),
             udp,
             udp_ready: true,
+            xdp,
+            xdp_ready: true,
             remote: Vec::with_capacity(size * 4),
+            tunnel_items: Vec::with_capacity(TUNNEL_TX_SLOTS),
             encapsulated: [false; MAX_BATCH],
             tables,
             synced: None,
@@ -242,7 +316,12 @@ impl WorkerPool {
             ..PortOptions::default()
         };
         worker
-            .attach(host, "host".into(), options, Some(host_mac))
+            .attach(
+                BridgeDevice::Tap(host),
+                "host".into(),
+                options,
+                Some(host_mac),
+            )
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
         let handle = std::thread::Builder::new()
             .name("podwire-l2".into())
@@ -270,12 +349,12 @@ impl WorkerPool {
 impl L2Worker {
     fn attach(
         &mut self,
-        tap: TapPort,
+        dev: BridgeDevice,
         label: String,
         options: PortOptions,
         mac: Option<MacAddr>,
     ) -> Result<PortId, BridgeError> {
-        if tap.offload() != self.offload {
+        if dev.offload() != self.offload {
             // Offload is all or nothing: a frame's header is written to every port.
             return Err(BridgeError::PortMismatch);
         }
@@ -290,7 +369,7 @@ impl L2Worker {
         let registered =
             self.poll
                 .registry()
-                .register(&mut SourceFd(&tap.raw_fd()), token, Interest::READABLE);
+                .register(&mut SourceFd(&dev.raw_fd()), token, Interest::READABLE);
         if registered.is_err() {
             let _ = self.bridge.remove_port(id);
             return Err(BridgeError::NoSuchPort(id.0));
@@ -301,11 +380,11 @@ impl L2Worker {
         }
         let info = PortInfo {
             id,
-            device: tap.name().to_string(),
+            device: dev.name().to_string(),
             label,
         };
         self.ports[slot] = Some(LocalPort {
-            tap,
+            dev,
             info,
             out: Vec::with_capacity(MAX_BATCH),
             ready: true,
@@ -324,7 +403,7 @@ impl L2Worker {
         let _ = self
             .poll
             .registry()
-            .deregister(&mut SourceFd(&port.tap.raw_fd()));
+            .deregister(&mut SourceFd(&port.dev.raw_fd()));
         let _ = self.bridge.remove_port(port.info.id);
         true
     }
@@ -368,6 +447,10 @@ impl L2Worker {
             .collect();
         let vteps: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).collect();
         self.bridge.set_vteps(&vteps);
+        if let Some(x) = self.xdp.as_mut() {
+            // The first frame to each VTEP finds its next hop's MAC.
+            x.prime(vteps.iter().copied());
+        }
         // Room for a whole batch flooded to every VTEP, so sending never allocates.
         let need = self.config.batch_size.clamp(1, MAX_BATCH) * (vteps.len() + 1);
         self.remote.reserve(need.saturating_sub(self.remote.len()));
@@ -387,13 +470,13 @@ impl L2Worker {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Attach {
-                    tap,
+                    dev,
                     label,
                     options,
                     mac,
                     reply,
                 } => {
-                    let _ = reply.send(self.attach(tap, label, options, mac));
+                    let _ = reply.send(self.attach(dev, label, options, mac));
                 }
                 Command::Detach { label, reply } => {
                     let _ = reply.send(self.detach(&label));
@@ -436,7 +519,7 @@ impl L2Worker {
                 let Some(port) = self.ports[slot].as_mut().filter(|p| p.ready) else {
                     continue;
                 };
-                let n = port.tap.rx_batch(&mut batch).map_err(port_err)?;
+                let n = port.dev.rx_batch(&mut batch).map_err(port_err)?;
                 port.ready = n == batch.capacity();
                 if n > 0 {
                     local.add(Counter::RxTap, n as u64);
@@ -447,12 +530,40 @@ impl L2Worker {
             }
             if self.udp_ready {
                 let n = self.udp.rx_batch(&mut batch).map_err(port_err)?;
-                self.udp_ready = n == batch.capacity();
+                // Read until a receive comes back empty: with GRO, one receive takes a fixed
+                // number of messages, which may split into fewer datagrams than a batch while
+                // more wait in the socket (whose edge epoll has already reported).
+                self.udp_ready = n > 0;
                 if n > 0 {
                     local.add(Counter::RxUnderlay, n as u64);
                     self.forward_from_tunnel(&mut batch, now, &mut local);
                     moved += n;
                 }
+            }
+            if self.xdp_ready {
+                if let Some(x) = self.xdp.as_mut() {
+                    let n = x.rx_batch(&mut batch).map_err(port_err)?;
+                    self.xdp_ready = n == batch.capacity();
+                    // Only the underlay's datagrams are steered here in L2 mode.
+                    let wire = x.take_wire();
+                    if n > 0 {
+                        local.add(Counter::RxUnderlay, n as u64);
+                        local.add(Counter::RxWire, wire);
+                        self.forward_from_tunnel(&mut batch, now, &mut local);
+                        moved += n;
+                    }
+                }
+            }
+            // AF_XDP sockets: kick what the kernel still holds to send (copy mode sends a
+            // budget per kick), and count what they did.
+            let mut in_flight = 0;
+            let xsks = self.ports.iter_mut().flatten().filter_map(|p| p.dev.xsk());
+            for xsk in xsks.chain(self.xdp.as_mut().map(|x| x.xsk())) {
+                in_flight += xsk.flush();
+                super::count_xsk_activity(&mut local, xsk.take_activity());
+            }
+            if let Some(x) = self.xdp.as_mut() {
+                local.add(Counter::XdpViaKernel, x.take_via_kernel());
             }
             self.bridge.age(now, AGE_SLOTS_PER_ROUND);
             let c = self.bridge.take_counts();
@@ -464,7 +575,10 @@ impl L2Worker {
             self.fdb_entries
                 .store(self.bridge.len() as u64, Ordering::Relaxed);
             let busy = moved > 0;
-            let any_ready = self.udp_ready || self.ports.iter().flatten().any(|p| p.ready);
+            let any_ready = self.udp_ready
+                || (self.xdp.is_some() && self.xdp_ready)
+                || in_flight > 0
+                || self.ports.iter().flatten().any(|p| p.ready);
             if busy {
                 self.stats.flush(&mut local);
                 last_work = Instant::now();
@@ -486,6 +600,7 @@ impl L2Worker {
             for ev in events.iter() {
                 match ev.token() {
                     UDP => self.udp_ready = true,
+                    XDP => self.xdp_ready = true,
                     WAKE => {}
                     Token(t) => {
                         if let Some(Some(p)) = self.ports.get_mut(t.wrapping_sub(PORT_TOKENS)) {
@@ -604,7 +719,7 @@ impl L2Worker {
             if port.out.is_empty() {
                 continue;
             }
-            let out = port.tap.tx_batch(batch, &port.out);
+            let out = port.dev.tx_batch(batch, &port.out);
             stats.add(Counter::TxTap, out.sent as u64);
             stats.drops[DropReason::TxError as usize] += out.failed as u64;
             port.out.clear();
@@ -633,7 +748,7 @@ impl L2Worker {
                 vxlan::Repr { vni }.emit(&mut slot[meta.start..]);
             }
         }
-        let out = self.udp.tx_to(batch, &self.remote);
+        let out = tunnel_send(&mut self.udp, self.xdp.as_mut(), batch, &self.remote);
         stats.add(Counter::TxUnderlay, out.sent as u64);
         stats.drops[DropReason::TxError as usize] += out.failed as u64;
         self.remote.clear();
@@ -714,12 +829,42 @@ impl L2Worker {
         if n == 0 {
             return;
         }
-        let indices: [u16; TUNNEL_TX_SLOTS] = core::array::from_fn(|k| k as u16);
-        let out = self.udp.tx_batch(&self.tunnel_tx, &indices[..n]);
+        let out = if self.xdp.is_some() {
+            self.tunnel_items.clear();
+            let metas = (0..n).map(|k| (k as u16, self.tunnel_tx.meta(k).peer));
+            self.tunnel_items.extend(metas);
+            let items = &self.tunnel_items;
+            tunnel_send(&mut self.udp, self.xdp.as_mut(), &self.tunnel_tx, items)
+        } else {
+            let indices: [u16; TUNNEL_TX_SLOTS] = core::array::from_fn(|k| k as u16);
+            self.udp.tx_batch(&self.tunnel_tx, &indices[..n])
+        };
         stats.add(Counter::TxUnderlay, out.sent as u64);
         stats.drops[DropReason::TxError as usize] += out.failed as u64;
         self.tunnel_tx.clear();
     }
+}
+
+/// Sends each item's packet (VXLAN onwards) as a datagram to its VTEP: through AF_XDP when
+/// the underlay has it (and the socket for next hops not resolved yet), else the socket.
+fn tunnel_send(
+    udp: &mut UdpPort,
+    xdp: Option<&mut XdpUnderlayPort>,
+    batch: &Batch,
+    items: &[(u16, SocketAddrV4)],
+) -> TxOutcome {
+    let Some(xdp) = xdp else {
+        return udp.tx_to(batch, items);
+    };
+    let mut out = xdp.send_datagrams(batch, items.iter().copied());
+    let unresolved = xdp.unresolved_datagrams();
+    if !unresolved.is_empty() {
+        let via = udp.tx_to(batch, unresolved);
+        xdp.sent_via_kernel(via.sent);
+        out.sent += via.sent;
+        out.failed += via.failed;
+    }
+    out
 }
 
 fn push_out(ports: &mut [Option<LocalPort>], p: PortId, i: u16) {
