@@ -109,7 +109,7 @@ fn veth_port(mtu: u32) -> Result<(String, BridgeDevice, VethPort), AttachError> 
         .set_socket(0, &xsk.raw_fd())
         .map_err(|e| AttachError::Invalid(format!("XDP on {host_end}: {e}")))?;
     owner.program = Some(program);
-    Ok((pod_end, BridgeDevice::Xsk(xsk), owner))
+    Ok((pod_end, BridgeDevice::Xsk(Box::new(xsk)), owner))
 }
 
 /// An address with its prefix length, as `ip addr` takes it (`10.244.1.10/16`).

@@ -82,7 +82,7 @@ pub enum BridgeDevice {
     /// An AF_XDP socket on a pod's veth host end, which podwire's XDP program (bridge-port
     /// role) feeds every frame. Frames carry no virtio-net header: the bridge runs without
     /// offload.
-    Xsk(XskPort),
+    Xsk(Box<XskPort>),
 }
 
 impl BridgeDevice {
