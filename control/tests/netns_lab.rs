@@ -801,34 +801,33 @@ const L2_CHECKS: &[&str] = &[
     "stopped daemons leave no bridge port or pod interface behind",
 ];
 
+/// Runs the L2 lab with pods on AF_XDP (`--pods xdp`) and `args`; every L2 check and
+/// `checks` must pass.
+fn l2_lab_with_af_xdp_pods(args: &[&str], checks: &[&str]) {
+    let mut all = vec!["--mode", "l2", "--backend", "vxlan", "--pods", "xdp"];
+    all.extend_from_slice(&["--transfer-mb", "10"]);
+    all.extend_from_slice(args);
+    let (report, text) = run_lab(&all);
+    assert_all_checks_pass(&report, &text);
+    let pods = [
+        "every pod's bridge port is its veth's host end through AF_XDP",
+        "the pods' frames reached the bridges through AF_XDP",
+    ];
+    for name in L2_CHECKS.iter().chain(&pods).chain(checks) {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
+}
+
 #[test]
 fn l2_mode_over_af_xdp_with_pods_on_veth_pairs() {
     let Some(_slot) = lab_slot() else { return };
     // The underlay and every pod's bridge port through AF_XDP: ARP, pings, TCP within and
     // across nodes, a pod moved to another node (detached, its veth pair gone, attached
     // again there), forged VXLAN, and nothing left behind (no veth pair, no XDP program).
-    let (report, text) = run_lab(&[
-        "--mode",
-        "l2",
-        "--backend",
-        "vxlan",
-        "--nodes",
-        "3",
-        "--io",
-        "xdp",
-        "--pods",
-        "xdp",
-        "--transfer-mb",
-        "10",
-    ]);
-    assert_all_checks_pass(&report, &text);
-    for name in L2_CHECKS.iter().chain(&[
-        "every pod's bridge port is its veth's host end through AF_XDP",
-        "the underlay passes through AF_XDP on every podwire node",
-        "the pods' frames reached the bridges through AF_XDP",
-    ]) {
-        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
-    }
+    l2_lab_with_af_xdp_pods(
+        &["--nodes", "3", "--io", "xdp"],
+        &["the underlay passes through AF_XDP on every podwire node"],
+    );
 }
 
 #[test]
@@ -837,25 +836,7 @@ fn l2_mode_with_pods_on_af_xdp_over_the_udp_socket() {
     // AF_XDP pods make the bridge run without offload, so the tunnel carries one frame per
     // datagram through the kernel's UDP socket (with GRO): every datagram must be read, also
     // when a receive splits into fewer than a batch while more wait in the socket.
-    let (report, text) = run_lab(&[
-        "--mode",
-        "l2",
-        "--backend",
-        "vxlan",
-        "--nodes",
-        "2",
-        "--pods",
-        "xdp",
-        "--transfer-mb",
-        "10",
-    ]);
-    assert_all_checks_pass(&report, &text);
-    for name in L2_CHECKS.iter().chain(&[
-        "every pod's bridge port is its veth's host end through AF_XDP",
-        "the pods' frames reached the bridges through AF_XDP",
-    ]) {
-        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
-    }
+    l2_lab_with_af_xdp_pods(&["--nodes", "2"], &[]);
 }
 
 #[test]

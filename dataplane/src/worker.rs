@@ -427,15 +427,7 @@ impl Dispatch {
                     let items = to_underlay
                         .iter()
                         .map(|&i| (i, batch.meta(usize::from(i)).peer));
-                    let mut out = xdp.send_datagrams(batch, items);
-                    let unresolved = xdp.unresolved_datagrams();
-                    if !unresolved.is_empty() {
-                        let via = ports.udp.tx_to(batch, unresolved);
-                        xdp.sent_via_kernel(via.sent);
-                        out.sent += via.sent;
-                        out.failed += via.failed;
-                    }
-                    out
+                    xdp.send_datagrams(batch, items, &mut ports.udp)
                 }
                 None => ports.udp.tx_batch(batch, to_underlay),
             };

@@ -11,6 +11,7 @@
 
 use podwire_dataplane::batch::Batch;
 use podwire_dataplane::pipeline::MASQ_PORTS;
+use podwire_dataplane::port::udp::UdpPort;
 use podwire_dataplane::port::xdp::{Mode, Role, XdpProgram};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
@@ -508,8 +509,9 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
         .map(|i| (i, SocketAddrV4::new(peer_ip, 8285)))
         .collect();
     let r = in_netns(&a.0, move || {
-        let r = port.send_datagrams(&out, items);
-        assert!(port.unresolved_datagrams().is_empty(), "resolved above");
+        let mut socket = UdpPort::bind(SocketAddrV4::new(local_ip, PORT), 64, 1 << 20).unwrap();
+        let r = port.send_datagrams(&out, items, &mut socket);
+        assert_eq!(port.take_via_kernel(), 0, "resolved above");
         while port.xsk().flush() > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }

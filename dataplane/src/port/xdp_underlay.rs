@@ -15,6 +15,7 @@
 
 use super::neighbours::Neighbours;
 use super::raw::RawIpPort;
+use super::udp::UdpPort;
 use super::xsk::{ipv4_ethernet_header, XskPort};
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
@@ -125,7 +126,7 @@ pub struct XdpUnderlayPort {
     wire: u64,
     /// Datagram send scratch: each datagram's headers and index.
     datagrams: Vec<([u8; DATAGRAM_HEADERS], u16)>,
-    /// Datagrams whose next hop is not resolved yet, for the caller's UDP socket.
+    /// Send scratch: datagrams whose next hop is not resolved yet, for the caller's socket.
     unresolved_datagrams: Vec<(u16, SocketAddrV4)>,
     /// The IPv4 identification of the next datagram (they may be fragmented on the way).
     ident: u16,
@@ -171,10 +172,27 @@ impl XdpUnderlayPort {
 
     /// Sends each item's packet as the payload of a UDP datagram from our address and port to
     /// its address, as the underlay's UDP socket would: this port writes the Ethernet, IPv4
-    /// and UDP headers in front. Datagrams to a next hop not resolved yet are neither sent nor
-    /// counted here: they wait in [`XdpUnderlayPort::unresolved_datagrams`] for the caller's
-    /// socket (through which the kernel resolves the neighbour), until the next call.
+    /// and UDP headers in front. Datagrams to a next hop not resolved yet go through `socket`
+    /// (the worker's UDP socket on our port), so the kernel resolves the neighbour.
     pub fn send_datagrams(
+        &mut self,
+        batch: &Batch,
+        items: impl IntoIterator<Item = (u16, SocketAddrV4)>,
+        socket: &mut UdpPort,
+    ) -> TxOutcome {
+        let mut out = self.send_resolved_datagrams(batch, items);
+        if !self.unresolved_datagrams.is_empty() {
+            let via = socket.tx_to(batch, &self.unresolved_datagrams);
+            self.via_kernel += via.sent as u64;
+            out.sent += via.sent;
+            out.failed += via.failed;
+        }
+        out
+    }
+
+    /// [`XdpUnderlayPort::send_datagrams`] of the datagrams whose next hop is resolved; the
+    /// others are left in `unresolved_datagrams`.
+    fn send_resolved_datagrams(
         &mut self,
         batch: &Batch,
         items: impl IntoIterator<Item = (u16, SocketAddrV4)>,
@@ -234,17 +252,6 @@ impl XdpUnderlayPort {
             sent,
             failed: oversized + (ready - sent),
         }
-    }
-
-    /// The datagrams the last [`XdpUnderlayPort::send_datagrams`] left for the caller's
-    /// socket, their next hop being unresolved.
-    pub fn unresolved_datagrams(&self) -> &[(u16, SocketAddrV4)] {
-        &self.unresolved_datagrams
-    }
-
-    /// Counts `n` datagrams sent through the kernel for want of a next hop.
-    pub fn sent_via_kernel(&mut self, n: usize) {
-        self.via_kernel += n as u64;
     }
 
     /// Packets to neighbours not resolved yet go through `raw`, so the kernel resolves them

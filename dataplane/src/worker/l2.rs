@@ -853,18 +853,10 @@ fn tunnel_send(
     batch: &Batch,
     items: &[(u16, SocketAddrV4)],
 ) -> TxOutcome {
-    let Some(xdp) = xdp else {
-        return udp.tx_to(batch, items);
-    };
-    let mut out = xdp.send_datagrams(batch, items.iter().copied());
-    let unresolved = xdp.unresolved_datagrams();
-    if !unresolved.is_empty() {
-        let via = udp.tx_to(batch, unresolved);
-        xdp.sent_via_kernel(via.sent);
-        out.sent += via.sent;
-        out.failed += via.failed;
+    match xdp {
+        Some(xdp) => xdp.send_datagrams(batch, items.iter().copied(), udp),
+        None => udp.tx_to(batch, items),
     }
-    out
 }
 
 fn push_out(ports: &mut [Option<LocalPort>], p: PortId, i: u16) {
