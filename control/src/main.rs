@@ -144,9 +144,10 @@ struct BenchArgs {
     workers: usize,
     /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
     /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro`, `podwire-vxlan-shared-queue`,
-    /// `podwire-vxlan-xdp` and `podwire-vxlan-xdp-pods`: the default mode without connection
-    /// tracking, without UDP GRO, without per-peer queues, with the underlay through AF_XDP,
-    /// and with the pods through AF_XDP too.
+    /// `podwire-vxlan-xdp`, `podwire-vxlan-xdp-pods` and `podwire-udp-xdp`: the default mode
+    /// without connection tracking, without UDP GRO, without per-peer queues, with the
+    /// underlay through AF_XDP, with the pods through AF_XDP too, and flannel's udp
+    /// encapsulation with the underlay through AF_XDP.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
     /// Results as JSON.
@@ -256,7 +257,8 @@ struct RunArgs {
     /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
     /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN or udp; worker i owns
     /// queue i; the program passes everything that is not podwire's to the kernel and is
-    /// detached on exit). Pods still reach podwire through the TUN device. podwire then also
+    /// detached on exit). Pods reach podwire through the TUN device unless --pod-ports (L2
+    /// mode: the bridge's underlay; pods through AF_XDP with --l2-pods xdp). podwire then also
     /// owns the node's address for the services' NodePorts: TCP and UDP to a NodePort are
     /// sent to the service's backend, on any node, masqueraded so the answer comes back
     /// through this node (needs --conntrack on).

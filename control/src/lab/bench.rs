@@ -9,7 +9,8 @@
 //!   `podwire-vxlan-no-gro` (the default mode receiving without UDP GRO) and
 //!   `podwire-vxlan-shared-queue` (the default mode without per-peer receive queues) and
 //!   `podwire-vxlan-xdp` (the underlay through AF_XDP, `--io xdp`) and `podwire-vxlan-xdp-pods`
-//!   (the pods through AF_XDP too, `--pod-ports`);
+//!   (the pods through AF_XDP too, `--pod-ports`) and `podwire-udp-xdp` (flannel's udp
+//!   encapsulation with the underlay through AF_XDP);
 //! - workloads: one TCP stream, four TCP streams, a 64-byte UDP packet rate (sendmmsg and
 //!   recvmmsg, 64 per call, so the generator does not cap the rate), and CPU time per gigabit
 //!   of the single stream (all CPUs, from /proc/stat: the generators' share is the same in every
@@ -52,12 +53,13 @@ pub const MODES: [&str; 5] = [
 
 /// Modes run only when asked for (`--modes`): podwire without connection tracking, to see what
 /// tracking every packet costs.
-pub const EXTRA_MODES: [&str; 5] = [
+pub const EXTRA_MODES: [&str; 6] = [
     "podwire-vxlan-no-conntrack",
     "podwire-vxlan-no-gro",
     "podwire-vxlan-shared-queue",
     "podwire-vxlan-xdp",
     "podwire-vxlan-xdp-pods",
+    "podwire-udp-xdp",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +108,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
         // Outer headers written by the pipeline, as for the raw socket.
         "podwire-vxlan-xdp" | "podwire-vxlan-xdp-pods" => ("vxlan", false, "flow-ports"),
-        "podwire-udp" => ("udp", false, "flow-ports"),
+        "podwire-udp" | "podwire-udp-xdp" => ("udp", false, "flow-ports"),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
         "host-gw" => (KERNEL_VXLAN, true, "flow-ports"),
@@ -132,7 +134,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         conntrack: mode != "podwire-vxlan-no-conntrack",
         udp_gro: mode != "podwire-vxlan-no-gro",
         peer_queues: mode != "podwire-vxlan-shared-queue",
-        io_xdp: mode.starts_with("podwire-vxlan-xdp"),
+        io_xdp: mode.contains("-xdp"),
         pod_xdp: mode == "podwire-vxlan-xdp-pods",
         soak_seconds: 0,
         soak_pps: 0,
