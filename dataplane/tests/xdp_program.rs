@@ -11,6 +11,7 @@
 
 use podwire_dataplane::batch::Batch;
 use podwire_dataplane::pipeline::MASQ_PORTS;
+use podwire_dataplane::port::neigh_dump::NeighDump;
 use podwire_dataplane::port::udp::UdpPort;
 use podwire_dataplane::port::xdp::{Mode, Role, XdpProgram};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
@@ -494,6 +495,19 @@ fn underlay_over_af_xdp_speaks_in_datagrams_and_resolves_next_hops() {
     assert_eq!(reader.join().expect("reader"), M as usize);
     // Resolution takes at most a few tries, and only at the start.
     assert!(refused_sends < 10, "{refused_sends} sends refused");
+    // The port read that from the kernel's table through rtnetlink: the peer is there.
+    let table = in_netns(&a.0, || {
+        let index = nix::net::if_::if_nametoindex("xa").expect("xa");
+        NeighDump::open(index)
+            .expect("rtnetlink")
+            .read()
+            .expect("dump")
+    });
+    assert_eq!(
+        table.get(&peer_ip).map(|m| m.to_string()),
+        Some("02:00:00:00:0b:01".to_string()),
+        "{table:?}"
+    );
 
     // Datagrams (the udp backend, L2 mode): the port writes Ethernet, IPv4 and UDP, with a
     // checksum the receiving kernel verifies (it drops a wrong one), from our port.

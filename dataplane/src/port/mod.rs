@@ -14,6 +14,7 @@ use std::io;
 pub use crate::sys::mmsg::MmsgScratch;
 use std::os::fd::BorrowedFd;
 
+pub mod neigh_dump;
 pub mod neighbours;
 pub mod pcap;
 pub mod raw;

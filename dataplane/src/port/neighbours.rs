@@ -1,11 +1,13 @@
 //! The kernel's IPv4 neighbour table, as far as podwire needs it: which MAC answers for a
 //! next hop on the underlay. An AF_XDP port writes whole Ethernet frames, so it must know the
-//! peer's MAC the way the kernel's own stack would; it reads the kernel's table (the
-//! `/proc/net/arp` view of it, for the calling thread's namespace) rather than run ARP itself,
+//! peer's MAC the way the kernel's own stack would; it reads the kernel's table (an rtnetlink
+//! dump, [`super::neigh_dump`]; the `/proc/net/arp` view of it where rtnetlink is refused)
+//! rather than run ARP itself,
 //! and asks the kernel to resolve a miss by sending it a datagram for that peer. A destination
 //! off the device's subnets goes to its gateway, from the kernel's main routing table (the
 //! `/proc/net/route` view of it), as the kernel's own packets would.
 
+use super::neigh_dump::NeighDump;
 use crate::wire::MacAddr;
 use rustc_hash::FxHashMap;
 use std::net::{Ipv4Addr, UdpSocket};
@@ -29,6 +31,8 @@ pub struct Neighbours {
     read_at: Option<Instant>,
     /// Sends the datagram that makes the kernel resolve a missing neighbour.
     prompt: Option<UdpSocket>,
+    /// Reads the table through rtnetlink (None: through `/proc/net/arp`).
+    dump: Option<NeighDump>,
 }
 
 impl Neighbours {
@@ -41,6 +45,9 @@ impl Neighbours {
             routes: Vec::new(),
             read_at: None,
             prompt: UdpSocket::bind((local, 0)).ok(),
+            dump: nix::net::if_::if_nametoindex(device)
+                .ok()
+                .and_then(|index| NeighDump::open(index).ok()),
         }
     }
 
@@ -104,9 +111,14 @@ impl Neighbours {
 
     fn refresh(&mut self, now: Instant) {
         self.read_at = Some(now);
-        // thread-self: the namespace of this thread (a test may have entered one alone).
-        if let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/arp") {
-            self.table = parse_proc_arp(&text, &self.device);
+        match self.dump.as_mut().map(|d| d.read()) {
+            Some(Ok(table)) => self.table = table,
+            // thread-self: the namespace of this thread (a test may have entered one alone).
+            _ => {
+                if let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/arp") {
+                    self.table = parse_proc_arp(&text, &self.device);
+                }
+            }
         }
         if let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/route") {
             self.routes = parse_proc_route(&text, &self.device);
