@@ -521,6 +521,9 @@ fn main() -> Result<()> {
         Cmd::Run(a) => {
             init_logging(a.log_format == "json");
             let ct_config = conntrack_config(&a);
+            if a.l2_pods == "xdp" && a.mode != "l2" {
+                anyhow::bail!("--l2-pods is an L2 mode option (--mode l2); routed pods on AF_XDP: --pod-ports");
+            }
             if a.exit_with_parent {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
                     .context("prctl(PR_SET_PDEATHSIG)")?;
