@@ -104,7 +104,13 @@ fn veth_port(mtu: u32) -> Result<(String, BridgeDevice, VethPort), AttachError> 
     ip(&["link", "set", "dev", &host_end, "mtu", &mtu.to_string()])?;
     ip(&["link", "set", "dev", &host_end, "up"])?;
     let mut program = attach_xdp(&host_end, Role::BridgePort)?;
-    let xsk = XskPort::bind(&host_end, 0, XskConfig::default())?;
+    // A pod's port needs less room than an uplink queue: 1024 frames of 2 KiB (2 MiB of UMEM
+    // per pod, not 8), half for receiving, half for sending.
+    let config = XskConfig {
+        frames: 1024,
+        ..XskConfig::default()
+    };
+    let xsk = XskPort::bind(&host_end, 0, config)?;
     program
         .set_socket(0, &xsk.raw_fd())
         .map_err(|e| AttachError::Invalid(format!("XDP on {host_end}: {e}")))?;

@@ -36,7 +36,8 @@ impl Default for XskConfig {
         XskConfig {
             frames: 4096,
             frame_size: 2048,
-            copy: true,
+            // Zero-copy where the driver has it; veth and most drivers fall back to copy.
+            copy: false,
         }
     }
 }
