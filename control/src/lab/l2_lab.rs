@@ -15,7 +15,7 @@ use super::{
 };
 use anyhow::{bail, Context, Result};
 use podwire_dataplane::pipeline::DropReason;
-use podwire_dataplane::stats::Counter;
+use podwire_dataplane::stats::{Counter, LocalStats};
 use podwire_dataplane::wire::MacAddr;
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
@@ -459,26 +459,18 @@ fn finish_checks(
     }
     if opts.pod_xdp {
         // The pods' frames came through AF_XDP: more frames than the underlay's.
-        let per_node: Vec<(usize, u64, u64)> = stats
-            .iter()
-            .map(|(i, s)| {
-                let s = s.clone().unwrap_or_default();
-                let underlay = if opts.io_xdp {
-                    s.counter(Counter::RxUnderlay)
-                } else {
-                    0
-                };
-                (*i, s.counter(Counter::XdpRxFrames), underlay)
-            })
-            .collect();
-        checks.push(check(
+        let underlay = |s: &LocalStats| {
+            if opts.io_xdp {
+                s.counter(Counter::RxUnderlay)
+            } else {
+                0
+            }
+        };
+        checks.push(super::per_node_check(
             "the pods' frames reached the bridges through AF_XDP",
-            per_node.iter().all(|&(_, xdp, underlay)| xdp > underlay),
-            per_node
-                .iter()
-                .map(|(i, xdp, u)| format!("node {i}: xdp_rx_frames {xdp} (underlay {u})"))
-                .collect::<Vec<_>>()
-                .join("; "),
+            &stats,
+            &[Counter::XdpRxFrames, Counter::RxUnderlay],
+            |s| s.counter(Counter::XdpRxFrames) > underlay(s),
         ));
     }
     let mut left = Vec::new();

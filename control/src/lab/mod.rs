@@ -1327,37 +1327,56 @@ fn map_reload_check(res: &Names, opts: &LabOptions) -> Result<Check> {
     })
 }
 
-/// `--io xdp`: every podwire node received its underlay traffic through AF_XDP (the UDP
-/// socket next to none of it) and sent through it.
-fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
+/// A check on every node's final counters: `ok` must hold for each node (a node without
+/// stats fails it); the detail shows the `shown` counters per node.
+fn per_node_check(
+    name: &str,
+    stats: &[(usize, Option<LocalStats>)],
+    shown: &[Counter],
+    ok: impl Fn(&LocalStats) -> bool,
+) -> Check {
     let per_node: Vec<String> = stats
         .iter()
         .map(|(i, s)| match s {
-            Some(s) => format!(
-                "node {i}: rx_underlay {}, xdp_rx_frames {}, tx_underlay {}, xdp_tx_frames {}, xdp_via_kernel {}",
-                s.counter(Counter::RxUnderlay),
-                s.counter(Counter::XdpRxFrames),
-                s.counter(Counter::TxUnderlay),
-                s.counter(Counter::XdpTxFrames),
-                s.counter(Counter::XdpViaKernel)
-            ),
+            Some(s) => {
+                let values: Vec<String> = shown
+                    .iter()
+                    .map(|c| format!("{} {}", c.as_str(), s.counter(*c)))
+                    .collect();
+                format!("node {i}: {}", values.join(", "))
+            }
             None => format!("node {i}: no stats"),
         })
         .collect();
-    let ok = stats.iter().all(|(_, s)| {
-        s.as_ref().is_some_and(|s| {
-            // A few may come through the socket: those that arrived between the program's
-            // attach and its socket's bind (the program passes them to the kernel).
-            s.counter(Counter::RxUnderlay) > 0
-                && s.counter(Counter::XdpRxFrames) * 100 >= s.counter(Counter::RxUnderlay) * 99
-                && s.counter(Counter::XdpTxFrames) > 0
-        })
-    });
     Check {
-        name: "the underlay passes through AF_XDP on every podwire node, not the UDP socket".into(),
-        ok,
+        name: name.into(),
+        ok: stats.iter().all(|(_, s)| s.as_ref().is_some_and(&ok)),
         detail: per_node.join("; "),
     }
+}
+
+/// `--io xdp`: every podwire node received its underlay traffic through AF_XDP (the UDP
+/// socket next to none of it) and sent through it.
+fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
+    use Counter::{RxUnderlay, TxUnderlay, XdpRxFrames, XdpTxFrames, XdpViaKernel};
+    per_node_check(
+        "the underlay passes through AF_XDP on every podwire node, not the UDP socket",
+        stats,
+        &[
+            RxUnderlay,
+            XdpRxFrames,
+            TxUnderlay,
+            XdpTxFrames,
+            XdpViaKernel,
+        ],
+        |s| {
+            // A few may come through the socket: those that arrived between the program's
+            // attach and its socket's bind (the program passes them to the kernel).
+            s.counter(RxUnderlay) > 0
+                && s.counter(XdpRxFrames) * 100 >= s.counter(RxUnderlay) * 99
+                && s.counter(XdpTxFrames) > 0
+        },
+    )
 }
 
 fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
@@ -1672,31 +1691,13 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         }
         if opts.pod_xdp {
             // Everything the pods sent podwire came through their AF_XDP ports.
-            let per_node: Vec<String> = stats
-                .iter()
-                .map(|(i, s)| match s {
-                    Some(s) => format!(
-                        "node {i}: rx_pods {}, tx_pods {}, rx_tun {}, tx_tun {}",
-                        s.counter(Counter::RxPods),
-                        s.counter(Counter::TxPods),
-                        s.counter(Counter::RxTun),
-                        s.counter(Counter::TxTun)
-                    ),
-                    None => format!("node {i}: no stats"),
-                })
-                .collect();
-            let ok = stats.iter().all(|(_, s)| {
-                s.as_ref().is_some_and(|s| {
-                    s.counter(Counter::RxPods) > 0
-                        && s.counter(Counter::TxPods) > 0
-                        && s.counter(Counter::RxTun) == 0
-                })
-            });
-            checks.push(Check {
-                name: "pods reach podwire through AF_XDP on their veths, not the TUN".into(),
-                ok,
-                detail: per_node.join("; "),
-            });
+            use Counter::{RxPods, RxTun, TxPods, TxTun};
+            checks.push(per_node_check(
+                "pods reach podwire through AF_XDP on their veths, not the TUN",
+                &stats,
+                &[RxPods, TxPods, RxTun, TxTun],
+                |s| s.counter(RxPods) > 0 && s.counter(TxPods) > 0 && s.counter(RxTun) == 0,
+            ));
         }
         let unknown_peer = stats[0]
             .1
