@@ -16,6 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+/// The underlay's asynchronous socket errors and their `kind` label.
+const UNDERLAY_ERRORS: [(Counter, &str); 7] = [
+    (Counter::UnderlayErrNetUnreachable, "net_unreachable"),
+    (Counter::UnderlayErrHostUnreachable, "host_unreachable"),
+    (Counter::UnderlayErrProtoUnreachable, "proto_unreachable"),
+    (Counter::UnderlayErrPortUnreachable, "port_unreachable"),
+    (Counter::UnderlayErrFragNeeded, "frag_needed"),
+    (Counter::UnderlayErrParamProblem, "param_problem"),
+    (Counter::UnderlayErrOther, "other"),
+];
+
 /// What the daemon reports about itself.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -275,6 +286,21 @@ impl Health {
             "podwire_drops_total",
             "counter",
             "Packets dropped, by worker and reason.",
+            samples,
+        );
+        let mut samples = Vec::new();
+        for (w, s) in workers.iter().enumerate() {
+            for (c, kind) in UNDERLAY_ERRORS {
+                samples.push(format!(
+                    "podwire_underlay_socket_errors_total{{worker=\"{w}\",kind=\"{kind}\"}} {}",
+                    s.counter(c)
+                ));
+            }
+        }
+        fam(
+            "podwire_underlay_socket_errors_total",
+            "counter",
+            "ICMP errors about underlay datagrams that receives returned, by kind (counted, never fatal).",
             samples,
         );
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);

@@ -34,9 +34,11 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 mod flows;
+mod worker_state;
 use crate::nat::Services;
 pub use flows::{Flows, Tracker};
 use flows::{Ingress, Outcome, Stop};
+pub use worker_state::{IcmpRateLimit, PathMtus, WorkerState};
 
 /// Why a packet was not forwarded. The names are the metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,10 +93,13 @@ pub enum DropReason {
     /// A frame whose destination sits behind the port it came in by, which is not in hairpin
     /// mode (L2 mode).
     Hairpin,
+    /// An ICMP error we would have generated, over the kernel's `icmp_ratelimit` for its
+    /// destination or `icmp_msgs_per_sec` for the node.
+    IcmpRateLimited,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 23;
+    pub const COUNT: usize = 24;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
@@ -119,6 +124,7 @@ impl DropReason {
         DropReason::InvalidSourceMac,
         DropReason::LinkLocal,
         DropReason::Hairpin,
+        DropReason::IcmpRateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +152,7 @@ impl DropReason {
             DropReason::InvalidSourceMac => "invalid_source_mac",
             DropReason::LinkLocal => "link_local",
             DropReason::Hairpin => "hairpin",
+            DropReason::IcmpRateLimited => "icmp_rate_limited",
         }
     }
 
@@ -272,6 +279,30 @@ pub fn process_with(
     dir: Direction,
     batch: &mut Batch,
 ) {
+    decide(tables, flows, None, now, dir, batch)
+}
+
+/// [`process_with`] as a worker runs it, with its [`WorkerState`]: path MTUs toward peers and
+/// the ICMP rate limits applied to what the pods send. `now` is in milliseconds.
+pub fn process_in_worker(
+    tables: &Tables,
+    flows: Option<&Flows>,
+    state: &mut WorkerState,
+    now: u64,
+    dir: Direction,
+    batch: &mut Batch,
+) {
+    decide(tables, flows, Some(state), now, dir, batch)
+}
+
+fn decide(
+    tables: &Tables,
+    flows: Option<&Flows>,
+    mut state: Option<&mut WorkerState>,
+    now: u64,
+    dir: Direction,
+    batch: &mut Batch,
+) {
     let mut tracker = flows.map(|f| Tracker::new(f, now));
     for i in 0..batch.len() {
         let (slot, meta) = batch.slot_mut(i);
@@ -280,6 +311,9 @@ pub fn process_with(
             Direction::FromTun => from_tun(tables, tr, slot, meta),
             Direction::FromUnderlay => from_underlay(tables, tr, slot, meta),
         };
+        if let (Some(st), Direction::FromTun) = (state.as_deref_mut(), dir) {
+            st.revise(tables, slot, meta, now);
+        }
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
             Verdict::ToUnderlayIp(dst) | Verdict::ToWire(dst) => {
@@ -707,6 +741,11 @@ fn net_unreachable(t: &Tables, slot: &mut [u8], meta: &mut Meta) -> Verdict {
 /// Replaces the packet in `slot` by an ICMP destination-unreachable with `code` from `src`, if
 /// one may be sent (otherwise it is dropped as `NoRoute`).
 fn icmp_unreachable(slot: &mut [u8], meta: &mut Meta, code: u8, src: Ipv4Addr) -> Verdict {
+    icmp_error(slot, meta, code, 0, src)
+}
+
+/// [`icmp_unreachable`] with the next-hop MTU field (RFC 1191) set, for "fragmentation needed".
+fn icmp_error(slot: &mut [u8], meta: &mut Meta, code: u8, mtu: u16, src: Ipv4Addr) -> Verdict {
     let mut quote = [0u8; MAX_QUOTE];
     let (quote_len, orig_src) = {
         let p = ipv4::Packet::new_unchecked(&slot[meta.start..meta.start + meta.len]);
@@ -733,7 +772,7 @@ fn icmp_unreachable(slot: &mut [u8], meta: &mut Meta, code: u8, src: Ipv4Addr) -
     let mut icmp = icmpv4::Packet::new_unchecked(&mut out[ipv4::HEADER_LEN..]);
     icmp.set_kind(icmpv4::kind::DEST_UNREACHABLE);
     icmp.set_code(code);
-    icmp.set_rest(0, 0);
+    icmp.set_rest(0, mtu);
     icmp.data_mut().copy_from_slice(&quote[..quote_len]);
     icmp.fill_checksum();
     meta.len = total;
@@ -1185,6 +1224,105 @@ mod tests {
         assert_eq!((icmp.kind(), icmp.code()), (3, 0));
         assert_eq!(icmp.data(), &orig[..28]);
         assert_eq!(checksum::sum(ip.payload()), 0xffff);
+    }
+
+    /// A pod packet in a batch of one, decided by a worker holding `state` at `now`.
+    fn run_in_worker(
+        t: &Tables,
+        state: &mut WorkerState,
+        pkt: &[u8],
+        now: u64,
+    ) -> (Verdict, Vec<u8>) {
+        let mut b = Batch::new(1, 2048);
+        b.rx_slot(0)[..pkt.len()].copy_from_slice(pkt);
+        b.commit_rx(0, pkt.len(), SocketAddrV4::new(NODE_A, 0), false);
+        process_in_worker(t, None, state, now, Direction::FromTun, &mut b);
+        (b.meta(0).verdict, b.packet(0).to_vec())
+    }
+
+    fn udp_packet_sized(src: Ipv4Addr, dst: Ipv4Addr, ip_len: usize, df: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ip = etherparse::Ipv4Header {
+            time_to_live: 64,
+            source: src.octets(),
+            destination: dst.octets(),
+            dont_fragment: df,
+            ..Default::default()
+        };
+        etherparse::PacketBuilder::ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+            .udp(5000, 6000)
+            .write(&mut out, &vec![7u8; ip_len - 28])
+            .unwrap();
+        out
+    }
+
+    /// After the kernel lowered the path MTU to node B, a DF packet that no longer fits once
+    /// encapsulated is answered with "fragmentation needed" carrying the tunnel's MTU, in both
+    /// encapsulations; one that fits, or has no DF, goes on; the learned MTU expires.
+    #[test]
+    fn test_lowered_path_mtu_answers_frag_needed_for_df_packets() {
+        for (t, overhead) in [(tables(), 28usize), (vxlan_tables(), VXLAN_OVERHEAD)] {
+            let mut st = WorkerState::default();
+            st.path_mtus.learn(NODE_B, 1400, 0);
+            let tunnel_mtu = 1400 - overhead;
+            let big = udp_packet_sized(POD_A, POD_B, tunnel_mtu + 1, true);
+            let (v, out) = run_in_worker(&t, &mut st, &big, 5);
+            assert_eq!(v, Verdict::IcmpToTun, "overhead {overhead}");
+            let ip = ipv4::Packet::new_checked(&out[..]).unwrap();
+            assert_eq!((ip.src(), ip.dst()), (Ipv4Addr::new(10, 244, 1, 0), POD_A));
+            let icmp = icmpv4::Packet::new_checked(ip.payload()).unwrap();
+            assert!(icmp.verify_checksum());
+            assert_eq!((icmp.kind(), icmp.code()), (3, 4));
+            assert_eq!(&ip.payload()[6..8], &(tunnel_mtu as u16).to_be_bytes());
+            // The quote is the header as forwarded (flannel's udp has decremented the TTL, as
+            // the kernel's forwarding does before a tunnel refuses the packet).
+            let quote = icmp.data();
+            assert_eq!(&quote[..8], &big[..8], "quotes the pod's header");
+            assert_eq!(&quote[12..28], &big[12..28], "quotes the pod's header");
+            let fits = udp_packet_sized(POD_A, POD_B, tunnel_mtu, true);
+            assert!(!matches!(
+                run_in_worker(&t, &mut st, &fits, 5).0,
+                Verdict::IcmpToTun
+            ));
+            let no_df = udp_packet_sized(POD_A, POD_B, tunnel_mtu + 1, false);
+            assert!(!matches!(
+                run_in_worker(&t, &mut st, &no_df, 5).0,
+                Verdict::IcmpToTun
+            ));
+            let later = worker_state::PATH_MTU_EXPIRES_MS;
+            assert!(!matches!(
+                run_in_worker(&t, &mut st, &big, later).0,
+                Verdict::IcmpToTun
+            ));
+        }
+    }
+
+    /// Generated net-unreachables to one pod are limited as the kernel limits them: a burst of
+    /// six, then one a second; the rest are counted drops.
+    #[test]
+    fn test_generated_icmp_errors_are_rate_limited() {
+        let t = tables();
+        let mut st = WorkerState::default();
+        let nowhere = udp_packet(POD_A, Ipv4Addr::new(10, 244, 9, 9), 64);
+        let verdicts: Vec<Verdict> = (0..10)
+            .map(|_| run_in_worker(&t, &mut st, &nowhere, 1000).0)
+            .collect();
+        assert_eq!(
+            verdicts
+                .iter()
+                .filter(|v| **v == Verdict::IcmpToTun)
+                .count(),
+            6
+        );
+        assert_eq!(
+            verdicts[9],
+            Verdict::Drop(DropReason::IcmpRateLimited),
+            "{verdicts:?}"
+        );
+        assert_eq!(
+            run_in_worker(&t, &mut st, &nowhere, 2000).0,
+            Verdict::IcmpToTun
+        );
     }
 
     #[test]

@@ -61,10 +61,24 @@ pub enum Counter {
     RxPods,
     /// `--pod-ports`: packets sent to pods through AF_XDP.
     TxPods,
+    /// ICMP errors about our underlay datagrams a receive returned (net unreachable): counted, never fatal.
+    UnderlayErrNetUnreachable,
+    /// ... host unreachable, unknown, isolated or prohibited.
+    UnderlayErrHostUnreachable,
+    /// ... protocol unreachable.
+    UnderlayErrProtoUnreachable,
+    /// ... port unreachable.
+    UnderlayErrPortUnreachable,
+    /// ... fragmentation needed (the path MTU to a peer was lowered).
+    UnderlayErrFragNeeded,
+    /// ... parameter problem.
+    UnderlayErrParamProblem,
+    /// Other asynchronous errors a receive returned (ENOBUFS, a failed source route, ...).
+    UnderlayErrOther,
 }
 
 impl Counter {
-    pub const COUNT: usize = 26;
+    pub const COUNT: usize = 33;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -92,6 +106,13 @@ impl Counter {
         Counter::XdpWakeups,
         Counter::RxPods,
         Counter::TxPods,
+        Counter::UnderlayErrNetUnreachable,
+        Counter::UnderlayErrHostUnreachable,
+        Counter::UnderlayErrProtoUnreachable,
+        Counter::UnderlayErrPortUnreachable,
+        Counter::UnderlayErrFragNeeded,
+        Counter::UnderlayErrParamProblem,
+        Counter::UnderlayErrOther,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,15 +143,32 @@ impl Counter {
             Counter::XdpWakeups => "xdp_wakeups",
             Counter::RxPods => "rx_pods",
             Counter::TxPods => "tx_pods",
+            Counter::UnderlayErrNetUnreachable => "underlay_err_net_unreachable",
+            Counter::UnderlayErrHostUnreachable => "underlay_err_host_unreachable",
+            Counter::UnderlayErrProtoUnreachable => "underlay_err_proto_unreachable",
+            Counter::UnderlayErrPortUnreachable => "underlay_err_port_unreachable",
+            Counter::UnderlayErrFragNeeded => "underlay_err_frag_needed",
+            Counter::UnderlayErrParamProblem => "underlay_err_param_problem",
+            Counter::UnderlayErrOther => "underlay_err_other",
         }
     }
 }
 
 /// Counts kept by one worker between flushes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LocalStats {
     pub counters: [u64; Counter::COUNT],
     pub drops: [u64; DropReason::COUNT],
+}
+
+// Arrays past 32 entries have no derived Default.
+impl Default for LocalStats {
+    fn default() -> Self {
+        LocalStats {
+            counters: [0; Counter::COUNT],
+            drops: [0; DropReason::COUNT],
+        }
+    }
 }
 
 impl LocalStats {
@@ -163,10 +201,19 @@ impl LocalStats {
 }
 
 /// The shared copy of a worker's counts, read by the control thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SharedStats {
     counters: [AtomicU64; Counter::COUNT],
     drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl Default for SharedStats {
+    fn default() -> Self {
+        SharedStats {
+            counters: core::array::from_fn(|_| AtomicU64::new(0)),
+            drops: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl SharedStats {

@@ -12,8 +12,9 @@
 
 use crate::batch::Batch;
 use crate::capture::{Capture, CapturePoint};
-use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
+use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict, WorkerState};
 use crate::port::raw::RawIpPort;
+use crate::port::socket_errors::SocketErrorKind;
 use crate::port::tun::TunQueue;
 use crate::port::udp::UdpPort;
 use crate::port::xdp_pod::PodPorts;
@@ -301,6 +302,31 @@ impl Underlay<'_> {
 }
 
 /// Adds what an AF_XDP socket did (frames moved, wakeups taken) to the counters.
+/// Counts the ICMP errors about earlier sends that `udp`'s receives returned, and hands the
+/// path MTUs the kernel lowered to `learn`.
+pub(crate) fn take_socket_errors(
+    udp: &mut UdpPort,
+    local: &mut LocalStats,
+    mut learn: impl FnMut(Ipv4Addr, u32),
+) {
+    let errors = udp.socket_errors();
+    for (kind, n) in SocketErrorKind::ALL.into_iter().zip(errors.take_counts()) {
+        let c = match kind {
+            SocketErrorKind::NetUnreachable => Counter::UnderlayErrNetUnreachable,
+            SocketErrorKind::HostUnreachable => Counter::UnderlayErrHostUnreachable,
+            SocketErrorKind::ProtocolUnreachable => Counter::UnderlayErrProtoUnreachable,
+            SocketErrorKind::PortUnreachable => Counter::UnderlayErrPortUnreachable,
+            SocketErrorKind::FragNeeded => Counter::UnderlayErrFragNeeded,
+            SocketErrorKind::ParameterProblem => Counter::UnderlayErrParamProblem,
+            SocketErrorKind::Other => Counter::UnderlayErrOther,
+        };
+        local.add(c, n);
+    }
+    for (peer, mtu) in errors.drain_path_mtus() {
+        learn(peer, mtu);
+    }
+}
+
 fn count_xsk_activity(local: &mut LocalStats, a: XskActivity) {
     local.add(Counter::XdpRxFrames, a.rx_frames);
     local.add(Counter::XdpRxBatches, a.rx_batches);
@@ -485,7 +511,8 @@ impl Worker {
         let mut last_work = Instant::now();
         let id = self.id;
         let port_err = |source| WorkerError::Port { worker: id, source };
-        let epoch = self.flows.as_ref().map(|f| f.epoch);
+        let epoch = self.flows.as_ref().map_or_else(Instant::now, |f| f.epoch);
+        let mut state = WorkerState::default();
         let flows = self.flows.as_deref();
         let mut peers = self
             .config
@@ -515,15 +542,23 @@ impl Worker {
                     );
                 }
             }
-            // Connection-tracking time, read once per round (milliseconds).
-            let now = epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
+            // Connection-tracking (and path MTU, ICMP limit) time, once per round, in ms.
+            let now = epoch.elapsed().as_millis() as u64;
             let n_tun = self.ports.tun.rx_batch(&mut from_tun).map_err(port_err)?;
             if n_tun > 0 {
                 local.add(Counter::RxTun, n_tun as u64);
                 if self.capture.wants(CapturePoint::Tun) {
                     self.capture.record(CapturePoint::Tun, &from_tun);
                 }
-                pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
+                let st = &mut state;
+                pipeline::process_in_worker(
+                    &tables,
+                    flows,
+                    st,
+                    now,
+                    Direction::FromTun,
+                    &mut from_tun,
+                );
                 dispatch.run(&mut from_tun, &mut self.ports, &mut local);
             }
             // Pods through AF_XDP: what they send, as if read from the TUN.
@@ -552,7 +587,15 @@ impl Worker {
                             local.add(Counter::ChecksumsCompleted, 1);
                         }
                     }
-                    pipeline::process_with(&tables, flows, now, Direction::FromTun, &mut from_tun);
+                    let st = &mut state;
+                    pipeline::process_in_worker(
+                        &tables,
+                        flows,
+                        st,
+                        now,
+                        Direction::FromTun,
+                        &mut from_tun,
+                    );
                     dispatch.run(&mut from_tun, &mut self.ports, &mut local);
                 }
             }
@@ -615,6 +658,9 @@ impl Worker {
                 if let Some(x) = self.ports.xdp.as_mut() {
                     local.add(Counter::XdpViaKernel, x.take_via_kernel());
                 }
+                take_socket_errors(&mut self.ports.udp, &mut local, |peer, mtu| {
+                    state.path_mtus.learn(peer, mtu, now)
+                });
             }
             if !idle {
                 self.stats.flush(&mut local);

@@ -15,6 +15,7 @@
 pub mod bench;
 mod etcd_lab;
 mod fairness;
+mod icmp_forge;
 mod l2_lab;
 mod lifecycle;
 mod netns;
@@ -1643,6 +1644,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             checks.push(masquerade_check(&r, opts)?);
         }
         checks.push(rogue_check(&r, opts)?);
+        checks.push(icmp_forge::check(res, &r, opts)?);
         if opts.io_xdp {
             checks.push(xdp_host_check(&r)?);
         }
@@ -1699,6 +1701,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 |s| s.counter(RxPods) > 0 && s.counter(TxPods) > 0 && s.counter(RxTun) == 0,
             ));
         }
+        checks.push(icmp_forge::counted_check(&stats));
         let unknown_peer = stats[0]
             .1
             .as_ref()

@@ -117,6 +117,39 @@ pub fn probe_icmp_error(dst: Ipv4Addr, timeout: Duration) -> Result<Option<(Ipv4
     Ok(None)
 }
 
+/// Sends one echo request of `ip_len` bytes with DF to `dst` and returns the next-hop MTU of a
+/// "fragmentation needed" that quotes it, if one arrives. Call inside the source netns.
+pub fn probe_frag_needed(dst: Ipv4Addr, ip_len: usize, timeout: Duration) -> Result<Option<u16>> {
+    let sock = raw_icmp_socket(Duration::from_millis(50))?;
+    let id = NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed) ^ 0x3c3c;
+    let start = Instant::now();
+    sock.send_to(
+        &echo_request(id, 1, ip_len.saturating_sub(ipv4::HEADER_LEN)),
+        SocketAddrV4::new(dst, 0),
+    )?;
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < timeout {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(ip) = ipv4::Packet::new_checked(&buf[..n]) else {
+            continue;
+        };
+        let icmp = ip.payload();
+        let quoted = icmp.get(icmpv4::HEADER_LEN..).unwrap_or_default();
+        if icmp.len() >= icmpv4::HEADER_LEN
+            && icmp[0] == icmpv4::kind::DEST_UNREACHABLE
+            && icmp[1] == icmpv4::unreachable::FRAG_NEEDED
+            && quoted.len() >= 28
+            && quoted[16..20] == dst.octets()
+            && u16::from_be_bytes([quoted[24], quoted[25]]) == id
+        {
+            return Ok(Some(u16::from_be_bytes([icmp[6], icmp[7]])));
+        }
+    }
+    Ok(None)
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), so a transfer's content is not all zeros.
 pub struct Pattern(u64);
 

@@ -18,6 +18,7 @@ pub mod neigh_dump;
 pub mod neighbours;
 pub mod pcap;
 pub mod raw;
+pub mod socket_errors;
 pub mod tap;
 pub mod tun;
 pub mod udp;

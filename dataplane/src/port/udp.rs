@@ -2,6 +2,7 @@
 //! the kernel spreads datagrams across workers by 4-tuple hash (one peer's flow stays on one
 //! worker), each moving whole batches with recvmmsg/sendmmsg.
 
+use super::socket_errors::{SocketErrorKind, SocketErrors};
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::sys;
@@ -20,6 +21,8 @@ pub struct UdpPort {
     gro: Option<Box<GroReceiver>>,
     /// Socket buffer size, for the peer sockets made beside this one.
     buffer_bytes: usize,
+    /// ICMP errors about earlier sends that receives returned, here and on peer sockets.
+    errors: SocketErrors,
 }
 
 /// A socket bound beside a [`UdpPort`] (same address and port) and connected to one peer.
@@ -64,6 +67,7 @@ impl UdpPort {
             scratch: MmsgScratch::new(batch_cap),
             gro: None,
             buffer_bytes,
+            errors: SocketErrors::default(),
         })
     }
 
@@ -93,7 +97,28 @@ impl UdpPort {
         peer: &PeerSocket,
         batch: &mut Batch,
     ) -> Result<usize, PortError> {
-        recv_on(&mut self.gro, &mut self.scratch, peer.socket.as_fd(), batch)
+        let fd = peer.socket.as_fd();
+        let before = self.errors.frag_needed();
+        let got = recv_on(
+            &mut self.gro,
+            &mut self.scratch,
+            fd,
+            batch,
+            &mut self.errors,
+        );
+        if self.errors.frag_needed() != before {
+            // The kernel accepted a "fragmentation needed" about this peer and lowered the
+            // route's path MTU: learn the value it now uses.
+            if let Ok(mtu) = sys::sockopt::path_mtu(fd) {
+                self.errors.path_mtu(*peer.peer.ip(), mtu);
+            }
+        }
+        got
+    }
+
+    /// ICMP errors about earlier sends that receives returned since the last call.
+    pub fn socket_errors(&mut self) -> &mut SocketErrors {
+        &mut self.errors
     }
 
     /// Datagrams the kernel dropped at this socket since it was opened (its queue was full).
@@ -174,38 +199,55 @@ fn reuseport_socket(addr: SocketAddrV4, buffer_bytes: usize) -> io::Result<Socke
 
 impl RxPort for UdpPort {
     fn rx_batch(&mut self, batch: &mut Batch) -> Result<usize, PortError> {
-        recv_on(&mut self.gro, &mut self.scratch, self.socket.as_fd(), batch)
+        let fd = self.socket.as_fd();
+        recv_on(
+            &mut self.gro,
+            &mut self.scratch,
+            fd,
+            batch,
+            &mut self.errors,
+        )
     }
 }
 
-/// One receive on `fd` through a port's buffers.
+/// Pending errors one receive call consumes before it gives up for this round: each retry
+/// takes one (the socket holds one at a time), so a flood of forged ICMP cannot hold a worker.
+const MAX_ERROR_RETRIES: usize = 4;
+
+/// One receive on `fd` through a port's buffers. An ICMP error about an earlier send (the
+/// socket's pending error, returned instead of datagrams) is counted and the receive tried
+/// again, since datagrams may be queued behind it and epoll's edge for them is spent.
 fn recv_on(
     gro: &mut Option<Box<GroReceiver>>,
     scratch: &mut MmsgScratch,
     fd: BorrowedFd<'_>,
     batch: &mut Batch,
+    errors: &mut SocketErrors,
 ) -> Result<usize, PortError> {
-    let got = match gro.as_deref_mut() {
-        Some(g) => g.recv(fd, batch),
-        None => scratch.recv(fd, batch),
-    };
-    match got {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-        // ICMP errors about earlier sends surface here (ECONNREFUSED etc.): not fatal.
-        Err(e) if e.raw_os_error().is_some_and(is_async_send_error) => Ok(0),
-        Err(source) => Err(PortError::Io {
-            what: "UDP receive",
-            source,
-        }),
+    for _ in 0..=MAX_ERROR_RETRIES {
+        let got = match gro.as_deref_mut() {
+            Some(g) => g.recv(fd, batch),
+            None => scratch.recv(fd, batch),
+        };
+        let e = match got {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        if e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        match e.raw_os_error().and_then(SocketErrorKind::from_errno) {
+            Some(kind) => errors.count(kind),
+            None => {
+                return Err(PortError::Io {
+                    what: "UDP receive",
+                    source: e,
+                })
+            }
+        }
     }
-}
-
-fn is_async_send_error(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
-    )
+    batch.clear();
+    Ok(0)
 }
 
 impl TxPort for UdpPort {

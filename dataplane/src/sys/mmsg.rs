@@ -18,7 +18,12 @@ pub struct MmsgScratch {
     /// Packets carried by each header of the last GSO send.
     groups: Box<[usize]>,
     gso: bool,
+    /// GSO sends refused with EINVAL in a row (see `send`).
+    gso_refusals: u32,
 }
+
+/// Consecutive EINVAL refusals of GSO sends after which GSO is taken to be unsupported.
+const GSO_MAX_REFUSALS: u32 = 64;
 
 /// `SOL_UDP` option and control message: send one buffer as datagrams of this size (UDP GSO).
 const UDP_SEGMENT: libc::c_int = 103;
@@ -102,12 +107,13 @@ impl MmsgScratch {
             cmsgs: vec![[0u64; 3]; capacity].into_boxed_slice(),
             groups: vec![0; capacity].into_boxed_slice(),
             gso: false,
+            gso_refusals: 0,
         }
     }
 
     /// Sends runs of same-size datagrams to one peer as one UDP GSO buffer (UDP_SEGMENT), so
     /// the kernel's UDP/IP path runs once per run instead of once per datagram. Switched off
-    /// by itself if the kernel refuses it (EINVAL, EIO, EOPNOTSUPP).
+    /// by itself if the kernel refuses it (EIO, EOPNOTSUPP, or EINVAL many times in a row).
     pub fn set_gso(&mut self, on: bool) {
         self.gso = on;
     }
@@ -169,15 +175,22 @@ impl MmsgScratch {
     ) -> io::Result<usize> {
         if self.gso {
             match self.send_gso(fd, batch, indices) {
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL) | Some(libc::EIO) | Some(libc::EOPNOTSUPP)
-                    ) =>
-                {
+                // EINVAL also comes from a run whose segments exceed the path MTU the kernel
+                // was told (by any host, in a "fragmentation needed"): send this batch without
+                // GSO and keep it, unless the kernel keeps refusing.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.gso_refusals += 1;
+                    if self.gso_refusals >= GSO_MAX_REFUSALS {
+                        self.gso = false;
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EOPNOTSUPP)) => {
                     self.gso = false;
                 }
-                other => return other,
+                other => {
+                    self.gso_refusals = 0;
+                    return other;
+                }
             }
         }
         let n = indices.len().min(self.hdrs.len());

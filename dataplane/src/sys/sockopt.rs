@@ -68,3 +68,30 @@ pub fn rx_drops(fd: BorrowedFd<'_>) -> io::Result<u32> {
     }
     Ok(info[libc::SK_MEMINFO_DROPS as usize])
 }
+
+fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = core::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, a live c_int of that size, and
+    // updates `len`, a live socklen_t.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+/// `IP_MTU` of a connected socket: the path MTU of its route as the kernel knows it now (a
+/// "fragmentation needed" the kernel accepted lowers it; ENOTCONN on an unconnected socket).
+pub fn path_mtu(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    get_int(fd, libc::IPPROTO_IP, libc::IP_MTU).map(|v| v.max(0) as u32)
+}

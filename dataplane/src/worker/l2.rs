@@ -565,6 +565,9 @@ impl L2Worker {
             if let Some(x) = self.xdp.as_mut() {
                 local.add(Counter::XdpViaKernel, x.take_via_kernel());
             }
+            // The bridge's socket is unconnected: the kernel reports it no ICMP errors, but
+            // count whatever a receive returned all the same.
+            super::take_socket_errors(&mut self.udp, &mut local, |_, _| {});
             self.bridge.age(now, AGE_SLOTS_PER_ROUND);
             let c = self.bridge.take_counts();
             local.add(Counter::Flooded, c.flooded);
