@@ -214,6 +214,11 @@ impl Health {
                 "Source MACs not learned because the FDB was full.",
             ),
             (
+                Counter::FdbRemoteRefused,
+                "podwire_fdb_remote_refused_total",
+                "Remote FDB entries (a lease's VtepMAC) refused because a local port's own entry holds the MAC.",
+            ),
+            (
                 Counter::UnderlayQueueFull,
                 "podwire_underlay_queue_full_total",
                 "Datagrams the kernel dropped at the shared underlay socket (queue full).",

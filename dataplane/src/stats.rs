@@ -35,6 +35,9 @@ pub enum Counter {
     FdbAged,
     /// Source MACs not learned because the FDB was full (L2 mode).
     FdbLearnRefused,
+    /// Remote static entries (a lease's VtepMAC) refused because a local port's own static
+    /// entry holds that MAC (L2 mode).
+    FdbRemoteRefused,
     /// Datagrams the kernel dropped at the shared underlay socket: its queue was full.
     UnderlayQueueFull,
     /// Datagrams the kernel dropped at per-peer sockets: a peer sent more than its share.
@@ -64,7 +67,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: usize = 26;
+    pub const COUNT: usize = 27;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -80,6 +83,7 @@ impl Counter {
         Counter::FdbMoved,
         Counter::FdbAged,
         Counter::FdbLearnRefused,
+        Counter::FdbRemoteRefused,
         Counter::UnderlayQueueFull,
         Counter::PeerQueueFull,
         Counter::PeerSocketErrors,
@@ -110,6 +114,7 @@ impl Counter {
             Counter::FdbMoved => "fdb_moved",
             Counter::FdbAged => "fdb_aged",
             Counter::FdbLearnRefused => "fdb_learn_refused",
+            Counter::FdbRemoteRefused => "fdb_remote_refused",
             Counter::UnderlayQueueFull => "underlay_queue_full",
             Counter::PeerQueueFull => "peer_queue_full",
             Counter::PeerSocketErrors => "peer_socket_errors",
