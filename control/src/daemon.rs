@@ -29,7 +29,7 @@ use podwire::tables;
 use podwire_dataplane::bridge::{self, Bridge};
 use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
-use podwire_dataplane::nat::{Algorithm, ServiceError, ServiceOptions, ServiceSpec, Services};
+use podwire_dataplane::nat::{Admission, Algorithm, OwnPort, PortRange, ServiceOptions, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables, WireNat, MASQ_PORTS};
 use podwire_dataplane::port::xdp_pod::{PodPorts, XdpPodPort};
 use podwire_dataplane::port::xdp_underlay::XdpUnderlayPort;
@@ -92,6 +92,8 @@ pub struct RunOptions {
     /// Services to translate, from this file (re-read when it changes).
     pub services_file: Option<PathBuf>,
     pub service_cidr: Ipv4Net,
+    /// Where NodePorts may be (kube-apiserver's `--service-node-port-range`).
+    pub node_port_range: PortRange,
     pub service_lb: Algorithm,
     /// Where `podwire ctl` finds us.
     pub ctl_socket: Option<PathBuf>,
@@ -203,13 +205,68 @@ fn renew_at(own: &OwnLease, margin: Duration, ttl: Duration) -> Option<SystemTim
     Some(expires - margin.min(ttl / 2))
 }
 
-/// One snapshot of the services from the file and from the store.
-fn merged_services(
-    options: ServiceOptions,
-    file: &[ServiceSpec],
-    store: &[ServiceSpec],
-) -> Result<Services, ServiceError> {
-    Services::build(options, file.iter().chain(store).cloned().collect())
+/// Hands a services snapshot's counts to /metrics.
+fn publish_services(health: &Health, snap: &services::Snapshot) {
+    let n = |v: usize| v as u64;
+    health
+        .services
+        .store(n(snap.services.len()), Ordering::Relaxed);
+    health
+        .services_rejected
+        .store(n(snap.rejected_services()), Ordering::Relaxed);
+    health
+        .service_endpoints_rejected
+        .store(n(snap.report.endpoints_removed.len()), Ordering::Relaxed);
+    health
+        .service_node_ports_rejected
+        .store(n(snap.report.node_ports_refused.len()), Ordering::Relaxed);
+}
+
+/// Hands the leases left out of a new map to /metrics: the store's invalid ones, and those
+/// `tables::build_checked` left out for a VtepMAC another node has too.
+fn publish_left_out(health: &Health, store: &dyn Store, left_out: &[tables::LeftOut]) {
+    let conflicts = left_out
+        .iter()
+        .filter(|l| matches!(l.why, tables::LeftOutReason::SharedVtepMac(_)))
+        .count();
+    health
+        .leases_vtep_conflict
+        .store(conflicts as u64, Ordering::Relaxed);
+    health
+        .leases_invalid
+        .store(store.rejected_leases(), Ordering::Relaxed);
+}
+
+/// What services are checked against on this node: its own addresses are never an endpoint,
+/// and NodePorts stay inside `range` and off podwire's own ports.
+fn node_admission(
+    config: &NetworkConfig,
+    node_addrs: &[Ipv4Addr],
+    backend_port: u16,
+    healthz_port: Option<u16>,
+    range: PortRange,
+) -> Admission {
+    let mut own_ports = vec![(PortRange::one(backend_port), OwnPort::Backend)];
+    if let Some(h) = healthz_port {
+        own_ports.push((PortRange::one(h), OwnPort::Healthz));
+    }
+    own_ports.push((
+        PortRange::new(MASQ_PORTS.0, MASQ_PORTS.1),
+        OwnPort::Masquerade,
+    ));
+    let mut node_addrs = node_addrs.to_vec();
+    node_addrs.sort_unstable();
+    node_addrs.dedup();
+    Admission {
+        node_addrs,
+        pod_network: Some((config.network, config.subnet_len)),
+        node_port_range: range,
+        // Port 0 (a backend or healthz port the kernel picks) is no port to keep free.
+        own_ports: own_ports
+            .into_iter()
+            .filter_map(|(r, what)| r.ok().map(|r| (r, what)))
+            .collect(),
+    }
 }
 
 /// The control loop's state once forwarding runs.
@@ -225,9 +282,11 @@ struct Control<'a> {
     services: Option<ServicesFile>,
     /// Services are also read from the store (etcd's `<prefix>/services/`).
     services_from_store: bool,
-    file_services: Vec<ServiceSpec>,
-    store_services: Vec<ServiceSpec>,
+    file_services: services::Parsed,
+    store_services: services::Parsed,
     service_options: ServiceOptions,
+    /// What services are checked against on this node.
+    admission: Admission,
     /// `--io xdp`: the program on the underlay, told the NodePorts as services change.
     xdp: Option<xdp::XdpProgram>,
 }
@@ -242,14 +301,16 @@ fn sync_node_ports(prog: &mut xdp::XdpProgram, services: &Services) {
 }
 
 impl Control<'_> {
-    /// Swaps in a new services snapshot when the services file changed; a bad file keeps the
-    /// last good snapshot.
+    /// Swaps in a new services snapshot when the services file or the store's services
+    /// changed. A file that is not a services file at all keeps the last good snapshot; within
+    /// one, as in the store, each bad service, endpoint or NodePort is left out (logged,
+    /// counted) and the rest applied.
     fn reload_services(&mut self) {
         let mut changed = false;
         if let Some(src) = self.services.as_mut() {
             match src.poll() {
-                Ok(Some(specs)) => {
-                    self.file_services = specs;
+                Ok(Some(parsed)) => {
+                    self.file_services = parsed;
                     changed = true;
                 }
                 Ok(None) => {}
@@ -273,30 +334,31 @@ impl Control<'_> {
         if !changed {
             return;
         }
-        match merged_services(
+        let snap = services::snapshot(
             self.service_options,
-            &self.file_services,
-            &self.store_services,
-        ) {
-            Ok(services) => {
-                let n = services.len();
-                if let Some(prog) = self.xdp.as_mut() {
-                    sync_node_ports(prog, &services);
-                }
-                let old = self.live.load();
-                self.live.store(Arc::new(Tables {
-                    services: Arc::new(services),
-                    ..Tables::clone(&old)
-                }));
-                self.pool.wake_all();
-                self.health.services.store(n as u64, Ordering::Relaxed);
-                self.health.service_updates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(services = n, "services updated");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "services rejected; keeping the last good services")
-            }
+            &self.admission,
+            &[&self.file_services, &self.store_services],
+        );
+        publish_services(self.health, &snap);
+        let n = snap.services.len();
+        let rejected = snap.rejected_services();
+        if let Some(prog) = self.xdp.as_mut() {
+            sync_node_ports(prog, &snap.services);
         }
+        let old = self.live.load();
+        self.live.store(Arc::new(Tables {
+            services: Arc::new(snap.services),
+            ..Tables::clone(&old)
+        }));
+        self.pool.wake_all();
+        self.health.service_updates.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            services = n,
+            rejected,
+            endpoints_rejected = snap.report.endpoints_removed.len(),
+            node_ports_rejected = snap.report.node_ports_refused.len(),
+            "services updated"
+        );
     }
 
     /// Re-reads the leases and swaps new tables in; takes our lease again if it vanished.
@@ -352,8 +414,8 @@ impl Control<'_> {
             config: self.req.config.clone(),
             leases,
         };
-        match tables::build(&view, self.req.public_ip, Some(self.own.subnet)) {
-            Ok(new) => {
+        match tables::build_checked(&view, self.req.public_ip, Some(self.own.subnet)) {
+            Ok((new, left_out)) => {
                 let old = self.live.load();
                 let new = Tables {
                     services: Arc::clone(&old.services),
@@ -372,6 +434,7 @@ impl Control<'_> {
                     return Ok(());
                 }
                 let leases = new.map.len();
+                publish_left_out(self.health, self.store.as_ref(), &left_out);
                 if let Some(d) = self.direct.as_mut() {
                     d.sync(new.local.subnet, new.map.nodes());
                 }
@@ -503,8 +566,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         config: config.clone(),
         leases,
     };
-    let mut initial = tables::build(&view, public_ip, Some(own.subnet))
+    let (mut initial, left_out) = tables::build_checked(&view, public_ip, Some(own.subnet))
         .with_context(|| format!("in {describe}"))?;
+    publish_left_out(&health, store.as_ref(), &left_out);
     // VXLAN through UDP sockets: the kernel writes the outer headers (and their checksum).
     initial.outer_udp_checksum = !opts.vxlan_via_socket;
     let lease = initial.local.subnet;
@@ -526,8 +590,15 @@ pub fn run(opts: RunOptions) -> Result<()> {
     };
     let mut services_src = None;
     let mut services_from_store = false;
-    let mut file_services = Vec::new();
-    let mut store_services = Vec::new();
+    let mut file_services = services::Parsed::default();
+    let mut store_services = services::Parsed::default();
+    let admission = node_admission(
+        &config,
+        &[public_ip, iface.addr, lease.nth(0), lease.nth(1)],
+        port,
+        opts.healthz.map(|h| h.port()),
+        opts.node_port_range,
+    );
     let mut service_route = None;
     let mut direct = None;
     // Attached for the daemon's life (`--io xdp`); dropping it detaches it.
@@ -706,12 +777,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
         }
         if services_src.is_some() || services_from_store {
-            let services = merged_services(service_options, &file_services, &store_services)
-                .context("loading services")?;
-            health
-                .services
-                .store(services.len() as u64, Ordering::Relaxed);
-            initial.services = Arc::new(services);
+            let snap = services::snapshot(
+                service_options,
+                &admission,
+                &[&file_services, &store_services],
+            );
+            publish_services(&health, &snap);
+            initial.services = Arc::new(snap.services);
         }
         // The service range is routed into podwire: ClusterIPs, and the hairpin address that
         // local backends answer.
@@ -896,6 +968,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         file_services,
         store_services,
         service_options,
+        admission,
         xdp: xdp_program.take(),
     };
     let result = control_loop(&mut control, &opts, &shutdown, &hangup);
@@ -1070,6 +1143,46 @@ mod tests {
         std::fs::write(&path, "FLANNEL_SUBNET=garbage\n").unwrap();
         assert_eq!(previous_subnet(&path), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_node_admission_keeps_the_nodes_addresses_and_podwires_ports() {
+        use podwire_dataplane::nat::{BadAddress, DEFAULT_NODE_PORT_RANGE};
+        let cfg = podwire::config::parse_net_conf(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let node = Ipv4Addr::new(192, 168, 0, 1);
+        let lease: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let addrs = [node, node, lease.nth(0), lease.nth(1)];
+        let wide = PortRange::new(1, 65_535).unwrap();
+        let a = node_admission(&cfg, &addrs, 8285, Some(9100), wide);
+        assert_eq!(a.node_addrs, [lease.nth(0), lease.nth(1), node]);
+        assert_eq!(a.pod_network, Some((cfg.network, 24)));
+        let owner = |port: u16| {
+            a.own_ports
+                .iter()
+                .find(|(r, _)| r.contains(port))
+                .map(|(_, w)| *w)
+        };
+        assert_eq!(owner(8285), Some(OwnPort::Backend));
+        assert_eq!(owner(9100), Some(OwnPort::Healthz));
+        assert_eq!(owner(61_000), Some(OwnPort::Masquerade));
+        assert_eq!(owner(65_535), Some(OwnPort::Masquerade));
+        assert_eq!(owner(2379), None);
+        let options = ServiceOptions::new(
+            podwire_dataplane::nat::DEFAULT_SERVICE_CIDR
+                .parse()
+                .unwrap(),
+        );
+        let bad = |ip| podwire_dataplane::nat::bad_endpoint_address(&options, &a, ip);
+        assert_eq!(bad(lease.nth(1)), Some(BadAddress::Node));
+        assert_eq!(
+            bad(Ipv4Addr::new(10, 244, 7, 255)),
+            Some(BadAddress::Broadcast)
+        );
+        assert_eq!(bad(Ipv4Addr::new(10, 244, 7, 2)), None);
+        // No healthz endpoint, or one on a port the kernel picks: no port kept for it.
+        let a = node_admission(&cfg, &addrs, 8472, Some(0), DEFAULT_NODE_PORT_RANGE);
+        assert_eq!(a.own_ports.len(), 2);
+        assert_eq!(a.node_port_range, DEFAULT_NODE_PORT_RANGE);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use etcd_client::{
 use podwire_dataplane::route::Ipv4Net;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -97,6 +97,8 @@ pub struct EtcdStore {
     config: Option<NetworkConfig>,
     /// Valid leases by key, as of `revision`.
     leases: BTreeMap<String, Lease>,
+    /// Keys under `subnets/` whose value is left out as invalid (malformed, unroutable).
+    invalid: BTreeSet<String>,
     revision: i64,
     /// Revision of the last full read: watch events up to it are already in `leases`.
     snapshot_revision: i64,
@@ -131,6 +133,7 @@ impl EtcdStore {
             client: None,
             config: None,
             leases: BTreeMap::new(),
+            invalid: BTreeSet::new(),
             revision: 0,
             snapshot_revision: 0,
             watch: None,
@@ -236,14 +239,16 @@ impl EtcdStore {
         Ok(client)
     }
 
-    /// Every key under `subnets/` that parses, and the revision of the read.
-    fn list(&mut self) -> Result<(Vec<RawLease>, i64), StoreError> {
+    /// Every key under `subnets/` that parses, the keys that do not, and the revision of the
+    /// read.
+    fn list(&mut self) -> Result<(Vec<RawLease>, Vec<String>, i64), StoreError> {
         let prefix = self.subnets_prefix();
         let resp = self.call(|mut c| async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
         })?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut out = Vec::with_capacity(resp.kvs().len());
+        let mut malformed = Vec::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
             match self.parse_lease(&key, kv.value()) {
@@ -252,10 +257,13 @@ impl EtcdStore {
                     attrs,
                     etcd_lease: kv.lease(),
                 }),
-                Err(why) => tracing::warn!(%key, %why, "ignoring a malformed lease in etcd"),
+                Err(why) => {
+                    tracing::warn!(%key, %why, "ignoring a malformed lease in etcd");
+                    malformed.push(key.into_owned());
+                }
             }
         }
-        Ok((out, revision))
+        Ok((out, malformed, revision))
     }
 
     fn services_prefix(&self) -> String {
@@ -330,6 +338,7 @@ impl EtcdStore {
     fn insert_lease(&mut self, key: &str, subnet: Ipv4Net, attrs: LeaseAttrs) {
         match self.usable(key, &subnet, &attrs) {
             Ok(()) => {
+                self.invalid.remove(key);
                 let lease = Lease { subnet, attrs };
                 if self.leases.get(key) != Some(&lease) {
                     self.leases.insert(key.to_string(), lease);
@@ -338,17 +347,32 @@ impl EtcdStore {
             }
             Err(why) => {
                 tracing::warn!(%key, %why, "ignoring a lease that cannot be routed to");
-                if self.leases.remove(key).is_some() {
-                    self.dirty = true;
-                }
+                self.leave_out(key);
             }
+        }
+    }
+
+    /// A lease key whose value is left out as invalid: counted until it is fixed or deleted.
+    fn leave_out(&mut self, key: &str) {
+        self.invalid.insert(key.to_string());
+        if self.leases.remove(key).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// A lease key deleted from the store.
+    fn forget_lease(&mut self, key: &str) {
+        self.invalid.remove(key);
+        if self.leases.remove(key).is_some() {
+            self.dirty = true;
         }
     }
 
     /// Replaces the lease cache with a full read; sets `dirty` if the lease set differs.
     fn load_all(&mut self) -> Result<i64, StoreError> {
-        let (raw, revision) = self.list()?;
+        let (raw, malformed, revision) = self.list()?;
         let before = std::mem::take(&mut self.leases);
+        self.invalid = malformed.into_iter().collect();
         for r in raw {
             let key = self.subnet_key(&r.subnet);
             self.insert_lease(&key, r.subnet, r.attrs);
@@ -421,16 +445,10 @@ impl EtcdStore {
                     Ok((subnet, attrs)) => self.insert_lease(&key, subnet, attrs),
                     Err(why) => {
                         tracing::warn!(%key, %why, "ignoring a malformed lease in etcd");
-                        if self.leases.remove(&key).is_some() {
-                            self.dirty = true;
-                        }
+                        self.leave_out(&key);
                     }
                 },
-                EventType::Delete => {
-                    if self.leases.remove(&key).is_some() {
-                        self.dirty = true;
-                    }
-                }
+                EventType::Delete => self.forget_lease(&key),
             }
         }
         if let Some(h) = resp.header() {
@@ -558,7 +576,7 @@ impl Store for EtcdStore {
     fn acquire(&mut self, req: &LeaseRequest) -> Result<OwnLease, StoreError> {
         self.config = Some(req.config.clone());
         for attempt in 1..=MAX_CREATE_ATTEMPTS {
-            let (raw, _) = self.list()?;
+            let (raw, _, _) = self.list()?;
             let decision = allocate::choose(
                 &req.config,
                 raw.iter().map(|r| (r.subnet, &r.attrs)),
@@ -754,5 +772,41 @@ impl Store for EtcdStore {
 
     fn reconnects(&self) -> u64 {
         self.reconnects
+    }
+
+    fn rejected_leases(&self) -> u64 {
+        self.invalid.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_leases_left_out_as_invalid_are_counted_until_fixed_or_gone() {
+        let mut s = EtcdStore::new(EtcdOptions::default()).unwrap();
+        let vxlan = |mac: &str| -> LeaseAttrs {
+            serde_json::from_str(&format!(
+                r#"{{"PublicIP":"192.168.0.2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+            ))
+            .unwrap()
+        };
+        let subnet: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let key = s.subnet_key(&subnet);
+        s.insert_lease(&key, subnet, vxlan("01:00:5e:00:00:01"));
+        assert!(s.leases.is_empty());
+        assert_eq!(s.rejected_leases(), 1);
+        // The same key again is still one lease left out.
+        s.insert_lease(&key, subnet, vxlan("00:00:00:00:00:00"));
+        assert_eq!(s.rejected_leases(), 1);
+        s.insert_lease(&key, subnet, vxlan("0e:70:c0:a8:00:02"));
+        assert_eq!((s.leases.len(), s.rejected_leases()), (1, 0));
+        let other: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        let other_key = s.subnet_key(&other);
+        s.insert_lease(&other_key, other, vxlan("ff:ff:ff:ff:ff:ff"));
+        assert_eq!(s.rejected_leases(), 1);
+        s.forget_lease(&other_key);
+        assert_eq!(s.rejected_leases(), 0);
     }
 }

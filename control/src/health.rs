@@ -47,6 +47,17 @@ pub struct Health {
     /// Services in the live snapshot.
     pub services: AtomicU64,
     pub service_updates: AtomicU64,
+    /// Services left out of the live snapshot (malformed, or refused by the checks).
+    pub services_rejected: AtomicU64,
+    /// Endpoints removed from the live snapshot's services.
+    pub service_endpoints_rejected: AtomicU64,
+    /// NodePorts refused in the live snapshot (their services kept, ClusterIP only).
+    pub service_node_ports_rejected: AtomicU64,
+    /// Leases in the store left out of the map as invalid (malformed, unroutable, a
+    /// multicast or all-zero VtepMAC).
+    pub leases_invalid: AtomicU64,
+    /// Leases left out of the live map because another node's lease has their VtepMAC.
+    pub leases_vtep_conflict: AtomicU64,
     workers: OnceLock<Vec<Arc<SharedStats>>>,
     flows: OnceLock<Arc<Flows>>,
     fdb_entries: OnceLock<Arc<AtomicU64>>,
@@ -223,6 +234,11 @@ impl Health {
                 Counter::FdbLearnRefused,
                 "podwire_fdb_learn_refused_total",
                 "Source MACs not learned because the FDB was full.",
+            ),
+            (
+                Counter::FdbRemoteRefused,
+                "podwire_fdb_remote_refused_total",
+                "Remote FDB entries (a lease's VtepMAC) refused because a local port's own entry holds the MAC.",
             ),
             (
                 Counter::UnderlayQueueFull,
@@ -404,10 +420,41 @@ impl Health {
                 "New services snapshots handed to the workers.",
                 g(&self.service_updates),
             ),
+            (
+                "podwire_services_rejected",
+                "gauge",
+                "Services left out of the live snapshot (malformed, or refused by the checks).",
+                g(&self.services_rejected),
+            ),
+            (
+                "podwire_service_endpoints_rejected",
+                "gauge",
+                "Endpoints removed from the live snapshot's services (loopback, link-local, multicast, the node's own, ...).",
+                g(&self.service_endpoints_rejected),
+            ),
+            (
+                "podwire_service_node_ports_rejected",
+                "gauge",
+                "NodePorts refused in the live snapshot (outside the range, podwire's own ports, taken); their services stay, ClusterIP only.",
+                g(&self.service_node_ports_rejected),
+            ),
         ];
         for (name, kind, help, v) in services {
             fam(name, kind, help, vec![format!("{name} {v}")]);
         }
+        let name = "podwire_leases_rejected";
+        fam(
+            name,
+            "gauge",
+            "Leases in the store left out of the subnet map, by reason.",
+            vec![
+                format!("{name}{{reason=\"invalid\"}} {}", g(&self.leases_invalid)),
+                format!(
+                    "{name}{{reason=\"vtep_mac_conflict\"}} {}",
+                    g(&self.leases_vtep_conflict)
+                ),
+            ],
+        );
         let name = "podwire_subnet_map_update_seconds";
         fam(
             name,
@@ -671,5 +718,44 @@ mod tests {
             .count();
         assert_eq!(drops, 2 * DropReason::ALL.len());
         assert!(scrape.docs.contains_key("podwire_store_up"));
+    }
+
+    #[test]
+    fn test_rejected_services_and_leases_are_exposed() {
+        let h = Health::default();
+        h.services.store(7, Ordering::Relaxed);
+        h.services_rejected.store(2, Ordering::Relaxed);
+        h.service_endpoints_rejected.store(3, Ordering::Relaxed);
+        h.service_node_ports_rejected.store(1, Ordering::Relaxed);
+        h.leases_invalid.store(4, Ordering::Relaxed);
+        h.leases_vtep_conflict.store(5, Ordering::Relaxed);
+        let text = h.render_metrics();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v))
+                })
+                .map(|s| s.value.clone())
+                .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
+        };
+        use prometheus_parse::Value::Gauge;
+        assert_eq!(find("podwire_services_rejected", &[]), Gauge(2.0));
+        assert_eq!(find("podwire_service_endpoints_rejected", &[]), Gauge(3.0));
+        assert_eq!(find("podwire_service_node_ports_rejected", &[]), Gauge(1.0));
+        assert_eq!(
+            find("podwire_leases_rejected", &[("reason", "invalid")]),
+            Gauge(4.0)
+        );
+        assert_eq!(
+            find(
+                "podwire_leases_rejected",
+                &[("reason", "vtep_mac_conflict")]
+            ),
+            Gauge(5.0)
+        );
     }
 }

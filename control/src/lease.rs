@@ -90,6 +90,15 @@ impl LeaseAttrs {
                     .map_err(|e| {
                         ConfigError::new(format!("{key}.BackendData.VtepMAC"), format!("{e}"))
                     })?;
+                // A VTEP is one station: a group address is flooded, all-zero is a kernel
+                // VXLAN FDB's default (head-end replication) entry. flanneld advertises its
+                // device's own address, always unicast.
+                if vtep_mac.is_multicast() || vtep_mac == MacAddr::ZERO {
+                    return Err(ConfigError::new(
+                        format!("{key}.BackendData.VtepMAC"),
+                        format!("{vtep_mac} is not a unicast MAC"),
+                    ));
+                }
                 Backend::Vxlan { vni, vtep_mac }
             }
             Some(_) => Backend::Other,
@@ -136,6 +145,25 @@ mod tests {
             .to_node("10.244.1.0/24".parse().unwrap(), "subnets.10.244.1.0-24")
             .unwrap_err();
         assert_eq!(e.key, "subnets.10.244.1.0-24.BackendData.VtepMAC");
+    }
+
+    #[test]
+    fn test_multicast_and_all_zero_vtep_macs_are_refused() {
+        for mac in [
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "33:33:00:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            let attrs: LeaseAttrs = serde_json::from_str(&format!(
+                r#"{{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+            ))
+            .unwrap();
+            let e = attrs
+                .to_node("10.244.1.0/24".parse().unwrap(), "subnets.10.244.1.0-24")
+                .unwrap_err();
+            assert_eq!(e.key, "subnets.10.244.1.0-24.BackendData.VtepMAC", "{mac}");
+        }
     }
 
     #[test]

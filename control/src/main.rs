@@ -318,6 +318,12 @@ struct RunArgs {
     /// The cluster's service range (kube-apiserver's --service-cluster-ip-range).
     #[arg(long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
     service_cidr: podwire_dataplane::route::Ipv4Net,
+    /// Where NodePorts may be, `A-B` (kube-apiserver's flag of the same name and default): a
+    /// NodePort outside it, or on one of podwire's own ports (the backend's UDP port, the
+    /// healthz port, the masquerade ports 61000-65535), is refused and its service kept as
+    /// ClusterIP only.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: podwire_dataplane::nat::PortRange,
     /// How a service picks an endpoint for a new connection: `maglev` (consistent hashing,
     /// the same choice on every node) or `random`.
     #[arg(long, default_value = "maglev", value_parser = ["maglev", "random"])]
@@ -589,6 +595,7 @@ fn main() -> Result<()> {
                     )),
                 },
                 service_cidr: a.service_cidr,
+                node_port_range: a.service_node_port_range,
                 ctl_socket: (!a.ctl_socket.is_empty()).then(|| PathBuf::from(&a.ctl_socket)),
                 fault_injection: a.fault_injection,
                 l2: (a.mode == "l2").then(|| daemon::L2Options {
@@ -749,7 +756,12 @@ fn replay(a: ReplayArgs) -> Result<()> {
         None => None,
         Some(s) => {
             let path = s.strip_prefix("file:").context("--services file:PATH")?;
-            let specs = podwire::services::parse_file(&std::fs::read_to_string(path)?, path)?;
+            let parsed = podwire::services::parse_file(&std::fs::read_to_string(path)?, path)?;
+            // A replay is a test: a service left out is an error, not a warning.
+            if let Some(e) = parsed.rejected.into_iter().next() {
+                return Err(e.into());
+            }
+            let specs = parsed.specs;
             let options = podwire_dataplane::nat::ServiceOptions::new(a.service_cidr);
             tables.services =
                 std::sync::Arc::new(podwire_dataplane::nat::Services::build(options, specs)?);
@@ -809,6 +821,24 @@ mod tests {
         assert_eq!(t.tcp[TcpState::TimeWait as usize], 120);
         assert_eq!((t.udp_unreplied, t.udp_stream), (30, 180));
         assert!(Cli::try_parse_from(["podwire", "run", "--conntrack-udp-timeout=0"]).is_err());
+    }
+
+    #[test]
+    fn test_service_node_port_range_flag() {
+        use podwire_dataplane::nat::PortRange;
+        assert_eq!(
+            run_args(&["podwire", "run"]).service_node_port_range,
+            PortRange::new(30_000, 32_767).unwrap()
+        );
+        assert_eq!(
+            run_args(&["podwire", "run", "--service-node-port-range", "20000-22767"])
+                .service_node_port_range,
+            PortRange::new(20_000, 22_767).unwrap()
+        );
+        for bad in ["32767-30000", "0-100", "1-65536", "30000"] {
+            let args = ["podwire", "run", "--service-node-port-range", bad];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,9 +10,16 @@
 //!
 //! `protocol` defaults to TCP, `sessionAffinity` to None, its timeout to Kubernetes' 10800 s.
 //! The same object, one per key, is what `<prefix>/services/<namespace>/<name>` holds in etcd.
+//!
+//! Each object stands alone: one that does not parse is left out with why, and [`snapshot`]
+//! hands the rest to the dataplane's checks ([`Services::admit`]), which leave out a bad
+//! service, endpoint or NodePort the same way. What is left out is logged once per snapshot
+//! and counted; the rest is applied.
 
 use podwire_dataplane::conntrack::{PROTO_TCP, PROTO_UDP};
-use podwire_dataplane::nat::{ServiceSpec, DEFAULT_AFFINITY_TIMEOUT};
+use podwire_dataplane::nat::{
+    Admission, Report, ServiceOptions, ServiceSpec, Services, DEFAULT_AFFINITY_TIMEOUT,
+};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -37,7 +44,8 @@ pub enum ServicesError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    services: Vec<ServiceJson>,
+    /// Each one parsed on its own, so one bad object leaves the others in.
+    services: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,9 +112,6 @@ impl ServiceJson {
         if self.port == 0 {
             return Err(invalid("port 0".into()));
         }
-        if let Some(e) = self.endpoints.iter().find(|e| e.port == 0) {
-            return Err(invalid(format!("endpoint {}:0", e.ip)));
-        }
         Ok(ServiceSpec {
             endpoints: self
                 .endpoints
@@ -123,13 +128,40 @@ impl ServiceJson {
     }
 }
 
-/// Parses a services file's contents.
-pub fn parse_file(text: &str, what: &str) -> Result<Vec<ServiceSpec>, ServicesError> {
+/// Services read from one source, and the objects of it that were left out, with why.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub specs: Vec<ServiceSpec>,
+    pub rejected: Vec<ServicesError>,
+}
+
+/// Parses a services file's contents. A file that is not `{"services": [...]}` is refused
+/// whole; within it, an object that is not a valid service is left out, named, and the others
+/// are kept.
+pub fn parse_file(text: &str, what: &str) -> Result<Parsed, ServicesError> {
     let f: File = serde_json::from_str(text).map_err(|source| ServicesError::Json {
         what: what.to_string(),
         source,
     })?;
-    f.services.into_iter().map(ServiceJson::into_spec).collect()
+    let mut out = Parsed::default();
+    for (i, value) in f.services.into_iter().enumerate() {
+        // Name the object by its name if it has one, else by its place in the file.
+        let label = match value.get("name").and_then(|n| n.as_str()) {
+            Some(n) if !n.is_empty() => format!("{what}: service {n}"),
+            _ => format!("{what}: services[{i}]"),
+        };
+        let parsed = serde_json::from_value::<ServiceJson>(value)
+            .map_err(|source| ServicesError::Json {
+                what: label,
+                source,
+            })
+            .and_then(ServiceJson::into_spec);
+        match parsed {
+            Ok(spec) => out.specs.push(spec),
+            Err(e) => out.rejected.push(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Parses one service object (an etcd value) stored under `name` (`namespace/name`), which it
@@ -147,19 +179,67 @@ pub fn parse_one(text: &[u8], name: &str) -> Result<ServiceSpec, ServicesError> 
 }
 
 /// The services of `<prefix>/services/<namespace>/<name>` keys; a malformed one is left out
-/// with a warning (as a malformed lease is), so one bad object cannot take the others down.
-pub fn parse_etcd(items: &[(String, Vec<u8>)]) -> Vec<ServiceSpec> {
-    let mut out = Vec::with_capacity(items.len());
+/// (as a malformed lease is) and returned with why, so one bad object cannot take the others
+/// down.
+pub fn parse_etcd(items: &[(String, Vec<u8>)]) -> Parsed {
+    let mut out = Parsed::default();
     for (key, value) in items {
         let name = key
             .split_once("/services/")
             .map_or(key.as_str(), |(_, n)| n);
         match parse_one(value, name) {
-            Ok(spec) => out.push(spec),
-            Err(e) => tracing::warn!(%key, error = %e, "ignoring a malformed service in etcd"),
+            Ok(spec) => out.specs.push(spec),
+            Err(e) => out.rejected.push(e),
         }
     }
     out
+}
+
+/// One services snapshot of every source, and what was left out of it.
+pub struct Snapshot {
+    pub services: Services,
+    /// What the dataplane's checks left out.
+    pub report: Report,
+    /// Objects that did not parse as services.
+    pub malformed: usize,
+}
+
+impl Snapshot {
+    /// Services left out whole: malformed, or refused by the checks.
+    pub fn rejected_services(&self) -> usize {
+        self.malformed + self.report.rejected.len()
+    }
+}
+
+/// One services snapshot of what the sources hold (the file's, then the store's): every
+/// service that passes the dataplane's checks ([`Services::admit`]), the rest left out. Each
+/// service, endpoint or NodePort left out is logged here, once per snapshot, with its name and
+/// why.
+pub fn snapshot(options: ServiceOptions, admission: &Admission, sources: &[&Parsed]) -> Snapshot {
+    let specs = sources
+        .iter()
+        .flat_map(|p| p.specs.iter().cloned())
+        .collect();
+    let (services, report) = Services::admit(options, admission, specs);
+    let mut malformed = 0;
+    for e in sources.iter().flat_map(|p| &p.rejected) {
+        malformed += 1;
+        tracing::warn!(error = %e, "service left out: malformed");
+    }
+    for e in &report.rejected {
+        tracing::warn!(error = %e, "service left out");
+    }
+    for e in &report.endpoints_removed {
+        tracing::warn!(error = %e, "endpoint left out");
+    }
+    for e in &report.node_ports_refused {
+        tracing::warn!(error = %e, "NodePort refused; the service stays, ClusterIP only");
+    }
+    Snapshot {
+        services,
+        report,
+        malformed,
+    }
 }
 
 /// A services file watched by modification time and size.
@@ -186,7 +266,7 @@ impl ServicesFile {
     }
 
     /// The services if the file changed since the last call (always on the first).
-    pub fn poll(&mut self) -> Result<Option<Vec<ServiceSpec>>, ServicesError> {
+    pub fn poll(&mut self) -> Result<Option<Parsed>, ServicesError> {
         let read_err = |source| ServicesError::Read {
             path: self.path.clone(),
             source,
@@ -208,7 +288,7 @@ mod tests {
 
     #[test]
     fn test_issue_format_parses_with_defaults() {
-        let specs = parse_file(
+        let parsed = parse_file(
             r#"{"services": [
                 {"name": "default/web", "clusterIP": "10.96.0.10", "protocol": "TCP", "port": 80,
                  "endpoints": [{"ip": "10.244.2.2", "port": 8080}, {"ip": "10.244.3.2", "port": 8080}],
@@ -220,6 +300,8 @@ mod tests {
             "test",
         )
         .unwrap();
+        assert!(parsed.rejected.is_empty());
+        let specs = parsed.specs;
         assert_eq!(specs.len(), 3);
         assert_eq!(specs[0].proto, PROTO_TCP);
         assert_eq!(specs[0].endpoints.len(), 2);
@@ -247,7 +329,10 @@ mod tests {
                 br#"{"name": "kube-system/kube-dns", "clusterIP": "10.96.0.53", "protocol": "UDP", "port": 53}"#.to_vec(),
             ),
         ];
-        let specs = parse_etcd(&items);
+        let parsed = parse_etcd(&items);
+        assert_eq!(parsed.rejected.len(), 1);
+        assert!(parsed.rejected[0].to_string().contains("default/broken"));
+        let specs = parsed.specs;
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].name, "default/web");
         assert_eq!(specs[1].name, "kube-system/kube-dns");
@@ -277,8 +362,78 @@ mod tests {
                 "typo",
             ),
         ] {
-            let e = parse_file(text, "test").unwrap_err().to_string();
+            // One bad object is left out, named, not the whole file.
+            let parsed = parse_file(text, "test").unwrap();
+            assert!(parsed.specs.is_empty());
+            let e = parsed.rejected[0].to_string();
             assert!(e.contains(want), "{e}");
         }
+        // What is not a services file at all is still refused whole.
+        assert!(parse_file(r#"{"services": 1}"#, "test").is_err());
+        assert!(parse_file("{", "test").is_err());
+    }
+
+    #[test]
+    fn test_a_file_with_one_bad_object_keeps_the_others() {
+        let parsed = parse_file(
+            r#"{"services": [
+                {"name": "default/a", "clusterIP": "10.96.0.10", "port": 80},
+                {"name": "default/sctp", "clusterIP": "10.96.0.11", "port": 80, "protocol": "SCTP"},
+                {"name": "default/typo", "clusterIP": "10.96.0.12", "port": 80, "prot": "UDP"},
+                {"clusterIP": "10.96.0.13", "port": 80},
+                {"name": "default/b", "clusterIP": "10.96.0.14", "port": 53, "protocol": "UDP"}
+            ]}"#,
+            "test",
+        )
+        .unwrap();
+        let names: Vec<_> = parsed.specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/a", "default/b"]);
+        let why: Vec<_> = parsed.rejected.iter().map(|e| e.to_string()).collect();
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(
+            why[0].contains("default/sctp") && why[0].contains("SCTP"),
+            "{why:?}"
+        );
+        assert!(why[1].contains("prot"), "{why:?}");
+        assert!(why[2].contains("no name"), "{why:?}");
+    }
+
+    #[test]
+    fn test_snapshot_applies_the_good_services_and_counts_the_rest() {
+        use podwire_dataplane::nat::{Admission, ServiceOptions, DEFAULT_SERVICE_CIDR};
+        let file = parse_file(
+            r#"{"services": [
+                {"name": "default/web", "clusterIP": "10.96.0.10", "port": 80, "nodePort": 30080,
+                 "endpoints": [{"ip": "10.244.2.2", "port": 8080}, {"ip": "127.0.0.1", "port": 22}]},
+                {"name": "default/outside", "clusterIP": "10.244.0.10", "port": 80},
+                {"name": "default/ssh", "clusterIP": "10.96.0.22", "port": 22, "nodePort": 22,
+                 "endpoints": [{"ip": "10.244.2.3", "port": 22}]},
+                {"name": "default/sctp", "clusterIP": "10.96.0.11", "port": 80, "protocol": "SCTP"}
+            ]}"#,
+            "test",
+        )
+        .unwrap();
+        let store = parse_etcd(&[
+            (
+                "/coreos.com/network/services/kube-system/dns".to_string(),
+                br#"{"clusterIP": "10.96.0.53", "protocol": "UDP", "port": 53}"#.to_vec(),
+            ),
+            (
+                "/coreos.com/network/services/zz/web-twin".to_string(),
+                br#"{"clusterIP": "10.96.0.10", "port": 80}"#.to_vec(),
+            ),
+        ]);
+        let options = ServiceOptions::new(DEFAULT_SERVICE_CIDR.parse().unwrap());
+        let snap = snapshot(options, &Admission::default(), &[&file, &store]);
+        let names: Vec<_> = snap.services.specs().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/ssh", "default/web", "kube-system/dns"]);
+        // default/outside, zz/web-twin (default/web's ClusterIP:port) and default/sctp.
+        assert_eq!(snap.rejected_services(), 3);
+        assert_eq!(snap.report.endpoints_removed.len(), 1);
+        assert_eq!(snap.report.node_ports_refused.len(), 1);
+        assert_eq!(
+            snap.services.node_ports().collect::<Vec<_>>(),
+            vec![(PROTO_TCP, 30080)]
+        );
     }
 }

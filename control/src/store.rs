@@ -127,6 +127,11 @@ pub trait Store: Send {
     fn reconnects(&self) -> u64 {
         0
     }
+    /// Leases the store holds that `leases` leaves out as invalid (0 for a store that refuses
+    /// a bad lease whole, as the file store does).
+    fn rejected_leases(&self) -> u64 {
+        0
+    }
 }
 
 /// Opens a file store from its spec (`file:PATH`).

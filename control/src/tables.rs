@@ -5,38 +5,97 @@ use crate::store::ClusterView;
 use podwire_dataplane::pipeline::{Encap, LocalNode, Tables};
 use podwire_dataplane::route::{Backend, Ipv4Net, SubnetMap};
 use podwire_dataplane::wire::MacAddr;
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 /// Builds the tables a node with `public_ip` forwards with. Its own lease is `own` when the
 /// store handed it out, else the one whose PublicIP is ours (as flanneld reuses a lease by
 /// PublicIP). With `own` given, other leases that claim our PublicIP (stale ones a store may
-/// still hold) are left out: routing them would send traffic back to ourselves.
+/// still hold) are left out: routing them would send traffic back to ourselves. Leases whose
+/// VtepMAC another node's lease has too are left out (see [`build_checked`]).
 pub fn build(
     view: &ClusterView,
     public_ip: Ipv4Addr,
     own: Option<Ipv4Net>,
 ) -> Result<Tables, ConfigError> {
+    build_checked(view, public_ip, own).map(|(t, _)| t)
+}
+
+/// [`build`], and the leases it left out (each logged here). A VtepMAC names one VTEP, behind
+/// one PublicIP: where leases of different PublicIPs advertise the same one, nothing says
+/// which is the real node, so all of them are left out, on every node alike, except our own
+/// lease on this node, which keeps its VtepMAC (the others claiming it are left out). Leases
+/// of one PublicIP sharing a VtepMAC are one node's (a stale lease and its new one) and stay.
+pub fn build_checked(
+    view: &ClusterView,
+    public_ip: Ipv4Addr,
+    own: Option<Ipv4Net>,
+) -> Result<(Tables, Vec<LeftOut>), ConfigError> {
     let cfg = &view.config;
     let mut map = SubnetMap::new(cfg.network, cfg.subnet_len)
         .map_err(|e| ConfigError::new("config.SubnetLen", e.to_string()))?;
-    let mut own_found: Option<(Ipv4Net, Backend)> = None;
+    // Every lease as a node, or None for a second lease of ours.
+    let mut nodes = Vec::with_capacity(view.leases.len());
     for lease in &view.leases {
         let key = format!("subnets.{}", lease.subnet.flannel_key());
         if own.is_some_and(|o| o != lease.subnet) && lease.attrs.public_ip == public_ip {
-            tracing::warn!(%key, "leaving out a second lease with our PublicIP");
+            nodes.push((key, None));
             continue;
         }
         let node = lease.attrs.to_node(lease.subnet, &key)?;
+        nodes.push((key, Some(node)));
+    }
+    // VtepMAC -> the PublicIPs advertising it; ours with the MAC we will use.
+    let mut claims: HashMap<MacAddr, BTreeSet<Ipv4Addr>> = HashMap::new();
+    let mut our_mac = None;
+    for node in nodes.iter().filter_map(|(_, n)| n.as_ref()) {
+        match node.backend {
+            Backend::Vxlan { vtep_mac, .. } => {
+                claims.entry(vtep_mac).or_default().insert(node.public_ip);
+            }
+            _ if node.public_ip == public_ip => our_mac = Some(derived_vtep_mac(public_ip)),
+            _ => {}
+        }
+    }
+    if let (Some(mac), BackendConfig::Vxlan { .. }) = (our_mac, cfg.backend) {
+        claims.entry(mac).or_default().insert(public_ip);
+    }
+    let mut left_out = Vec::new();
+    let mut own_found: Option<(Ipv4Net, Backend)> = None;
+    for (key, node) in nodes {
+        let Some(node) = node else {
+            tracing::warn!(%key, "leaving out a second lease with our PublicIP");
+            left_out.push(LeftOut {
+                key,
+                why: LeftOutReason::OurPublicIp,
+            });
+            continue;
+        };
+        if let Backend::Vxlan { vtep_mac, .. } = node.backend {
+            let holders = &claims[&vtep_mac];
+            if holders.len() > 1 && node.public_ip != public_ip {
+                let other = holders.iter().find(|&&ip| ip != node.public_ip);
+                tracing::warn!(
+                    %key, %vtep_mac, public_ip = %node.public_ip, other = ?other,
+                    "leaving out a lease whose VtepMAC another node's lease advertises too"
+                );
+                left_out.push(LeftOut {
+                    key,
+                    why: LeftOutReason::SharedVtepMac(vtep_mac),
+                });
+                continue;
+            }
+        }
         map.insert(node)
             .map_err(|e| ConfigError::new(&key, e.to_string()))?;
-        if lease.attrs.public_ip == public_ip {
+        if node.public_ip == public_ip {
             if let Some((first, _)) = own_found {
                 return Err(ConfigError::new(
                     &key,
                     format!("a second lease for PublicIP {public_ip} (first: {first})"),
                 ));
             }
-            own_found = Some((lease.subnet, node.backend));
+            own_found = Some((node.subnet, node.backend));
         }
     }
     let (subnet, own_backend) = own_found.ok_or_else(|| {
@@ -57,7 +116,7 @@ pub fn build(
             (port, Encap::Vxlan { vni, local_mac })
         }
     };
-    Ok(Tables {
+    let tables = Tables {
         map,
         local: LocalNode {
             subnet,
@@ -71,7 +130,25 @@ pub fn build(
         // And says whether the outer headers reach the wire as the pipeline wrote them.
         outer_udp_checksum: true,
         wire: None,
-    })
+    };
+    Ok((tables, left_out))
+}
+
+/// A lease left out of the subnet map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    /// `subnets.<net>-<len>`.
+    pub key: String,
+    pub why: LeftOutReason,
+}
+
+/// Why a lease was left out of the subnet map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftOutReason {
+    /// A second lease with our PublicIP (a stale one of ours).
+    OurPublicIp,
+    /// Its VtepMAC is also another node's (a lease with another PublicIP).
+    SharedVtepMac(MacAddr),
 }
 
 /// A locally administered unicast MAC that depends only on `public_ip`: `0e:70:` + the address.
@@ -129,6 +206,75 @@ mod tests {
                 local_mac: mac
             }
         );
+    }
+
+    /// A vxlan cluster of `(subnet's third octet, PublicIP's last octet, VtepMAC's last byte)`.
+    fn vxlan_view(leases: &[(u8, u8, u8)]) -> ClusterView {
+        let subnets: Vec<String> = leases
+            .iter()
+            .map(|(n, ip, mac)| {
+                format!(
+                    r#""10.244.{n}.0-24": {{"PublicIP": "192.168.0.{ip}", "PublicIPv6": null, "BackendType": "vxlan", "BackendData": {{"VNI": 1, "VtepMAC": "0e:70:00:00:00:{mac:02x}"}}}}"#
+                )
+            })
+            .collect();
+        parse_cluster(&format!(
+            r#"{{"config": {{"Network": "10.244.0.0/16", "Backend": {{"Type": "vxlan"}}}}, "subnets": {{{}}}}}"#,
+            subnets.join(",")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn test_leases_sharing_a_vtep_mac_are_left_out() {
+        let view = vxlan_view(&[
+            (1, 1, 1),
+            (2, 2, 2),
+            (3, 3, 2), // node 2's VtepMAC
+            (4, 4, 1), // node 1's
+            (5, 5, 5),
+            (6, 6, 6),
+            (7, 6, 6), // node 6 twice (a stale lease): one node, one VtepMAC
+        ]);
+        let subnets = |t: &Tables| {
+            let mut v: Vec<String> = t.map.nodes().map(|n| n.subnet.to_string()).collect();
+            v.sort();
+            v
+        };
+        let ip = |last: u8| Ipv4Addr::new(192, 168, 0, last);
+        let own = |n: u8| Some(Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap());
+        // Node 1 keeps its own lease and leaves out whoever claims its VtepMAC.
+        let t = build(&view, ip(1), own(1)).unwrap();
+        assert_eq!(
+            subnets(&t),
+            [
+                "10.244.1.0/24",
+                "10.244.5.0/24",
+                "10.244.6.0/24",
+                "10.244.7.0/24"
+            ]
+        );
+        // Node 5 cannot tell node 1 from node 4: both are left out.
+        let (t, left) = build_checked(&view, ip(5), own(5)).unwrap();
+        assert_eq!(
+            subnets(&t),
+            ["10.244.5.0/24", "10.244.6.0/24", "10.244.7.0/24"]
+        );
+        let left: Vec<(&str, LeftOutReason)> =
+            left.iter().map(|l| (l.key.as_str(), l.why)).collect();
+        let mac = |b: u8| LeftOutReason::SharedVtepMac(MacAddr([0x0e, 0x70, 0, 0, 0, b]));
+        assert_eq!(
+            left,
+            [
+                ("subnets.10.244.1.0-24", mac(1)),
+                ("subnets.10.244.2.0-24", mac(2)),
+                ("subnets.10.244.3.0-24", mac(2)),
+                ("subnets.10.244.4.0-24", mac(1)),
+            ]
+        );
+        let (_, left) = build_checked(&view, ip(6), own(6)).unwrap();
+        assert_eq!(left.len(), 5);
+        assert_eq!(left[4].why, LeftOutReason::OurPublicIp);
     }
 
     #[test]

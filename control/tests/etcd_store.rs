@@ -526,7 +526,7 @@ fn test_services_are_read_then_watched_under_the_prefix() {
     )
     .unwrap();
     let items = next_services(&mut s).expect("the put is seen");
-    let specs = podwire::services::parse_etcd(&items);
+    let specs = podwire::services::parse_etcd(&items).specs;
     assert_eq!(specs.len(), 1);
     assert_eq!(specs[0].name, "default/web");
     assert_eq!(specs[0].endpoints.len(), 1);
@@ -536,7 +536,7 @@ fn test_services_are_read_then_watched_under_the_prefix() {
         r#"{"clusterIP":"10.96.0.10","port":80,"endpoints":[{"ip":"10.244.2.2","port":8080},{"ip":"10.244.3.2","port":8080}]}"#,
     )
     .unwrap();
-    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap());
+    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap()).specs;
     assert_eq!(specs[0].endpoints.len(), 2);
     etcd.put(
         &format!("{PREFIX}/services/kube-system/dns"),
@@ -545,7 +545,7 @@ fn test_services_are_read_then_watched_under_the_prefix() {
     .unwrap();
     assert_eq!(next_services(&mut s).unwrap().len(), 2);
     etcd.ctl(&["del", &web]).unwrap();
-    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap());
+    let specs = podwire::services::parse_etcd(&next_services(&mut s).unwrap()).specs;
     assert_eq!(specs.len(), 1);
     assert_eq!(specs[0].name, "kube-system/dns");
     // Leases are not services: a lease write does not report services.

@@ -176,9 +176,11 @@ fn every_case_replays_to_its_expected_output() {
         // A case with services replays statefully: conntrack and service NAT.
         let services = dir.join("services.json");
         let flows = services.exists().then(|| {
-            let specs =
+            let parsed =
                 podwire::services::parse_file(&std::fs::read_to_string(&services).unwrap(), &name)
                     .unwrap();
+            assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+            let specs = parsed.specs;
             let options = ServiceOptions::new(DEFAULT_SERVICE_CIDR.parse().unwrap());
             tables.services = Arc::new(Services::build(options, specs).unwrap());
             Flows::new(Default::default())

@@ -147,6 +147,8 @@ pub struct Counts {
     pub learn_refused: u64,
     /// Frames flooded (unknown unicast, broadcast, multicast).
     pub flooded: u64,
+    /// Remote static entries refused because a local port's own static entry holds the MAC.
+    pub remote_refused: u64,
 }
 
 /// One FDB entry, as `podwire ctl fdb` shows it.
@@ -214,6 +216,8 @@ pub enum BridgeError {
     BadMac(MacAddr),
     #[error("the port's offload (virtio-net headers) differs from the bridge's other ports")]
     PortMismatch,
+    #[error("{0} is a local port's own station; a remote entry cannot replace it")]
+    LocalStation(MacAddr),
 }
 
 impl Bridge {
@@ -285,7 +289,9 @@ impl Bridge {
         &self.vteps
     }
 
-    /// Installs (or replaces) a static entry.
+    /// Installs (or replaces) a static entry. A remote one (the control plane's: another
+    /// node's host port behind its VTEP) never replaces a local port's own static entry: a
+    /// lease in the store cannot take a local pod's traffic (refused, counted).
     pub fn add_static(&mut self, mac: MacAddr, station: Station) -> Result<(), BridgeError> {
         if mac.is_multicast() || mac == MacAddr::ZERO {
             return Err(BridgeError::BadMac(mac));
@@ -300,6 +306,13 @@ impl Bridge {
             let e = self.slots[slot as usize]
                 .as_mut()
                 .expect("indexed slot is live");
+            if matches!(station, Station::Remote(_))
+                && e.kind == EntryKind::Static
+                && matches!(e.station, Station::Port(_))
+            {
+                self.counts.remote_refused += 1;
+                return Err(BridgeError::LocalStation(mac));
+            }
             if e.kind == EntryKind::Dynamic {
                 self.dynamic -= 1;
             }
@@ -317,6 +330,24 @@ impl Bridge {
         match self.index.get(&k) {
             Some(&slot)
                 if self.slots[slot as usize].is_some_and(|e| e.kind == EntryKind::Static) =>
+            {
+                self.remove_slot(slot);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a static entry behind the tunnel (the control plane's withdrawing a node's
+    /// host port). A local port's entry for the same MAC, learned or static, is left alone.
+    /// True if there was one.
+    pub fn remove_remote_static(&mut self, mac: MacAddr) -> bool {
+        let k = key(&mac.0);
+        match self.index.get(&k) {
+            Some(&slot)
+                if self.slots[slot as usize].is_some_and(|e| {
+                    e.kind == EntryKind::Static && matches!(e.station, Station::Remote(_))
+                }) =>
             {
                 self.remove_slot(slot);
                 true

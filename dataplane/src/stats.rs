@@ -35,6 +35,9 @@ pub enum Counter {
     FdbAged,
     /// Source MACs not learned because the FDB was full (L2 mode).
     FdbLearnRefused,
+    /// Remote static entries (a lease's VtepMAC) refused because a local port's own static
+    /// entry holds that MAC (L2 mode).
+    FdbRemoteRefused,
     /// Datagrams the kernel dropped at the shared underlay socket: its queue was full.
     UnderlayQueueFull,
     /// Datagrams the kernel dropped at per-peer sockets: a peer sent more than its share.
@@ -78,7 +81,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: usize = 33;
+    pub const COUNT: usize = 34;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::RxTun,
         Counter::RxUnderlay,
@@ -94,6 +97,7 @@ impl Counter {
         Counter::FdbMoved,
         Counter::FdbAged,
         Counter::FdbLearnRefused,
+        Counter::FdbRemoteRefused,
         Counter::UnderlayQueueFull,
         Counter::PeerQueueFull,
         Counter::PeerSocketErrors,
@@ -131,6 +135,7 @@ impl Counter {
             Counter::FdbMoved => "fdb_moved",
             Counter::FdbAged => "fdb_aged",
             Counter::FdbLearnRefused => "fdb_learn_refused",
+            Counter::FdbRemoteRefused => "fdb_remote_refused",
             Counter::UnderlayQueueFull => "underlay_queue_full",
             Counter::PeerQueueFull => "peer_queue_full",
             Counter::PeerSocketErrors => "peer_socket_errors",

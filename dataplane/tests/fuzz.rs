@@ -12,7 +12,7 @@
 use podwire_dataplane::batch::{Batch, HEADROOM};
 use podwire_dataplane::bridge::{Bridge, Config as BridgeConfig, Decision, PortOptions, Station};
 use podwire_dataplane::conntrack;
-use podwire_dataplane::nat::{ServiceOptions, ServiceSpec, Services};
+use podwire_dataplane::nat::{Admission, PortRange, ServiceOptions, ServiceSpec, Services};
 use podwire_dataplane::pipeline::{
     self, Direction, Encap, Flows, LocalNode, Tables, Verdict, WireNat, MASQ_PORTS,
 };
@@ -220,7 +220,12 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
             node_port: Some(*port),
         })
         .collect();
-    let services = Services::build(options, specs).unwrap_or_else(|_| Services::empty(options));
+    // Any NodePort, so random packets hit them; what the checks refuse is left out.
+    let admission = Admission {
+        node_port_range: PortRange::new(1, u16::MAX).expect("a valid range"),
+        ..Admission::default()
+    };
+    let (services, _) = Services::admit(options, &admission, specs);
     let tables = Tables {
         map,
         local: LocalNode {

@@ -347,3 +347,34 @@ fn test_ports_are_bounded() {
         Err(BridgeError::TooManyPorts)
     );
 }
+
+#[test]
+fn test_control_plane_entries_never_replace_a_ports_own() {
+    let (mut b, p) = bridge_with(2, Config::default());
+    b.set_vteps(&[VTEP1]);
+    b.add_static(MacAddr(A), Station::Port(p[0])).unwrap();
+    // A lease whose VtepMAC is a local pod's MAC: refused, counted, the pod keeps its traffic.
+    assert_eq!(
+        b.add_static(MacAddr(A), Station::Remote(VTEP1)),
+        Err(BridgeError::LocalStation(MacAddr(A)))
+    );
+    assert_eq!(b.lookup(&A, 0), Some(Station::Port(p[0])));
+    assert_eq!(
+        b.input(Station::Port(p[1]), &frame(A, B), 0),
+        Decision::Port(p[0])
+    );
+    assert_eq!(b.take_counts().remote_refused, 1);
+    // A pod attached with a MAC the control plane had put behind a VTEP takes it over, and the
+    // control plane withdrawing its entry leaves the pod's alone.
+    b.add_static(MacAddr(C), Station::Remote(VTEP1)).unwrap();
+    b.add_static(MacAddr(C), Station::Port(p[1])).unwrap();
+    assert!(!b.remove_remote_static(MacAddr(C)));
+    assert_eq!(b.lookup(&C, 0), Some(Station::Port(p[1])));
+    // A control-plane entry is withdrawn as before; a learned station is no static one.
+    let d = MacAddr([0x02, 0, 0, 0, 0, 0xd]);
+    b.add_static(d, Station::Remote(VTEP1)).unwrap();
+    assert!(b.remove_remote_static(d));
+    assert_eq!(b.lookup(&d.0, 0), None);
+    b.input(Station::Remote(VTEP1), &frame(BCAST, B), 0);
+    assert!(!b.remove_remote_static(MacAddr(B)));
+}

@@ -83,7 +83,189 @@ pub fn hairpin_ip_for(cidr: Ipv4Net) -> Ipv4Addr {
     cidr.nth(size.saturating_sub(2))
 }
 
-/// Why a snapshot could not be built.
+/// Ports, both ends included (kube-apiserver's `--service-node-port-range` is one: `A-B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    first: u16,
+    last: u16,
+}
+
+/// kube-apiserver's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: PortRange = PortRange {
+    first: 30_000,
+    last: 32_767,
+};
+
+/// Why a port range is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    #[error("{0:?} is not a port range (want A-B, e.g. 30000-32767)")]
+    Syntax(String),
+    #[error("port 0 is not a port (a range is within 1-65535)")]
+    Zero,
+    #[error("{first}-{last}: the first port is above the last")]
+    Reversed { first: u16, last: u16 },
+}
+
+impl PortRange {
+    /// `first..=last`; both in 1..=65535, `first <= last`.
+    pub fn new(first: u16, last: u16) -> Result<PortRange, PortRangeError> {
+        if first == 0 || last == 0 {
+            return Err(PortRangeError::Zero);
+        }
+        if first > last {
+            return Err(PortRangeError::Reversed { first, last });
+        }
+        Ok(PortRange { first, last })
+    }
+
+    /// One port.
+    pub fn one(port: u16) -> Result<PortRange, PortRangeError> {
+        PortRange::new(port, port)
+    }
+
+    pub fn first(&self) -> u16 {
+        self.first
+    }
+
+    pub fn last(&self) -> u16 {
+        self.last
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl core::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl core::str::FromStr for PortRange {
+    type Err = PortRangeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || PortRangeError::Syntax(s.to_string());
+        let (a, b) = s.split_once('-').ok_or_else(syntax)?;
+        let port = |t: &str| t.trim().parse::<u16>().map_err(|_| syntax());
+        PortRange::new(port(a)?, port(b)?)
+    }
+}
+
+/// A port podwire itself uses on the node's address, which no NodePort may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnPort {
+    /// The backend's UDP port (8285, 8472 or the network config's `Port`).
+    Backend,
+    /// The /healthz, /readyz and /metrics endpoint.
+    Healthz,
+    /// The masquerade source ports (`pipeline::MASQ_PORTS`).
+    Masquerade,
+}
+
+impl core::fmt::Display for OwnPort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            OwnPort::Backend => "the backend's UDP port",
+            OwnPort::Healthz => "the healthz port",
+            OwnPort::Masquerade => "the masquerade port range",
+        })
+    }
+}
+
+/// Why an address cannot be an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadAddress {
+    /// 0.0.0.0/8: "this network", never a destination (kube-apiserver: unspecified).
+    Unspecified,
+    /// 127.0.0.0/8.
+    Loopback,
+    /// 169.254.0.0/16.
+    LinkLocal,
+    /// 224.0.0.0/4 (kube-apiserver refuses link-local multicast, 224.0.0.0/24).
+    Multicast,
+    /// 240.0.0.0/4, the limited broadcast 255.255.255.255 among them.
+    Reserved,
+    /// The broadcast address of a lease of the pod network.
+    Broadcast,
+    /// One of this node's own addresses.
+    Node,
+    /// In the service range: a ClusterIP or podwire's hairpin address.
+    ServiceRange,
+}
+
+impl core::fmt::Display for BadAddress {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            BadAddress::Unspecified => "unspecified (0.0.0.0/8)",
+            BadAddress::Loopback => "loopback (127.0.0.0/8)",
+            BadAddress::LinkLocal => "link-local (169.254.0.0/16)",
+            BadAddress::Multicast => "multicast (224.0.0.0/4)",
+            BadAddress::Reserved => "reserved or broadcast (240.0.0.0/4)",
+            BadAddress::Broadcast => "a pod subnet's broadcast address",
+            BadAddress::Node => "this node's own address",
+            BadAddress::ServiceRange => "in the service range",
+        })
+    }
+}
+
+/// What services are checked against beyond [`ServiceOptions`]: which addresses may be
+/// endpoints and which ports NodePorts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// This node's own addresses (its PublicIP, the interface's, its lease's `.0` and `.1`):
+    /// never an endpoint.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// The pod network and its lease length: the leases' broadcast addresses are never an
+    /// endpoint.
+    pub pod_network: Option<(Ipv4Net, u8)>,
+    /// Where NodePorts may be (kube-apiserver's `--service-node-port-range`).
+    pub node_port_range: PortRange,
+    /// Ports podwire uses on the node's address: never a NodePort.
+    pub own_ports: Vec<(PortRange, OwnPort)>,
+}
+
+impl Default for Admission {
+    /// Kubernetes' NodePort range; no node addresses or own ports known.
+    fn default() -> Self {
+        Admission {
+            node_addrs: Vec::new(),
+            pod_network: None,
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            own_ports: Vec::new(),
+        }
+    }
+}
+
+/// What [`Services::admit`] left out of a snapshot, each with its reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Services left out whole.
+    pub rejected: Vec<ServiceError>,
+    /// Endpoints removed from services that were kept.
+    pub endpoints_removed: Vec<ServiceError>,
+    /// NodePorts refused; their services were kept, ClusterIP only.
+    pub node_ports_refused: Vec<ServiceError>,
+}
+
+impl Report {
+    pub fn is_empty(&self) -> bool {
+        self.rejected.is_empty()
+            && self.endpoints_removed.is_empty()
+            && self.node_ports_refused.is_empty()
+    }
+
+    /// Every problem: rejected services, then removed endpoints, then refused NodePorts.
+    pub fn problems(&self) -> impl Iterator<Item = &ServiceError> {
+        self.rejected
+            .iter()
+            .chain(&self.endpoints_removed)
+            .chain(&self.node_ports_refused)
+    }
+}
+
+/// Why a service, one of its endpoints or its NodePort was left out of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("service {name}: ClusterIP {ip} is outside the service CIDR {cidr}")]
@@ -111,6 +293,28 @@ pub enum ServiceError {
     DuplicateNodePort { a: String, b: String, port: u16 },
     #[error("service {name}: NodePort 0")]
     NodePortZero { name: String },
+    #[error("service {name}: port 0")]
+    PortZero { name: String },
+    #[error("service {name}: endpoint {endpoint}: {why}")]
+    EndpointAddress {
+        name: String,
+        endpoint: SocketAddrV4,
+        why: BadAddress,
+    },
+    #[error("service {name}: endpoint {ip}:0: port 0")]
+    EndpointPortZero { name: String, ip: Ipv4Addr },
+    #[error("service {name}: NodePort {port} is outside the NodePort range {range}")]
+    NodePortRange {
+        name: String,
+        port: u16,
+        range: PortRange,
+    },
+    #[error("service {name}: NodePort {port} is {what} of podwire")]
+    NodePortOwn {
+        name: String,
+        port: u16,
+        what: OwnPort,
+    },
 }
 
 /// (ClusterIP, port, protocol) packed for one hash lookup.
@@ -165,51 +369,97 @@ impl Services {
         }
     }
 
+    /// Every service of `specs` that passes the checks, all or nothing: the first problem
+    /// [`Services::admit`] reports is the error (for tools and tests; the daemon admits).
     pub fn build(
         options: ServiceOptions,
         specs: Vec<ServiceSpec>,
     ) -> Result<Services, ServiceError> {
+        let (s, report) = Services::admit(options, &Admission::default(), specs);
+        let first = report.problems().next().cloned();
+        match first {
+            Some(e) => Err(e),
+            None => Ok(s),
+        }
+    }
+
+    /// The services of `specs` that pass the checks, one by one, and what was left out:
+    /// - a service with a ClusterIP outside the range (or the hairpin address), a protocol
+    ///   other than TCP or UDP, port 0, a bad affinity timeout or too many endpoints is
+    ///   rejected whole;
+    /// - so is a second claim of a ClusterIP:port/protocol: services are taken in name order
+    ///   (the input's order among equal names), so the first by name wins on every node;
+    /// - an endpoint kube-apiserver would refuse (unspecified, loopback, link-local,
+    ///   multicast), a reserved or broadcast address, one of the node's own, one in the
+    ///   service range, or port 0 is removed; a service left with none stays, refusing
+    ///   connections as any service without endpoints;
+    /// - a NodePort outside `admission.node_port_range`, on one of podwire's own ports, 0,
+    ///   or already taken (by the first by name) is refused; the service stays, ClusterIP only.
+    pub fn admit(
+        options: ServiceOptions,
+        admission: &Admission,
+        mut specs: Vec<ServiceSpec>,
+    ) -> (Services, Report) {
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut s = Services::empty(options);
-        for spec in specs {
-            let name = spec.name.clone();
-            if !options.cidr.contains(spec.cluster_ip) {
-                return Err(ServiceError::OutsideCidr {
-                    name,
-                    ip: spec.cluster_ip,
-                    cidr: options.cidr,
-                });
-            }
-            if spec.cluster_ip == options.hairpin_ip {
-                return Err(ServiceError::HairpinAddress {
-                    name,
-                    ip: spec.cluster_ip,
-                });
-            }
-            if spec.proto != PROTO_TCP && spec.proto != PROTO_UDP {
-                return Err(ServiceError::Protocol {
-                    name,
-                    proto: spec.proto,
-                });
-            }
-            if spec.endpoints.len() > usize::from(u16::MAX) {
-                return Err(ServiceError::TooManyEndpoints {
-                    name,
-                    n: spec.endpoints.len(),
-                });
-            }
-            if let Some(secs) = spec.affinity_timeout {
-                if secs == 0 || secs > MAX_AFFINITY_TIMEOUT {
-                    return Err(ServiceError::AffinityTimeout { name, secs });
-                }
+        let mut report = Report::default();
+        for mut spec in specs {
+            if let Err(e) = check_service(&options, &spec) {
+                report.rejected.push(e);
+                continue;
             }
             let k = key(spec.cluster_ip, spec.port, spec.proto);
             if let Some(&other) = s.by_key.get(&k) {
-                return Err(ServiceError::Duplicate {
+                report.rejected.push(ServiceError::Duplicate {
                     a: s.services[other as usize].spec.name.clone(),
-                    b: name,
+                    b: spec.name,
                     ip: spec.cluster_ip,
                     port: spec.port,
                 });
+                continue;
+            }
+            let name = &spec.name;
+            spec.endpoints
+                .retain(|ep| match check_endpoint(&options, admission, ep) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        report.endpoints_removed.push(match why {
+                            None => ServiceError::EndpointPortZero {
+                                name: name.clone(),
+                                ip: *ep.ip(),
+                            },
+                            Some(why) => ServiceError::EndpointAddress {
+                                name: name.clone(),
+                                endpoint: *ep,
+                                why,
+                            },
+                        });
+                        false
+                    }
+                });
+            if let Some(port) = spec.node_port {
+                let np = node_port_key(spec.proto, port);
+                let refused = match check_node_port(admission, &spec.name, port) {
+                    Err(e) => Some(e),
+                    Ok(()) => {
+                        s.by_node_port
+                            .get(&np)
+                            .map(|&other| ServiceError::DuplicateNodePort {
+                                a: s.services[other as usize].spec.name.clone(),
+                                b: spec.name.clone(),
+                                port,
+                            })
+                    }
+                };
+                match refused {
+                    Some(e) => {
+                        report.node_ports_refused.push(e);
+                        spec.node_port = None;
+                    }
+                    None => {
+                        s.by_node_port.insert(np, s.services.len() as u32);
+                    }
+                }
             }
             let maglev = (options.algorithm == Algorithm::Maglev && !spec.endpoints.is_empty())
                 .then(|| {
@@ -219,24 +469,10 @@ impl Services {
             for ep in &spec.endpoints {
                 s.alive.insert((k, *ep));
             }
-            if let Some(port) = spec.node_port {
-                if port == 0 {
-                    return Err(ServiceError::NodePortZero { name });
-                }
-                let np = node_port_key(spec.proto, port);
-                if let Some(&other) = s.by_node_port.get(&np) {
-                    return Err(ServiceError::DuplicateNodePort {
-                        a: s.services[other as usize].spec.name.clone(),
-                        b: name,
-                        port,
-                    });
-                }
-                s.by_node_port.insert(np, s.services.len() as u32);
-            }
             s.by_key.insert(k, s.services.len() as u32);
             s.services.push(Service { spec, maglev });
         }
-        Ok(s)
+        (s, report)
     }
 
     pub fn options(&self) -> &ServiceOptions {
@@ -365,6 +601,127 @@ impl Services {
             }),
         })
     }
+}
+
+/// Why a service cannot be served at all.
+fn check_service(options: &ServiceOptions, spec: &ServiceSpec) -> Result<(), ServiceError> {
+    let name = || spec.name.clone();
+    if !options.cidr.contains(spec.cluster_ip) {
+        return Err(ServiceError::OutsideCidr {
+            name: name(),
+            ip: spec.cluster_ip,
+            cidr: options.cidr,
+        });
+    }
+    if spec.cluster_ip == options.hairpin_ip {
+        return Err(ServiceError::HairpinAddress {
+            name: name(),
+            ip: spec.cluster_ip,
+        });
+    }
+    if spec.proto != PROTO_TCP && spec.proto != PROTO_UDP {
+        return Err(ServiceError::Protocol {
+            name: name(),
+            proto: spec.proto,
+        });
+    }
+    if spec.port == 0 {
+        return Err(ServiceError::PortZero { name: name() });
+    }
+    if spec.endpoints.len() > usize::from(u16::MAX) {
+        return Err(ServiceError::TooManyEndpoints {
+            name: name(),
+            n: spec.endpoints.len(),
+        });
+    }
+    if let Some(secs) = spec.affinity_timeout {
+        if secs == 0 || secs > MAX_AFFINITY_TIMEOUT {
+            return Err(ServiceError::AffinityTimeout { name: name(), secs });
+        }
+    }
+    Ok(())
+}
+
+/// Why `ip` cannot be an endpoint, if it cannot: kube-apiserver's checks of an endpoint
+/// address (`ValidateEndpointIP`: not unspecified, loopback, link-local or link-local
+/// multicast), widened to every multicast and reserved address, and podwire's own: the
+/// pod network's broadcast addresses, the node's addresses, the service range.
+pub fn bad_endpoint_address(
+    options: &ServiceOptions,
+    admission: &Admission,
+    ip: Ipv4Addr,
+) -> Option<BadAddress> {
+    let o = ip.octets();
+    let why = if o[0] == 0 {
+        BadAddress::Unspecified
+    } else if ip.is_loopback() {
+        BadAddress::Loopback
+    } else if ip.is_link_local() {
+        BadAddress::LinkLocal
+    } else if ip.is_multicast() {
+        BadAddress::Multicast
+    } else if o[0] >= 240 {
+        BadAddress::Reserved
+    } else if admission.node_addrs.contains(&ip) {
+        BadAddress::Node
+    } else if options.cidr.contains(ip) {
+        BadAddress::ServiceRange
+    } else if admission
+        .pod_network
+        .is_some_and(|(network, len)| is_lease_broadcast(network, len, ip))
+    {
+        BadAddress::Broadcast
+    } else {
+        return None;
+    };
+    Some(why)
+}
+
+/// Whether `ip` is the broadcast address of a `/len` lease of `network`.
+fn is_lease_broadcast(network: Ipv4Net, len: u8, ip: Ipv4Addr) -> bool {
+    // A /31 or /32 lease has no broadcast address.
+    if !network.contains(ip) || len > 30 {
+        return false;
+    }
+    let host = u32::MAX >> len;
+    ip.to_bits() & host == host
+}
+
+/// Why an endpoint is removed: `Some(address problem)`, or `None` for port 0.
+fn check_endpoint(
+    options: &ServiceOptions,
+    admission: &Admission,
+    ep: &SocketAddrV4,
+) -> Result<(), Option<BadAddress>> {
+    if let Some(why) = bad_endpoint_address(options, admission, *ep.ip()) {
+        return Err(Some(why));
+    }
+    if ep.port() == 0 {
+        return Err(None);
+    }
+    Ok(())
+}
+
+/// Why a NodePort is refused (a taken one aside).
+fn check_node_port(admission: &Admission, name: &str, port: u16) -> Result<(), ServiceError> {
+    if port == 0 {
+        return Err(ServiceError::NodePortZero { name: name.into() });
+    }
+    if let Some(&(_, what)) = admission.own_ports.iter().find(|(r, _)| r.contains(port)) {
+        return Err(ServiceError::NodePortOwn {
+            name: name.into(),
+            port,
+            what,
+        });
+    }
+    if !admission.node_port_range.contains(port) {
+        return Err(ServiceError::NodePortRange {
+            name: name.into(),
+            port,
+            range: admission.node_port_range,
+        });
+    }
+    Ok(())
 }
 
 /// NodePort lookup key.

@@ -168,10 +168,322 @@ fn test_build_rejects_bad_services() {
         Services::build(options(), vec![spec(vec![], Some(86_401))]),
         Err(ServiceError::AffinityTimeout { .. })
     ));
+    let mut port_zero = spec(vec![], None);
+    port_zero.port = 0;
+    assert!(matches!(
+        Services::build(options(), vec![port_zero]),
+        Err(ServiceError::PortZero { .. })
+    ));
     let mut hairpin = spec(vec![], None);
     hairpin.cluster_ip = options().hairpin_ip;
     assert!(matches!(
         Services::build(options(), vec![hairpin]),
         Err(ServiceError::HairpinAddress { .. })
     ));
+}
+
+fn named(name: &str, last: u8, endpoints: Vec<SocketAddrV4>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, last),
+        ..spec(endpoints, None)
+    }
+}
+
+#[test]
+fn test_one_bad_service_among_good_ones_applies_the_good_ones() {
+    let mut outside = named("default/bad", 12, vec![ep(2, 2)]);
+    outside.cluster_ip = Ipv4Addr::new(10, 244, 0, 1);
+    let specs = vec![
+        named("default/a", 10, vec![ep(2, 2)]),
+        outside,
+        named("default/c", 11, vec![ep(3, 2)]),
+    ];
+    let (s, report) = Services::admit(options(), &Admission::default(), specs);
+    assert_eq!(s.len(), 2, "{report:?}");
+    assert!(matches!(
+        &report.rejected[..],
+        [ServiceError::OutsideCidr { name, .. }] if name == "default/bad"
+    ));
+    let aff = Affinity::default();
+    let to = |last: u8| {
+        Tuple::new(
+            Ipv4Addr::new(10, 244, 1, 2),
+            5,
+            Ipv4Addr::new(10, 96, 0, last),
+            80,
+            PROTO_TCP,
+        )
+    };
+    assert_eq!(
+        s.plan(&to(10), local(), &aff, 0).unwrap().dnat,
+        Some((Ipv4Addr::new(10, 244, 2, 2), 8080))
+    );
+    assert_eq!(
+        s.plan(&to(11), local(), &aff, 0).unwrap().dnat,
+        Some((Ipv4Addr::new(10, 244, 2, 3), 8080))
+    );
+}
+
+#[test]
+fn test_duplicates_go_to_the_first_by_name_whatever_the_order() {
+    let a = named("a/web", 10, vec![ep(2, 2)]);
+    let z = named("z/web", 10, vec![ep(3, 2)]);
+    for specs in [vec![a.clone(), z.clone()], vec![z.clone(), a.clone()]] {
+        let (s, report) = Services::admit(options(), &Admission::default(), specs);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.specs().next().unwrap().name, "a/web");
+        assert!(matches!(
+            &report.rejected[..],
+            [ServiceError::Duplicate { a, b, .. }] if a == "a/web" && b == "z/web"
+        ));
+    }
+    // Two services on one NodePort: the second by name keeps its ClusterIP, not the NodePort.
+    let mut x = named("a/x", 10, vec![ep(2, 2)]);
+    x.node_port = Some(30_080);
+    let mut y = named("b/y", 11, vec![ep(3, 2)]);
+    y.node_port = Some(30_080);
+    let (s, report) = Services::admit(options(), &Admission::default(), vec![y, x]);
+    assert_eq!(s.len(), 2);
+    assert!(matches!(
+        &report.node_ports_refused[..],
+        [ServiceError::DuplicateNodePort { a, b, port: 30_080 }] if a == "a/x" && b == "b/y"
+    ));
+    let aff = Affinity::default();
+    let t = Tuple::new(
+        Ipv4Addr::new(192, 0, 2, 1),
+        5,
+        Ipv4Addr::new(192, 168, 0, 1),
+        30_080,
+        PROTO_TCP,
+    );
+    let p = s
+        .plan_node_port(&t, local(), local().addr(), &aff, 0)
+        .unwrap();
+    assert_eq!(p.service.unwrap().vip, Ipv4Addr::new(10, 96, 0, 10));
+}
+
+/// The node of these tests: PublicIP 192.168.0.1, lease 10.244.1.0/24 of 10.244.0.0/16.
+fn node_admission() -> Admission {
+    Admission {
+        node_addrs: vec![
+            Ipv4Addr::new(192, 168, 0, 1),
+            Ipv4Addr::new(10, 244, 1, 0),
+            Ipv4Addr::new(10, 244, 1, 1),
+        ],
+        pod_network: Some(("10.244.0.0/16".parse().unwrap(), 24)),
+        ..Admission::default()
+    }
+}
+
+#[test]
+fn test_endpoints_refused_as_kube_apiserver_and_the_node_refuse_them() {
+    let at = |a: u8, b: u8, c: u8, d: u8| SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), 8080);
+    let bad = [
+        (at(0, 0, 0, 0), BadAddress::Unspecified),
+        (at(0, 1, 2, 3), BadAddress::Unspecified),
+        (at(127, 0, 0, 1), BadAddress::Loopback),
+        (at(127, 9, 9, 9), BadAddress::Loopback),
+        (at(169, 254, 169, 254), BadAddress::LinkLocal),
+        (at(224, 0, 0, 5), BadAddress::Multicast),
+        (at(239, 1, 2, 3), BadAddress::Multicast),
+        (at(255, 255, 255, 255), BadAddress::Reserved),
+        (at(240, 0, 0, 1), BadAddress::Reserved),
+        (at(10, 244, 2, 255), BadAddress::Broadcast),
+        (at(192, 168, 0, 1), BadAddress::Node),
+        (at(10, 244, 1, 0), BadAddress::Node),
+        (at(10, 244, 1, 1), BadAddress::Node),
+        (at(10, 96, 0, 99), BadAddress::ServiceRange),
+        (at(10, 111, 255, 254), BadAddress::ServiceRange),
+    ];
+    let good = vec![ep(2, 2), ep(3, 1), at(192, 168, 0, 2)];
+    let mut eps: Vec<SocketAddrV4> = bad.iter().map(|(e, _)| *e).collect();
+    eps.extend(&good);
+    eps.push(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 0));
+    let (s, report) = Services::admit(options(), &node_admission(), vec![spec(eps, None)]);
+    assert_eq!(s.len(), 1);
+    assert!(report.rejected.is_empty());
+    assert_eq!(s.specs().next().unwrap().endpoints, good);
+    assert_eq!(report.endpoints_removed.len(), bad.len() + 1, "{report:?}");
+    for ((e, why), got) in bad.iter().zip(&report.endpoints_removed) {
+        assert_eq!(
+            got,
+            &ServiceError::EndpointAddress {
+                name: "default/web".into(),
+                endpoint: *e,
+                why: *why
+            }
+        );
+    }
+    assert!(matches!(
+        report.endpoints_removed.last(),
+        Some(ServiceError::EndpointPortZero { .. })
+    ));
+    // A removed endpoint is no backend of the service.
+    let loopback = ServiceBinding {
+        vip: VIP,
+        port: 80,
+        proto: PROTO_TCP,
+        backend: Ipv4Addr::LOCALHOST,
+        backend_port: 8080,
+    };
+    assert!(!s.binding_alive(&loopback));
+}
+
+#[test]
+fn test_a_service_left_without_endpoints_refuses_connections() {
+    let eps = vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22)];
+    let (s, report) = Services::admit(options(), &node_admission(), vec![spec(eps, None)]);
+    assert_eq!((s.len(), report.endpoints_removed.len()), (1, 1));
+    assert_eq!(
+        s.plan(&conn(2, 1), local(), &Affinity::default(), 0),
+        Err(NoBackend::NoEndpoints)
+    );
+}
+
+#[test]
+fn test_node_ports_outside_the_range_or_on_podwires_own_ports_are_refused() {
+    let with_port = |name: &str, last: u8, port: u16| ServiceSpec {
+        node_port: Some(port),
+        ..named(name, last, vec![ep(2, 2)])
+    };
+    let specs = vec![
+        with_port("default/ssh", 10, 22),
+        with_port("default/etcd", 11, 2379),
+        with_port("default/kubelet", 12, 10_250),
+        with_port("default/zero", 13, 0),
+        with_port("default/web", 14, 30_080),
+    ];
+    let (s, report) = Services::admit(options(), &node_admission(), specs.clone());
+    // Every service keeps its ClusterIP; only default/web has a NodePort.
+    assert_eq!(s.len(), 5);
+    assert_eq!(
+        s.node_ports().collect::<Vec<_>>(),
+        vec![(PROTO_TCP, 30_080)]
+    );
+    let refused: Vec<_> = report
+        .node_ports_refused
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(
+        refused[0].contains("NodePort 2379 is outside the NodePort range 30000-32767"),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        report.node_ports_refused[1],
+        ServiceError::NodePortRange { port: 10_250, .. }
+    ));
+    assert!(matches!(
+        report.node_ports_refused[2],
+        ServiceError::NodePortRange { port: 22, .. }
+    ));
+    assert!(matches!(
+        report.node_ports_refused[3],
+        ServiceError::NodePortZero { .. }
+    ));
+    let aff = Affinity::default();
+    let ssh_vip = Tuple::new(
+        Ipv4Addr::new(10, 244, 1, 2),
+        5,
+        Ipv4Addr::new(10, 96, 0, 10),
+        80,
+        PROTO_TCP,
+    );
+    assert!(s.plan(&ssh_vip, local(), &aff, 0).is_ok());
+    let ssh = Tuple::new(
+        Ipv4Addr::new(192, 0, 2, 1),
+        5,
+        Ipv4Addr::new(192, 168, 0, 1),
+        22,
+        PROTO_TCP,
+    );
+    assert_eq!(
+        s.plan_node_port(&ssh, local(), local().addr(), &aff, 0),
+        Err(NoBackend::NoService)
+    );
+
+    // A wider range lets the operator's choice through, never podwire's own ports.
+    let wide = Admission {
+        node_port_range: PortRange::new(1, 65_535).unwrap(),
+        own_ports: vec![
+            (PortRange::one(8472).unwrap(), OwnPort::Backend),
+            (PortRange::one(9100).unwrap(), OwnPort::Healthz),
+            (PortRange::new(61_000, 65_535).unwrap(), OwnPort::Masquerade),
+        ],
+        ..node_admission()
+    };
+    let specs = vec![
+        with_port("default/a", 10, 8472),
+        with_port("default/b", 11, 9100),
+        with_port("default/c", 12, 62_000),
+        with_port("default/d", 13, 2379),
+    ];
+    let (s, report) = Services::admit(options(), &wide, specs);
+    assert_eq!(s.len(), 4);
+    assert_eq!(s.node_ports().collect::<Vec<_>>(), vec![(PROTO_TCP, 2379)]);
+    let own: Vec<_> = report
+        .node_ports_refused
+        .iter()
+        .map(|e| match e {
+            ServiceError::NodePortOwn { port, what, .. } => (*port, *what),
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(
+        own,
+        vec![
+            (8472, OwnPort::Backend),
+            (9100, OwnPort::Healthz),
+            (62_000, OwnPort::Masquerade)
+        ]
+    );
+}
+
+#[test]
+fn test_strict_build_fails_on_any_problem_admit_reports() {
+    let eps = vec![ep(2, 2), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)];
+    assert!(matches!(
+        Services::build(options(), vec![spec(eps, None)]),
+        Err(ServiceError::EndpointAddress {
+            why: BadAddress::Loopback,
+            ..
+        })
+    ));
+    let mut ssh = spec(vec![ep(2, 2)], None);
+    ssh.node_port = Some(22);
+    assert!(matches!(
+        Services::build(options(), vec![ssh]),
+        Err(ServiceError::NodePortRange { port: 22, .. })
+    ));
+}
+
+#[test]
+fn test_port_range_parses_as_kube_apiserver_writes_it() {
+    assert_eq!(
+        "30000-32767".parse::<PortRange>().unwrap(),
+        DEFAULT_NODE_PORT_RANGE
+    );
+    assert_eq!(DEFAULT_NODE_PORT_RANGE.to_string(), "30000-32767");
+    assert_eq!(
+        "1-65535".parse::<PortRange>().unwrap(),
+        PortRange::new(1, 65_535).unwrap()
+    );
+    assert_eq!(
+        "32767-30000".parse::<PortRange>(),
+        Err(PortRangeError::Reversed {
+            first: 32_767,
+            last: 30_000
+        })
+    );
+    assert_eq!("0-100".parse::<PortRange>(), Err(PortRangeError::Zero));
+    for bad in ["30000", "1-65536", "a-b", "-5", ""] {
+        assert!(
+            matches!(bad.parse::<PortRange>(), Err(PortRangeError::Syntax(_))),
+            "{bad}"
+        );
+    }
+    let r = PortRange::new(30_000, 30_002).unwrap();
+    assert!(r.contains(30_000) && r.contains(30_002) && !r.contains(30_003) && !r.contains(29_999));
 }

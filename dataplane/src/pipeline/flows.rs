@@ -530,7 +530,8 @@ mod tests {
     fn wire_tables(endpoints: &[SocketAddrV4]) -> Tables {
         let t = tables(endpoints);
         let mut specs: Vec<ServiceSpec> = t.services.specs().cloned().collect();
-        specs[0].node_port = Some(NODE_PORT);
+        let web = specs.iter_mut().find(|s| s.name == "default/web").unwrap();
+        web.node_port = Some(NODE_PORT);
         let services = Services::build(*t.services.options(), specs).unwrap();
         Tables {
             services: Arc::new(services),
@@ -679,7 +680,11 @@ mod tests {
         }
         // A NodePort whose service has no endpoints: port unreachable, from the node.
         let mut specs: Vec<ServiceSpec> = t.services.specs().cloned().collect();
-        specs[1].node_port = Some(30082);
+        let empty = specs
+            .iter_mut()
+            .find(|s| s.name == "default/empty")
+            .unwrap();
+        empty.node_port = Some(30082);
         let services = Services::build(*t.services.options(), specs).unwrap();
         let t2 = Tables {
             services: Arc::new(services),

@@ -454,10 +454,11 @@ impl L2Worker {
         // Room for a whole batch flooded to every VTEP, so sending never allocates.
         let need = self.config.batch_size.clamp(1, MAX_BATCH) * (vteps.len() + 1);
         self.remote.reserve(need.saturating_sub(self.remote.len()));
+        // Only the control plane's own entries are withdrawn: a pod's (or the host port's)
+        // entry for the same MAC stays, and a remote entry never replaces one (the bridge
+        // refuses it and counts it).
         for mac in self.control_statics.drain(..) {
-            if mac != local_mac {
-                self.bridge.remove_static(mac);
-            }
+            self.bridge.remove_remote_static(mac);
         }
         for (ip, mac) in peers {
             if mac != local_mac && self.bridge.add_static(mac, Station::Remote(ip)).is_ok() {
@@ -575,6 +576,7 @@ impl L2Worker {
             local.add(Counter::FdbMoved, c.moved);
             local.add(Counter::FdbAged, c.aged);
             local.add(Counter::FdbLearnRefused, c.learn_refused);
+            local.add(Counter::FdbRemoteRefused, c.remote_refused);
             self.fdb_entries
                 .store(self.bridge.len() as u64, Ordering::Relaxed);
             let busy = moved > 0;
