@@ -7,6 +7,10 @@
 //!
 //! The control thread and the workers only store into atomics; the HTTP thread reads them, so
 //! serving a scrape never blocks forwarding or the store loop.
+//!
+//! The server is hyper (HTTP/1 only) on a one-thread tokio runtime of its own, within
+//! [`HttpLimits`]: a capped request head, a deadline for the head and one for the whole
+//! connection, a cap on open connections, one request per connection, GET and HEAD only.
 
 use podwire_dataplane::pipeline::{DropReason, Flows};
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
@@ -526,57 +530,161 @@ impl Health {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own.
+/// Bounds on what clients can hold of the HTTP server, so no client (or many) can exhaust the
+/// daemon's threads, memory or descriptors through it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Most bytes of request head buffered (at least 8 KiB); a head past it gets 431 and the
+    /// connection closed.
+    pub max_header_bytes: usize,
+    /// From the connection's start to a complete request head; then it is closed.
+    pub header_timeout: Duration,
+    /// From accept to the last byte of the answer; a backstop for a client that reads slowly.
+    pub conn_timeout: Duration,
+    /// Connections served at once; one over it is closed as soon as it is accepted.
+    pub max_conns: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_secs(3),
+            conn_timeout: Duration::from_secs(10),
+            max_conns: 64,
+        }
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own, within
+/// [`HttpLimits::default`].
 pub fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
+    serve_with(addr, health, HttpLimits::default())
+}
+
+/// As [`serve`], within `limits`.
+pub fn serve_with(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    limits: HttpLimits,
+) -> std::io::Result<SocketAddr> {
+    // Bound here, not in the thread, so a taken port is the caller's error.
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    // A small runtime of its own: serving never takes a thread from forwarding or the store.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let listener = {
+        let _ctx = rt.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
     std::thread::Builder::new()
         .name("podwire-http".into())
-        .spawn(move || {
-            for req in server.incoming_requests() {
-                let (code, body, kind) = match req.url().split('?').next().unwrap_or("") {
-                    "/healthz" => (200, "podwire is running\n".to_string(), "text/plain"),
-                    "/readyz" => {
-                        let missing = health.not_ready();
-                        if missing.is_empty() {
-                            (200, "ready\n".to_string(), "text/plain")
-                        } else {
-                            (
-                                503,
-                                format!("not ready: {}\n", missing.join(", ")),
-                                "text/plain",
-                            )
-                        }
-                    }
-                    "/metrics" => (
-                        200,
-                        health.render_metrics(),
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    ),
-                    _ => (
-                        404,
-                        "not found: try /healthz, /readyz, /metrics\n".to_string(),
-                        "text/plain",
-                    ),
-                };
-                let header = tiny_http::Header::from_bytes("Content-Type", kind)
-                    .expect("static header is valid");
-                let _ = req.respond(
-                    tiny_http::Response::from_string(body)
-                        .with_status_code(code)
-                        .with_header(header),
-                );
-            }
-        })?;
+        .spawn(move || rt.block_on(accept_loop(listener, health, limits)))?;
     Ok(bound)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, health: Arc<Health>, limits: HttpLimits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_conns));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: wait instead of spinning on the error.
+                tracing::warn!(error = %e, "HTTP accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over the cap the connection is dropped (closed) at once: excess clients cannot
+        // queue up and hold descriptors.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("HTTP connection refused: too many open");
+            continue;
+        };
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let answer = respond(&health, &req);
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            // One request per connection, so the deadline below bounds all a client gets.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // hyper panics below its 8 KiB floor.
+                .max_buf_size(limits.max_header_bytes.max(8 * 1024))
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.conn_timeout, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
+                Err(_) => tracing::debug!("HTTP connection past its deadline, closed"),
+            }
+        });
+    }
+}
+
+/// The answer to one request: only GET and HEAD (hyper leaves HEAD's body out).
+fn respond<B>(health: &Health, req: &hyper::Request<B>) -> hyper::Response<String> {
+    use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+    use hyper::{Method, StatusCode};
+    let (code, body, kind) = if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: only GET and HEAD\n".to_string(),
+            "text/plain",
+        )
+    } else {
+        match req.uri().path() {
+            "/healthz" => (
+                StatusCode::OK,
+                "podwire is running\n".to_string(),
+                "text/plain",
+            ),
+            "/readyz" => {
+                let missing = health.not_ready();
+                if missing.is_empty() {
+                    (StatusCode::OK, "ready\n".to_string(), "text/plain")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", missing.join(", ")),
+                        "text/plain",
+                    )
+                }
+            }
+            "/metrics" => (
+                StatusCode::OK,
+                health.render_metrics(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz, /metrics\n".to_string(),
+                "text/plain",
+            ),
+        }
+    };
+    let mut answer = hyper::Response::new(body);
+    *answer.status_mut() = code;
+    let headers = answer.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    if code == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    answer
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpStream;
+    use std::time::Instant;
 
     #[test]
     fn test_readiness_and_metrics_text() {
@@ -637,6 +745,202 @@ mod tests {
         assert!(get("/readyz").starts_with("HTTP/1.0 200"));
         assert!(get("/metrics").contains("# TYPE podwire_drops_total counter"));
         assert!(get("/nope").starts_with("HTTP/1.0 404"));
+    }
+
+    /// Limits short enough for a test to watch them act.
+    fn test_limits() -> HttpLimits {
+        HttpLimits {
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_millis(300),
+            conn_timeout: Duration::from_secs(1),
+            max_conns: 4,
+        }
+    }
+
+    #[derive(Debug)]
+    enum Reply {
+        /// The server closed (or reset) the connection without a word.
+        Closed,
+        /// What the server wrote before closing.
+        Answered(String),
+        /// Still open when the test stopped waiting.
+        Stalled,
+    }
+
+    /// Sends `request` and reads until the server closes the connection or `wait` passes.
+    fn exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> Reply {
+        use std::io::{ErrorKind, Read, Write};
+        let deadline = Instant::now() + wait;
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_write_timeout(Some(wait)).unwrap();
+        // A server that refuses a request mid-way closes without reading the rest: the write
+        // failing then is what is tested for, not an error of the test.
+        let _ = s.write_all(request);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Reply::Stalled;
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Reply::Stalled;
+                }
+                Err(_) => break,
+            }
+        }
+        if got.is_empty() {
+            Reply::Closed
+        } else {
+            Reply::Answered(String::from_utf8_lossy(&got).into())
+        }
+    }
+
+    fn healthz_answered(addr: SocketAddr, wait: Duration) -> bool {
+        matches!(
+            exchange(addr, b"GET /healthz HTTP/1.0\r\n\r\n", wait),
+            Reply::Answered(r) if r.starts_with("HTTP/1.0 200")
+        )
+    }
+
+    /// A request head past the cap is refused (431, or closed) as soon as the cap is hit,
+    /// whether it comes as many lines or as one line that never ends; the server lives on.
+    #[test]
+    fn test_oversized_request_head_is_refused() {
+        let lo = "127.0.0.1:0".parse().unwrap();
+        let addr = serve_with(lo, Arc::new(Health::default()), test_limits()).unwrap();
+        let line = format!("X-Pad: {}\r\n", "a".repeat(4096));
+        let many_lines = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
+            line.repeat(16)
+        );
+        let endless = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: {}",
+            "a".repeat(64 * 1024)
+        );
+        for (what, request) in [
+            ("64 KiB of header lines", many_lines),
+            ("one 64 KiB header line", endless),
+        ] {
+            let t = Instant::now();
+            let reply = exchange(addr, request.as_bytes(), Duration::from_secs(2));
+            let refused = match &reply {
+                Reply::Closed => true,
+                Reply::Answered(r) => {
+                    r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400")
+                }
+                Reply::Stalled => false,
+            };
+            assert!(refused, "{what}: {reply:?} after {:?}", t.elapsed());
+            assert!(
+                healthz_answered(addr, Duration::from_secs(2)),
+                "/healthz after {what}"
+            );
+        }
+    }
+
+    /// Slowloris: three times the connection cap, half dribbling a header a byte at a time,
+    /// half silent. The server drops every one of them (over the cap at once, the rest at the
+    /// header timeout), and a new client gets /healthz answered meanwhile.
+    #[test]
+    fn test_slow_clients_are_dropped_and_healthz_still_answers() {
+        use std::io::{ErrorKind, Read, Write};
+        let limits = test_limits();
+        let lo = "127.0.0.1:0".parse().unwrap();
+        let addr = serve_with(lo, Arc::new(Health::default()), limits).unwrap();
+        let give_up = Duration::from_secs(3);
+        let slow: Vec<_> = (0..3 * limits.max_conns)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    let dribble = i % 2 == 0;
+                    if dribble {
+                        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+                    }
+                    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    // How long the server kept this connection (None: still open at give_up).
+                    while start.elapsed() < give_up {
+                        if dribble && s.write_all(b"a").is_err() {
+                            return Some(start.elapsed());
+                        }
+                        match s.read(&mut [0u8; 256]) {
+                            Ok(0) => return Some(start.elapsed()),
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return Some(start.elapsed()),
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        let mut answered = None;
+        while t.elapsed() < give_up {
+            if healthz_answered(addr, Duration::from_millis(500)) {
+                answered = Some(t.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let kept: Vec<Option<Duration>> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(
+            answered.is_some_and(|d| d < Duration::from_secs(2)),
+            "/healthz answered after {answered:?} (slow clients kept for {kept:?})"
+        );
+        // The connection deadline (1 s) bounds every one, with room for a busy machine.
+        for (i, k) in kept.iter().enumerate() {
+            assert!(
+                k.is_some_and(|d| d < Duration::from_secs(2)),
+                "slow client {i} kept for {k:?} (None: still open after {give_up:?}); all: {kept:?}"
+            );
+        }
+    }
+
+    /// Only GET and HEAD are served; a /metrics page larger than the head cap comes whole,
+    /// with its content type.
+    #[test]
+    fn test_methods_and_large_metrics() {
+        let h = Arc::new(Health::default());
+        h.set_workers((0..64).map(|_| Arc::new(SharedStats::default())).collect());
+        let lo = "127.0.0.1:0".parse().unwrap();
+        let addr = serve_with(lo, Arc::clone(&h), test_limits()).unwrap();
+        let wait = Duration::from_secs(2);
+        let reply = |request: &str| match exchange(addr, request.as_bytes(), wait) {
+            Reply::Answered(r) => r,
+            other => panic!("{request:?}: {other:?}"),
+        };
+        for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+            let r = reply(&format!(
+                "{method} /healthz HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+            ));
+            assert!(r.starts_with("HTTP/1.0 405"), "{method}: {r}");
+            assert!(
+                r.to_ascii_lowercase().contains("allow: get, head"),
+                "{method}: {r}"
+            );
+        }
+        let r = reply("HEAD /healthz HTTP/1.0\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.0 200"), "{r}");
+        assert_eq!(r.split_once("\r\n\r\n").map(|(_, b)| b), Some(""), "{r}");
+        let r = reply("GET /metrics HTTP/1.0\r\n\r\n");
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert!(body.len() > 16 * 1024, "{}", body.len());
+        assert_eq!(body, h.render_metrics());
     }
 
     /// What a Prometheus server would read: every family typed, labels where promised, and
