@@ -443,6 +443,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
         .context("installing the SIGHUP handler")?;
+    if let StoreSpec::Etcd(o) = &opts.store {
+        if let Some((what, plain)) = o.cleartext_exposure() {
+            tracing::warn!(
+                endpoints = %plain.join(","),
+                "{what} configured, but these etcd endpoints are not TLS: they would cross the network in clear text; use https:// endpoints (and --etcd-cafile)"
+            );
+        }
+    }
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.healthz {
         let bound = health::serve(addr, Arc::clone(&health))

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod masq;
 pub mod netdev;
 pub mod report;
+pub mod secret;
 pub mod services;
 pub mod store;
 pub mod subnet_env;
