@@ -8,6 +8,7 @@
 //! The binary adds `podwire run` (the daemon), `podwire replay` and `podwire lab`.
 
 pub mod allocate;
+pub mod atomic_file;
 pub mod config;
 pub mod ctl;
 pub mod etcd;
