@@ -116,23 +116,61 @@ impl CtlState {
     }
 }
 
-/// Binds `path` (replacing a stale socket; the directory is created), mode 0600, and answers
-/// requests on a thread of its own until the process exits.
+/// Binds a unix socket at `path` that is mode 0600 from the moment its name exists: it is
+/// bound inside a directory of its own created 0700 beside `path`, set 0600 there, then renamed
+/// to `path` (replacing a stale socket). Missing parent directories are created 0700.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)?;
+    // A fresh directory nobody else can enter (`mkdir` fails on anything already there,
+    // a symlink included, and then the next name is tried).
+    let mut private = None;
+    for attempt in 0..16u32 {
+        let dir = parent.join(format!(".ctl.{}.{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                private = Some(dir);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let private = private.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("no free private directory in {}", parent.display()),
+        )
+    })?;
+    let inner = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&inner);
+    }
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Binds `path` (mode 0600 from its creation on, replacing a stale socket; missing directories
+/// are created 0700), and answers requests on a thread of its own until the process exits.
 pub fn serve(path: &Path, state: Arc<CtlState>) -> Result<(), CtlError> {
     let err = |source| CtlError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let listener = bind_private(path).map_err(err)?;
     std::thread::Builder::new()
         .name("podwire-ctl".into())
         .spawn(move || {
@@ -749,6 +787,93 @@ mod tests {
             packets: [3, 2],
             bytes: [180, 120],
         }
+    }
+
+    /// A daemon's ctl state over a one-lease map, no workers.
+    fn test_state() -> Arc<CtlState> {
+        let config = crate::config::parse_net_conf(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let ip = Ipv4Addr::new(192, 168, 0, 1);
+        let view = crate::store::ClusterView {
+            config,
+            leases: vec![crate::store::Lease {
+                subnet: "10.244.1.0/24".parse().unwrap(),
+                attrs: crate::lease::LeaseAttrs::udp(ip),
+            }],
+        };
+        let tables = crate::tables::build(&view, ip, None).unwrap();
+        Arc::new(CtlState::new(
+            Arc::new(ArcSwap::from_pointee(tables)),
+            None,
+            Arc::new(Capture::default()),
+            Vec::new(),
+            Arc::new(Health::default()),
+        ))
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("podwire-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn test_the_socket_is_never_seen_with_a_wider_mode_than_0600() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir("ctl-mode");
+        let path = dir.join("ctl.sock");
+        let inotify = Inotify::init(InitFlags::empty()).unwrap();
+        inotify
+            .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            .unwrap();
+        // Looks at the socket the moment its name appears in the directory, as a local user
+        // racing to connect would.
+        let watched = path.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut modes = Vec::new();
+            loop {
+                for ev in inotify.read_events().unwrap() {
+                    match ev.name.as_deref().and_then(|n| n.to_str()) {
+                        Some("ctl.sock") => {
+                            if let Ok(m) = std::fs::symlink_metadata(&watched) {
+                                modes.push(m.mode() & 0o777);
+                            }
+                        }
+                        Some("stop") => return modes,
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let state = test_state();
+        for _ in 0..50 {
+            serve(&path, Arc::clone(&state)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::write(dir.join("stop"), "").unwrap();
+        let modes = watcher.join().unwrap();
+        assert!(!modes.is_empty(), "the watcher saw no socket");
+        assert!(
+            modes.iter().all(|&m| m == 0o600),
+            "the socket was seen with modes {:?}",
+            modes
+                .iter()
+                .filter(|&&m| m != 0o600)
+                .map(|m| format!("{m:o}"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // The renamed socket answers, and no private directory is left behind.
+        let answer = request(&path, &json!({"cmd": "subnets"})).unwrap();
+        assert_eq!(answer["network"], "10.244.0.0/16");
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ctl.sock", "stop"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
