@@ -122,7 +122,8 @@ enum CtlWhat {
         /// Stop after this many seconds even if fewer packets came.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
-        /// The pcap file to write.
+        /// The pcap file to write (by this command, as the user running it: the daemon
+        /// sends the packets over the ctl socket). Created mode 0600 less the umask.
         #[arg(short = 'w', long = "write")]
         write: PathBuf,
     },
@@ -720,14 +721,16 @@ fn ctl(a: CtlArgs) -> Result<()> {
             timeout,
             write,
         } => {
-            let path =
-                std::path::absolute(&write).with_context(|| format!("{}", write.display()))?;
-            (
-                "capture",
-                serde_json::json!({"cmd": "capture", "port": port, "count": count,
-                                   "timeout_ms": timeout.saturating_mul(1000),
-                                   "path": path.display().to_string()}),
-            )
+            // The daemon sends the pcap; this process (its user, its umask) writes the file.
+            let req = serde_json::json!({"cmd": "capture", "port": port, "count": count,
+                                         "timeout_ms": timeout.saturating_mul(1000)});
+            let answer = podwire::ctl::capture_to_file(&a.socket, &req, &write)?;
+            if a.json {
+                println!("{answer:#}");
+            } else {
+                print!("{}", podwire::ctl::render("capture", &answer));
+            }
+            return Ok(());
         }
     };
     let answer = podwire::ctl::request(&a.socket, &req)?;
