@@ -114,10 +114,19 @@ struct RawLease {
     etcd_lease: i64,
 }
 
+/// The TLS files' contents (PEM).
+#[derive(Clone)]
+struct TlsPem {
+    ca: Option<Vec<u8>>,
+    /// Certificate and key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// flannel's keyspace in etcd.
 pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
     opts: EtcdOptions,
+    tls_pem: Option<TlsPem>,
     client: Option<Client>,
     config: Option<NetworkConfig>,
     /// Valid leases by key, as of `revision`.
@@ -145,6 +154,13 @@ impl EtcdStore {
     pub fn new(opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // The blocking pool's threads (name resolution) need no capability; some start
+            // before the daemon drops its own (see crate::privs), so each drops them itself.
+            .on_thread_start(|| {
+                if let Err(e) = crate::privs::drop_all() {
+                    tracing::warn!(error = %e, "a tokio thread keeps its capabilities");
+                }
+            })
             .build()
             .map_err(|source| StoreError::Read {
                 path: "tokio runtime".into(),
@@ -153,6 +169,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             rt,
             opts,
+            tls_pem: None,
             client: None,
             config: None,
             leases: BTreeMap::new(),
@@ -220,13 +237,30 @@ impl EtcdStore {
         self.bounded(make(client))
     }
 
-    fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| StoreError::TlsFile {
-                path: p.clone(),
-                source,
-            })
-        };
+    /// The TLS files' contents, read at the first connection and kept: a reconnection after
+    /// the daemon dropped its capabilities needs no file access (a key file readable only by
+    /// its owner, not root, stays usable), as flanneld reads them once.
+    fn tls_pem(&mut self) -> Result<&TlsPem, StoreError> {
+        if self.tls_pem.is_none() {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|source| StoreError::TlsFile {
+                    path: p.clone(),
+                    source,
+                })
+            };
+            let ca = self.opts.ca_file.as_ref().map(read).transpose()?;
+            // As flanneld: a client identity only when both the certificate and the key are given.
+            let identity = match (&self.opts.cert_file, &self.opts.key_file) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            };
+            self.tls_pem = Some(TlsPem { ca, identity });
+        }
+        Ok(self.tls_pem.as_ref().expect("just read"))
+    }
+
+    fn connect_options(&mut self) -> Result<ConnectOptions, StoreError> {
+        let pem = self.tls_pem()?.clone();
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.opts.timeout)
             .with_timeout(self.opts.timeout)
@@ -236,12 +270,11 @@ impl EtcdStore {
             o = o.with_user(u, p.expose());
         }
         let mut tls = None;
-        if let Some(ca) = &self.opts.ca_file {
-            tls = Some(TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?)));
+        if let Some(ca) = pem.ca {
+            tls = Some(TlsOptions::new().ca_certificate(Certificate::from_pem(ca)));
         }
-        // As flanneld: a client identity only when both the certificate and the key are given.
-        if let (Some(cert), Some(key)) = (&self.opts.cert_file, &self.opts.key_file) {
-            let id = Identity::from_pem(read(cert)?, read(key)?);
+        if let Some((cert, key)) = pem.identity {
+            let id = Identity::from_pem(cert, key);
             tls = Some(tls.unwrap_or_default().identity(id));
         }
         if let Some(t) = tls {

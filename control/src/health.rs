@@ -453,16 +453,31 @@ impl Health {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own.
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own. The port is
+/// bound here (a port below 1024 needs `CAP_NET_BIND_SERVICE`); the server's threads drop
+/// every capability before they take a request (they need none, and they start before the
+/// daemon drops its own; see [`crate::privs`]).
 pub fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let (started, start) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("podwire-http".into())
         .spawn(move || {
+            // tiny_http's threads are started from this one, and inherit the drop.
+            if let Err(e) = crate::privs::drop_all() {
+                tracing::warn!(error = %e, "the healthz server's threads keep their capabilities");
+            }
+            let server = match tiny_http::Server::from_listener(listener, None) {
+                Ok(s) => {
+                    let _ = started.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = started.send(Err(std::io::Error::other(e)));
+                    return;
+                }
+            };
             for req in server.incoming_requests() {
                 let (code, body, kind) = match req.url().split('?').next().unwrap_or("") {
                     "/healthz" => (200, "podwire is running\n".to_string(), "text/plain"),
@@ -498,6 +513,9 @@ pub fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAdd
                 );
             }
         })?;
+    start
+        .recv()
+        .map_err(|_| std::io::Error::other("the healthz thread stopped"))??;
     Ok(bound)
 }
 

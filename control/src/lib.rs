@@ -18,6 +18,7 @@ pub mod l2;
 pub mod lease;
 pub mod masq;
 pub mod netdev;
+pub mod privs;
 pub mod report;
 pub mod secret;
 pub mod services;
