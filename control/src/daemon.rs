@@ -437,12 +437,14 @@ fn warn_if_kernel_uses_masq_ports() {
 
 /// Once node setup is done, before the workers start: keeps only the capabilities the running
 /// daemon still uses in this mode (the table in [`podwire::privs`]), sets no_new_privs, and
-/// checks that no thread of the process holds more.
-fn drop_privileges(opts: &RunOptions) -> Result<()> {
+/// checks that no thread of the process holds more. `port` is the backend's.
+fn drop_privileges(opts: &RunOptions, port: u16) -> Result<()> {
     let needs = privs::RuntimeNeeds {
         bpf_maps: opts.io_xdp || !opts.pod_ports.is_empty(),
         pod_netns: opts.l2.is_some(),
         xdp_at_run_time: opts.l2.as_ref().is_some_and(|l| l.pods_xdp),
+        // Routed mode's workers bind a socket per new peer to the backend's port.
+        low_port_binds: opts.l2.is_none() && opts.worker.peer_queues && port < 1024,
     };
     let keep = privs::runtime_caps(needs);
     let dropped = privs::drop_to(&keep).context("dropping capabilities after node setup")?;
@@ -658,7 +660,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         } else {
             None
         };
-        drop_privileges(&opts)?;
+        drop_privileges(&opts, port)?;
         live = Arc::new(ArcSwap::from_pointee(initial));
         let (p, handle) = WorkerPool::start_l2(
             opts.worker.clone(),
@@ -882,7 +884,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
             _ => None,
         };
-        drop_privileges(&opts)?;
+        drop_privileges(&opts, port)?;
         live = Arc::new(ArcSwap::from_pointee(initial));
         pool = WorkerPool::start(
             opts.worker.clone(),

@@ -14,6 +14,7 @@
 //! |---|---|---|
 //! | every mode | `CAP_NET_ADMIN` | `ip route` for DirectRouting's routes as leases change; at exit: the service route, the masquerade table (`nft`), the policy rules, XDP detach; `SO_*BUFFORCE` |
 //! | every mode | `CAP_NET_RAW` | raw and AF_XDP sockets (the kernel checks at creation; kept so a socket opened later, and the children, keep working) |
+//! | routed, `--peer-queues on`, a backend `Port` below 1024 | + `CAP_NET_BIND_SERVICE` | a worker binds a socket per new peer to the backend's port as the subnet map changes (flannel's 8285 and VXLAN's 8472/4789 need nothing) |
 //! | routed, `--io xdp` or `--pod-ports` | + `CAP_BPF` | NodePort map updates as services change: before Linux 6.5, with `kernel.unprivileged_bpf_disabled` set (Debian's default), every `bpf()` call needs it, even on a map podwire holds |
 //! | `--mode l2` | + `CAP_SYS_ADMIN` | `podwire ctl attach` configures the pod's interface inside the pod's namespace with `ip -n NS`, which `setns`es there and mounts a private `/sys` (both need it) |
 //! | `--mode l2 --io xdp` | + `CAP_BPF` | as routed `--io xdp` |
@@ -21,8 +22,8 @@
 //!
 //! Dropped in every mode, among others: `CAP_DAC_OVERRIDE` and `CAP_DAC_READ_SEARCH` (files
 //! the daemon reads or writes at run time, such as the store and services files, subnet.env
-//! and the stats file, must be root's or world-readable), `CAP_NET_BIND_SERVICE` (every port
-//! is bound at start), `CAP_SYS_MODULE`, `CAP_SYS_PTRACE`, `CAP_SETUID`/`CAP_SETGID`,
+//! and the stats file, must be root's or world-readable), `CAP_NET_BIND_SERVICE` but for the
+//! case above (the healthz port is bound at start), `CAP_SYS_MODULE`, `CAP_SYS_PTRACE`, `CAP_SETUID`/`CAP_SETGID`,
 //! `CAP_SETPCAP`, `CAP_CHOWN`, `CAP_FOWNER`. The daemon still runs as uid 0, so files owned by
 //! root remain writable through their owner bits: capabilities limit what root can do beyond
 //! them, not that.
@@ -43,6 +44,8 @@ pub struct RuntimeNeeds {
     pub pod_netns: bool,
     /// L2 mode with `--l2-pods xdp`: XDP programs, maps and AF_XDP sockets made at run time.
     pub xdp_at_run_time: bool,
+    /// Sockets bound to a port below 1024 at run time (per-peer queues on such a backend port).
+    pub low_port_binds: bool,
 }
 
 /// The capabilities kept for `needs` (see the table above).
@@ -53,6 +56,9 @@ pub fn runtime_caps(needs: RuntimeNeeds) -> CapsHashSet {
     }
     if needs.pod_netns {
         keep.insert(Capability::CAP_SYS_ADMIN);
+    }
+    if needs.low_port_binds {
+        keep.insert(Capability::CAP_NET_BIND_SERVICE);
     }
     if needs.xdp_at_run_time {
         keep.extend([
@@ -293,11 +299,19 @@ mod tests {
         let l2_xdp = runtime_caps(RuntimeNeeds {
             pod_netns: true,
             xdp_at_run_time: true,
-            bpf_maps: false,
+            ..Default::default()
         });
         assert_eq!(
             names(&l2_xdp),
             "CAP_BPF,CAP_IPC_LOCK,CAP_NET_ADMIN,CAP_NET_RAW,CAP_PERFMON,CAP_SYS_ADMIN"
+        );
+        let low_port = runtime_caps(RuntimeNeeds {
+            low_port_binds: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            names(&low_port),
+            "CAP_NET_ADMIN,CAP_NET_BIND_SERVICE,CAP_NET_RAW"
         );
     }
 
