@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_SOCKET: &str = "/run/podwire/ctl.sock";
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
+/// Longest a write of an answer may block on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -198,6 +200,8 @@ pub fn serve(path: &Path, state: Arc<CtlState>) -> Result<(), CtlError> {
 
 fn answer(conn: UnixStream, state: &Arc<CtlState>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A client that stops reading cannot hold the ctl thread (or the capture's) for long.
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
     let answer = match serde_json::from_str::<Value>(&line) {
