@@ -9,6 +9,12 @@
 //! `stats` (per worker counters and drops, with rates since the previous `stats`), `capture`
 //! (a pcap of what the TUN or the underlay socket receives), and in L2 mode `fdb` (like `bridge
 //! fdb show`), `attach` and `detach` (a pod's TAP interface).
+//!
+//! `capture` is the one answer that is not only JSON: a thread of its own (one capture at a
+//! time) waits for the packets while the ctl thread goes on answering, then sends a JSON line
+//! `{"captured", "wanted", "pcap_bytes"}` followed by that many bytes of pcap. The client
+//! ([`capture_to_file`]) writes the file, as whoever runs `podwire ctl`: the daemon writes no
+//! file where a request says.
 
 use crate::health::Health;
 use crate::l2::{self, Attach};
@@ -39,6 +45,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_SOCKET: &str = "/run/podwire/ctl.sock";
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
+/// Longest a write of an answer may block on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -54,6 +62,11 @@ pub enum CtlError {
     },
     #[error("podwire answered garbage: {0}")]
     Answer(String),
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What the daemon shares with the ctl thread.
@@ -69,6 +82,8 @@ pub struct CtlState {
     pub l2: Option<L2Ctl>,
     /// Makes workers fail on request (`--fault-injection`).
     pub faults: Option<FaultInjector>,
+    /// A capture is running (there is one capture buffer).
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 /// What ctl needs of the L2 worker: its handle, and what a pod's interface gets.
@@ -100,6 +115,7 @@ impl CtlState {
             last_stats: Mutex::new(None),
             l2: None,
             faults: None,
+            capturing: Default::default(),
         }
     }
 
@@ -116,23 +132,61 @@ impl CtlState {
     }
 }
 
-/// Binds `path` (replacing a stale socket; the directory is created), mode 0600, and answers
-/// requests on a thread of its own until the process exits.
+/// Binds a unix socket at `path` that is mode 0600 from the moment its name exists: it is
+/// bound inside a directory of its own created 0700 beside `path`, set 0600 there, then renamed
+/// to `path` (replacing a stale socket). Missing parent directories are created 0700.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)?;
+    // A fresh directory nobody else can enter (`mkdir` fails on anything already there,
+    // a symlink included, and then the next name is tried).
+    let mut private = None;
+    for attempt in 0..16u32 {
+        let dir = parent.join(format!(".ctl.{}.{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                private = Some(dir);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let private = private.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("no free private directory in {}", parent.display()),
+        )
+    })?;
+    let inner = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&inner);
+    }
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Binds `path` (mode 0600 from its creation on, replacing a stale socket; missing directories
+/// are created 0700), and answers requests on a thread of its own until the process exits.
 pub fn serve(path: &Path, state: Arc<CtlState>) -> Result<(), CtlError> {
     let err = |source| CtlError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let listener = bind_private(path).map_err(err)?;
     std::thread::Builder::new()
         .name("podwire-ctl".into())
         .spawn(move || {
@@ -144,16 +198,26 @@ pub fn serve(path: &Path, state: Arc<CtlState>) -> Result<(), CtlError> {
     Ok(())
 }
 
-fn answer(conn: UnixStream, state: &CtlState) -> std::io::Result<()> {
+fn answer(conn: UnixStream, state: &Arc<CtlState>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A client that stops reading cannot hold the ctl thread (or the capture's) for long.
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
-    let reply = match serde_json::from_str::<Value>(&line) {
+    let answer = match serde_json::from_str::<Value>(&line) {
+        Ok(req) if req["cmd"] == "capture" => match start_capture(conn, &req, state) {
+            Ok(()) => return Ok(()),
+            Err((conn, e)) => return reply(&conn, &json!({"error": e})),
+        },
         Ok(req) => handle(&req, state),
         Err(e) => json!({"error": format!("bad request: {e}")}),
     };
-    let mut w = &conn;
-    w.write_all(reply.to_string().as_bytes())?;
+    reply(&conn, &answer)
+}
+
+fn reply(conn: &UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut w = conn;
+    w.write_all(v.to_string().as_bytes())?;
     w.write_all(b"\n")
 }
 
@@ -168,7 +232,9 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
         Some("services") => services(state),
         Some("stats") => stats(state),
         Some("fault") => fault(req, state).unwrap_or_else(|e| json!({"error": e})),
-        Some("capture") => capture(req, state).unwrap_or_else(|e| json!({"error": e})),
+        Some("capture") => {
+            json!({"error": "capture streams a pcap after its JSON line: podwire ctl capture"})
+        }
         Some(cmd @ ("fdb" | "attach" | "detach")) => match &state.l2 {
             None => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
             Some(l2) => l2_command(cmd, req, l2).unwrap_or_else(|e| json!({"error": e})),
@@ -487,9 +553,8 @@ fn stats(state: &CtlState) -> Value {
 /// Most packets one capture may take.
 pub const MAX_CAPTURE: usize = 100_000;
 
-/// Arms the capture, waits for `count` packets (or `timeout_ms`), and writes them to `path` as
-/// a pcap (link type RAW; underlay datagrams with the outer IPv4/UDP headers they arrived in).
-fn capture(req: &Value, state: &CtlState) -> Result<Value, String> {
+/// What a capture request asks for: the port, the count and the longest wait.
+fn capture_request(req: &Value) -> Result<(CapturePoint, usize, Duration), String> {
     let point = match req["port"].as_str() {
         Some("tun") => CapturePoint::Tun,
         Some("underlay") => CapturePoint::Underlay,
@@ -500,10 +565,57 @@ fn capture(req: &Value, state: &CtlState) -> Result<Value, String> {
         .unwrap_or(100)
         .clamp(1, MAX_CAPTURE as u64) as usize;
     let timeout = Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(10_000).min(600_000));
-    let path = PathBuf::from(req["path"].as_str().ok_or("no path to write")?);
-    if !path.is_absolute() {
-        return Err(format!("{}: the path must be absolute", path.display()));
+    Ok((point, count, timeout))
+}
+
+/// Starts a capture on a thread of its own, which answers on `conn` when it is done; the
+/// connection comes back with the reason when it cannot start.
+fn start_capture(
+    conn: UnixStream,
+    req: &Value,
+    state: &Arc<CtlState>,
+) -> Result<(), (UnixStream, String)> {
+    let (point, count, timeout) = match capture_request(req) {
+        Ok(r) => r,
+        Err(e) => return Err((conn, e)),
+    };
+    if state.capturing.swap(true, Ordering::AcqRel) {
+        return Err((conn, "a capture is running already".into()));
     }
+    // A second descriptor of the connection, to answer on if the thread cannot start.
+    let spare = match conn.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            state.capturing.store(false, Ordering::Release);
+            return Err((conn, format!("cannot start the capture: {e}")));
+        }
+    };
+    let st = Arc::clone(state);
+    let spawned = std::thread::Builder::new()
+        .name("podwire-capture".into())
+        .spawn(move || {
+            let _ = run_capture(&conn, &st, point, count, timeout);
+            st.capturing.store(false, Ordering::Release);
+        });
+    match spawned {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            state.capturing.store(false, Ordering::Release);
+            Err((spare, format!("cannot start the capture: {e}")))
+        }
+    }
+}
+
+/// Arms the capture, waits for `count` packets (or `timeout`), and sends them on `conn` as a
+/// JSON line and a pcap (link type RAW; underlay datagrams with the outer IPv4/UDP headers they
+/// arrived in).
+fn run_capture(
+    conn: &UnixStream,
+    state: &CtlState,
+    point: CapturePoint,
+    count: usize,
+    timeout: Duration,
+) -> std::io::Result<()> {
     state.capture.arm(point, count);
     let deadline = Instant::now() + timeout;
     while state.capture.remaining() > 0 && Instant::now() < deadline {
@@ -512,14 +624,32 @@ fn capture(req: &Value, state: &CtlState) -> Result<Value, String> {
     let frames = state.capture.take();
     let t = state.tables.load();
     let local = std::net::SocketAddrV4::new(t.local.public_ip, t.peer_port);
-    let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match pcap_bytes(&frames, point, local) {
+        Ok(pcap) => {
+            reply(
+                conn,
+                &json!({"captured": frames.len(), "wanted": count, "pcap_bytes": pcap.len()}),
+            )?;
+            let mut w = conn;
+            w.write_all(&pcap)
+        }
+        Err(e) => reply(conn, &json!({"error": e})),
+    }
+}
+
+/// The frames as a pcap file's bytes.
+fn pcap_bytes(
+    frames: &[podwire_dataplane::capture::Frame],
+    point: CapturePoint,
+    local: std::net::SocketAddrV4,
+) -> Result<Vec<u8>, String> {
     let header = pcap_file::pcap::PcapHeader {
         datalink: pcap_file::DataLink::RAW,
         ..Default::default()
     };
-    let mut w = pcap_file::pcap::PcapWriter::with_header(std::io::BufWriter::new(file), header)
-        .map_err(|e| e.to_string())?;
-    for f in &frames {
+    let mut w =
+        pcap_file::pcap::PcapWriter::with_header(Vec::new(), header).map_err(|e| e.to_string())?;
+    for f in frames {
         let data = match point {
             CapturePoint::Tun => f.data.clone(),
             CapturePoint::Underlay => outer_datagram(*f.peer.ip(), f.peer.port(), local, &f.data),
@@ -535,7 +665,56 @@ fn capture(req: &Value, state: &CtlState) -> Result<Value, String> {
         ))
         .map_err(|e| e.to_string())?;
     }
-    Ok(json!({"captured": frames.len(), "wanted": count, "path": path.display().to_string()}))
+    Ok(w.into_writer())
+}
+
+/// `podwire ctl capture`: asks the daemon at `socket` for a capture (`req`: `port`, `count`,
+/// `timeout_ms`) and writes the pcap it sends to `path`, created (mode 0600 less the umask, or
+/// truncated) by the caller, not by the daemon. Returns the daemon's JSON line with `path`.
+pub fn capture_to_file(socket: &Path, req: &Value, path: &Path) -> Result<Value, CtlError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_err = |source| CtlError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let connect = |source| CtlError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    };
+    // Before asking: a path that cannot be written fails now, not after the wait.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    let wait = Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(10_000));
+    let mut s = UnixStream::connect(socket).map_err(connect)?;
+    s.set_read_timeout(Some(wait + Duration::from_secs(10)))
+        .map_err(connect)?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(connect)?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(connect)?;
+    let mut v: Value = serde_json::from_str(&line).map_err(|e| CtlError::Answer(e.to_string()))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(CtlError::Answer(e.to_string()));
+    }
+    let len = v["pcap_bytes"]
+        .as_u64()
+        .ok_or_else(|| CtlError::Answer(format!("no pcap_bytes in {v}")))?;
+    let mut w = std::io::BufWriter::new(file);
+    let copied = std::io::copy(&mut r.take(len), &mut w).map_err(connect)?;
+    if copied != len {
+        return Err(CtlError::Answer(format!(
+            "the capture was cut short: {copied} of {len} bytes"
+        )));
+    }
+    w.flush().map_err(file_err)?;
+    v["path"] = json!(path.display().to_string());
+    Ok(v)
 }
 
 /// Sends one request to the daemon at `path` and returns its answer.
@@ -749,6 +928,191 @@ mod tests {
             packets: [3, 2],
             bytes: [180, 120],
         }
+    }
+
+    /// A daemon's ctl state over a one-lease map, no workers.
+    fn test_state() -> Arc<CtlState> {
+        let config = crate::config::parse_net_conf(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let ip = Ipv4Addr::new(192, 168, 0, 1);
+        let view = crate::store::ClusterView {
+            config,
+            leases: vec![crate::store::Lease {
+                subnet: "10.244.1.0/24".parse().unwrap(),
+                attrs: crate::lease::LeaseAttrs::udp(ip),
+            }],
+        };
+        let tables = crate::tables::build(&view, ip, None).unwrap();
+        Arc::new(CtlState::new(
+            Arc::new(ArcSwap::from_pointee(tables)),
+            None,
+            Arc::new(Capture::default()),
+            Vec::new(),
+            Arc::new(Health::default()),
+        ))
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("podwire-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn test_the_socket_is_never_seen_with_a_wider_mode_than_0600() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir("ctl-mode");
+        let path = dir.join("ctl.sock");
+        let inotify = Inotify::init(InitFlags::empty()).unwrap();
+        inotify
+            .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            .unwrap();
+        // Looks at the socket the moment its name appears in the directory, as a local user
+        // racing to connect would.
+        let watched = path.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut modes = Vec::new();
+            loop {
+                for ev in inotify.read_events().unwrap() {
+                    match ev.name.as_deref().and_then(|n| n.to_str()) {
+                        Some("ctl.sock") => {
+                            if let Ok(m) = std::fs::symlink_metadata(&watched) {
+                                modes.push(m.mode() & 0o777);
+                            }
+                        }
+                        Some("stop") => return modes,
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let state = test_state();
+        for _ in 0..50 {
+            serve(&path, Arc::clone(&state)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::write(dir.join("stop"), "").unwrap();
+        let modes = watcher.join().unwrap();
+        assert!(!modes.is_empty(), "the watcher saw no socket");
+        assert!(
+            modes.iter().all(|&m| m == 0o600),
+            "the socket was seen with modes {:?}",
+            modes
+                .iter()
+                .filter(|&&m| m != 0o600)
+                .map(|m| format!("{m:o}"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // The renamed socket answers, and no private directory is left behind.
+        let answer = request(&path, &json!({"cmd": "subnets"})).unwrap();
+        assert_eq!(answer["network"], "10.244.0.0/16");
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ctl.sock", "stop"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_the_daemon_writes_no_capture_file() {
+        let dir = temp_dir("ctl-capture-file");
+        let socket = dir.join("ctl.sock");
+        serve(&socket, test_state()).unwrap();
+        let target = dir.join("daemon-wrote-this.pcap");
+        let req = json!({"cmd": "capture", "port": "tun", "count": 1, "timeout_ms": 100,
+                         "path": target.display().to_string()});
+        let answer = request(&socket, &req).unwrap();
+        assert_eq!(answer["captured"], 0);
+        assert!(
+            !target.exists(),
+            "the daemon (root) wrote a file where the request said"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_a_capture_does_not_hold_up_other_requests() {
+        let dir = temp_dir("ctl-capture-busy");
+        let socket = dir.join("ctl.sock");
+        serve(&socket, test_state()).unwrap();
+        let s = socket.clone();
+        let capturing = std::thread::spawn(move || {
+            let req = json!({"cmd": "capture", "port": "tun", "count": 1, "timeout_ms": 1500,
+                             "path": "/dev/null"});
+            request(&s, &req)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        request(&socket, &json!({"cmd": "stats"})).unwrap();
+        let took = started.elapsed();
+        capturing.join().unwrap().unwrap();
+        assert!(
+            took < Duration::from_millis(500),
+            "stats waited {took:?} behind a capture"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_the_client_writes_the_pcap_the_daemon_streams() {
+        use podwire_dataplane::batch::Batch;
+        let dir = temp_dir("ctl-capture-client");
+        let socket = dir.join("ctl.sock");
+        let state = test_state();
+        serve(&socket, Arc::clone(&state)).unwrap();
+        // A worker's part: three packets read from the TUN once the capture is armed.
+        let feeder = std::thread::spawn(move || {
+            while !state.capture.wants(CapturePoint::Tun) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut b = Batch::new(3, 256);
+            for i in 0..3 {
+                b.rx_slot(i)[..4].copy_from_slice(&[0x45, 0, 0, i as u8]);
+                b.commit_rx(
+                    i,
+                    4,
+                    std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                    false,
+                );
+            }
+            state.capture.record(CapturePoint::Tun, &b);
+        });
+        let file = dir.join("pods.pcap");
+        let req = json!({"cmd": "capture", "port": "tun", "count": 3, "timeout_ms": 5000});
+        let got = capture_to_file(&socket, &req, &file).unwrap();
+        feeder.join().unwrap();
+        assert_eq!(
+            (got["captured"].as_u64(), got["wanted"].as_u64()),
+            (Some(3), Some(3))
+        );
+        assert_eq!(got["path"], file.display().to_string());
+        let mut r = pcap_file::pcap::PcapReader::new(std::fs::File::open(&file).unwrap()).unwrap();
+        assert_eq!(r.header().datalink, pcap_file::DataLink::RAW);
+        let mut n = 0;
+        while let Some(p) = r.next_packet() {
+            assert_eq!(&*p.unwrap().data, &[0x45, 0, 0, n]);
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        // One capture at a time: a second one while the first runs is refused, and the ctl
+        // thread answers it at once.
+        let s = socket.clone();
+        let long = std::thread::spawn(move || {
+            let req = json!({"cmd": "capture", "port": "underlay", "count": 1, "timeout_ms": 800});
+            request(&s, &req)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let second = capture_to_file(&socket, &req, &dir.join("second.pcap")).unwrap_err();
+        assert!(second.to_string().contains("running already"), "{second}");
+        assert_eq!(long.join().unwrap().unwrap()["captured"], 0);
+        // A file the client cannot create is its own error, before the daemon is asked.
+        let e = capture_to_file(&socket, &req, &dir.join("no/such/dir.pcap")).unwrap_err();
+        assert!(matches!(e, CtlError::File { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Start-up: read the network config from the store, find the underlay interface, take our
 //! lease (as flanneld: the one with our PublicIP, else our previous subnet, else a free one),
 //! open one TUN queue and one underlay socket per worker, configure the TUN device like flanneld,
-//! write subnet.env, start the workers. A store that cannot be reached at start is retried with
+//! drop every capability the running daemon does not use (see `podwire::privs`), start the
+//! workers, write subnet.env. A store that cannot be reached at start is retried with
 //! backoff; a config that is wrong is reported and podwire exits.
 //!
 //! Then the control loop (this thread) never touches packets: it waits on the store's lease
@@ -21,6 +22,7 @@ use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
 use podwire::masq;
 use podwire::netdev;
+use podwire::privs;
 use podwire::report;
 use podwire::services::{self, ServicesFile};
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
@@ -496,6 +498,37 @@ fn warn_if_kernel_uses_masq_ports() {
     }
 }
 
+/// Once node setup is done, before the workers start: keeps only the capabilities the running
+/// daemon still uses in this mode (the table in [`podwire::privs`]), sets no_new_privs, and
+/// checks that no thread of the process holds more. `port` is the backend's.
+fn drop_privileges(opts: &RunOptions, port: u16) -> Result<()> {
+    let needs = privs::RuntimeNeeds {
+        bpf_maps: opts.io_xdp || !opts.pod_ports.is_empty(),
+        pod_netns: opts.l2.is_some(),
+        xdp_at_run_time: opts.l2.as_ref().is_some_and(|l| l.pods_xdp),
+        // Routed mode's workers bind a socket per new peer to the backend's port.
+        low_port_binds: opts.l2.is_none() && opts.worker.peer_queues && port < 1024,
+    };
+    let keep = privs::runtime_caps(needs);
+    let dropped = privs::drop_to(&keep).context("dropping capabilities after node setup")?;
+    if !dropped.missing.is_empty() {
+        tracing::warn!(missing = %privs::names(&dropped.missing), "started without capabilities the running daemon uses; what needs them will fail");
+    }
+    if dropped.bounding_left {
+        tracing::warn!("no CAP_SETPCAP: the bounding set stays as it was (no_new_privs is set)");
+    }
+    let others = privs::privileged_threads(&keep).context("checking the threads' capabilities")?;
+    if !others.is_empty() {
+        let list: Vec<String> = others.iter().map(ToString::to_string).collect();
+        bail!(
+            "threads still privileged after the capability drop: {}",
+            list.join("; ")
+        );
+    }
+    tracing::info!(kept = %privs::names(&dropped.kept), "node set up: dropped every other capability; no_new_privs set");
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -506,6 +539,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
         .context("installing the SIGHUP handler")?;
+    if let StoreSpec::Etcd(o) = &opts.store {
+        if let Some((what, plain)) = o.cleartext_exposure() {
+            tracing::warn!(
+                endpoints = %plain.join(","),
+                "{what} configured, but these etcd endpoints are not TLS: they would cross the network in clear text; use https:// endpoints (and --etcd-cafile)"
+            );
+        }
+    }
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.healthz {
         let bound = health::serve(addr, Arc::clone(&health))
@@ -690,6 +731,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         } else {
             None
         };
+        drop_privileges(&opts, port)?;
         live = Arc::new(ArcSwap::from_pointee(initial));
         let (p, handle) = WorkerPool::start_l2(
             opts.worker.clone(),
@@ -914,6 +956,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
             _ => None,
         };
+        drop_privileges(&opts, port)?;
         live = Arc::new(ArcSwap::from_pointee(initial));
         pool = WorkerPool::start(
             opts.worker.clone(),

@@ -17,6 +17,7 @@
 use crate::allocate::{self, Choice};
 use crate::config::{parse_net_conf, NetworkConfig};
 use crate::lease::LeaseAttrs;
+use crate::secret::Secret;
 use crate::store::{KeyValues, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
@@ -58,7 +59,8 @@ pub struct EtcdOptions {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// Never printed: its `Debug` is `<redacted>`.
+    pub password: Option<Secret>,
     /// TTL of the leases we write (flanneld: 24 h).
     pub lease_ttl: Duration,
     /// Longest wait for any one request.
@@ -81,6 +83,29 @@ impl Default for EtcdOptions {
     }
 }
 
+impl EtcdOptions {
+    /// What these options would send in clear text, and to which endpoints: a user name and
+    /// password (or a client key) with `http://` endpoints, or scheme-less ones without TLS
+    /// options (etcd-client dials those over plain HTTP). Empty when nothing secret is
+    /// configured or every endpoint is TLS.
+    pub fn cleartext_exposure(&self) -> Option<(&'static str, Vec<&str>)> {
+        let what = match (self.password.is_some(), self.key_file.is_some()) {
+            (true, true) => "the etcd user name and password, and the client key's identity",
+            (true, false) => "the etcd user name and password",
+            (false, true) => "the etcd client key's identity",
+            (false, false) => return None,
+        };
+        let tls = self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some();
+        let plain: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(String::as_str)
+            .filter(|e| e.starts_with("http://") || (!e.contains("://") && !tls))
+            .collect();
+        (!plain.is_empty()).then_some((what, plain))
+    }
+}
+
 /// A key under `<prefix>/subnets/` as read, with the etcd lease it hangs on (0: none).
 #[derive(Debug, Clone)]
 struct RawLease {
@@ -89,10 +114,19 @@ struct RawLease {
     etcd_lease: i64,
 }
 
+/// The TLS files' contents (PEM).
+#[derive(Clone)]
+struct TlsPem {
+    ca: Option<Vec<u8>>,
+    /// Certificate and key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// flannel's keyspace in etcd.
 pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
     opts: EtcdOptions,
+    tls_pem: Option<TlsPem>,
     client: Option<Client>,
     config: Option<NetworkConfig>,
     /// Valid leases by key, as of `revision`.
@@ -122,6 +156,13 @@ impl EtcdStore {
     pub fn new(opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // The blocking pool's threads (name resolution) need no capability; some start
+            // before the daemon drops its own (see crate::privs), so each drops them itself.
+            .on_thread_start(|| {
+                if let Err(e) = crate::privs::drop_all() {
+                    tracing::warn!(error = %e, "a tokio thread keeps its capabilities");
+                }
+            })
             .build()
             .map_err(|source| StoreError::Read {
                 path: "tokio runtime".into(),
@@ -130,6 +171,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             rt,
             opts,
+            tls_pem: None,
             client: None,
             config: None,
             leases: BTreeMap::new(),
@@ -198,28 +240,44 @@ impl EtcdStore {
         self.bounded(make(client))
     }
 
-    fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| StoreError::TlsFile {
-                path: p.clone(),
-                source,
-            })
-        };
+    /// The TLS files' contents, read at the first connection and kept: a reconnection after
+    /// the daemon dropped its capabilities needs no file access (a key file readable only by
+    /// its owner, not root, stays usable), as flanneld reads them once.
+    fn tls_pem(&mut self) -> Result<&TlsPem, StoreError> {
+        if self.tls_pem.is_none() {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|source| StoreError::TlsFile {
+                    path: p.clone(),
+                    source,
+                })
+            };
+            let ca = self.opts.ca_file.as_ref().map(read).transpose()?;
+            // As flanneld: a client identity only when both the certificate and the key are given.
+            let identity = match (&self.opts.cert_file, &self.opts.key_file) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            };
+            self.tls_pem = Some(TlsPem { ca, identity });
+        }
+        Ok(self.tls_pem.as_ref().expect("just read"))
+    }
+
+    fn connect_options(&mut self) -> Result<ConnectOptions, StoreError> {
+        let pem = self.tls_pem()?.clone();
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.opts.timeout)
             .with_timeout(self.opts.timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
         if let (Some(u), Some(p)) = (&self.opts.username, &self.opts.password) {
-            o = o.with_user(u, p);
+            o = o.with_user(u, p.expose());
         }
         let mut tls = None;
-        if let Some(ca) = &self.opts.ca_file {
-            tls = Some(TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?)));
+        if let Some(ca) = pem.ca {
+            tls = Some(TlsOptions::new().ca_certificate(Certificate::from_pem(ca)));
         }
-        // As flanneld: a client identity only when both the certificate and the key are given.
-        if let (Some(cert), Some(key)) = (&self.opts.cert_file, &self.opts.key_file) {
-            let id = Identity::from_pem(read(cert)?, read(key)?);
+        if let Some((cert, key)) = pem.identity {
+            let id = Identity::from_pem(cert, key);
             tls = Some(tls.unwrap_or_default().identity(id));
         }
         if let Some(t) = tls {
@@ -808,5 +866,72 @@ mod tests {
         assert_eq!(s.rejected_leases(), 1);
         s.forget_lease(&other_key);
         assert_eq!(s.rejected_leases(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_debug_never_shows_the_password() {
+        let opts = EtcdOptions {
+            username: Some("flannel".into()),
+            password: Some("hunter2-s3cret".into()),
+            ..Default::default()
+        };
+        let shown = format!("{opts:?} {opts:#?}");
+        assert!(!shown.contains("hunter2-s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("flannel"), "the rest stays visible: {shown}");
+    }
+
+    #[test]
+    fn test_cleartext_credentials_are_noticed() {
+        let with = |endpoints: &[&str], password: bool, key: bool, ca: bool| EtcdOptions {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            username: password.then(|| "flannel".into()),
+            password: password.then(|| "pw".into()),
+            key_file: key.then(|| "/k.pem".into()),
+            cert_file: key.then(|| "/c.pem".into()),
+            ca_file: ca.then(|| "/ca.pem".into()),
+            ..Default::default()
+        };
+        // No credentials: nothing to say, whatever the scheme.
+        assert_eq!(
+            with(&["http://e:2379"], false, false, false).cleartext_exposure(),
+            None
+        );
+        // The default endpoints are http://.
+        let defaults = EtcdOptions {
+            password: Some("pw".into()),
+            ..Default::default()
+        };
+        let (what, plain) = defaults.cleartext_exposure().unwrap();
+        assert!(what.contains("password"));
+        assert_eq!(plain, ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]);
+        // Only the plain ones are named.
+        let o = with(&["https://a:2379", "http://b:2379"], true, false, true);
+        assert_eq!(o.cleartext_exposure().unwrap().1, ["http://b:2379"]);
+        assert_eq!(
+            with(&["https://a:2379"], true, true, true).cleartext_exposure(),
+            None
+        );
+        // Scheme-less: plain unless TLS options are given.
+        assert_eq!(
+            with(&["a:2379"], true, false, false)
+                .cleartext_exposure()
+                .unwrap()
+                .1,
+            ["a:2379"]
+        );
+        assert_eq!(
+            with(&["a:2379"], true, false, true).cleartext_exposure(),
+            None
+        );
+        let (what, _) = with(&["http://b:2379"], false, true, false)
+            .cleartext_exposure()
+            .unwrap();
+        assert!(what.contains("client key"), "{what}");
     }
 }

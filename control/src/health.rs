@@ -557,7 +557,10 @@ impl Default for HttpLimits {
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a thread of its own, within
-/// [`HttpLimits::default`].
+/// [`HttpLimits::default`]. The port is bound here (a port below 1024 needs
+/// `CAP_NET_BIND_SERVICE`); the server's thread drops every capability before it takes a
+/// request (it needs none, and it starts before the daemon drops its own; see
+/// [`crate::privs`]).
 pub fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
     serve_with(addr, health, HttpLimits::default())
 }
@@ -583,7 +586,12 @@ pub fn serve_with(
     };
     std::thread::Builder::new()
         .name("podwire-http".into())
-        .spawn(move || rt.block_on(accept_loop(listener, health, limits)))?;
+        .spawn(move || {
+            if let Err(e) = crate::privs::drop_all() {
+                tracing::warn!(error = %e, "the healthz server's thread keeps its capabilities");
+            }
+            rt.block_on(accept_loop(listener, health, limits))
+        })?;
     Ok(bound)
 }
 

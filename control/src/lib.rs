@@ -8,6 +8,7 @@
 //! The binary adds `podwire run` (the daemon), `podwire replay` and `podwire lab`.
 
 pub mod allocate;
+pub mod atomic_file;
 pub mod config;
 pub mod ctl;
 pub mod etcd;
@@ -17,7 +18,9 @@ pub mod l2;
 pub mod lease;
 pub mod masq;
 pub mod netdev;
+pub mod privs;
 pub mod report;
+pub mod secret;
 pub mod services;
 pub mod store;
 pub mod subnet_env;

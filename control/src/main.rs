@@ -122,7 +122,8 @@ enum CtlWhat {
         /// Stop after this many seconds even if fewer packets came.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
-        /// The pcap file to write.
+        /// The pcap file to write (by this command, as the user running it: the daemon
+        /// sends the packets over the ctl socket). Created mode 0600 less the umask.
         #[arg(short = 'w', long = "write")]
         write: PathBuf,
     },
@@ -180,12 +181,16 @@ struct RunArgs {
     /// Client key (PEM) for etcd; used together with --etcd-certfile.
     #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
     etcd_keyfile: Option<PathBuf>,
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    /// etcd user name (with --etcd-password or --etcd-password-file).
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME", hide_env_values = true)]
     etcd_username: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD")]
-    etcd_password: Option<String>,
+    /// etcd password (its value from the environment is never shown; prefer
+    /// --etcd-password-file: a command line is visible to every user in ps).
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<podwire::secret::Secret>,
+    /// Read the etcd password from this file (its content, less a trailing newline).
+    #[arg(long, value_name = "PATH", conflicts_with = "etcd_password")]
+    etcd_password_file: Option<PathBuf>,
     /// Minutes before expiry at which the lease is renewed (1-1439), as flanneld.
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=1439))]
@@ -553,7 +558,10 @@ fn main() -> Result<()> {
                     cert_file: a.etcd_certfile,
                     key_file: a.etcd_keyfile,
                     username: a.etcd_username,
-                    password: a.etcd_password,
+                    password: match &a.etcd_password_file {
+                        Some(path) => Some(podwire::secret::Secret::from_file(path)?),
+                        None => a.etcd_password,
+                    },
                     lease_ttl: Duration::from_secs(a.subnet_lease_ttl.max(10)),
                     ..Default::default()
                 }),
@@ -720,14 +728,16 @@ fn ctl(a: CtlArgs) -> Result<()> {
             timeout,
             write,
         } => {
-            let path =
-                std::path::absolute(&write).with_context(|| format!("{}", write.display()))?;
-            (
-                "capture",
-                serde_json::json!({"cmd": "capture", "port": port, "count": count,
-                                   "timeout_ms": timeout.saturating_mul(1000),
-                                   "path": path.display().to_string()}),
-            )
+            // The daemon sends the pcap; this process (its user, its umask) writes the file.
+            let req = serde_json::json!({"cmd": "capture", "port": port, "count": count,
+                                         "timeout_ms": timeout.saturating_mul(1000)});
+            let answer = podwire::ctl::capture_to_file(&a.socket, &req, &write)?;
+            if a.json {
+                println!("{answer:#}");
+            } else {
+                print!("{}", podwire::ctl::render("capture", &answer));
+            }
+            return Ok(());
         }
     };
     let answer = podwire::ctl::request(&a.socket, &req)?;
@@ -839,6 +849,24 @@ mod tests {
             let args = ["podwire", "run", "--service-node-port-range", bad];
             assert!(Cli::try_parse_from(args).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn test_password_file_conflicts_with_password() {
+        let both = [
+            "podwire",
+            "run",
+            "--etcd-password",
+            "x",
+            "--etcd-password-file",
+            "/p",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
+        let a = run_args(&["podwire", "run", "-etcd-password-file=/etc/podwire/pw"]);
+        assert_eq!(
+            a.etcd_password_file.as_deref(),
+            Some(std::path::Path::new("/etc/podwire/pw"))
+        );
     }
 
     #[test]

@@ -42,14 +42,13 @@ pub fn total_from_json(v: &Value) -> Option<LocalStats> {
     Some(s)
 }
 
-/// Writes `v` to `path` atomically.
+/// Writes `v` to `path` atomically (a temporary file beside it, never through a symlink, then
+/// renamed over it). Mode 0644: counters and drop reasons hold no secrets, and a monitoring
+/// agent that does not run as root reads them.
 pub fn write_json(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, path)
+    let bytes = serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?;
+    crate::atomic_file::write(path, &tmp, &bytes, 0o644)
 }
 
 #[cfg(test)]
@@ -68,5 +67,30 @@ mod tests {
         assert_eq!(t.counter(Counter::RxTun), 6);
         assert_eq!(t.drops(DropReason::UnknownPeer), 1);
         assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn test_a_symlink_at_the_temporary_name_is_not_followed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("podwire-stats-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.join("stats.json");
+        std::os::unix::fs::symlink(&victim, dir.join("stats.tmp")).unwrap();
+        let v = stats_json(&[LocalStats::default()]);
+        write_json(&path, &v).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
+        let written = std::fs::symlink_metadata(&path).unwrap();
+        assert!(written.is_file());
+        assert_eq!(written.mode() & 0o777, 0o644);
+        let back: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, v);
+        // Written again over its previous self (the temporary name is free again).
+        write_json(&path, &v).unwrap();
+        assert!(!dir.join("stats.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

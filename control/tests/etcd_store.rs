@@ -479,7 +479,7 @@ fn test_username_and_password() {
         EtcdStore::new(EtcdOptions {
             endpoints: vec![etcd.endpoint()],
             username: user.map(|u| u.0.to_string()),
-            password: user.map(|u| u.1.to_string()),
+            password: user.map(|u| u.1.into()),
             timeout: Duration::from_secs(2),
             ..Default::default()
         })

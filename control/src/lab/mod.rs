@@ -1183,9 +1183,10 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
     };
     for &(port, want) in ports {
         let file = r.dir.join(format!("capture-{port}.pcap"));
-        let got = ask(
-            json!({"cmd": "capture", "port": port, "count": 10, "timeout_ms": 4000,
-                             "path": file.display().to_string()}),
+        let got = podwire::ctl::capture_to_file(
+            &sock,
+            &json!({"cmd": "capture", "port": port, "count": 10, "timeout_ms": 4000}),
+            &file,
         )?;
         let out = Command::new("tshark")
             .args([
