@@ -867,11 +867,6 @@ mod tests {
         s.forget_lease(&other_key);
         assert_eq!(s.rejected_leases(), 0);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn test_debug_never_shows_the_password() {
