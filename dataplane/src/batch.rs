@@ -26,6 +26,8 @@ pub struct Meta {
     /// An IPv4 packet to the node's own address from the wire (`--io xdp`: a NodePort
     /// connection, or the answer to a masqueraded one), not a datagram of the underlay.
     pub wire: bool,
+    /// The pipeline replaced the packet by an ICMP error of its own (for the rate limit).
+    pub icmp_error: bool,
     /// What the pipeline decided.
     pub verdict: Verdict,
 }
@@ -38,6 +40,7 @@ impl Meta {
         oversized: false,
         completed_checksum: false,
         wire: false,
+        icmp_error: false,
         verdict: Verdict::Pending,
     };
 }
@@ -104,6 +107,7 @@ impl Batch {
         m.oversized = oversized;
         m.completed_checksum = false;
         m.wire = false;
+        m.icmp_error = false;
         m.verdict = Verdict::Pending;
         self.len = self.len.max(i + 1);
     }

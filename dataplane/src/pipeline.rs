@@ -311,8 +311,8 @@ fn decide(
             Direction::FromTun => from_tun(tables, tr, slot, meta),
             Direction::FromUnderlay => from_underlay(tables, tr, slot, meta),
         };
-        if let (Some(st), Direction::FromTun) = (state.as_deref_mut(), dir) {
-            st.revise(tables, slot, meta, now);
+        if let Some(st) = state.as_deref_mut() {
+            st.revise(tables, dir, slot, meta, now);
         }
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
@@ -776,6 +776,7 @@ fn icmp_error(slot: &mut [u8], meta: &mut Meta, code: u8, mtu: u16, src: Ipv4Add
     icmp.data_mut().copy_from_slice(&quote[..quote_len]);
     icmp.fill_checksum();
     meta.len = total;
+    meta.icmp_error = true;
     Verdict::IcmpToTun
 }
 

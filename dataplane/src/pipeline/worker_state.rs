@@ -9,7 +9,7 @@
 //!   burst 50), with "fragmentation needed" exempt, as the kernel's `icmpv4_xrlim_allow` and
 //!   `icmp_global_allow` do.
 
-use super::{icmp_error, DropReason, Encap, Tables, Verdict, VXLAN_OVERHEAD};
+use super::{icmp_error, Direction, DropReason, Encap, Tables, Verdict, VXLAN_OVERHEAD};
 use crate::batch::Meta;
 use crate::wire::{icmpv4, ipv4, udp};
 use core::net::Ipv4Addr;
@@ -137,20 +137,31 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
-    /// Revises the verdict decided for a packet from the pods: "fragmentation needed" for a
-    /// packet that no longer fits its peer's path, and the rate limit on generated errors.
-    pub(super) fn revise(&mut self, t: &Tables, slot: &mut [u8], meta: &mut Meta, now: u64) {
+    /// Revises a decided verdict: the rate limit on the ICMP errors the pipeline generated
+    /// (toward pods, and toward the wire's clients), and for a packet from the pods
+    /// "fragmentation needed" when it no longer fits its peer's path.
+    pub(super) fn revise(
+        &mut self,
+        t: &Tables,
+        dir: Direction,
+        slot: &mut [u8],
+        meta: &mut Meta,
+        now: u64,
+    ) {
+        if meta.icmp_error {
+            if !matches!(meta.verdict, Verdict::Drop(_)) && !self.may_send(slot, meta, now) {
+                meta.verdict = Verdict::Drop(DropReason::IcmpRateLimited);
+            }
+            return;
+        }
+        if dir != Direction::FromTun {
+            return;
+        }
         let (peer, overhead) = match (meta.verdict, t.encap) {
             (Verdict::ToUnderlay(peer), Encap::FlannelUdp) => {
                 (*peer.ip(), ipv4::HEADER_LEN + udp::HEADER_LEN)
             }
             (Verdict::ToUnderlayIp(peer), Encap::Vxlan { .. }) => (peer, VXLAN_OVERHEAD),
-            (Verdict::IcmpToTun, _) => {
-                if !self.may_send(slot, meta, now) {
-                    meta.verdict = Verdict::Drop(DropReason::IcmpRateLimited);
-                }
-                return;
-            }
             _ => return,
         };
         let Some(mtu) = self.path_mtus.get(peer, now) else {
