@@ -26,6 +26,9 @@ pub struct Meta {
     /// An IPv4 packet to the node's own address from the wire (`--io xdp`: a NodePort
     /// connection, or the answer to a masqueraded one), not a datagram of the underlay.
     pub wire: bool,
+    /// The only source the packet may have: the pod's own address, for a packet read from a
+    /// pod's port (`--pod-ports`); `None` for the TUN, whose packets are held to the lease.
+    pub bound_src: Option<Ipv4Addr>,
     /// What the pipeline decided.
     pub verdict: Verdict,
 }
@@ -38,6 +41,7 @@ impl Meta {
         oversized: false,
         completed_checksum: false,
         wire: false,
+        bound_src: None,
         verdict: Verdict::Pending,
     };
 }
@@ -104,6 +108,7 @@ impl Batch {
         m.oversized = oversized;
         m.completed_checksum = false;
         m.wire = false;
+        m.bound_src = None;
         m.verdict = Verdict::Pending;
         self.len = self.len.max(i + 1);
     }

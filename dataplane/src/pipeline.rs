@@ -25,7 +25,8 @@
 //!
 //! What comes from the TUN (or a pod's port) is held to its origin the same way: a source
 //! outside our lease that is not one of the node's own addresses is a pod posing as someone
-//! else (`SpoofedSource`, [`LocalNode::may_send_from`]).
+//! else (`SpoofedSource`, [`LocalNode::may_send_from`]); a pod's port (`Meta::bound_src`)
+//! accepts its pod's own address only.
 //!
 //! Everything rejected is a `Drop(DropReason)`: counted by the worker, never logged, never a
 //! panic. Nothing here allocates, locks or makes a syscall.
@@ -379,7 +380,12 @@ pub fn from_tun(
         };
         (p.src(), p.dst(), usize::from(p.total_len()))
     };
-    if !t.local.may_send_from(src) {
+    let held = match meta.bound_src {
+        // A pod's port: its pod's own address only.
+        Some(pod) => src == pod,
+        None => t.local.may_send_from(src),
+    };
+    if !held {
         return Verdict::Drop(DropReason::SpoofedSource);
     }
     meta.len = total_len;
@@ -1419,6 +1425,36 @@ mod tests {
                     "source {src}: {v:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn test_a_pod_port_holds_its_pod_to_its_own_address() {
+        let t = tables();
+        let from_port = |src: Ipv4Addr| {
+            let pkt = udp_packet(src, POD_B, 64);
+            let mut b = Batch::new(1, 2048);
+            b.rx_slot(0)[..pkt.len()].copy_from_slice(&pkt);
+            b.commit_rx(0, pkt.len(), SocketAddrV4::new(NODE_A, 0), false);
+            b.slot_mut(0).1.bound_src = Some(POD_A);
+            process(&t, Direction::FromTun, &mut b);
+            b.meta(0).verdict
+        };
+        assert_eq!(
+            from_port(POD_A),
+            Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285))
+        );
+        // A neighbour's address (in the lease), the TUN's and the node's own: not the pod's.
+        for src in [
+            Ipv4Addr::new(10, 244, 1, 5),
+            Ipv4Addr::new(10, 244, 1, 0),
+            NODE_A,
+        ] {
+            assert_eq!(
+                from_port(src),
+                Verdict::Drop(DropReason::SpoofedSource),
+                "source {src}"
+            );
         }
     }
 
