@@ -9,9 +9,11 @@
 //   destination port is a NodePort (`node_ports`) or in podwire's masquerade range (the
 //   replies of masqueraded connections), and ICMP errors about packets sent from those ports
 //   (path MTU discovery). ARP, ND, SSH, other UDP and ICMP, fragments: XDP_PASS.
-// - Pod role (a pod's veth host end): IPv4 from the pod that podwire routes: to the cluster
+// - Pod role (a pod's veth host end): IPv4 from the pod's own address (`pod_addr`; other
+//   sources pass to the kernel, counted) that podwire routes: to the cluster
 //   network outside the node's own lease, to the service range, and (when podwire
-//   masquerades) TCP and UDP to anywhere else. Traffic to the host, to the node's other pods
+//   masquerades) TCP and UDP to anywhere else but the node's own address and destinations no
+//   masquerade may reach. Traffic to the host, to the node's other pods
 //   and (without masquerade) to the outside, ARP and IPv6 pass to the kernel.
 // - Bridge-port role (a pod's veth host end in L2 mode, where podwire is the node's bridge):
 //   every frame, whatever it carries (ARP, IPv6, broadcasts): the host end has no address and
@@ -49,6 +51,10 @@ struct config {
     __u32 lease_mask;
     __u32 svc_addr;
     __u32 svc_mask;
+    // Pod role, network byte order: the pod's own address, the only source it may send from.
+    __u32 pod_addr;
+    // Pod role, network byte order: the node's underlay address.
+    __u32 node_addr;
 };
 
 enum counter {
@@ -60,7 +66,9 @@ enum counter {
     CNT_PASSED = 2,
     // Too short for the headers it claims: passed (the kernel drops and counts it).
     CNT_MALFORMED = 3,
-    CNT_MAX = 4,
+    // Pod role: from a source other than the pod's own address: passed to the kernel.
+    CNT_FOREIGN_SOURCE = 4,
+    CNT_MAX = 5,
 };
 
 struct {
@@ -158,6 +166,12 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct config *cfg, st
 // Pod role: whether podwire routes this packet from a pod (see the top of the file).
 static __always_inline int from_pod(struct xdp_md *ctx, struct config *cfg, struct iphdr *ip)
 {
+    // Only the pod's own address skips the host's stack. Anything else goes where the pod's
+    // packets went before podwire: to the kernel, whose rules (rp_filter, routing, its
+    // masquerade) apply, and whatever it routes into the TUN is held to the node's lease.
+    // Passed rather than dropped so that a pod's other addresses keep working that way.
+    if (ip->saddr != cfg->pod_addr)
+        return pass(CNT_FOREIGN_SOURCE);
     __u32 dst = ip->daddr;
     if (dst == cfg->local_ip)
         return pass(CNT_PASSED);
@@ -168,9 +182,16 @@ static __always_inline int from_pod(struct xdp_md *ctx, struct config *cfg, stru
     if ((dst & cfg->net_mask) == cfg->net_addr)
         return to_socket(ctx);
     int masquerading = cfg->masq_lo <= cfg->masq_hi;
-    if (masquerading && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP))
-        return to_socket(ctx);
-    return pass(CNT_PASSED);
+    if (!masquerading || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+        return pass(CNT_PASSED);
+    // Never masqueraded: the node itself, and 0/8, 127/8, 169.254/16, multicast, broadcast
+    // (podwire would drop them as martian_destination): the kernel's to deliver or refuse.
+    __u32 d = bpf_ntohl(dst);
+    __u8 first = d >> 24;
+    if (dst == cfg->node_addr || first == 0 || first == 127 || (d >> 16) == 0xa9fe ||
+        first >= 224)
+        return pass(CNT_PASSED);
+    return to_socket(ctx);
 }
 
 SEC("xdp")

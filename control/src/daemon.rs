@@ -293,6 +293,40 @@ struct Control<'a> {
     xdp: Option<xdp::XdpProgram>,
 }
 
+/// The address a pod port (`--pod-ports NAME[=IP]`) holds its pod to: the one given, else the
+/// only address of the lease (other than the device's own) that the kernel has resolved on the
+/// device, i.e. the pod that has already spoken to its gateway. It must lie in the lease.
+fn pod_port_address(
+    name: &str,
+    own: Ipv4Addr,
+    lease: Ipv4Net,
+    given: Option<Ipv4Addr>,
+) -> anyhow::Result<Ipv4Addr> {
+    let ip = match given {
+        Some(ip) => ip,
+        None => {
+            let mut neighbours = podwire_dataplane::port::neighbours::Neighbours::new(name, own);
+            neighbours.reread(std::time::Instant::now());
+            let found: Vec<Ipv4Addr> = neighbours
+                .resolved()
+                .map(|(ip, _)| ip)
+                .filter(|&ip| lease.contains(ip) && ip != own)
+                .collect();
+            match found[..] {
+                [ip] => ip,
+                _ => bail!(
+                    "pod port {name}: cannot tell its pod's address from the neighbour table \
+                     ({found:?}); give it as --pod-ports {name}=IP"
+                ),
+            }
+        }
+    };
+    if !lease.contains(ip) || ip == own || ip == lease.addr() {
+        bail!("pod port {name}: {ip} is no pod address of this node's lease {lease}");
+    }
+    Ok(ip)
+}
+
 /// Tells the XDP program which NodePorts to steer to podwire.
 fn sync_node_ports(prog: &mut xdp::XdpProgram, services: &Services) {
     let ports: Vec<(u8, u16)> = services.node_ports().collect();
@@ -868,22 +902,35 @@ pub fn run(opts: RunOptions) -> Result<()> {
         // Pods' veth host ends: the program in its pod role, a socket on queue 0, and the
         // port to worker k % workers.
         let mut pod_ports: Vec<Vec<XdpPodPort>> = (0..workers).map(|_| Vec::new()).collect();
-        for (k, name) in opts.pod_ports.iter().enumerate() {
+        for (k, spec) in opts.pod_ports.iter().enumerate() {
+            let (name, given) = match spec.split_once('=') {
+                Some((name, ip)) => {
+                    let ip: Ipv4Addr = ip
+                        .parse()
+                        .with_context(|| format!("pod port {spec}: NAME=IPv4 address"))?;
+                    (name, Some(ip))
+                }
+                None => (spec.as_str(), None),
+            };
+            let name = &name.to_string();
             let dev =
                 netdev::resolve_iface(Some(name)).with_context(|| format!("pod port {name}"))?;
+            let pod_ip = pod_port_address(name, dev.addr, lease, given)?;
             let role = xdp::Role::Pod {
                 local_ip: dev.addr,
                 network: config.network,
                 lease,
                 services: opts.service_cidr,
                 masquerade: masq_userspace,
+                pod_ip,
+                node_ip: public_ip,
             };
             let mut prog = netdev::attach_xdp(name, role)?;
             let xsk = XskPort::bind(name, 0, XskConfig::default())?;
             prog.set_socket(0, &xsk.raw_fd())?;
             let mac = netdev::mac_of(name)?;
-            tracing::info!(device = %name, mode = ?prog.mode(), worker = k % workers, "pod port through AF_XDP");
-            pod_ports[k % workers].push(XdpPodPort::new(xsk, name, mac, dev.addr));
+            tracing::info!(device = %name, pod = %pod_ip, mode = ?prog.mode(), worker = k % workers, "pod port through AF_XDP, held to its pod's address");
+            pod_ports[k % workers].push(XdpPodPort::new(xsk, name, mac, dev.addr, pod_ip));
             pod_programs.push(prog);
         }
         let underlay_queues = netdev::rx_queues(&iface.name);

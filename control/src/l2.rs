@@ -16,7 +16,7 @@
 //! crash it stays, as a CNI plugin's pair would, until the pod's namespace goes).
 
 use crate::netdev::{attach_xdp, ip, NetdevError};
-use podwire_dataplane::bridge::PortId;
+use podwire_dataplane::bridge::{PodBinding, PortId, PortOptions};
 use podwire_dataplane::port::tap::TapPort;
 use podwire_dataplane::port::xdp::{Role, XdpProgram};
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
@@ -289,7 +289,16 @@ pub fn attach(
         )?;
     }
     let mac = mac_in(ns, ifname)?;
-    let port = handle.attach(device, ns, Default::default(), Some(mac))?;
+    // The pod is held to the MAC and address it was given: anything else it sends is
+    // dropped at its port (`spoofed_source`).
+    let options = PortOptions {
+        pod: Some(PodBinding {
+            mac,
+            ip: Some(req.ip.addr),
+        }),
+        ..PortOptions::default()
+    };
+    let port = handle.attach(device, ns, options, Some(mac))?;
     if let (Some(v), Some(owner)) = (veths, owner) {
         v.lock().expect("veths").insert(ns.to_string(), owner);
     }

@@ -274,7 +274,11 @@ struct RunArgs {
     /// to services and (with --ip-masq) outside, and podwire writes the pod's packets into the
     /// veth with the pod's MAC from the neighbour table. The host, the node's other pods and
     /// everything else stay with the kernel. Each port belongs to one worker; packets another
-    /// worker has for its pod, and pods not resolved yet, go through the TUN.
+    /// worker has for its pod, and pods not resolved yet, go through the TUN. Each port is
+    /// held to its pod's address, given as NAME=IP (else the one lease address the kernel has
+    /// resolved on the device at start): only packets from it skip the host's stack, packets
+    /// from other sources pass to the kernel, and any that reach podwire from the port are
+    /// dropped (spoofed_source).
     #[arg(long, value_delimiter = ',')]
     pod_ports: Vec<String>,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of

@@ -28,6 +28,9 @@ pub struct Meta {
     pub wire: bool,
     /// The pipeline replaced the packet by an ICMP error of its own (for the rate limit).
     pub icmp_error: bool,
+    /// The only source the packet may have: the pod's own address, for a packet read from a
+    /// pod's port (`--pod-ports`); `None` for the TUN, whose packets are held to the lease.
+    pub bound_src: Option<Ipv4Addr>,
     /// What the pipeline decided.
     pub verdict: Verdict,
 }
@@ -41,6 +44,7 @@ impl Meta {
         completed_checksum: false,
         wire: false,
         icmp_error: false,
+        bound_src: None,
         verdict: Verdict::Pending,
     };
 }
@@ -108,6 +112,7 @@ impl Batch {
         m.completed_checksum = false;
         m.wire = false;
         m.icmp_error = false;
+        m.bound_src = None;
         m.verdict = Verdict::Pending;
         self.len = self.len.max(i + 1);
     }

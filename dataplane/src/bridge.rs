@@ -24,6 +24,11 @@
 //!   table learns nothing new (counted) and evicts nothing: static entries and stations already
 //!   known keep working under a flood of random source MACs.
 //!
+//! - **Pods held to their addresses**: a port attached for a pod (`podwire ctl attach`) carries
+//!   a [`PodBinding`]: frames from another source MAC, ARP from another sender MAC or address,
+//!   IPv4 from another source and VLAN-tagged frames are dropped (`spoofed_source`) before
+//!   anything is learned from them.
+//!
 //! Every table is allocated when the bridge is built, so a decision never allocates.
 
 use crate::pipeline::DropReason;
@@ -121,6 +126,19 @@ pub struct PortOptions {
     /// The host's port: like the Linux bridge's own device, it is left out of floods of
     /// unknown unicast (broadcasts and multicasts still reach it).
     pub host: bool,
+    /// The pod behind the port (`podwire ctl attach`): its frames must come from its own MAC
+    /// and, for ARP and IPv4, its own address.
+    pub pod: Option<PodBinding>,
+}
+
+/// The addresses a pod's port accepts as sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodBinding {
+    /// The only source MAC (and ARP sender MAC) the port accepts.
+    pub mac: MacAddr,
+    /// The only IPv4 source and ARP sender address (besides 0.0.0.0 in an ARP probe); `None`
+    /// checks MACs only.
+    pub ip: Option<Ipv4Addr>,
 }
 
 impl Default for PortOptions {
@@ -130,9 +148,58 @@ impl Default for PortOptions {
             flood: true,
             hairpin: false,
             host: false,
+            pod: None,
         }
     }
 }
+
+impl PodBinding {
+    /// Whether `frame` (Ethernet, at least its header) may come from this pod: its source MAC;
+    /// for ARP, the sender MAC and address; for IPv4, the source address. A VLAN tag would hide
+    /// what it carries from these checks: a pod has no VLANs here, so tagged frames are refused.
+    /// Other ethertypes (IPv6) are checked by MAC only.
+    fn check(&self, frame: &[u8]) -> Result<(), DropReason> {
+        if frame[6..12] != self.mac.0 {
+            return Err(DropReason::SpoofedSource);
+        }
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        let l3 = &frame[ethernet::HEADER_LEN..];
+        match ethertype {
+            ethernet::ethertype::ARP => {
+                // htype(2) ptype(2) hlen(1) plen(1) op(2) sha(6) spa(4).
+                let Some(sender) = l3.get(8..18) else {
+                    return Err(DropReason::Truncated);
+                };
+                let spa = Ipv4Addr::new(sender[6], sender[7], sender[8], sender[9]);
+                let ip_ok = match self.ip {
+                    Some(ip) => spa == ip || spa.is_unspecified(),
+                    None => true,
+                };
+                if sender[..6] != self.mac.0 || !ip_ok {
+                    return Err(DropReason::SpoofedSource);
+                }
+            }
+            ethernet::ethertype::IPV4 => {
+                let Some(src) = l3.get(12..16) else {
+                    return Err(DropReason::Truncated);
+                };
+                if self
+                    .ip
+                    .is_some_and(|ip| ip.octets() != [src[0], src[1], src[2], src[3]])
+                {
+                    return Err(DropReason::SpoofedSource);
+                }
+            }
+            ETHERTYPE_VLAN | ETHERTYPE_QINQ => return Err(DropReason::SpoofedSource),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// 802.1Q and 802.1ad tags.
+const ETHERTYPE_VLAN: u16 = 0x8100;
+const ETHERTYPE_QINQ: u16 = 0x88a8;
 
 /// Events counted since the last [`Bridge::take_counts`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -382,7 +449,14 @@ impl Bridge {
         let ingress = from.port();
         let learning = match from {
             Station::Port(p) => match self.port_options(p) {
-                Some(o) => o.learning,
+                Some(o) => {
+                    if let Some(pod) = o.pod {
+                        if let Err(r) = pod.check(frame) {
+                            return Decision::Drop(r);
+                        }
+                    }
+                    o.learning
+                }
                 None => return Decision::Drop(DropReason::NoRoute),
             },
             Station::Remote(_) => self.config.tunnel_learning,

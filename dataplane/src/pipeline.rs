@@ -23,6 +23,11 @@
 //! written back into the TUN, as flanneld does, except for ICMP errors, non-first fragments and
 //! unusable sources (RFC 1122 3.2.2).
 //!
+//! What comes from the TUN (or a pod's port) is held to its origin the same way: a source
+//! outside our lease that is not one of the node's own addresses is a pod posing as someone
+//! else (`SpoofedSource`, [`LocalNode::may_send_from`]); a pod's port (`Meta::bound_src`)
+//! accepts its pod's own address only.
+//!
 //! Everything rejected is a `Drop(DropReason)`: counted by the worker, never logged, never a
 //! panic. Nothing here allocates, locks or makes a syscall.
 
@@ -96,10 +101,14 @@ pub enum DropReason {
     /// An ICMP error we would have generated, over the kernel's `icmp_ratelimit` for its
     /// destination or `icmp_msgs_per_sec` for the node.
     IcmpRateLimited,
+    /// A pod's packet that podwire would masquerade to a destination no masquerade may reach:
+    /// the node's own addresses, loopback, link-local, "this network" (0.0.0.0/8), multicast or
+    /// broadcast (`--ip-masq` with `--io xdp`).
+    MartianDestination,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 25;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
@@ -125,6 +134,7 @@ impl DropReason {
         DropReason::LinkLocal,
         DropReason::Hairpin,
         DropReason::IcmpRateLimited,
+        DropReason::MartianDestination,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -153,6 +163,7 @@ impl DropReason {
             DropReason::LinkLocal => "link_local",
             DropReason::Hairpin => "hairpin",
             DropReason::IcmpRateLimited => "icmp_rate_limited",
+            DropReason::MartianDestination => "martian_destination",
         }
     }
 
@@ -214,6 +225,19 @@ pub struct LocalNode {
     pub public_ip: Ipv4Addr,
     /// The TUN device's address (the lease's `.0`), source of the ICMP errors we generate.
     pub tun_addr: Ipv4Addr,
+}
+
+impl LocalNode {
+    /// Whether a packet read from the TUN (or a pod's port) may carry `src`: an address of our
+    /// lease (the pods, and the TUN's own `.0`, which the host's traffic routed into the TUN
+    /// leaves from), or the node's underlay address (a host process bound to it, or answering
+    /// from it, toward a pod or a ClusterIP). The kernel never forwards a pod's packet with a
+    /// source that is one of the node's own addresses (a martian "source is local"), so that
+    /// exception gives pods nothing; anything else is a pod posing as someone else.
+    #[inline]
+    pub fn may_send_from(&self, src: Ipv4Addr) -> bool {
+        self.subnet.contains(src) || src == self.public_ip || src == self.tun_addr
+    }
 }
 
 /// Everything the pipeline reads: one immutable snapshot, swapped whole by the control thread.
@@ -349,13 +373,21 @@ pub fn from_tun(
     if meta.oversized {
         return Verdict::Drop(DropReason::Oversized);
     }
-    let (dst, total_len) = {
+    let (src, dst, total_len) = {
         let p = match parse_ipv4(&slot[meta.start..meta.start + meta.len]) {
             Ok(p) => p,
             Err(r) => return Verdict::Drop(r),
         };
-        (p.dst(), usize::from(p.total_len()))
+        (p.src(), p.dst(), usize::from(p.total_len()))
     };
+    let held = match meta.bound_src {
+        // A pod's port: its pod's own address only.
+        Some(pod) => src == pod,
+        None => t.local.may_send_from(src),
+    };
+    if !held {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
     meta.len = total_len;
     let mut dst = dst;
     let mut translated = false;
@@ -1368,6 +1400,63 @@ mod tests {
             NODE_A,
         );
         assert_eq!(v, Verdict::Drop(DropReason::LoopToSelf));
+    }
+
+    #[test]
+    fn test_tun_holds_pods_to_the_lease() {
+        // A pod posing as a pod of node B, or as anyone outside the cluster: dropped, in both
+        // encapsulations, before anything is sent.
+        for t in [tables(), vxlan_tables()] {
+            for src in [
+                Ipv4Addr::new(10, 244, 2, 9),
+                Ipv4Addr::new(8, 8, 8, 8),
+                Ipv4Addr::new(10, 244, 255, 1),
+                NODE_B,
+                Ipv4Addr::UNSPECIFIED,
+            ] {
+                let (v, _) = run_with(&t, Direction::FromTun, &udp_packet(src, POD_B, 64), NODE_A);
+                assert_eq!(v, Verdict::Drop(DropReason::SpoofedSource), "source {src}");
+            }
+            // The lease (pods, and the TUN's own .0, which the host's traffic into the TUN
+            // leaves from) and the node's underlay address (a host process bound to it) pass.
+            for src in [POD_A, t.local.tun_addr, NODE_A] {
+                let (v, _) = run_with(&t, Direction::FromTun, &udp_packet(src, POD_B, 64), NODE_A);
+                assert!(
+                    matches!(v, Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_)),
+                    "source {src}: {v:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_pod_port_holds_its_pod_to_its_own_address() {
+        let t = tables();
+        let from_port = |src: Ipv4Addr| {
+            let pkt = udp_packet(src, POD_B, 64);
+            let mut b = Batch::new(1, 2048);
+            b.rx_slot(0)[..pkt.len()].copy_from_slice(&pkt);
+            b.commit_rx(0, pkt.len(), SocketAddrV4::new(NODE_A, 0), false);
+            b.slot_mut(0).1.bound_src = Some(POD_A);
+            process(&t, Direction::FromTun, &mut b);
+            b.meta(0).verdict
+        };
+        assert_eq!(
+            from_port(POD_A),
+            Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285))
+        );
+        // A neighbour's address (in the lease), the TUN's and the node's own: not the pod's.
+        for src in [
+            Ipv4Addr::new(10, 244, 1, 5),
+            Ipv4Addr::new(10, 244, 1, 0),
+            NODE_A,
+        ] {
+            assert_eq!(
+                from_port(src),
+                Verdict::Drop(DropReason::SpoofedSource),
+                "source {src}"
+            );
+        }
     }
 
     #[test]

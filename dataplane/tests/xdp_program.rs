@@ -559,10 +559,23 @@ fn pod_role_takes_what_podwire_routes_and_leaves_the_rest_to_the_kernel() {
         lease: "10.244.1.0/24".parse().unwrap(),
         services: "10.96.0.0/12".parse().unwrap(),
         masquerade,
+        pod_ip: Ipv4Addr::new(10, 99, 0, 2),
+        node_ip: Ipv4Addr::new(192, 168, 100, 1),
+    };
+    let send_from = |b: &Netns, src: Ipv4Addr, dsts: &'static [[u8; 4]]| {
+        in_netns(&b.0, move || {
+            let s = UdpSocket::bind((src, 0)).expect("bind");
+            s.set_broadcast(true).expect("SO_BROADCAST");
+            for d in dsts {
+                s.send_to(b"x", (Ipv4Addr::from(*d), 7)).expect("send");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
     };
     let send_to = |b: &Netns, dsts: &'static [[u8; 4]]| {
         in_netns(&b.0, move || {
             let s = UdpSocket::bind((Ipv4Addr::new(10, 99, 0, 2), 0)).expect("bind");
+            s.set_broadcast(true).expect("SO_BROADCAST");
             for d in dsts {
                 s.send_to(b"x", (Ipv4Addr::from(*d), 7)).expect("send");
             }
@@ -572,7 +585,17 @@ fn pod_role_takes_what_podwire_routes_and_leaves_the_rest_to_the_kernel() {
     // Another node's pod and a service: podwire's (no socket yet: counted, passed).
     // The gateway, this node's other pods and the outside: the kernel's.
     const OURS: &[[u8; 4]] = &[[10, 244, 2, 5], [10, 96, 0, 10]];
-    const THEIRS: &[[u8; 4]] = &[[10, 99, 0, 1], [10, 244, 1, 7], [192, 0, 2, 9]];
+    // Also the node's own address and addresses no masquerade may reach (link-local,
+    // multicast, broadcast), which podwire would drop: the kernel's, even when masquerading.
+    const THEIRS: &[[u8; 4]] = &[
+        [10, 99, 0, 1],
+        [10, 244, 1, 7],
+        [192, 0, 2, 9],
+        [192, 168, 100, 1],
+        [169, 254, 169, 254],
+        [224, 0, 0, 251],
+        [255, 255, 255, 255],
+    ];
     let prog = in_netns(&a.0, move || {
         XdpProgram::attach("xa", role(false)).expect("attach")
     });
@@ -589,6 +612,18 @@ fn pod_role_takes_what_podwire_routes_and_leaves_the_rest_to_the_kernel() {
     send_to(&b, THEIRS);
     let c = prog.counters().unwrap();
     assert_eq!(c.no_socket, 1, "only the outside host: {c:?}");
+    // The pod posing as another address (a neighbour's, one of another node's pods'): none
+    // of it is podwire's; it is passed to the kernel (which routes it as it would from any
+    // pod, into the TUN, where it is held to the lease), and counted.
+    ip(&["-n", &b.0, "addr", "add", "10.99.0.3/24", "dev", "xb"]);
+    send_from(&b, Ipv4Addr::new(10, 99, 0, 3), OURS);
+    send_from(&b, Ipv4Addr::new(10, 99, 0, 3), THEIRS);
+    let c2 = prog.counters().unwrap();
+    assert_eq!(
+        c2.no_socket, c.no_socket,
+        "nothing foreign is redirected: {c2:?}"
+    );
+    assert!(c2.foreign_source >= 5, "{c2:?}");
 }
 
 #[test]

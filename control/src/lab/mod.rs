@@ -545,7 +545,8 @@ fn spawn_node(res: &mut Resources, opts: &LabOptions, exe: &Path, i: usize) -> R
     if opts.pod_xdp && opts.l2 {
         cmd.args(["--l2-pods", "xdp"]);
     } else if opts.pod_xdp {
-        cmd.args(["--pod-ports", "vpod"]);
+        // The pod's port is held to the pod's address (its others go through the kernel).
+        cmd.args(["--pod-ports", &format!("vpod={}", pod_ip(i))]);
     }
     if opts.services && !opts.etcd {
         cmd.args([

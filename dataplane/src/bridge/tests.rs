@@ -301,6 +301,97 @@ fn test_invalid_sources_short_frames_and_link_local_groups() {
     assert!(b.is_empty() || b.lookup(&A, 0).is_some());
 }
 
+/// An Ethernet frame from `src` with `ethertype` and `payload`.
+fn frame_of(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+/// An ARP request from `sha`/`spa` for `tpa`.
+fn arp(sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&sha);
+    a.extend_from_slice(&spa.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&tpa.octets());
+    frame_of(BCAST, sha, 0x0806, &a)
+}
+
+/// A UDP/IPv4 frame from `mac`/`src` to `dst`.
+fn ipv4(dst_mac: [u8; 6], mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut p = Vec::new();
+    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .udp(1000, 2000)
+        .write(&mut p, b"x")
+        .unwrap();
+    frame_of(dst_mac, mac, 0x0800, &p)
+}
+
+#[test]
+fn test_a_bound_pod_port_accepts_only_its_pods_mac_and_address() {
+    let me = Ipv4Addr::new(10, 244, 1, 10);
+    let neighbour = Ipv4Addr::new(10, 244, 1, 11);
+    let gw = Ipv4Addr::new(10, 244, 1, 1);
+    let mut b = Bridge::new(Config::default(), 4);
+    let pod = b
+        .add_port(PortOptions {
+            pod: Some(PodBinding {
+                mac: MacAddr(A),
+                ip: Some(me),
+            }),
+            ..PortOptions::default()
+        })
+        .unwrap();
+    let other = b.add_port(PortOptions::default()).unwrap();
+    let spoofed = Decision::Drop(DropReason::SpoofedSource);
+    let from_pod = |b: &mut Bridge, f: &[u8]| b.input(Station::Port(pod), f, 0);
+    // Its own MAC and address pass: ARP (and an ARP probe from 0.0.0.0), IPv4, and IPv6
+    // (which carries no IPv4 source to check).
+    assert_eq!(from_pod(&mut b, &arp(A, me, gw)), Decision::Flood);
+    assert_eq!(
+        from_pod(&mut b, &arp(A, Ipv4Addr::UNSPECIFIED, me)),
+        Decision::Flood
+    );
+    assert_eq!(from_pod(&mut b, &ipv4(B, A, me, gw)), Decision::Flood);
+    assert_eq!(
+        from_pod(&mut b, &frame_of(B, A, 0x86dd, &[0x60; 40])),
+        Decision::Flood
+    );
+    // Another MAC, in any frame; an ARP sender or IPv4 source other than its own; a sender
+    // MAC in the ARP body other than the frame's; a VLAN tag hiding what is inside.
+    assert_eq!(from_pod(&mut b, &frame(BCAST, C)), spoofed);
+    assert_eq!(from_pod(&mut b, &ipv4(B, C, me, gw)), spoofed);
+    assert_eq!(from_pod(&mut b, &arp(A, neighbour, gw)), spoofed);
+    assert_eq!(from_pod(&mut b, &ipv4(B, A, neighbour, gw)), spoofed);
+    assert_eq!(
+        from_pod(&mut b, &ipv4(B, A, Ipv4Addr::new(8, 8, 8, 8), gw)),
+        spoofed
+    );
+    let mut forged_sha = arp(A, me, gw);
+    forged_sha[22..28].copy_from_slice(&C);
+    assert_eq!(from_pod(&mut b, &forged_sha), spoofed);
+    let mut tagged = vec![0, 5, 8, 0];
+    tagged.extend_from_slice(&ipv4(B, A, neighbour, gw)[14..]);
+    assert_eq!(from_pod(&mut b, &frame_of(B, A, 0x8100, &tagged)), spoofed);
+    // Cut short where an address would be: dropped as truncated, not passed unchecked.
+    assert_eq!(
+        from_pod(&mut b, &ipv4(B, A, me, gw)[..20]),
+        Decision::Drop(DropReason::Truncated)
+    );
+    // Nothing spoofed was learned: C is unknown, and so still flooded to.
+    assert_eq!(b.lookup(&C, 0), None);
+    // A port without a binding (the host's, or one attached before) checks nothing more.
+    assert_eq!(
+        b.input(Station::Port(other), &ipv4(B, C, neighbour, gw), 0),
+        Decision::Flood
+    );
+}
+
 #[test]
 fn test_removing_a_port_flushes_its_entries_and_frees_its_id() {
     let (mut b, p) = bridge_with(3, Config::default());

@@ -250,6 +250,9 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
         return Ok(translate(pkt, &tuple, &to));
     }
     tr.finish();
+    if from == Ingress::Pods && !to_service && masquerade_forbidden(t, &tuple) {
+        return Err(Stop::Drop(DropReason::MartianDestination));
+    }
     let mut refusal = None;
     let r = flows.conntrack.track(&tuple, &l4, pkt.len(), now, |orig| {
         if to_service {
@@ -305,17 +308,44 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     Ok(translate(pkt, &tuple, &tracked.to))
 }
 
-/// flannel's "pod to outside" masquerade, done here when podwire owns the node's address
-/// (`--io xdp`): TCP and UDP from the cluster network to anywhere outside it but multicast
-/// leave from the node's address, with a port of the masquerade range.
-fn masquerade(t: &Tables, orig: &Tuple) -> Option<NatPlan> {
-    let wire = t.wire.filter(|w| w.masquerade)?;
+/// Whether `orig` would be masqueraded (TCP or UDP from the cluster network to outside it and
+/// the service range) but to a destination that no masquerade may reach: the node's own
+/// addresses (a pod's packet would come back to the host as from the node itself), loopback,
+/// link-local, "this network", multicast or broadcast. Those are dropped
+/// (`martian_destination`), not left to the kernel: the kernel never routes such a packet
+/// into the TUN (its local table comes before the steering rules; martians are not routed),
+/// so only a pod's port, past the host's stack, can bring one.
+fn masquerade_forbidden(t: &Tables, orig: &Tuple) -> bool {
+    if !t.wire.is_some_and(|w| w.masquerade) || !masquerade_candidate(t, orig) {
+        return false;
+    }
+    let d = orig.dst;
+    let o = d.octets();
+    d == t.local.public_ip
+        || d == t.local.tun_addr
+        || o[0] == 0
+        || d.is_loopback()
+        || d.is_link_local()
+        || d.is_multicast()
+        || d.is_broadcast()
+}
+
+/// TCP or UDP from the cluster network to outside it and the service range.
+fn masquerade_candidate(t: &Tables, orig: &Tuple) -> bool {
     let network = t.map.network();
-    let eligible = matches!(orig.proto, PROTO_TCP | PROTO_UDP)
+    matches!(orig.proto, PROTO_TCP | PROTO_UDP)
         && network.contains(orig.src)
         && !network.contains(orig.dst)
-        && !orig.dst.is_multicast()
-        && !t.services.in_cidr(orig.dst);
+        && !t.services.in_cidr(orig.dst)
+}
+
+/// flannel's "pod to outside" masquerade, done here when podwire owns the node's address
+/// (`--io xdp`): TCP and UDP from the cluster network to anywhere outside it leave from the
+/// node's address, with a port of the masquerade range ([`masquerade_forbidden`] destinations
+/// never get here).
+fn masquerade(t: &Tables, orig: &Tuple) -> Option<NatPlan> {
+    let wire = t.wire.filter(|w| w.masquerade)?;
+    let eligible = masquerade_candidate(t, orig) && !orig.dst.is_multicast();
     eligible.then_some(NatPlan {
         dnat: None,
         snat: Some(t.local.public_ip),
@@ -624,6 +654,46 @@ mod tests {
             CLIENT,
         );
         assert_eq!(v, Verdict::IcmpToTun, "no route outside without masquerade");
+    }
+
+    #[test]
+    fn test_nothing_is_masqueraded_to_the_node_itself_or_to_martian_destinations() {
+        let t = wire_tables(&[]);
+        let f = Flows::new(Default::default());
+        for dst in [
+            NODE_A,
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(169, 254, 169, 254),
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(224, 0, 0, 251),
+            Ipv4Addr::new(239, 1, 2, 3),
+            Ipv4Addr::BROADCAST,
+        ] {
+            for pkt in [tcp(CLIENT, 40000, dst, 443, true, false), {
+                let mut out = Vec::new();
+                PacketBuilder::ipv4(CLIENT.octets(), dst.octets(), 64)
+                    .udp(40000, 53)
+                    .write(&mut out, b"q")
+                    .unwrap();
+                out
+            }] {
+                let (v, _) = run(&t, &f, Direction::FromTun, &pkt, CLIENT);
+                assert_eq!(v, Verdict::Drop(DropReason::MartianDestination), "to {dst}");
+            }
+        }
+        assert!(
+            f.conntrack.entries(0).is_empty(),
+            "no connection was opened"
+        );
+        // Outside hosts still are.
+        let (v, _) = run(
+            &t,
+            &f,
+            Direction::FromTun,
+            &tcp(CLIENT, 40000, OUTSIDE, 443, true, false),
+            CLIENT,
+        );
+        assert_eq!(v, Verdict::ToWire(OUTSIDE));
     }
 
     #[test]

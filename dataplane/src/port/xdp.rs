@@ -47,6 +47,10 @@ pub enum Role {
         lease: Ipv4Net,
         services: Ipv4Net,
         masquerade: bool,
+        /// The pod's address: only packets from it are redirected; the rest is the kernel's.
+        pod_ip: Ipv4Addr,
+        /// The node's underlay address: packets to it are the kernel's (never masqueraded).
+        node_ip: Ipv4Addr,
     },
     /// A pod's veth host end as a port of podwire's bridge (L2 mode): every frame goes to
     /// podwire (an Ethernet header is all the program checks).
@@ -73,6 +77,8 @@ pub struct XdpCounters {
     pub passed: u64,
     /// Shorter than the headers it claims: passed (the kernel drops it).
     pub malformed: u64,
+    /// Pod role: from a source other than the pod's own address: passed to the kernel.
+    pub foreign_source: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +157,8 @@ impl XdpProgram {
                 lease,
                 services,
                 masquerade,
+                pod_ip,
+                node_ip,
             } => {
                 let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
                 let mask = |net: Ipv4Net| u32::from_ne_bytes(net.mask().to_be_bytes());
@@ -166,6 +174,8 @@ impl XdpProgram {
                     lease_mask: mask(lease),
                     svc_addr: be(services.addr()),
                     svc_mask: mask(services),
+                    pod_addr: be(pod_ip),
+                    node_addr: be(node_ip),
                     ..XdpConfig::default()
                 }
             }
@@ -270,6 +280,7 @@ impl XdpProgram {
             no_socket: sum(1)?,
             passed: sum(2)?,
             malformed: sum(3)?,
+            foreign_source: sum(4)?,
         })
     }
 }

@@ -24,17 +24,27 @@ const ETH: usize = 14;
 pub struct XdpPodPort {
     xsk: XskPort,
     mac: MacAddr,
+    /// The pod's address: the only source its packets may have (`Meta::bound_src`).
+    pod_ip: Ipv4Addr,
     neighbours: Neighbours,
     /// Send scratch: each packet's Ethernet header and index.
     framed: Vec<([u8; ETH], u16)>,
 }
 
 impl XdpPodPort {
-    /// `xsk` is bound to queue 0 of `device`, whose MAC is `mac` and address `local_ip`.
-    pub fn new(xsk: XskPort, device: &str, mac: MacAddr, local_ip: Ipv4Addr) -> XdpPodPort {
+    /// `xsk` is bound to queue 0 of `device`, whose MAC is `mac` and address `local_ip`; the
+    /// pod behind it has address `pod_ip`.
+    pub fn new(
+        xsk: XskPort,
+        device: &str,
+        mac: MacAddr,
+        local_ip: Ipv4Addr,
+        pod_ip: Ipv4Addr,
+    ) -> XdpPodPort {
         XdpPodPort {
             xsk,
             mac,
+            pod_ip,
             neighbours: Neighbours::new(device, local_ip),
             framed: Vec::with_capacity(crate::worker::MAX_BATCH),
         }
@@ -74,6 +84,7 @@ impl RxPort for XdpPodPort {
             if ipv4 {
                 meta.start += ETH;
                 meta.len -= ETH;
+                meta.bound_src = Some(self.pod_ip);
             } else {
                 // The program passes everything else; counted as truncated if it ever comes.
                 meta.len = 0;

@@ -19,9 +19,13 @@ pub struct XdpConfig {
     pub lease_mask: u32,
     pub svc_addr: u32,
     pub svc_mask: u32,
+    /// Pod role, network byte order: the pod's own address.
+    pub pod_addr: u32,
+    /// Pod role, network byte order: the node's underlay address.
+    pub node_addr: u32,
 }
 
-// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 * 4 + 6 * 4 bytes,
+// SAFETY: `XdpConfig` is `repr(C)`, `Copy`, has no padding (4 + 4 + 2 * 4 + 8 * 4 bytes,
 // alignment 4) and every bit pattern is a valid value, which is what aya's `Pod` asks of map
 // values.
 unsafe impl aya::Pod for XdpConfig {}
