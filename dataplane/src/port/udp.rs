@@ -336,6 +336,53 @@ mod tests {
         }
     }
 
+    /// A GSO run whose segments exceed the path MTU (as after a "fragmentation needed", here a
+    /// locked route MTU of 1200 in a namespace of its own) is refused with EINVAL: the batch
+    /// goes out without GSO, arrives whole, and GSO stays on for the next one. Root only.
+    #[test]
+    fn test_gso_over_a_lowered_path_mtu_falls_back_and_stays_on() {
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip {args:?}");
+        };
+        std::thread::spawn(move || {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                return; // not root
+            }
+            ip(&["link", "set", "lo", "up"]);
+            // Both local routes a send to 127.0.0.1 may take.
+            for dst in ["127.0.0.0/8", "127.0.0.1/32"] {
+                ip(&[
+                    "route", "replace", "local", dst, "dev", "lo", "table", "local", "mtu", "lock",
+                    "1200",
+                ]);
+            }
+            let (rx, rx_addr) = receiver();
+            let mut port =
+                UdpPort::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 64, 1 << 22).unwrap();
+            port.set_gso(true);
+            for round in 0..2u8 {
+                let mut batch = Batch::new(64, 2048);
+                for i in 0..4 {
+                    let slot = batch.rx_slot(i);
+                    slot[..1400].fill(round * 10 + i as u8);
+                    batch.commit_rx(i, 1400, rx_addr, false);
+                }
+                let out = port.tx_batch(&batch, &[0, 1, 2, 3]);
+                assert_eq!((out.sent, out.failed), (4, 0), "round {round}");
+                let mut buf = [0u8; 4096];
+                for i in 0..4u8 {
+                    let n = rx.recv(&mut buf).unwrap();
+                    assert_eq!(n, 1400);
+                    assert!(buf[..n].iter().all(|&b| b == round * 10 + i));
+                }
+                assert!(port.gso(), "GSO still on after round {round}");
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
     /// A GSO send received with UDP GRO comes out as the same datagrams, in order, each in its
     /// own slot, and a run larger than the batch is kept for the next receive.
     #[test]

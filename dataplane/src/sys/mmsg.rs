@@ -175,9 +175,12 @@ impl MmsgScratch {
     ) -> io::Result<usize> {
         if self.gso {
             match self.send_gso(fd, batch, indices) {
-                // EINVAL also comes from a run whose segments exceed the path MTU the kernel
-                // was told (by any host, in a "fragmentation needed"): send this batch without
-                // GSO and keep it, unless the kernel keeps refusing.
+                // A run whose segments exceed the path MTU the kernel was told (by any host,
+                // in a "fragmentation needed") is refused whole, with EMSGSIZE (EINVAL on older
+                // kernels): send this batch without GSO, where the kernel fragments what is
+                // too large, and keep GSO. EINVAL may also mean no GSO at all: past a streak of
+                // them, GSO is switched off.
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.gso_refusals += 1;
                     if self.gso_refusals >= GSO_MAX_REFUSALS {
