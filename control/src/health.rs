@@ -584,14 +584,18 @@ pub fn serve_with(
         let _ctx = rt.enter();
         tokio::net::TcpListener::from_std(listener)?
     };
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("podwire-http".into())
         .spawn(move || {
             if let Err(e) = crate::privs::drop_all() {
                 tracing::warn!(error = %e, "the healthz server's thread keeps its capabilities");
             }
+            let _ = dropped_tx.send(());
             rt.block_on(accept_loop(listener, health, limits))
         })?;
+    // The daemon checks later that no thread holds more than it keeps: wait for the drop.
+    let _ = dropped.recv();
     Ok(bound)
 }
 

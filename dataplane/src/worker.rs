@@ -287,6 +287,7 @@ impl Underlay<'_> {
         dispatch: &mut Dispatch,
         ports: &mut WorkerPorts,
         local: &mut LocalStats,
+        state: &mut WorkerState,
     ) {
         if batch.is_empty() {
             return;
@@ -296,12 +297,12 @@ impl Underlay<'_> {
             self.capture.record(CapturePoint::Underlay, batch);
         }
         let dir = Direction::FromUnderlay;
-        pipeline::process_with(self.tables, self.flows, self.now, dir, batch);
+        // With the worker's state: the ICMP errors it generates toward the wire are limited.
+        pipeline::process_in_worker(self.tables, self.flows, state, self.now, dir, batch);
         dispatch.run(batch, ports, local);
     }
 }
 
-/// Adds what an AF_XDP socket did (frames moved, wakeups taken) to the counters.
 /// Counts the ICMP errors about earlier sends that `udp`'s receives returned, and hands the
 /// path MTUs the kernel lowered to `learn`.
 pub(crate) fn take_socket_errors(
@@ -327,6 +328,7 @@ pub(crate) fn take_socket_errors(
     }
 }
 
+/// Adds what an AF_XDP socket did (frames moved, wakeups taken) to the counters.
 fn count_xsk_activity(local: &mut LocalStats, a: XskActivity) {
     local.add(Counter::XdpRxFrames, a.rx_frames);
     local.add(Counter::XdpRxBatches, a.rx_batches);
@@ -607,7 +609,7 @@ impl Worker {
                 now,
                 capture,
             };
-            underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+            underlay.run(&mut from_udp, &mut dispatch, ports, &mut local, &mut state);
             let mut n_xdp = 0;
             if let Some(x) = ports.xdp.as_mut() {
                 // Frames the kernel still holds to send need a kick in copy mode.
@@ -616,7 +618,7 @@ impl Worker {
                 local.add(Counter::RxWire, x.take_wire());
                 // What the socket did since the last round: frames moved and wakeups taken.
                 count_xsk_activity(&mut local, x.xsk().take_activity());
-                underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+                underlay.run(&mut from_udp, &mut dispatch, ports, &mut local, &mut state);
             }
             let mut n_peers = 0;
             if let Some(p) = peers.as_mut().filter(|p| p.any()) {
@@ -629,7 +631,7 @@ impl Worker {
                 n_peers = p
                     .read_round(|sock| {
                         let n = ports.udp.rx_batch_from(sock, &mut from_udp)?;
-                        underlay.run(&mut from_udp, &mut dispatch, ports, &mut local);
+                        underlay.run(&mut from_udp, &mut dispatch, ports, &mut local, &mut state);
                         Ok((n, n > 0))
                     })
                     .map_err(port_err)?;

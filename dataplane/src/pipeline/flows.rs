@@ -766,6 +766,27 @@ mod tests {
         let ip = etherparse::Ipv4HeaderSlice::from_slice(&out).unwrap();
         assert_eq!((ip.source_addr(), ip.destination_addr()), (NODE_A, OUTSIDE));
         assert_eq!((out[20], out[21]), (3, 3), "port unreachable");
+        // In a worker, those answers to one client are limited as the kernel's REJECT is: a
+        // burst of six, then counted drops.
+        let mut state = super::super::WorkerState::default();
+        let verdicts: Vec<Verdict> = (0..10u16)
+            .map(|i| {
+                let syn = tcp(OUTSIDE, 50001 + i, NODE_A, 30082, true, false);
+                let mut b = Batch::new(1, 2048);
+                b.rx_slot(0)[..syn.len()].copy_from_slice(&syn);
+                b.commit_rx(0, syn.len(), SocketAddrV4::new(OUTSIDE, 8285), false);
+                b.slot_mut(0).1.wire = true;
+                let dir = Direction::FromUnderlay;
+                super::super::process_in_worker(&t2, Some(&f), &mut state, 5000, dir, &mut b);
+                b.meta(0).verdict
+            })
+            .collect();
+        let answered = verdicts
+            .iter()
+            .filter(|v| **v == Verdict::ToWire(OUTSIDE))
+            .count();
+        assert_eq!(answered, 6, "{verdicts:?}");
+        assert_eq!(verdicts[9], Verdict::Drop(DropReason::IcmpRateLimited));
         // Without owning the wire, nothing from it is taken.
         let t = tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
         let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);

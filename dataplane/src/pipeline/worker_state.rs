@@ -101,8 +101,9 @@ impl IcmpRateLimit {
         let max = PER_DEST_BURST * PER_DEST_INTERVAL_MS;
         let h = (u32::from(dst).wrapping_mul(0x9e37_79b1) >> 16) as usize % DEST_SLOTS;
         let slot = &mut self.dests[h];
-        if slot.0 != dst || slot.2 == 0 {
-            // A destination not seen (or forgotten): a full bucket, as a new inet_peer.
+        if slot.0 != dst {
+            // A destination not seen (or forgotten): a full bucket, as a new inet_peer. (No
+            // error goes to 0.0.0.0, the empty slots' destination.)
             *slot = (dst, max, now);
         }
         let tokens = (slot.1 + now.saturating_sub(slot.2)).min(max);
