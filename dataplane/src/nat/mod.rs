@@ -461,6 +461,9 @@ impl Services {
                     }
                 }
             }
+            // Maglev's table is filled in endpoint order: sorted, every node that holds the
+            // same endpoints, in whatever order they arrived, makes the same choices.
+            spec.endpoints.sort_unstable();
             let maglev = (options.algorithm == Algorithm::Maglev && !spec.endpoints.is_empty())
                 .then(|| {
                     let m = maglev::table_size(spec.endpoints.len(), options.maglev_max);

@@ -70,6 +70,27 @@ fn test_plan_spreads_over_endpoints_and_snats_local_ones() {
     assert!(aff.is_empty(0));
 }
 
+/// Two nodes that hold the same endpoints in any order choose the same backend for every
+/// connection: Maglev's table does not depend on the order endpoints arrive in.
+#[test]
+fn test_maglev_choice_does_not_depend_on_endpoint_order() {
+    let eps = vec![ep(2, 2), ep(3, 2), ep(2, 1), ep(9, 3), ep(4, 3)];
+    let choices = |eps: Vec<SocketAddrV4>| -> Vec<Option<(Ipv4Addr, u16)>> {
+        let s = Services::build(options(), vec![spec(eps, None)]).unwrap();
+        let aff = Affinity::default();
+        (1024..3024u16)
+            .map(|sport| s.plan(&conn(2, sport), local(), &aff, 0).unwrap().dnat)
+            .collect()
+    };
+    let first = choices(eps.clone());
+    let mut reordered = eps.clone();
+    reordered.reverse();
+    assert_eq!(choices(reordered), first, "reversed");
+    let mut rotated = eps;
+    rotated.rotate_left(2);
+    assert_eq!(choices(rotated), first, "rotated");
+}
+
 #[test]
 fn test_unknown_service_and_service_without_endpoints() {
     let s = Services::build(options(), vec![spec(vec![], None)]).unwrap();
@@ -303,7 +324,9 @@ fn test_endpoints_refused_as_kube_apiserver_and_the_node_refuse_them() {
     let (s, report) = Services::admit(options(), &node_admission(), vec![spec(eps, None)]);
     assert_eq!(s.len(), 1);
     assert!(report.rejected.is_empty());
-    assert_eq!(s.specs().next().unwrap().endpoints, good);
+    let mut kept = good.clone();
+    kept.sort_unstable(); // endpoints are kept sorted, for Maglev
+    assert_eq!(s.specs().next().unwrap().endpoints, kept);
     assert_eq!(report.endpoints_removed.len(), bad.len() + 1, "{report:?}");
     for ((e, why), got) in bad.iter().zip(&report.endpoints_removed) {
         assert_eq!(
