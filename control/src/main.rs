@@ -4,7 +4,7 @@ mod daemon;
 mod flanneld_args;
 mod lab;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use podwire_dataplane::pipeline::Direction;
 use podwire_dataplane::worker::WorkerConfig;
@@ -33,6 +33,9 @@ enum Cmd {
     /// vxlan, podwire udp and host-gw routing, side by side in one run; prints a table of
     /// ratios to kernel VXLAN and writes JSON and an SVG chart. Needs root.
     Bench(BenchArgs),
+    /// Render the figures of README.md and docs/ from the committed run files they name
+    /// (`<!-- fig docs/bench/FILE#KEY -->...<!-- /fig -->`), or check that they match.
+    Figures(FiguresArgs),
     /// Ask the running daemon (over its ctl socket): the subnet map, the connection table
     /// (like `conntrack -L`), services (like `ipvsadm -Ln`), worker counters and rates.
     Ctl(CtlArgs),
@@ -137,9 +140,12 @@ struct BenchArgs {
     /// Megabytes per single-stream TCP run (the 4-stream run sends a quarter on each stream).
     #[arg(long, default_value_t = 1000)]
     tcp_mb: u64,
-    /// Seconds of 64-byte UDP traffic per run.
+    /// Seconds of the unpaced 64-byte UDP trial (the generator's full rate) per run.
     #[arg(long, default_value_t = 2.0)]
     udp_seconds: f64,
+    /// Seconds of each paced trial of the no-drop-rate search (up to 8 per run).
+    #[arg(long, default_value_t = 1.0)]
+    trial_seconds: f64,
     /// Workers per podwire node.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -151,12 +157,22 @@ struct BenchArgs {
     /// encapsulation with the underlay through AF_XDP.
     #[arg(long, value_delimiter = ',', default_values_t = lab::bench::MODES.map(String::from))]
     modes: Vec<String>,
-    /// Results as JSON.
+    /// The run file: every sample and trial, with the commit, date, command and machine.
     #[arg(long, default_value = "bench-results.json")]
     out: PathBuf,
     /// The chart.
     #[arg(long, default_value = "bench-results.svg")]
     svg: PathBuf,
+}
+
+#[derive(Args)]
+struct FiguresArgs {
+    /// Only check: exit 1 naming every document whose figures differ from its run files.
+    #[arg(long)]
+    check: bool,
+    /// The repository's root.
+    #[arg(long, default_value = ".")]
+    root: PathBuf,
 }
 
 #[derive(Args)]
@@ -635,12 +651,14 @@ fn main() -> Result<()> {
                 rounds: a.rounds.max(1),
                 tcp_mb: a.tcp_mb.max(4),
                 udp_seconds: a.udp_seconds.clamp(0.2, 60.0),
+                trial_seconds: a.trial_seconds.clamp(0.2, 60.0),
                 workers: a.workers.max(1),
                 modes: a.modes,
                 out: a.out,
                 svg: a.svg,
             })
         }
+        Cmd::Figures(a) => figures(a),
         Cmd::Lab(a) => {
             lab::install_signal_teardown()?;
             let ok = lab::run(lab::LabOptions {
@@ -921,4 +939,27 @@ mod tests {
         .unwrap();
         assert!(Cli::try_parse_from(args).is_err());
     }
+}
+
+/// `podwire figures`: rewrites (or checks) every figure of README.md and docs/.
+fn figures(a: FiguresArgs) -> Result<()> {
+    let mut stale = Vec::new();
+    for (path, now, want) in podwire::figures::render_all(&a.root)? {
+        if now == want {
+            continue;
+        }
+        if a.check {
+            stale.push(path.display().to_string());
+        } else {
+            std::fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
+            println!("rendered {}", path.display());
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "figures differ from their run files in {}: run `podwire figures`",
+            stale.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -74,7 +74,7 @@ fn flood(
         })?;
         let datagram = datagram.clone();
         threads.push(std::thread::spawn(move || {
-            Ok(traffic::blast_from(&sock, &datagram, to, duration))
+            Ok(traffic::blast_from(&sock, &datagram, to, None, duration).0)
         }));
     }
     Ok(threads)

@@ -401,25 +401,16 @@ pub fn tcp_discard(listener: TcpListener, timeout: Duration) -> Result<u64> {
     }
 }
 
-/// What a UDP rate run moved.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UdpRate {
-    pub received: u64,
-    /// From the first datagram received to the last.
-    pub elapsed: Duration,
-}
-
-/// Bench source: datagrams of `ip_len` bytes (IP header included) to `dst` for `duration`,
-/// 64 per sendmmsg call, so the sender itself is not what limits the rate.
-pub fn udp_blast(dst: SocketAddrV4, ip_len: usize, duration: Duration) -> Result<u64> {
-    let payload = vec![0x5a; ip_len.saturating_sub(28).max(1)];
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    Ok(blast_from(&sock, &payload, dst, duration))
-}
-
-/// Sends `datagram` from `sock` to `dst` as fast as it goes, 64 per sendmmsg call, for
-/// `duration`; returns how many left.
-pub fn blast_from(sock: &UdpSocket, datagram: &[u8], dst: SocketAddrV4, duration: Duration) -> u64 {
+/// Sends `datagram` from `sock` to `dst` for `duration`: unpaced (64 per `sendmmsg`, as fast
+/// as the socket takes them) or at `pps`, in bursts of at most 64 as the clock makes them due.
+/// Returns how many the socket took and how long the sending lasted.
+pub fn blast_from(
+    sock: &UdpSocket,
+    datagram: &[u8],
+    dst: SocketAddrV4,
+    pps: Option<f64>,
+    duration: Duration,
+) -> (u64, Duration) {
     use podwire_dataplane::batch::Batch;
     use podwire_dataplane::port::MmsgScratch;
     use std::os::fd::AsFd;
@@ -433,14 +424,29 @@ pub fn blast_from(sock: &UdpSocket, datagram: &[u8], dst: SocketAddrV4, duration
     let mut scratch = MmsgScratch::new(BATCH);
     let start = Instant::now();
     let mut sent = 0u64;
-    while start.elapsed() < duration {
-        match scratch.send(sock.as_fd(), &batch, &indices) {
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        let want = match pps {
+            None => BATCH,
+            Some(r) => {
+                let due = (r * elapsed.as_secs_f64()) as u64;
+                (due.saturating_sub(sent) as usize).min(BATCH)
+            }
+        };
+        if want == 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        match scratch.send(sock.as_fd(), &batch, &indices[..want]) {
             Ok(n) => sent += n as u64,
             // A full socket buffer or a transient ICMP error: keep pushing.
             Err(_) => std::thread::yield_now(),
         }
     }
-    sent
+    (sent, start.elapsed())
 }
 
 /// Sends `total` datagrams of `len` bytes from `from` to `to` at `pps`, each starting with its
@@ -541,14 +547,14 @@ pub fn receive_seq(
 
 /// Bench sink: counts datagrams on `sock` until none came for `idle` (after the first) or
 /// `limit` passed, reading 64 per recvmmsg call.
-pub fn udp_count(sock: UdpSocket, idle: Duration, limit: Duration) -> Result<UdpRate> {
+pub fn udp_count(sock: UdpSocket, idle: Duration, limit: Duration) -> Result<u64> {
     use podwire_dataplane::batch::Batch;
     use podwire_dataplane::port::MmsgScratch;
     use std::os::fd::AsFd;
     let mut batch = Batch::new(64, 2048);
     let mut scratch = MmsgScratch::new(64);
     let start = Instant::now();
-    let (mut first, mut last) = (None, start);
+    let (mut first, mut last) = (false, start);
     let mut received = 0u64;
     loop {
         batch.clear();
@@ -560,18 +566,15 @@ pub fn udp_count(sock: UdpSocket, idle: Duration, limit: Duration) -> Result<Udp
         let now = Instant::now();
         if n > 0 {
             received += n as u64;
-            first.get_or_insert(now);
+            first = true;
             last = now;
         } else {
-            let quiet_since = if first.is_some() { last } else { start };
+            let quiet_since = if first { last } else { start };
             if now.duration_since(quiet_since) > idle || now.duration_since(start) > limit {
                 break;
             }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
-    Ok(UdpRate {
-        received,
-        elapsed: first.map_or(Duration::ZERO, |f| last.duration_since(f)),
-    })
+    Ok(received)
 }
