@@ -14,11 +14,14 @@
 //! | 1400-byte checksum (`checksum/full/1400`) | < 150 ns | 143 ns |
 //! | conntrack hit (`conntrack_hit`) | < 120 ns at 1 M entries | 51.6 / 103 ns at 10 k / 1 M |
 //! | tracking on top of forwarding (`tracked_64_packets`) | < 40 ns | +30 ns UDP, +17 ns TCP runs |
-//! | new connection to a service, DNAT (`dnat_new_connection`) | < 1 µs, flat in services | 703 / 747 / 688 ns at 10 / 10 k / 100 k |
+//! | first packet of a new connection to a service, DNAT (`conntrack_new_connection/services/N`) | < 1 µs at 10 to 100 k services | README's table, from the recorded run |
+//! | packet of an established connection to a service (`conntrack_established/services/N`) | none set | README's table, from the recorded run |
 //! | L2 forwarding decision, learn + look up (`fdb_forward_known_unicast`) | < 30 ns at 100 k MACs | 16.6 / 25.5 ns at 1 k / 100 k |
 //! | learning a new station (`fdb_learn_new_station`) | < 100 ns | 37 / 51 ns (learn, install, remove) |
 //!
-//! (Measured 2026-11-22 for routing and encapsulation, 2026-12-01 for the rest. The 12-01
+//! (Measured 2026-11-22 for routing and encapsulation, 2026-12-01 for the rest but the DNAT
+//! rows, whose bench was rewritten on 12-03 (issue 19: the old one repeated tuples and took
+//! drops); their figures are rendered into the README from a run `./dev bench --record` wrote. The 12-01
 //! pipeline figures, per packet net of the refill baseline, came on a busier machine and with
 //! the per-packet work added since; the VXLAN rows are over budget and are issue 8's to bring
 //! back. In socket mode VXLAN encapsulation skips the outer checksum, a 1400-byte one.)
