@@ -60,8 +60,13 @@ pub enum CtlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The answer could not be read (not JSON, a capture cut short): a fault on either side.
     #[error("podwire answered garbage: {0}")]
     Answer(String),
+    /// The daemon understood the request and refused it, saying why (e.g. `fdb` on a routed
+    /// node).
+    #[error("podwire refused: {0}")]
+    Refused(String),
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
@@ -236,7 +241,10 @@ pub fn handle(req: &Value, state: &CtlState) -> Value {
             json!({"error": "capture streams a pcap after its JSON line: podwire ctl capture"})
         }
         Some(cmd @ ("fdb" | "attach" | "detach")) => match &state.l2 {
-            None => json!({"error": "no bridge: podwire runs in routed (L3) mode"}),
+            None => json!({"error": format!(
+                "{cmd}: this node runs in routed mode (--mode l3): no bridge, so no FDB and no \
+                 ports to attach; {cmd} needs `podwire run --mode l2`"
+            )}),
             Some(l2) => l2_command(cmd, req, l2).unwrap_or_else(|e| json!({"error": e})),
         },
         other => {
@@ -700,7 +708,7 @@ pub fn capture_to_file(socket: &Path, req: &Value, path: &Path) -> Result<Value,
     r.read_line(&mut line).map_err(connect)?;
     let mut v: Value = serde_json::from_str(&line).map_err(|e| CtlError::Answer(e.to_string()))?;
     if let Some(e) = v["error"].as_str() {
-        return Err(CtlError::Answer(e.to_string()));
+        return Err(CtlError::Refused(e.to_string()));
     }
     let len = v["pcap_bytes"]
         .as_u64()
@@ -732,7 +740,7 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, CtlError> {
     BufReader::new(s).read_line(&mut line).map_err(connect)?;
     let v: Value = serde_json::from_str(&line).map_err(|e| CtlError::Answer(e.to_string()))?;
     if let Some(e) = v["error"].as_str() {
-        return Err(CtlError::Answer(e.to_string()));
+        return Err(CtlError::Refused(e.to_string()));
     }
     Ok(v)
 }
@@ -1014,6 +1022,39 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["ctl.sock", "stop"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_fdb_on_a_routed_node_is_a_clear_refusal() {
+        // Before: "podwire answered garbage: no bridge: podwire runs in routed (L3) mode".
+        let dir = temp_dir("ctl-fdb-routed");
+        let socket = dir.join("ctl.sock");
+        serve(&socket, test_state()).unwrap();
+        for cmd in ["fdb", "attach", "detach"] {
+            let err = request(&socket, &json!({"cmd": cmd, "netns": "pod-a"})).unwrap_err();
+            assert!(matches!(err, CtlError::Refused(_)), "{cmd}: {err:?}");
+            let text = err.to_string();
+            assert!(!text.contains("garbage"), "{text}");
+            assert!(
+                text.starts_with(&format!(
+                    "podwire refused: {cmd}: this node runs in routed mode (--mode l3): no bridge, so no FDB"
+                )),
+                "{text}"
+            );
+        }
+        // An answer that is no JSON at all is still garbage.
+        let bad = dir.join("bad.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&bad).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&c).read_line(&mut line).unwrap();
+            c.write_all(b"not json\n").unwrap();
+        });
+        let err = request(&bad, &json!({"cmd": "fdb"})).unwrap_err();
+        server.join().unwrap();
+        assert!(matches!(err, CtlError::Answer(_)), "{err:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

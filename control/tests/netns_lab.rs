@@ -516,7 +516,24 @@ fn decode_first(
 }
 
 #[test]
-fn vxlan_frames_on_the_wire_match_the_kernels() {
+fn vxlan_frames_on_the_wire_match_the_kernels_flow_ports() {
+    // `--vxlan-tx flow-ports`: podwire writes the outer IP/UDP headers itself and sends them
+    // through a raw socket.
+    wire_frames_match_the_kernels("flow-ports");
+}
+
+#[test]
+fn vxlan_frames_on_the_wire_match_the_kernels_socket() {
+    // `--vxlan-tx socket`, the default: podwire writes VXLAN and the inner Ethernet, and its UDP
+    // sockets (with GSO) have the kernel write the outer IP/UDP headers. The source port is
+    // one of the worker's sockets' ephemeral ports, chosen by flow hash.
+    wire_frames_match_the_kernels("socket");
+}
+
+/// Node 1 podwire (with `run --vxlan-tx <vxlan_tx>`), nodes 2 and 3 kernel: pod 1 and pod 3
+/// both ping pod 2, so node 2 receives the same inner packets encapsulated once by podwire and
+/// once by the kernel; tshark decodes both field by field.
+fn wire_frames_match_the_kernels(vxlan_tx: &str) {
     if Command::new("tshark")
         .arg("--version")
         .output()
@@ -527,14 +544,13 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
         return;
     }
     let Some(_slot) = lab_slot() else { return };
-    let pcap = std::env::temp_dir().join(format!("podwire-wire-{}.pcap", std::process::id()));
-    // Node 1 podwire, nodes 2 and 3 kernel: pod 1 and pod 3 both ping pod 2, so node 2 receives the
-    // same inner packets encapsulated once by podwire and once by the kernel. With `flow-ports`
-    // podwire writes the outer IP/UDP headers itself, which is what this compares; with the
-    // default `socket` the kernel writes them.
+    let pcap = std::env::temp_dir().join(format!(
+        "podwire-wire-{vxlan_tx}-{}.pcap",
+        std::process::id()
+    ));
     let (report, text) = run_lab(&[
         "--vxlan-tx",
-        "flow-ports",
+        vxlan_tx,
         "--nodes",
         "3",
         "--backend",
@@ -584,14 +600,13 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
         let ours = ours
             .iter()
             .find(|f| f["ip.len"] == len)
-            .unwrap_or_else(|| panic!("podwire sent no {len} frame"));
+            .unwrap_or_else(|| panic!("{vxlan_tx}: podwire sent no {len} frame"));
         let kernel = kernels
             .iter()
             .find(|f| f["ip.len"] == len)
             .unwrap_or_else(|| panic!("kernel sent no {len} frame"));
         for field in [
             "ip.ttl",
-            "ip.flags.df",
             "ip.dsfield",
             "ip.len",
             "ip.proto",
@@ -605,29 +620,57 @@ fn vxlan_frames_on_the_wire_match_the_kernels() {
         ] {
             assert_eq!(
                 ours[field], kernel[field],
-                "{field} for {len}-byte frames: podwire {ours:?} kernel {kernel:?}"
+                "{vxlan_tx}: {field} for {len}-byte frames: podwire {ours:?} kernel {kernel:?}"
             );
         }
+        // DF: the inner packet's as it came. The outer one is clear, as the kernel's VXLAN
+        // device sends it, with `flow-ports`; the default `socket` path leaves the outer header
+        // to its UDP sockets, whose path MTU discovery sets DF: the one outer field in which it
+        // differs from the kernel (README, "VXLAN").
+        let (ours_df, kernel_df) = (&ours["ip.flags.df"], &kernel["ip.flags.df"]);
+        assert_eq!(
+            ours_df.split_once(',').map(|d| d.1),
+            kernel_df.split_once(',').map(|d| d.1),
+            "{vxlan_tx}: inner DF for {len}-byte frames: podwire {ours:?} kernel {kernel:?}"
+        );
+        assert!(kernel_df.starts_with("0,"), "{kernel:?}");
+        let outer_df = if vxlan_tx == "socket" { "1," } else { "0," };
+        assert!(
+            ours_df.starts_with(outer_df),
+            "{vxlan_tx}: outer DF for {len}-byte frames: podwire {ours:?} kernel {kernel:?}"
+        );
         // The inner source MAC is each sender's VtepMAC (the outer one is its NIC's).
-        assert!(ours["eth.src"].ends_with(",0e:70:c0:a8:63:0b"), "{ours:?}");
+        assert!(
+            ours["eth.src"].ends_with(",0e:70:c0:a8:63:0b"),
+            "{vxlan_tx}: {ours:?}"
+        );
         assert!(
             kernel["eth.src"].ends_with(",0e:70:c0:a8:63:0d"),
             "{kernel:?}"
         );
-        // podwire fills the outer UDP checksum and gets it right. (The kernel's reads as bad here:
-        // over veth it leaves it for a NIC to finish, which a physical wire would not show.)
+        // The outer UDP checksum is filled. With `flow-ports` podwire computes it and tshark
+        // verifies it. The kernel's (its VXLAN device's, and its UDP socket's on the `socket`
+        // path) reads as bad here: over veth it leaves it for a NIC to finish, which a physical
+        // wire would not show.
         assert_ne!(ours["udp.checksum"], "0x0000");
-        assert_eq!(ours["udp.checksum.status"], "1", "{ours:?}");
+        if vxlan_tx == "socket" {
+            assert_eq!(
+                ours["udp.checksum.status"], kernel["udp.checksum.status"],
+                "{vxlan_tx}: {ours:?} kernel {kernel:?}"
+            );
+        } else {
+            assert_eq!(ours["udp.checksum.status"], "1", "{vxlan_tx}: {ours:?}");
+        }
         let port: u16 = ours["udp.srcport"].parse().unwrap();
         assert!(
             (32768..=60999).contains(&port),
-            "source port {port} outside the kernel's range"
+            "{vxlan_tx}: source port {port} outside the kernel's range"
         );
     }
     // One flow, one source port (so ECMP and RSS keep it on one path).
     let ports: std::collections::HashSet<&str> =
         ours.iter().map(|f| f["udp.srcport"].as_str()).collect();
-    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports.len(), 1, "{vxlan_tx}: {ports:?}");
     let _ = std::fs::remove_file(&pcap);
 }
 

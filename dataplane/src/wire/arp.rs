@@ -187,4 +187,54 @@ mod tests {
             Error::Malformed
         );
     }
+
+    /// etherparse's ARP for Ethernet/IPv4, independent of this module.
+    fn reference(oper: etherparse::ArpOperation) -> Vec<u8> {
+        etherparse::ArpPacket::new(
+            etherparse::ArpHardwareId::ETHERNET,
+            etherparse::EtherType::IPV4,
+            oper,
+            &[0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02],
+            &[10, 244, 1, 2],
+            &[0x0e, 0x70, 0xc0, 0xa8, 0x63, 0x0b],
+            &[10, 244, 1, 1],
+        )
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+    }
+
+    #[test]
+    fn test_round_trip_against_etherparse() {
+        for (oper, ours) in [
+            (etherparse::ArpOperation::REQUEST, Operation::Request),
+            (etherparse::ArpOperation::REPLY, Operation::Reply),
+            (etherparse::ArpOperation(9), Operation::Unknown(9)),
+        ] {
+            let want = reference(oper);
+            // etherparse's bytes parse to the fields etherparse was given...
+            let repr = Repr::parse(&Packet::new_checked(&want[..]).unwrap());
+            assert_eq!(
+                repr,
+                Repr {
+                    operation: ours,
+                    sender_mac: MacAddr([0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02]),
+                    sender_ip: Ipv4Addr::new(10, 244, 1, 2),
+                    target_mac: MacAddr([0x0e, 0x70, 0xc0, 0xa8, 0x63, 0x0b]),
+                    target_ip: Ipv4Addr::new(10, 244, 1, 1),
+                }
+            );
+            // ...and what we emit is etherparse's packet byte for byte, which it reads back.
+            let mut buf = [0u8; HEADER_LEN];
+            repr.emit(&mut buf);
+            assert_eq!(&buf[..], &want[..]);
+            let back = etherparse::ArpPacket::from_slice(&buf)
+                .unwrap()
+                .try_eth_ipv4()
+                .unwrap();
+            assert_eq!(back.operation, oper);
+            assert_eq!(back.sender_ipv4, [10, 244, 1, 2]);
+            assert_eq!(back.target_mac, [0x0e, 0x70, 0xc0, 0xa8, 0x63, 0x0b]);
+        }
+    }
 }

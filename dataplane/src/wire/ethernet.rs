@@ -222,4 +222,40 @@ mod tests {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn test_round_trip_against_etherparse() {
+        for (ethertype, theirs) in [
+            (ethertype::IPV4, etherparse::EtherType::IPV4),
+            (ethertype::ARP, etherparse::EtherType::ARP),
+            (ethertype::IPV6, etherparse::EtherType::IPV6),
+            (0x8100, etherparse::EtherType::VLAN_TAGGED_FRAME),
+        ] {
+            let header = etherparse::Ethernet2Header {
+                source: [0x0e, 0x70, 0xc0, 0xa8, 0x63, 0x0b],
+                destination: [0xff; 6],
+                ether_type: theirs,
+            };
+            let mut want = header.to_bytes().to_vec();
+            want.extend_from_slice(b"payload");
+            let p = Packet::new_checked(&want[..]).unwrap();
+            let repr = Repr::parse(&p);
+            assert_eq!(
+                repr,
+                Repr {
+                    dst: MacAddr::BROADCAST,
+                    src: MacAddr([0x0e, 0x70, 0xc0, 0xa8, 0x63, 0x0b]),
+                    ethertype,
+                }
+            );
+            assert_eq!(p.payload(), b"payload");
+            let mut buf = vec![0u8; want.len()];
+            buf[HEADER_LEN..].copy_from_slice(b"payload");
+            repr.emit(&mut Packet::new_unchecked(&mut buf[..]));
+            assert_eq!(buf, want);
+            let (back, rest) = etherparse::Ethernet2Header::from_slice(&buf).unwrap();
+            assert_eq!(back, header);
+            assert_eq!(rest, b"payload");
+        }
+    }
 }

@@ -121,4 +121,58 @@ mod tests {
         v4[0] = 0x45;
         assert_eq!(Packet::new_checked(&v4[..]).unwrap_err(), Error::Malformed);
     }
+
+    /// ipv6.rs parses only (podwire forwards no IPv6): etherparse writes the header, and every
+    /// field must read back as etherparse wrote it.
+    #[test]
+    fn test_parse_against_etherparse() {
+        for (tclass, flow, next, ours) in [
+            (
+                0x00,
+                0x0_0000,
+                etherparse::IpNumber::IPV6_ICMP,
+                IpProtocol::Icmpv6,
+            ),
+            (0xb8, 0xf_ffff, etherparse::IpNumber::TCP, IpProtocol::Tcp),
+            (0x01, 0x1_2345, etherparse::IpNumber::UDP, IpProtocol::Udp),
+            (
+                0x22,
+                0x0_0001,
+                etherparse::IpNumber(43),
+                IpProtocol::Unknown(43),
+            ),
+        ] {
+            let (src, dst): (Ipv6Addr, Ipv6Addr) = (
+                "fd00::1:2".parse().unwrap(),
+                "ff02::1:ff00:2".parse().unwrap(),
+            );
+            let header = etherparse::Ipv6Header {
+                traffic_class: tclass,
+                flow_label: etherparse::Ipv6FlowLabel::try_new(flow).unwrap(),
+                payload_length: 5,
+                next_header: next,
+                hop_limit: 64,
+                source: src.octets(),
+                destination: dst.octets(),
+            };
+            let mut buf = header.to_bytes().to_vec();
+            buf.extend_from_slice(b"hello");
+            let p = Packet::new_checked(&buf[..]).unwrap();
+            assert_eq!(p.traffic_class(), tclass);
+            assert_eq!(p.flow_label(), flow);
+            assert_eq!(p.payload_len(), 5);
+            assert_eq!(p.next_header(), ours);
+            assert_eq!(p.hop_limit(), 64);
+            assert_eq!((p.src(), p.dst()), (src, dst));
+            assert_eq!(p.payload(), b"hello");
+            // A payload length beyond the buffer is what etherparse calls a length error too.
+            let mut short = buf.clone();
+            short.truncate(HEADER_LEN + 4);
+            assert_eq!(
+                Packet::new_checked(&short[..]).unwrap_err(),
+                Error::Truncated
+            );
+            assert!(etherparse::Ipv6Slice::from_slice(&short).is_err());
+        }
+    }
 }

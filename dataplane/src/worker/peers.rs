@@ -8,9 +8,10 @@
 //! flood then overflows only the flooder's queue, and the worker reads the ready queues round
 //! robin, one batch each per round, so the flooder also gets no more than its share of CPU.
 //!
-//! What it covers: peers that send from the well-known port, as flannel's udp backend and
-//! podwire's VXLAN (from port 8472) do. The kernel's VXLAN device sends from a source port per
-//! flow, so its datagrams (and anything else) still land on the shared socket.
+//! What it covers: peers that send from the well-known port, as flannel's udp backend does and
+//! podwire's VXLAN with `--vxlan-tx-sockets 0` (from port 8472). The kernel's VXLAN device sends
+//! from a source port per flow, and podwire's VXLAN by default from ephemeral ports (one per
+//! `--vxlan-tx` socket), so their datagrams (and anything else) still land on the shared socket.
 //!
 //! The sockets are made and closed by the worker itself when the subnet map changes (off the
 //! packet path); each peer belongs to one worker, by address hash.
