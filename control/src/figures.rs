@@ -15,7 +15,8 @@
 //! VXLAN, min-max), `rate-table` (offered, delivered, loss and no-drop rate, beside the
 //! generator's ceiling), `source` (date, commit, command, machine), `MODE/WORKLOAD` (a median
 //! and its unit), `MODE/WORKLOAD/ratio`, `af_xdp/MODE/FIELD`. Keys of a criterion run file
-//! (`./dev bench --record`): `BENCH-ID` (the median per iteration), `BENCH-ID/range`, `source`.
+//! (`./dev bench --record`): `BENCH-ID` (the median per iteration), `BENCH-ID/range`, either
+//! with `/per/N` (an iteration of N operations, as the time of one), `source`.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -195,20 +196,22 @@ fn source_line(run: &Value) -> String {
 }
 
 fn criterion_figure(run: &Value, key: &str) -> Option<String> {
+    // `ID/per/N`: a bench whose iteration does N operations, as the time of one.
+    let (key, per) = match key.rsplit_once("/per/") {
+        Some((id, n)) => (id, n.parse::<f64>().ok().filter(|n| *n > 0.0)?),
+        None => (key, 1.0),
+    };
     let (id, range) = match key.strip_suffix("/range") {
         Some(id) => (id, true),
         None => (key, false),
     };
     let b = run["benches"].get(id)?;
     let unit = b["unit"].as_str()?;
+    let at = |field: &str| Some(number(b[field].as_f64()? / per));
     if range {
-        Some(format!(
-            "{}-{} {unit}",
-            number(b["min"].as_f64()?),
-            number(b["max"].as_f64()?)
-        ))
+        Some(format!("{}-{} {unit}", at("min")?, at("max")?))
     } else {
-        Some(format!("{} {unit}", number(b["median"].as_f64()?)))
+        Some(format!("{} {unit}", at("median")?))
     }
 }
 
@@ -515,7 +518,20 @@ mod tests {
              <!-- fig docs/bench/c.json#route/lookup/10000/range -->2.00-3.00 ns<!-- /fig -->"
         );
         let fails = |doc: &str| render(doc, "d.md", &root).unwrap_err().to_string();
+        assert_eq!(
+            render(
+                "<!-- fig docs/bench/c.json#route/lookup/10000/per/1000 --><!-- /fig -->",
+                "d.md",
+                &root
+            )
+            .unwrap(),
+            "<!-- fig docs/bench/c.json#route/lookup/10000/per/1000 -->0.00231 ns<!-- /fig -->"
+        );
         assert!(fails("<!-- fig docs/bench/c.json#nope -->x<!-- /fig -->").contains("no figure"));
+        assert!(
+            fails("<!-- fig docs/bench/c.json#route/lookup/10000/per/0 -->x<!-- /fig -->")
+                .contains("no figure")
+        );
         assert!(fails("<!-- fig docs/bench/c.json#route/lookup/10000 -->x").contains("not closed"));
         assert!(fails("<!-- fig /etc/passwd#x --><!-- /fig -->").contains("PATH#KEY"));
         assert!(fails("<!-- fig docs/bench/gone.json#x --><!-- /fig -->").contains("reading"));
