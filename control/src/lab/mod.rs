@@ -190,38 +190,105 @@ impl Resources {
         self.names.ns(suffix)
     }
 
-    /// SIGTERM to every child, SIGKILL to those still there after 5 s.
-    fn stop(children: &mut [(String, Child)]) {
-        for (_, child) in children.iter() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    /// SIGTERM to every child, SIGKILL to those still there after 5 s. Returns what went wrong
+    /// with the daemons (`nI`): each must exit with status 0 on the lab's SIGTERM.
+    fn stop(dir: &Path, children: &mut [(String, Child)]) -> Vec<String> {
+        // One that already ended did so before the lab asked it to.
+        let mut failures = Vec::new();
+        let ended: Vec<bool> = children
+            .iter_mut()
+            .map(|(name, child)| match child.try_wait() {
+                Ok(None) => false,
+                Ok(Some(status)) => {
+                    failures.extend(daemon_failure(
+                        dir,
+                        name,
+                        status,
+                        "before the lab stopped it",
+                        false,
+                    ));
+                    true
+                }
+                Err(_) => true,
+            })
+            .collect();
+        for ((_, child), ended) in children.iter().zip(&ended) {
+            if !ended {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in children.iter_mut() {
+        for ((name, child), ended) in children.iter_mut().zip(ended) {
+            if ended {
+                continue;
+            }
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
+                if let Some(node) = daemon_node(name) {
+                    failures.push(format!(
+                        "podwire on node {node} did not stop within 5 s of the lab's SIGTERM (SIGKILLed); its log ends:\n{}",
+                        log_tail(dir, node)
+                    ));
+                }
+                let _ = child.wait();
+                continue;
             }
-            let _ = child.wait();
+            if let Ok(status) = child.wait() {
+                failures.extend(daemon_failure(
+                    dir,
+                    name,
+                    status,
+                    "on the lab's SIGTERM",
+                    true,
+                ));
+            }
         }
+        failures
     }
 
-    fn stop_children(&mut self) {
-        Self::stop(&mut self.children);
+    /// Stops every child; returns the daemons that did not exit with status 0 (see `stop`).
+    fn stop_children(&mut self) -> Vec<String> {
+        let failures = Self::stop(&self.names.dir, &mut self.children);
         self.children.clear();
+        failures
     }
 
-    /// Stops the child called `name` (e.g. "n3").
-    fn stop_child(&mut self, name: &str) {
+    /// Stops the child called `name` (e.g. "n3"); returns what went wrong (see `stop`).
+    fn stop_child(&mut self, name: &str) -> Vec<String> {
         let (mut stopping, keep): (Vec<_>, Vec<_>) =
             self.children.drain(..).partition(|(n, _)| n == name);
         self.children = keep;
-        Self::stop(&mut stopping);
+        Self::stop(&self.names.dir, &mut stopping)
+    }
+
+    /// The daemons that have ended although the lab stopped none of them (a daemon the lab
+    /// stops or kills on purpose leaves `children` first): each is removed from `children` and
+    /// described, with its exit status or signal and the tail of its log.
+    fn reap_dead(&mut self) -> Vec<String> {
+        let dir = self.names.dir.clone();
+        let mut dead = Vec::new();
+        self.children
+            .retain_mut(|(name, child)| match child.try_wait() {
+                Ok(Some(status)) if daemon_node(name).is_some() => {
+                    dead.extend(daemon_failure(
+                        &dir,
+                        name,
+                        status,
+                        "while the lab ran",
+                        false,
+                    ));
+                    false
+                }
+                _ => true,
+            });
+        dead
     }
 
     fn teardown(&mut self) {
-        self.stop_children();
+        let _ = self.stop_children();
         self.etcd = None;
         for ns in self.namespaces.drain(..).rev() {
             for pid in netns::pids(&ns) {
@@ -835,6 +902,48 @@ fn start_capture(res: &mut Resources, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The node a child called `nI` runs podwire on (other children: tshark).
+fn daemon_node(name: &str) -> Option<usize> {
+    name.strip_prefix('n')?.parse().ok()
+}
+
+/// What is wrong with daemon `name` having ended with `status` (`when`: e.g. "on the lab's
+/// SIGTERM"), if anything: a status other than 0 (or any, unless `zero_ok`: the lab did not
+/// ask it to stop), or a signal. None for other children.
+fn daemon_failure(
+    dir: &Path,
+    name: &str,
+    status: std::process::ExitStatus,
+    when: &str,
+    zero_ok: bool,
+) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let node = daemon_node(name)?;
+    let how = match (status.code(), status.signal()) {
+        (Some(0), _) if zero_ok => return None,
+        (Some(0), _) => "exited with status 0, unasked,".to_string(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!(
+            "was killed by signal {sig} ({}), which the lab did not send",
+            Signal::try_from(sig).map_or("unknown", |s| s.as_str())
+        ),
+        (None, None) => format!("ended ({status})"),
+    };
+    Some(format!(
+        "podwire on node {node} {how} {when}; its log ends:\n{}",
+        log_tail(dir, node)
+    ))
+}
+
+/// Fails the lab if a daemon has died while it ran (see [`Resources::reap_dead`]).
+fn daemons_alive(res: &Arc<Mutex<Resources>>) -> Result<()> {
+    let dead = res.lock().expect("lab resources").reap_dead();
+    if !dead.is_empty() {
+        bail!("{}", dead.join("\n"));
+    }
+    Ok(())
+}
+
 fn log_tail(dir: &Path, node: usize) -> String {
     let text =
         std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
@@ -1382,6 +1491,26 @@ fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
     )
 }
 
+/// Every daemon exited with status 0 on the lab's SIGTERM (`stop_failures` says which did not)
+/// and left its final counters.
+fn clean_exit_check(stats: &[(usize, Option<LocalStats>)], stop_failures: &[String]) -> Check {
+    let files = stats.iter().filter(|(_, s)| s.is_some()).count();
+    let mut detail = format!(
+        "{} of {} exited with status 0 on SIGTERM, {files} of {} stats files",
+        stats.len().saturating_sub(stop_failures.len()),
+        stats.len(),
+        stats.len()
+    );
+    for f in stop_failures {
+        detail += &format!("; {f}");
+    }
+    Check {
+        name: "every daemon exited cleanly (status 0 on SIGTERM) with its counters".into(),
+        ok: files == stats.len() && stop_failures.is_empty(),
+        detail,
+    }
+}
+
 fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
     let read = |i: usize| {
         let text = std::fs::read_to_string(dir.join(format!("n{i}/stats.json"))).ok()?;
@@ -1458,8 +1587,17 @@ fn with_lab<T>(
         .get_or_init(Default::default)
         .lock()
         .expect("lab registry") = Some(Arc::clone(&res));
-    let outcome = body(&res, opts, &exe);
+    let mut outcome = body(&res, opts, &exe);
     let mut guard = res.lock().expect("lab resources");
+    // The daemons still running are stopped as the lab stops them: each must exit with 0.
+    let stop_failures = guard.stop_children();
+    if !stop_failures.is_empty() {
+        let why = stop_failures.join("\n");
+        outcome = match outcome {
+            Ok(_) => Err(anyhow::anyhow!("{why}")),
+            Err(e) => Err(e.context(why)),
+        };
+    }
     if failed(&outcome) {
         for i in 1..=opts.nodes {
             eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&dir, i));
@@ -1533,10 +1671,12 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     for from in 1..=opts.nodes {
         for to in 1..=opts.nodes {
             if from != to {
+                daemons_alive(res)?;
                 pairs.push(run_pair(&r, opts, from, to));
             }
         }
     }
+    daemons_alive(res)?;
     let mut checks = vec![
         Check {
             name: "ping between every pair of pods".into(),
@@ -1605,6 +1745,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             });
         let (c, f) = services_lab::checks(&r, hairpin, &services_source(res, opts), node_ports)?;
         checks.extend(c);
+        daemons_alive(res)?;
         figures.insert(
             "service_connections_per_s".into(),
             json!((f.connections_per_s * 10.0).round() / 10.0),
@@ -1625,7 +1766,10 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 })
                 .collect()
         };
-        let s = soak::run(&r, &daemons, opts.soak_seconds, opts.soak_pps)?;
+        let s = soak::run(&r, &daemons, opts.soak_seconds, opts.soak_pps);
+        // A daemon that died under the soak is why its readings failed.
+        daemons_alive(res)?;
+        let s = s?;
         figures.insert(
             "soak".into(),
             json!({"seconds": s.seconds, "pps": s.pps, "sent": s.sent, "received": s.received,
@@ -1641,29 +1785,41 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.
     if !opts.is_kernel_node(1) {
         checks.push(udp_gso_check(&r)?);
+        daemons_alive(res)?;
         checks.push(unreachable_check(&r)?);
+        daemons_alive(res)?;
         if opts.ip_masq {
             checks.push(masquerade_check(&r, opts)?);
+            daemons_alive(res)?;
         }
         checks.push(rogue_check(&r, opts)?);
+        daemons_alive(res)?;
         checks.push(icmp_forge::check(res, &r, opts)?);
+        daemons_alive(res)?;
         if opts.io_xdp {
             checks.push(xdp_host_check(&r)?);
+            daemons_alive(res)?;
         }
         // Per-peer queues are sockets: through AF_XDP, every peer shares the queue's ring.
         if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) && !opts.io_xdp {
             checks.push(fairness::check(&r, opts)?);
+            daemons_alive(res)?;
         }
         if opts.etcd {
             checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);
+            daemons_alive(res)?;
         } else {
             checks.push(map_reload_check(&r, opts)?);
+            daemons_alive(res)?;
         }
         if opts.podwire_nodes().contains(&2) {
             checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
+            daemons_alive(res)?;
             checks.push(lifecycle::worker_panic_check(res, &r, opts, exe, 2)?);
+            daemons_alive(res)?;
         }
         checks.push(lifecycle::hangup_check(res, &r)?);
+        daemons_alive(res)?;
         if opts.vxlan() {
             let log = std::fs::read_to_string(r.dir.join("n1/podwire.log")).unwrap_or_default();
             checks.push(Check {
@@ -1686,8 +1842,9 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ok: false,
             detail: format!("{e:#}"),
         }));
-        // Stop the daemons so their final counters are on disk.
-        res.lock().expect("lab resources").stop_children();
+        daemons_alive(res)?;
+        // Stop the daemons so their final counters are on disk; each must exit with 0.
+        let stop_failures = res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
         checks.push(lifecycle::residue_check(&r, opts)?);
         if opts.io_xdp {
@@ -1766,15 +1923,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 detail: format!("node 1 tunnelled {tunnelled:?} packets while its pods moved {moved} bytes over TCP"),
             });
         }
-        checks.push(Check {
-            name: "every daemon exited cleanly with its counters".into(),
-            ok: stats.iter().all(|(_, s)| s.is_some()),
-            detail: format!(
-                "{} of {} stats files",
-                stats.iter().filter(|(_, s)| s.is_some()).count(),
-                stats.len()
-            ),
-        });
+        checks.push(clean_exit_check(&stats, &stop_failures));
     }
     print_summary(opts, &pairs, &checks, &stats, &figures, started.elapsed());
     let ok = checks.iter().all(|c| c.ok);
