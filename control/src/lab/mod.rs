@@ -924,7 +924,7 @@ fn daemon_failure(
         (Some(0), _) => "exited with status 0, unasked,".to_string(),
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(sig)) => format!(
-            "was killed by signal {sig} ({}), which the lab did not send",
+            "was killed by signal {sig} ({}), which the lab did not send,",
             Signal::try_from(sig).map_or("unknown", |s| s.as_str())
         ),
         (None, None) => format!("ended ({status})"),
@@ -951,7 +951,15 @@ fn log_tail(dir: &Path, node: usize) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResult {
+/// Pings, a TCP transfer and UDP between pods `from` and `to`; `alive` is asked between the
+/// pings and the transfer (a dead daemon would hold the transfer up to its timeout).
+fn run_pair(
+    res: &Names,
+    opts: &LabOptions,
+    from: usize,
+    to: usize,
+    alive: impl Fn() -> Result<()>,
+) -> Result<PairResult> {
     let (src_ns, dst_ns) = (res.ns(&format!("p{from}")), res.ns(&format!("p{to}")));
     let mut r = PairResult {
         from,
@@ -968,6 +976,7 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
         traffic::ping(pod_ip(to), 3, mtu, Duration::from_secs(1))
     })
     .unwrap_or_default();
+    alive()?;
 
     let bytes = opts.transfer_mb * 1_000_000;
     let listener = netns::run_in(&dst_ns, move || {
@@ -1020,7 +1029,7 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
         .unwrap_or(0);
         let _ = netns::join(echo);
     }
-    r
+    Ok(r)
 }
 
 /// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
@@ -1672,7 +1681,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         for to in 1..=opts.nodes {
             if from != to {
                 daemons_alive(res)?;
-                pairs.push(run_pair(&r, opts, from, to));
+                pairs.push(run_pair(&r, opts, from, to, || daemons_alive(res))?);
             }
         }
     }
