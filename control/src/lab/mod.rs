@@ -1477,7 +1477,8 @@ fn per_node_check(
 }
 
 /// `--io xdp`: every podwire node received its underlay traffic through AF_XDP (the UDP
-/// socket next to none of it) and sent through it.
+/// socket next to none of it) and sent through it (the kernel's fallback, for next hops not
+/// resolved yet, next to none of it).
 fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
     use Counter::{RxUnderlay, TxUnderlay, XdpRxFrames, XdpTxFrames, XdpViaKernel};
     per_node_check(
@@ -1493,9 +1494,12 @@ fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
         |s| {
             // A few may come through the socket: those that arrived between the program's
             // attach and its socket's bind (the program passes them to the kernel).
+            // Likewise a few go out through the kernel (`xdp_via_kernel`, counted in
+            // tx_underlay): those to a next hop whose neighbour entry was not resolved yet.
             s.counter(RxUnderlay) > 0
                 && s.counter(XdpRxFrames) * 100 >= s.counter(RxUnderlay) * 99
                 && s.counter(XdpTxFrames) > 0
+                && s.counter(XdpViaKernel) * 100 <= s.counter(TxUnderlay)
         },
     )
 }
@@ -2135,4 +2139,53 @@ fn write_json(
     });
     std::fs::write(path, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xdp_node(rx: u64, tx: u64, via_kernel: u64) -> LocalStats {
+        let mut s = LocalStats::default();
+        s.add(Counter::RxUnderlay, rx);
+        s.add(Counter::XdpRxFrames, rx);
+        s.add(Counter::TxUnderlay, tx);
+        s.add(Counter::XdpTxFrames, tx - via_kernel);
+        s.add(Counter::XdpViaKernel, via_kernel);
+        s
+    }
+
+    #[test]
+    fn test_af_xdp_sends_through_the_kernel_are_bounded() {
+        let ok = |s: LocalStats| underlay_through_xdp_check(&[(1, Some(s))]).ok;
+        assert!(ok(xdp_node(10_000, 10_000, 0)));
+        // A few, to next hops not resolved yet.
+        assert!(ok(xdp_node(10_000, 10_000, 100)));
+        // More than 1 in 100 sends fell back to the kernel.
+        assert!(!ok(xdp_node(10_000, 10_000, 101)));
+        assert!(!ok(xdp_node(10_000, 10_000, 5_000)));
+    }
+
+    #[test]
+    fn test_exit_statuses_the_lab_did_not_ask_for_are_failures() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = Path::new("/nonexistent");
+        let status = |raw: i32| std::process::ExitStatus::from_raw(raw);
+        // Status 0 on the lab's SIGTERM: fine; unasked, or for another child: no.
+        assert_eq!(
+            daemon_failure(dir, "n2", status(0), "on SIGTERM", true),
+            None
+        );
+        assert!(daemon_failure(dir, "n2", status(0), "while the lab ran", false).is_some());
+        assert_eq!(daemon_failure(dir, "capture", status(9), "x", true), None);
+        let code = daemon_failure(dir, "n3", status(3 << 8), "on the lab's SIGTERM", true);
+        assert!(code
+            .unwrap()
+            .starts_with("podwire on node 3 exited with status 3 on the lab's SIGTERM"));
+        let killed = daemon_failure(dir, "n2", status(9), "while the lab ran", true).unwrap();
+        assert!(
+            killed.contains("node 2 was killed by signal 9 (SIGKILL)"),
+            "{killed}"
+        );
+    }
 }
