@@ -1283,6 +1283,28 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
         problems.push(format!("stats: no packets counted in {from_pod}"));
     }
     let mut detail = format!("{leases} leases, {from_pod} {rx}");
+    if opts.io_xdp {
+        // The XDP program's own counters, read from its map by the daemon when asked: it
+        // redirected the underlay's frames, next to none passed for want of a socket (those
+        // between its attach and the socket's bind).
+        let eth0 = stats["xdp_programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["interface"] == "eth0");
+        let (redirected, no_socket) = eth0.map_or((None, None), |p| {
+            (p["redirected"].as_u64(), p["no_socket"].as_u64())
+        });
+        match (redirected, no_socket) {
+            (Some(r), Some(n)) if r > 0 && n * 100 <= r => {
+                detail += &format!(", XDP program: redirected {r}, no_socket {n}");
+            }
+            _ => problems.push(format!(
+                "stats: the XDP program on eth0 redirected {redirected:?}, no_socket {no_socket:?} ({})",
+                stats["xdp_programs"]
+            )),
+        }
+    }
     // Captures while pod 1 pings pod 2: the pods' echoes on the TUN, datagrams on the underlay;
     // tshark must read both files.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
