@@ -455,7 +455,7 @@ fn finish_checks(
         ),
     ));
     if opts.io_xdp {
-        checks.push(super::underlay_through_xdp_check(&stats));
+        checks.push(super::underlay_through_xdp_check(&stats, None));
     }
     if opts.pod_xdp {
         // The pods' frames came through AF_XDP: more frames than the underlay's.
