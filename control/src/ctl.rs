@@ -552,9 +552,27 @@ fn stats(state: &CtlState) -> Value {
             json!({"worker": i, "counters": counters, "per_second": rates, "drops": drops})
         })
         .collect();
+    // The XDP programs' own counters, read from their maps now (this thread, not a worker).
+    let programs: Vec<Value> = state
+        .health
+        .xdp_counters()
+        .into_iter()
+        .map(|(ifname, c)| match c {
+            Ok(c) => {
+                let mut v = serde_json::Map::new();
+                v.insert("interface".into(), json!(ifname));
+                for name in crate::health::xdp_counter_names() {
+                    v.insert(name.into(), json!(crate::health::xdp_counter(&c, name)));
+                }
+                Value::Object(v)
+            }
+            Err(e) => json!({"interface": ifname, "error": e}),
+        })
+        .collect();
     json!({
         "since_previous_s": previous.map(|(at, _)| now.duration_since(at).as_secs_f64()),
         "workers": workers,
+        "xdp_programs": programs,
     })
 }
 
@@ -900,6 +918,17 @@ pub fn render(cmd: &str, v: &Value) -> String {
                     out.push_str(&format!("  drop {reason:<17} {n}\n"));
                 }
             }
+            for p in v["xdp_programs"].as_array().into_iter().flatten() {
+                out.push_str(&format!("XDP program on {}\n", s(&p["interface"])));
+                if let Some(e) = p["error"].as_str() {
+                    out.push_str(&format!("  unreadable: {e}\n"));
+                }
+                for name in crate::health::xdp_counter_names() {
+                    if !p[name].is_null() {
+                        out.push_str(&format!("  {name:<22} {}\n", p[name]));
+                    }
+                }
+            }
         }
         _ => out.push_str(&format!("{v:#}\n")),
     }
@@ -1072,6 +1101,35 @@ mod tests {
             !target.exists(),
             "the daemon (root) wrote a file where the request said"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_stats_carry_the_xdp_programs_counters() {
+        let dir = temp_dir("ctl-stats-xdp");
+        let socket = dir.join("ctl.sock");
+        let state = test_state();
+        state
+            .health
+            .set_xdp_programs(vec![crate::health::XdpProgramCounters::from_fn(
+                "eth0",
+                || {
+                    Ok(podwire_dataplane::port::xdp::XdpCounters {
+                        redirected: 500,
+                        no_socket: 4,
+                        ..Default::default()
+                    })
+                },
+            )]);
+        serve(&socket, Arc::clone(&state)).unwrap();
+        let v = request(&socket, &json!({"cmd": "stats"})).unwrap();
+        let p = &v["xdp_programs"][0];
+        assert_eq!(p["interface"], "eth0", "{v}");
+        assert_eq!(p["no_socket"], 4, "{v}");
+        assert_eq!(p["redirected"], 500, "{v}");
+        let text = render("stats", &v);
+        assert!(text.contains("XDP program on eth0"), "{text}");
+        assert!(text.contains("no_socket"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1014,6 +1014,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
         )?;
     }
     health.set_workers(pool.shared_stats());
+    // The programs' counters for /metrics and `ctl stats`, read from their maps when asked.
+    health.set_xdp_programs(
+        xdp_program
+            .iter()
+            .chain(&pod_programs)
+            .map(|p| health::XdpProgramCounters::of(p.counter_reader()))
+            .collect(),
+    );
     if let Some(path) = &opts.ctl_socket {
         let state = CtlState::new(
             Arc::clone(&live),

@@ -3,16 +3,19 @@
 //! - `/readyz`: 200 once the lease is held, the map is loaded and subnet.env is written; 503
 //!   before, with what is missing in the body.
 //! - `/metrics`: Prometheus text format: dataplane counters per worker and drop reason, lease
-//!   state, map size and update count, store reconnects and errors.
+//!   state, map size and update count, store reconnects and errors, and with AF_XDP the XDP
+//!   programs' own counters (`podwire_xdp_program_*_total`, by interface).
 //!
 //! The control thread and the workers only store into atomics; the HTTP thread reads them, so
-//! serving a scrape never blocks forwarding or the store loop.
+//! serving a scrape never blocks forwarding or the store loop. The XDP programs' counters live
+//! in BPF maps: the HTTP thread reads them (a syscall each) while it serves the scrape.
 //!
 //! The server is hyper (HTTP/1 only) on a one-thread tokio runtime of its own, within
 //! [`HttpLimits`]: a capped request head, a deadline for the head and one for the whole
 //! connection, a cap on open connections, one request per connection, GET and HEAD only.
 
 use podwire_dataplane::pipeline::{DropReason, Flows};
+use podwire_dataplane::port::xdp::{ProgramCounters, XdpCounters};
 use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -67,6 +70,88 @@ pub struct Health {
     fdb_entries: OnceLock<Arc<AtomicU64>>,
     /// From a store change noticed to the new map live in the workers.
     pub map_update_latency: LatencyHistogram,
+    xdp_programs: OnceLock<Vec<XdpProgramCounters>>,
+}
+
+/// The XDP programs' counters: (name after `podwire_xdp_program_`, help).
+const XDP_PROGRAM_COUNTERS: [(&str, &str); 5] = [
+    (
+        "redirected",
+        "Frames the XDP program redirected to an AF_XDP socket, by interface.",
+    ),
+    (
+        "no_socket",
+        "Frames for podwire whose queue had no AF_XDP socket: passed to the kernel, by interface.",
+    ),
+    (
+        "passed",
+        "Frames not podwire's: passed to the kernel, by interface.",
+    ),
+    (
+        "malformed",
+        "Frames shorter than their headers claim: passed to the kernel, by interface.",
+    ),
+    (
+        "foreign_source",
+        "Pod interfaces: frames from an address other than the pod's, passed to the kernel.",
+    ),
+];
+
+/// One counter of [`XdpCounters`] by its name in [`XDP_PROGRAM_COUNTERS`].
+pub fn xdp_counter(c: &XdpCounters, name: &str) -> u64 {
+    match name {
+        "redirected" => c.redirected,
+        "no_socket" => c.no_socket,
+        "passed" => c.passed,
+        "malformed" => c.malformed,
+        "foreign_source" => c.foreign_source,
+        _ => 0,
+    }
+}
+
+/// The names of the XDP program's counters, as `/metrics` and `ctl stats` give them.
+pub fn xdp_counter_names() -> impl Iterator<Item = &'static str> {
+    XDP_PROGRAM_COUNTERS.iter().map(|(n, _)| *n)
+}
+
+/// An attached XDP program's counters, read when asked: a BPF map lookup, a syscall, made on
+/// the HTTP or ctl thread at scrape time, never on a worker's path.
+pub struct XdpProgramCounters {
+    pub ifname: String,
+    read: Box<dyn Fn() -> Result<XdpCounters, String> + Send + Sync>,
+}
+
+impl XdpProgramCounters {
+    /// The counters of a program the daemon attached.
+    pub fn of(program: Arc<ProgramCounters>) -> XdpProgramCounters {
+        XdpProgramCounters {
+            ifname: program.ifname().to_string(),
+            read: Box::new(move || program.read().map_err(|e| e.to_string())),
+        }
+    }
+
+    /// Counters from anywhere (tests).
+    pub fn from_fn(
+        ifname: &str,
+        read: impl Fn() -> Result<XdpCounters, String> + Send + Sync + 'static,
+    ) -> XdpProgramCounters {
+        XdpProgramCounters {
+            ifname: ifname.to_string(),
+            read: Box::new(read),
+        }
+    }
+
+    pub fn read(&self) -> Result<XdpCounters, String> {
+        (self.read)()
+    }
+}
+
+impl std::fmt::Debug for XdpProgramCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpProgramCounters")
+            .field("ifname", &self.ifname)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Upper bounds (seconds) of the map-update latency buckets.
@@ -121,6 +206,21 @@ impl Health {
     /// Hands the connection table to the endpoint.
     pub fn set_flows(&self, flows: Arc<Flows>) {
         let _ = self.flows.set(flows);
+    }
+
+    /// Hands the XDP programs attached for the daemon's life to the endpoint (and `ctl stats`).
+    pub fn set_xdp_programs(&self, programs: Vec<XdpProgramCounters>) {
+        let _ = self.xdp_programs.set(programs);
+    }
+
+    /// Each XDP program's interface and counters, read now; a read that failed, its error.
+    pub fn xdp_counters(&self) -> Vec<(&str, Result<XdpCounters, String>)> {
+        self.xdp_programs
+            .get()
+            .into_iter()
+            .flatten()
+            .map(|p| (p.ifname.as_str(), p.read()))
+            .collect()
     }
 
     /// Hands the bridge's FDB size (L2 mode) to the endpoint.
@@ -466,6 +566,32 @@ impl Health {
             "From a cluster-store change noticed to the new subnet map live in the workers.",
             self.map_update_latency.samples(name),
         );
+        let programs = self.xdp_counters();
+        if !programs.is_empty() {
+            let read: Vec<(&str, XdpCounters)> = programs
+                .into_iter()
+                .filter_map(|(ifname, c)| match c {
+                    Ok(c) => Some((ifname, c)),
+                    Err(e) => {
+                        tracing::warn!(interface = ifname, error = %e, "reading the XDP program's counters");
+                        None
+                    }
+                })
+                .collect();
+            for (counter, help) in XDP_PROGRAM_COUNTERS {
+                let name = format!("podwire_xdp_program_{counter}_total");
+                let samples = read
+                    .iter()
+                    .map(|(ifname, c)| {
+                        format!(
+                            "{name}{{interface=\"{ifname}\"}} {}",
+                            xdp_counter(c, counter)
+                        )
+                    })
+                    .collect();
+                fam(&name, "counter", help, samples);
+            }
+        }
         if let Some(n) = self.fdb_entries.get() {
             let name = "podwire_fdb_entries";
             let v = n.load(Ordering::Relaxed);
@@ -731,6 +857,44 @@ mod tests {
                 assert!(line.starts_with(&family), "{line} outside {family}");
             }
         }
+    }
+
+    #[test]
+    fn test_xdp_program_counters_are_exported() {
+        let h = Health::default();
+        assert!(!h.render_metrics().contains("podwire_xdp_program"));
+        let reads = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&reads);
+        h.set_xdp_programs(vec![
+            XdpProgramCounters::from_fn("eth0", move || {
+                // Read at scrape time: each scrape sees the map's count then.
+                let n = counted.fetch_add(1, Ordering::Relaxed);
+                Ok(XdpCounters {
+                    redirected: 1000,
+                    no_socket: 7 + n,
+                    passed: 3,
+                    ..XdpCounters::default()
+                })
+            }),
+            XdpProgramCounters::from_fn("vpod", || Err("map gone".into())),
+        ]);
+        let text = h.render_metrics();
+        assert!(
+            text.contains("podwire_xdp_program_no_socket_total{interface=\"eth0\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE podwire_xdp_program_no_socket_total counter"));
+        assert!(text.contains("podwire_xdp_program_redirected_total{interface=\"eth0\"} 1000"));
+        assert!(
+            !text.contains("vpod"),
+            "an unreadable map has no sample: {text}"
+        );
+        let text = h.render_metrics();
+        assert!(
+            text.contains("podwire_xdp_program_no_socket_total{interface=\"eth0\"} 8\n"),
+            "{text}"
+        );
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
     }
 
     #[test]

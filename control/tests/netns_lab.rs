@@ -253,6 +253,94 @@ fn ctrl_c_tears_the_lab_down() {
     );
 }
 
+/// The pid of the `podwire run` whose ctl socket is in lab `lab_pid`'s directory for `node`.
+fn daemon_pid(lab_pid: u32, node: usize) -> Option<i32> {
+    let socket = format!("/tmp/podwire-lab-{lab_pid}/n{node}/ctl.sock");
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains(" run ") && cmd.contains(&socket)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_daemon_killed_mid_run_fails_the_lab() {
+    let Some(_slot) = lab_slot() else { return };
+    // Someone else SIGKILLs node 2's daemon while the lab's traffic runs: the lab must fail,
+    // naming the node and the signal, and still leave nothing behind.
+    let out_path = std::env::temp_dir().join(format!("podwire-killed-{}.txt", std::process::id()));
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_podwire"))
+        .args([
+            "lab",
+            "--nodes",
+            "2",
+            "--transfer-mb",
+            "20",
+            "--ping-count",
+            "2",
+        ])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let env = PathBuf::from(format!("/tmp/podwire-lab-{pid}/n2/subnet.env"));
+    let mut victim = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Once node 2 is ready: the lab is then about to send, or sending, its pings, and asks
+    // after them whether its daemons live (before the TCP transfer, which a dead node would
+    // hold up to its timeout).
+    while Instant::now() < deadline && !env.exists() {
+        victim = victim.or_else(|| daemon_pid(pid, 2));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ready = env.exists();
+    if let Some(p) = victim.filter(|_| ready) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    let exited = wait_for(
+        || matches!(child.try_wait(), Ok(Some(_))),
+        Duration::from_secs(40),
+    );
+    if !exited {
+        // SIGTERM: the lab tears down.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    assert!(ready && victim.is_some(), "node 2 never ran:\n{text}");
+    assert!(
+        exited,
+        "the lab went on for 40 s after node 2 was killed:\n{text}"
+    );
+    assert!(
+        !status.success(),
+        "the lab passed with node 2 killed:\n{text}"
+    );
+    assert!(
+        text.contains(
+            "podwire on node 2 was killed by signal 9 (SIGKILL), which the lab did not send"
+        ),
+        "{text}"
+    );
+    let (ns, procs) = leftovers(pid);
+    assert!(
+        ns.is_empty() && procs.is_empty(),
+        "left behind netns {ns:?} processes {procs:?}"
+    );
+}
+
 fn assert_all_checks_pass(report: &serde_json::Value, text: &str) {
     assert_eq!(report["ok"], true, "{text}");
     for c in report["checks"].as_array().unwrap() {

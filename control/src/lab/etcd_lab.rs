@@ -253,9 +253,13 @@ pub fn leave_check(
     opts: &LabOptions,
     leaver: usize,
 ) -> Result<Check> {
-    res.lock()
+    let stopped = res
+        .lock()
         .expect("lab resources")
         .stop_child(&format!("n{leaver}"));
+    if !stopped.is_empty() {
+        anyhow::bail!("{}", stopped.join("\n"));
+    }
     let kept = lease_of(names, leaver).is_some();
     let key = lease_key(&format!("10.244.{leaver}.0-24"));
     with_store(names, move |s| Ok(s.delete_key(&key)?))?;

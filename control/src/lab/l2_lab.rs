@@ -432,9 +432,9 @@ fn finish_checks(
     forged: u32,
 ) -> Result<Vec<Check>> {
     let nodes: Vec<usize> = (1..=opts.nodes).collect();
-    res.lock().expect("lab resources").stop_children();
+    let stop_failures = res.lock().expect("lab resources").stop_children();
     let stats = read_stats(&r.dir, &nodes);
-    let mut checks = Vec::new();
+    let mut checks = vec![super::clean_exit_check(&stats, &stop_failures)];
     let n1 = stats[0].1.clone().unwrap_or_default();
     checks.push(check(
         "forged VXLAN from outside the cluster counted as unknown_peer",
@@ -455,7 +455,7 @@ fn finish_checks(
         ),
     ));
     if opts.io_xdp {
-        checks.push(super::underlay_through_xdp_check(&stats));
+        checks.push(super::underlay_through_xdp_check(&stats, None));
     }
     if opts.pod_xdp {
         // The pods' frames came through AF_XDP: more frames than the underlay's.
@@ -505,7 +505,11 @@ fn finish(
     figures: serde_json::Map<String, serde_json::Value>,
     started: Instant,
 ) -> Result<bool> {
-    res.lock().expect("lab resources").stop_children();
+    // After `finish_checks`, nothing is left to stop; otherwise each daemon must exit with 0.
+    let stop_failures = res.lock().expect("lab resources").stop_children();
+    if !stop_failures.is_empty() {
+        anyhow::bail!("{}", stop_failures.join("\n"));
+    }
     let stats = read_stats(&r.dir, &(1..=opts.nodes).collect::<Vec<_>>());
     print_summary(opts, &[], &checks, &stats, &figures, started.elapsed());
     let ok = checks.iter().all(|c| c.ok);

@@ -190,38 +190,105 @@ impl Resources {
         self.names.ns(suffix)
     }
 
-    /// SIGTERM to every child, SIGKILL to those still there after 5 s.
-    fn stop(children: &mut [(String, Child)]) {
-        for (_, child) in children.iter() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    /// SIGTERM to every child, SIGKILL to those still there after 5 s. Returns what went wrong
+    /// with the daemons (`nI`): each must exit with status 0 on the lab's SIGTERM.
+    fn stop(dir: &Path, children: &mut [(String, Child)]) -> Vec<String> {
+        // One that already ended did so before the lab asked it to.
+        let mut failures = Vec::new();
+        let ended: Vec<bool> = children
+            .iter_mut()
+            .map(|(name, child)| match child.try_wait() {
+                Ok(None) => false,
+                Ok(Some(status)) => {
+                    failures.extend(daemon_failure(
+                        dir,
+                        name,
+                        status,
+                        "before the lab stopped it",
+                        false,
+                    ));
+                    true
+                }
+                Err(_) => true,
+            })
+            .collect();
+        for ((_, child), ended) in children.iter().zip(&ended) {
+            if !ended {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in children.iter_mut() {
+        for ((name, child), ended) in children.iter_mut().zip(ended) {
+            if ended {
+                continue;
+            }
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
+                if let Some(node) = daemon_node(name) {
+                    failures.push(format!(
+                        "podwire on node {node} did not stop within 5 s of the lab's SIGTERM (SIGKILLed); its log ends:\n{}",
+                        log_tail(dir, node)
+                    ));
+                }
+                let _ = child.wait();
+                continue;
             }
-            let _ = child.wait();
+            if let Ok(status) = child.wait() {
+                failures.extend(daemon_failure(
+                    dir,
+                    name,
+                    status,
+                    "on the lab's SIGTERM",
+                    true,
+                ));
+            }
         }
+        failures
     }
 
-    fn stop_children(&mut self) {
-        Self::stop(&mut self.children);
+    /// Stops every child; returns the daemons that did not exit with status 0 (see `stop`).
+    fn stop_children(&mut self) -> Vec<String> {
+        let failures = Self::stop(&self.names.dir, &mut self.children);
         self.children.clear();
+        failures
     }
 
-    /// Stops the child called `name` (e.g. "n3").
-    fn stop_child(&mut self, name: &str) {
+    /// Stops the child called `name` (e.g. "n3"); returns what went wrong (see `stop`).
+    fn stop_child(&mut self, name: &str) -> Vec<String> {
         let (mut stopping, keep): (Vec<_>, Vec<_>) =
             self.children.drain(..).partition(|(n, _)| n == name);
         self.children = keep;
-        Self::stop(&mut stopping);
+        Self::stop(&self.names.dir, &mut stopping)
+    }
+
+    /// The daemons that have ended although the lab stopped none of them (a daemon the lab
+    /// stops or kills on purpose leaves `children` first): each is removed from `children` and
+    /// described, with its exit status or signal and the tail of its log.
+    fn reap_dead(&mut self) -> Vec<String> {
+        let dir = self.names.dir.clone();
+        let mut dead = Vec::new();
+        self.children
+            .retain_mut(|(name, child)| match child.try_wait() {
+                Ok(Some(status)) if daemon_node(name).is_some() => {
+                    dead.extend(daemon_failure(
+                        &dir,
+                        name,
+                        status,
+                        "while the lab ran",
+                        false,
+                    ));
+                    false
+                }
+                _ => true,
+            });
+        dead
     }
 
     fn teardown(&mut self) {
-        self.stop_children();
+        let _ = self.stop_children();
         self.etcd = None;
         for ns in self.namespaces.drain(..).rev() {
             for pid in netns::pids(&ns) {
@@ -835,6 +902,48 @@ fn start_capture(res: &mut Resources, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The node a child called `nI` runs podwire on (other children: tshark).
+fn daemon_node(name: &str) -> Option<usize> {
+    name.strip_prefix('n')?.parse().ok()
+}
+
+/// What is wrong with daemon `name` having ended with `status` (`when`: e.g. "on the lab's
+/// SIGTERM"), if anything: a status other than 0 (or any, unless `zero_ok`: the lab did not
+/// ask it to stop), or a signal. None for other children.
+fn daemon_failure(
+    dir: &Path,
+    name: &str,
+    status: std::process::ExitStatus,
+    when: &str,
+    zero_ok: bool,
+) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let node = daemon_node(name)?;
+    let how = match (status.code(), status.signal()) {
+        (Some(0), _) if zero_ok => return None,
+        (Some(0), _) => "exited with status 0, unasked,".to_string(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!(
+            "was killed by signal {sig} ({}), which the lab did not send,",
+            Signal::try_from(sig).map_or("unknown", |s| s.as_str())
+        ),
+        (None, None) => format!("ended ({status})"),
+    };
+    Some(format!(
+        "podwire on node {node} {how} {when}; its log ends:\n{}",
+        log_tail(dir, node)
+    ))
+}
+
+/// Fails the lab if a daemon has died while it ran (see [`Resources::reap_dead`]).
+fn daemons_alive(res: &Arc<Mutex<Resources>>) -> Result<()> {
+    let dead = res.lock().expect("lab resources").reap_dead();
+    if !dead.is_empty() {
+        bail!("{}", dead.join("\n"));
+    }
+    Ok(())
+}
+
 fn log_tail(dir: &Path, node: usize) -> String {
     let text =
         std::fs::read_to_string(dir.join(format!("n{node}/podwire.log"))).unwrap_or_default();
@@ -842,7 +951,15 @@ fn log_tail(dir: &Path, node: usize) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResult {
+/// Pings, a TCP transfer and UDP between pods `from` and `to`; `alive` is asked between the
+/// pings and the transfer (a dead daemon would hold the transfer up to its timeout).
+fn run_pair(
+    res: &Names,
+    opts: &LabOptions,
+    from: usize,
+    to: usize,
+    alive: impl Fn() -> Result<()>,
+) -> Result<PairResult> {
     let (src_ns, dst_ns) = (res.ns(&format!("p{from}")), res.ns(&format!("p{to}")));
     let mut r = PairResult {
         from,
@@ -859,6 +976,7 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
         traffic::ping(pod_ip(to), 3, mtu, Duration::from_secs(1))
     })
     .unwrap_or_default();
+    alive()?;
 
     let bytes = opts.transfer_mb * 1_000_000;
     let listener = netns::run_in(&dst_ns, move || {
@@ -911,7 +1029,7 @@ fn run_pair(res: &Names, opts: &LabOptions, from: usize, to: usize) -> PairResul
         .unwrap_or(0);
         let _ = netns::join(echo);
     }
-    r
+    Ok(r)
 }
 
 /// A forged datagram from the rogue host must not reach pod 1; a real one from pod 2 must.
@@ -1165,6 +1283,28 @@ fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Check> {
         problems.push(format!("stats: no packets counted in {from_pod}"));
     }
     let mut detail = format!("{leases} leases, {from_pod} {rx}");
+    if opts.io_xdp {
+        // The XDP program's own counters, read from its map by the daemon when asked: it
+        // redirected the underlay's frames, next to none passed for want of a socket (those
+        // between its attach and the socket's bind).
+        let eth0 = stats["xdp_programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["interface"] == "eth0");
+        let (redirected, no_socket) = eth0.map_or((None, None), |p| {
+            (p["redirected"].as_u64(), p["no_socket"].as_u64())
+        });
+        match (redirected, no_socket) {
+            (Some(r), Some(n)) if r > 0 && n * 100 <= r => {
+                detail += &format!(", XDP program: redirected {r}, no_socket {n}");
+            }
+            _ => problems.push(format!(
+                "stats: the XDP program on eth0 redirected {redirected:?}, no_socket {no_socket:?} ({})",
+                stats["xdp_programs"]
+            )),
+        }
+    }
     // Captures while pod 1 pings pod 2: the pods' echoes on the TUN, datagrams on the underlay;
     // tshark must read both files.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1358,11 +1498,48 @@ fn per_node_check(
     }
 }
 
+/// Underlay sends through the kernel's fallback that pass on any node (`--io xdp`).
+const VIA_KERNEL_FEW: u64 = 10;
+
+/// Per podwire node: its (tx_underlay, xdp_via_kernel) at some moment (None: no answer).
+type XdpSends = Vec<(usize, Option<(u64, u64)>)>;
+
+/// Each podwire node's (tx_underlay, xdp_via_kernel) now, from `ctl stats`.
+fn xdp_sends_now(r: &Names, nodes: &[usize]) -> XdpSends {
+    nodes
+        .iter()
+        .map(|&i| {
+            let sock = r.dir.join(format!("n{i}/ctl.sock"));
+            let sum = |v: &serde_json::Value, c: &str| -> u64 {
+                v["workers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|w| w["counters"][c].as_u64())
+                    .sum()
+            };
+            let got = podwire::ctl::request(&sock, &json!({"cmd": "stats"}))
+                .ok()
+                .map(|v| (sum(&v, "tx_underlay"), sum(&v, "xdp_via_kernel")));
+            (i, got)
+        })
+        .collect()
+}
+
 /// `--io xdp`: every podwire node received its underlay traffic through AF_XDP (the UDP
-/// socket next to none of it) and sent through it.
-fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
+/// socket next to none of it) and sent through it (the kernel's fallback next to none of it).
+///
+/// The fallback carries what goes to a next hop podwire has not seen resolved: until it
+/// re-reads the kernel's neighbour table, up to 100 ms after the kernel resolved it, so at the
+/// start a fast first transfer may send a few percent of a short lab's datagrams that way.
+/// With `since` (each node's sends and fallbacks once the pairs' traffic has reached every
+/// peer) only the sends after it are bounded; a node restarted since is taken whole.
+fn underlay_through_xdp_check(
+    stats: &[(usize, Option<LocalStats>)],
+    since: Option<&XdpSends>,
+) -> Check {
     use Counter::{RxUnderlay, TxUnderlay, XdpRxFrames, XdpTxFrames, XdpViaKernel};
-    per_node_check(
+    let mut check = per_node_check(
         "the underlay passes through AF_XDP on every podwire node, not the UDP socket",
         stats,
         &[
@@ -1379,7 +1556,55 @@ fn underlay_through_xdp_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
                 && s.counter(XdpRxFrames) * 100 >= s.counter(RxUnderlay) * 99
                 && s.counter(XdpTxFrames) > 0
         },
-    )
+    );
+    // Sends through the kernel (`xdp_via_kernel`, counted in tx_underlay): at most 1 in 100,
+    // or VIA_KERNEL_FEW on a node that sent little (in the L2 lab node 3 sends some 50).
+    let mut over = Vec::new();
+    for (i, s) in stats {
+        let Some(s) = s else { continue };
+        let (tx, via) = (s.counter(TxUnderlay), s.counter(XdpViaKernel));
+        let (tx0, via0) = since
+            .and_then(|v| v.iter().find(|(n, _)| n == i))
+            .and_then(|(_, b)| *b)
+            .filter(|&(tx0, via0)| tx0 <= tx && via0 <= via)
+            .unwrap_or((0, 0));
+        let (tx, via) = (tx - tx0, via - via0);
+        if via > (tx / 100).max(VIA_KERNEL_FEW) {
+            over.push(format!(
+                "node {i}: {via} of {tx} sends through the kernel{}",
+                if since.is_some() {
+                    " after the pairs"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    if !over.is_empty() {
+        check.ok = false;
+        check.detail = format!("{}; {}", over.join("; "), check.detail);
+    }
+    check
+}
+
+/// Every daemon exited with status 0 on the lab's SIGTERM (`stop_failures` says which did not)
+/// and left its final counters.
+fn clean_exit_check(stats: &[(usize, Option<LocalStats>)], stop_failures: &[String]) -> Check {
+    let files = stats.iter().filter(|(_, s)| s.is_some()).count();
+    let mut detail = format!(
+        "{} of {} exited with status 0 on SIGTERM, {files} of {} stats files",
+        stats.len().saturating_sub(stop_failures.len()),
+        stats.len(),
+        stats.len()
+    );
+    for f in stop_failures {
+        detail += &format!("; {f}");
+    }
+    Check {
+        name: "every daemon exited cleanly (status 0 on SIGTERM) with its counters".into(),
+        ok: files == stats.len() && stop_failures.is_empty(),
+        detail,
+    }
 }
 
 fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
@@ -1458,8 +1683,17 @@ fn with_lab<T>(
         .get_or_init(Default::default)
         .lock()
         .expect("lab registry") = Some(Arc::clone(&res));
-    let outcome = body(&res, opts, &exe);
+    let mut outcome = body(&res, opts, &exe);
     let mut guard = res.lock().expect("lab resources");
+    // The daemons still running are stopped as the lab stops them: each must exit with 0.
+    let stop_failures = guard.stop_children();
+    if !stop_failures.is_empty() {
+        let why = stop_failures.join("\n");
+        outcome = match outcome {
+            Ok(_) => Err(anyhow::anyhow!("{why}")),
+            Err(e) => Err(e.context(why)),
+        };
+    }
     if failed(&outcome) {
         for i in 1..=opts.nodes {
             eprintln!("--- node {i} log (tail) ---\n{}", log_tail(&dir, i));
@@ -1533,10 +1767,14 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     for from in 1..=opts.nodes {
         for to in 1..=opts.nodes {
             if from != to {
-                pairs.push(run_pair(&r, opts, from, to));
+                daemons_alive(res)?;
+                pairs.push(run_pair(&r, opts, from, to, || daemons_alive(res))?);
             }
         }
     }
+    daemons_alive(res)?;
+    // Every peer has been reached: from here on AF_XDP sends need no kernel fallback.
+    let sends_after_pairs = opts.io_xdp.then(|| xdp_sends_now(&r, &podwire_nodes));
     let mut checks = vec![
         Check {
             name: "ping between every pair of pods".into(),
@@ -1605,6 +1843,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             });
         let (c, f) = services_lab::checks(&r, hairpin, &services_source(res, opts), node_ports)?;
         checks.extend(c);
+        daemons_alive(res)?;
         figures.insert(
             "service_connections_per_s".into(),
             json!((f.connections_per_s * 10.0).round() / 10.0),
@@ -1625,7 +1864,10 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 })
                 .collect()
         };
-        let s = soak::run(&r, &daemons, opts.soak_seconds, opts.soak_pps)?;
+        let s = soak::run(&r, &daemons, opts.soak_seconds, opts.soak_pps);
+        // A daemon that died under the soak is why its readings failed.
+        daemons_alive(res)?;
+        let s = s?;
         figures.insert(
             "soak".into(),
             json!({"seconds": s.seconds, "pps": s.pps, "sent": s.sent, "received": s.received,
@@ -1641,29 +1883,41 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
     // Node 1 runs podwire unless the whole cluster is the kernel baseline.
     if !opts.is_kernel_node(1) {
         checks.push(udp_gso_check(&r)?);
+        daemons_alive(res)?;
         checks.push(unreachable_check(&r)?);
+        daemons_alive(res)?;
         if opts.ip_masq {
             checks.push(masquerade_check(&r, opts)?);
+            daemons_alive(res)?;
         }
         checks.push(rogue_check(&r, opts)?);
+        daemons_alive(res)?;
         checks.push(icmp_forge::check(res, &r, opts)?);
+        daemons_alive(res)?;
         if opts.io_xdp {
             checks.push(xdp_host_check(&r)?);
+            daemons_alive(res)?;
         }
         // Per-peer queues are sockets: through AF_XDP, every peer shares the queue's ring.
         if [2, 3].iter().all(|i| opts.podwire_nodes().contains(i)) && !opts.io_xdp {
             checks.push(fairness::check(&r, opts)?);
+            daemons_alive(res)?;
         }
         if opts.etcd {
             checks.extend(etcd_checks(res, &r, opts, exe, &mut figures)?);
+            daemons_alive(res)?;
         } else {
             checks.push(map_reload_check(&r, opts)?);
+            daemons_alive(res)?;
         }
         if opts.podwire_nodes().contains(&2) {
             checks.push(lifecycle::kill_restart_check(res, &r, opts, exe, 2)?);
+            daemons_alive(res)?;
             checks.push(lifecycle::worker_panic_check(res, &r, opts, exe, 2)?);
+            daemons_alive(res)?;
         }
         checks.push(lifecycle::hangup_check(res, &r)?);
+        daemons_alive(res)?;
         if opts.vxlan() {
             let log = std::fs::read_to_string(r.dir.join("n1/podwire.log")).unwrap_or_default();
             checks.push(Check {
@@ -1686,12 +1940,16 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
             ok: false,
             detail: format!("{e:#}"),
         }));
-        // Stop the daemons so their final counters are on disk.
-        res.lock().expect("lab resources").stop_children();
+        daemons_alive(res)?;
+        // Stop the daemons so their final counters are on disk; each must exit with 0.
+        let stop_failures = res.lock().expect("lab resources").stop_children();
         stats = read_stats(&r.dir, &podwire_nodes);
         checks.push(lifecycle::residue_check(&r, opts)?);
         if opts.io_xdp {
-            checks.push(underlay_through_xdp_check(&stats));
+            checks.push(underlay_through_xdp_check(
+                &stats,
+                sends_after_pairs.as_ref(),
+            ));
         }
         if opts.pod_xdp {
             // Everything the pods sent podwire came through their AF_XDP ports.
@@ -1766,15 +2024,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
                 detail: format!("node 1 tunnelled {tunnelled:?} packets while its pods moved {moved} bytes over TCP"),
             });
         }
-        checks.push(Check {
-            name: "every daemon exited cleanly with its counters".into(),
-            ok: stats.iter().all(|(_, s)| s.is_some()),
-            detail: format!(
-                "{} of {} stats files",
-                stats.iter().filter(|(_, s)| s.is_some()).count(),
-                stats.len()
-            ),
-        });
+        checks.push(clean_exit_check(&stats, &stop_failures));
     }
     print_summary(opts, &pairs, &checks, &stats, &figures, started.elapsed());
     let ok = checks.iter().all(|c| c.ok);
@@ -1977,4 +2227,65 @@ fn write_json(
     });
     std::fs::write(path, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xdp_node(rx: u64, tx: u64, via_kernel: u64) -> LocalStats {
+        let mut s = LocalStats::default();
+        s.add(Counter::RxUnderlay, rx);
+        s.add(Counter::XdpRxFrames, rx);
+        s.add(Counter::TxUnderlay, tx);
+        s.add(Counter::XdpTxFrames, tx - via_kernel);
+        s.add(Counter::XdpViaKernel, via_kernel);
+        s
+    }
+
+    #[test]
+    fn test_af_xdp_sends_through_the_kernel_are_bounded() {
+        let ok = |s: LocalStats| underlay_through_xdp_check(&[(1, Some(s))], None).ok;
+        assert!(ok(xdp_node(10_000, 10_000, 0)));
+        // A few, to next hops not resolved yet.
+        assert!(ok(xdp_node(10_000, 10_000, 100)));
+        // More than 1 in 100 sends fell back to the kernel.
+        assert!(!ok(xdp_node(10_000, 10_000, 101)));
+        assert!(!ok(xdp_node(10_000, 10_000, 5_000)));
+        // A node that sent little: a few pass, more do not.
+        assert!(ok(xdp_node(50, 50, VIA_KERNEL_FEW)));
+        assert!(!ok(xdp_node(50, 50, VIA_KERNEL_FEW + 1)));
+        // Bounded after the pairs: the start's fallbacks do not count, later ones do.
+        let after = |s: LocalStats, at: (u64, u64)| {
+            underlay_through_xdp_check(&[(1, Some(s))], Some(&vec![(1, Some(at))])).ok
+        };
+        assert!(after(xdp_node(80_000, 80_000, 1_500), (40_000, 1_500)));
+        assert!(!after(xdp_node(80_000, 80_000, 1_500), (40_000, 1_000)));
+        // A node restarted since: its counters are the new daemon's, taken whole.
+        assert!(after(xdp_node(10_000, 10_000, 5), (40_000, 1_000)));
+        assert!(!after(xdp_node(10_000, 10_000, 500), (40_000, 1_000)));
+    }
+
+    #[test]
+    fn test_exit_statuses_the_lab_did_not_ask_for_are_failures() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = Path::new("/nonexistent");
+        let status = |raw: i32| std::process::ExitStatus::from_raw(raw);
+        // Status 0 on the lab's SIGTERM: fine; unasked, or for another child: no.
+        assert_eq!(
+            daemon_failure(dir, "n2", status(0), "on SIGTERM", true),
+            None
+        );
+        assert!(daemon_failure(dir, "n2", status(0), "while the lab ran", false).is_some());
+        assert_eq!(daemon_failure(dir, "capture", status(9), "x", true), None);
+        let code = daemon_failure(dir, "n3", status(3 << 8), "on the lab's SIGTERM", true);
+        assert!(code
+            .unwrap()
+            .starts_with("podwire on node 3 exited with status 3 on the lab's SIGTERM"));
+        let killed = daemon_failure(dir, "n2", status(9), "while the lab ran", true).unwrap();
+        assert!(
+            killed.contains("node 2 was killed by signal 9 (SIGKILL)"),
+            "{killed}"
+        );
+    }
 }

@@ -6,7 +6,7 @@
 //! daemon at the start (after a 5 s warm-up) and at the end, and open descriptors at both ends.
 
 use super::{netns, pod_ip, traffic, Check, Names};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
@@ -31,9 +31,17 @@ pub struct Soak {
     pub kernel_drops: Vec<(String, u64)>,
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
+/// The daemon's resident memory in kB (VmRSS of /proc/PID/status): a reading that cannot be
+/// taken is an error, never 0 (a 0 would make any growth look flat).
+fn rss_kb(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    vm_rss_kb(&s).with_context(|| format!("no VmRSS in {path}"))
+}
+
+fn vm_rss_kb(status: &str) -> Option<u64> {
+    status
+        .lines()
         .find(|l| l.starts_with("VmRSS:"))?
         .split_whitespace()
         .nth(1)?
@@ -41,8 +49,22 @@ fn rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+/// The daemon's open descriptors (entries of /proc/PID/fd): an error if they cannot be listed.
+fn fds(pid: u32) -> Result<usize> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = std::fs::read_dir(&path).with_context(|| format!("listing {path}"))?;
+    Ok(dir.count())
+}
+
+/// One reading of every daemon: (RSS kB, descriptors).
+fn sample(daemons: &[(usize, u32)]) -> Result<Vec<(u64, usize)>> {
+    daemons
+        .iter()
+        .map(|&(node, pid)| {
+            let read = || Ok::<_, anyhow::Error>((rss_kb(pid)?, fds(pid)?));
+            read().with_context(|| format!("soak: node {node}'s podwire (pid {pid})"))
+        })
+        .collect()
 }
 
 /// UDP receive-buffer drops in namespace `ns` (`RcvbufErrors` of /proc/net/snmp).
@@ -107,10 +129,8 @@ pub fn run(r: &Names, daemons: &[(usize, u32)], seconds: u64, pps: u32) -> Resul
     let mut baseline: Option<Vec<(u64, usize)>> = None;
     while started.elapsed() < duration {
         std::thread::sleep(Duration::from_secs(1));
-        let now: Vec<(u64, usize)> = daemons
-            .iter()
-            .map(|&(_, pid)| (rss_kb(pid).unwrap_or(0), fds(pid)))
-            .collect();
+        // The sender and receiver end by themselves (their count and deadline are bounded).
+        let now = sample(daemons)?;
         if baseline.is_none() && started.elapsed() >= WARM_UP {
             baseline = Some(now.clone());
         }
@@ -184,4 +204,25 @@ pub fn checks(s: &Soak) -> Vec<Check> {
                 .join("; "),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_readings_that_cannot_be_taken_are_errors() {
+        let me = std::process::id();
+        assert!(rss_kb(me).unwrap() > 0);
+        assert!(fds(me).unwrap() > 0);
+        // No such process (pid_max is at most 2^22): an error, not 0.
+        let gone = u32::MAX;
+        assert!(rss_kb(gone).is_err());
+        assert!(fds(gone).is_err());
+        let err = sample(&[(2, gone)]).unwrap_err();
+        assert!(format!("{err:#}").contains("node 2"), "{err:#}");
+        // A status without VmRSS (a kernel thread's) has no reading.
+        assert_eq!(vm_rss_kb("Name:\tkthreadd\nState:\tS\n"), None);
+        assert_eq!(vm_rss_kb("VmRSS:\t  1234 kB\n"), Some(1234));
+    }
 }

@@ -15,6 +15,7 @@ use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 /// The compiled program.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/podwire_xdp.o"));
@@ -128,6 +129,36 @@ pub struct XdpProgram {
     ebpf: Ebpf,
     ifname: String,
     mode: Mode,
+    counters: Arc<ProgramCounters>,
+}
+
+/// An attached program's counters map, readable from any thread. Each read is a map lookup
+/// (a syscall): for the control side at scrape time, never a worker's path.
+pub struct ProgramCounters {
+    array: PerCpuArray<MapData, u64>,
+    ifname: String,
+}
+
+impl ProgramCounters {
+    /// The interface the program is attached to.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The program's counts so far, summed over CPUs.
+    pub fn read(&self) -> Result<XdpCounters, XdpError> {
+        let sum = |i: u32| -> Result<u64, XdpError> {
+            let values = self.array.get(&i, 0).map_err(map_err("counters"))?;
+            Ok(values.iter().sum())
+        };
+        Ok(XdpCounters {
+            redirected: sum(0)?,
+            no_socket: sum(1)?,
+            passed: sum(2)?,
+            malformed: sum(3)?,
+            foreign_source: sum(4)?,
+        })
+    }
 }
 
 impl XdpProgram {
@@ -210,10 +241,19 @@ impl XdpProgram {
                 }
             },
         };
+        // Taken out of the object so other threads can read it; the program holds it too.
+        let map = ebpf
+            .take_map("counters")
+            .ok_or(XdpError::MissingMap("counters"))?;
+        let counters = Arc::new(ProgramCounters {
+            array: PerCpuArray::try_from(map).map_err(map_err("counters"))?,
+            ifname: ifname.to_string(),
+        });
         Ok(XdpProgram {
             ebpf,
             ifname: ifname.to_string(),
             mode,
+            counters,
         })
     }
 
@@ -265,22 +305,12 @@ impl XdpProgram {
 
     /// The program's counts so far, summed over CPUs.
     pub fn counters(&self) -> Result<XdpCounters, XdpError> {
-        let map = self
-            .ebpf
-            .map("counters")
-            .ok_or(XdpError::MissingMap("counters"))?;
-        let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(map_err("counters"))?;
-        let sum = |i: u32| -> Result<u64, XdpError> {
-            let values = array.get(&i, 0).map_err(map_err("counters"))?;
-            Ok(values.iter().sum())
-        };
-        Ok(XdpCounters {
-            redirected: sum(0)?,
-            no_socket: sum(1)?,
-            passed: sum(2)?,
-            malformed: sum(3)?,
-            foreign_source: sum(4)?,
-        })
+        self.counters.read()
+    }
+
+    /// Its counters, for another thread to read while the program is attached (and after:
+    /// the map lives as long as a reader holds it).
+    pub fn counter_reader(&self) -> Arc<ProgramCounters> {
+        Arc::clone(&self.counters)
     }
 }
