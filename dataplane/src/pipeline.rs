@@ -407,6 +407,9 @@ pub fn from_tun(
     }
     let node = match t.map.lookup(dst) {
         Some(node) => node,
+        // The answer to a connection of the node's own address (a host process bound to it) to
+        // a service: the kernel delivers it.
+        None if translated && dst == t.local.public_ip => return Verdict::ToTun,
         // Masqueraded, or the answer to a NodePort client: the kernel routed it here already.
         None if translated && t.wire.is_some() => return Verdict::ToWire(dst),
         None => return net_unreachable(t, slot, meta),
@@ -484,6 +487,13 @@ pub fn from_wire(
         return Verdict::Drop(DropReason::NotForThisNode);
     };
     meta.len = match parse_ipv4(&slot[meta.start..meta.start + meta.len]) {
+        // Nothing checked it before us (the XDP program takes it before the kernel's ip_rcv,
+        // which drops it): no connection is opened or translated for a corrupted header.
+        Ok(p) if !p.verify_checksum() => return Verdict::Drop(DropReason::BadChecksum),
+        // A source the kernel calls martian on input (ip_route_input): the node's own address,
+        // loopback, "this network", multicast, broadcast. Its answers would go to the wire
+        // addressed to the node itself, or nowhere.
+        Ok(p) if martian_source(t, p.src()) => return Verdict::Drop(DropReason::SpoofedSource),
         Ok(p) if p.dst() != t.local.public_ip => return Verdict::Drop(DropReason::NotForThisNode),
         Ok(p) => usize::from(p.total_len()),
         Err(r) => return Verdict::Drop(r),
@@ -516,6 +526,16 @@ pub fn from_wire(
         }
         None => Verdict::Drop(DropReason::NoRoute),
     }
+}
+
+/// Whether a packet from the wire with source `src` is one the kernel drops as a martian.
+fn martian_source(t: &Tables, src: Ipv4Addr) -> bool {
+    src == t.local.public_ip
+        || src == t.local.tun_addr
+        || src.is_loopback()
+        || src.is_multicast()
+        || src.is_broadcast()
+        || src.octets()[0] == 0
 }
 
 /// The kernel's `udp_flow_src_port` over our own flow hash of the inner packet: one flow, one
