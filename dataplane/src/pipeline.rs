@@ -338,6 +338,11 @@ fn decide(
         if let Some(st) = state.as_deref_mut() {
             st.revise(tables, dir, slot, meta, now);
         }
+        // DELIBERATELY BROKEN with `fuzz-broken-undecided` (fuzz tests only).
+        #[cfg(feature = "fuzz-broken-undecided")]
+        if meta.verdict == Verdict::Drop(DropReason::TtlExpired) {
+            meta.verdict = Verdict::Pending;
+        }
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
             Verdict::ToUnderlayIp(dst) | Verdict::ToWire(dst) => {
@@ -639,13 +644,32 @@ pub fn from_underlay(
             let data = &slot[meta.start..meta.start + meta.len];
             meta.len = match check_inner(t, sender, data) {
                 Ok(len) => len,
+                // DELIBERATELY BROKEN with `fuzz-broken-relay` (fuzz tests only).
+                #[cfg(feature = "fuzz-broken-relay")]
+                Err(DropReason::NotForThisNode) => {
+                    let p = ipv4::Packet::new_unchecked(data);
+                    let len = usize::from(p.total_len());
+                    match t.map.lookup(p.dst()) {
+                        Some(node) if node.subnet != t.local.subnet => {
+                            meta.len = len;
+                            return to_node(t, slot, meta, node);
+                        }
+                        _ => return Verdict::Drop(DropReason::NotForThisNode),
+                    }
+                }
                 Err(r) => return Verdict::Drop(r),
             };
             let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
             if p.ttl() <= 1 {
                 return Verdict::Drop(DropReason::TtlExpired);
             }
-            p.decrement_ttl();
+            // DELIBERATELY BROKEN with `fuzz-broken-ttl-checksum` (fuzz tests only).
+            if cfg!(feature = "fuzz-broken-ttl-checksum") {
+                let ttl = p.ttl();
+                p.set_ttl(ttl - 1);
+            } else {
+                p.decrement_ttl();
+            }
             track_inbound(t, tracker, slot, meta)
         }
         Encap::Vxlan { vni, local_mac } => {
@@ -777,6 +801,8 @@ fn check_inner(t: &Tables, sender: Ipv4Addr, data: &[u8]) -> Result<usize, DropR
     }
     match t.map.lookup(p.src()) {
         Some(node) if node.public_ip == sender => Ok(usize::from(p.total_len())),
+        // DELIBERATELY BROKEN with `fuzz-broken-spoof` (fuzz tests only).
+        Some(_) if cfg!(feature = "fuzz-broken-spoof") => Ok(usize::from(p.total_len())),
         _ => Err(DropReason::SpoofedSource),
     }
 }
