@@ -470,6 +470,8 @@ fn to_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, node: &Node) -> Verdict
 /// wire, as pods of DirectRouting nodes do): then through the cluster's routes.
 fn out_as_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, dst: Ipv4Addr) -> Verdict {
     match t.map.lookup(dst) {
+        // An address of the cluster network in no lease is nowhere, least of all on the wire.
+        None if t.map.network().contains(dst) => Verdict::Drop(DropReason::NoRoute),
         None => Verdict::ToWire(dst),
         Some(node) if node.subnet == t.local.subnet => Verdict::ToTun,
         Some(node) => to_node(t, slot, meta, node),
@@ -533,9 +535,12 @@ pub fn from_wire(
     }
 }
 
-/// Whether a packet from the wire with source `src` is one the kernel drops as a martian.
+/// Whether a packet from the wire with source `src` is one the kernel drops as a martian, or
+/// claims an address of the cluster network that no lease holds (a pod of no node: its answers
+/// could go nowhere).
 fn martian_source(t: &Tables, src: Ipv4Addr) -> bool {
-    src == t.local.public_ip
+    (t.map.network().contains(src) && t.map.lookup(src).is_none())
+        || src == t.local.public_ip
         || src == t.local.tun_addr
         || src.is_loopback()
         || src.is_multicast()

@@ -841,6 +841,37 @@ mod tests {
         assert_eq!(from_wire(&t, &f, &syn).0, Verdict::ToTun);
     }
 
+    /// Found by the long fuzz run: a SYN from the wire to a NodePort without endpoints, from an
+    /// address of the cluster network that no lease holds, got its port unreachable sent out on
+    /// the wire toward the cluster network. Such a source is refused; a pod of a lease still
+    /// gets its answer through the tunnel.
+    #[test]
+    fn test_wire_packets_from_a_pod_of_no_lease_open_nothing() {
+        let t = wire_tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let nowhere = Ipv4Addr::new(10, 244, 3, 7);
+        for port in [NODE_PORT, 30082] {
+            let syn = tcp(nowhere, 50000, NODE_A, port, true, false);
+            assert_eq!(
+                from_wire(&t, &f, &syn).0,
+                Verdict::Drop(DropReason::SpoofedSource)
+            );
+        }
+        assert!(
+            f.conntrack.entries(0).is_empty(),
+            "no connection was opened"
+        );
+        let syn = tcp(
+            Ipv4Addr::new(10, 244, 2, 9),
+            50000,
+            NODE_A,
+            NODE_PORT,
+            true,
+            false,
+        );
+        assert_eq!(from_wire(&t, &f, &syn).0, Verdict::ToTun);
+    }
+
     /// Found by the fuzz test: the answer to a connection from the node's own address (a host
     /// process bound to it, which `may_send_from` admits) to a ClusterIP with a local backend
     /// went out on the wire to the node's own address with `--io xdp`, and became an ICMP
