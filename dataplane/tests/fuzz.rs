@@ -989,28 +989,6 @@ fn check(
             }
         }
     }
-    if dir == Direction::FromUnderlay && !r.wire && !matches!(v, Verdict::Drop(_)) {
-        let ip = input
-            .as_ref()
-            .ok_or_else(|| TestCaseError::fail(format!("unreadable inner packet taken: {v:?}")))?;
-        let lease = w.lease_of(ip.src);
-        prop_assert!(
-            lease.is_some_and(|n| node_ip(n) == *r.peer.ip() && n != w.ours),
-            "inner source {} from {} (not its node) taken: {:?}",
-            ip.src,
-            r.peer,
-            v
-        );
-        // (Relayed instead, the relay check below says so.)
-        let relayed = matches!(v, Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_));
-        prop_assert!(
-            t.local.subnet.contains(ip.dst) || relayed,
-            "inner destination {} not ours taken: {:?}",
-            ip.dst,
-            v
-        );
-    }
-
     if matches!(v, Verdict::Drop(_)) {
         return Ok(());
     }
@@ -1140,6 +1118,29 @@ fn check(
             );
         }
         _ => {}
+    }
+    // What the underlay delivers comes from its source's node, for our lease (checked last, so
+    // that a relay is reported as one).
+    if dir == Direction::FromUnderlay && !r.wire && !matches!(v, Verdict::Drop(_)) {
+        let ip = input
+            .as_ref()
+            .ok_or_else(|| TestCaseError::fail(format!("unreadable inner packet taken: {v:?}")))?;
+        let lease = w.lease_of(ip.src);
+        prop_assert!(
+            lease.is_some_and(|n| node_ip(n) == *r.peer.ip() && n != w.ours),
+            "inner source {} from {} (not its node) taken: {:?}",
+            ip.src,
+            r.peer,
+            v
+        );
+        // (Relayed instead, the relay check below says so.)
+        let relayed = matches!(v, Verdict::ToUnderlay(_) | Verdict::ToUnderlayIp(_));
+        prop_assert!(
+            t.local.subnet.contains(ip.dst) || relayed,
+            "inner destination {} not ours taken: {:?}",
+            ip.dst,
+            v
+        );
     }
     Ok(())
 }
