@@ -390,6 +390,8 @@ pub fn from_tun(
         Some(pod) => src == pod,
         None => t.local.may_send_from(src),
     };
+    // DELIBERATELY BROKEN with `fuzz-broken-tun-spoof` (fuzz tests only).
+    let held = held || cfg!(feature = "fuzz-broken-tun-spoof");
     if !held {
         return Verdict::Drop(DropReason::SpoofedSource);
     }
