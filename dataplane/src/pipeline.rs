@@ -338,6 +338,11 @@ fn decide(
         if let Some(st) = state.as_deref_mut() {
             st.revise(tables, dir, slot, meta, now);
         }
+        // DELIBERATELY BROKEN with `fuzz-broken-undecided` (fuzz tests only).
+        #[cfg(feature = "fuzz-broken-undecided")]
+        if meta.verdict == Verdict::Drop(DropReason::TtlExpired) {
+            meta.verdict = Verdict::Pending;
+        }
         match meta.verdict {
             Verdict::ToUnderlay(dst) => meta.peer = dst,
             Verdict::ToUnderlayIp(dst) | Verdict::ToWire(dst) => {
@@ -385,6 +390,8 @@ pub fn from_tun(
         Some(pod) => src == pod,
         None => t.local.may_send_from(src),
     };
+    // DELIBERATELY BROKEN with `fuzz-broken-tun-spoof` (fuzz tests only).
+    let held = held || cfg!(feature = "fuzz-broken-tun-spoof");
     if !held {
         return Verdict::Drop(DropReason::SpoofedSource);
     }
@@ -407,6 +414,9 @@ pub fn from_tun(
     }
     let node = match t.map.lookup(dst) {
         Some(node) => node,
+        // The answer to a connection of the node's own address (a host process bound to it) to
+        // a service: the kernel delivers it.
+        None if translated && dst == t.local.public_ip => return Verdict::ToTun,
         // Masqueraded, or the answer to a NodePort client: the kernel routed it here already.
         None if translated && t.wire.is_some() => return Verdict::ToWire(dst),
         None => return net_unreachable(t, slot, meta),
@@ -462,6 +472,8 @@ fn to_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, node: &Node) -> Verdict
 /// wire, as pods of DirectRouting nodes do): then through the cluster's routes.
 fn out_as_node(t: &Tables, slot: &mut [u8], meta: &mut Meta, dst: Ipv4Addr) -> Verdict {
     match t.map.lookup(dst) {
+        // An address of the cluster network in no lease is nowhere, least of all on the wire.
+        None if t.map.network().contains(dst) => Verdict::Drop(DropReason::NoRoute),
         None => Verdict::ToWire(dst),
         Some(node) if node.subnet == t.local.subnet => Verdict::ToTun,
         Some(node) => to_node(t, slot, meta, node),
@@ -484,6 +496,13 @@ pub fn from_wire(
         return Verdict::Drop(DropReason::NotForThisNode);
     };
     meta.len = match parse_ipv4(&slot[meta.start..meta.start + meta.len]) {
+        // Nothing checked it before us (the XDP program takes it before the kernel's ip_rcv,
+        // which drops it): no connection is opened or translated for a corrupted header.
+        Ok(p) if !p.verify_checksum() => return Verdict::Drop(DropReason::BadChecksum),
+        // A source the kernel calls martian on input (ip_route_input): the node's own address,
+        // loopback, "this network", multicast, broadcast. Its answers would go to the wire
+        // addressed to the node itself, or nowhere.
+        Ok(p) if martian_source(t, p.src()) => return Verdict::Drop(DropReason::SpoofedSource),
         Ok(p) if p.dst() != t.local.public_ip => return Verdict::Drop(DropReason::NotForThisNode),
         Ok(p) => usize::from(p.total_len()),
         Err(r) => return Verdict::Drop(r),
@@ -516,6 +535,19 @@ pub fn from_wire(
         }
         None => Verdict::Drop(DropReason::NoRoute),
     }
+}
+
+/// Whether a packet from the wire with source `src` is one the kernel drops as a martian, or
+/// claims an address of the cluster network that no lease holds (a pod of no node: its answers
+/// could go nowhere).
+fn martian_source(t: &Tables, src: Ipv4Addr) -> bool {
+    (t.map.network().contains(src) && t.map.lookup(src).is_none())
+        || src == t.local.public_ip
+        || src == t.local.tun_addr
+        || src.is_loopback()
+        || src.is_multicast()
+        || src.is_broadcast()
+        || src.octets()[0] == 0
 }
 
 /// The kernel's `udp_flow_src_port` over our own flow hash of the inner packet: one flow, one
@@ -619,13 +651,32 @@ pub fn from_underlay(
             let data = &slot[meta.start..meta.start + meta.len];
             meta.len = match check_inner(t, sender, data) {
                 Ok(len) => len,
+                // DELIBERATELY BROKEN with `fuzz-broken-relay` (fuzz tests only).
+                #[cfg(feature = "fuzz-broken-relay")]
+                Err(DropReason::NotForThisNode) => {
+                    let p = ipv4::Packet::new_unchecked(data);
+                    let len = usize::from(p.total_len());
+                    match t.map.lookup(p.dst()) {
+                        Some(node) if node.subnet != t.local.subnet => {
+                            meta.len = len;
+                            return to_node(t, slot, meta, node);
+                        }
+                        _ => return Verdict::Drop(DropReason::NotForThisNode),
+                    }
+                }
                 Err(r) => return Verdict::Drop(r),
             };
             let mut p = ipv4::Packet::new_unchecked(&mut slot[meta.start..meta.start + meta.len]);
             if p.ttl() <= 1 {
                 return Verdict::Drop(DropReason::TtlExpired);
             }
-            p.decrement_ttl();
+            // DELIBERATELY BROKEN with `fuzz-broken-ttl-checksum` (fuzz tests only).
+            if cfg!(feature = "fuzz-broken-ttl-checksum") {
+                let ttl = p.ttl();
+                p.set_ttl(ttl - 1);
+            } else {
+                p.decrement_ttl();
+            }
             track_inbound(t, tracker, slot, meta)
         }
         Encap::Vxlan { vni, local_mac } => {
@@ -757,6 +808,8 @@ fn check_inner(t: &Tables, sender: Ipv4Addr, data: &[u8]) -> Result<usize, DropR
     }
     match t.map.lookup(p.src()) {
         Some(node) if node.public_ip == sender => Ok(usize::from(p.total_len())),
+        // DELIBERATELY BROKEN with `fuzz-broken-spoof` (fuzz tests only).
+        Some(_) if cfg!(feature = "fuzz-broken-spoof") => Ok(usize::from(p.total_len())),
         _ => Err(DropReason::SpoofedSource),
     }
 }

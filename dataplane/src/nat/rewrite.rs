@@ -84,7 +84,13 @@ pub fn apply(pkt: &mut [u8], from: &Tuple, to: &Tuple) {
     match from.proto {
         PROTO_TCP | PROTO_UDP => {
             set_port(pkt, ihl, to.sport, csum);
-            set_port(pkt, ihl + 2, to.dport, csum);
+            // DELIBERATELY BROKEN with `fuzz-broken-port-checksum` (fuzz tests only).
+            let dport_csum = if cfg!(feature = "fuzz-broken-port-checksum") {
+                None
+            } else {
+                csum
+            };
+            set_port(pkt, ihl + 2, to.dport, dport_csum);
         }
         PROTO_ICMP => {
             // The identifier; the ICMP checksum does not cover the pseudo-header.

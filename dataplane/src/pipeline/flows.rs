@@ -796,6 +796,105 @@ mod tests {
         );
     }
 
+    /// Found by the fuzz test: a NodePort SYN from the wire with a corrupted IPv4 header was
+    /// translated (its checksum patched, still wrong) and opened a connection; the kernel's
+    /// ip_rcv drops it before conntrack sees it.
+    #[test]
+    fn test_a_wire_packet_with_a_bad_header_checksum_opens_nothing() {
+        let t = wire_tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let mut syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
+        syn[10] ^= 0x01;
+        let (v, _) = from_wire(&t, &f, &syn);
+        assert_eq!(v, Verdict::Drop(DropReason::BadChecksum));
+        assert!(
+            f.conntrack.entries(0).is_empty(),
+            "no connection was opened"
+        );
+    }
+
+    /// Found by the fuzz test: a NodePort SYN from the wire with the node's own address as its
+    /// source opened a connection, and its backend's answer went out on the wire to the node
+    /// itself. The kernel drops such sources (martians) on input; so do we.
+    #[test]
+    fn test_wire_packets_from_martian_sources_open_nothing() {
+        let t = wire_tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        for src in [
+            NODE_A,
+            t.local.tun_addr,
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::BROADCAST,
+        ] {
+            let syn = tcp(src, 50000, NODE_A, NODE_PORT, true, false);
+            let (v, _) = from_wire(&t, &f, &syn);
+            assert_eq!(v, Verdict::Drop(DropReason::SpoofedSource), "from {src}");
+        }
+        assert!(
+            f.conntrack.entries(0).is_empty(),
+            "no connection was opened"
+        );
+        // Anyone else is served.
+        let syn = tcp(OUTSIDE, 50000, NODE_A, NODE_PORT, true, false);
+        assert_eq!(from_wire(&t, &f, &syn).0, Verdict::ToTun);
+    }
+
+    /// Found by the long fuzz run: a SYN from the wire to a NodePort without endpoints, from an
+    /// address of the cluster network that no lease holds, got its port unreachable sent out on
+    /// the wire toward the cluster network. Such a source is refused; a pod of a lease still
+    /// gets its answer through the tunnel.
+    #[test]
+    fn test_wire_packets_from_a_pod_of_no_lease_open_nothing() {
+        let t = wire_tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let nowhere = Ipv4Addr::new(10, 244, 3, 7);
+        for port in [NODE_PORT, 30082] {
+            let syn = tcp(nowhere, 50000, NODE_A, port, true, false);
+            assert_eq!(
+                from_wire(&t, &f, &syn).0,
+                Verdict::Drop(DropReason::SpoofedSource)
+            );
+        }
+        assert!(
+            f.conntrack.entries(0).is_empty(),
+            "no connection was opened"
+        );
+        let syn = tcp(
+            Ipv4Addr::new(10, 244, 2, 9),
+            50000,
+            NODE_A,
+            NODE_PORT,
+            true,
+            false,
+        );
+        assert_eq!(from_wire(&t, &f, &syn).0, Verdict::ToTun);
+    }
+
+    /// Found by the fuzz test: the answer to a connection from the node's own address (a host
+    /// process bound to it, which `may_send_from` admits) to a ClusterIP with a local backend
+    /// went out on the wire to the node's own address with `--io xdp`, and became an ICMP
+    /// net unreachable without it. It is the host's: into the TUN, for the kernel to deliver.
+    #[test]
+    fn test_the_answer_to_the_nodes_own_connection_to_a_service_goes_into_the_tun() {
+        for t in [
+            wire_tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]),
+            tables(&[SocketAddrV4::new(LOCAL_EP, 8080)]),
+        ] {
+            let f = Flows::new(Default::default());
+            let syn = tcp(NODE_A, 40000, VIP, 80, true, false);
+            let (v, out) = run(&t, &f, Direction::FromTun, &syn, NODE_A);
+            assert_eq!(v, Verdict::ToTun);
+            let (src, sport, dst, dport) = tuple_of(&out);
+            assert_eq!((dst, dport), (LOCAL_EP, 8080));
+            let synack = tcp(LOCAL_EP, 8080, src, sport, true, true);
+            let (v, out) = run(&t, &f, Direction::FromTun, &synack, LOCAL_EP);
+            assert_eq!(v, Verdict::ToTun, "wire: {}", t.wire.is_some());
+            assert_eq!(tuple_of(&out), (VIP, 80, NODE_A, 40000));
+        }
+    }
+
     /// Source, destination and ports of a packet, its checksums verified.
     fn tuple_of(pkt: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
         let s = SlicedPacket::from_ip(pkt).unwrap();
