@@ -520,12 +520,12 @@ mod tests {
         let fails = |doc: &str| render(doc, "d.md", &root).unwrap_err().to_string();
         assert_eq!(
             render(
-                "<!-- fig docs/bench/c.json#route/lookup/10000/per/1000 --><!-- /fig -->",
+                "<!-- fig docs/bench/c.json#route/lookup/10000/per/10 --><!-- /fig -->",
                 "d.md",
                 &root
             )
             .unwrap(),
-            "<!-- fig docs/bench/c.json#route/lookup/10000/per/1000 -->0.00231 ns<!-- /fig -->"
+            "<!-- fig docs/bench/c.json#route/lookup/10000/per/10 -->0.231 ns<!-- /fig -->"
         );
         assert!(fails("<!-- fig docs/bench/c.json#nope -->x<!-- /fig -->").contains("no figure"));
         assert!(
