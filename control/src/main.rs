@@ -821,6 +821,29 @@ fn replay(a: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
+/// `podwire figures`: rewrites (or checks) every figure of README.md and docs/.
+fn figures(a: FiguresArgs) -> Result<()> {
+    let mut stale = Vec::new();
+    for (path, now, want) in podwire::figures::render_all(&a.root)? {
+        if now == want {
+            continue;
+        }
+        if a.check {
+            stale.push(path.display().to_string());
+        } else {
+            std::fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
+            println!("rendered {}", path.display());
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "figures differ from their run files in {}: run `podwire figures`",
+            stale.join(", ")
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -939,27 +962,4 @@ mod tests {
         .unwrap();
         assert!(Cli::try_parse_from(args).is_err());
     }
-}
-
-/// `podwire figures`: rewrites (or checks) every figure of README.md and docs/.
-fn figures(a: FiguresArgs) -> Result<()> {
-    let mut stale = Vec::new();
-    for (path, now, want) in podwire::figures::render_all(&a.root)? {
-        if now == want {
-            continue;
-        }
-        if a.check {
-            stale.push(path.display().to_string());
-        } else {
-            std::fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
-            println!("rendered {}", path.display());
-        }
-    }
-    if !stale.is_empty() {
-        bail!(
-            "figures differ from their run files in {}: run `podwire figures`",
-            stale.join(", ")
-        );
-    }
-    Ok(())
 }

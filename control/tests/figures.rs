@@ -1,5 +1,6 @@
 //! README.md's and docs/' figures are what their committed run files render: a figure typed
 //! by hand, or a run file changed without re-rendering, fails here.
+#![allow(clippy::tests_outside_test_module)]
 
 use std::path::Path;
 
