@@ -149,7 +149,12 @@ mod tests {
 
     #[test]
     fn test_legend_names_every_mode() {
-        let names: Vec<String> = (0..9).map(|i| format!("mode-{i}")).collect();
+        // Every mode the bench knows, with their real (long) names.
+        let names: Vec<String> = super::super::MODES
+            .iter()
+            .chain(super::super::EXTRA_MODES.iter())
+            .map(|m| m.to_string())
+            .collect();
         let modes: Vec<&str> = names.iter().map(String::as_str).collect();
         let m = vec![medians(1.0, 1.0, 1.0); modes.len()];
         let s = svg(&modes, &m, &medians(1.0, 1.0, 1.0));
