@@ -786,17 +786,55 @@ fn e2e_bench_writes_results_and_cleans_up() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let results = v["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2 * 4, "{v:#}");
+    // 7 workloads in each of 2 modes, and the generator's ceiling's 4 packet-rate figures.
+    assert_eq!(results.len(), 2 * 7 + 4, "{v:#}");
     for r in results {
-        for key in ["mode", "workload", "value", "unit", "ratio_to_kernel_vxlan"] {
+        for key in [
+            "mode", "workload", "median", "min", "max", "unit", "samples",
+        ] {
             assert!(!r[key].is_null(), "{key} missing in {r}");
         }
-        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
-        if r["mode"] == "kernel-vxlan" {
+        assert_eq!(r["samples"].as_array().unwrap().len(), 1, "{r}");
+        let median = r["median"].as_f64().unwrap();
+        // A loss may be 0; every rate, time and cost was measured.
+        if r["workload"] == "udp_64b_loss" {
+            assert!((0.0..=100.0).contains(&median), "{r}");
+            assert!(r["ratio_to_kernel_vxlan"].is_null(), "{r}");
+        } else {
+            assert!(median > 0.0, "{r}");
+        }
+        if r["mode"] == "kernel-vxlan" && r["workload"] == "tcp_1_stream" {
             assert_eq!(r["ratio_to_kernel_vxlan"], 1.0, "{r}");
         }
     }
-    assert!(v["cores"].as_u64().unwrap() >= 1 && v["kernel"].as_str().is_some());
+    // Every packet-rate trial is kept, with what was offered and what arrived.
+    for mode in ["kernel-vxlan", "podwire-udp", "generator-ceiling"] {
+        let unpaced = &v["packet_rate"][mode][0]["max_offered"];
+        assert!(unpaced["sent"].as_u64().unwrap() > 0, "{mode}: {unpaced}");
+        assert!(
+            unpaced["received"].as_u64().unwrap() > 0,
+            "{mode}: {unpaced}"
+        );
+    }
+    // Where it came from: the commit, the date, the command line, the machine.
+    assert_eq!(v["commit"].as_str().unwrap().len(), 40, "{v:#}");
+    assert!(v["date"].as_str().unwrap().starts_with("20"));
+    assert!(v["command"].as_str().unwrap().contains("--rounds 1"));
+    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(v["machine"]["kernel"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert_eq!(v["pod_mtu"], 1450);
+    // The bench leaves no namespace behind, the generator's ceiling's pair included.
+    let pid_prefix = "pw";
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(pid_prefix) && (n.ends_with("-ga") || n.ends_with("-gb")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
