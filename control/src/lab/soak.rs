@@ -56,12 +56,24 @@ fn fds(pid: u32) -> Result<usize> {
     Ok(dir.count())
 }
 
+/// The fewest descriptors of three readings 20 ms apart: the daemon holds one for a moment
+/// each second (its stats file is written to a temporary file, then renamed), which a single
+/// reading can catch; a leaked descriptor stays in all three.
+fn settled_fds(pid: u32) -> Result<usize> {
+    let mut fewest = fds(pid)?;
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(20));
+        fewest = fewest.min(fds(pid)?);
+    }
+    Ok(fewest)
+}
+
 /// One reading of every daemon: (RSS kB, descriptors).
 fn sample(daemons: &[(usize, u32)]) -> Result<Vec<(u64, usize)>> {
     daemons
         .iter()
         .map(|&(node, pid)| {
-            let read = || Ok::<_, anyhow::Error>((rss_kb(pid)?, fds(pid)?));
+            let read = || Ok::<_, anyhow::Error>((rss_kb(pid)?, settled_fds(pid)?));
             read().with_context(|| format!("soak: node {node}'s podwire (pid {pid})"))
         })
         .collect()
@@ -218,7 +230,7 @@ mod tests {
         // No such process (pid_max is at most 2^22): an error, not 0.
         let gone = u32::MAX;
         assert!(rss_kb(gone).is_err());
-        assert!(fds(gone).is_err());
+        assert!(fds(gone).is_err() && settled_fds(gone).is_err());
         let err = sample(&[(2, gone)]).unwrap_err();
         assert!(format!("{err:#}").contains("node 2"), "{err:#}");
         // A status without VmRSS (a kernel thread's) has no reading.
