@@ -205,7 +205,7 @@ impl EtcdStore {
     }
 
     fn subnet_key(&self, subnet: &Ipv4Net) -> String {
-        format!("{}{}", self.subnets_prefix(), subnet.flannel_key())
+        format!("{}{}", self.subnets_prefix(), crate::subnet_key::of(subnet))
     }
 
     fn etcd_err(&self, source: etcd_client::Error) -> StoreError {
@@ -371,7 +371,7 @@ impl EtcdStore {
         let name = key
             .strip_prefix(&self.subnets_prefix())
             .ok_or("not under the subnets prefix")?;
-        let subnet = Ipv4Net::from_flannel_key(name).map_err(|e| format!("bad key: {e}"))?;
+        let subnet = crate::subnet_key::parse(name).map_err(|e| format!("bad key: {e}"))?;
         let attrs: LeaseAttrs =
             serde_json::from_slice(value).map_err(|e| format!("bad lease JSON: {e}"))?;
         Ok((subnet, attrs))

@@ -1,6 +1,7 @@
 //! podwire's control side: everything but packets.
 //!
 //! - [`config`], [`lease`], [`store`]: flannel's net-conf.json, lease values and keyspace.
+//! - [`subnet_key`]: flannel's form of a subnet in store keys (`10.244.1.0-24`).
 //! - [`tables`]: a cluster view turned into the dataplane's tables.
 //! - [`netdev`], [`subnet_env`]: host setup as flanneld does it.
 //! - [`report`]: worker counters as JSON.
@@ -26,4 +27,5 @@ pub mod secret;
 pub mod services;
 pub mod store;
 pub mod subnet_env;
+pub mod subnet_key;
 pub mod tables;

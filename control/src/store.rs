@@ -167,7 +167,7 @@ pub fn parse_cluster(text: &str) -> Result<ClusterView, ConfigError> {
     let mut leases = Vec::with_capacity(file.subnets.len());
     for (key, attrs) in file.subnets {
         let at = format!("subnets.{key}");
-        let subnet = Ipv4Net::from_flannel_key(&key)
+        let subnet = crate::subnet_key::parse(&key)
             .map_err(|e| ConfigError::new(&at, format!("bad subnet key: {e}")))?;
         if !config.network.covers(&subnet) || subnet.prefix() != config.subnet_len {
             return Err(ConfigError::new(

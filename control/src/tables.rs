@@ -37,7 +37,7 @@ pub fn build_checked(
     // Every lease as a node, or None for a second lease of ours.
     let mut nodes = Vec::with_capacity(view.leases.len());
     for lease in &view.leases {
-        let key = format!("subnets.{}", lease.subnet.flannel_key());
+        let key = format!("subnets.{}", crate::subnet_key::of(&lease.subnet));
         if own.is_some_and(|o| o != lease.subnet) && lease.attrs.public_ip == public_ip {
             nodes.push((key, None));
             continue;

@@ -69,7 +69,7 @@ fn request(cfg: &str, ip: &str, previous: Option<&str>) -> LeaseRequest {
 const UDP_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
 fn key(subnet: &Ipv4Net) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.flannel_key())
+    format!("{PREFIX}/subnets/{}", podwire::subnet_key::of(subnet))
 }
 
 /// Calls `wait_changes` until `probe` holds on the lease set or 10 s pass.

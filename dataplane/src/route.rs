@@ -53,19 +53,6 @@ impl Ipv4Net {
         }
     }
 
-    /// Parses flannel's subnet key form `10.244.1.0-24`.
-    pub fn from_flannel_key(key: &str) -> Result<Ipv4Net, NetError> {
-        let (a, l) = key
-            .split_once('-')
-            .ok_or_else(|| NetError::Syntax(key.to_string()))?;
-        Self::from_parts(a, l, key)
-    }
-
-    /// flannel's subnet key form `10.244.1.0-24`.
-    pub fn flannel_key(&self) -> String {
-        format!("{}-{}", self.addr, self.prefix)
-    }
-
     fn from_parts(addr: &str, len: &str, whole: &str) -> Result<Ipv4Net, NetError> {
         let addr: Ipv4Addr = addr
             .parse()
@@ -271,13 +258,6 @@ mod tests {
     fn test_net_parse_and_display() {
         let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
         assert_eq!(n.to_string(), "10.244.0.0/16");
-        assert_eq!(
-            Ipv4Net::from_flannel_key("10.244.1.0-24")
-                .unwrap()
-                .to_string(),
-            "10.244.1.0/24"
-        );
-        assert_eq!(n.flannel_key(), "10.244.0.0-16");
         assert!(matches!(
             "10.244.1.1/24".parse::<Ipv4Net>(),
             Err(NetError::HostBits(_))
@@ -288,10 +268,6 @@ mod tests {
         ));
         assert!(matches!(
             "10.244.1.0".parse::<Ipv4Net>(),
-            Err(NetError::Syntax(_))
-        ));
-        assert!(matches!(
-            Ipv4Net::from_flannel_key("10.244.1.0/24"),
             Err(NetError::Syntax(_))
         ));
         assert_eq!(
