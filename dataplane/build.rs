@@ -1,10 +1,15 @@
 //! Builds the XDP program (`ebpf/podwire_xdp.c`) with Debian's clang into OUT_DIR; the
 //! dataplane embeds the object (`port::xdp`). Needs `clang` and `libbpf-dev` (bpf_helpers.h).
+//! Only with the `xdp` feature (on by default): without it nothing is built and clang is not
+//! needed.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_XDP").is_none() {
+        return;
+    }
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ebpf/podwire_xdp.c");
     println!("cargo:rerun-if-changed={}", src.display());
     let out =

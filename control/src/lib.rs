@@ -6,15 +6,14 @@
 //! - [`netdev`], [`subnet_env`]: host setup as flanneld does it.
 //! - [`report`]: worker counters as JSON.
 //!
-//! The binary adds `podwire run` (the daemon), `podwire replay` and `podwire lab`.
+//! The binary adds `podwire run` (the daemon), `podwire ctl` and `podwire replay`. The lab, the
+//! end-to-end bench and the figures live in their own crate and binary, `podwire-lab` (lab/).
 
 pub mod allocate;
 pub mod atomic_file;
 pub mod config;
 pub mod ctl;
 pub mod etcd;
-pub mod etcd_server;
-pub mod figures;
 pub mod health;
 pub mod l2;
 pub mod lease;
@@ -22,7 +21,6 @@ pub mod masq;
 pub mod netdev;
 pub mod privs;
 pub mod report;
-pub mod run_record;
 pub mod secret;
 pub mod services;
 pub mod store;

@@ -17,11 +17,21 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-/// The compiled program.
+/// The compiled program (built with the `xdp` feature only).
+#[cfg(feature = "xdp")]
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/podwire_xdp.o"));
 /// The compiled program, for tools that load it themselves (`ip link set ... xdp obj`).
+#[cfg(feature = "xdp")]
 pub fn object() -> &'static [u8] {
     OBJECT
+}
+
+/// The program to load, if this build has one.
+fn embedded() -> Result<&'static [u8], XdpError> {
+    #[cfg(feature = "xdp")]
+    return Ok(OBJECT);
+    #[cfg(not(feature = "xdp"))]
+    Err(XdpError::NotBuilt)
 }
 
 /// Its entry point, as `ip link` shows it.
@@ -84,6 +94,8 @@ pub struct XdpCounters {
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
+    #[error("this podwire was built without XDP (podwire-dataplane's `xdp` feature, which needs clang): no XDP program to attach, no AF_XDP sockets")]
+    NotBuilt,
     #[error("loading the XDP program: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("XDP program: {0}")]
@@ -165,7 +177,7 @@ impl XdpProgram {
     /// Loads the program, sets its role and attaches it to `ifname`, in driver mode if the
     /// driver has it, else in generic mode.
     pub fn attach(ifname: &str, role: Role) -> Result<XdpProgram, XdpError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut ebpf = Ebpf::load(embedded()?)?;
         let config = match role {
             Role::Underlay {
                 local_ip,
@@ -312,5 +324,30 @@ impl XdpProgram {
     /// the map lives as long as a reader holds it).
     pub fn counter_reader(&self) -> Arc<ProgramCounters> {
         Arc::clone(&self.counters)
+    }
+}
+
+#[cfg(test)]
+#[cfg(not(feature = "xdp"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_without_the_xdp_feature_attaching_and_binding_are_errors() {
+        let role = Role::Underlay {
+            local_ip: Ipv4Addr::LOCALHOST,
+            port: 8472,
+            masq_ports: None,
+        };
+        assert!(matches!(
+            XdpProgram::attach("lo", role),
+            Err(XdpError::NotBuilt)
+        ));
+        let bound = crate::port::xsk::XskPort::bind("lo", 0, Default::default());
+        assert!(matches!(
+            bound,
+            Err(crate::port::PortError::Open { ref source, .. })
+                if source.kind() == std::io::ErrorKind::Unsupported
+        ));
     }
 }

@@ -12,13 +12,25 @@
 //! (`XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD`); the caller puts this socket in the program's
 //! `xsks_map`. `XDP_USE_NEED_WAKEUP` lets the kernel sleep until asked.
 
+#[cfg(feature = "xdp")]
 use std::io::{self, Write};
+#[cfg(feature = "xdp")]
 use std::num::NonZeroU32;
+#[cfg(feature = "xdp")]
 use std::os::fd::{AsRawFd, RawFd};
+#[cfg(feature = "xdp")]
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };
+#[cfg(feature = "xdp")]
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+// Without the `xdp` feature there is no xsk-rs (its libxdp build needs clang): a socket that
+// cannot be bound stands in.
+#[cfg(not(feature = "xdp"))]
+mod absent;
+#[cfg(not(feature = "xdp"))]
+pub use absent::XskSocket;
 
 /// How an AF_XDP socket is sized.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +76,7 @@ pub struct XskActivity {
     pub wakeups: u64,
 }
 
+#[cfg(feature = "xdp")]
 pub struct XskSocket {
     // Field order is drop order: the rings before the UMEM they map.
     rx: RxQueue,
@@ -85,10 +98,12 @@ pub struct XskSocket {
     activity: XskActivity,
 }
 
+#[cfg(feature = "xdp")]
 fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
+#[cfg(feature = "xdp")]
 impl XskSocket {
     /// Binds a socket to queue `queue` of `ifname` (zero-copy if asked for and offered, else
     /// copy mode) and puts the receive half of its frames in the fill ring.

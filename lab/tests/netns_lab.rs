@@ -1,6 +1,11 @@
-//! Netns integration: the real `podwire lab` (real TUN devices, sockets, netns and traffic)
-//! with 2 and 4 nodes, and teardown on Ctrl-C. Needs root; skipped otherwise. The labs run one
-//! at a time (the machine has 2 cores) and each test checks that nothing was left behind.
+//! Netns integration: the real `podwire-lab lab` (real TUN devices, sockets, netns and traffic)
+//! running the real `podwire` daemon, with 2 and 4 nodes, and teardown on Ctrl-C. Needs root;
+//! skipped otherwise. The labs run one at a time (the machine has 2 cores) and each test checks
+//! that nothing was left behind.
+//!
+//! The daemon is the `podwire` binary beside `podwire-lab` in cargo's target directory, which
+//! `cargo test --workspace` (`./dev test`) builds with every binary of the workspace. A missing
+//! or stale one fails the tests: build it with `cargo build --release -p podwire`.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
 
@@ -12,13 +17,69 @@ use std::time::{Duration, Instant};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The right to run a lab now: labs run one at a time (2 cores). None, and the test is skipped,
-/// without root.
+/// without root. Panics without an up-to-date daemon binary.
 fn lab_slot() -> Option<std::sync::MutexGuard<'static, ()>> {
+    // A missing daemon fails the test even where the lab would be skipped.
+    lab_binary();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return None;
     }
     Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The `podwire-lab` binary, once the `podwire` daemon beside it (the one it runs) is known to
+/// be there and built after every source it is made from: a test never passes, nor skips, on a
+/// missing or stale daemon.
+fn lab_binary() -> &'static str {
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let lab = env!("CARGO_BIN_EXE_podwire-lab");
+    CHECKED.get_or_init(|| {
+        let daemon = podwire_lab::daemon_binary::beside(std::path::Path::new(lab));
+        let built = std::fs::metadata(&daemon)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the podwire daemon binary {} is missing ({e}): `cargo test --workspace` \
+                     builds it; alone, run `cargo build --release -p podwire` first",
+                    daemon.display()
+                )
+            });
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let newer = ["control/src", "dataplane/src", "ebpf", "Cargo.lock"]
+            .iter()
+            .flat_map(|d| newest_files(&root.join(d)))
+            .find(|(_, modified)| *modified > built);
+        if let Some((source, _)) = newer {
+            panic!(
+                "the podwire daemon binary {} is older than {}: rebuild it \
+                 (`cargo build --release -p podwire`, or `cargo test --workspace`)",
+                daemon.display(),
+                source.display()
+            );
+        }
+    });
+    lab
+}
+
+/// Every file under `path` (or `path` itself) with its modification time.
+fn newest_files(path: &std::path::Path) -> Vec<(PathBuf, std::time::SystemTime)> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    if meta.is_file() {
+        return meta
+            .modified()
+            .map(|m| vec![(path.to_path_buf(), m)])
+            .unwrap_or_default();
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .flat_map(|e| newest_files(&e.path()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
@@ -42,10 +103,10 @@ fn leftovers(lab_pid: u32) -> (Vec<String>, Vec<String>) {
     (ns, procs)
 }
 
-/// Runs the podwire binary with `args` to the end; asserts that it succeeded and left no
+/// Runs the podwire-lab binary with `args` to the end; asserts that it succeeded and left no
 /// namespace or process behind; returns what it printed.
-fn run_podwire(args: &[&str]) -> String {
-    let child = Command::new(env!("CARGO_BIN_EXE_podwire"))
+fn run_podwire_lab(args: &[&str]) -> String {
+    let child = Command::new(lab_binary())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -61,10 +122,14 @@ fn run_podwire(args: &[&str]) -> String {
     let (ns, procs) = leftovers(pid);
     assert!(
         ns.is_empty() && procs.is_empty(),
-        "podwire {} left behind netns {ns:?} processes {procs:?}\n{text}",
+        "podwire-lab {} left behind netns {ns:?} processes {procs:?}\n{text}",
         args[0]
     );
-    assert!(out.status.success(), "podwire {} failed:\n{text}", args[0]);
+    assert!(
+        out.status.success(),
+        "podwire-lab {} failed:\n{text}",
+        args[0]
+    );
     text
 }
 
@@ -78,7 +143,7 @@ fn run_lab(args: &[&str]) -> (serde_json::Value, String) {
     let mut full = vec!["lab"];
     full.extend_from_slice(args);
     full.extend_from_slice(&["--json", json.to_str().unwrap()]);
-    let text = run_podwire(&full);
+    let text = run_podwire_lab(&full);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
@@ -217,7 +282,7 @@ fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
 #[test]
 fn ctrl_c_tears_the_lab_down() {
     let Some(_slot) = lab_slot() else { return };
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_podwire"))
+    let mut child: Child = Command::new(lab_binary())
         .args(["lab", "--nodes", "2", "--transfer-mb", "20000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -272,7 +337,7 @@ fn a_daemon_killed_mid_run_fails_the_lab() {
     // naming the node and the signal, and still leave nothing behind.
     let out_path = std::env::temp_dir().join(format!("podwire-killed-{}.txt", std::process::id()));
     let out = std::fs::File::create(&out_path).unwrap();
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_podwire"))
+    let mut child: Child = Command::new(lab_binary())
         .args([
             "lab",
             "--nodes",
@@ -768,7 +833,7 @@ fn e2e_bench_writes_results_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("podwire-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
-    run_podwire(&[
+    run_podwire_lab(&[
         "bench",
         "--rounds",
         "1",

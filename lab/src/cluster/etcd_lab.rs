@@ -1,4 +1,4 @@
-//! `podwire lab --store etcd`: the cluster joins through a real etcd (Debian's etcd-server)
+//! `podwire-lab lab --store etcd`: the cluster joins through a real etcd (Debian's etcd-server)
 //! that the lab starts in the underlay namespace, on br0's address 192.168.99.2, as a cluster's
 //! etcd would sit on the node network.
 //!
@@ -10,9 +10,9 @@
 //! a deleted lease retaken, a node leaving, an etcd outage under traffic, a node rejoining.
 
 use super::{netns, pod_ip, traffic, underlay_ip, Check, LabOptions, Names, Resources};
+use crate::etcd_server::EtcdServer;
 use anyhow::{bail, Context, Result};
 use podwire::etcd::{EtcdOptions, EtcdStore};
-use podwire::etcd_server::EtcdServer;
 use podwire::subnet_env::SubnetEnv;
 use podwire_dataplane::route::Ipv4Net;
 use std::io::{Read, Write};

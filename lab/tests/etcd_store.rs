@@ -5,10 +5,10 @@
 
 use podwire::config::parse_net_conf;
 use podwire::etcd::{EtcdOptions, EtcdStore};
-use podwire::etcd_server::EtcdServer;
 use podwire::lease::LeaseAttrs;
 use podwire::store::{LeaseRequest, Store, StoreError};
 use podwire_dataplane::route::Ipv4Net;
+use podwire_lab::etcd_server::EtcdServer;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -402,7 +402,7 @@ fn test_tls_with_client_certificates() {
         free_port(),
         free_port(),
         &dir.join("etcd"),
-        Some(podwire::etcd_server::EtcdTls {
+        Some(podwire_lab::etcd_server::EtcdTls {
             ca: ca.clone(),
             server_cert,
             server_key,

@@ -7,7 +7,7 @@ use std::path::Path;
 #[test]
 fn test_documents_match_their_run_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let docs = podwire::figures::render_all(&root).expect("every figure renders");
+    let docs = podwire_lab::figures::render_all(&root).expect("every figure renders");
     assert!(docs.iter().any(|(p, _, _)| p.ends_with("README.md")));
     for (path, now, want) in docs {
         if now != want {
@@ -17,7 +17,7 @@ fn test_documents_match_their_run_files() {
                 .position(|(a, b)| a != b)
                 .map_or(0, |l| l + 1);
             panic!(
-                "{}: line {line} differs from what its run file renders; run `podwire figures`",
+                "{}: line {line} differs from what its run file renders; run `podwire-lab figures`",
                 path.display()
             );
         }

@@ -1,4 +1,4 @@
-//! `podwire lab --mode l2`: podwire as every node's bridge, one L2 domain across nodes.
+//! `podwire-lab lab --mode l2`: podwire as every node's bridge, one L2 domain across nodes.
 //!
 //! Every node runs `podwire run --mode l2`; pods are bare namespaces whose only interface is a
 //! TAP device podwire attaches (`podwire ctl attach`): three pods on node 1, two on node 2, one
@@ -225,7 +225,7 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     let r = set_up(res, opts, exe, &mut figures)?;
     let pods = pods(opts.nodes);
     println!(
-        "podwire lab --mode l2: {} nodes, {} pods on podwire's bridges, one L2 domain over VXLAN, {} MB per TCP transfer",
+        "podwire-lab lab --mode l2: {} nodes, {} pods on podwire's bridges, one L2 domain over VXLAN, {} MB per TCP transfer",
         opts.nodes,
         pods.len(),
         opts.transfer_mb

@@ -1,4 +1,4 @@
-//! `podwire lab --services`: ClusterIP services translated by podwire, checked with real
+//! `podwire-lab lab --services`: ClusterIP services translated by podwire, checked with real
 //! connections from node 1's pod.
 //!
 //! Services (written to the lab's `services.json`, given to every node with `--services`):
@@ -17,8 +17,8 @@
 use super::netns;
 use super::traffic::Pattern;
 use super::{Check, Names, Resources};
+use crate::etcd_server::EtcdServer;
 use anyhow::{bail, Context, Result};
-use podwire::etcd_server::EtcdServer;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! `podwire bench`: the end-to-end benchmark. The same 2-node netns cluster as the lab, once per
+//! `podwire-lab bench`: the end-to-end benchmark. The same 2-node netns cluster as the lab, once per
 //! mode, the same workloads through each, side by side in one run:
 //!
 //! - modes: `kernel-vxlan` (the kernel's VXLAN as flanneld configures it: the reference),
@@ -22,7 +22,7 @@
 //! modes rather than landing on one. Each figure is the median of the rounds, with its min and
 //! max, and its ratio to kernel VXLAN. The run file (JSON) keeps every sample and every trial
 //! with the commit, date, command line and machine: the README's figures are rendered from a
-//! committed one (`podwire figures`). Nothing here asserts a speed.
+//! committed one (`podwire-lab figures`). Nothing here asserts a speed.
 
 mod chart;
 pub mod rate;
@@ -31,10 +31,10 @@ use super::{netns, pod_ip, set_up, traffic, with_lab, LabOptions, KERNEL_VXLAN};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::net::{SocketAddrV4, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// What `podwire bench` is told.
+/// What `podwire-lab bench` is told.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub rounds: usize,
@@ -48,6 +48,8 @@ pub struct BenchOptions {
     pub modes: Vec<String>,
     pub out: PathBuf,
     pub svg: PathBuf,
+    /// The daemon binary the podwire modes run.
+    pub podwire: PathBuf,
 }
 
 /// The modes, reference first.
@@ -147,7 +149,7 @@ impl Workload {
 /// vxlan backend, the smallest of the modes (flannel's udp backend gives 1472, host-gw 1500).
 pub const POD_MTU: u32 = 1450;
 
-fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
+fn lab_options(mode: &str, workers: usize, podwire: &Path) -> Result<LabOptions> {
     let (backend, direct_routing, vxlan_tx) = match mode {
         "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
         "podwire-vxlan"
@@ -164,6 +166,7 @@ fn lab_options(mode: &str, workers: usize) -> Result<LabOptions> {
         other => bail!("unknown mode {other:?}: want one of {MODES:?} or {EXTRA_MODES:?}"),
     };
     Ok(LabOptions {
+        podwire: podwire.to_path_buf(),
         nodes: 2,
         backend: backend.to_string(),
         peer_kernel: false,
@@ -388,7 +391,7 @@ fn ceiling_round(opts: &BenchOptions) -> Result<rate::RateResult> {
 /// Runs the bench, prints the tables, writes the run file and the chart.
 pub fn run(opts: BenchOptions) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("podwire bench needs root (network namespaces, TUN devices)");
+        bail!("podwire-lab bench needs root (network namespaces, TUN devices)");
     }
     if !opts.modes.iter().any(|m| m == "kernel-vxlan") {
         bail!("--modes must include kernel-vxlan: every figure is a ratio to it");
@@ -396,9 +399,9 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let labs: Vec<(String, LabOptions)> = opts
         .modes
         .iter()
-        .map(|m| Ok((m.clone(), lab_options(m, opts.workers)?)))
+        .map(|m| Ok((m.clone(), lab_options(m, opts.workers, &opts.podwire)?)))
         .collect::<Result<_>>()?;
-    let provenance = podwire::run_record::Provenance::collect();
+    let provenance = crate::run_record::Provenance::collect();
     let started = Instant::now();
     let mut modes: Vec<ModeSamples> = labs.iter().map(|(m, _)| ModeSamples::new(m)).collect();
     let mut ceiling = ModeSamples::new(CEILING);
@@ -463,7 +466,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     .with_context(|| format!("writing {}", opts.svg.display()))?;
     println!(
         "\n{}",
-        podwire::figures::e2e_text(&doc).context("rendering the run file")?
+        crate::figures::e2e_text(&doc).context("rendering the run file")?
     );
     println!(
         "wrote {} and {} in {:.0} s",
@@ -502,7 +505,7 @@ fn result_entry(mode: &str, w: Workload, samples: &[f64], reference: Option<f64>
 /// The run file: where and how it was measured, every sample, every trial.
 fn run_file(
     opts: &BenchOptions,
-    provenance: &podwire::run_record::Provenance,
+    provenance: &crate::run_record::Provenance,
     modes: &[ModeSamples],
     ceiling: &ModeSamples,
     took: Duration,
@@ -577,12 +580,24 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         for m in MODES {
-            assert!(lab_options(m, 1).is_ok());
+            assert!(lab_options(m, 1, Path::new("podwire")).is_ok());
         }
-        assert!(lab_options("nope", 1).is_err());
-        assert!(lab_options("host-gw", 1).unwrap().direct_routing);
-        assert!(lab_options("podwire-vxlan", 1).unwrap().conntrack);
-        assert!(!lab_options(EXTRA_MODES[0], 1).unwrap().conntrack);
+        assert!(lab_options("nope", 1, Path::new("podwire")).is_err());
+        assert!(
+            lab_options("host-gw", 1, Path::new("podwire"))
+                .unwrap()
+                .direct_routing
+        );
+        assert!(
+            lab_options("podwire-vxlan", 1, Path::new("podwire"))
+                .unwrap()
+                .conntrack
+        );
+        assert!(
+            !lab_options(EXTRA_MODES[0], 1, Path::new("podwire"))
+                .unwrap()
+                .conntrack
+        );
     }
 
     #[test]
@@ -596,6 +611,7 @@ mod tests {
             modes: vec!["kernel-vxlan".into(), "podwire-vxlan".into()],
             out: PathBuf::new(),
             svg: PathBuf::new(),
+            podwire: PathBuf::new(),
         };
         let trial = |sent: u64, received: u64| rate::Trial {
             target_pps: None,
@@ -622,7 +638,7 @@ mod tests {
         let mut ceiling = ModeSamples::new(CEILING);
         ceiling.push(&rate_figures(&rates));
         ceiling.rates.push(rates);
-        let provenance = podwire::run_record::Provenance::collect();
+        let provenance = crate::run_record::Provenance::collect();
         let doc = run_file(
             &opts,
             &provenance,
@@ -665,7 +681,7 @@ mod tests {
             assert!(!doc[key].is_null(), "{key} missing");
         }
         assert_eq!(doc["pod_mtu"], json!(POD_MTU));
-        let text = podwire::figures::e2e_text(&doc).expect("the run file renders");
+        let text = crate::figures::e2e_text(&doc).expect("the run file renders");
         assert!(text.contains("1000 (1.00x) [1000-1001]"), "{text}");
         // The ceiling's row, and the mode's loss at full rate naming the path as the limit.
         assert!(

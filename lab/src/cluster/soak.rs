@@ -1,4 +1,4 @@
-//! `podwire lab --soak SECS`: a fixed-rate UDP stream from pod 1 to pod 2, well under
+//! `podwire-lab lab --soak SECS`: a fixed-rate UDP stream from pod 1 to pod 2, well under
 //! capacity, for SECS seconds, while the node daemons' memory and descriptors are sampled.
 //!
 //! Every datagram carries a sequence number; the receiver counts each one once, so loss,

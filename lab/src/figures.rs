@@ -7,11 +7,11 @@
 //! <!-- fig docs/bench/e2e-2026-12-03.json#podwire-vxlan/tcp_1_stream -->4677 Mbit/s<!-- /fig -->
 //! ```
 //!
-//! `podwire figures` rewrites what is between the markers; `podwire figures --check` (and a
+//! `podwire-lab figures` rewrites what is between the markers; `podwire-lab figures --check` (and a
 //! test) fails when a document differs from what its run files render. A run file must say
 //! where it came from (commit, date, command, machine) and come from a clean tree.
 //!
-//! Keys of an end-to-end run file (`podwire bench --out`): `table` (medians, ratios to kernel
+//! Keys of an end-to-end run file (`podwire-lab bench --out`): `table` (medians, ratios to kernel
 //! VXLAN, min-max), `rate-table` (offered, delivered, loss and no-drop rate, beside the
 //! generator's ceiling), `source` (date, commit, command, machine), `MODE/WORKLOAD` (a median
 //! and its unit), `MODE/WORKLOAD/ratio`, `af_xdp/MODE/FIELD`. Keys of a criterion run file
@@ -408,7 +408,7 @@ fn text(t: &Table) -> String {
     s
 }
 
-/// What `podwire bench` prints at the end: the source and both tables of its run file.
+/// What `podwire-lab bench` prints at the end: the source and both tables of its run file.
 pub fn e2e_text(run: &Value) -> Option<String> {
     Some(format!(
         "{}; medians of {} rounds [min-max], (ratio to kernel-vxlan)\n\n{}\npacket rate, 64-byte datagrams, no-drop rate = the highest offered rate with loss <= {}%:\n\n{}",

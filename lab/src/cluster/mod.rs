@@ -1,4 +1,4 @@
-//! `podwire lab`: a cluster in network namespaces with real traffic between every pair of pods.
+//! `podwire-lab lab`: a cluster in network namespaces with real traffic between every pair of pods.
 //!
 //! Topology for N nodes (names carry the lab's pid so labs never collide):
 //! ```text
@@ -39,9 +39,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// What `podwire lab` is told.
+/// What `podwire-lab lab` is told.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
+    /// The daemon binary every podwire node runs (`podwire run`) and the checks ask
+    /// (`podwire ctl`).
+    pub podwire: PathBuf,
     pub nodes: usize,
     pub backend: String,
     /// With `--backend vxlan`: nodes 2..N are kernel VXLAN nodes set up as flanneld does.
@@ -181,7 +184,7 @@ struct Resources {
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
     /// The lab's etcd (`--store etcd`), stopped before the namespaces go.
-    etcd: Option<podwire::etcd_server::EtcdServer>,
+    etcd: Option<crate::etcd_server::EtcdServer>,
     keep_dir: bool,
 }
 
@@ -318,7 +321,7 @@ pub fn install_signal_teardown() -> Result<()> {
     ])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            eprintln!("podwire lab: signal {sig}, tearing down");
+            eprintln!("podwire-lab lab: signal {sig}, tearing down");
             if let Some(res) = ACTIVE
                 .get_or_init(Default::default)
                 .lock()
@@ -1618,7 +1621,7 @@ fn read_stats(dir: &Path, nodes: &[usize]) -> Vec<(usize, Option<LocalStats>)> {
 /// Runs the lab; returns whether every check passed.
 pub fn run(opts: LabOptions) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("podwire lab needs root (network namespaces, TUN devices)");
+        bail!("podwire-lab lab needs root (network namespaces, TUN devices)");
     }
     if !(2..=100).contains(&opts.nodes) {
         bail!("--nodes must be between 2 and 100");
@@ -1665,7 +1668,7 @@ fn with_lab<T>(
     body: impl FnOnce(&Arc<Mutex<Resources>>, &LabOptions, &Path) -> Result<T>,
 ) -> Result<T> {
     remove_stale_labs();
-    let exe = std::env::current_exe().context("finding the podwire binary")?;
+    let exe = opts.podwire.clone();
     let pid = std::process::id();
     let dir = std::env::temp_dir().join(format!("podwire-lab-{pid}"));
     std::fs::create_dir_all(&dir)?;
@@ -1755,7 +1758,7 @@ fn run_inner(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Resu
         .filter(|&i| opts.is_kernel_node(i))
         .collect();
     println!(
-        "podwire lab: {} nodes ({} podwire {}, {} kernel VXLAN as flanneld sets it up), {} worker(s) per podwire node, {} MB per TCP transfer",
+        "podwire-lab lab: {} nodes ({} podwire {}, {} kernel VXLAN as flanneld sets it up), {} worker(s) per podwire node, {} MB per TCP transfer",
         opts.nodes,
         podwire_nodes.len(),
         if opts.vxlan() { "vxlan" } else { "udp" },
