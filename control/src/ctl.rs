@@ -27,7 +27,7 @@ use podwire_dataplane::conntrack::{
 use podwire_dataplane::pipeline::{DropReason, Flows, Tables};
 use podwire_dataplane::port::pcap::outer_datagram;
 use podwire_dataplane::route::Backend;
-use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
+use podwire_dataplane::stats::{Component, Counter, LocalStats, SharedStats};
 use podwire_dataplane::worker::l2::{FdbDump, L2Handle};
 use podwire_dataplane::worker::FaultInjector;
 use serde_json::{json, Value};
@@ -561,8 +561,8 @@ fn stats(state: &CtlState) -> Value {
             Ok(c) => {
                 let mut v = serde_json::Map::new();
                 v.insert("interface".into(), json!(ifname));
-                for name in crate::health::xdp_counter_names() {
-                    v.insert(name.into(), json!(crate::health::xdp_counter(&c, name)));
+                for (name, n) in crate::health::xdp_counters_named(&c) {
+                    v.insert(name.into(), json!(n));
                 }
                 Value::Object(v)
             }
@@ -903,16 +903,16 @@ pub fn render(cmd: &str, v: &Value) -> String {
         "stats" => {
             for w in v["workers"].as_array().into_iter().flatten() {
                 out.push_str(&format!("worker {}\n", w["worker"]));
-                for c in Counter::ALL {
-                    let rate = w["per_second"][c.as_str()]
-                        .as_f64()
-                        .map(|r| format!("  ({r:.0}/s)"))
-                        .unwrap_or_default();
-                    out.push_str(&format!(
-                        "  {:<22} {}{rate}\n",
-                        c.as_str(),
-                        w["counters"][c.as_str()]
-                    ));
+                for component in Component::ALL {
+                    out.push_str(&format!("  {}\n", component.as_str()));
+                    for c in component.counters() {
+                        let rate = w["per_second"][c.name]
+                            .as_f64()
+                            .map(|r| format!("  ({r:.0}/s)"))
+                            .unwrap_or_default();
+                        let n = &w["counters"][c.name];
+                        out.push_str(&format!("    {:<30} {n}{rate}\n", c.name));
+                    }
                 }
                 for (reason, n) in w["drops"].as_object().into_iter().flatten() {
                     out.push_str(&format!("  drop {reason:<17} {n}\n"));
