@@ -69,8 +69,8 @@ enum CtlWhat {
         #[arg(long)]
         state: Option<String>,
         /// tcp, udp or icmp.
-        #[arg(long)]
-        proto: Option<String>,
+        #[arg(long, value_enum)]
+        proto: Option<podwire::ctl::protocol::Proto>,
     },
     /// Services and their endpoints with active and inactive connections, like `ipvsadm -Ln`.
     Services,
@@ -108,8 +108,8 @@ enum CtlWhat {
     /// Test a supervisor: make worker N panic (the daemon then exits non-zero). Needs a daemon
     /// started with --fault-injection.
     Fault {
-        #[arg(value_parser = ["worker-panic"])]
-        kind: String,
+        #[arg(value_enum)]
+        kind: podwire::ctl::protocol::FaultKind,
         /// The worker to fail.
         #[arg(long, default_value_t = 0)]
         worker: usize,
@@ -117,8 +117,8 @@ enum CtlWhat {
     /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
     /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
     Capture {
-        #[arg(long, value_parser = ["tun", "underlay"])]
-        port: String,
+        #[arg(long, value_enum)]
+        port: podwire::ctl::protocol::CapturePort,
         /// Packets to capture (at most 100000).
         #[arg(long, default_value_t = 100)]
         count: usize,
@@ -396,40 +396,39 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn ctl(a: CtlArgs) -> Result<()> {
-    let (cmd, req) = match a.what {
-        CtlWhat::Subnets => ("subnets", serde_json::json!({"cmd": "subnets"})),
+    use podwire::ctl::protocol::{AttachRequest, CaptureRequest, ConntrackFilter};
+    use podwire::ctl::{Request, Response};
+    let req = match a.what {
+        CtlWhat::Subnets => Request::Subnets,
         CtlWhat::Conntrack {
             addr,
             port,
             state,
             proto,
-        } => (
-            "conntrack",
-            serde_json::json!({"cmd": "conntrack", "addr": addr.map(|a| a.to_string()),
-                               "port": port, "state": state, "proto": proto}),
-        ),
-        CtlWhat::Services => ("services", serde_json::json!({"cmd": "services"})),
-        CtlWhat::Stats => ("stats", serde_json::json!({"cmd": "stats"})),
-        CtlWhat::Fdb => ("fdb", serde_json::json!({"cmd": "fdb"})),
+        } => Request::Conntrack(ConntrackFilter {
+            addr,
+            port,
+            state,
+            proto,
+        }),
+        CtlWhat::Services => Request::Services,
+        CtlWhat::Stats => Request::Stats,
+        CtlWhat::Fdb => Request::Fdb,
         CtlWhat::Attach {
             netns,
             ip,
             mac,
             ifname,
             gateway,
-        } => (
-            "attach",
-            serde_json::json!({"cmd": "attach", "netns": netns, "ip": ip, "mac": mac,
-                               "ifname": ifname, "gateway": gateway.map(|g| g.to_string())}),
-        ),
-        CtlWhat::Detach { netns } => (
-            "detach",
-            serde_json::json!({"cmd": "detach", "netns": netns}),
-        ),
-        CtlWhat::Fault { kind, worker } => (
-            "fault",
-            serde_json::json!({"cmd": "fault", "kind": kind, "worker": worker}),
-        ),
+        } => Request::Attach(AttachRequest {
+            netns,
+            ip,
+            mac,
+            ifname,
+            gateway,
+        }),
+        CtlWhat::Detach { netns } => Request::Detach { netns },
+        CtlWhat::Fault { kind, worker } => Request::Fault { kind, worker },
         CtlWhat::Capture {
             port,
             count,
@@ -437,22 +436,25 @@ fn ctl(a: CtlArgs) -> Result<()> {
             write,
         } => {
             // The daemon sends the pcap; this process (its user, its umask) writes the file.
-            let req = serde_json::json!({"cmd": "capture", "port": port, "count": count,
-                                         "timeout_ms": timeout.saturating_mul(1000)});
-            let answer = podwire::ctl::capture_to_file(&a.socket, &req, &write)?;
-            if a.json {
-                println!("{answer:#}");
-            } else {
-                print!("{}", podwire::ctl::render("capture", &answer));
-            }
+            let req = CaptureRequest {
+                port,
+                count,
+                timeout_ms: timeout.saturating_mul(1000),
+            };
+            let answer = podwire::ctl::capture(&a.socket, &req, &write)?;
+            print_answer(&Response::Captured(answer), a.json)?;
             return Ok(());
         }
     };
-    let answer = podwire::ctl::request(&a.socket, &req)?;
-    if a.json {
-        println!("{answer:#}");
+    print_answer(&podwire::ctl::call(&a.socket, &req)?, a.json)
+}
+
+/// A ctl answer as JSON (`--json`) or as the familiar tools print it.
+fn print_answer(answer: &podwire::ctl::Response, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
     } else {
-        print!("{}", podwire::ctl::render(cmd, &answer));
+        print!("{}", podwire::ctl::render(answer));
     }
     Ok(())
 }
