@@ -16,23 +16,14 @@
 
 use podwire_dataplane::pipeline::{DropReason, Flows};
 use podwire_dataplane::port::xdp::{ProgramCounters, XdpCounters};
-use podwire_dataplane::stats::{Counter, LocalStats, SharedStats};
+use podwire_dataplane::stats::{
+    Component, CounterInfo, LocalStats, Metric, SharedStats, COUNTERS, SHARED_FAMILIES,
+};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
-
-/// The underlay's asynchronous socket errors and their `kind` label.
-const UNDERLAY_ERRORS: [(Counter, &str); 7] = [
-    (Counter::UnderlayErrNetUnreachable, "net_unreachable"),
-    (Counter::UnderlayErrHostUnreachable, "host_unreachable"),
-    (Counter::UnderlayErrProtoUnreachable, "proto_unreachable"),
-    (Counter::UnderlayErrPortUnreachable, "port_unreachable"),
-    (Counter::UnderlayErrFragNeeded, "frag_needed"),
-    (Counter::UnderlayErrParamProblem, "param_problem"),
-    (Counter::UnderlayErrOther, "other"),
-];
 
 /// What the daemon reports about itself.
 #[derive(Debug, Default)]
@@ -73,45 +64,47 @@ pub struct Health {
     xdp_programs: OnceLock<Vec<XdpProgramCounters>>,
 }
 
-/// The XDP programs' counters: (name after `podwire_xdp_program_`, help).
-const XDP_PROGRAM_COUNTERS: [(&str, &str); 5] = [
+/// The XDP programs' counters: name after `podwire_xdp_program_` (and in `ctl stats`), help,
+/// and the field.
+type XdpField = fn(&XdpCounters) -> u64;
+const XDP_PROGRAM_COUNTERS: [(&str, &str, XdpField); 5] = [
     (
         "redirected",
         "Frames the XDP program redirected to an AF_XDP socket, by interface.",
+        |c| c.redirected,
     ),
     (
         "no_socket",
         "Frames for podwire whose queue had no AF_XDP socket: passed to the kernel, by interface.",
+        |c| c.no_socket,
     ),
     (
         "passed",
         "Frames not podwire's: passed to the kernel, by interface.",
+        |c| c.passed,
     ),
     (
         "malformed",
         "Frames shorter than their headers claim: passed to the kernel, by interface.",
+        |c| c.malformed,
     ),
     (
         "foreign_source",
         "Pod interfaces: frames from an address other than the pod's, passed to the kernel.",
+        |c| c.foreign_source,
     ),
 ];
 
-/// One counter of [`XdpCounters`] by its name in [`XDP_PROGRAM_COUNTERS`].
-pub fn xdp_counter(c: &XdpCounters, name: &str) -> u64 {
-    match name {
-        "redirected" => c.redirected,
-        "no_socket" => c.no_socket,
-        "passed" => c.passed,
-        "malformed" => c.malformed,
-        "foreign_source" => c.foreign_source,
-        _ => 0,
-    }
+/// The XDP program's counters by name, as `/metrics` and `ctl stats` give them.
+pub fn xdp_counters_named(c: &XdpCounters) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    XDP_PROGRAM_COUNTERS
+        .iter()
+        .map(move |(name, _, get)| (*name, get(c)))
 }
 
 /// The names of the XDP program's counters, as `/metrics` and `ctl stats` give them.
 pub fn xdp_counter_names() -> impl Iterator<Item = &'static str> {
-    XDP_PROGRAM_COUNTERS.iter().map(|(n, _)| *n)
+    XDP_PROGRAM_COUNTERS.iter().map(|(n, _, _)| *n)
 }
 
 /// An attached XDP program's counters, read when asked: a BPF map lookup, a syscall, made on
@@ -257,172 +250,27 @@ impl Health {
             .get()
             .map(|w| w.iter().map(|s| s.snapshot()).collect())
             .unwrap_or_default();
-        let packets = [
-            (Counter::RxTun, "podwire_rx_packets_total", "tun"),
-            (Counter::RxUnderlay, "podwire_rx_packets_total", "underlay"),
-            (Counter::TxTun, "podwire_tx_packets_total", "tun"),
-            (Counter::TxUnderlay, "podwire_tx_packets_total", "underlay"),
-            (Counter::RxTap, "podwire_rx_packets_total", "tap"),
-            (Counter::TxTap, "podwire_tx_packets_total", "tap"),
-            (Counter::RxWire, "podwire_rx_packets_total", "wire"),
-            (Counter::TxWire, "podwire_tx_packets_total", "wire"),
-        ];
-        let mut out = String::with_capacity(4096);
-        let mut fam = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for s in samples {
-                out.push_str(&s);
-                out.push('\n');
-            }
-        };
-        for (name, help) in [
-            (
-                "podwire_rx_packets_total",
-                "Packets read, by worker and port.",
-            ),
-            (
-                "podwire_tx_packets_total",
-                "Packets written, by worker and port.",
-            ),
-        ] {
-            let mut samples = Vec::new();
-            for (w, s) in workers.iter().enumerate() {
-                for (c, n, port) in packets {
-                    if n == name {
-                        samples.push(format!(
-                            "{name}{{worker=\"{w}\",port=\"{port}\"}} {}",
-                            s.counter(c)
-                        ));
-                    }
-                }
-            }
-            fam(name, "counter", help, samples);
+        let mut out = MetricsText::default();
+        write_worker_counters(&mut out, &workers);
+        write_drops(&mut out, &workers);
+        self.write_node(&mut out, workers.len());
+        self.write_services(&mut out);
+        self.write_xdp_programs(&mut out);
+        if let Some(n) = self.fdb_entries.get() {
+            let v = n.load(Ordering::Relaxed);
+            out.single(
+                "podwire_fdb_entries",
+                "gauge",
+                "Bridge FDB entries (L2 mode).",
+                v,
+            );
         }
-        for (c, name, help) in [
-            (
-                Counter::IcmpUnreachable,
-                "podwire_icmp_unreachable_total",
-                "ICMP destination-unreachable messages generated.",
-            ),
-            (
-                Counter::ChecksumsCompleted,
-                "podwire_checksums_completed_total",
-                "Inner checksums completed for senders that left them to offload.",
-            ),
-            (
-                Counter::IdleSleeps,
-                "podwire_idle_sleeps_total",
-                "Times a worker found no work and slept in epoll.",
-            ),
-            (
-                Counter::Flooded,
-                "podwire_bridge_flooded_total",
-                "Frames the bridge flooded (unknown unicast, broadcast, multicast).",
-            ),
-            (
-                Counter::FdbLearned,
-                "podwire_fdb_learned_total",
-                "Stations learned into the bridge's FDB.",
-            ),
-            (
-                Counter::FdbMoved,
-                "podwire_fdb_moved_total",
-                "FDB stations that moved to another port or VTEP.",
-            ),
-            (
-                Counter::FdbAged,
-                "podwire_fdb_aged_total",
-                "FDB entries removed by ageing.",
-            ),
-            (
-                Counter::FdbLearnRefused,
-                "podwire_fdb_learn_refused_total",
-                "Source MACs not learned because the FDB was full.",
-            ),
-            (
-                Counter::FdbRemoteRefused,
-                "podwire_fdb_remote_refused_total",
-                "Remote FDB entries (a lease's VtepMAC) refused because a local port's own entry holds the MAC.",
-            ),
-            (
-                Counter::UnderlayQueueFull,
-                "podwire_underlay_queue_full_total",
-                "Datagrams the kernel dropped at the shared underlay socket (queue full).",
-            ),
-            (
-                Counter::PeerQueueFull,
-                "podwire_peer_queue_full_total",
-                "Datagrams the kernel dropped at per-peer sockets: a peer sent more than its share.",
-            ),
-            (
-                Counter::PeerSocketErrors,
-                "podwire_peer_socket_errors_total",
-                "Per-peer sockets that could not be made (their peers use the shared socket).",
-            ),
-            (
-                Counter::XdpViaKernel,
-                "podwire_xdp_via_kernel_total",
-                "Packets sent through the kernel because their next hop was not resolved yet.",
-            ),
-            (
-                Counter::XdpRxFrames,
-                "podwire_xdp_rx_frames_total",
-                "Frames received from AF_XDP sockets.",
-            ),
-            (
-                Counter::XdpRxBatches,
-                "podwire_xdp_rx_batches_total",
-                "Receives from AF_XDP sockets that found frames.",
-            ),
-            (
-                Counter::XdpTxFrames,
-                "podwire_xdp_tx_frames_total",
-                "Frames sent through AF_XDP sockets.",
-            ),
-            (
-                Counter::XdpWakeups,
-                "podwire_xdp_wakeups_total",
-                "System calls that woke the kernel for AF_XDP (fill-ring wakeups, send kicks).",
-            ),
-        ] {
-            let samples = workers
-                .iter()
-                .enumerate()
-                .map(|(w, s)| format!("{name}{{worker=\"{w}\"}} {}", s.counter(c)))
-                .collect();
-            fam(name, "counter", help, samples);
-        }
-        let mut samples = Vec::new();
-        for (w, s) in workers.iter().enumerate() {
-            for r in DropReason::ALL {
-                samples.push(format!(
-                    "podwire_drops_total{{worker=\"{w}\",reason=\"{}\"}} {}",
-                    r.as_str(),
-                    s.drops(r)
-                ));
-            }
-        }
-        fam(
-            "podwire_drops_total",
-            "counter",
-            "Packets dropped, by worker and reason.",
-            samples,
-        );
-        let mut samples = Vec::new();
-        for (w, s) in workers.iter().enumerate() {
-            for (c, kind) in UNDERLAY_ERRORS {
-                samples.push(format!(
-                    "podwire_underlay_socket_errors_total{{worker=\"{w}\",kind=\"{kind}\"}} {}",
-                    s.counter(c)
-                ));
-            }
-        }
-        fam(
-            "podwire_underlay_socket_errors_total",
-            "counter",
-            "ICMP errors about underlay datagrams that receives returned, by kind (counted, never fatal).",
-            samples,
-        );
+        self.write_conntrack(&mut out);
+        out.0
+    }
+
+    /// The lease, the subnet map, the store and readiness.
+    fn write_node(&self, out: &mut MetricsText, workers: usize) {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let b = |v: &AtomicBool| u64::from(v.load(Ordering::Relaxed));
         let expiry = g(&self.lease_expiry_unix);
@@ -503,14 +351,19 @@ impl Health {
             ),
         ];
         for (name, kind, help, v) in scalars {
-            fam(name, kind, help, vec![format!("{name} {v}")]);
+            out.single(name, kind, help, v);
         }
-        fam(
+        out.single(
             "podwire_workers",
             "gauge",
             "Forwarding workers.",
-            vec![format!("podwire_workers {}", workers.len())],
+            workers as u64,
         );
+    }
+
+    /// The services snapshot, the leases left out, and how fast map updates go live.
+    fn write_services(&self, out: &mut MetricsText) {
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let services = [
             (
                 "podwire_services",
@@ -544,14 +397,14 @@ impl Health {
             ),
         ];
         for (name, kind, help, v) in services {
-            fam(name, kind, help, vec![format!("{name} {v}")]);
+            out.single(name, kind, help, v);
         }
         let name = "podwire_leases_rejected";
-        fam(
+        out.family(
             name,
             "gauge",
             "Leases in the store left out of the subnet map, by reason.",
-            vec![
+            [
                 format!("{name}{{reason=\"invalid\"}} {}", g(&self.leases_invalid)),
                 format!(
                     "{name}{{reason=\"vtep_mac_conflict\"}} {}",
@@ -560,100 +413,175 @@ impl Health {
             ],
         );
         let name = "podwire_subnet_map_update_seconds";
-        fam(
+        out.family(
             name,
             "histogram",
             "From a cluster-store change noticed to the new subnet map live in the workers.",
             self.map_update_latency.samples(name),
         );
-        let programs = self.xdp_counters();
-        if !programs.is_empty() {
-            let read: Vec<(&str, XdpCounters)> = programs
-                .into_iter()
-                .filter_map(|(ifname, c)| match c {
-                    Ok(c) => Some((ifname, c)),
-                    Err(e) => {
-                        tracing::warn!(interface = ifname, error = %e, "reading the XDP program's counters");
-                        None
-                    }
-                })
-                .collect();
-            for (counter, help) in XDP_PROGRAM_COUNTERS {
-                let name = format!("podwire_xdp_program_{counter}_total");
-                let samples = read
-                    .iter()
-                    .map(|(ifname, c)| {
-                        format!(
-                            "{name}{{interface=\"{ifname}\"}} {}",
-                            xdp_counter(c, counter)
-                        )
-                    })
-                    .collect();
-                fam(&name, "counter", help, samples);
-            }
-        }
-        if let Some(n) = self.fdb_entries.get() {
-            let name = "podwire_fdb_entries";
-            let v = n.load(Ordering::Relaxed);
-            fam(
-                name,
-                "gauge",
-                "Bridge FDB entries (L2 mode).",
-                vec![format!("{name} {v}")],
-            );
-        }
-        if let Some(f) = self.flows.get() {
-            let c = f.conntrack.counters();
-            let ct: [(&str, &str, &str, u64); 7] = [
-                (
-                    "podwire_conntrack_entries",
-                    "gauge",
-                    "Connections tracked.",
-                    c.entries,
-                ),
-                (
-                    "podwire_conntrack_max",
-                    "gauge",
-                    "Most connections the table holds.",
-                    f.conntrack.capacity() as u64,
-                ),
-                (
-                    "podwire_conntrack_inserted_total",
-                    "counter",
-                    "Connections created.",
-                    c.inserted,
-                ),
-                (
-                    "podwire_conntrack_expired_total",
-                    "counter",
-                    "Connections removed on timeout.",
-                    c.expired,
-                ),
-                (
-                    "podwire_conntrack_early_drops_total",
-                    "counter",
-                    "Unassured connections evicted to make room.",
-                    c.early_drops,
-                ),
-                (
-                    "podwire_conntrack_table_full_total",
-                    "counter",
-                    "New connections refused: table full, nothing evictable.",
-                    c.table_full,
-                ),
-                (
-                    "podwire_conntrack_invalid_total",
-                    "counter",
-                    "Packets conntrack called INVALID.",
-                    c.invalid,
-                ),
-            ];
-            for (name, kind, help, v) in ct {
-                fam(name, kind, help, vec![format!("{name} {v}")]);
-            }
-        }
-        out
     }
+
+    /// The XDP programs' own counters, by interface (read from their maps now).
+    fn write_xdp_programs(&self, out: &mut MetricsText) {
+        let programs = self.xdp_counters();
+        if programs.is_empty() {
+            return;
+        }
+        let read: Vec<(&str, XdpCounters)> = programs
+            .into_iter()
+            .filter_map(|(ifname, c)| match c {
+                Ok(c) => Some((ifname, c)),
+                Err(e) => {
+                    tracing::warn!(interface = ifname, error = %e, "reading the XDP program's counters");
+                    None
+                }
+            })
+            .collect();
+        for (counter, help, get) in XDP_PROGRAM_COUNTERS {
+            let name = format!("podwire_xdp_program_{counter}_total");
+            let samples = read
+                .iter()
+                .map(|(ifname, c)| format!("{name}{{interface=\"{ifname}\"}} {}", get(c)));
+            out.family(&name, "counter", help, samples);
+        }
+    }
+
+    /// The connection table's size and events.
+    fn write_conntrack(&self, out: &mut MetricsText) {
+        let Some(f) = self.flows.get() else {
+            return;
+        };
+        let c = f.conntrack.counters();
+        let ct: [(&str, &str, &str, u64); 7] = [
+            (
+                "podwire_conntrack_entries",
+                "gauge",
+                "Connections tracked.",
+                c.entries,
+            ),
+            (
+                "podwire_conntrack_max",
+                "gauge",
+                "Most connections the table holds.",
+                f.conntrack.capacity() as u64,
+            ),
+            (
+                "podwire_conntrack_inserted_total",
+                "counter",
+                "Connections created.",
+                c.inserted,
+            ),
+            (
+                "podwire_conntrack_expired_total",
+                "counter",
+                "Connections removed on timeout.",
+                c.expired,
+            ),
+            (
+                "podwire_conntrack_early_drops_total",
+                "counter",
+                "Unassured connections evicted to make room.",
+                c.early_drops,
+            ),
+            (
+                "podwire_conntrack_table_full_total",
+                "counter",
+                "New connections refused: table full, nothing evictable.",
+                c.table_full,
+            ),
+            (
+                "podwire_conntrack_invalid_total",
+                "counter",
+                "Packets conntrack called INVALID.",
+                c.invalid,
+            ),
+        ];
+        for (name, kind, help, v) in ct {
+            out.single(name, kind, help, v);
+        }
+    }
+}
+
+/// Prometheus text being written: families with their HELP and TYPE, then their samples.
+#[derive(Default)]
+struct MetricsText(String);
+
+impl MetricsText {
+    fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = String>,
+    ) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in samples {
+            self.0.push_str(&s);
+            self.0.push('\n');
+        }
+    }
+
+    /// A family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: u64) {
+        self.family(name, kind, help, [format!("{name} {value}")]);
+    }
+}
+
+/// The workers' counters, from the one table of them, by component: one family per metric
+/// name, each worker's samples together.
+fn write_worker_counters(out: &mut MetricsText, workers: &[LocalStats]) {
+    let mut written: Vec<&str> = Vec::new();
+    let by_component = Component::ALL.into_iter().flat_map(Component::counters);
+    for info in by_component {
+        let family = info.metric.family();
+        if written.contains(&family) {
+            continue;
+        }
+        written.push(family);
+        let help = match info.metric {
+            Metric::Family(_) => info.help,
+            Metric::Labelled { .. } => SHARED_FAMILIES
+                .iter()
+                .find(|(f, _)| *f == family)
+                .map_or(info.help, |(_, help)| help),
+        };
+        let members: Vec<&CounterInfo> = COUNTERS
+            .iter()
+            .filter(|c| c.metric.family() == family)
+            .collect();
+        let mut samples = Vec::new();
+        for (w, s) in workers.iter().enumerate() {
+            for c in &members {
+                let n = s.counter(c.counter);
+                samples.push(match c.metric {
+                    Metric::Family(_) => format!("{family}{{worker=\"{w}\"}} {n}"),
+                    Metric::Labelled { label, value, .. } => {
+                        format!("{family}{{worker=\"{w}\",{label}=\"{value}\"}} {n}")
+                    }
+                });
+            }
+        }
+        out.family(family, "counter", help, samples);
+    }
+}
+
+/// Every worker's drops, by reason.
+fn write_drops(out: &mut MetricsText, workers: &[LocalStats]) {
+    let samples = workers.iter().enumerate().flat_map(|(w, s)| {
+        DropReason::ALL.iter().map(move |r| {
+            format!(
+                "podwire_drops_total{{worker=\"{w}\",reason=\"{}\"}} {}",
+                r.as_str(),
+                s.drops(*r)
+            )
+        })
+    });
+    out.family(
+        "podwire_drops_total",
+        "counter",
+        "Packets dropped, by worker and reason.",
+        samples,
+    );
 }
 
 /// Bounds on what clients can hold of the HTTP server, so no client (or many) can exhaust the
@@ -826,6 +754,7 @@ mod tests {
 
     #[test]
     fn test_readiness_and_metrics_text() {
+        use podwire_dataplane::stats::Counter;
         let h = Arc::new(Health::default());
         assert_eq!(h.not_ready().len(), 3);
         let stats = Arc::new(SharedStats::default());
@@ -1123,6 +1052,7 @@ mod tests {
     /// the values the daemon stored.
     #[test]
     fn test_metrics_parse_with_a_prometheus_text_parser() {
+        use podwire_dataplane::stats::Counter;
         let h = Arc::new(Health::default());
         let stats: Vec<Arc<SharedStats>> =
             (0..2).map(|_| Arc::new(SharedStats::default())).collect();
@@ -1237,5 +1167,74 @@ mod tests {
             ),
             Gauge(5.0)
         );
+    }
+
+    /// Every counter of the table is exported for every worker with its own value, and the
+    /// families dashboards and the lab read keep their names.
+    #[test]
+    fn test_every_counter_is_exported_for_every_worker() {
+        let h = Health::default();
+        let stats: Vec<Arc<SharedStats>> =
+            (0..2).map(|_| Arc::new(SharedStats::default())).collect();
+        let mut local = LocalStats::default();
+        for (i, c) in COUNTERS.iter().enumerate() {
+            local.add(c.counter, 100 + i as u64);
+        }
+        stats[1].flush(&mut local);
+        h.set_workers(stats);
+        let text = h.render_metrics();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        for (i, c) in COUNTERS.iter().enumerate() {
+            for (worker, want) in [("0", 0.0), ("1", (100 + i) as f64)] {
+                let found = scrape.samples.iter().find(|s| {
+                    s.metric == c.metric.family()
+                        && s.labels.get("worker") == Some(worker)
+                        && match c.metric {
+                            Metric::Family(_) => true,
+                            Metric::Labelled { label, value, .. } => {
+                                s.labels.get(label) == Some(value)
+                            }
+                        }
+                });
+                let got = found.unwrap_or_else(|| panic!("no {} of worker {worker}", c.name));
+                assert_eq!(
+                    got.value,
+                    prometheus_parse::Value::Counter(want),
+                    "{}",
+                    c.name
+                );
+            }
+        }
+        // The names before the counters were listed once (a dashboard's queries).
+        for family in [
+            "podwire_rx_packets_total",
+            "podwire_tx_packets_total",
+            "podwire_icmp_unreachable_total",
+            "podwire_checksums_completed_total",
+            "podwire_idle_sleeps_total",
+            "podwire_bridge_flooded_total",
+            "podwire_fdb_learned_total",
+            "podwire_fdb_moved_total",
+            "podwire_fdb_aged_total",
+            "podwire_fdb_learn_refused_total",
+            "podwire_fdb_remote_refused_total",
+            "podwire_underlay_queue_full_total",
+            "podwire_peer_queue_full_total",
+            "podwire_peer_socket_errors_total",
+            "podwire_xdp_via_kernel_total",
+            "podwire_xdp_rx_frames_total",
+            "podwire_xdp_rx_batches_total",
+            "podwire_xdp_tx_frames_total",
+            "podwire_xdp_wakeups_total",
+            "podwire_drops_total",
+            "podwire_underlay_socket_errors_total",
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {family} counter\n")).count(),
+                1,
+                "{family}"
+            );
+        }
     }
 }

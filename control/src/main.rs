@@ -2,14 +2,14 @@
 
 mod daemon;
 mod flanneld_args;
+mod run_args;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use podwire_dataplane::pipeline::Direction;
-use podwire_dataplane::worker::WorkerConfig;
+use run_args::{LogFormat, RunArgs};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// podwire: a userspace pod-network dataplane, a drop-in for flanneld's udp backend.
 #[derive(Parser)]
@@ -58,8 +58,8 @@ enum CtlWhat {
         #[arg(long)]
         state: Option<String>,
         /// tcp, udp or icmp.
-        #[arg(long)]
-        proto: Option<String>,
+        #[arg(long, value_enum)]
+        proto: Option<podwire::ctl::protocol::Proto>,
     },
     /// Services and their endpoints with active and inactive connections, like `ipvsadm -Ln`.
     Services,
@@ -97,8 +97,8 @@ enum CtlWhat {
     /// Test a supervisor: make worker N panic (the daemon then exits non-zero). Needs a daemon
     /// started with --fault-injection.
     Fault {
-        #[arg(value_parser = ["worker-panic"])]
-        kind: String,
+        #[arg(value_enum)]
+        kind: podwire::ctl::protocol::FaultKind,
         /// The worker to fail.
         #[arg(long, default_value_t = 0)]
         worker: usize,
@@ -106,8 +106,8 @@ enum CtlWhat {
     /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
     /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
     Capture {
-        #[arg(long, value_parser = ["tun", "underlay"])]
-        port: String,
+        #[arg(long, value_enum)]
+        port: podwire::ctl::protocol::CapturePort,
         /// Packets to capture (at most 100000).
         #[arg(long, default_value_t = 100)]
         count: usize,
@@ -119,223 +119,6 @@ enum CtlWhat {
         #[arg(short = 'w', long = "write")]
         write: PathBuf,
     },
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Embedded cluster store instead of etcd: `file:PATH`, a read-only JSON file mirroring
-    /// flannel's etcd keyspace ({"config": net-conf.json, "subnets": {"10.244.1.0-24": lease,
-    /// ...}}), re-read on change. Every node's lease must be in it.
-    #[arg(long)]
-    store: Option<String>,
-    /// etcd endpoints, comma-separated (flannel's schema, v3 API).
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = podwire::etcd::DEFAULT_ENDPOINTS)]
-    etcd_endpoints: String,
-    /// etcd key prefix of the network config and leases.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = podwire::etcd::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    /// CA certificate (PEM) to verify etcd's TLS certificate (use https:// endpoints).
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
-    etcd_cafile: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd; used together with --etcd-keyfile.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
-    etcd_certfile: Option<PathBuf>,
-    /// Client key (PEM) for etcd; used together with --etcd-certfile.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
-    etcd_keyfile: Option<PathBuf>,
-    /// etcd user name (with --etcd-password or --etcd-password-file).
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME", hide_env_values = true)]
-    etcd_username: Option<String>,
-    /// etcd password (its value from the environment is never shown; prefer
-    /// --etcd-password-file: a command line is visible to every user in ps).
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    etcd_password: Option<podwire::secret::Secret>,
-    /// Read the etcd password from this file (its content, less a trailing newline).
-    #[arg(long, value_name = "PATH", conflicts_with = "etcd_password")]
-    etcd_password_file: Option<PathBuf>,
-    /// Minutes before expiry at which the lease is renewed (1-1439), as flanneld.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(1..=1439))]
-    subnet_lease_renew_margin: u64,
-    /// TTL in seconds of the leases podwire writes (flanneld: 86400). For tests of renewal.
-    #[arg(long, default_value_t = 86400, hide = true)]
-    subnet_lease_ttl: u64,
-    /// Address for the /healthz, /readyz and /metrics endpoint.
-    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
-    healthz_ip: std::net::IpAddr,
-    /// Port for /healthz, /readyz and /metrics (0: disabled), as flanneld.
-    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
-    healthz_port: u16,
-    /// Underlay interface, by name or IPv4 address (default: the default route's interface).
-    #[arg(long, env = "FLANNELD_IFACE")]
-    iface: Option<String>,
-    /// IP this node is reached at (default: the interface's address). Written in our lease.
-    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
-    public_ip: Option<Ipv4Addr>,
-    /// Where to write flannel's subnet.env for the CNI plugin.
-    #[arg(
-        long,
-        env = "FLANNELD_SUBNET_FILE",
-        default_value = "/run/flannel/subnet.env"
-    )]
-    subnet_file: PathBuf,
-    /// Poll-mode workers, one TUN queue and one underlay socket each (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Name of the TUN device (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld).
-    #[arg(long)]
-    tun_name: Option<String>,
-    /// Masquerade pod traffic leaving the cluster network, as flanneld's -ip-masq (its rules,
-    /// in an nftables table podwire installs and removes on exit); FLANNEL_IPMASQ in subnet.env.
-    /// With `--io xdp`, podwire masquerades the pods' TCP and UDP itself (to the node's
-    /// address, source ports 61000-65535, steered into the TUN by policy routing); the
-    /// kernel's rules keep the rest (ICMP).
-    #[arg(long, env = "FLANNELD_IP_MASQ")]
-    ip_masq: bool,
-    /// Packets per batch (1-256).
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// Microseconds a worker keeps polling idle ports before it sleeps in epoll.
-    #[arg(long, default_value_t = 50)]
-    busy_poll_us: u64,
-    /// Do not pin workers to CPUs.
-    #[arg(long)]
-    no_pin: bool,
-    /// TUN offload: `on` reads TCP superframes (TSO) from the TUN device and segments them in
-    /// user space, one read per up to 64 KiB; `off` reads one packet per read. `on` falls back
-    /// to `off` if the kernel refuses.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    tun_offload: String,
-    /// UDP GSO (udp backend): `on` sends a run of same-size datagrams to one peer as one
-    /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    udp_gso: String,
-    /// UDP GRO on the underlay socket: `on` receives a sender's run of datagrams (its GSO
-    /// buffer, or what the kernel coalesced) in one piece and splits it in user space, so the
-    /// socket layer runs once per run. Falls back to plain receives if the kernel refuses it.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    udp_gro: String,
-    /// A receive queue per peer node: `on` gives each peer (sending from the backend's port, as
-    /// flannel udp and podwire's VXLAN do) a connected socket of its own, read round robin, so
-    /// a peer flooding this node overflows only its own queue (counted as peer_queue_full)
-    /// and cannot starve the others. Routed (L3) mode.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    peer_queues: String,
-    /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
-    /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN or udp; worker i owns
-    /// queue i; the program passes everything that is not podwire's to the kernel and is
-    /// detached on exit). Pods reach podwire through the TUN device unless --pod-ports (L2
-    /// mode: the bridge's underlay; pods through AF_XDP with --l2-pods xdp). podwire then also
-    /// owns the node's address for the services' NodePorts: TCP and UDP to a NodePort are
-    /// sent to the service's backend, on any node, masqueraded so the answer comes back
-    /// through this node (needs --conntrack on).
-    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
-    io: String,
-    /// With `--io xdp`: pods' veth host ends (comma-separated) that podwire serves through
-    /// AF_XDP instead of the TUN: its XDP program takes what the pod sends to other nodes' pods,
-    /// to services and (with --ip-masq) outside, and podwire writes the pod's packets into the
-    /// veth with the pod's MAC from the neighbour table. The host, the node's other pods and
-    /// everything else stay with the kernel. Each port belongs to one worker; packets another
-    /// worker has for its pod, and pods not resolved yet, go through the TUN. Each port is
-    /// held to its pod's address, given as NAME=IP (else the one lease address the kernel has
-    /// resolved on the device at start): only packets from it skip the host's stack, packets
-    /// from other sources pass to the kernel, and any that reach podwire from the port are
-    /// dropped (spoofed_source).
-    #[arg(long, value_delimiter = ',')]
-    pod_ports: Vec<String>,
-    /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
-    /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
-    /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
-    /// them (the most spread over ECMP paths, but one send per datagram).
-    #[arg(long, default_value = "socket", value_parser = ["socket", "flow-ports"])]
-    vxlan_tx: String,
-    /// With `--vxlan-tx socket`: UDP sockets per worker, each on its own ephemeral source
-    /// port, that inner flows are spread over by hash (0: every flow from port 8472).
-    #[arg(long, default_value_t = 8,
-          value_parser = clap::value_parser!(u16).range(0..=podwire_dataplane::worker::MAX_VXLAN_TX_SOCKETS as i64))]
-    vxlan_tx_sockets: u16,
-    /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
-    #[arg(long, default_value_t = 4 << 20)]
-    socket_buffer: usize,
-    /// Write worker counters and drops by reason here as JSON, every second and at exit.
-    #[arg(long)]
-    stats_file: Option<PathBuf>,
-    /// Connection tracking of every forwarded packet (netfilter's states and timeouts);
-    /// services need it.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    conntrack: String,
-    /// Most tracked connections; when full, unassured ones are evicted first.
-    #[arg(long, default_value_t = 131_072)]
-    conntrack_max: usize,
-    /// Seconds an idle ESTABLISHED TCP connection is kept (netfilter: 432000; kube-proxy sets
-    /// 86400 with its flag of the same name).
-    #[arg(long, default_value_t = 432_000, value_parser = clap::value_parser!(u32).range(1..))]
-    conntrack_tcp_timeout_established: u32,
-    /// Seconds a TCP connection in CLOSE_WAIT is kept (netfilter: 60; kube-proxy: 3600).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
-    conntrack_tcp_timeout_close_wait: u32,
-    /// Seconds an unanswered UDP flow is kept (netfilter: 30).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
-    conntrack_udp_timeout: u32,
-    /// Seconds an answered UDP flow (a stream) is kept (netfilter: 120).
-    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
-    conntrack_udp_timeout_stream: u32,
-    /// Services to translate (ClusterIP DNAT, kube-proxy's job): `file:PATH`, a JSON file
-    /// {"services": [{"name", "clusterIP", "protocol", "port", "endpoints": [{"ip", "port"}],
-    /// "sessionAffinity", "nodePort"}]}, re-read on change. The service range is routed into
-    /// podwire's device.
-    #[arg(long)]
-    services: Option<String>,
-    /// The cluster's service range (kube-apiserver's --service-cluster-ip-range).
-    #[arg(long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
-    service_cidr: podwire_dataplane::route::Ipv4Net,
-    /// Where NodePorts may be, `A-B` (kube-apiserver's flag of the same name and default): a
-    /// NodePort outside it, or on one of podwire's own ports (the backend's UDP port, the
-    /// healthz port, the masquerade ports 61000-65535), is refused and its service kept as
-    /// ClusterIP only.
-    #[arg(long, default_value = "30000-32767")]
-    service_node_port_range: podwire_dataplane::nat::PortRange,
-    /// How a service picks an endpoint for a new connection: `maglev` (consistent hashing,
-    /// the same choice on every node) or `random`.
-    #[arg(long, default_value = "maglev", value_parser = ["maglev", "random"])]
-    service_lb: String,
-    /// Log lines as `text` or `json` (one object per line).
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-    /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
-    #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
-    ctl_socket: String,
-    /// Accept `podwire ctl fault` (make a worker panic), to test that a supervisor restarts a
-    /// daemon whose worker died. For test clusters only.
-    #[arg(long)]
-    fault_injection: bool,
-    /// `l3` routes pod traffic through a TUN device (flannel's model); `l2` makes podwire the
-    /// node's bridge (in place of cni0), with pods attached as TAP interfaces by `podwire ctl
-    /// attach`, and one L2 domain across nodes over VXLAN (needs the vxlan backend).
-    #[arg(long, default_value = "l3", value_parser = ["l3", "l2"])]
-    mode: String,
-    /// L2 mode: seconds a learned MAC is kept after it was last seen (Linux bridge: 300).
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
-    fdb_ageing: u32,
-    /// L2 mode: most learned MACs; when full, new ones are not learned (and are flooded to).
-    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
-    fdb_max: u32,
-    /// L2 mode: learn remote MACs from decapsulated frames (`off`: only the nodes' host ports,
-    /// from the subnet map, are known, like a kernel VXLAN device with `nolearning`).
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    fdb_learning_tunnel: String,
-    /// L2 mode: name of the host's bridge port, a TAP device with the node's gateway address.
-    #[arg(long, default_value = "podwire0")]
-    bridge_port: String,
-    /// L2 mode: what `podwire ctl attach` gives a pod. `tap`: a TAP device that podwire reads
-    /// and writes. `xdp`: a veth pair whose host end podwire's XDP program hands every frame
-    /// to an AF_XDP socket (the pod's end is set to finish its checksums, as AF_XDP has no
-    /// offload); the bridge then runs without offload.
-    #[arg(long, default_value = "tap", value_parser = ["tap", "xdp"])]
-    l2_pods: String,
-    /// Exit when the parent process dies (used by `podwire lab`).
-    #[arg(long, hide = true)]
-    exit_with_parent: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -404,154 +187,56 @@ fn main() -> Result<()> {
     };
     let cli = Cli::parse_from(args);
     match cli.command {
-        Cmd::Run(a) => {
-            init_logging(a.log_format == "json");
-            let ct_config = conntrack_config(&a);
-            if a.l2_pods == "xdp" && a.mode != "l2" {
-                anyhow::bail!("--l2-pods is an L2 mode option (--mode l2); routed pods on AF_XDP: --pod-ports");
-            }
-            if a.exit_with_parent {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .context("prctl(PR_SET_PDEATHSIG)")?;
-            }
-            let workers = a.workers.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-            let store = match a.store {
-                Some(spec) => daemon::StoreSpec::File(spec),
-                None => daemon::StoreSpec::Etcd(podwire::etcd::EtcdOptions {
-                    endpoints: a
-                        .etcd_endpoints
-                        .split(',')
-                        .map(|e| e.trim().to_string())
-                        .filter(|e| !e.is_empty())
-                        .collect(),
-                    prefix: a.etcd_prefix,
-                    ca_file: a.etcd_cafile,
-                    cert_file: a.etcd_certfile,
-                    key_file: a.etcd_keyfile,
-                    username: a.etcd_username,
-                    password: match &a.etcd_password_file {
-                        Some(path) => Some(podwire::secret::Secret::from_file(path)?),
-                        None => a.etcd_password,
-                    },
-                    lease_ttl: Duration::from_secs(a.subnet_lease_ttl.max(10)),
-                    ..Default::default()
-                }),
-            };
-            daemon::run(daemon::RunOptions {
-                store,
-                iface: a.iface,
-                public_ip: a.public_ip,
-                subnet_file: a.subnet_file,
-                workers,
-                tun_name: a.tun_name,
-                ip_masq: a.ip_masq,
-                worker: WorkerConfig {
-                    batch_size: a.batch_size.clamp(1, podwire_dataplane::worker::MAX_BATCH),
-                    busy_poll: Duration::from_micros(a.busy_poll_us),
-                    pin: !a.no_pin,
-                    peer_queues: a.peer_queues == "on",
-                    ..WorkerConfig::default()
-                },
-                socket_buffer: a.socket_buffer,
-                tun_offload: a.tun_offload == "on",
-                udp_gso: a.udp_gso == "on",
-                udp_gro: a.udp_gro == "on",
-                vxlan_via_socket: a.vxlan_tx == "socket" && a.io != "xdp",
-                io_xdp: a.io == "xdp",
-                pod_ports: a.pod_ports.clone(),
-                vxlan_tx_sockets: usize::from(a.vxlan_tx_sockets),
-                renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
-                healthz: (a.healthz_port != 0)
-                    .then(|| std::net::SocketAddr::new(a.healthz_ip, a.healthz_port)),
-                stats_file: a.stats_file,
-                conntrack: a.conntrack == "on",
-                conntrack_config: ct_config,
-                services_file: match a.services.as_deref() {
-                    None => None,
-                    Some(s) => Some(PathBuf::from(
-                        s.strip_prefix("file:")
-                            .with_context(|| format!("--services {s}: expected file:PATH"))?,
-                    )),
-                },
-                service_cidr: a.service_cidr,
-                node_port_range: a.service_node_port_range,
-                ctl_socket: (!a.ctl_socket.is_empty()).then(|| PathBuf::from(&a.ctl_socket)),
-                fault_injection: a.fault_injection,
-                l2: (a.mode == "l2").then(|| daemon::L2Options {
-                    bridge: podwire_dataplane::bridge::Config {
-                        ageing_ms: u64::from(a.fdb_ageing) * 1000,
-                        max_learned: a.fdb_max as usize,
-                        tunnel_learning: a.fdb_learning_tunnel == "on",
-                        ..Default::default()
-                    },
-                    host_port: a.bridge_port.clone(),
-                    pods_xdp: a.l2_pods == "xdp",
-                }),
-                service_lb: if a.service_lb == "random" {
-                    podwire_dataplane::nat::Algorithm::Random
-                } else {
-                    podwire_dataplane::nat::Algorithm::Maglev
-                },
-            })
-        }
+        Cmd::Run(a) => run(*a),
         Cmd::Replay(a) => replay(a),
         Cmd::Ctl(a) => ctl(a),
     }
 }
 
-/// The connection table's size and timeouts from `podwire run`'s flags.
-fn conntrack_config(a: &RunArgs) -> podwire_dataplane::conntrack::Config {
-    use podwire_dataplane::conntrack::{tcp::TcpState, Config, Timeouts};
-    let mut timeouts = Timeouts::default();
-    timeouts.tcp[TcpState::Established as usize] = a.conntrack_tcp_timeout_established;
-    timeouts.tcp[TcpState::CloseWait as usize] = a.conntrack_tcp_timeout_close_wait;
-    timeouts.udp_unreplied = a.conntrack_udp_timeout;
-    timeouts.udp_stream = a.conntrack_udp_timeout_stream;
-    Config {
-        max_entries: a.conntrack_max.max(1),
-        timeouts,
+/// `podwire run`: the flags checked and turned into the daemon's options, then the daemon.
+fn run(a: RunArgs) -> Result<()> {
+    init_logging(a.log_format == LogFormat::Json);
+    if a.exit_with_parent {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+            .context("prctl(PR_SET_PDEATHSIG)")?;
     }
+    daemon::run(a.into_options()?)
 }
 
 fn ctl(a: CtlArgs) -> Result<()> {
-    let (cmd, req) = match a.what {
-        CtlWhat::Subnets => ("subnets", serde_json::json!({"cmd": "subnets"})),
+    use podwire::ctl::protocol::{AttachRequest, CaptureRequest, ConntrackFilter};
+    use podwire::ctl::{Request, Response};
+    let req = match a.what {
+        CtlWhat::Subnets => Request::Subnets,
         CtlWhat::Conntrack {
             addr,
             port,
             state,
             proto,
-        } => (
-            "conntrack",
-            serde_json::json!({"cmd": "conntrack", "addr": addr.map(|a| a.to_string()),
-                               "port": port, "state": state, "proto": proto}),
-        ),
-        CtlWhat::Services => ("services", serde_json::json!({"cmd": "services"})),
-        CtlWhat::Stats => ("stats", serde_json::json!({"cmd": "stats"})),
-        CtlWhat::Fdb => ("fdb", serde_json::json!({"cmd": "fdb"})),
+        } => Request::Conntrack(ConntrackFilter {
+            addr,
+            port,
+            state,
+            proto,
+        }),
+        CtlWhat::Services => Request::Services,
+        CtlWhat::Stats => Request::Stats,
+        CtlWhat::Fdb => Request::Fdb,
         CtlWhat::Attach {
             netns,
             ip,
             mac,
             ifname,
             gateway,
-        } => (
-            "attach",
-            serde_json::json!({"cmd": "attach", "netns": netns, "ip": ip, "mac": mac,
-                               "ifname": ifname, "gateway": gateway.map(|g| g.to_string())}),
-        ),
-        CtlWhat::Detach { netns } => (
-            "detach",
-            serde_json::json!({"cmd": "detach", "netns": netns}),
-        ),
-        CtlWhat::Fault { kind, worker } => (
-            "fault",
-            serde_json::json!({"cmd": "fault", "kind": kind, "worker": worker}),
-        ),
+        } => Request::Attach(AttachRequest {
+            netns,
+            ip,
+            mac,
+            ifname,
+            gateway,
+        }),
+        CtlWhat::Detach { netns } => Request::Detach { netns },
+        CtlWhat::Fault { kind, worker } => Request::Fault { kind, worker },
         CtlWhat::Capture {
             port,
             count,
@@ -559,22 +244,25 @@ fn ctl(a: CtlArgs) -> Result<()> {
             write,
         } => {
             // The daemon sends the pcap; this process (its user, its umask) writes the file.
-            let req = serde_json::json!({"cmd": "capture", "port": port, "count": count,
-                                         "timeout_ms": timeout.saturating_mul(1000)});
-            let answer = podwire::ctl::capture_to_file(&a.socket, &req, &write)?;
-            if a.json {
-                println!("{answer:#}");
-            } else {
-                print!("{}", podwire::ctl::render("capture", &answer));
-            }
+            let req = CaptureRequest {
+                port,
+                count,
+                timeout_ms: timeout.saturating_mul(1000),
+            };
+            let answer = podwire::ctl::capture(&a.socket, &req, &write)?;
+            print_answer(&Response::Captured(answer), a.json)?;
             return Ok(());
         }
     };
-    let answer = podwire::ctl::request(&a.socket, &req)?;
-    if a.json {
-        println!("{answer:#}");
+    print_answer(&podwire::ctl::call(&a.socket, &req)?, a.json)
+}
+
+/// A ctl answer as JSON (`--json`) or as the familiar tools print it.
+fn print_answer(answer: &podwire::ctl::Response, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
     } else {
-        print!("{}", podwire::ctl::render(cmd, &answer));
+        print!("{}", podwire::ctl::render(answer));
     }
     Ok(())
 }
@@ -629,122 +317,3 @@ fn replay(a: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run_args(args: &[&str]) -> RunArgs {
-        let args = flanneld_args::rewrite(args.iter().map(std::ffi::OsString::from)).unwrap();
-        match Cli::try_parse_from(args).unwrap().command {
-            Cmd::Run(a) => *a,
-            _ => panic!("not run"),
-        }
-    }
-
-    #[test]
-    fn test_conntrack_flags_set_the_table() {
-        use podwire_dataplane::conntrack::tcp::TcpState;
-        let defaults = conntrack_config(&run_args(&["podwire", "run"]));
-        assert_eq!(defaults, podwire_dataplane::conntrack::Config::default());
-        let kube_proxy_like = conntrack_config(&run_args(&[
-            "podwire",
-            "run",
-            "--conntrack-max=262144",
-            "--conntrack-tcp-timeout-established=86400",
-            "--conntrack-tcp-timeout-close-wait=3600",
-            "--conntrack-udp-timeout-stream=180",
-        ]));
-        assert_eq!(kube_proxy_like.max_entries, 262_144);
-        let t = &kube_proxy_like.timeouts;
-        assert_eq!(t.tcp[TcpState::Established as usize], 86_400);
-        assert_eq!(t.tcp[TcpState::CloseWait as usize], 3_600);
-        assert_eq!(t.tcp[TcpState::TimeWait as usize], 120);
-        assert_eq!((t.udp_unreplied, t.udp_stream), (30, 180));
-        assert!(Cli::try_parse_from(["podwire", "run", "--conntrack-udp-timeout=0"]).is_err());
-    }
-
-    #[test]
-    fn test_service_node_port_range_flag() {
-        use podwire_dataplane::nat::PortRange;
-        assert_eq!(
-            run_args(&["podwire", "run"]).service_node_port_range,
-            PortRange::new(30_000, 32_767).unwrap()
-        );
-        assert_eq!(
-            run_args(&["podwire", "run", "--service-node-port-range", "20000-22767"])
-                .service_node_port_range,
-            PortRange::new(20_000, 22_767).unwrap()
-        );
-        for bad in ["32767-30000", "0-100", "1-65536", "30000"] {
-            let args = ["podwire", "run", "--service-node-port-range", bad];
-            assert!(Cli::try_parse_from(args).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn test_password_file_conflicts_with_password() {
-        let both = [
-            "podwire",
-            "run",
-            "--etcd-password",
-            "x",
-            "--etcd-password-file",
-            "/p",
-        ];
-        assert!(Cli::try_parse_from(both).is_err());
-        let a = run_args(&["podwire", "run", "-etcd-password-file=/etc/podwire/pw"]);
-        assert_eq!(
-            a.etcd_password_file.as_deref(),
-            Some(std::path::Path::new("/etc/podwire/pw"))
-        );
-    }
-
-    #[test]
-    fn test_flanneld_spellings_parse_to_the_same_config() {
-        let go = run_args(&[
-            "podwire",
-            "run",
-            "-etcd-endpoints=http://10.0.0.5:2379",
-            "-etcd-prefix=/my/net",
-            "-iface=eth1",
-            "-public-ip",
-            "192.168.1.7",
-            "-subnet-lease-renew-margin=30",
-            "-healthz-port=8080",
-            "-ip-masq=true",
-        ]);
-        let clap = run_args(&[
-            "podwire",
-            "run",
-            "--etcd-endpoints",
-            "http://10.0.0.5:2379",
-            "--etcd-prefix",
-            "/my/net",
-            "--iface",
-            "eth1",
-            "--public-ip=192.168.1.7",
-            "--subnet-lease-renew-margin",
-            "30",
-            "--healthz-port",
-            "8080",
-            "--ip-masq",
-        ]);
-        for a in [&go, &clap] {
-            assert_eq!(a.etcd_endpoints, "http://10.0.0.5:2379");
-            assert_eq!(a.etcd_prefix, "/my/net");
-            assert_eq!(a.iface.as_deref(), Some("eth1"));
-            assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 168, 1, 7)));
-            assert_eq!(a.subnet_lease_renew_margin, 30);
-            assert_eq!(a.healthz_port, 8080);
-            assert!(a.ip_masq);
-        }
-        // flanneld's limits on the renew margin hold.
-        let args = flanneld_args::rewrite(
-            ["podwire", "run", "-subnet-lease-renew-margin=1440"]
-                .iter()
-                .map(std::ffi::OsString::from),
-        )
-        .unwrap();
-        assert!(Cli::try_parse_from(args).is_err());
-    }
-}

@@ -30,7 +30,7 @@ fn test_help_does_not_show_the_etcd_password_from_the_environment() {
 fn test_an_unreadable_password_file_is_a_clear_error() {
     let missing = std::env::temp_dir().join(format!("podwire-no-such-pw-{}", std::process::id()));
     let out = podwire()
-        .args(["run", "--etcd-password-file"])
+        .args(["run", "--etcd-username", "u", "--etcd-password-file"])
         .arg(&missing)
         .env_remove("FLANNELD_ETCD_PASSWORD")
         .output()
@@ -51,4 +51,57 @@ fn test_an_unreadable_password_file_is_a_clear_error() {
         "{}",
         String::from_utf8_lossy(&both.stderr)
     );
+}
+
+/// Runs `cmd` and returns its output, or fails the test if it is still running after `limit`
+/// (a daemon that started instead of refusing its flags).
+fn exits_within(mut cmd: Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Flags that parse but do not go together are refused before anything is set up, saying
+/// which.
+#[test]
+fn test_flags_that_do_not_go_together_are_refused_by_name() {
+    for (flags, says) in [
+        (&["--l2-pods", "xdp"][..], "--l2-pods is an L2 mode option"),
+        (&["--pod-ports", "veth1"], "--pod-ports needs --io xdp"),
+        (&["--etcd-password", "x"], "needs --etcd-username"),
+        (&["--workers", "0"], "--workers must be at least 1"),
+    ] {
+        let mut cmd = podwire();
+        cmd.arg("run")
+            .args(flags)
+            .args(["--store", "file:/nonexistent/cluster.json"])
+            .env_remove("FLANNELD_ETCD_USERNAME");
+        let out = exits_within(cmd, std::time::Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+    // `on`/`off` values as users type them, and nothing else.
+    let out = podwire()
+        .args(["run", "--udp-gso", "maybe"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("possible values: on, off"), "{err}");
 }
