@@ -316,4 +316,3 @@ fn replay(a: ReplayArgs) -> Result<()> {
     }
     Ok(())
 }
-
