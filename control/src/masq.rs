@@ -107,6 +107,9 @@ pub fn remove() -> Result<(), MasqError> {
 
 /// The routing table that steers pods' TCP and UDP into podwire when podwire masquerades them
 /// itself (`--ip-masq` with `--io xdp`), and the priority of its rules (before `main`).
+pub const POD_ROUTING_TABLE: u32 = 28791;
+pub const POD_RULE_PRIORITY_NUM: u32 = 100;
+/// [`POD_ROUTING_TABLE`] and [`POD_RULE_PRIORITY_NUM`] as `ip rule` shows them.
 pub const POD_TABLE: &str = "28791";
 pub const POD_RULE_PRIORITY: &str = "100";
 
@@ -122,42 +125,30 @@ pub fn steer_pods(
     pod: Ipv4Net,
     keep: &[Ipv4Net],
 ) -> Result<(), crate::netdev::NetdevError> {
-    use crate::netdev::ip;
+    use crate::rtnl::{Route, Rtnl};
+    use netlink_packet_route::route::{RouteScope, RouteType};
     unsteer_pods();
-    ip(&[
-        "route", "replace", "default", "dev", tun, "table", POD_TABLE,
-    ])?;
-    for net in keep {
-        ip(&[
-            "route",
-            "replace",
-            "throw",
-            &net.to_string(),
-            "table",
-            POD_TABLE,
-        ])?;
+    let mut rtnl = Rtnl::open()?;
+    let dev = rtnl.index_of(tun)?;
+    rtnl.route_replace(&Route {
+        table: POD_ROUTING_TABLE,
+        ..Route::dev(Ipv4Net::containing(std::net::Ipv4Addr::UNSPECIFIED, 0), dev)
+    })?;
+    let multicast = Ipv4Net::containing(std::net::Ipv4Addr::new(224, 0, 0, 0), 4);
+    for net in keep.iter().chain([&multicast]) {
+        rtnl.route_replace(&Route {
+            dev: None,
+            table: POD_ROUTING_TABLE,
+            scope: RouteScope::Universe,
+            kind: RouteType::Throw,
+            ..Route::dev(*net, dev)
+        })?;
     }
-    ip(&[
-        "route",
-        "replace",
-        "throw",
-        "224.0.0.0/4",
-        "table",
-        POD_TABLE,
-    ])?;
-    for proto in ["tcp", "udp"] {
-        ip(&[
-            "rule",
-            "add",
-            "priority",
-            POD_RULE_PRIORITY,
-            "from",
-            &pod.to_string(),
-            "ipproto",
-            proto,
-            "table",
-            POD_TABLE,
-        ])?;
+    for proto in [
+        netlink_packet_route::IpProtocol::Tcp,
+        netlink_packet_route::IpProtocol::Udp,
+    ] {
+        rtnl.rule_add(POD_RULE_PRIORITY_NUM, pod, proto, POD_ROUTING_TABLE)?;
     }
     let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
     std::fs::write(&rp, "2")
@@ -167,28 +158,38 @@ pub fn steer_pods(
 
 /// Removes the rules and the table's routes (also a crashed run's); nothing if absent.
 pub fn unsteer_pods() {
-    use crate::netdev::ip;
+    let mut rtnl = match crate::rtnl::Rtnl::open() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot remove the pod steering rules");
+            return;
+        }
+    };
     // One rule per call; there are two, or a few more if runs crashed in between.
     for _ in 0..16 {
-        if ip(&[
-            "rule",
-            "del",
-            "priority",
-            POD_RULE_PRIORITY,
-            "table",
-            POD_TABLE,
-        ])
-        .is_err()
+        if rtnl
+            .rule_del(POD_RULE_PRIORITY_NUM, POD_ROUTING_TABLE)
+            .is_err()
         {
             break;
         }
     }
-    let _ = ip(&["route", "flush", "table", POD_TABLE]);
+    for route in rtnl.routes(POD_ROUTING_TABLE).unwrap_or_default() {
+        if let Err(e) = rtnl.route_del(&route) {
+            tracing::warn!(error = %e, "removing a pod steering route");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_steering_constants_agree() {
+        assert_eq!(POD_TABLE, POD_ROUTING_TABLE.to_string());
+        assert_eq!(POD_RULE_PRIORITY, POD_RULE_PRIORITY_NUM.to_string());
+    }
 
     #[test]
     fn test_rules_are_flannels_in_order() {
