@@ -20,6 +20,7 @@ pub mod l2;
 pub mod lease;
 pub mod masq;
 pub mod netdev;
+pub mod nft;
 pub mod node;
 pub mod privs;
 pub mod report;

@@ -83,7 +83,7 @@ impl Steps {
 pub struct MasqTable(());
 
 impl MasqTable {
-    /// Installs (or replaces) the table: see [`masq::ruleset`].
+    /// Installs (or replaces) the table: see [`masq::rules`].
     pub fn install(
         network: Ipv4Net,
         pod: Ipv4Net,

@@ -5,15 +5,15 @@
 //! AF_XDP sockets, the underlay sockets and the healthz port) is done with the privileges
 //! podwire was started with. Then, before the workers start, the daemon drops every other
 //! capability from its bounding, permitted, effective, inheritable and ambient sets and sets
-//! `PR_SET_NO_NEW_PRIVS`, so neither it nor a program it runs (`nft`) can get one back, and
+//! `PR_SET_NO_NEW_PRIVS`, so neither it nor a program it might run can get one back, and
 //! checks that no thread of the process holds more. Teardown (see [`crate::node`]) runs after
-//! the drop, on the main thread, through netlink and `nft`: it needs only `CAP_NET_ADMIN`.
+//! the drop, on the main thread, through netlink: it needs only `CAP_NET_ADMIN`.
 //!
 //! What the running daemon still does, and so keeps:
 //!
 //! | mode | kept | what for, at run time |
 //! |---|---|---|
-//! | every mode | `CAP_NET_ADMIN` | rtnetlink for DirectRouting's routes as leases change; at exit (or a setup step failing after the drop): the service route, the masquerade table (`nft`), the policy rules, XDP detach; `SO_*BUFFORCE` |
+//! | every mode | `CAP_NET_ADMIN` | rtnetlink for DirectRouting's routes as leases change; at exit (or a setup step failing after the drop): the service route, the masquerade table (nf_tables netlink), the policy rules, XDP detach; `SO_*BUFFORCE` |
 //! | every mode | `CAP_NET_RAW` | raw and AF_XDP sockets (the kernel checks at creation; kept so a socket opened later, and the children, keep working) |
 //! | routed, `--peer-queues on`, a backend `Port` below 1024 | + `CAP_NET_BIND_SERVICE` | a worker binds a socket per new peer to the backend's port as the subnet map changes (flannel's 8285 and VXLAN's 8472/4789 need nothing) |
 //! | routed, `--io xdp` or `--pod-ports` | + `CAP_BPF` | NodePort map updates as services change: before Linux 6.5, with `kernel.unprivileged_bpf_disabled` set (Debian's default), every `bpf()` call needs it, even on a map podwire holds |
