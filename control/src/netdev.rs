@@ -481,11 +481,13 @@ mod tests {
         let routes = vec![
             ours_on_3.clone(),
             Route {
+                dst: dst("10.244.4.0/24"),
                 protocol: crate::rtnl::PROTO_BOOT,
                 ..ours_on_3.clone()
             },
             Route::dev(dst("10.244.3.0/24"), 3),
             Route {
+                dst: dst("10.244.5.0/24"),
                 dev: Some(4),
                 ..ours_on_3
             },
