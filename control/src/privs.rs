@@ -351,7 +351,7 @@ mod tests {
             let before = ThreadCaps::read("/proc/thread-self/status").unwrap();
             let dropped = drop_to(&runtime_caps(RuntimeNeeds::default())).unwrap();
             let after = ThreadCaps::read("/proc/thread-self/status").unwrap();
-            // What a program run from now on gets (as `ip` and `nft` are): root's usual
+            // What a program run from now on would get: root's usual
             // full set is cut down to the bounding set, and no_new_privs is inherited.
             let out = std::process::Command::new("cat")
                 .arg("/proc/self/status")
