@@ -22,6 +22,7 @@ use podwire::health::{self, Health};
 use podwire::lease::LeaseAttrs;
 use podwire::masq;
 use podwire::netdev;
+use podwire::node;
 use podwire::privs;
 use podwire::report;
 use podwire::services::{self, ServicesFile};
@@ -278,19 +279,11 @@ struct Control<'a> {
     own: OwnLease,
     live: &'a ArcSwap<Tables>,
     pool: &'a WorkerPool,
-    direct: Option<netdev::DirectRoutes>,
+    /// DirectRouting's routes follow the map; the XDP program is told the NodePorts.
+    host: &'a mut Host,
     health: &'a Health,
     lease_ttl: Duration,
-    services: Option<ServicesFile>,
-    /// Services are also read from the store (etcd's `<prefix>/services/`).
-    services_from_store: bool,
-    file_services: services::Parsed,
-    store_services: services::Parsed,
-    service_options: ServiceOptions,
-    /// What services are checked against on this node.
-    admission: Admission,
-    /// `--io xdp`: the program on the underlay, told the NodePorts as services change.
-    xdp: Option<xdp::XdpProgram>,
+    services: &'a mut ServiceSources,
 }
 
 /// The address a pod port (`--pod-ports NAME[=IP]`) holds its pod to: the one given, else the
@@ -343,10 +336,10 @@ impl Control<'_> {
     /// counted) and the rest applied.
     fn reload_services(&mut self) {
         let mut changed = false;
-        if let Some(src) = self.services.as_mut() {
+        if let Some(src) = self.services.file.as_mut() {
             match src.poll() {
                 Ok(Some(parsed)) => {
-                    self.file_services = parsed;
+                    self.services.file_services = parsed;
                     changed = true;
                 }
                 Ok(None) => {}
@@ -355,10 +348,10 @@ impl Control<'_> {
                 }
             }
         }
-        if self.services_from_store {
+        if self.services.from_store {
             match self.store.services() {
                 Ok(Some(items)) => {
-                    self.store_services = services::parse_etcd(&items);
+                    self.services.store_services = services::parse_etcd(&items);
                     changed = true;
                 }
                 Ok(None) => {}
@@ -371,14 +364,14 @@ impl Control<'_> {
             return;
         }
         let snap = services::snapshot(
-            self.service_options,
-            &self.admission,
-            &[&self.file_services, &self.store_services],
+            self.services.options,
+            &self.services.admission,
+            &[&self.services.file_services, &self.services.store_services],
         );
         publish_services(self.health, &snap);
         let n = snap.services.len();
         let rejected = snap.rejected_services();
-        if let Some(prog) = self.xdp.as_mut() {
+        if let Some(prog) = self.host.xdp.as_mut() {
             sync_node_ports(prog, &snap.services);
         }
         let old = self.live.load();
@@ -471,7 +464,7 @@ impl Control<'_> {
                 }
                 let leases = new.map.len();
                 publish_left_out(self.health, self.store.as_ref(), &left_out);
-                if let Some(d) = self.direct.as_mut() {
+                if let Some(d) = self.host.direct.as_mut() {
                     d.sync(new.local.subnet, new.map.nodes());
                 }
                 self.live.store(Arc::new(new));
@@ -563,8 +556,115 @@ fn drop_privileges(opts: &RunOptions, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(opts: RunOptions) -> Result<()> {
+/// What joining the cluster gave: the store, our lease, and the first tables.
+struct Joined {
+    store: Box<dyn Store>,
+    config: NetworkConfig,
+    iface: netdev::Iface,
+    public_ip: Ipv4Addr,
+    /// The backend's port.
+    port: u16,
+    /// The device's name when `--tun-name` is not given (flanneld's).
+    default_tun: String,
+    /// The pods' MTU: the underlay's less the backend's overhead.
+    tun_mtu: u32,
+    req: LeaseRequest,
+    own: OwnLease,
+    initial: Tables,
+    lease_ttl: Duration,
+}
+
+impl Joined {
+    fn lease(&self) -> Ipv4Net {
+        self.initial.local.subnet
+    }
+}
+
+/// Host state the node owns, undone when this is dropped (field by field, in this order),
+/// which the daemon does after the workers stopped. See [`podwire::node`].
+#[derive(Default)]
+struct Host {
+    /// `--io xdp`: the program on the underlay, told the NodePorts as services change.
+    xdp: Option<xdp::XdpProgram>,
+    /// The pod ports' programs (`--pod-ports`).
+    pod_programs: Vec<xdp::XdpProgram>,
+    /// L2 mode's pods on veth pairs (`--l2-pods xdp`).
+    veths: Option<node::OwnedVeths>,
+    direct: Option<netdev::DirectRoutes>,
+    /// The service range routed into the TUN.
+    service_route: Option<node::HostRoute>,
+    steering: Option<node::PodSteering>,
+    masq: Option<node::MasqTable>,
+}
+
+/// The workers, stopped when this is dropped (an error after they started).
+struct Workers(Option<WorkerPool>);
+
+impl Workers {
+    fn pool(&self) -> &WorkerPool {
+        self.0.as_ref().expect("workers running")
+    }
+
+    fn stop(mut self) -> Result<(), podwire_dataplane::worker::WorkerError> {
+        self.0.take().map_or(Ok(()), WorkerPool::stop)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            let _ = pool.stop();
+        }
+    }
+}
+
+/// The services the routed node translates, and where they come from.
+struct ServiceSources {
+    file: Option<ServicesFile>,
+    /// Services are also read from the store (etcd's `<prefix>/services/`).
+    from_store: bool,
+    file_services: services::Parsed,
+    store_services: services::Parsed,
+    options: ServiceOptions,
+    /// What services are checked against on this node.
+    admission: Admission,
+}
+
+impl ServiceSources {
+    fn any(&self) -> bool {
+        self.file.is_some() || self.from_store
+    }
+}
+
+/// A node set up and forwarding.
+struct Node {
+    host: Host,
+    workers: Workers,
+    live: Arc<ArcSwap<Tables>>,
+    flows: Option<Arc<Flows>>,
+    services: ServiceSources,
+    l2: Option<ctl::L2Ctl>,
+    /// Packets `podwire ctl capture` asks the workers for.
+    capture: Arc<Capture>,
+    /// The TUN device's (routed) or the host port's (L2) name.
+    device: String,
+    offload: bool,
+    gro: bool,
+}
+
+/// The ctl socket's file, removed on drop.
+struct CtlSocket(Option<PathBuf>);
+
+impl Drop for CtlSocket {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// SIGTERM/SIGINT set the first flag, SIGHUP the second.
+fn install_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&shutdown))
@@ -573,6 +673,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
         .context("installing the SIGHUP handler")?;
+    Ok((shutdown, hangup))
+}
+
+/// /healthz, /readyz and /metrics, once the etcd endpoints are checked for clear text.
+fn start_health(opts: &RunOptions) -> Result<Arc<Health>> {
     if let StoreSpec::Etcd(o) = &opts.store {
         if let Some((what, plain)) = o.cleartext_exposure() {
             tracing::warn!(
@@ -587,17 +692,23 @@ pub fn run(opts: RunOptions) -> Result<()> {
             .with_context(|| format!("serving /healthz on {addr}"))?;
         tracing::info!(%bound, "serving /healthz, /readyz, /metrics");
     }
+    Ok(health)
+}
+
+/// Reads the network config, takes our lease and builds the first tables. `None` if asked to
+/// shut down meanwhile.
+fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Option<Joined>> {
     let lease_ttl = match &opts.store {
         StoreSpec::Etcd(o) => o.lease_ttl,
         StoreSpec::File(_) => Duration::MAX,
     };
     let mut store = open_store(&opts.store)?;
     let describe = store.describe();
-    let Some(config) = retry("reading the network config", &shutdown, &health, || {
+    let Some(config) = retry("reading the network config", shutdown, health, || {
         store.config()
     })?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
@@ -619,17 +730,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
         attrs: lease_attrs(&config, public_ip),
         previous: previous_subnet(&opts.subnet_file),
     };
-    let Some(own) = retry("taking our lease", &shutdown, &health, || {
-        store.acquire(&req)
-    })?
-    else {
-        return Ok(());
+    let Some(own) = retry("taking our lease", shutdown, health, || store.acquire(&req))? else {
+        return Ok(None);
     };
     health.lease_held.store(true, Ordering::Relaxed);
     health.set_lease_expiry(own.expires);
-    let Some(mut leases) = retry("reading the leases", &shutdown, &health, || store.leases())?
-    else {
-        return Ok(());
+    let Some(mut leases) = retry("reading the leases", shutdown, health, || store.leases())? else {
+        return Ok(None);
     };
     if !leases.iter().any(|l| l.subnet == own.subnet) {
         leases.push(Lease {
@@ -643,67 +750,48 @@ pub fn run(opts: RunOptions) -> Result<()> {
     };
     let (mut initial, left_out) = tables::build_checked(&view, public_ip, Some(own.subnet))
         .with_context(|| format!("in {describe}"))?;
-    publish_left_out(&health, store.as_ref(), &left_out);
+    publish_left_out(health, store.as_ref(), &left_out);
     // VXLAN through UDP sockets: the kernel writes the outer headers (and their checksum).
     initial.outer_udp_checksum = !opts.vxlan_via_socket;
-    let lease = initial.local.subnet;
     health
         .map_leases
         .store(initial.map.len() as u64, Ordering::Relaxed);
     tracing::info!(
-        store = %describe, iface = %iface.name, iface_ip = %iface.addr, %public_ip, %lease,
+        store = %describe, iface = %iface.name, iface_ip = %iface.addr, %public_ip, lease = %initial.local.subnet,
         network = %config.network, backend = config.backend.name(), port, leases = initial.map.len(), "starting"
     );
     if let Encap::Vxlan { vni, local_mac } = initial.encap {
         tracing::info!(%vni, vtep_mac = %local_mac, "vxlan: our lease advertises this VtepMAC");
     }
-
-    let workers = opts.workers.max(1);
-    let service_options = ServiceOptions {
-        algorithm: opts.service_lb,
-        ..ServiceOptions::new(opts.service_cidr)
-    };
-    let mut services_src = None;
-    let mut services_from_store = false;
-    let mut file_services = services::Parsed::default();
-    let mut store_services = services::Parsed::default();
-    let admission = node_admission(
-        &config,
-        &[public_ip, iface.addr, lease.nth(0), lease.nth(1)],
+    Ok(Some(Joined {
+        store,
+        config,
+        iface,
+        public_ip,
         port,
-        opts.healthz.map(|h| h.port()),
-        opts.node_port_range,
-    );
-    let mut service_route = None;
-    let mut direct = None;
-    // Attached for the daemon's life (`--io xdp`); dropping it detaches it.
-    let mut xdp_program: Option<xdp::XdpProgram> = None;
-    // The pod ports' programs (`--pod-ports`), likewise.
-    let mut pod_programs: Vec<xdp::XdpProgram> = Vec::new();
-    let mut flows = None;
-    let mut l2_handle = None;
-    // L2 mode's pods on veth pairs (`--l2-pods xdp`): removed when the daemon stops.
-    let mut l2_veths = None;
-    let capture = Arc::new(Capture::default());
-    let live;
-    let pool;
-    let mut gro = false;
-    let device;
-    let offload;
+        default_tun,
+        tun_mtu,
+        req,
+        own,
+        initial,
+        lease_ttl,
+    }))
+}
+
+/// Options that do not go together, refused before any host state is made.
+fn check_options(opts: &RunOptions, j: &Joined) -> Result<()> {
     if !opts.pod_ports.is_empty() && (!opts.io_xdp || opts.l2.is_some()) {
         bail!("--pod-ports needs --io xdp in routed mode (L2 mode: --l2-pods xdp)");
     }
     if opts.io_xdp && opts.ip_masq && !opts.conntrack {
         bail!("--ip-masq with --io xdp masquerades in podwire, which needs --conntrack on");
     }
-    // With --io xdp podwire owns the node's address on the wire, and masquerades itself.
-    let masq_userspace = opts.io_xdp && opts.ip_masq;
-    if let Some(l2) = &opts.l2 {
-        let Encap::Vxlan { vni, local_mac } = initial.encap else {
+    if opts.l2.is_some() {
+        if !matches!(j.initial.encap, Encap::Vxlan { .. }) {
             bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
-        };
+        }
         if matches!(
-            config.backend,
+            j.config.backend,
             BackendConfig::Vxlan {
                 direct_routing: true,
                 ..
@@ -714,370 +802,96 @@ pub fn run(opts: RunOptions) -> Result<()> {
         if opts.ip_masq || opts.services_file.is_some() {
             bail!("--mode l2 does not do --ip-masq or --services yet");
         }
-        let gateway = lease.nth(1);
-        let host_addr = podwire::l2::IfAddr {
-            addr: gateway,
-            prefix: config.network.prefix(),
-        };
-        // AF_XDP ports carry no virtio-net header: with them, no port of the bridge does.
-        let host =
-            podwire::l2::host_port(&l2.host_port, local_mac, host_addr, tun_mtu, !l2.pods_xdp)?;
-        device = host.name().to_string();
-        offload = host.offload();
-        let mut udp = UdpPort::bind(
-            SocketAddrV4::new(iface.addr, port),
-            opts.worker.batch_size,
-            opts.socket_buffer,
-        )?;
-        gro = udp.set_gro(opts.udp_gro);
-        // Segments of a superframe go to one VTEP alike: one GSO send.
-        udp.set_gso(opts.udp_gso);
-        let bridge = Bridge::new(
-            bridge::Config {
-                vni: vni.get(),
-                ..l2.bridge.clone()
-            },
-            L2_STATIC_ROOM,
-        );
-        let underlay_xdp = if opts.io_xdp {
-            // One worker: an AF_XDP socket on queue 0. What other queues receive passes to
-            // the kernel (no socket there), which hands it to the UDP socket.
-            let role = xdp::Role::Underlay {
-                local_ip: iface.addr,
-                port,
-                masq_ports: None,
-            };
-            let mut prog = netdev::attach_xdp(&iface.name, role)?;
-            let queues = netdev::rx_queues(&iface.name);
-            if queues > 1 {
-                tracing::warn!(device = %iface.name, queues, "L2 mode reads queue 0 through AF_XDP; the other queues' datagrams come through the kernel's UDP socket");
-            }
-            let xsk = XskPort::bind(&iface.name, 0, XskConfig::default())?;
-            prog.set_socket(0, &xsk.raw_fd())?;
-            tracing::info!(device = %iface.name, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
-            xdp_program = Some(prog);
-            let mac = netdev::mac_of(&iface.name)?;
-            // VXLAN without a UDP checksum, as the kernel's VXLAN device sends it.
-            Some(
-                XdpUnderlayPort::new(xsk, &iface.name, mac, iface.addr, port)
-                    .with_udp_checksum(false),
-            )
-        } else {
-            None
-        };
-        drop_privileges(&opts, port)?;
-        live = Arc::new(ArcSwap::from_pointee(initial));
-        let (p, handle) = WorkerPool::start_l2(
-            opts.worker.clone(),
-            bridge,
-            Arc::clone(&live),
-            host,
-            local_mac,
-            udp,
-            underlay_xdp,
-        )?;
-        pool = p;
-        health.set_fdb_entries(Arc::clone(&handle.fdb_entries));
-        tracing::info!(bridge_port = %device, %host_addr, %vni, ageing_s = l2.bridge.ageing_ms / 1000, fdb_max = l2.bridge.max_learned, "L2 mode: podwire is the node's bridge");
-        let ctl = ctl::L2Ctl {
-            handle,
-            mtu: tun_mtu,
-            gateway,
-            pods_xdp: l2.pods_xdp,
-            veths: Default::default(),
-        };
-        l2_veths = Some(Arc::clone(&ctl.veths));
-        l2_handle = Some(ctl);
-    } else {
-        let wanted = opts.tun_name.as_deref().unwrap_or(&default_tun);
-        if netdev::remove_vxlan_device(wanted)? {
-            tracing::warn!(device = wanted, "removed a kernel VXLAN device of that name (flanneld's, left behind when it stopped); podwire's device takes its place");
-        }
-        let (queues, tun_name, tun_offload) = tun::open(
-            opts.tun_name.as_deref().unwrap_or(&default_tun),
-            workers,
-            opts.tun_offload,
-        )?;
-        offload = tun_offload;
-        device = tun_name.clone();
-        if opts.tun_offload && !offload {
-            tracing::warn!(
-                "the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read"
-            );
-        }
-        netdev::configure_tun(&tun_name, lease, config.network, tun_mtu)?;
-        if masq_userspace {
-            let mut keep = vec![config.network];
-            if opts.conntrack {
-                keep.push(opts.service_cidr);
-            }
-            masq::steer_pods(&tun_name, lease, &keep)?;
-            warn_if_kernel_uses_masq_ports();
-            tracing::info!(
-                ports = ?MASQ_PORTS,
-                "pods' TCP and UDP leaving the cluster are masqueraded by podwire (to the node's address); other protocols by the kernel"
-            );
-        }
-        if opts.ip_masq {
-            let services = (opts.conntrack
-                && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
-            .then_some(opts.service_cidr);
-            masq::install(
-                config.network,
-                lease,
-                services,
-                masq_userspace.then_some(tun_name.as_str()),
-            )?;
-            tracing::info!(
-                table = masq::TABLE,
-                "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
-            );
-        }
-        services_src = opts.services_file.as_deref().map(ServicesFile::new);
-        services_from_store = matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack;
-        let mut initial = initial;
-        if let Some(src) = services_src.as_mut() {
-            if !opts.conntrack {
-                bail!("services need connection tracking: drop --conntrack off");
-            }
-            file_services = src
-                .poll()?
-                .context("services file vanished while starting")?;
-        }
-        if services_from_store {
-            match store.services() {
-                Ok(items) => store_services = services::parse_etcd(&items.unwrap_or_default()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
-                }
-            }
-        }
-        if services_src.is_some() || services_from_store {
-            let snap = services::snapshot(
-                service_options,
-                &admission,
-                &[&file_services, &store_services],
-            );
-            publish_services(&health, &snap);
-            initial.services = Arc::new(snap.services);
-        }
-        // The service range is routed into podwire: ClusterIPs, and the hairpin address that
-        // local backends answer.
-        service_route =
-            (services_src.is_some() || services_from_store).then(|| opts.service_cidr.to_string());
-        if let Some(cidr) = &service_route {
-            netdev::ip(&["route", "replace", cidr, "dev", &tun_name])?;
-            tracing::info!(%cidr, hairpin = %service_options.hairpin_ip, "service range routed into podwire");
-        }
-        flows = opts
-            .conntrack
-            .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
-        // Owning the node's address on the wire: NodePorts, and masquerade with --ip-masq.
-        initial.wire = (opts.io_xdp && opts.conntrack).then_some(WireNat {
-            masquerade: masq_userspace,
-            masq_ports: MASQ_PORTS,
-        });
-        if let Some(f) = &flows {
-            health.set_flows(Arc::clone(f));
-        }
-        let bind = SocketAddrV4::new(iface.addr, port);
-        let vxlan = matches!(config.backend, BackendConfig::Vxlan { .. });
-        if opts.io_xdp {
-            let role = xdp::Role::Underlay {
-                local_ip: iface.addr,
-                port,
-                masq_ports: masq_userspace.then_some(MASQ_PORTS),
-            };
-            let mut prog = netdev::attach_xdp(&iface.name, role)?;
-            if initial.wire.is_some() {
-                sync_node_ports(&mut prog, &initial.services);
-            }
-            xdp_program = Some(prog);
-        }
-        let iface_mac = if opts.io_xdp {
-            netdev::mac_of(&iface.name)?
-        } else {
-            Default::default()
-        };
-        // Pods' veth host ends: the program in its pod role, a socket on queue 0, and the
-        // port to worker k % workers.
-        let mut pod_ports: Vec<Vec<XdpPodPort>> = (0..workers).map(|_| Vec::new()).collect();
-        for (k, spec) in opts.pod_ports.iter().enumerate() {
-            let (name, given) = match spec.split_once('=') {
-                Some((name, ip)) => {
-                    let ip: Ipv4Addr = ip
-                        .parse()
-                        .with_context(|| format!("pod port {spec}: NAME=IPv4 address"))?;
-                    (name, Some(ip))
-                }
-                None => (spec.as_str(), None),
-            };
-            let name = &name.to_string();
-            let dev =
-                netdev::resolve_iface(Some(name)).with_context(|| format!("pod port {name}"))?;
-            let pod_ip = pod_port_address(name, dev.addr, lease, given)?;
-            let role = xdp::Role::Pod {
-                local_ip: dev.addr,
-                network: config.network,
-                lease,
-                services: opts.service_cidr,
-                masquerade: masq_userspace,
-                pod_ip,
-                node_ip: public_ip,
-            };
-            let mut prog = netdev::attach_xdp(name, role)?;
-            let xsk = XskPort::bind(name, 0, XskConfig::default())?;
-            prog.set_socket(0, &xsk.raw_fd())?;
-            let mac = netdev::mac_of(name)?;
-            tracing::info!(device = %name, pod = %pod_ip, mode = ?prog.mode(), worker = k % workers, "pod port through AF_XDP, held to its pod's address");
-            pod_ports[k % workers].push(XdpPodPort::new(xsk, name, mac, dev.addr, pod_ip));
-            pod_programs.push(prog);
-        }
-        let underlay_queues = netdev::rx_queues(&iface.name);
-        if opts.io_xdp && underlay_queues < workers {
-            tracing::warn!(device = %iface.name, queues = underlay_queues, workers, "fewer receive queues than workers: the workers past them send through the kernel and receive nothing through AF_XDP");
-        }
-        let mut ports = Vec::with_capacity(workers);
-        for ((queue, tun), pods) in queues.into_iter().enumerate().zip(pod_ports) {
-            let mut udp = UdpPort::bind(bind, opts.worker.batch_size, opts.socket_buffer)?;
-            // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
-            // the raw socket (per-flow source ports) cannot use GSO.
-            udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
-            gro = udp.set_gro(opts.udp_gro);
-            // A worker past the device's receive queues has no AF_XDP socket: it sends through
-            // the kernel (its underlay traffic arrives on the queues that have one).
-            let has_xsk = xdp_program.is_some() && queue < underlay_queues;
-            let raw = if vxlan && !opts.vxlan_via_socket && !has_xsk {
-                Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
-            } else {
-                None
-            };
-            let mut vxlan_tx = Vec::new();
-            if vxlan && opts.vxlan_via_socket {
-                // Ephemeral source ports on the underlay address: flows spread over them by hash.
-                for _ in 0..opts.vxlan_tx_sockets {
-                    let mut s = UdpPort::bind(
-                        SocketAddrV4::new(iface.addr, 0),
-                        opts.worker.batch_size,
-                        opts.socket_buffer,
-                    )?;
-                    s.set_gso(opts.udp_gso);
-                    vxlan_tx.push(s);
-                }
-            }
-            let xdp = match xdp_program.as_mut().filter(|_| has_xsk) {
-                Some(prog) => {
-                    let queue = queue as u32;
-                    let xsk = XskPort::bind(&iface.name, queue, XskConfig::default())?;
-                    prog.set_socket(queue, &xsk.raw_fd())?;
-                    tracing::info!(device = %iface.name, queue, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
-                    // Until a next hop is resolved, the kernel sends (and resolves) for us.
-                    let fallback = RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?;
-                    Some(
-                        XdpUnderlayPort::new(xsk, &iface.name, iface_mac, iface.addr, port)
-                            .with_fallback(fallback)
-                            // flannel's udp backend checksums its datagrams (a kernel socket).
-                            .with_udp_checksum(!vxlan),
-                    )
-                }
-                None => None,
-            };
-            ports.push(WorkerPorts {
-                tun,
-                udp,
-                raw,
-                xdp,
-                pods: PodPorts::new(pods),
-                vxlan_tx,
-            });
-        }
-
-        direct = match config.backend {
-            BackendConfig::Vxlan {
-                direct_routing: true,
-                ..
-            } => {
-                let mut d = netdev::DirectRoutes::new(iface.clone());
-                d.sync(initial.local.subnet, initial.map.nodes());
-                Some(d)
-            }
-            _ => None,
-        };
-        drop_privileges(&opts, port)?;
-        live = Arc::new(ArcSwap::from_pointee(initial));
-        pool = WorkerPool::start(
-            opts.worker.clone(),
-            Arc::clone(&live),
-            flows.clone(),
-            Arc::clone(&capture),
-            ports,
-        )?;
     }
-    health.set_workers(pool.shared_stats());
-    // The programs' counters for /metrics and `ctl stats`, read from their maps when asked.
-    health.set_xdp_programs(
-        xdp_program
-            .iter()
-            .chain(&pod_programs)
-            .map(|p| health::XdpProgramCounters::of(p.counter_reader()))
-            .collect(),
-    );
-    if let Some(path) = &opts.ctl_socket {
-        let state = CtlState::new(
-            Arc::clone(&live),
-            flows.clone(),
-            capture,
-            pool.shared_stats(),
-            Arc::clone(&health),
-        )
-        .with_l2(l2_handle)
-        .with_faults(opts.fault_injection.then(|| pool.fault_injector()));
-        ctl::serve(path, Arc::new(state))?;
-        tracing::info!(socket = %path.display(), "podwire ctl answers here");
+    if opts.services_file.is_some() && !opts.conntrack {
+        bail!("services need connection tracking: drop --conntrack off");
     }
-    health.map_loaded.store(true, Ordering::Relaxed);
+    Ok(())
+}
 
+/// The services to start with; none unless a routed node translates them.
+fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
+    let lease = j.lease();
+    let routed = opts.l2.is_none();
+    ServiceSources {
+        file: opts
+            .services_file
+            .as_deref()
+            .filter(|_| routed)
+            .map(ServicesFile::new),
+        from_store: routed && matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack,
+        file_services: services::Parsed::default(),
+        store_services: services::Parsed::default(),
+        options: ServiceOptions {
+            algorithm: opts.service_lb,
+            ..ServiceOptions::new(opts.service_cidr)
+        },
+        admission: node_admission(
+            &j.config,
+            &[j.public_ip, j.iface.addr, lease.nth(0), lease.nth(1)],
+            j.port,
+            opts.healthz.map(|h| h.port()),
+            opts.node_port_range,
+        ),
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(opts: RunOptions) -> Result<()> {
+    let (shutdown, hangup) = install_signals()?;
+    let health = start_health(&opts)?;
+    let Some(mut joined) = join(&opts, &shutdown, &health)? else {
+        return Ok(());
+    };
+    check_options(&opts, &joined)?;
+    let mut steps = node::Steps::from_env(opts.fault_injection);
+    let mut node = match &opts.l2 {
+        Some(l2) => setup_bridged(&opts, l2, &joined, &health, &mut steps)?,
+        None => setup_routed(&opts, &mut joined, &health, &mut steps)?,
+    };
+    let _ctl_socket = serve_ctl(&opts, &mut node, &health, &mut steps)?;
     SubnetEnv {
-        network: config.network,
-        subnet: lease,
-        mtu: tun_mtu,
+        network: joined.config.network,
+        subnet: joined.lease(),
+        mtu: joined.tun_mtu,
         ip_masq: opts.ip_masq,
     }
     .write(&opts.subnet_file)
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
     health.subnet_env_written.store(true, Ordering::Relaxed);
-    let bind = SocketAddrV4::new(iface.addr, port);
-    if opts.udp_gro && !gro {
+    steps.done("subnet.env")?;
+    let bind = SocketAddrV4::new(joined.iface.addr, joined.port);
+    if opts.udp_gro && !node.gro {
         tracing::warn!("the kernel refused UDP GRO on the underlay socket; one datagram per slot");
     }
-    tracing::info!(%device, mtu = tun_mtu, tun_offload = offload, udp_gro = gro, workers, %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
-
-    let mut control = Control {
-        store,
-        req,
-        own,
-        live: &live,
-        pool: &pool,
-        direct,
-        health: &health,
-        lease_ttl,
-        services: services_src,
-        services_from_store,
-        file_services,
-        store_services,
-        service_options,
-        admission,
-        xdp: xdp_program.take(),
+    tracing::info!(device = %node.device, mtu = joined.tun_mtu, tun_offload = node.offload, udp_gro = node.gro,
+        workers = opts.workers.max(1), %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
+    let result = {
+        let mut control = Control {
+            store: joined.store,
+            req: joined.req,
+            own: joined.own,
+            live: &node.live,
+            pool: node.workers.pool(),
+            host: &mut node.host,
+            health: &health,
+            lease_ttl: joined.lease_ttl,
+            services: &mut node.services,
+        };
+        control_loop(&mut control, &opts, &shutdown, &hangup)
     };
-    let result = control_loop(&mut control, &opts, &shutdown, &hangup);
-    let stats = pool.stats();
-    let direct = control.direct.take();
-    let xdp_program = control.xdp.take();
-    let stopped = pool.stop();
-    if masq_userspace {
-        masq::unsteer_pods();
-    }
-    if let Some(prog) = xdp_program {
+    stop(node, &opts, result)
+}
+
+/// Stops the workers, then undoes the node's setup; writes the stats file.
+fn stop(node: Node, opts: &RunOptions, result: Result<Option<usize>>) -> Result<()> {
+    let Node {
+        host, workers, l2, ..
+    } = node;
+    let stats = workers.pool().stats();
+    drop(l2);
+    let stopped = workers.stop();
+    if let Some(prog) = &host.xdp {
         match prog.counters() {
             Ok(c) => tracing::info!(
                 redirected = c.redirected,
@@ -1089,25 +903,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             Err(e) => tracing::warn!(error = %e, "reading the XDP program's counters"),
         }
     }
-    drop(pod_programs);
-    if let Some(veths) = l2_veths {
-        // After the worker closed their sockets: the programs come off, the pairs go.
-        veths.lock().expect("veths").clear();
-    }
-    if let Some(mut d) = direct {
-        d.clear();
-    }
-    if let Some(cidr) = &service_route {
-        let _ = netdev::ip(&["route", "del", cidr, "dev", &device]);
-    }
-    if let Some(path) = &opts.ctl_socket {
-        let _ = std::fs::remove_file(path);
-    }
-    if opts.ip_masq {
-        if let Err(e) = masq::remove() {
-            tracing::warn!(error = %e, "removing the masquerade rules");
-        }
-    }
+    // After the workers closed their sockets: programs off, pairs, routes, rules, table gone.
+    drop(host);
     let total = report::stats_json(&stats);
     if let Some(path) = &opts.stats_file {
         report::write_json(path, &total).with_context(|| format!("writing {}", path.display()))?;
@@ -1127,6 +924,479 @@ pub fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// Hands the workers' and programs' counters to /metrics, and serves `podwire ctl`.
+fn serve_ctl(
+    opts: &RunOptions,
+    node: &mut Node,
+    health: &Arc<Health>,
+    steps: &mut node::Steps,
+) -> Result<CtlSocket> {
+    let pool = node.workers.pool();
+    health.set_workers(pool.shared_stats());
+    // The programs' counters for /metrics and `ctl stats`, read from their maps when asked.
+    health.set_xdp_programs(
+        node.host
+            .xdp
+            .iter()
+            .chain(&node.host.pod_programs)
+            .map(|p| health::XdpProgramCounters::of(p.counter_reader()))
+            .collect(),
+    );
+    let mut socket = CtlSocket(None);
+    if let Some(path) = &opts.ctl_socket {
+        let state = CtlState::new(
+            Arc::clone(&node.live),
+            node.flows.clone(),
+            Arc::clone(&node.capture),
+            pool.shared_stats(),
+            Arc::clone(health),
+        )
+        .with_l2(node.l2.take())
+        .with_faults(opts.fault_injection.then(|| pool.fault_injector()));
+        socket.0 = Some(path.clone());
+        ctl::serve(path, Arc::new(state))?;
+        tracing::info!(socket = %path.display(), "podwire ctl answers here");
+        steps.done("ctl socket")?;
+    }
+    health.map_loaded.store(true, Ordering::Relaxed);
+    Ok(socket)
+}
+
+/// L2 mode: the host's bridge port (a TAP device with the gateway address and the VtepMAC),
+/// the underlay socket (and AF_XDP with `--io xdp`), then the bridge's worker.
+fn setup_bridged(
+    opts: &RunOptions,
+    l2: &L2Options,
+    j: &Joined,
+    health: &Health,
+    steps: &mut node::Steps,
+) -> Result<Node> {
+    let Encap::Vxlan { vni, local_mac } = j.initial.encap else {
+        bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
+    };
+    let mut host = Host::default();
+    let gateway = j.lease().nth(1);
+    let host_addr = podwire::l2::IfAddr {
+        addr: gateway,
+        prefix: j.config.network.prefix(),
+    };
+    // AF_XDP ports carry no virtio-net header: with them, no port of the bridge does.
+    let port =
+        podwire::l2::host_port(&l2.host_port, local_mac, host_addr, j.tun_mtu, !l2.pods_xdp)?;
+    steps.done("host bridge port")?;
+    let device = port.name().to_string();
+    let offload = port.offload();
+    let mut udp = UdpPort::bind(
+        SocketAddrV4::new(j.iface.addr, j.port),
+        opts.worker.batch_size,
+        opts.socket_buffer,
+    )?;
+    let gro = udp.set_gro(opts.udp_gro);
+    // Segments of a superframe go to one VTEP alike: one GSO send.
+    udp.set_gso(opts.udp_gso);
+    let bridge = Bridge::new(
+        bridge::Config {
+            vni: vni.get(),
+            ..l2.bridge.clone()
+        },
+        L2_STATIC_ROOM,
+    );
+    let underlay_xdp = if opts.io_xdp {
+        Some(l2_underlay_xdp(j, &mut host, steps)?)
+    } else {
+        None
+    };
+    drop_privileges(opts, j.port)?;
+    steps.done("capabilities dropped")?;
+    let live = Arc::new(ArcSwap::from_pointee(j.initial.clone()));
+    let (pool, handle) = WorkerPool::start_l2(
+        opts.worker.clone(),
+        bridge,
+        Arc::clone(&live),
+        port,
+        local_mac,
+        udp,
+        underlay_xdp,
+    )?;
+    let workers = Workers(Some(pool));
+    steps.done("bridge worker")?;
+    health.set_fdb_entries(Arc::clone(&handle.fdb_entries));
+    tracing::info!(bridge_port = %device, %host_addr, %vni, ageing_s = l2.bridge.ageing_ms / 1000, fdb_max = l2.bridge.max_learned, "L2 mode: podwire is the node's bridge");
+    let veths = podwire::l2::Veths::default();
+    host.veths = Some(node::OwnedVeths::new(Arc::clone(&veths)));
+    let l2 = ctl::L2Ctl {
+        handle,
+        mtu: j.tun_mtu,
+        gateway,
+        pods_xdp: l2.pods_xdp,
+        veths,
+    };
+    Ok(Node {
+        host,
+        workers,
+        live,
+        flows: None,
+        services: service_sources(opts, j),
+        l2: Some(l2),
+        capture: Arc::new(Capture::default()),
+        device,
+        offload,
+        gro,
+    })
+}
+
+/// L2 mode's `--io xdp`: one worker, an AF_XDP socket on queue 0. What other queues receive
+/// passes to the kernel (no socket there), which hands it to the UDP socket.
+fn l2_underlay_xdp(
+    j: &Joined,
+    host: &mut Host,
+    steps: &mut node::Steps,
+) -> Result<XdpUnderlayPort> {
+    let iface = &j.iface;
+    let role = xdp::Role::Underlay {
+        local_ip: iface.addr,
+        port: j.port,
+        masq_ports: None,
+    };
+    let prog = host.xdp.insert(netdev::attach_xdp(&iface.name, role)?);
+    steps.done("underlay XDP program")?;
+    let queues = netdev::rx_queues(&iface.name);
+    if queues > 1 {
+        tracing::warn!(device = %iface.name, queues, "L2 mode reads queue 0 through AF_XDP; the other queues' datagrams come through the kernel's UDP socket");
+    }
+    let xsk = XskPort::bind(&iface.name, 0, XskConfig::default())?;
+    prog.set_socket(0, &xsk.raw_fd())?;
+    tracing::info!(device = %iface.name, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
+    let mac = netdev::mac_of(&iface.name)?;
+    // VXLAN without a UDP checksum, as the kernel's VXLAN device sends it.
+    Ok(XdpUnderlayPort::new(xsk, &iface.name, mac, iface.addr, j.port).with_udp_checksum(false))
+}
+
+/// Routed mode: the TUN device as flanneld configures it, masquerade, services, XDP, the
+/// workers' ports, DirectRouting's routes, then the workers.
+fn setup_routed(
+    opts: &RunOptions,
+    j: &mut Joined,
+    health: &Health,
+    steps: &mut node::Steps,
+) -> Result<Node> {
+    let workers = opts.workers.max(1);
+    let mut host = Host::default();
+    let wanted = opts.tun_name.as_deref().unwrap_or(&j.default_tun);
+    if netdev::remove_vxlan_device(wanted)? {
+        tracing::warn!(device = wanted, "removed a kernel VXLAN device of that name (flanneld's, left behind when it stopped); podwire's device takes its place");
+    }
+    // The device lives while its queues are open: here, then in the workers' ports.
+    let (queues, device, offload) = tun::open(wanted, workers, opts.tun_offload)?;
+    steps.done("TUN device")?;
+    if opts.tun_offload && !offload {
+        tracing::warn!("the kernel refused TUN offload (IFF_VNET_HDR, TSO); one packet per read");
+    }
+    netdev::configure_tun(&device, j.lease(), j.config.network, j.tun_mtu)?;
+    steps.done("TUN configured")?;
+    routed_masquerade(opts, j, &device, &mut host, steps)?;
+    let mut services = service_sources(opts, j);
+    let mut initial = j.initial.clone();
+    load_services(&mut services, j, health, &mut initial)?;
+    if services.any() {
+        // The service range is routed into podwire: ClusterIPs, and the hairpin address that
+        // local backends answer.
+        host.service_route = Some(node::HostRoute::replace(opts.service_cidr, &device)?);
+        tracing::info!(cidr = %opts.service_cidr, hairpin = %services.options.hairpin_ip, "service range routed into podwire");
+        steps.done("service route")?;
+    }
+    let flows = opts
+        .conntrack
+        .then(|| Arc::new(Flows::new(opts.conntrack_config.clone())));
+    let masq_userspace = opts.io_xdp && opts.ip_masq;
+    // Owning the node's address on the wire: NodePorts, and masquerade with --ip-masq.
+    initial.wire = (opts.io_xdp && opts.conntrack).then_some(WireNat {
+        masquerade: masq_userspace,
+        masq_ports: MASQ_PORTS,
+    });
+    if let Some(f) = &flows {
+        health.set_flows(Arc::clone(f));
+    }
+    if opts.io_xdp {
+        let role = xdp::Role::Underlay {
+            local_ip: j.iface.addr,
+            port: j.port,
+            masq_ports: masq_userspace.then_some(MASQ_PORTS),
+        };
+        let prog = host.xdp.insert(netdev::attach_xdp(&j.iface.name, role)?);
+        if initial.wire.is_some() {
+            sync_node_ports(prog, &initial.services);
+        }
+        steps.done("underlay XDP program")?;
+    }
+    let pods = pod_ports(opts, j, &mut host, steps)?;
+    let (ports, gro) = worker_ports(opts, j, queues, pods, &mut host)?;
+    steps.done("worker ports")?;
+    if let BackendConfig::Vxlan {
+        direct_routing: true,
+        ..
+    } = j.config.backend
+    {
+        let direct = host
+            .direct
+            .insert(netdev::DirectRoutes::new(j.iface.clone()));
+        direct.sync(initial.local.subnet, initial.map.nodes());
+        steps.done("direct routes")?;
+    }
+    drop_privileges(opts, j.port)?;
+    steps.done("capabilities dropped")?;
+    let live = Arc::new(ArcSwap::from_pointee(initial));
+    let capture = Arc::new(Capture::default());
+    let pool = WorkerPool::start(
+        opts.worker.clone(),
+        Arc::clone(&live),
+        flows.clone(),
+        Arc::clone(&capture),
+        ports,
+    )?;
+    let workers = Workers(Some(pool));
+    steps.done("workers")?;
+    Ok(Node {
+        host,
+        workers,
+        live,
+        flows,
+        services,
+        l2: None,
+        capture,
+        device,
+        offload,
+        gro,
+    })
+}
+
+/// `--ip-masq`: the policy rules that steer pods' TCP and UDP into podwire (with `--io xdp`),
+/// and flannel's masquerade rules in nftables.
+fn routed_masquerade(
+    opts: &RunOptions,
+    j: &Joined,
+    tun: &str,
+    host: &mut Host,
+    steps: &mut node::Steps,
+) -> Result<()> {
+    if !opts.ip_masq {
+        return Ok(());
+    }
+    let lease = j.lease();
+    // With --io xdp podwire owns the node's address on the wire, and masquerades itself.
+    let masq_userspace = opts.io_xdp;
+    if masq_userspace {
+        let mut keep = vec![j.config.network];
+        if opts.conntrack {
+            keep.push(opts.service_cidr);
+        }
+        host.steering = Some(node::PodSteering::install(tun, lease, &keep)?);
+        warn_if_kernel_uses_masq_ports();
+        tracing::info!(
+            ports = ?MASQ_PORTS,
+            "pods' TCP and UDP leaving the cluster are masqueraded by podwire (to the node's address); other protocols by the kernel"
+        );
+        steps.done("pod steering rules")?;
+    }
+    let services = (opts.conntrack
+        && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
+    .then_some(opts.service_cidr);
+    host.masq = Some(node::MasqTable::install(
+        j.config.network,
+        lease,
+        services,
+        masq_userspace.then_some(tun),
+    )?);
+    tracing::info!(
+        table = masq::TABLE,
+        "pod traffic leaving the cluster is masqueraded (nftables, flannel's rules)"
+    );
+    steps.done("masquerade table")?;
+    Ok(())
+}
+
+/// Reads the services to start with (the file's, the store's) into `initial`.
+fn load_services(
+    s: &mut ServiceSources,
+    j: &mut Joined,
+    health: &Health,
+    initial: &mut Tables,
+) -> Result<()> {
+    if let Some(src) = s.file.as_mut() {
+        s.file_services = src
+            .poll()?
+            .context("services file vanished while starting")?;
+    }
+    if s.from_store {
+        match j.store.services() {
+            Ok(items) => s.store_services = services::parse_etcd(&items.unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
+            }
+        }
+    }
+    if s.any() {
+        let snap = services::snapshot(
+            s.options,
+            &s.admission,
+            &[&s.file_services, &s.store_services],
+        );
+        publish_services(health, &snap);
+        initial.services = Arc::new(snap.services);
+    }
+    Ok(())
+}
+
+/// Pods' veth host ends (`--pod-ports`): the program in its pod role, a socket on queue 0, and
+/// the port to worker k % workers.
+fn pod_ports(
+    opts: &RunOptions,
+    j: &Joined,
+    host: &mut Host,
+    steps: &mut node::Steps,
+) -> Result<Vec<Vec<XdpPodPort>>> {
+    let workers = opts.workers.max(1);
+    let lease = j.lease();
+    let mut pod_ports: Vec<Vec<XdpPodPort>> = (0..workers).map(|_| Vec::new()).collect();
+    for (k, spec) in opts.pod_ports.iter().enumerate() {
+        let (name, given) = match spec.split_once('=') {
+            Some((name, ip)) => {
+                let ip: Ipv4Addr = ip
+                    .parse()
+                    .with_context(|| format!("pod port {spec}: NAME=IPv4 address"))?;
+                (name, Some(ip))
+            }
+            None => (spec.as_str(), None),
+        };
+        let dev = netdev::resolve_iface(Some(name)).with_context(|| format!("pod port {name}"))?;
+        let pod_ip = pod_port_address(name, dev.addr, lease, given)?;
+        let role = xdp::Role::Pod {
+            local_ip: dev.addr,
+            network: j.config.network,
+            lease,
+            services: opts.service_cidr,
+            masquerade: opts.io_xdp && opts.ip_masq,
+            pod_ip,
+            node_ip: j.public_ip,
+        };
+        host.pod_programs.push(netdev::attach_xdp(name, role)?);
+        let prog = host.pod_programs.last_mut().expect("just pushed");
+        let xsk = XskPort::bind(name, 0, XskConfig::default())?;
+        prog.set_socket(0, &xsk.raw_fd())?;
+        let mac = netdev::mac_of(name)?;
+        tracing::info!(device = %name, pod = %pod_ip, mode = ?prog.mode(), worker = k % workers, "pod port through AF_XDP, held to its pod's address");
+        pod_ports[k % workers].push(XdpPodPort::new(xsk, name, mac, dev.addr, pod_ip));
+        steps.done("pod port")?;
+    }
+    Ok(pod_ports)
+}
+
+/// One TUN queue, underlay socket(s), and with `--io xdp` an AF_XDP socket per worker; and
+/// whether the kernel took UDP GRO.
+fn worker_ports(
+    opts: &RunOptions,
+    j: &Joined,
+    queues: Vec<tun::TunQueue>,
+    pod_ports: Vec<Vec<XdpPodPort>>,
+    host: &mut Host,
+) -> Result<(Vec<WorkerPorts>, bool)> {
+    let iface = &j.iface;
+    let vxlan = matches!(j.config.backend, BackendConfig::Vxlan { .. });
+    let iface_mac = if opts.io_xdp {
+        netdev::mac_of(&iface.name)?
+    } else {
+        Default::default()
+    };
+    let underlay_queues = netdev::rx_queues(&iface.name);
+    if opts.io_xdp && underlay_queues < queues.len() {
+        tracing::warn!(device = %iface.name, queues = underlay_queues, workers = queues.len(), "fewer receive queues than workers: the workers past them send through the kernel and receive nothing through AF_XDP");
+    }
+    let mut gro = false;
+    let mut ports = Vec::with_capacity(queues.len());
+    for ((queue, tun), pods) in queues.into_iter().enumerate().zip(pod_ports) {
+        let mut udp = UdpPort::bind(
+            SocketAddrV4::new(iface.addr, j.port),
+            opts.worker.batch_size,
+            opts.socket_buffer,
+        )?;
+        // A superframe's segments, encapsulated alike, go out as one GSO send. VXLAN through
+        // the raw socket (per-flow source ports) cannot use GSO.
+        udp.set_gso(opts.udp_gso && (!vxlan || opts.vxlan_via_socket));
+        gro = udp.set_gro(opts.udp_gro);
+        // A worker past the device's receive queues has no AF_XDP socket: it sends through
+        // the kernel (its underlay traffic arrives on the queues that have one).
+        let has_xsk = host.xdp.is_some() && queue < underlay_queues;
+        let raw = if vxlan && !opts.vxlan_via_socket && !has_xsk {
+            Some(RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?)
+        } else {
+            None
+        };
+        let vxlan_tx = if vxlan && opts.vxlan_via_socket {
+            vxlan_tx_sockets(opts, iface.addr)?
+        } else {
+            Vec::new()
+        };
+        let xdp = match host.xdp.as_mut().filter(|_| has_xsk) {
+            Some(prog) => Some(xdp_underlay_port(
+                opts,
+                j,
+                prog,
+                queue as u32,
+                iface_mac,
+                vxlan,
+            )?),
+            None => None,
+        };
+        ports.push(WorkerPorts {
+            tun,
+            udp,
+            raw,
+            xdp,
+            pods: PodPorts::new(pods),
+            vxlan_tx,
+        });
+    }
+    Ok((ports, gro))
+}
+
+/// Ephemeral source ports on the underlay address: flows spread over them by hash.
+fn vxlan_tx_sockets(opts: &RunOptions, addr: Ipv4Addr) -> Result<Vec<UdpPort>> {
+    (0..opts.vxlan_tx_sockets)
+        .map(|_| {
+            let mut s = UdpPort::bind(
+                SocketAddrV4::new(addr, 0),
+                opts.worker.batch_size,
+                opts.socket_buffer,
+            )?;
+            s.set_gso(opts.udp_gso);
+            Ok(s)
+        })
+        .collect()
+}
+
+/// A worker's AF_XDP socket on the underlay's `queue`, with the kernel as its fallback.
+fn xdp_underlay_port(
+    opts: &RunOptions,
+    j: &Joined,
+    prog: &mut xdp::XdpProgram,
+    queue: u32,
+    iface_mac: podwire_dataplane::wire::MacAddr,
+    vxlan: bool,
+) -> Result<XdpUnderlayPort> {
+    let iface = &j.iface;
+    let xsk = XskPort::bind(&iface.name, queue, XskConfig::default())?;
+    prog.set_socket(queue, &xsk.raw_fd())?;
+    tracing::info!(device = %iface.name, queue, zero_copy = xsk.zero_copy(), "AF_XDP socket bound");
+    // Until a next hop is resolved, the kernel sends (and resolves) for us.
+    let fallback = RawIpPort::open(opts.worker.batch_size, opts.socket_buffer)?;
+    Ok(
+        XdpUnderlayPort::new(xsk, &iface.name, iface_mac, iface.addr, j.port)
+            .with_fallback(fallback)
+            // flannel's udp backend checksums its datagrams (a kernel socket).
+            .with_udp_checksum(!vxlan),
+    )
+}
+
 /// Until shutdown: store changes, lease renewal, worker health, the stats file. Returns the
 /// index of a worker that died, if one did.
 fn control_loop(
@@ -1142,7 +1412,7 @@ fn control_loop(
         if hangup.swap(false, Ordering::Relaxed) {
             // SIGHUP: re-read what comes from files now, changed or not.
             tracing::info!("SIGHUP: re-reading the cluster store and the services");
-            if let Some(src) = c.services.as_mut() {
+            if let Some(src) = c.services.file.as_mut() {
                 src.forget();
             }
             c.refresh()?;

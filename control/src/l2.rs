@@ -15,17 +15,18 @@
 //! that is the bridge port. The pair is removed on detach and when the daemon stops (after a
 //! crash it stays, as a CNI plugin's pair would, until the pod's namespace goes).
 
-use crate::netdev::{attach_xdp, ip, NetdevError};
+use crate::netdev::{attach_xdp, NetdevError};
+use crate::rtnl::{LinkChange, Route, Rtnl, RtnlError};
 use podwire_dataplane::bridge::{PodBinding, PortId, PortOptions};
 use podwire_dataplane::port::tap::TapPort;
 use podwire_dataplane::port::xdp::{Role, XdpProgram};
 use podwire_dataplane::port::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::PortError;
+use podwire_dataplane::route::Ipv4Net;
 use podwire_dataplane::wire::MacAddr;
 use podwire_dataplane::worker::l2::{BridgeDevice, L2Error, L2Handle};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 /// A pod's veth pair served through AF_XDP: the program on its host end, and the pair, which
@@ -39,7 +40,10 @@ impl Drop for VethPort {
     fn drop(&mut self) {
         // The program comes off first, then the pair goes (both ends with it).
         drop(self.program.take());
-        let _ = ip(&["link", "del", "dev", &self.host_end]);
+        let deleted = Rtnl::open().and_then(|mut r| r.link_del(&self.host_end));
+        if let Err(e) = deleted {
+            tracing::warn!(device = %self.host_end, error = %e, "deleting a pod's veth pair");
+        }
     }
 }
 
@@ -54,26 +58,13 @@ pub enum AttachError {
     #[error(transparent)]
     Netdev(#[from] NetdevError),
     #[error(transparent)]
+    Netlink(#[from] RtnlError),
+    #[error(transparent)]
     Bridge(#[from] L2Error),
     #[error("{0}")]
     Invalid(String),
-    #[error("`ethtool {args}` failed: {detail} (install ethtool)")]
-    Ethtool { args: String, detail: String },
-}
-
-fn ethtool(args: &[&str]) -> Result<(), AttachError> {
-    let failed = |detail: String| AttachError::Ethtool {
-        args: args.join(" "),
-        detail,
-    };
-    let out = Command::new("ethtool")
-        .args(args)
-        .output()
-        .map_err(|e| failed(e.to_string()))?;
-    if !out.status.success() {
-        return Err(failed(String::from_utf8_lossy(&out.stderr).trim().into()));
-    }
-    Ok(())
+    #[error(transparent)]
+    Ethtool(#[from] crate::ethtool::EthtoolError),
 }
 
 /// A name for a new veth host end (`pwvN`, its pod end `pwvNp`) that no device has.
@@ -90,9 +81,8 @@ fn free_veth_name() -> Result<String, AttachError> {
 fn veth_port(mtu: u32) -> Result<(String, BridgeDevice, VethPort), AttachError> {
     let host_end = free_veth_name()?;
     let pod_end = format!("{host_end}p");
-    ip(&[
-        "link", "add", &host_end, "type", "veth", "peer", "name", &pod_end,
-    ])?;
+    let mut rtnl = Rtnl::open()?;
+    rtnl.veth_add(&host_end, &pod_end)?;
     let mut owner = VethPort {
         host_end: host_end.clone(),
         program: None,
@@ -100,9 +90,20 @@ fn veth_port(mtu: u32) -> Result<(String, BridgeDevice, VethPort), AttachError> 
     // AF_XDP sees the pod's frames as sent, with no skb to say a checksum was left to
     // offload: the pod's end finishes its checksums. GRO on it lets native XDP on veth
     // redirect its frames.
-    ethtool(&["-K", &pod_end, "tx", "off", "gro", "on"])?;
-    ip(&["link", "set", "dev", &host_end, "mtu", &mtu.to_string()])?;
-    ip(&["link", "set", "dev", &host_end, "up"])?;
+    let mut offloads: Vec<(&str, bool)> = crate::ethtool::TX_CHECKSUMS
+        .iter()
+        .map(|&f| (f, false))
+        .collect();
+    offloads.push((crate::ethtool::GRO, true));
+    crate::ethtool::set_features(&pod_end, &offloads)?;
+    rtnl.link_set(
+        &host_end,
+        &LinkChange {
+            mtu: Some(mtu),
+            up: true,
+            ..LinkChange::default()
+        },
+    )?;
     let mut program = attach_xdp(&host_end, Role::BridgePort)?;
     // A pod's port needs less room than an uplink queue: 1024 frames of 2 KiB (2 MiB of UMEM
     // per pod, not 8), half for receiving, half for sending.
@@ -169,27 +170,6 @@ pub struct Attached {
     pub mac: MacAddr,
 }
 
-/// Runs `ip -n NS ARGS`.
-fn ip_in(ns: &str, args: &[&str]) -> Result<(), NetdevError> {
-    let mut all = vec!["-n", ns];
-    all.extend_from_slice(args);
-    ip(&all)
-}
-
-/// The MAC of `dev` in namespace `ns`.
-fn mac_in(ns: &str, dev: &str) -> Result<MacAddr, AttachError> {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", "dev", dev])
-        .output()
-        .map_err(|e| AttachError::Netdev(NetdevError::Spawn(e)))?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| AttachError::Invalid(format!("ip -j link: {e}")))?;
-    v[0]["address"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| AttachError::Invalid(format!("no MAC for {dev} in {ns}")))
-}
-
 /// Creates the host's bridge port `name` with MAC `mac`, address `addr` and MTU `mtu`.
 pub fn host_port(
     name: &str,
@@ -210,11 +190,69 @@ pub fn host_port(
         None => TapPort::open(name)?,
     };
     let dev = tap.name().to_string();
-    ip(&["link", "set", "dev", &dev, "address", &mac.to_string()])?;
-    ip(&["link", "set", "dev", &dev, "mtu", &mtu.to_string()])?;
-    ip(&["addr", "replace", &addr.to_string(), "dev", &dev])?;
-    ip(&["link", "set", "dev", &dev, "up"])?;
+    let mut rtnl = Rtnl::open()?;
+    rtnl.link_set(
+        &dev,
+        &LinkChange {
+            address: Some(mac),
+            mtu: Some(mtu),
+            ..LinkChange::default()
+        },
+    )?;
+    rtnl.addr_replace(&dev, addr.addr, addr.prefix)?;
+    rtnl.link_set(
+        &dev,
+        &LinkChange {
+            up: true,
+            ..LinkChange::default()
+        },
+    )?;
     Ok(tap)
+}
+
+/// Configures the pod's interface `dev`, just moved into its namespace, with `rtnl` there:
+/// its name, MAC, MTU, address, up (and `lo`), and the default route via `gateway`. Returns
+/// its MAC.
+fn configure_pod_end(
+    rtnl: &mut Rtnl,
+    dev: &str,
+    req: &Attach,
+    mtu: u32,
+    gateway: Ipv4Addr,
+) -> Result<MacAddr, RtnlError> {
+    let ifname = req.ifname.as_str();
+    rtnl.link_set(
+        dev,
+        &LinkChange {
+            name: Some(ifname.to_string()),
+            ..LinkChange::default()
+        },
+    )?;
+    rtnl.link_set(
+        ifname,
+        &LinkChange {
+            address: req.mac,
+            mtu: Some(mtu),
+            ..LinkChange::default()
+        },
+    )?;
+    rtnl.addr_replace(ifname, req.ip.addr, req.ip.prefix)?;
+    let up = LinkChange {
+        up: true,
+        ..LinkChange::default()
+    };
+    rtnl.link_set("lo", &up)?;
+    rtnl.link_set(ifname, &up)?;
+    if gateway != req.ip.addr {
+        let index = rtnl.index_of(ifname)?;
+        rtnl.route_replace(&Route {
+            via: Some(gateway),
+            onlink: true,
+            scope: netlink_packet_route::route::RouteScope::Universe,
+            ..Route::dev(Ipv4Net::containing(Ipv4Addr::UNSPECIFIED, 0), index)
+        })?;
+    }
+    rtnl.link_mac(ifname)
 }
 
 /// Creates a TAP device (with `veths`, a veth pair kept there), moves it (the pod's end) into
@@ -259,36 +297,14 @@ pub fn attach(
             (tap.name().to_string(), BridgeDevice::Tap(tap), None)
         }
     };
-    ip(&["link", "set", "dev", &dev, "netns", ns])?;
-    ip_in(ns, &["link", "set", "dev", &dev, "name", &req.ifname])?;
-    let ifname = req.ifname.as_str();
-    if let Some(mac) = req.mac {
-        ip_in(
-            ns,
-            &["link", "set", "dev", ifname, "address", &mac.to_string()],
-        )?;
-    }
-    ip_in(ns, &["link", "set", "dev", ifname, "mtu", &mtu.to_string()])?;
-    ip_in(ns, &["addr", "replace", &req.ip.to_string(), "dev", ifname])?;
-    ip_in(ns, &["link", "set", "dev", "lo", "up"])?;
-    ip_in(ns, &["link", "set", "dev", ifname, "up"])?;
+    let netns =
+        std::fs::File::open(format!("/run/netns/{ns}")).map_err(|source| RtnlError::Netns {
+            path: format!("/run/netns/{ns}"),
+            source,
+        })?;
+    Rtnl::open()?.link_to_netns(&dev, &netns)?;
     let gateway = req.gateway.unwrap_or(node_gateway);
-    if gateway != req.ip.addr {
-        ip_in(
-            ns,
-            &[
-                "route",
-                "replace",
-                "default",
-                "via",
-                &gateway.to_string(),
-                "dev",
-                ifname,
-                "onlink",
-            ],
-        )?;
-    }
-    let mac = mac_in(ns, ifname)?;
+    let mac = crate::rtnl::in_netns(ns, |rtnl| configure_pod_end(rtnl, &dev, req, mtu, gateway))?;
     // The pod is held to the MAC and address it was given: anything else it sends is
     // dropped at its port (`spoofed_source`).
     let options = PortOptions {

@@ -1,112 +1,124 @@
 //! `--ip-masq` in TUN mode: pod traffic leaving the cluster network is masqueraded by the
 //! kernel, with flannel's own rule set (`pkg/trafficmngr/iptables` masqRules, in the same
 //! order), written for nftables in a table of podwire's own that it replaces atomically at
-//! start (removing what a crashed run left) and deletes on exit.
+//! start (removing what a crashed run left) and deletes on exit. The table goes to the kernel
+//! through nftables' netlink interface ([`crate::nft`]), in-process.
 
+use crate::nft::{Action, Field, Match, Rule};
 use podwire_dataplane::route::Ipv4Net;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 /// The table podwire owns.
 pub const TABLE: &str = "podwire-masq";
+/// Its one chain.
+pub const CHAIN: &str = "postrouting";
 /// kube-proxy's masquerade mark: traffic kube-proxy will masquerade itself is left alone.
 const KUBE_PROXY_MARK: u32 = 0x4000;
 
-#[derive(Debug, thiserror::Error)]
-pub enum MasqError {
-    #[error("running nft: {0} (install Debian's nftables)")]
-    Spawn(std::io::Error),
-    #[error("nft refused the {what}: {stderr}")]
-    Nft { what: &'static str, stderr: String },
+pub use crate::nft::NftError as MasqError;
+
+fn ip(field: Field, net: Ipv4Net, not: bool) -> Match {
+    Match::Ip { field, net, not }
 }
 
-/// flannel's masquerade rules for a node holding `pod` in cluster `network`, as an nft script
-/// that (re)creates the table in one transaction. One rule comes first that flannel does not
-/// have: traffic to the service range (`services`) is left alone, because podwire translates
-/// it to pods after the kernel's POSTROUTING, where kube-proxy's DNAT happens before it.
+/// flannel's masquerade rules for a node holding `pod` in cluster `network`, in order. One
+/// rule comes first that flannel does not have: traffic to the service range (`services`) is
+/// left alone, because podwire translates it to pods after the kernel's POSTROUTING, where
+/// kube-proxy's DNAT happens before it.
 ///
 /// With `userspace` (the TUN device's name), podwire masquerades pods' TCP and UDP itself
-/// ([`steer_pods`]): those, routed into the TUN, are left alone too.
-pub fn ruleset(
+/// ([`steer_pods`]): those, routed into the TUN, are left alone too (a rule for each).
+pub fn rules(
     network: Ipv4Net,
     pod: Ipv4Net,
     services: Option<Ipv4Net>,
     userspace: Option<&str>,
-) -> String {
-    let mut services = services
-        .map(|s| {
-            format!("\t\tip daddr {s} return comment \"to services: podwire DNATs them to pods\"\n")
-        })
-        .unwrap_or_default();
+) -> Vec<Rule> {
+    use Field::{Daddr, Saddr};
+    let rule = |matches, action, comment| Rule {
+        matches,
+        action,
+        comment,
+    };
+    let mut rules = Vec::new();
+    if let Some(s) = services {
+        rules.push(rule(
+            vec![ip(Daddr, s, false)],
+            Action::Return,
+            "to services: podwire DNATs them to pods",
+        ));
+    }
     if let Some(tun) = userspace {
-        services += &format!(
-            "\t\tip saddr {pod} oifname \"{tun}\" meta l4proto {{ tcp, udp }} return comment \"podwire masquerades these\"\n"
-        );
+        for proto in [6, 17] {
+            rules.push(rule(
+                vec![
+                    ip(Saddr, pod, false),
+                    Match::OifName(tun.to_string()),
+                    Match::L4Proto(proto),
+                ],
+                Action::Return,
+                "podwire masquerades these",
+            ));
+        }
     }
-    format!(
-        "table ip {TABLE}\n\
-         delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         {services}\
-         \t\tmeta mark & {KUBE_PROXY_MARK:#x} == {KUBE_PROXY_MARK:#x} return comment \"kube-proxy masquerades these\"\n\
-         \t\tip saddr {pod} ip daddr {network} return comment \"pod to cluster\"\n\
-         \t\tip saddr {network} ip daddr {pod} return comment \"cluster to pod\"\n\
-         \t\tip saddr != {network} ip daddr {pod} return comment \"outside to a pod of this node\"\n\
-         \t\tip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random comment \"pod to outside\"\n\
-         \t\tip saddr != {network} ip daddr {network} masquerade fully-random comment \"host to cluster\"\n\
-         \t}}\n\
-         }}\n"
-    )
+    let multicast = Ipv4Net::containing(std::net::Ipv4Addr::new(224, 0, 0, 0), 4);
+    rules.extend([
+        rule(
+            vec![Match::Mark {
+                mask: KUBE_PROXY_MARK,
+                value: KUBE_PROXY_MARK,
+            }],
+            Action::Return,
+            "kube-proxy masquerades these",
+        ),
+        rule(
+            vec![ip(Saddr, pod, false), ip(Daddr, network, false)],
+            Action::Return,
+            "pod to cluster",
+        ),
+        rule(
+            vec![ip(Saddr, network, false), ip(Daddr, pod, false)],
+            Action::Return,
+            "cluster to pod",
+        ),
+        rule(
+            vec![ip(Saddr, network, true), ip(Daddr, pod, false)],
+            Action::Return,
+            "outside to a pod of this node",
+        ),
+        rule(
+            vec![ip(Saddr, network, false), ip(Daddr, multicast, true)],
+            Action::MasqueradeFullyRandom,
+            "pod to outside",
+        ),
+        rule(
+            vec![ip(Saddr, network, true), ip(Daddr, network, false)],
+            Action::MasqueradeFullyRandom,
+            "host to cluster",
+        ),
+    ]);
+    rules
 }
 
-fn nft(script: &str, what: &'static str) -> Result<(), MasqError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(MasqError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(MasqError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(MasqError::Spawn)?;
-    if !out.status.success() {
-        return Err(MasqError::Nft {
-            what,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// Installs (or replaces) the rules.
+/// Installs (or replaces) the rules: one transaction that also clears a crashed run's table.
 pub fn install(
     network: Ipv4Net,
     pod: Ipv4Net,
     services: Option<Ipv4Net>,
     userspace: Option<&str>,
 ) -> Result<(), MasqError> {
-    nft(
-        &ruleset(network, pod, services, userspace),
-        "masquerade rules",
-    )
+    crate::nft::replace_nat_table(TABLE, CHAIN, &rules(network, pod, services, userspace))
 }
 
 /// Removes the table (nothing if it is not there).
 pub fn remove() -> Result<(), MasqError> {
-    nft(
-        &format!("table ip {TABLE}\ndelete table ip {TABLE}\n"),
-        "table removal",
-    )
+    crate::nft::remove_table(TABLE)
 }
 
 /// The routing table that steers pods' TCP and UDP into podwire when podwire masquerades them
 /// itself (`--ip-masq` with `--io xdp`), and the priority of its rules (before `main`).
+pub const POD_ROUTING_TABLE: u32 = 28791;
+pub const POD_RULE_PRIORITY_NUM: u32 = 100;
+/// [`POD_ROUTING_TABLE`] and [`POD_RULE_PRIORITY_NUM`] as `ip rule` shows them.
 pub const POD_TABLE: &str = "28791";
 pub const POD_RULE_PRIORITY: &str = "100";
 
@@ -122,42 +134,30 @@ pub fn steer_pods(
     pod: Ipv4Net,
     keep: &[Ipv4Net],
 ) -> Result<(), crate::netdev::NetdevError> {
-    use crate::netdev::ip;
+    use crate::rtnl::{Route, Rtnl};
+    use netlink_packet_route::route::{RouteScope, RouteType};
     unsteer_pods();
-    ip(&[
-        "route", "replace", "default", "dev", tun, "table", POD_TABLE,
-    ])?;
-    for net in keep {
-        ip(&[
-            "route",
-            "replace",
-            "throw",
-            &net.to_string(),
-            "table",
-            POD_TABLE,
-        ])?;
+    let mut rtnl = Rtnl::open()?;
+    let dev = rtnl.index_of(tun)?;
+    rtnl.route_replace(&Route {
+        table: POD_ROUTING_TABLE,
+        ..Route::dev(Ipv4Net::containing(std::net::Ipv4Addr::UNSPECIFIED, 0), dev)
+    })?;
+    let multicast = Ipv4Net::containing(std::net::Ipv4Addr::new(224, 0, 0, 0), 4);
+    for net in keep.iter().chain([&multicast]) {
+        rtnl.route_replace(&Route {
+            dev: None,
+            table: POD_ROUTING_TABLE,
+            scope: RouteScope::Universe,
+            kind: RouteType::Throw,
+            ..Route::dev(*net, dev)
+        })?;
     }
-    ip(&[
-        "route",
-        "replace",
-        "throw",
-        "224.0.0.0/4",
-        "table",
-        POD_TABLE,
-    ])?;
-    for proto in ["tcp", "udp"] {
-        ip(&[
-            "rule",
-            "add",
-            "priority",
-            POD_RULE_PRIORITY,
-            "from",
-            &pod.to_string(),
-            "ipproto",
-            proto,
-            "table",
-            POD_TABLE,
-        ])?;
+    for proto in [
+        netlink_packet_route::IpProtocol::Tcp,
+        netlink_packet_route::IpProtocol::Udp,
+    ] {
+        rtnl.rule_add(POD_RULE_PRIORITY_NUM, pod, proto, POD_ROUTING_TABLE)?;
     }
     let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
     std::fs::write(&rp, "2")
@@ -167,23 +167,27 @@ pub fn steer_pods(
 
 /// Removes the rules and the table's routes (also a crashed run's); nothing if absent.
 pub fn unsteer_pods() {
-    use crate::netdev::ip;
+    let mut rtnl = match crate::rtnl::Rtnl::open() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot remove the pod steering rules");
+            return;
+        }
+    };
     // One rule per call; there are two, or a few more if runs crashed in between.
     for _ in 0..16 {
-        if ip(&[
-            "rule",
-            "del",
-            "priority",
-            POD_RULE_PRIORITY,
-            "table",
-            POD_TABLE,
-        ])
-        .is_err()
+        if rtnl
+            .rule_del(POD_RULE_PRIORITY_NUM, POD_ROUTING_TABLE)
+            .is_err()
         {
             break;
         }
     }
-    let _ = ip(&["route", "flush", "table", POD_TABLE]);
+    for route in rtnl.routes(POD_ROUTING_TABLE).unwrap_or_default() {
+        if let Err(e) = rtnl.route_del(&route) {
+            tracing::warn!(error = %e, "removing a pod steering route");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -191,61 +195,68 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_steering_constants_agree() {
+        assert_eq!(POD_TABLE, POD_ROUTING_TABLE.to_string());
+        assert_eq!(POD_RULE_PRIORITY, POD_RULE_PRIORITY_NUM.to_string());
+    }
+
+    #[test]
     fn test_rules_are_flannels_in_order() {
-        let r = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap(),
-            None,
-            None,
+        use Field::{Daddr, Saddr};
+        let net: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let pod: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let r = rules(net, pod, None, None);
+        let shape: Vec<(Vec<Match>, Action)> =
+            r.iter().map(|r| (r.matches.clone(), r.action)).collect();
+        let multicast: Ipv4Net = "224.0.0.0/4".parse().unwrap();
+        assert_eq!(
+            shape,
+            vec![
+                (
+                    vec![Match::Mark {
+                        mask: 0x4000,
+                        value: 0x4000
+                    }],
+                    Action::Return
+                ),
+                (
+                    vec![ip(Saddr, pod, false), ip(Daddr, net, false)],
+                    Action::Return
+                ),
+                (
+                    vec![ip(Saddr, net, false), ip(Daddr, pod, false)],
+                    Action::Return
+                ),
+                (
+                    vec![ip(Saddr, net, true), ip(Daddr, pod, false)],
+                    Action::Return
+                ),
+                (
+                    vec![ip(Saddr, net, false), ip(Daddr, multicast, true)],
+                    Action::MasqueradeFullyRandom
+                ),
+                (
+                    vec![ip(Saddr, net, true), ip(Daddr, net, false)],
+                    Action::MasqueradeFullyRandom
+                ),
+            ]
         );
-        let rules: Vec<&str> = r
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.contains("return") || l.contains("masquerade"))
-            .collect();
-        assert_eq!(rules.len(), 6, "{r}");
-        assert!(rules[0].starts_with("meta mark & 0x4000 == 0x4000 return"));
-        assert!(rules[1].starts_with("ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return"));
-        assert!(rules[2].starts_with("ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return"));
-        assert!(rules[3].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return"));
-        assert!(rules[4]
-            .starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
-        assert!(rules[5].starts_with(
-            "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random"
-        ));
-        // Re-creating is one transaction that also clears a crashed run's table.
-        assert!(r.starts_with("table ip podwire-masq\ndelete table ip podwire-masq\n"));
-        let with_services = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap(),
-            Some("10.96.0.0/12".parse().unwrap()),
-            None,
-        );
-        let first = with_services
-            .lines()
-            .map(str::trim)
-            .find(|l| l.contains("return"))
-            .unwrap();
-        assert!(
-            first.starts_with("ip daddr 10.96.0.0/12 return"),
-            "{with_services}"
-        );
-        let userspace = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap(),
-            None,
-            Some("flannel.1"),
-        );
-        let first = userspace
-            .lines()
-            .map(str::trim)
-            .find(|l| l.contains("return"))
-            .unwrap();
-        assert!(
-            first.starts_with(
-                "ip saddr 10.244.1.0/24 oifname \"flannel.1\" meta l4proto { tcp, udp } return"
-            ),
-            "{userspace}"
-        );
+        let services: Ipv4Net = "10.96.0.0/12".parse().unwrap();
+        let with_services = rules(net, pod, Some(services), None);
+        assert_eq!(with_services.len(), 7);
+        assert_eq!(with_services[0].matches, [ip(Daddr, services, false)]);
+        let userspace = rules(net, pod, None, Some("flannel.1"));
+        assert_eq!(userspace.len(), 8);
+        for (rule, proto) in userspace.iter().zip([6, 17]) {
+            assert_eq!(
+                rule.matches,
+                [
+                    ip(Saddr, pod, false),
+                    Match::OifName("flannel.1".into()),
+                    Match::L4Proto(proto)
+                ]
+            );
+            assert_eq!(rule.action, Action::Return);
+        }
     }
 }

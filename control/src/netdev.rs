@@ -1,7 +1,9 @@
 //! Host network setup: finding the underlay interface and configuring the TUN device.
 //!
-//! Addresses, MTU and routes are set with iproute2's `ip`, once at start-up (never per packet).
+//! Addresses, MTU and routes are set through rtnetlink ([`crate::rtnl`]), in-process, once at
+//! start-up (never per packet).
 
+use crate::rtnl::{LinkChange, Route, Rtnl, RtnlError};
 use podwire_dataplane::route::Ipv4Net;
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -22,6 +24,8 @@ pub enum NetdevError {
     },
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
+    #[error(transparent)]
+    Netlink(#[from] RtnlError),
     #[error("cannot write {path}: {source}")]
     Sysctl {
         path: String,
@@ -66,28 +70,41 @@ pub fn attach_xdp(
     Ok(prog)
 }
 
-/// An XDP program on a device, as `ip -d -j link show` reports it.
+/// An XDP program on a device, as rtnetlink reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedXdp {
-    pub id: u64,
-    pub name: String,
+    pub id: u32,
     /// 1 driver, 2 generic, 3 offloaded (the kernel's XDP_ATTACHED_*).
-    pub mode: u64,
+    pub mode: u8,
 }
 
-/// The XDP program of `ip -d -j link show dev X`'s output, if one is attached.
-pub fn parse_attached_xdp(json: &str) -> Result<Option<AttachedXdp>, String> {
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let xdp = &v[0]["xdp"];
-    if xdp.is_null() {
-        return Ok(None);
+/// The XDP program on a link, if one is attached.
+pub fn attached_xdp(link: &netlink_packet_route::link::LinkMessage) -> Option<AttachedXdp> {
+    use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let xdp = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => Some(x),
+        _ => None,
+    })?;
+    let mut found = AttachedXdp { id: 0, mode: 0 };
+    for x in xdp {
+        match x {
+            LinkXdp::ProgId(id) => found.id = *id,
+            LinkXdp::Attached(XdpAttached::Driver) => found.mode = 1,
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => found.mode = 2,
+            LinkXdp::Attached(XdpAttached::Hardware) => found.mode = 3,
+            _ => {}
+        }
     }
-    let prog = &xdp["prog"];
-    Ok(Some(AttachedXdp {
-        id: prog["id"].as_u64().ok_or("no program id")?,
-        name: prog["name"].as_str().unwrap_or_default().to_string(),
-        mode: xdp["mode"].as_u64().unwrap_or(0),
-    }))
+    (found.id != 0).then_some(found)
+}
+
+/// The name of loaded BPF program `id` (empty if it cannot be read).
+fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Removes podwire's XDP program from `iface` if a podwire that is gone left it attached (a
@@ -95,41 +112,28 @@ pub fn parse_attached_xdp(json: &str) -> Result<Option<AttachedXdp>, String> {
 /// can attach its own; returns the removed program's id. A program that is not podwire's
 /// (`ours` is its name) is an error, as is podwire's held by a live process (a bpf_link,
 /// which netlink cannot detach).
-pub fn remove_stale_xdp(iface: &str, ours: &str) -> Result<Option<u64>, NetdevError> {
-    let state_err = |detail: String| NetdevError::XdpState {
+pub fn remove_stale_xdp(iface: &str, ours: &str) -> Result<Option<u32>, NetdevError> {
+    let mut rtnl = Rtnl::open()?;
+    let link = rtnl.link(iface)?.ok_or_else(|| NetdevError::XdpState {
         iface: iface.to_string(),
-        detail,
-    };
-    let out = Command::new("ip")
-        .args(["-d", "-j", "link", "show", "dev", iface])
-        .output()
-        .map_err(NetdevError::Spawn)?;
-    if !out.status.success() {
-        return Err(state_err(
-            String::from_utf8_lossy(&out.stderr).trim().into(),
-        ));
-    }
-    let Some(prog) =
-        parse_attached_xdp(&String::from_utf8_lossy(&out.stdout)).map_err(state_err)?
-    else {
+        detail: "no such device".into(),
+    })?;
+    let Some(prog) = attached_xdp(&link) else {
         return Ok(None);
     };
-    if prog.name != ours {
+    let name = program_name(prog.id);
+    if name != ours {
         return Err(NetdevError::ForeignXdp {
             iface: iface.to_string(),
-            name: prog.name,
-            id: prog.id,
+            name,
+            id: u64::from(prog.id),
         });
     }
-    let kind = match prog.mode {
-        1 => "xdpdrv",
-        3 => "xdpoffload",
-        _ => "xdpgeneric",
-    };
-    ip(&["link", "set", "dev", iface, kind, "off"]).map_err(|_| NetdevError::XdpBusy {
-        iface: iface.to_string(),
-        id: prog.id,
-    })?;
+    rtnl.xdp_off(link.header.index, prog.mode)
+        .map_err(|_| NetdevError::XdpBusy {
+            iface: iface.to_string(),
+            id: u64::from(prog.id),
+        })?;
     Ok(Some(prog.id))
 }
 
@@ -227,7 +231,8 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
     })
 }
 
-/// Runs `ip ARGS`, returning its stderr as the error.
+/// Runs `ip ARGS`, returning its stderr as the error. For the lab and tests: the daemon sets
+/// the host up through rtnetlink and runs no `ip`.
 pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
     let out = Command::new("ip")
         .args(args)
@@ -243,32 +248,16 @@ pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
     }
 }
 
-/// The kind of link `name` (`vxlan`, `tun`, `veth`, ...; empty for a plain device), if it exists.
-fn link_kind(name: &str) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", name])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        v[0]["linkinfo"]["info_kind"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
-}
-
 /// Removes a kernel VXLAN device called `name`: what flanneld's vxlan backend leaves behind
 /// when it stops (`flannel.<VNI>`), holding the name podwire's device takes and the VXLAN port.
 /// Returns whether there was one.
 pub fn remove_vxlan_device(name: &str) -> Result<bool, NetdevError> {
-    if link_kind(name).as_deref() != Some("vxlan") {
+    use netlink_packet_route::link::InfoKind;
+    let mut rtnl = Rtnl::open()?;
+    if rtnl.link_kind(name)? != Some(InfoKind::Vxlan) {
         return Ok(false);
     }
-    ip(&["link", "del", "dev", name])?;
+    rtnl.link_del(name)?;
     Ok(true)
 }
 
@@ -300,28 +289,38 @@ pub fn configure_tun(
     // solicitations or MLD reports into it for podwire to drop (as not_ipv4). Best effort: a
     // kernel without IPv6 has no such file.
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let addr = format!("{}/32", lease.addr());
-    ip(&["addr", "replace", &addr, "dev", name])?;
-    ip(&[
-        "link",
-        "set",
-        "dev",
+    let mut rtnl = Rtnl::open()?;
+    rtnl.addr_replace(name, lease.addr(), 32)?;
+    rtnl.link_set(
         name,
-        "mtu",
-        &mtu.to_string(),
-        "txqueuelen",
-        &TUN_QUEUE_LEN.to_string(),
-        "up",
-    ])?;
-    ip(&[
-        "route",
-        "replace",
-        &network.to_string(),
-        "dev",
-        name,
-        "scope",
-        "global",
-    ])
+        &LinkChange {
+            mtu: Some(mtu),
+            txqueuelen: Some(TUN_QUEUE_LEN),
+            up: true,
+            ..LinkChange::default()
+        },
+    )?;
+    let dev = rtnl.index_of(name)?;
+    // flanneld's route: the whole network through the device, scope global.
+    rtnl.route_replace(&Route {
+        scope: netlink_packet_route::route::RouteScope::Universe,
+        ..Route::dev(network, dev)
+    })?;
+    Ok(())
+}
+
+/// `ip route replace DST dev DEV`.
+pub fn route_replace_dev(dst: Ipv4Net, dev: &str) -> Result<(), NetdevError> {
+    let mut rtnl = Rtnl::open()?;
+    let dev = rtnl.index_of(dev)?;
+    Ok(rtnl.route_replace(&Route::dev(dst, dev))?)
+}
+
+/// `ip route del DST dev DEV`.
+pub fn route_del_dev(dst: Ipv4Net, dev: &str) -> Result<(), NetdevError> {
+    let mut rtnl = Rtnl::open()?;
+    let dev = rtnl.index_of(dev)?;
+    Ok(rtnl.route_del(&Route::dev(dst, dev))?)
 }
 
 /// The plain routes of VXLAN `DirectRouting`: a peer whose PublicIP is on our interface's own
@@ -330,7 +329,7 @@ pub fn configure_tun(
 /// the TUN, so that traffic never enters podwire. Kept in step with the subnet map; removed on
 /// exit.
 ///
-/// They carry routing protocol [`ROUTE_PROTO`] (`ip route ... proto 112`), so a start after a
+/// They carry routing protocol [`ROUTE_PROTOCOL`] (`ip route` shows `proto 112`), so a start after a
 /// crash adopts the routes the previous run left and withdraws those whose lease vanished
 /// meanwhile, without touching anyone else's routes.
 #[derive(Debug)]
@@ -340,10 +339,12 @@ pub struct DirectRoutes {
 }
 
 /// The routing protocol number podwire's routes carry (unassigned in iproute2's rt_protos).
+pub const ROUTE_PROTOCOL: u8 = 112;
+/// [`ROUTE_PROTOCOL`] as `ip route ... proto` takes it (the lab plants such routes).
 pub const ROUTE_PROTO: &str = "112";
 
 impl DirectRoutes {
-    /// Starts with the routes an earlier run left on `iface` (protocol [`ROUTE_PROTO`]); the
+    /// Starts with the routes an earlier run left on `iface` (protocol [`ROUTE_PROTOCOL`]); the
     /// first [`DirectRoutes::sync`] keeps those still wanted and withdraws the rest.
     pub fn new(iface: Iface) -> DirectRoutes {
         let installed = leftover_routes(&iface.name);
@@ -374,16 +375,21 @@ impl DirectRoutes {
             .filter(|(k, v)| wanted.get(k) != Some(v))
             .map(|(k, v)| (*k, *v))
             .collect();
+        let mut rtnl = match Rtnl::open().and_then(|mut r| Ok((r.index_of(&self.iface.name)?, r))) {
+            Ok((dev, rtnl)) => (dev, rtnl),
+            Err(e) => {
+                tracing::warn!(iface = %self.iface.name, error = %e, "cannot sync the direct routes");
+                return;
+            }
+        };
+        let route = |subnet, via| Route {
+            via: Some(via),
+            protocol: ROUTE_PROTOCOL,
+            scope: netlink_packet_route::route::RouteScope::Universe,
+            ..Route::dev(subnet, rtnl.0)
+        };
         for (subnet, via) in stale {
-            match ip(&[
-                "route",
-                "del",
-                &subnet.to_string(),
-                "via",
-                &via.to_string(),
-                "dev",
-                &self.iface.name,
-            ]) {
+            match rtnl.1.route_del(&route(subnet, via)) {
                 Ok(()) => tracing::info!(%subnet, %via, "direct route removed"),
                 Err(e) => {
                     tracing::warn!(%subnet, %via, error = %e, "removing a direct route failed")
@@ -395,17 +401,7 @@ impl DirectRoutes {
             if self.installed.get(&subnet) == Some(&via) {
                 continue;
             }
-            match ip(&[
-                "route",
-                "replace",
-                &subnet.to_string(),
-                "via",
-                &via.to_string(),
-                "dev",
-                &self.iface.name,
-                "proto",
-                ROUTE_PROTO,
-            ]) {
+            match rtnl.1.route_replace(&route(subnet, via)) {
                 Ok(()) => {
                     tracing::info!(%subnet, %via, "direct route installed");
                     self.installed.insert(subnet, via);
@@ -426,28 +422,34 @@ impl DirectRoutes {
     }
 }
 
-/// Routes with our protocol on `dev`, as `ip -j route` lists them.
-fn leftover_routes(dev: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
-    let out = Command::new("ip")
-        .args(["-j", "route", "show", "dev", dev, "proto", ROUTE_PROTO])
-        .output();
-    let Ok(out) = out else {
-        return Default::default();
-    };
-    parse_routes(&String::from_utf8_lossy(&out.stdout))
+impl Drop for DirectRoutes {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
-/// `dst` and `gateway` of each route in `ip -j route` output.
-fn parse_routes(json: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    v.as_array()
+/// Routes with our protocol on `dev` in the main table.
+fn leftover_routes(dev: &str) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
+    let listed = Rtnl::open().and_then(|mut r| {
+        let dev = r.link_index(dev)?;
+        Ok((dev, r.routes(crate::rtnl::MAIN_TABLE)?))
+    });
+    match listed {
+        Ok((Some(dev), routes)) => ours(dev, routes),
+        Ok((None, _)) => Default::default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the routes an earlier run left");
+            Default::default()
+        }
+    }
+}
+
+/// Destination and gateway of the routes with our protocol through device `dev`.
+fn ours(dev: u32, routes: Vec<Route>) -> std::collections::BTreeMap<Ipv4Net, Ipv4Addr> {
+    routes
         .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let (net, len) = r["dst"].as_str()?.split_once('/')?;
-            let net = Ipv4Net::new(net.parse().ok()?, len.parse().ok()?).ok()?;
-            Some((net, r["gateway"].as_str()?.parse().ok()?))
-        })
+        .filter(|r| r.dev == Some(dev) && r.protocol == ROUTE_PROTOCOL)
+        .filter_map(|r| Some((r.dst, r.via?)))
         .collect()
 }
 
@@ -456,32 +458,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_attached_xdp_is_read_from_ip_json() {
-        let with = r#"[{"ifindex":3,"ifname":"xa","xdp":{"mode":2,"prog":{"id":653,"name":"podwire_xdp","tag":"ee44"},"attached":[]}}]"#;
-        assert_eq!(
-            parse_attached_xdp(with).unwrap(),
-            Some(AttachedXdp {
-                id: 653,
-                name: "podwire_xdp".into(),
-                mode: 2
-            })
-        );
-        let without = r#"[{"ifindex":3,"ifname":"xa","mtu":1500}]"#;
-        assert_eq!(parse_attached_xdp(without).unwrap(), None);
-        assert!(parse_attached_xdp("not json").is_err());
+    fn test_attached_xdp_is_read_from_the_link() {
+        use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
+        let mut link = LinkMessage::default();
+        assert_eq!(attached_xdp(&link), None);
+        link.attributes.push(LinkAttribute::Xdp(vec![
+            LinkXdp::Attached(XdpAttached::SocketBuffer),
+            LinkXdp::ProgId(653),
+        ]));
+        assert_eq!(attached_xdp(&link), Some(AttachedXdp { id: 653, mode: 2 }));
     }
 
     #[test]
-    fn test_leftover_routes_parse_from_ip_json() {
-        let json = r#"[{"dst":"10.244.2.0/24","gateway":"192.168.99.12","protocol":"112","flags":[]},
-                      {"dst":"default","gateway":"192.168.99.1"},{"dst":"10.244.3.0/24"}]"#;
-        let r = parse_routes(json);
+    fn test_leftover_routes_are_ours_on_the_device() {
+        let dst = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let gw = Ipv4Addr::new(192, 168, 99, 12);
+        let ours_on_3 = Route {
+            via: Some(gw),
+            protocol: ROUTE_PROTOCOL,
+            ..Route::dev(dst("10.244.2.0/24"), 3)
+        };
+        let routes = vec![
+            ours_on_3.clone(),
+            Route {
+                dst: dst("10.244.4.0/24"),
+                protocol: crate::rtnl::PROTO_BOOT,
+                ..ours_on_3.clone()
+            },
+            Route::dev(dst("10.244.3.0/24"), 3),
+            Route {
+                dst: dst("10.244.5.0/24"),
+                dev: Some(4),
+                ..ours_on_3
+            },
+        ];
+        assert_eq!(ROUTE_PROTO, ROUTE_PROTOCOL.to_string());
+        let r = ours(3, routes);
         assert_eq!(r.len(), 1);
-        assert_eq!(
-            r.get(&"10.244.2.0/24".parse().unwrap()),
-            Some(&Ipv4Addr::new(192, 168, 99, 12))
-        );
-        assert!(parse_routes("garbage").is_empty());
+        assert_eq!(r.get(&dst("10.244.2.0/24")), Some(&gw));
     }
 
     #[test]

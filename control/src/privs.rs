@@ -5,18 +5,19 @@
 //! AF_XDP sockets, the underlay sockets and the healthz port) is done with the privileges
 //! podwire was started with. Then, before the workers start, the daemon drops every other
 //! capability from its bounding, permitted, effective, inheritable and ambient sets and sets
-//! `PR_SET_NO_NEW_PRIVS`, so neither it nor a program it runs (`ip`, `nft`, `ethtool`) can
-//! get one back, and checks that no thread of the process holds more.
+//! `PR_SET_NO_NEW_PRIVS`, so neither it nor a program it might run can get one back, and
+//! checks that no thread of the process holds more. Teardown (see [`crate::node`]) runs after
+//! the drop, on the main thread, through netlink: it needs only `CAP_NET_ADMIN`.
 //!
 //! What the running daemon still does, and so keeps:
 //!
 //! | mode | kept | what for, at run time |
 //! |---|---|---|
-//! | every mode | `CAP_NET_ADMIN` | `ip route` for DirectRouting's routes as leases change; at exit: the service route, the masquerade table (`nft`), the policy rules, XDP detach; `SO_*BUFFORCE` |
+//! | every mode | `CAP_NET_ADMIN` | rtnetlink for DirectRouting's routes as leases change; at exit (or a setup step failing after the drop): the service route, the masquerade table (nf_tables netlink), the policy rules, XDP detach; `SO_*BUFFORCE` |
 //! | every mode | `CAP_NET_RAW` | raw and AF_XDP sockets (the kernel checks at creation; kept so a socket opened later, and the children, keep working) |
 //! | routed, `--peer-queues on`, a backend `Port` below 1024 | + `CAP_NET_BIND_SERVICE` | a worker binds a socket per new peer to the backend's port as the subnet map changes (flannel's 8285 and VXLAN's 8472/4789 need nothing) |
 //! | routed, `--io xdp` or `--pod-ports` | + `CAP_BPF` | NodePort map updates as services change: before Linux 6.5, with `kernel.unprivileged_bpf_disabled` set (Debian's default), every `bpf()` call needs it, even on a map podwire holds |
-//! | `--mode l2` | + `CAP_SYS_ADMIN` | `podwire ctl attach` configures the pod's interface inside the pod's namespace with `ip -n NS`, which `setns`es there and mounts a private `/sys` (both need it) |
+//! | `--mode l2` | + `CAP_SYS_ADMIN` | `podwire ctl attach` configures the pod's interface inside the pod's namespace through rtnetlink, from a thread that `setns`es there (which needs it) |
 //! | `--mode l2 --io xdp` | + `CAP_BPF` | as routed `--io xdp` |
 //! | `--mode l2 --l2-pods xdp` | + `CAP_BPF`, `CAP_PERFMON`, `CAP_IPC_LOCK` | `attach` loads the bridge-port XDP program and its maps (`CAP_BPF`; `CAP_PERFMON` for the verifier's pointer rules), and binds an AF_XDP socket whose UMEM would otherwise be charged to `RLIMIT_MEMLOCK` (`CAP_IPC_LOCK`) |
 //!
@@ -350,7 +351,7 @@ mod tests {
             let before = ThreadCaps::read("/proc/thread-self/status").unwrap();
             let dropped = drop_to(&runtime_caps(RuntimeNeeds::default())).unwrap();
             let after = ThreadCaps::read("/proc/thread-self/status").unwrap();
-            // What a program run from now on gets (as `ip` and `nft` are): root's usual
+            // What a program run from now on would get: root's usual
             // full set is cut down to the bounding set, and no_new_privs is inherited.
             let out = std::process::Command::new("cat")
                 .arg("/proc/self/status")

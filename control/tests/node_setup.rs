@@ -1,0 +1,279 @@
+//! Node setup leaves nothing behind. `podwire run` is made to fail right after each of its
+//! setup steps in turn (`--fault-injection` with `PODWIRE_FAIL_SETUP_AFTER=N`), in a network
+//! namespace of its own, and after each failure the namespace must hold exactly the links,
+//! addresses, routes, policy rules and nftables tables it held before. Past the last step the
+//! daemon runs (the test checks that the state it made is there), and stopped with SIGTERM it
+//! leaves nothing either. Needs root; skipped otherwise.
+
+#![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn root_slot() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return None;
+    }
+    Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace with an underlay `eth0` (192.168.77.1/24, a veth whose peer `eth1`
+/// stays beside it), deleted on drop with everything in it.
+struct Netns {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Netns {
+    fn new(case: &str) -> Netns {
+        let name = format!("pwsetup-{}-{case}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name, dir };
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "eth0"]);
+        for dev in ["lo", "eth0", "eth1"] {
+            ns.ip(&["link", "set", "dev", dev, "up"]);
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// What the namespace holds: links (and whether an XDP program is on them), IPv4
+    /// addresses, routes of every table, policy rules and nftables tables, one line each.
+    fn state(&self) -> Vec<String> {
+        let links: serde_json::Value =
+            serde_json::from_str(&self.ip(&["-j", "-d", "link", "show"])).unwrap();
+        let mut lines: Vec<String> = links
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| format!("link {} xdp={}", l["ifname"], !l["xdp"].is_null()))
+            .collect();
+        for (what, args) in [
+            ("addr", &["-4", "-o", "addr", "show"][..]),
+            ("route", &["-4", "route", "show", "table", "all"][..]),
+            ("rule", &["-4", "rule", "show"][..]),
+        ] {
+            lines.extend(
+                self.ip(args)
+                    .lines()
+                    .map(|l| format!("{what} {}", l.trim())),
+            );
+        }
+        let tables = run(
+            "ip",
+            &["netns", "exec", &self.name, "nft", "list", "tables"],
+        );
+        lines.extend(tables.lines().map(|l| format!("nft {l}")));
+        lines.sort();
+        lines
+    }
+
+    /// `podwire run ARGS` in the namespace, failing after setup step `fail_after`.
+    fn podwire(&self, args: &[&str], fail_after: usize) -> Child {
+        let _ = std::fs::remove_file(self.dir.join("subnet.env"));
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(env!("CARGO_BIN_EXE_podwire"))
+            .arg("run")
+            .args(args)
+            .args(["--iface", "eth0", "--fault-injection", "--workers", "1"])
+            .args(["--no-pin", "--exit-with-parent"])
+            .arg("--subnet-file")
+            .arg(self.dir.join("subnet.env"))
+            .arg("--ctl-socket")
+            .arg(self.dir.join("ctl.sock"))
+            .env("PODWIRE_FAIL_SETUP_AFTER", fail_after.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits for `child` to exit (Some) or to be forwarding, with subnet.env written and still
+/// running half a second later (None).
+fn exited_or_running(child: &mut Child, subnet_env: &Path) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ready_since = None;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if subnet_env.exists() {
+            let since = *ready_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(500) {
+                return None;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "podwire neither failed nor started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fails setup after step 1, 2, ... until podwire starts; after each failure the namespace is
+/// as it was. Then checks `running` against the started daemon's state, stops it and checks
+/// again. Returns how many steps failed.
+fn fail_each_step(ns: &Netns, args: &[&str], running: &[&str]) -> usize {
+    let before = ns.state();
+    for n in 1..=40 {
+        let mut child = ns.podwire(args, n);
+        let status = exited_or_running(&mut child, &ns.dir.join("subnet.env"));
+        if status.is_none() {
+            let during = ns.state().join("\n");
+            for want in running {
+                assert!(
+                    during.contains(want),
+                    "running podwire made no {want:?}:\n{during}"
+                );
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let log = text(&out);
+        let after = ns.state();
+        assert_eq!(
+            before,
+            after,
+            "residue after {} {n}:\n{log}",
+            if status.is_some() {
+                "a failure after setup step"
+            } else {
+                "a stop past the last step"
+            }
+        );
+        if status.is_none() {
+            assert!(
+                out.status.success(),
+                "podwire stopped with {}:\n{log}",
+                out.status
+            );
+            return n - 1;
+        }
+        assert!(
+            log.contains(&format!("injected failure after setup step {n} ")),
+            "step {n}: podwire failed otherwise:\n{log}"
+        );
+    }
+    panic!("podwire did not start within 40 setup steps");
+}
+
+fn write_cluster(ns: &Netns, direct_routing: bool) -> String {
+    let lease = |ip: &str, mac: &str| {
+        serde_json::json!({"PublicIP": ip, "PublicIPv6": null, "BackendType": "vxlan",
+                           "BackendData": {"VNI": 1, "VtepMAC": mac}})
+    };
+    let cluster = serde_json::json!({
+        "config": {"Network": "10.244.0.0/16", "SubnetLen": 24,
+                   "Backend": {"Type": "vxlan", "DirectRouting": direct_routing}},
+        "subnets": {
+            "10.244.1.0-24": lease("192.168.77.1", "0e:70:c0:a8:4d:01"),
+            "10.244.2.0-24": lease("192.168.77.2", "0e:70:c0:a8:4d:02"),
+        },
+    });
+    let path = ns.dir.join("cluster.json");
+    std::fs::write(&path, cluster.to_string()).unwrap();
+    format!("file:{}", path.display())
+}
+
+#[test]
+fn node_setup_leaves_nothing_behind_routed() {
+    let Some(_slot) = root_slot() else { return };
+    let ns = Netns::new("routed");
+    let store = write_cluster(&ns, true);
+    let services = ns.dir.join("services.json");
+    let svc = serde_json::json!({"services": [
+        {"name": "default/web", "clusterIP": "10.96.0.10", "protocol": "TCP", "port": 80,
+         "endpoints": [{"ip": "10.244.2.5", "port": 8080}]}]});
+    std::fs::write(&services, svc.to_string()).unwrap();
+    let services = format!("file:{}", services.display());
+    let args = [
+        "--store",
+        &store,
+        "--ip-masq",
+        "--io",
+        "xdp",
+        "--services",
+        &services,
+    ];
+    let steps = fail_each_step(
+        &ns,
+        &args,
+        &[
+            "link \"flannel.1\"",
+            "inet 10.244.1.0/32",
+            "xdp=true",
+            "nft table ip podwire-masq",
+            "lookup 28791",
+            "route 10.244.2.0/24 via 192.168.77.2 dev eth0 proto 112",
+            "route 10.96.0.0/12 dev flannel.1",
+        ],
+    );
+    // TUN, its configuration, steering, masquerade, service route, XDP, worker ports, direct
+    // routes, capabilities, workers, ctl socket, subnet.env.
+    assert_eq!(steps, 12);
+}
+
+#[test]
+fn node_setup_leaves_nothing_behind_bridged() {
+    let Some(_slot) = root_slot() else { return };
+    let ns = Netns::new("l2");
+    let store = write_cluster(&ns, false);
+    let args = ["--store", &store, "--mode", "l2", "--io", "xdp"];
+    let steps = fail_each_step(
+        &ns,
+        &args,
+        &["link \"podwire0\"", "xdp=true", "inet 10.244.1.1/16"],
+    );
+    // Host port, XDP, capabilities, bridge worker, ctl socket, subnet.env.
+    assert_eq!(steps, 6);
+}
