@@ -778,33 +778,23 @@ fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Opt
     }))
 }
 
-/// Options that do not go together, refused before any host state is made.
+/// Options that do not go together with the cluster's network, refused before any host state
+/// is made. Combinations of flags alone are refused earlier, by `run_args`'s one check.
 fn check_options(opts: &RunOptions, j: &Joined) -> Result<()> {
-    if !opts.pod_ports.is_empty() && (!opts.io_xdp || opts.l2.is_some()) {
-        bail!("--pod-ports needs --io xdp in routed mode (L2 mode: --l2-pods xdp)");
+    if opts.l2.is_none() {
+        return Ok(());
     }
-    if opts.io_xdp && opts.ip_masq && !opts.conntrack {
-        bail!("--ip-masq with --io xdp masquerades in podwire, which needs --conntrack on");
+    if !matches!(j.initial.encap, Encap::Vxlan { .. }) {
+        bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
     }
-    if opts.l2.is_some() {
-        if !matches!(j.initial.encap, Encap::Vxlan { .. }) {
-            bail!("--mode l2 carries Ethernet over VXLAN: the network's backend must be vxlan");
+    if matches!(
+        j.config.backend,
+        BackendConfig::Vxlan {
+            direct_routing: true,
+            ..
         }
-        if matches!(
-            j.config.backend,
-            BackendConfig::Vxlan {
-                direct_routing: true,
-                ..
-            }
-        ) {
-            bail!("--mode l2 does not support DirectRouting (pods share one L2 domain over VXLAN)");
-        }
-        if opts.ip_masq || opts.services_file.is_some() {
-            bail!("--mode l2 does not do --ip-masq or --services yet");
-        }
-    }
-    if opts.services_file.is_some() && !opts.conntrack {
-        bail!("services need connection tracking: drop --conntrack off");
+    ) {
+        bail!("--mode l2 does not support DirectRouting (pods share one L2 domain over VXLAN)");
     }
     Ok(())
 }
