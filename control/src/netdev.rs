@@ -6,7 +6,6 @@
 use crate::rtnl::{LinkChange, Route, Rtnl, RtnlError};
 use podwire_dataplane::route::Ipv4Net;
 use std::net::Ipv4Addr;
-use std::process::Command;
 
 /// Why host network setup failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +21,6 @@ pub enum NetdevError {
         iface: String,
         source: std::io::Error,
     },
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
     #[error(transparent)]
     Netlink(#[from] RtnlError),
     #[error("cannot write {path}: {source}")]
@@ -31,8 +28,6 @@ pub enum NetdevError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot run `ip`: {0} (install iproute2)")]
-    Spawn(std::io::Error),
     #[error("cannot read the MAC address of {iface}: {detail}")]
     Mac { iface: String, detail: String },
     #[error("{iface} already runs XDP program {name:?} (id {id}), which is not podwire's: detach it first (ip link set dev {iface} xdp off)")]
@@ -229,23 +224,6 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
         net: Ipv4Net::containing(addr, prefix),
         mtu,
     })
-}
-
-/// Runs `ip ARGS`, returning its stderr as the error. For the lab and tests: the daemon sets
-/// the host up through rtnetlink and runs no `ip`.
-pub fn ip(args: &[&str]) -> Result<(), NetdevError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(NetdevError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetdevError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
 }
 
 /// Removes a kernel VXLAN device called `name`: what flanneld's vxlan backend leaves behind

@@ -4,9 +4,21 @@ use anyhow::{bail, Context, Result};
 use nix::sched::CloneFlags;
 use std::process::Command;
 
-/// Runs `ip ARGS` and fails with its stderr.
+/// Runs `ip ARGS` and fails with its stderr. Only the lab runs `ip`: the daemon sets its
+/// node up over rtnetlink.
 pub fn ip(args: &[&str]) -> Result<()> {
-    podwire::netdev::ip(args).map_err(anyhow::Error::from)
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Runs `ip -n NS ARGS`.
