@@ -3,7 +3,80 @@
 
 use super::*;
 
+/// Namespaces, the underlay bridge with every node and the rogue host on it, what earlier
+/// runs left on node 1, and (but in L2 mode) each node's pod.
 pub(super) fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<()> {
+    let u = add_namespaces(res, opts)?;
+    for i in 1..=opts.nodes {
+        attach(
+            &u,
+            &format!("n{i}"),
+            &res.ns(&format!("n{i}")),
+            underlay_ip(i),
+        )?;
+        if opts.io_xdp {
+            // AF_XDP sees frames as they are on the wire, with no skb to say a checksum was
+            // left to offload: make every node's port finish its checksums, as a physical
+            // wire carries them (veth leaves them partial otherwise).
+            netns::exec_in(
+                &res.ns(&format!("n{i}")),
+                &["ethtool", "-K", "eth0", "tx", "off"],
+            )?;
+        }
+    }
+    plant_leftovers(res, opts)?;
+    attach(&u, "x", &res.ns("x"), ROGUE_IP)?;
+    if opts.io_xdp {
+        // It is the outside client of node 1's NodePorts: its frames reach AF_XDP whole too.
+        netns::exec_in(&res.ns("x"), &["ethtool", "-K", "eth0", "tx", "off"])?;
+    }
+    // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
+    for i in (1..=opts.nodes).filter(|_| !opts.l2) {
+        add_pod(res, opts, i)?;
+    }
+    Ok(())
+}
+
+/// Node `i`'s pod: its namespace's veth to the host's `vpod`, addresses and default route.
+fn add_pod(res: &Resources, opts: &LabOptions, i: usize) -> Result<()> {
+    let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
+    netns::ip_in(
+        &host,
+        &[
+            "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+        ],
+    )?;
+    netns::ip_in(
+        &host,
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", gateway_ip(i)),
+            "dev",
+            "vpod",
+        ],
+    )?;
+    netns::ip_in(&host, &["link", "set", "vpod", "up"])?;
+    netns::ip_in(
+        &pod,
+        &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"],
+    )?;
+    netns::ip_in(&pod, &["link", "set", "eth0", "up"])?;
+    if opts.pod_xdp && !opts.is_kernel_node(i) {
+        // AF_XDP on vpod sees the pod's frames as sent: with full checksums (no skb to say
+        // one was left to offload), and with GRO, which native XDP on veth wants of the
+        // sender for its frames to be redirected.
+        netns::exec_in(&pod, &["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
+    }
+    netns::ip_in(
+        &pod,
+        &["route", "add", "default", "via", &gateway_ip(i).to_string()],
+    )?;
+    netns::exec_in(&host, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+}
+
+/// Every namespace of the lab, up, and the underlay's bridge; returns the underlay's name.
+fn add_namespaces(res: &mut Resources, opts: &LabOptions) -> Result<String> {
     let u = res.ns("u");
     let mut names = vec![u.clone()];
     for i in 1..=opts.nodes {
@@ -32,32 +105,28 @@ pub(super) fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<(
             ],
         )?;
     }
-    let attach = |port: &str, host_ns: &str, ip: Ipv4Addr| -> Result<()> {
-        netns::ip_in(
-            &u,
-            &[
-                "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host_ns,
-            ],
-        )?;
-        netns::ip_in(&u, &["link", "set", port, "master", "br0", "up"])?;
-        netns::ip_in(
-            host_ns,
-            &["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
-        netns::ip_in(host_ns, &["link", "set", "eth0", "up"])
-    };
-    for i in 1..=opts.nodes {
-        attach(&format!("n{i}"), &res.ns(&format!("n{i}")), underlay_ip(i))?;
-        if opts.io_xdp {
-            // AF_XDP sees frames as they are on the wire, with no skb to say a checksum was
-            // left to offload: make every node's port finish its checksums, as a physical
-            // wire carries them (veth leaves them partial otherwise).
-            netns::exec_in(
-                &res.ns(&format!("n{i}")),
-                &["ethtool", "-K", "eth0", "tx", "off"],
-            )?;
-        }
-    }
+    Ok(u)
+}
+
+/// Plugs `host_ns`'s eth0, at `ip`, into the underlay bridge as port `port`.
+fn attach(u: &str, port: &str, host_ns: &str, ip: Ipv4Addr) -> Result<()> {
+    netns::ip_in(
+        u,
+        &[
+            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host_ns,
+        ],
+    )?;
+    netns::ip_in(u, &["link", "set", port, "master", "br0", "up"])?;
+    netns::ip_in(
+        host_ns,
+        &["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+    )?;
+    netns::ip_in(host_ns, &["link", "set", "eth0", "up"])
+}
+
+/// What earlier runs left on node 1 for its podwire to deal with: flanneld's VXLAN device,
+/// a stale XDP program, stale routes.
+fn plant_leftovers(res: &Resources, opts: &LabOptions) -> Result<()> {
     if opts.vxlan() && !opts.l2 && !opts.is_kernel_node(1) {
         // Node 1 was a flanneld vxlan node: its flannel.1 is still there, up, holding the name
         // and port 8472. podwire must take its place.
@@ -114,48 +183,6 @@ pub(super) fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<(
                 ],
             )?;
         }
-    }
-    attach("x", &res.ns("x"), ROGUE_IP)?;
-    if opts.io_xdp {
-        // It is the outside client of node 1's NodePorts: its frames reach AF_XDP whole too.
-        netns::exec_in(&res.ns("x"), &["ethtool", "-K", "eth0", "tx", "off"])?;
-    }
-    // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
-    for i in (1..=opts.nodes).filter(|_| !opts.l2) {
-        let (host, pod) = (res.ns(&format!("n{i}")), res.ns(&format!("p{i}")));
-        netns::ip_in(
-            &host,
-            &[
-                "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod,
-            ],
-        )?;
-        netns::ip_in(
-            &host,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", gateway_ip(i)),
-                "dev",
-                "vpod",
-            ],
-        )?;
-        netns::ip_in(&host, &["link", "set", "vpod", "up"])?;
-        netns::ip_in(
-            &pod,
-            &["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"],
-        )?;
-        netns::ip_in(&pod, &["link", "set", "eth0", "up"])?;
-        if opts.pod_xdp && !opts.is_kernel_node(i) {
-            // AF_XDP on vpod sees the pod's frames as sent: with full checksums (no skb to say
-            // one was left to offload), and with GRO, which native XDP on veth wants of the
-            // sender for its frames to be redirected.
-            netns::exec_in(&pod, &["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
-        }
-        netns::ip_in(
-            &pod,
-            &["route", "add", "default", "via", &gateway_ip(i).to_string()],
-        )?;
-        netns::exec_in(&host, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     }
     Ok(())
 }
@@ -216,102 +243,9 @@ pub(super) fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Resu
                 ],
             )?;
         }
-        let local = underlay_ip(i).to_string();
-        netns::ip_in(
-            &host,
-            &[
-                "link",
-                "add",
-                "flannel.1",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                &local,
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-        )?;
-        netns::ip_in(
-            &host,
-            &[
-                "link",
-                "set",
-                "flannel.1",
-                "address",
-                &vtep_mac(i).to_string(),
-                "mtu",
-                "1450",
-                "up",
-            ],
-        )?;
-        netns::ip_in(
-            &host,
-            &[
-                "addr",
-                "add",
-                &format!("10.244.{i}.0/32"),
-                "dev",
-                "flannel.1",
-            ],
-        )?;
+        add_kernel_vxlan_device(&host, i)?;
         for j in (1..=opts.nodes).filter(|&j| j != i) {
-            if opts.direct_routing {
-                // flanneld's DirectRouting for a peer on the same subnet: a plain route, no VXLAN.
-                let (subnet, via) = (format!("10.244.{j}.0/24"), underlay_ip(j).to_string());
-                netns::ip_in(
-                    &host,
-                    &["route", "add", &subnet, "via", &via, "dev", "eth0"],
-                )?;
-                continue;
-            }
-            let gw = format!("10.244.{j}.0");
-            netns::ip_in(
-                &host,
-                &[
-                    "neigh",
-                    "add",
-                    &gw,
-                    "lladdr",
-                    &vtep_mac(j).to_string(),
-                    "dev",
-                    "flannel.1",
-                    "nud",
-                    "permanent",
-                ],
-            )?;
-            netns::exec_in(
-                &host,
-                &[
-                    "bridge",
-                    "fdb",
-                    "append",
-                    &vtep_mac(j).to_string(),
-                    "dev",
-                    "flannel.1",
-                    "dst",
-                    &underlay_ip(j).to_string(),
-                    "self",
-                    "permanent",
-                ],
-            )?;
-            netns::ip_in(
-                &host,
-                &[
-                    "route",
-                    "add",
-                    &format!("10.244.{j}.0/24"),
-                    "via",
-                    &gw,
-                    "dev",
-                    "flannel.1",
-                    "onlink",
-                ],
-            )?;
+            add_kernel_vxlan_peer(&host, opts, j)?;
         }
         netns::ip_in(
             &res.ns(&format!("p{i}")),
@@ -320,6 +254,105 @@ pub(super) fn start_kernel_vxlan(res: &mut Resources, opts: &LabOptions) -> Resu
         netns::ip_in(&host, &["link", "set", "vpod", "mtu", "1450"])?;
     }
     Ok(())
+}
+
+/// Node `i`'s `flannel.1`, as flanneld's vxlan backend creates it, in `host`.
+fn add_kernel_vxlan_device(host: &str, i: usize) -> Result<()> {
+    let local = underlay_ip(i).to_string();
+    netns::ip_in(
+        host,
+        &[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    )?;
+    netns::ip_in(
+        host,
+        &[
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            &vtep_mac(i).to_string(),
+            "mtu",
+            "1450",
+            "up",
+        ],
+    )?;
+    netns::ip_in(
+        host,
+        &[
+            "addr",
+            "add",
+            &format!("10.244.{i}.0/32"),
+            "dev",
+            "flannel.1",
+        ],
+    )
+}
+
+/// What flanneld's vxlan backend adds in `host` for the lease of node `j`.
+fn add_kernel_vxlan_peer(host: &str, opts: &LabOptions, j: usize) -> Result<()> {
+    if opts.direct_routing {
+        // flanneld's DirectRouting for a peer on the same subnet: a plain route, no VXLAN.
+        let (subnet, via) = (format!("10.244.{j}.0/24"), underlay_ip(j).to_string());
+        return netns::ip_in(host, &["route", "add", &subnet, "via", &via, "dev", "eth0"]);
+    }
+    let gw = format!("10.244.{j}.0");
+    netns::ip_in(
+        host,
+        &[
+            "neigh",
+            "add",
+            &gw,
+            "lladdr",
+            &vtep_mac(j).to_string(),
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    netns::exec_in(
+        host,
+        &[
+            "bridge",
+            "fdb",
+            "append",
+            &vtep_mac(j).to_string(),
+            "dev",
+            "flannel.1",
+            "dst",
+            &underlay_ip(j).to_string(),
+            "self",
+            "permanent",
+        ],
+    )?;
+    netns::ip_in(
+        host,
+        &[
+            "route",
+            "add",
+            &format!("10.244.{j}.0/24"),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
+    )
 }
 
 /// Starts tshark on the underlay bridge, writing encapsulated traffic (UDP 8285 and 8472) to
