@@ -34,27 +34,64 @@ pub(super) fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Chec
     }
     let mut detail = format!("{leases} leases, {from_pod} {rx}");
     if opts.io_xdp {
-        // The XDP program's own counters, read from its map by the daemon when asked: it
-        // redirected the underlay's frames, next to none passed for want of a socket (those
-        // between its attach and the socket's bind).
-        let eth0 = stats["xdp_programs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["interface"] == "eth0");
-        let (redirected, no_socket) = eth0.map_or((None, None), |p| {
-            (p["redirected"].as_u64(), p["no_socket"].as_u64())
-        });
-        match (redirected, no_socket) {
-            (Some(r), Some(n)) if r > 0 && n * 100 <= r => {
-                detail += &format!(", XDP program: redirected {r}, no_socket {n}");
-            }
-            _ => problems.push(format!(
-                "stats: the XDP program on eth0 redirected {redirected:?}, no_socket {no_socket:?} ({})",
-                stats["xdp_programs"]
-            )),
-        }
+        xdp_program_stats(&stats, &mut problems, &mut detail);
     }
+    capture_check(r, opts, &sock, &mut problems, &mut detail)?;
+    if opts.conntrack {
+        let pod2 = pod_ip(2).to_string();
+        let ct = ask(json!({"cmd": "conntrack", "addr": pod2}))?;
+        let n = ct["count"].as_u64().unwrap_or(0);
+        if n == 0 {
+            problems.push(format!("conntrack: no connection with {}", pod_ip(2)));
+        }
+        detail += &format!(", {n} connections with {}", pod_ip(2));
+    }
+    if opts.services {
+        services_ctl(&sock, exe, &mut problems, &mut detail)?;
+    }
+    Ok(Check {
+        name: CTL_CHECK.into(),
+        ok: problems.is_empty(),
+        detail: if problems.is_empty() {
+            detail
+        } else {
+            problems.join("; ")
+        },
+    })
+}
+
+/// The XDP program's own counters in `ctl stats`.
+fn xdp_program_stats(stats: &serde_json::Value, problems: &mut Vec<String>, detail: &mut String) {
+    // The XDP program's own counters, read from its map by the daemon when asked: it
+    // redirected the underlay's frames, next to none passed for want of a socket (those
+    // between its attach and the socket's bind).
+    let eth0 = stats["xdp_programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["interface"] == "eth0");
+    let (redirected, no_socket) = eth0.map_or((None, None), |p| {
+        (p["redirected"].as_u64(), p["no_socket"].as_u64())
+    });
+    match (redirected, no_socket) {
+        (Some(r), Some(n)) if r > 0 && n * 100 <= r => {
+            *detail += &format!(", XDP program: redirected {r}, no_socket {n}");
+        }
+        _ => problems.push(format!(
+            "stats: the XDP program on eth0 redirected {redirected:?}, no_socket {no_socket:?} ({})",
+            stats["xdp_programs"]
+        )),
+    }
+}
+
+/// `ctl capture` of the TUN and the underlay, read back by tshark.
+fn capture_check(
+    r: &Names,
+    opts: &LabOptions,
+    sock: &Path,
+    problems: &mut Vec<String>,
+    detail: &mut String,
+) -> Result<()> {
     // Captures while pod 1 pings pod 2: the pods' echoes on the TUN, datagrams on the underlay;
     // tshark must read both files.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -75,7 +112,7 @@ pub(super) fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Chec
     for &(port, want) in ports {
         let file = r.dir.join(format!("capture-{port}.pcap"));
         let got = podwire::ctl::capture_to_file(
-            &sock,
+            sock,
             &json!({"cmd": "capture", "port": port, "count": 10, "timeout_ms": 4000}),
             &file,
         )?;
@@ -102,59 +139,51 @@ pub(super) fn ctl_check(r: &Names, opts: &LabOptions, exe: &Path) -> Result<Chec
                 got["captured"]
             ));
         }
-        detail += &format!(", {decoded} {port} packets captured");
+        *detail += &format!(", {decoded} {port} packets captured");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = netns::join(pinger);
-    if opts.conntrack {
-        let pod2 = pod_ip(2).to_string();
-        let ct = ask(json!({"cmd": "conntrack", "addr": pod2}))?;
-        let n = ct["count"].as_u64().unwrap_or(0);
-        if n == 0 {
-            problems.push(format!("conntrack: no connection with {}", pod_ip(2)));
-        }
-        detail += &format!(", {n} connections with {}", pod_ip(2));
+    Ok(())
+}
+
+/// `ctl services` and `ctl conntrack` against the services checks' connections.
+fn services_ctl(
+    sock: &Path,
+    exe: &Path,
+    problems: &mut Vec<String>,
+    detail: &mut String,
+) -> Result<()> {
+    let ask = |req: serde_json::Value| podwire::ctl::request(sock, &req);
+    let vip = services_lab::WEB_VIP.to_string();
+    let ct = ask(json!({"cmd": "conntrack", "addr": vip, "port": 80, "proto": "tcp"}))?;
+    let to_vip = ct["count"].as_u64().unwrap_or(0);
+    let svcs = ask(json!({"cmd": "services"}))?;
+    let web = svcs["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "default/web");
+    let (eps, conns) = web.map_or((0, 0), |w| {
+        let eps = w["endpoints"].as_array().cloned().unwrap_or_default();
+        let conns: u64 = eps
+            .iter()
+            .map(|e| e["active"].as_u64().unwrap_or(0) + e["inactive"].as_u64().unwrap_or(0))
+            .sum();
+        (eps.len(), conns)
+    });
+    let want = services_lab::CONNECTIONS as u64;
+    if eps != 3 || conns < want || to_vip < want {
+        problems.push(format!(
+            "services: web has {eps} endpoints, {conns} connections; conntrack to {vip}:80: {to_vip}"
+        ));
     }
-    if opts.services {
-        let vip = services_lab::WEB_VIP.to_string();
-        let ct = ask(json!({"cmd": "conntrack", "addr": vip, "port": 80, "proto": "tcp"}))?;
-        let to_vip = ct["count"].as_u64().unwrap_or(0);
-        let svcs = ask(json!({"cmd": "services"}))?;
-        let web = svcs["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["name"] == "default/web");
-        let (eps, conns) = web.map_or((0, 0), |w| {
-            let eps = w["endpoints"].as_array().cloned().unwrap_or_default();
-            let conns: u64 = eps
-                .iter()
-                .map(|e| e["active"].as_u64().unwrap_or(0) + e["inactive"].as_u64().unwrap_or(0))
-                .sum();
-            (eps.len(), conns)
-        });
-        let want = services_lab::CONNECTIONS as u64;
-        if eps != 3 || conns < want || to_vip < want {
-            problems.push(format!(
-                "services: web has {eps} endpoints, {conns} connections; conntrack to {vip}:80: {to_vip}"
-            ));
-        }
-        let human = Command::new(exe)
-            .args(["ctl", "--socket", &sock.display().to_string(), "services"])
-            .output()?;
-        let text = String::from_utf8_lossy(&human.stdout);
-        if !text.contains("TCP  10.96.0.10:80 mh") || !text.contains("-> 10.244.2.3:8080") {
-            problems.push(format!("`podwire ctl services` printed:\n{text}"));
-        }
-        detail += &format!(", web: {eps} endpoints with {conns} connections");
+    let human = Command::new(exe)
+        .args(["ctl", "--socket", &sock.display().to_string(), "services"])
+        .output()?;
+    let text = String::from_utf8_lossy(&human.stdout);
+    if !text.contains("TCP  10.96.0.10:80 mh") || !text.contains("-> 10.244.2.3:8080") {
+        problems.push(format!("`podwire ctl services` printed:\n{text}"));
     }
-    Ok(Check {
-        name: CTL_CHECK.into(),
-        ok: problems.is_empty(),
-        detail: if problems.is_empty() {
-            detail
-        } else {
-            problems.join("; ")
-        },
-    })
+    *detail += &format!(", web: {eps} endpoints with {conns} connections");
+    Ok(())
 }
