@@ -11,83 +11,8 @@ pub(super) fn print_summary(
     took: Duration,
 ) {
     println!();
-    if !pairs.is_empty() {
-        println!(
-            "{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}",
-            "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp"
-        );
-    }
-    for p in pairs {
-        println!(
-            "{:<14} {:>10} {:>10.3} {:>14.0} {:>8} {:>10}",
-            format!("pod{} -> pod{}", p.from, p.to),
-            format!("{}/{}", p.ping.received, p.ping.sent),
-            p.ping.avg_rtt.as_secs_f64() * 1e3,
-            p.tcp_mbps,
-            if p.tcp_sha_ok { "ok" } else { "FAIL" },
-            format!("{}/{}", p.udp_received, p.udp_sent),
-        );
-    }
-    let mbps: Vec<f64> = pairs
-        .iter()
-        .filter(|p| p.tcp_sha_ok)
-        .map(|p| p.tcp_mbps)
-        .collect();
-    if !mbps.is_empty() {
-        let mut sorted = mbps.clone();
-        sorted.sort_by(f64::total_cmp);
-        println!(
-            "tcp throughput: median {:.0} Mbit/s over {} pairs (min {:.0}, max {:.0})",
-            sorted[sorted.len() / 2],
-            sorted.len(),
-            sorted[0],
-            sorted[sorted.len() - 1]
-        );
-    }
-    // The pods' side of a node: its TUN device, or in L2 mode the bridge's TAP ports.
-    let (rx_pods, tx_pods, fifth) = if opts.l2 {
-        (Counter::RxTap, Counter::TxTap, Counter::Flooded)
-    } else {
-        (Counter::RxTun, Counter::TxTun, Counter::IcmpUnreachable)
-    };
-    if !stats.is_empty() {
-        println!();
-        println!(
-            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason",
-            "node",
-            rx_pods.as_str(),
-            "tx_underlay",
-            "rx_underlay",
-            tx_pods.as_str(),
-            if opts.l2 { "flooded" } else { "icmp" }
-        );
-        for (node, s) in stats {
-            match s {
-                Some(s) => {
-                    let drops: Vec<String> = DropReason::ALL
-                        .iter()
-                        .filter(|&&r| s.drops(r) > 0)
-                        .map(|&r| format!("{r}={}", s.drops(r)))
-                        .collect();
-                    println!(
-                        "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
-                        format!("n{node}"),
-                        s.counter(rx_pods),
-                        s.counter(Counter::TxUnderlay),
-                        s.counter(Counter::RxUnderlay),
-                        s.counter(tx_pods),
-                        s.counter(fifth),
-                        if drops.is_empty() {
-                            "none".to_string()
-                        } else {
-                            drops.join(" ")
-                        }
-                    );
-                }
-                None => println!("n{node:<5} (no stats: the daemon did not exit cleanly)"),
-            }
-        }
-    }
+    print_pairs(pairs);
+    print_node_stats(opts, stats);
     if !figures.is_empty() {
         println!();
         println!("figures:");
@@ -148,4 +73,89 @@ pub(super) fn write_json(
     });
     std::fs::write(path, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Each pair's traffic, and the TCP throughput's spread.
+fn print_pairs(pairs: &[PairResult]) {
+    if !pairs.is_empty() {
+        println!(
+            "{:<14} {:>10} {:>10} {:>14} {:>8} {:>10}",
+            "pair", "ping", "rtt ms", "tcp Mbit/s", "sha256", "udp"
+        );
+    }
+    for p in pairs {
+        println!(
+            "{:<14} {:>10} {:>10.3} {:>14.0} {:>8} {:>10}",
+            format!("pod{} -> pod{}", p.from, p.to),
+            format!("{}/{}", p.ping.received, p.ping.sent),
+            p.ping.avg_rtt.as_secs_f64() * 1e3,
+            p.tcp_mbps,
+            if p.tcp_sha_ok { "ok" } else { "FAIL" },
+            format!("{}/{}", p.udp_received, p.udp_sent),
+        );
+    }
+    let mbps: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.tcp_sha_ok)
+        .map(|p| p.tcp_mbps)
+        .collect();
+    if !mbps.is_empty() {
+        let mut sorted = mbps.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "tcp throughput: median {:.0} Mbit/s over {} pairs (min {:.0}, max {:.0})",
+            sorted[sorted.len() / 2],
+            sorted.len(),
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+    }
+}
+
+/// Each podwire node's final counters and drops.
+fn print_node_stats(opts: &LabOptions, stats: &[(usize, Option<LocalStats>)]) {
+    // The pods' side of a node: its TUN device, or in L2 mode the bridge's TAP ports.
+    let (rx_pods, tx_pods, fifth) = if opts.l2 {
+        (Counter::RxTap, Counter::TxTap, Counter::Flooded)
+    } else {
+        (Counter::RxTun, Counter::TxTun, Counter::IcmpUnreachable)
+    };
+    if !stats.is_empty() {
+        println!();
+        println!(
+            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  drops by reason",
+            "node",
+            rx_pods.as_str(),
+            "tx_underlay",
+            "rx_underlay",
+            tx_pods.as_str(),
+            if opts.l2 { "flooded" } else { "icmp" }
+        );
+        for (node, s) in stats {
+            match s {
+                Some(s) => {
+                    let drops: Vec<String> = DropReason::ALL
+                        .iter()
+                        .filter(|&&r| s.drops(r) > 0)
+                        .map(|&r| format!("{r}={}", s.drops(r)))
+                        .collect();
+                    println!(
+                        "{:<6} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
+                        format!("n{node}"),
+                        s.counter(rx_pods),
+                        s.counter(Counter::TxUnderlay),
+                        s.counter(Counter::RxUnderlay),
+                        s.counter(tx_pods),
+                        s.counter(fifth),
+                        if drops.is_empty() {
+                            "none".to_string()
+                        } else {
+                            drops.join(" ")
+                        }
+                    );
+                }
+                None => println!("n{node:<5} (no stats: the daemon did not exit cleanly)"),
+            }
+        }
+    }
 }
