@@ -265,35 +265,58 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
         return finish(res, &r, opts, checks, figures, started);
     }
     if opts.pod_xdp {
-        // Every pod's bridge port is the host end of its veth pair, served through AF_XDP.
-        let mut wrong = Vec::new();
-        for node in 1..=opts.nodes {
-            let v = ctl(&r, exe, node, &["fdb"])?;
-            for p in v["ports"].as_array().into_iter().flatten() {
-                let (label, device) = (p["label"].as_str(), p["device"].as_str());
-                if label != Some("host") && !device.is_some_and(|d| d.starts_with("pwv")) {
-                    wrong.push(format!("node {node}: {p}"));
-                }
+        checks.push(pod_xdp_check(&r, opts, exe, &pods)?);
+    }
+    checks.extend(ping_checks(&r, opts, &pods));
+    let bytes = opts.transfer_mb * 1_000_000;
+    checks.push(transfer_check(&r, opts, &pods, bytes, &mut figures));
+    checks.push(fdb_check(&r, exe, &pods));
+    checks.extend(move_checks(&r, exe, &pods, bytes, &mut figures));
+    let forged = forge_from_rogue(&r, opts)?;
+    bridge_baseline(res, &r, &pods, bytes, &mut figures)?;
+    let mut stats_checks = finish_checks(res, &r, opts, forged)?;
+    checks.append(&mut stats_checks);
+    finish(res, &r, opts, checks, figures, started)
+}
+
+/// The first of node 2's pods.
+fn first_on_node_2(pods: &[Pod]) -> &Pod {
+    pods.iter().find(|p| p.node == 2).expect("node 2 has pods")
+}
+
+/// With `--l2-pods xdp`: every pod's bridge port is the host end of its veth, through AF_XDP.
+fn pod_xdp_check(r: &Names, opts: &LabOptions, exe: &Path, pods: &[Pod]) -> Result<Check> {
+    let mut wrong = Vec::new();
+    for node in 1..=opts.nodes {
+        let v = ctl(r, exe, node, &["fdb"])?;
+        for p in v["ports"].as_array().into_iter().flatten() {
+            let (label, device) = (p["label"].as_str(), p["device"].as_str());
+            if label != Some("host") && !device.is_some_and(|d| d.starts_with("pwv")) {
+                wrong.push(format!("node {node}: {p}"));
             }
         }
-        checks.push(check(
-            "every pod's bridge port is its veth's host end through AF_XDP (--l2-pods xdp)",
-            wrong.is_empty(),
-            if wrong.is_empty() {
-                format!("{} pods", pods.len())
-            } else {
-                wrong.join("; ")
-            },
-        ));
     }
+    Ok(check(
+        "every pod's bridge port is its veth's host end through AF_XDP (--l2-pods xdp)",
+        wrong.is_empty(),
+        if wrong.is_empty() {
+            format!("{} pods", pods.len())
+        } else {
+            wrong.join("; ")
+        },
+    ))
+}
 
+/// Every pair of pods pings, and ARP resolves each pod's own MAC.
+fn ping_checks(r: &Names, opts: &LabOptions, pods: &[Pod]) -> Vec<Check> {
+    let mut checks = Vec::new();
     // Every pair pings (the first packet of each pair resolves ARP through the bridges).
     let mut sent = 0;
     let mut received = 0;
     let mut failed = Vec::new();
     for (i, a) in pods.iter().enumerate() {
         for b in &pods[i + 1..] {
-            let (s, got) = ping(&r, a, b.ip, opts.ping_count);
+            let (s, got) = ping(r, a, b.ip, opts.ping_count);
             sent += s;
             received += got;
             if got == 0 {
@@ -309,7 +332,7 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
     let first = &pods[0];
     let wrong: Vec<String> = pods[1..]
         .iter()
-        .filter(|p| neighbour(&first.ns(&r), p.ip) != Some(p.mac))
+        .filter(|p| neighbour(&first.ns(r), p.ip) != Some(p.mac))
         .map(|p| p.name.clone())
         .collect();
     checks.push(check(
@@ -317,10 +340,19 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
         wrong.is_empty(),
         format!("pod {}: wrong or missing for {wrong:?}", first.name),
     ));
+    checks
+}
 
-    let bytes = opts.transfer_mb * 1_000_000;
-    let same = &pods[1];
-    let remote = pods.iter().find(|p| p.node == 2).expect("node 2 has pods");
+/// TCP transfers on one node and across nodes both ways; their rates are figures.
+fn transfer_check(
+    r: &Names,
+    opts: &LabOptions,
+    pods: &[Pod],
+    bytes: u64,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> Check {
+    let (first, same) = (&pods[0], &pods[1]);
+    let remote = first_on_node_2(pods);
     let mut mbps = serde_json::Map::new();
     let mut errors = Vec::new();
     for (label, from, to) in [
@@ -328,14 +360,14 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
         ("cross_node", first, remote),
         ("cross_node_back", remote, &pods[2]),
     ] {
-        match transfer(&from.ns(&r), &to.ns(&r), to.ip, bytes, 7) {
+        match transfer(&from.ns(r), &to.ns(r), to.ip, bytes, 7) {
             Ok(m) => {
                 mbps.insert(label.into(), json!(m.round()));
             }
             Err(e) => errors.push(format!("{label}: {e:#}")),
         }
     }
-    checks.push(check(
+    let c = check(
         &format!(
             "TCP {} MB with intact SHA-256, same node and across nodes both ways",
             opts.transfer_mb
@@ -346,35 +378,51 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
         } else {
             errors.join("; ")
         },
-    ));
+    );
     figures.insert("tcp_mbps".into(), json!(mbps));
+    c
+}
 
-    // Node 1's FDB: its pods static on their ports, node 2's pods learned behind node 2.
-    let local = fdb_entry(&r, exe, 1, first.mac);
-    let learned = fdb_entry(&r, exe, 1, remote.mac);
+/// Node 1's FDB: its pods static on their ports, node 2's pods learned behind node 2.
+fn fdb_check(r: &Names, exe: &Path, pods: &[Pod]) -> Check {
+    let first = &pods[0];
+    let remote = first_on_node_2(pods);
+    let local = fdb_entry(r, exe, 1, first.mac);
+    let learned = fdb_entry(r, exe, 1, remote.mac);
     let node2 = underlay_ip(2).to_string();
-    checks.push(check(
+    check(
         "podwire ctl fdb: local pods on their ports, remote pods behind their VTEP",
         local
             .as_ref()
-            .is_some_and(|(p, d)| *p == first.ns(&r) && d.is_none())
+            .is_some_and(|(p, d)| *p == first.ns(r) && d.is_none())
             && learned
                 .as_ref()
                 .is_some_and(|(p, d)| p == "vxlan" && d.as_deref() == Some(node2.as_str())),
         format!("{}: {local:?}, {}: {learned:?}", first.name, remote.name),
-    ));
+    )
+}
 
-    // Move pod 1c to node 2 with its address and MAC: detach, attach there.
+/// Pod 1c moves to node 2 with its address and MAC (detach, attach there): reachable after
+/// its first packet, and it takes TCP there.
+fn move_checks(
+    r: &Names,
+    exe: &Path,
+    pods: &[Pod],
+    bytes: u64,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> Vec<Check> {
+    let first = &pods[0];
+    let remote = first_on_node_2(pods);
+    let node2 = underlay_ip(2).to_string();
+    let mut checks = Vec::new();
     let moved = &pods[2];
-    let moved_ok = ctl(&r, exe, 1, &["detach", "--netns", &moved.ns(&r)])
-        .and_then(|_| attach(&r, exe, moved, 2));
+    let moved_ok =
+        ctl(r, exe, 1, &["detach", "--netns", &moved.ns(r)]).and_then(|_| attach(r, exe, moved, 2));
     let t = Instant::now();
     let reached = moved_ok.is_ok()
-        && eventually(|| {
-            ping(&r, moved, first.ip, 1).1 == 1 && ping(&r, first, moved.ip, 1).1 == 1
-        });
+        && eventually(|| ping(r, moved, first.ip, 1).1 == 1 && ping(r, first, moved.ip, 1).1 == 1);
     figures.insert("moved_pod_reachable_ms".into(), json!(ms(t.elapsed())));
-    let now_at = fdb_entry(&r, exe, 1, moved.mac);
+    let now_at = fdb_entry(r, exe, 1, moved.mac);
     checks.push(check(
         "a pod moved to another node is reachable after its first packet",
         reached
@@ -383,21 +431,30 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
                 .is_some_and(|(_, d)| d.as_deref() == Some(node2.as_str())),
         format!("attach: {moved_ok:?}; node 1 now has it at {now_at:?}"),
     ));
-    let still = transfer(&remote.ns(&r), &moved.ns(&r), moved.ip, bytes / 5, 9);
+    let still = transfer(&remote.ns(r), &moved.ns(r), moved.ip, bytes / 5, 9);
     checks.push(check(
         "the moved pod takes TCP on its new node",
         still.is_ok(),
         format!("{still:?}"),
     ));
+    checks
+}
 
-    let forged = forge_from_rogue(&r, opts)?;
-    // Same-node baseline: the same transfer through a Linux bridge.
+/// Same-node baseline: the same transfer through a Linux bridge; the ratio is a figure.
+fn bridge_baseline(
+    res: &Arc<Mutex<Resources>>,
+    r: &Names,
+    pods: &[Pod],
+    bytes: u64,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let (first, same) = (&pods[0], &pods[1]);
     let (ka, kb) = kernel_bridge(res, 1450)?;
     let mut ours = Vec::new();
     let mut kernel = Vec::new();
     let bench_bytes = bytes.max(100_000_000);
     for _ in 0..3 {
-        if let Ok(m) = blast(&first.ns(&r), &same.ns(&r), same.ip, bench_bytes) {
+        if let Ok(m) = blast(&first.ns(r), &same.ns(r), same.ip, bench_bytes) {
             ours.push(m);
         }
         if let Ok(m) = blast(&ka, &kb, Ipv4Addr::new(10, 244, 1, 11), bench_bytes) {
@@ -419,9 +476,7 @@ pub fn run(res: &Arc<Mutex<Resources>>, opts: &LabOptions, exe: &Path) -> Result
             0.0
         }),
     );
-    let mut stats_checks = finish_checks(res, &r, opts, forged)?;
-    checks.append(&mut stats_checks);
-    finish(res, &r, opts, checks, figures, started)
+    Ok(())
 }
 
 /// Stops the daemons and checks their counters and what they left behind.
