@@ -375,12 +375,24 @@ fn run_checks(
     src: &Source,
     node_ports: Option<NodePorts>,
 ) -> Result<(Vec<Check>, Figures)> {
-    let mut checks = Vec::new();
     let mut figures = Figures::default();
     let client = r.ns("p1");
+    let mut checks = cluster_ip_tcp_checks(&client, &mut figures);
+    checks.push(cluster_ip_udp_check(&client));
+    checks.push(hairpin_check(&client, hairpin_ip));
+    checks.push(no_endpoints_check(&client));
+    if let Some(np) = node_ports {
+        checks.extend(node_port_checks(r, hairpin_ip, np));
+    }
+    checks.push(removal_check(r, src)?);
+    Ok((checks, figures))
+}
 
-    // 300 connections through the ClusterIP.
-    let (answers, elapsed) = netns::run_in(&client, || {
+/// 300 connections through the ClusterIP from `client`: intact, seen from the client, spread
+/// over the backends.
+fn cluster_ip_tcp_checks(client: &str, figures: &mut Figures) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let (answers, elapsed) = netns::run_in(client, || {
         let started = Instant::now();
         let mut answers = Vec::new();
         for i in 0..CONNECTIONS {
@@ -426,9 +438,12 @@ fn run_checks(
             detail: format!("{e:#}"),
         }),
     }
+    checks
+}
 
-    // UDP request/response through a ClusterIP: answers come from the ClusterIP.
-    let udp = netns::run_in(&client, || {
+/// UDP request/response through a ClusterIP: answers come from the ClusterIP.
+fn cluster_ip_udp_check(client: &str) -> Check {
+    let udp = netns::run_in(client, || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         sock.set_read_timeout(Some(Duration::from_millis(500)))?;
         let (mut ok, mut from_vip) = (0, 0);
@@ -446,7 +461,7 @@ fn run_checks(
         }
         Ok((ok, from_vip))
     });
-    checks.push(match udp {
+    match udp {
         Ok((ok, from_vip)) => Check {
             name: "UDP request/response through a ClusterIP, answered from the ClusterIP".into(),
             ok: ok >= 49 && from_vip == ok,
@@ -457,14 +472,16 @@ fn run_checks(
             ok: false,
             detail: format!("{e:#}"),
         },
-    });
+    }
+}
 
-    // A pod calling a service it backs itself.
-    let hairpin = netns::run_in(&client, || {
+/// A pod calling a service it backs itself.
+fn hairpin_check(client: &str, hairpin_ip: Ipv4Addr) -> Check {
+    let hairpin = netns::run_in(client, || {
         let mut s = connect(SELF_VIP)?;
         request(&mut s, 1000, 7)
     });
-    checks.push(match hairpin {
+    match hairpin {
         Ok(a) => Check {
             name: "a pod calling a Service it backs is answered (hairpin)".into(),
             ok: a.served_on == pod(1) && *a.peer.ip() == hairpin_ip,
@@ -475,10 +492,12 @@ fn run_checks(
             ok: false,
             detail: format!("{e:#}"),
         },
-    });
+    }
+}
 
-    // A service without endpoints refuses at once (ICMP port unreachable from the ClusterIP).
-    let refused = netns::run_in(&client, || {
+/// A service without endpoints refuses at once (ICMP port unreachable from the ClusterIP).
+fn no_endpoints_check(client: &str) -> Check {
+    let refused = netns::run_in(client, || {
         // A blocking connect bounded by SO_SNDTIMEO: it returns the socket's error itself.
         // (std's connect_timeout polls, and a POLLHUP can win the race against the error being
         // set: "no error set after POLLHUP".)
@@ -488,7 +507,7 @@ fn run_checks(
         let r = sock.connect(&SocketAddrV4::new(EMPTY_VIP, 80).into());
         Ok((r.map_err(|e| (e.kind(), e.raw_os_error())), t.elapsed()))
     });
-    checks.push(match refused {
+    match refused {
         Ok((r, took)) => Check {
             name: "a service without endpoints refuses connections".into(),
             ok: matches!(r, Err((std::io::ErrorKind::ConnectionRefused, _)))
@@ -500,13 +519,7 @@ fn run_checks(
             ok: false,
             detail: format!("{e:#}"),
         },
-    });
-
-    if let Some(np) = node_ports {
-        checks.extend(node_port_checks(r, hairpin_ip, np));
     }
-    checks.push(removal_check(r, src)?);
-    Ok((checks, figures))
 }
 
 /// From the outside host: the web service's NodePort (backends on nodes 2 and 3, which must
