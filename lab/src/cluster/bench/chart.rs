@@ -107,10 +107,17 @@ pub fn svg(modes: &[&str], medians: &[Vec<f64>], reference: &[f64]) -> String {
             }
         );
     }
+    write_legend(&mut s, modes, left, w, top + plot_h + 40.0);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The modes' colours, `LEGEND_PER_ROW` to a row from `legend_top` down.
+fn write_legend(s: &mut String, modes: &[&str], left: f64, w: f64, legend_top: f64) {
     let entry_w = (w - left) / LEGEND_PER_ROW as f64;
     for (m, mode) in modes.iter().enumerate() {
         let x = left + (m % LEGEND_PER_ROW) as f64 * entry_w;
-        let row_y = top + plot_h + 40.0 + 20.0 * (m / LEGEND_PER_ROW) as f64;
+        let row_y = legend_top + 20.0 * (m / LEGEND_PER_ROW) as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{x:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{row_y:.1}">{mode}</text>"#,
@@ -119,8 +126,6 @@ pub fn svg(modes: &[&str], medians: &[Vec<f64>], reference: &[f64]) -> String {
             x + 16.0,
         );
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 #[cfg(test)]
