@@ -7,14 +7,18 @@ use std::process::Command;
 /// Runs `ip ARGS` and fails with its stderr. Only the lab runs `ip`: the daemon sets its
 /// node up over rtnetlink.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (install iproute2)")?;
+    succeed(Command::new("ip").args(args), || {
+        format!("`ip {}`", args.join(" "))
+    })
+}
+
+/// Runs `cmd` (an `ip` command) and fails with `what` it was and its stderr.
+fn succeed(cmd: &mut Command, what: impl FnOnce() -> String) -> Result<()> {
+    let out = cmd.output().context("cannot run `ip` (install iproute2)")?;
     if !out.status.success() {
         bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
+            "{} failed: {}",
+            what(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -43,19 +47,10 @@ pub fn output_in(ns: &str, cmd: &[&str]) -> Result<(bool, String)> {
 
 /// Runs a command inside `ns` (`ip netns exec`) and fails with its stderr.
 pub fn exec_in(ns: &str, cmd: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .output()
-        .context("running ip netns exec")?;
-    if !out.status.success() {
-        bail!(
-            "`{}` in {ns} failed: {}",
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    succeed(
+        Command::new("ip").args(["netns", "exec", ns]).args(cmd),
+        || format!("`{}` in {ns}", cmd.join(" ")),
+    )
 }
 
 /// Moves the calling thread into network namespace `ns`.

@@ -374,6 +374,17 @@ impl ModeSamples {
         self.values[wi].last().copied().unwrap_or(f64::NAN)
     }
 
+    /// The latest round's 64-byte UDP rates, for the progress lines.
+    fn last_udp_rates(&self) -> String {
+        format!(
+            "udp64 offered {:>5.0} kpps, delivered {:>5.0}, loss {:.2}%, ndr {:>5.0} kpps",
+            self.last(Workload::UdpOffered),
+            self.last(Workload::UdpDelivered),
+            self.last(Workload::UdpLoss),
+            self.last(Workload::UdpNdr),
+        )
+    }
+
     fn medians(&self) -> Vec<f64> {
         self.values.iter().map(|s| median(&mut s.clone())).collect()
     }
@@ -410,12 +421,9 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         ceiling.push(&rate_figures(&r));
         ceiling.rates.push(r);
         eprintln!(
-            "bench: round {round}/{} {CEILING:<26} udp64 offered {:>5.0} kpps, delivered {:>5.0}, loss {:.2}%, ndr {:>5.0} kpps",
+            "bench: round {round}/{} {CEILING:<26} {}",
             opts.rounds,
-            ceiling.last(Workload::UdpOffered),
-            ceiling.last(Workload::UdpDelivered),
-            ceiling.last(Workload::UdpLoss),
-            ceiling.last(Workload::UdpNdr),
+            ceiling.last_udp_rates(),
         );
         for (m, (mode, lab)) in labs.iter().enumerate() {
             let (got, rates, activity) = with_lab(
@@ -435,14 +443,11 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             s.rates.push(rates);
             s.xdp.extend(activity);
             eprintln!(
-                "bench: round {round}/{} {mode:<26} tcp1 {:>6.0} Mbit/s  tcp4 {:>6.0} Mbit/s  udp64 offered {:>5.0} kpps, delivered {:>5.0}, loss {:.2}%, ndr {:>5.0} kpps  {:.2} cpu_s/Gbit",
+                "bench: round {round}/{} {mode:<26} tcp1 {:>6.0} Mbit/s  tcp4 {:>6.0} Mbit/s  {}  {:.2} cpu_s/Gbit",
                 opts.rounds,
                 s.last(Workload::Tcp1),
                 s.last(Workload::Tcp4),
-                s.last(Workload::UdpOffered),
-                s.last(Workload::UdpDelivered),
-                s.last(Workload::UdpLoss),
-                s.last(Workload::UdpNdr),
+                s.last_udp_rates(),
                 s.last(Workload::CpuPerGbit),
             );
         }
@@ -613,14 +618,7 @@ mod tests {
             svg: PathBuf::new(),
             podwire: PathBuf::new(),
         };
-        let trial = |sent: u64, received: u64| rate::Trial {
-            target_pps: None,
-            offered_pps: sent as f64,
-            delivered_pps: received as f64,
-            sent,
-            received,
-            seconds: 1.0,
-        };
+        let trial = rate::Trial::one_second;
         let rates = rate::RateResult {
             max_offered: trial(200_000, 100_000),
             ndr: Some(trial(90_000, 90_000)),

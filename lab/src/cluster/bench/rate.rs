@@ -226,10 +226,9 @@ impl Drop for DirectPair {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(sent: u64, received: u64) -> Trial {
+impl Trial {
+    /// An unpaced one-second trial that sent `sent` datagrams and got `received` of them.
+    pub fn one_second(sent: u64, received: u64) -> Trial {
         Trial {
             target_pps: None,
             offered_pps: sent as f64,
@@ -239,6 +238,11 @@ mod tests {
             seconds: 1.0,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     /// A path that carries up to `capacity` pps and loses what is above it; the generator
     /// reaches `generator` pps at most.
@@ -300,15 +304,15 @@ mod tests {
 
     #[test]
     fn test_loss_and_pass() {
-        assert_eq!(t(0, 0).loss(), 0.0);
+        assert_eq!(Trial::one_second(0, 0).loss(), 0.0);
         assert!(
-            !t(0, 0).passes(),
+            !Trial::one_second(0, 0).passes(),
             "a trial that offered nothing proves nothing"
         );
-        assert!(t(100_000, 99_900).passes());
-        assert!(!t(100_000, 99_899).passes());
-        assert_eq!(t(1000, 500).loss(), 0.5);
+        assert!(Trial::one_second(100_000, 99_900).passes());
+        assert!(!Trial::one_second(100_000, 99_899).passes());
+        assert_eq!(Trial::one_second(1000, 500).loss(), 0.5);
         // More arriving than sent (a duplicate) is no loss, not a negative one.
-        assert_eq!(t(10, 12).loss(), 0.0);
+        assert_eq!(Trial::one_second(10, 12).loss(), 0.0);
     }
 }
