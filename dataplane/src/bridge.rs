@@ -31,7 +31,7 @@
 //!
 //! Every table is allocated when the bridge is built, so a decision never allocates.
 
-use crate::pipeline::DropReason;
+use crate::verdict::DropReason;
 use crate::wire::ethernet;
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;

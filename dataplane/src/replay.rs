@@ -1,10 +1,11 @@
 //! Offline replay: a capture through the same pipeline the workers run, with pcap ports.
 
 use crate::batch::Batch;
-use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
+use crate::pipeline::{self, Direction, Flows, Tables};
 use crate::port::pcap::{PcapSink, PcapSource, Side};
 use crate::port::{PortError, RxPort, TxPort};
 use crate::stats::{Counter, LocalStats};
+use crate::verdict::{DropReason, Verdict};
 use core::net::SocketAddrV4;
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Per-worker counters: plain integers inside the batch loop, added to shared atomics once per
 //! batch (Relaxed), so the hot path never contends on a cache line.
 
-use crate::pipeline::DropReason;
+use crate::verdict::DropReason;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Event counters besides drops.

@@ -24,7 +24,7 @@
 use super::{FaultPoint, WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
 use crate::batch::Batch;
 use crate::bridge::{Bridge, BridgeError, Decision, EntryView, PortId, PortOptions, Station};
-use crate::pipeline::{DropReason, Encap, Tables};
+use crate::pipeline::{Encap, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
 use crate::port::xdp_underlay::XdpUnderlayPort;
@@ -32,6 +32,7 @@ use crate::port::xsk::XskPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::route::Backend;
 use crate::stats::{Counter, LocalStats, SharedStats};
+use crate::verdict::DropReason;
 use crate::wire::MacAddr;
 use crate::wire::{ethernet, vnet, vxlan};
 use arc_swap::ArcSwap;
