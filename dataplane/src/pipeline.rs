@@ -41,9 +41,11 @@ use std::sync::Arc;
 // Re-exported: the verdicts are the pipeline's answers, and the control side names them here.
 pub use crate::verdict::{DropReason, Verdict};
 
+mod bridged;
 mod flows;
 mod worker_state;
 use crate::nat::Services;
+pub use bridged::{process_bridged, BridgeIngress};
 pub use flows::{Flows, Tracker};
 use flows::{Ingress, Outcome, Stop};
 pub use worker_state::{IcmpRateLimit, PathMtus, WorkerState};
@@ -572,6 +574,17 @@ fn track_inbound(
 }
 
 /// The kernel's VXLAN receive checks, then ours; returns the inner IPv4 packet's length.
+/// The VXLAN receive checks both modes share (the kernel's `vxlan_rcv` rules): a whole
+/// header, exactly the I flag with every reserved bit zero, and our VNI. Returns the inner frame.
+fn vxlan_receive(data: &[u8], vni: Vni) -> Result<&[u8], DropReason> {
+    let v = vxlan::Packet::new_checked(data).map_err(|_| DropReason::Truncated)?;
+    v.check_strict().map_err(|_| DropReason::BadVxlanHeader)?;
+    if v.vni() != vni {
+        return Err(DropReason::WrongVni);
+    }
+    Ok(&data[vxlan::HEADER_LEN..])
+}
+
 fn vxlan_decap(
     t: &Tables,
     sender: Ipv4Addr,
@@ -579,12 +592,8 @@ fn vxlan_decap(
     vni: Vni,
     local_mac: MacAddr,
 ) -> Result<usize, DropReason> {
-    let v = vxlan::Packet::new_checked(data).map_err(|_| DropReason::Truncated)?;
-    v.check_strict().map_err(|_| DropReason::BadVxlanHeader)?;
-    if v.vni() != vni {
-        return Err(DropReason::WrongVni);
-    }
-    let eth = ethernet::Packet::new_checked(v.payload()).map_err(|_| DropReason::Truncated)?;
+    let frame = vxlan_receive(data, vni)?;
+    let eth = ethernet::Packet::new_checked(frame).map_err(|_| DropReason::Truncated)?;
     if eth.src() == local_mac {
         return Err(DropReason::LoopToSelf);
     }

@@ -104,7 +104,10 @@ pub fn replay_with(
                     stats.drop(r);
                     continue;
                 }
-                Verdict::Pending => continue,
+                // L2 mode's verdicts: the routed pipeline gives none.
+                Verdict::ToPort(_) | Verdict::ToPeer(_) | Verdict::Flood | Verdict::Pending => {
+                    continue
+                }
             };
             for _ in 0..outcome.failed {
                 stats.drop(DropReason::TxError);

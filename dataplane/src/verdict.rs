@@ -112,10 +112,12 @@ impl core::fmt::Display for DropReason {
 pub enum Verdict {
     /// Not processed yet.
     Pending,
-    /// Send the packet's bytes as one datagram from our underlay socket to this address.
+    /// flannel udp: the packet's bytes are the payload of one underlay datagram to this peer
+    /// node's address and port.
     ToUnderlay(SocketAddrV4),
-    /// The packet is a complete outer IPv4 packet (we wrote its headers): send it as is, to this
-    /// address (raw IP socket).
+    /// VXLAN: to the peer node at this address, encapsulated: the pipeline wrote the whole
+    /// outer IPv4/UDP/VXLAN/Ethernet headers in front of the inner packet (an underlay that
+    /// writes its own outer IPv4 and UDP headers sends what follows them).
     ToUnderlayIp(Ipv4Addr),
     /// Write the packet into the TUN device.
     ToTun,
@@ -125,9 +127,21 @@ pub enum Verdict {
     /// the cluster (`--io xdp`: NodePort answers, masqueraded pod traffic): send it on the
     /// node's wire towards this address.
     ToWire(Ipv4Addr),
+    /// L2 mode: out of this local bridge port.
+    ToPort(PortId),
+    /// L2 mode: to the node whose underlay address (and so VTEP) this is, into the tunnel.
+    ToPeer(Ipv4Addr),
+    /// L2 mode: out of every flooding port but the one it came in by, and to every VTEP when
+    /// it came from a local port (the bridge's `flood_ports` and `floods_to_tunnel`).
+    Flood,
     /// Count and forget.
     Drop(DropReason),
 }
+
+/// A bridge port, by index. [`crate::bridge::TUNNEL`] is the VXLAN port that every remote
+/// VTEP sits behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u16);
 
 #[cfg(test)]
 mod tests {

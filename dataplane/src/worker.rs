@@ -444,7 +444,8 @@ impl Dispatch {
                     self.queue_for_pod(batch, i, &mut ports.pods);
                 }
                 Verdict::Drop(r) => stats.drop(r),
-                Verdict::Pending => {}
+                // L2 mode's verdicts: the routed pipeline gives none.
+                Verdict::ToPort(_) | Verdict::ToPeer(_) | Verdict::Flood | Verdict::Pending => {}
             }
         }
         if self.n_underlay > 0 {
