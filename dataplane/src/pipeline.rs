@@ -45,7 +45,7 @@ mod bridged;
 mod flows;
 mod worker_state;
 use crate::nat::Services;
-pub use bridged::{process_bridged, BridgeIngress};
+pub use bridged::{process_bridged, sync_peers, BridgeIngress};
 pub use flows::{Flows, Tracker};
 use flows::{Ingress, Outcome, Stop};
 pub use worker_state::{IcmpRateLimit, PathMtus, WorkerState};

@@ -14,11 +14,13 @@
 //! How a verdict is carried out (a TAP write, a VXLAN header and a UDP send, head-end
 //! replication of a flood) is the worker's business.
 
-use super::vxlan_receive;
+use super::{vxlan_receive, Encap, Tables};
 use crate::batch::Batch;
 use crate::bridge::{Bridge, Decision, PortId, Station};
+use crate::route::Backend;
 use crate::verdict::{DropReason, Verdict};
 use crate::wire::vxlan::{self, Vni};
+use crate::wire::MacAddr;
 use core::net::Ipv4Addr;
 
 /// Where a batch of frames came from in L2 mode.
@@ -68,6 +70,45 @@ pub fn process_bridged(
             }
         };
     }
+}
+
+/// Takes what L2 mode needs from a table snapshot into `bridge`: the VTEPs (every other node
+/// whose lease is VXLAN's with our VNI) and, as static remote entries, their host ports' MACs
+/// (advertised as their leases' VtepMACs). `installed` holds the entries a previous snapshot
+/// installed: they are withdrawn first (only those: a pod's or the host port's entry for the
+/// same MAC stays, and a remote entry never replaces one, which the bridge refuses and counts),
+/// and it is left holding this snapshot's. Returns the VNI; None (and no VTEP) when the tables
+/// are not VXLAN's. Runs on a snapshot swap, not per packet.
+pub fn sync_peers(
+    bridge: &mut Bridge,
+    tables: &Tables,
+    installed: &mut Vec<MacAddr>,
+) -> Option<Vni> {
+    let Encap::Vxlan { vni, local_mac } = tables.encap else {
+        bridge.set_vteps(&[]);
+        return None;
+    };
+    let me = tables.local.public_ip;
+    let peers: Vec<(Ipv4Addr, MacAddr)> = tables
+        .map
+        .nodes()
+        .filter(|n| n.public_ip != me)
+        .filter_map(|n| match n.backend {
+            Backend::Vxlan { vni: v, vtep_mac } if v == vni => Some((n.public_ip, vtep_mac)),
+            _ => None,
+        })
+        .collect();
+    let vteps: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).collect();
+    bridge.set_vteps(&vteps);
+    for mac in installed.drain(..) {
+        bridge.remove_remote_static(mac);
+    }
+    for (ip, mac) in peers {
+        if mac != local_mac && bridge.add_static(mac, Station::Remote(ip)).is_ok() {
+            installed.push(mac);
+        }
+    }
+    Some(vni)
 }
 
 /// A frame from local port `port`.

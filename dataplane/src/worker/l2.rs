@@ -24,13 +24,12 @@
 use super::{FaultPoint, WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
 use crate::batch::Batch;
 use crate::bridge::{Bridge, BridgeError, EntryView, PortId, PortOptions, Station};
-use crate::pipeline::{self, BridgeIngress, Encap, Tables};
+use crate::pipeline::{self, BridgeIngress, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
 use crate::port::xdp_underlay::XdpUnderlayPort;
 use crate::port::xsk::XskPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
-use crate::route::Backend;
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::verdict::{DropReason, Verdict};
 use crate::wire::MacAddr;
@@ -429,25 +428,12 @@ impl L2Worker {
     /// Takes the VNI, the VTEPs and the peers' host-port MACs from a new table snapshot.
     fn sync(&mut self, tables: &Arc<Tables>) {
         self.synced = Some(Arc::clone(tables));
-        let Encap::Vxlan { vni, local_mac } = tables.encap else {
-            self.vni = None;
-            self.bridge.set_vteps(&[]);
+        self.vni = pipeline::sync_peers(&mut self.bridge, tables, &mut self.control_statics);
+        if self.vni.is_none() {
             return;
-        };
-        self.vni = Some(vni);
+        }
         self.peer_port = tables.peer_port;
-        let me = tables.local.public_ip;
-        let peers: Vec<(Ipv4Addr, MacAddr)> = tables
-            .map
-            .nodes()
-            .filter(|n| n.public_ip != me)
-            .filter_map(|n| match n.backend {
-                Backend::Vxlan { vni: v, vtep_mac } if v == vni => Some((n.public_ip, vtep_mac)),
-                _ => None,
-            })
-            .collect();
-        let vteps: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).collect();
-        self.bridge.set_vteps(&vteps);
+        let vteps = self.bridge.vteps();
         if let Some(x) = self.xdp.as_mut() {
             // The first frame to each VTEP finds its next hop's MAC.
             x.prime(vteps.iter().copied());
@@ -455,17 +441,6 @@ impl L2Worker {
         // Room for a whole batch flooded to every VTEP, so sending never allocates.
         let need = self.config.batch_size.clamp(1, MAX_BATCH) * (vteps.len() + 1);
         self.remote.reserve(need.saturating_sub(self.remote.len()));
-        // Only the control plane's own entries are withdrawn: a pod's (or the host port's)
-        // entry for the same MAC stays, and a remote entry never replaces one (the bridge
-        // refuses it and counts it).
-        for mac in self.control_statics.drain(..) {
-            self.bridge.remove_remote_static(mac);
-        }
-        for (ip, mac) in peers {
-            if mac != local_mac && self.bridge.add_static(mac, Station::Remote(ip)).is_ok() {
-                self.control_statics.push(mac);
-            }
-        }
     }
 
     fn handle_commands(&mut self) {
