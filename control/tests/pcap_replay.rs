@@ -323,6 +323,56 @@ fn podwire_replay_cli_writes_the_same_frames() {
 }
 
 #[test]
+fn podwire_replay_cli_replays_an_l2_case() {
+    let dir = fixtures().join("l2-flood");
+    let out = out_dir().join("cli-l2-flood");
+    let status = Command::new(env!("CARGO_BIN_EXE_podwire"))
+        .args([
+            "replay",
+            "--store",
+            &format!("file:{}", dir.join("cluster.json").display()),
+        ])
+        .args([
+            "--public-ip",
+            "192.168.100.1",
+            "--from",
+            "port",
+            "--in-port",
+            "2",
+        ])
+        .args(["--bridge-port", "0e:70:77:00:00:01,host"])
+        .args(["--bridge-port", "02:00:00:00:01:02"])
+        .args(["--bridge-port", "02:00:00:00:01:03"])
+        .args([
+            "--in",
+            dir.join("in.pcap").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // Two frames: a broadcast (ports 1 and 3, node 2) and an unknown unicast (port 3, node 2).
+    assert!(String::from_utf8_lossy(&status.stdout).contains("records written: 5"));
+    assert_eq!(
+        records(&out.join("underlay.pcap")),
+        records(&dir.join("expected.pcap"))
+    );
+    for p in 1..=3 {
+        assert_eq!(
+            records(&out.join(format!("port{p}.pcap"))),
+            records(&dir.join(format!("expected-port{p}.pcap"))),
+            "port {p}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
 fn a_malformed_cluster_file_names_the_key() {
     let dir = out_dir();
     let bad = dir.join("bad-cluster.json");
