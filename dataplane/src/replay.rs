@@ -144,19 +144,12 @@ pub struct BridgePort {
     pub host: bool,
 }
 
-/// L2 mode: runs the records of `input` through the bridge's decisions, as the L2 worker does,
-/// with a bridge of `ports` (attached in order: ids 1, 2, ...) and the VTEPs and peers' static
-/// entries of `tables`. `from` says where every record comes from: frames from a port (link
-/// type ETHERNET), or VXLAN datagrams from the underlay (outer IPv4/UDP to our VXLAN port).
-/// Writes what leaves into `out_dir`: `underlay.pcap` (the datagrams our VXLAN socket sends,
-/// each flood copy once per VTEP) and `port<N>.pcap` (the frames out of port N).
-pub fn replay_bridged(
+/// The bridge an L2 replay runs: `ports` attached in order, each with its station as a static
+/// entry, and the VTEPs and peers' entries of `tables` (as the L2 worker syncs them).
+fn bridge_of(
     tables: &Tables,
     ports: &[BridgePort],
-    from: BridgeIngress,
-    input: &Path,
-    out_dir: &Path,
-) -> Result<ReplayReport, ReplayError> {
+) -> Result<(Bridge, Option<vxlan::Vni>, Vec<PortId>), ReplayError> {
     let mut installed = Vec::new();
     let mut bridge = Bridge::new(bridge::Config::default(), ports.len() + tables.map.len());
     let vni = pipeline::sync_peers(&mut bridge, tables, &mut installed);
@@ -171,6 +164,23 @@ pub fn replay_bridged(
             .and_then(|id| bridge.add_static(p.mac, Station::Port(id)).map(|()| id));
         ids.push(added.map_err(|source| ReplayError::Bridge { index, source })?);
     }
+    Ok((bridge, vni, ids))
+}
+
+/// L2 mode: runs the records of `input` through the bridge's decisions, as the L2 worker does,
+/// with a bridge of `ports` (attached in order: ids 1, 2, ...) and the VTEPs and peers' static
+/// entries of `tables`. `from` says where every record comes from: frames from a port (link
+/// type ETHERNET), or VXLAN datagrams from the underlay (outer IPv4/UDP to our VXLAN port).
+/// Writes what leaves into `out_dir`: `underlay.pcap` (the datagrams our VXLAN socket sends,
+/// each flood copy once per VTEP) and `port<N>.pcap` (the frames out of port N).
+pub fn replay_bridged(
+    tables: &Tables,
+    ports: &[BridgePort],
+    from: BridgeIngress,
+    input: &Path,
+    out_dir: &Path,
+) -> Result<ReplayReport, ReplayError> {
+    let (mut bridge, vni, ids) = bridge_of(tables, ports)?;
     let local_udp = SocketAddrV4::new(tables.local.public_ip, tables.peer_port);
     let side = match from {
         BridgeIngress::Port(_) => Side::Frames,
