@@ -1,11 +1,18 @@
 //! The L2 bridge: a forwarding decision (learn the source, look up the destination) as the FDB
-//! grows, and learning a new station. Run: `cargo bench -p podwire-benches --bench bridge`.
+//! grows, learning a new station, and the pipeline's L2 decisions over a batch of 64 frames
+//! (from a port; from the underlay, VXLAN checks and decap included), as the L2 worker runs
+//! them. Run: `cargo bench -p podwire-benches --bench bridge`.
 //!
 //! Budget (docs/architecture.md): a known-unicast decision under 30 ns at 100k MACs.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use podwire_dataplane::batch::{Batch, HEADROOM};
 use podwire_dataplane::bridge::{Bridge, Config, Decision, PortOptions, Station};
+use podwire_dataplane::pipeline::{process_bridged, BridgeIngress};
+use podwire_dataplane::verdict::Verdict;
+use podwire_dataplane::wire::vxlan::Vni;
 use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 fn mac(i: u32) -> [u8; 6] {
     let b = i.to_be_bytes();
@@ -93,5 +100,50 @@ fn learn_new(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, known_unicast, learn_new);
+/// 64 packets of `pkt` from `peer`, as a port would receive them.
+fn refill(b: &mut Batch, pkt: &[u8], peer: SocketAddrV4) {
+    b.clear();
+    for i in 0..64 {
+        b.rx_slot(i)[..pkt.len()].copy_from_slice(pkt);
+        b.commit_rx(i, pkt.len(), peer, false);
+    }
+}
+
+fn bridged_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bridged_64_frames");
+    g.throughput(Throughput::Elements(64));
+    let (mut b, ports) = filled(1_000);
+    let vtep = Ipv4Addr::new(192, 168, 100, 2);
+    b.set_vteps(&[vtep]);
+    let vni = Vni::new(1);
+    let known = frame(mac(1), mac(0));
+    let mut batch = Batch::new(64, 2048 + HEADROOM);
+    let none = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let from_port = BridgeIngress::Port(ports[0]);
+    g.bench_function("from_port_known_unicast", |bench| {
+        bench.iter(|| {
+            refill(&mut batch, &known, none);
+            process_bridged(&mut b, vni, from_port, &mut batch, 1);
+            debug_assert!(matches!(batch.meta(0).verdict, Verdict::ToPort(_)));
+            black_box(batch.meta(63).verdict);
+        })
+    });
+    let mut datagram = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    datagram.extend_from_slice(&frame(mac(1), mac(5_000)));
+    let peer = SocketAddrV4::new(vtep, 8472);
+    g.bench_function("from_underlay_decap", |bench| {
+        bench.iter(|| {
+            refill(&mut batch, &datagram, peer);
+            process_bridged(&mut b, vni, BridgeIngress::Underlay, &mut batch, 1);
+            debug_assert!(matches!(batch.meta(0).verdict, Verdict::ToPort(_)));
+            black_box(batch.meta(63).verdict);
+        })
+    });
+    g.bench_function("refill_only_baseline", |bench| {
+        bench.iter(|| refill(&mut batch, &datagram, peer))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, known_unicast, learn_new, bridged_batch);
 criterion_main!(benches);

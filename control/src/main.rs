@@ -129,6 +129,19 @@ enum Side {
     Underlay,
     /// Both interleaved: datagrams to our port came from the underlay, the rest from the TUN.
     Both,
+    /// L2 mode (with --bridge-port): Ethernet frames from bridge port --in-port.
+    Port,
+}
+
+/// `MAC` or `MAC,host`: a bridge port of an L2 replay.
+fn parse_bridge_port(s: &str) -> Result<podwire_dataplane::replay::BridgePort, String> {
+    let (mac, host) = match s.split_once(',') {
+        Some((mac, "host")) => (mac, true),
+        Some((_, other)) => return Err(format!("{other}: want MAC or MAC,host")),
+        None => (s, false),
+    };
+    let mac = mac.parse().map_err(|e| format!("{mac}: {e}"))?;
+    Ok(podwire_dataplane::replay::BridgePort { mac, host })
 }
 
 #[derive(Args)]
@@ -146,8 +159,16 @@ struct ReplayArgs {
     #[arg(long = "in")]
     input: PathBuf,
     /// Output capture (pcap, link type RAW): what would go to the underlay or into the TUN.
+    /// In L2 mode a directory: `underlay.pcap` and `port<N>.pcap` (Ethernet) are written there.
     #[arg(long = "out")]
     output: PathBuf,
+    /// L2 mode: a port of the bridge (`MAC` or `MAC,host`), its station a static entry; ports
+    /// get ids 1, 2, ... in order. The VTEPs and peers' entries come from the store.
+    #[arg(long = "bridge-port", value_parser = parse_bridge_port)]
+    bridge_ports: Vec<podwire_dataplane::replay::BridgePort>,
+    /// L2 mode with `--from port`: the port the frames came in by.
+    #[arg(long, default_value_t = 1)]
+    in_port: u16,
     /// Replay statefully with connection tracking and these services (`file:PATH`, the format
     /// of `podwire run --services`), timed by the records' capture times.
     #[arg(long)]
@@ -275,10 +296,16 @@ fn replay(a: ReplayArgs) -> Result<()> {
     )
     .load()?;
     let mut tables = podwire::tables::build(&view, a.public_ip, None)?;
+    if !a.bridge_ports.is_empty() {
+        return replay_bridged(&a, &tables);
+    }
     let from = match a.from {
         Side::Tun => Some(Direction::FromTun),
         Side::Underlay => Some(Direction::FromUnderlay),
         Side::Both => None,
+        Side::Port => {
+            anyhow::bail!("--from port is L2 mode: name the bridge's ports (--bridge-port)")
+        }
     };
     let flows = match &a.services {
         None => None,
@@ -298,6 +325,40 @@ fn replay(a: ReplayArgs) -> Result<()> {
     };
     let report =
         podwire_dataplane::replay::replay_with(&tables, flows.as_ref(), from, &a.input, &a.output)?;
+    print_replay(&a, &tables, &report);
+    Ok(())
+}
+
+/// `podwire replay` in L2 mode (`--bridge-port`): the bridge's decisions.
+fn replay_bridged(a: &ReplayArgs, tables: &podwire_dataplane::pipeline::Tables) -> Result<()> {
+    use podwire_dataplane::pipeline::BridgeIngress;
+    let from = match a.from {
+        Side::Port => BridgeIngress::Port(podwire_dataplane::bridge::PortId(a.in_port)),
+        Side::Underlay => BridgeIngress::Underlay,
+        Side::Tun | Side::Both => {
+            anyhow::bail!("an L2 replay reads frames from a port or datagrams from the underlay")
+        }
+    };
+    if a.services.is_some() {
+        anyhow::bail!("--services is routed mode's: an L2 replay has no connection tracking");
+    }
+    std::fs::create_dir_all(&a.output)?;
+    let report = podwire_dataplane::replay::replay_bridged(
+        tables,
+        &a.bridge_ports,
+        from,
+        &a.input,
+        &a.output,
+    )?;
+    print_replay(a, tables, &report);
+    Ok(())
+}
+
+fn print_replay(
+    a: &ReplayArgs,
+    tables: &podwire_dataplane::pipeline::Tables,
+    report: &podwire_dataplane::replay::ReplayReport,
+) {
     println!("records read:    {}", report.records);
     if report.skipped > 0 {
         println!(
@@ -314,5 +375,4 @@ fn replay(a: ReplayArgs) -> Result<()> {
             println!("drop {r:<18} {n}");
         }
     }
-    Ok(())
 }

@@ -1,12 +1,14 @@
 //! pcap replay: every case under fixtures/pcap runs through the pipeline offline and must produce
 //! exactly the expected frames (built independently with etherparse) and exactly the expected
-//! drops by reason. Where tshark is installed it decodes our output as an independent check.
+//! drops by reason, in routed mode or (`"mode": "l2"`) through the bridge's decisions. Where
+//! tshark is installed it decodes our output as an independent check.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
 
+use podwire_dataplane::bridge::PortId;
 use podwire_dataplane::nat::{ServiceOptions, Services, DEFAULT_SERVICE_CIDR};
-use podwire_dataplane::pipeline::{Direction, DropReason, Flows};
-use podwire_dataplane::replay::replay_with;
+use podwire_dataplane::pipeline::{BridgeIngress, Direction, DropReason, Flows};
+use podwire_dataplane::replay::{replay_bridged, replay_with, BridgePort};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -167,6 +169,10 @@ fn every_case_replays_to_its_expected_output() {
         .unwrap();
         let public_ip: Ipv4Addr = case["public_ip"].as_str().unwrap().parse().unwrap();
         let mut tables = podwire::tables::build(&view, public_ip, None).unwrap();
+        if case["mode"].as_str() == Some("l2") {
+            check_l2_case(&name, &dir, &case, &tables, &out, tshark);
+            continue;
+        }
         let from = match case["from"].as_str().unwrap() {
             "tun" => Some(Direction::FromTun),
             "underlay" => Some(Direction::FromUnderlay),
@@ -228,6 +234,65 @@ fn every_case_replays_to_its_expected_output() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// An L2 case (`"mode": "l2"`): the frames from one port or the datagrams from the underlay
+/// through the bridge's decisions; what went into the tunnel must be `expected.pcap`, what left
+/// by port N `expected-port<N>.pcap`, and the drops by reason the case's.
+fn check_l2_case(
+    name: &str,
+    dir: &Path,
+    case: &serde_json::Value,
+    tables: &podwire_dataplane::pipeline::Tables,
+    out: &Path,
+    tshark: bool,
+) {
+    let ports: Vec<BridgePort> = case["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| BridgePort {
+            mac: p["mac"].as_str().unwrap().parse().unwrap(),
+            host: p["host"].as_bool().unwrap(),
+        })
+        .collect();
+    let from = match case["from"].as_str().unwrap() {
+        "port" => BridgeIngress::Port(PortId(case["in_port"].as_u64().unwrap() as u16)),
+        "underlay" => BridgeIngress::Underlay,
+        other => panic!("{name}: bad from {other}"),
+    };
+    let out_dir = out.join(name);
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let report = replay_bridged(tables, &ports, from, &dir.join("in.pcap"), &out_dir).unwrap();
+    let mut outputs = vec![("expected.pcap".to_string(), out_dir.join("underlay.pcap"))];
+    for id in 1..=ports.len() {
+        outputs.push((
+            format!("expected-port{id}.pcap"),
+            out_dir.join(format!("port{id}.pcap")),
+        ));
+    }
+    for (expected, got_path) in outputs {
+        let got = records(&got_path);
+        let want = records(&dir.join(&expected));
+        assert_eq!(got.len(), want.len(), "{name}: {expected}: frame count");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g, w,
+                "{name}: {expected}: frame {i} differs\n got  {g:02x?}\n want {w:02x?}"
+            );
+        }
+        if tshark && !got.is_empty() {
+            tshark_check(&got_path);
+        }
+    }
+    for r in DropReason::ALL {
+        let want = case["drops"]
+            .get(r.as_str())
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        assert_eq!(report.stats.drops(r), want, "{name}: drops[{r}]");
+    }
+    assert_eq!(report.skipped, 0, "{name}: skipped");
+}
+
 #[test]
 fn podwire_replay_cli_writes_the_same_frames() {
     let dir = fixtures().join("encap");
@@ -255,6 +320,56 @@ fn podwire_replay_cli_writes_the_same_frames() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("records written: 4"));
     assert_eq!(records(&out), records(&dir.join("expected.pcap")));
     let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn podwire_replay_cli_replays_an_l2_case() {
+    let dir = fixtures().join("l2-flood");
+    let out = out_dir().join("cli-l2-flood");
+    let status = Command::new(env!("CARGO_BIN_EXE_podwire"))
+        .args([
+            "replay",
+            "--store",
+            &format!("file:{}", dir.join("cluster.json").display()),
+        ])
+        .args([
+            "--public-ip",
+            "192.168.100.1",
+            "--from",
+            "port",
+            "--in-port",
+            "2",
+        ])
+        .args(["--bridge-port", "0e:70:77:00:00:01,host"])
+        .args(["--bridge-port", "02:00:00:00:01:02"])
+        .args(["--bridge-port", "02:00:00:00:01:03"])
+        .args([
+            "--in",
+            dir.join("in.pcap").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // Two frames: a broadcast (ports 1 and 3, node 2) and an unknown unicast (port 3, node 2).
+    assert!(String::from_utf8_lossy(&status.stdout).contains("records written: 5"));
+    assert_eq!(
+        records(&out.join("underlay.pcap")),
+        records(&dir.join("expected.pcap"))
+    );
+    for p in 1..=3 {
+        assert_eq!(
+            records(&out.join(format!("port{p}.pcap"))),
+            records(&dir.join(format!("expected-port{p}.pcap"))),
+            "port {p}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

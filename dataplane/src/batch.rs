@@ -4,7 +4,7 @@
 //! prepend headers without moving the packet, then the packet as the port received it. The
 //! packet's bytes are `slot[meta.start .. meta.start + meta.len]`.
 
-use crate::pipeline::Verdict;
+use crate::verdict::Verdict;
 use core::net::{Ipv4Addr, SocketAddrV4};
 
 /// Bytes reserved in front of every received packet for headers we prepend.

@@ -31,16 +31,15 @@
 //!
 //! Every table is allocated when the bridge is built, so a decision never allocates.
 
-use crate::pipeline::DropReason;
+use crate::verdict::DropReason;
 use crate::wire::ethernet;
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;
 use hashbrown::HashMap;
 use rustc_hash::FxBuildHasher;
 
-/// A bridge port, by index. [`TUNNEL`] is the VXLAN port that every remote VTEP sits behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortId(pub u16);
+// A verdict names a port by id: the type is the verdict module's, a leaf.
+pub use crate::verdict::PortId;
 
 /// The tunnel port: frames for remote stations leave by it, encapsulated to their VTEP.
 pub const TUNNEL: PortId = PortId(0);

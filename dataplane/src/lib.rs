@@ -1,6 +1,7 @@
 //! podwire's dataplane: everything a packet touches.
 //!
 //! - [`wire`] knows bytes: zero-copy header views with checked constructors.
+//! - [`verdict`] says what to do with a packet and why one was dropped: a leaf every layer imports.
 //! - [`pipeline`] knows decisions: a sans-I/O `process(tables, direction, batch)`.
 //! - [`route`] is the subnet map the decisions read.
 //! - [`port`] knows devices: TUN, UDP sockets and pcap files behind batched rx/tx.
@@ -22,5 +23,6 @@ pub mod route;
 pub mod stats;
 #[allow(unsafe_code)]
 mod sys;
+pub mod verdict;
 pub mod wire;
 pub mod worker;

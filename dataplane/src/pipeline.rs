@@ -38,167 +38,17 @@ use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol
 use core::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
+// Re-exported: the verdicts are the pipeline's answers, and the control side names them here.
+pub use crate::verdict::{DropReason, Verdict};
+
+mod bridged;
 mod flows;
 mod worker_state;
 use crate::nat::Services;
+pub use bridged::{process_bridged, sync_peers, BridgeIngress};
 pub use flows::{Flows, Tracker};
 use flows::{Ingress, Outcome, Stop};
 pub use worker_state::{IcmpRateLimit, PathMtus, WorkerState};
-
-/// Why a packet was not forwarded. The names are the metrics labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// Shorter than its headers, or than a length a header claims.
-    Truncated,
-    /// An IPv4 header with an impossible version, header length or total length.
-    BadIpHeader,
-    /// An inner IPv4 header whose checksum is wrong.
-    BadChecksum,
-    /// Not IPv4 (IPv6, ARP or garbage) on a path that carries only IPv4.
-    NotIpv4,
-    /// TTL would reach zero.
-    TtlExpired,
-    /// No lease holds the destination and no ICMP error may be sent for this packet.
-    NoRoute,
-    /// A packet from the TUN for our own lease, a frame from our own VtepMAC, or an underlay
-    /// datagram from our own address: it would loop.
-    LoopToSelf,
-    /// An underlay datagram from an address that is no node's PublicIP.
-    UnknownPeer,
-    /// An inner source address outside the sending node's lease.
-    SpoofedSource,
-    /// An inner destination outside this node's lease.
-    NotForThisNode,
-    /// A VXLAN header without the I flag, or with another flag or reserved bit set.
-    BadVxlanHeader,
-    /// A VXLAN header with a VNI other than ours.
-    WrongVni,
-    /// An inner Ethernet frame not addressed to our VtepMAC.
-    WrongDstMac,
-    /// A datagram or frame larger than the receive buffer.
-    Oversized,
-    /// The device or socket refused the packet on transmit.
-    TxError,
-    /// Connection tracking calls it INVALID (netfilter's rules): bad TCP flags, a transition
-    /// the state table forbids, an out-of-window RST, an answer to no connection.
-    CtInvalid,
-    /// The connection table is full and nothing in reach could be early-dropped.
-    CtTableFull,
-    /// A packet of a service connection whose backend no longer backs the service.
-    EndpointGone,
-    /// A fragment of a packet to a service (its ports, and so its backend, are unknown).
-    Fragmented,
-    /// No free source port for a hairpin connection's SNAT.
-    SnatPortsExhausted,
-    /// An Ethernet frame whose source MAC is multicast or all zeros (L2 mode).
-    InvalidSourceMac,
-    /// A frame to an IEEE link-local group (STP, LACP, 802.1X), which bridges never forward
-    /// (L2 mode).
-    LinkLocal,
-    /// A frame whose destination sits behind the port it came in by, which is not in hairpin
-    /// mode (L2 mode).
-    Hairpin,
-    /// An ICMP error we would have generated, over the kernel's `icmp_ratelimit` for its
-    /// destination or `icmp_msgs_per_sec` for the node.
-    IcmpRateLimited,
-    /// A pod's packet that podwire would masquerade to a destination no masquerade may reach:
-    /// the node's own addresses, loopback, link-local, "this network" (0.0.0.0/8), multicast or
-    /// broadcast (`--ip-masq` with `--io xdp`).
-    MartianDestination,
-}
-
-impl DropReason {
-    pub const COUNT: usize = 25;
-    pub const ALL: [DropReason; DropReason::COUNT] = [
-        DropReason::Truncated,
-        DropReason::BadIpHeader,
-        DropReason::BadChecksum,
-        DropReason::NotIpv4,
-        DropReason::TtlExpired,
-        DropReason::NoRoute,
-        DropReason::LoopToSelf,
-        DropReason::UnknownPeer,
-        DropReason::SpoofedSource,
-        DropReason::NotForThisNode,
-        DropReason::BadVxlanHeader,
-        DropReason::WrongVni,
-        DropReason::WrongDstMac,
-        DropReason::Oversized,
-        DropReason::TxError,
-        DropReason::CtInvalid,
-        DropReason::CtTableFull,
-        DropReason::EndpointGone,
-        DropReason::Fragmented,
-        DropReason::SnatPortsExhausted,
-        DropReason::InvalidSourceMac,
-        DropReason::LinkLocal,
-        DropReason::Hairpin,
-        DropReason::IcmpRateLimited,
-        DropReason::MartianDestination,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::Truncated => "truncated",
-            DropReason::BadIpHeader => "bad_ip_header",
-            DropReason::BadChecksum => "bad_checksum",
-            DropReason::NotIpv4 => "not_ipv4",
-            DropReason::TtlExpired => "ttl_expired",
-            DropReason::NoRoute => "no_route",
-            DropReason::LoopToSelf => "loop_to_self",
-            DropReason::UnknownPeer => "unknown_peer",
-            DropReason::SpoofedSource => "spoofed_source",
-            DropReason::NotForThisNode => "not_for_this_node",
-            DropReason::BadVxlanHeader => "bad_vxlan_header",
-            DropReason::WrongVni => "wrong_vni",
-            DropReason::WrongDstMac => "wrong_dst_mac",
-            DropReason::Oversized => "oversized",
-            DropReason::TxError => "tx_error",
-            DropReason::CtInvalid => "ct_invalid",
-            DropReason::CtTableFull => "ct_table_full",
-            DropReason::EndpointGone => "endpoint_gone",
-            DropReason::Fragmented => "fragment_to_service",
-            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
-            DropReason::InvalidSourceMac => "invalid_source_mac",
-            DropReason::LinkLocal => "link_local",
-            DropReason::Hairpin => "hairpin",
-            DropReason::IcmpRateLimited => "icmp_rate_limited",
-            DropReason::MartianDestination => "martian_destination",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<DropReason> {
-        DropReason::ALL.into_iter().find(|r| r.as_str() == name)
-    }
-}
-
-impl core::fmt::Display for DropReason {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What to do with a packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not processed yet.
-    Pending,
-    /// Send the packet's bytes as one datagram from our underlay socket to this address.
-    ToUnderlay(SocketAddrV4),
-    /// The packet is a complete outer IPv4 packet (we wrote its headers): send it as is, to this
-    /// address (raw IP socket).
-    ToUnderlayIp(Ipv4Addr),
-    /// Write the packet into the TUN device.
-    ToTun,
-    /// The packet was replaced by an ICMP error for its sender: write it back into the TUN.
-    IcmpToTun,
-    /// A whole IPv4 packet from this node's address, or to it translated, for a host outside
-    /// the cluster (`--io xdp`: NodePort answers, masqueraded pod traffic): send it on the
-    /// node's wire towards this address.
-    ToWire(Ipv4Addr),
-    /// Count and forget.
-    Drop(DropReason),
-}
 
 /// Which port a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -724,6 +574,17 @@ fn track_inbound(
 }
 
 /// The kernel's VXLAN receive checks, then ours; returns the inner IPv4 packet's length.
+/// The VXLAN receive checks both modes share (the kernel's `vxlan_rcv` rules): a whole
+/// header, exactly the I flag with every reserved bit zero, and our VNI. Returns the inner frame.
+fn vxlan_receive(data: &[u8], vni: Vni) -> Result<&[u8], DropReason> {
+    let v = vxlan::Packet::new_checked(data).map_err(|_| DropReason::Truncated)?;
+    v.check_strict().map_err(|_| DropReason::BadVxlanHeader)?;
+    if v.vni() != vni {
+        return Err(DropReason::WrongVni);
+    }
+    Ok(&data[vxlan::HEADER_LEN..])
+}
+
 fn vxlan_decap(
     t: &Tables,
     sender: Ipv4Addr,
@@ -731,12 +592,8 @@ fn vxlan_decap(
     vni: Vni,
     local_mac: MacAddr,
 ) -> Result<usize, DropReason> {
-    let v = vxlan::Packet::new_checked(data).map_err(|_| DropReason::Truncated)?;
-    v.check_strict().map_err(|_| DropReason::BadVxlanHeader)?;
-    if v.vni() != vni {
-        return Err(DropReason::WrongVni);
-    }
-    let eth = ethernet::Packet::new_checked(v.payload()).map_err(|_| DropReason::Truncated)?;
+    let frame = vxlan_receive(data, vni)?;
+    let eth = ethernet::Packet::new_checked(frame).map_err(|_| DropReason::Truncated)?;
     if eth.src() == local_mac {
         return Err(DropReason::LoopToSelf);
     }

@@ -1,10 +1,14 @@
-//! Offline replay: a capture through the same pipeline the workers run, with pcap ports.
+//! Offline replay: a capture through the same pipeline the workers run, with pcap ports, in
+//! routed mode ([`replay`], [`replay_with`]) or L2 mode ([`replay_bridged`]).
 
 use crate::batch::Batch;
-use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict};
+use crate::bridge::{self, Bridge, BridgeError, PortId, PortOptions, Station};
+use crate::pipeline::{self, BridgeIngress, Direction, Flows, Tables};
 use crate::port::pcap::{PcapSink, PcapSource, Side};
 use crate::port::{PortError, RxPort, TxPort};
 use crate::stats::{Counter, LocalStats};
+use crate::verdict::{DropReason, Verdict};
+use crate::wire::{vxlan, MacAddr};
 use core::net::SocketAddrV4;
 use std::path::Path;
 
@@ -103,7 +107,10 @@ pub fn replay_with(
                     stats.drop(r);
                     continue;
                 }
-                Verdict::Pending => continue,
+                // L2 mode's verdicts: the routed pipeline gives none.
+                Verdict::ToPort(_) | Verdict::ToPeer(_) | Verdict::Flood | Verdict::Pending => {
+                    continue
+                }
             };
             for _ in 0..outcome.failed {
                 stats.drop(DropReason::TxError);
@@ -117,5 +124,147 @@ pub fn replay_with(
         stats,
     };
     sink.finish()?;
+    Ok(report)
+}
+
+/// Why an L2 replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error("bridge port {index}: {source}")]
+    Bridge { index: usize, source: BridgeError },
+}
+
+/// A local port of the bridge an L2 replay runs: its station's MAC (installed as a static
+/// entry) and whether it is the host's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgePort {
+    pub mac: MacAddr,
+    pub host: bool,
+}
+
+/// The bridge an L2 replay runs: `ports` attached in order, each with its station as a static
+/// entry, and the VTEPs and peers' entries of `tables` (as the L2 worker syncs them).
+fn bridge_of(
+    tables: &Tables,
+    ports: &[BridgePort],
+) -> Result<(Bridge, Option<vxlan::Vni>, Vec<PortId>), ReplayError> {
+    let mut installed = Vec::new();
+    let mut bridge = Bridge::new(bridge::Config::default(), ports.len() + tables.map.len());
+    let vni = pipeline::sync_peers(&mut bridge, tables, &mut installed);
+    let mut ids = Vec::with_capacity(ports.len());
+    for (index, p) in ports.iter().enumerate() {
+        let options = PortOptions {
+            host: p.host,
+            ..PortOptions::default()
+        };
+        let added = bridge
+            .add_port(options)
+            .and_then(|id| bridge.add_static(p.mac, Station::Port(id)).map(|()| id));
+        ids.push(added.map_err(|source| ReplayError::Bridge { index, source })?);
+    }
+    Ok((bridge, vni, ids))
+}
+
+/// L2 mode: runs the records of `input` through the bridge's decisions, as the L2 worker does,
+/// with a bridge of `ports` (attached in order: ids 1, 2, ...) and the VTEPs and peers' static
+/// entries of `tables`. `from` says where every record comes from: frames from a port (link
+/// type ETHERNET), or VXLAN datagrams from the underlay (outer IPv4/UDP to our VXLAN port).
+/// Writes what leaves into `out_dir`: `underlay.pcap` (the datagrams our VXLAN socket sends,
+/// each flood copy once per VTEP) and `port<N>.pcap` (the frames out of port N).
+pub fn replay_bridged(
+    tables: &Tables,
+    ports: &[BridgePort],
+    from: BridgeIngress,
+    input: &Path,
+    out_dir: &Path,
+) -> Result<ReplayReport, ReplayError> {
+    let (mut bridge, vni, ids) = bridge_of(tables, ports)?;
+    let local_udp = SocketAddrV4::new(tables.local.public_ip, tables.peer_port);
+    let side = match from {
+        BridgeIngress::Port(_) => Side::Frames,
+        BridgeIngress::Underlay => Side::Underlay { local: local_udp },
+    };
+    let mut source = PcapSource::open(input, side)?;
+    let mut tunnel = PcapSink::create(&out_dir.join("underlay.pcap"), tables.local.public_ip)?;
+    let mut sinks = ids
+        .iter()
+        .map(|id| PcapSink::create_frames(&out_dir.join(format!("port{}.pcap", id.0))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut batch = Batch::new(64, 65536 + crate::batch::HEADROOM);
+    let mut stats = LocalStats::default();
+    while source.rx_batch(&mut batch)? > 0 {
+        let rx = match from {
+            BridgeIngress::Port(_) => Counter::RxTap,
+            BridgeIngress::Underlay => Counter::RxUnderlay,
+        };
+        stats.add(rx, batch.len() as u64);
+        let now = source.last_time.as_millis() as u64;
+        pipeline::process_bridged(&mut bridge, vni, from, &mut batch, now);
+        for i in 0..batch.len() {
+            let (out_ports, vteps): (Vec<PortId>, Vec<_>) = match batch.meta(i).verdict {
+                Verdict::ToPort(p) => (vec![p], vec![]),
+                Verdict::ToPeer(ip) => (vec![], vec![ip]),
+                Verdict::Flood => {
+                    let ingress = match from {
+                        BridgeIngress::Port(p) => Station::Port(p),
+                        BridgeIngress::Underlay => Station::Remote(*batch.meta(i).peer.ip()),
+                    };
+                    let to_tunnel = Bridge::floods_to_tunnel(ingress);
+                    (
+                        bridge.flood_ports(ingress, batch.packet(i)).collect(),
+                        if to_tunnel {
+                            bridge.vteps().to_vec()
+                        } else {
+                            vec![]
+                        },
+                    )
+                }
+                Verdict::Drop(r) => {
+                    stats.drop(r);
+                    continue;
+                }
+                // Routed mode's verdicts: the bridge gives none.
+                _ => continue,
+            };
+            let idx = [i as u16];
+            let mut failed = 0;
+            for p in out_ports {
+                if let Some(k) = ids.iter().position(|&id| id == p) {
+                    let out = sinks[k].as_is().tx_batch(&batch, &idx);
+                    stats.add(Counter::TxTap, out.sent as u64);
+                    failed += out.failed;
+                }
+            }
+            if let (Some(vni), false) = (vni, vteps.is_empty()) {
+                // Into the tunnel, as the worker sends it: a VXLAN header in front of the frame.
+                let (slot, meta) = batch.slot_mut(i);
+                meta.start -= vxlan::HEADER_LEN;
+                meta.len += vxlan::HEADER_LEN;
+                vxlan::Repr { vni }.emit(&mut slot[meta.start..]);
+                for ip in vteps {
+                    batch.slot_mut(i).1.peer = SocketAddrV4::new(ip, tables.peer_port);
+                    let out = tunnel.underlay(local_udp.port()).tx_batch(&batch, &idx);
+                    stats.add(Counter::TxUnderlay, out.sent as u64);
+                    failed += out.failed;
+                }
+            }
+            for _ in 0..failed {
+                stats.drop(DropReason::TxError);
+            }
+        }
+    }
+    let written = tunnel.written + sinks.iter().map(|s| s.written).sum::<u64>();
+    let report = ReplayReport {
+        records: source.records,
+        skipped: source.skipped,
+        written,
+        stats,
+    };
+    tunnel.finish()?;
+    for s in sinks {
+        s.finish()?;
+    }
     Ok(report)
 }

@@ -5,7 +5,7 @@
 //! name (the key of `ctl stats` and the stats file), the component it belongs to, how
 //! `/metrics` exports it and its help text. Everything that lists counters iterates over it.
 
-use crate::pipeline::DropReason;
+use crate::verdict::DropReason;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The part of the node a counter belongs to; `/metrics` and `ctl stats` list counters by it.

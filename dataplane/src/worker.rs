@@ -12,7 +12,7 @@
 
 use crate::batch::Batch;
 use crate::capture::{Capture, CapturePoint};
-use crate::pipeline::{self, Direction, DropReason, Flows, Tables, Verdict, WorkerState};
+use crate::pipeline::{self, Direction, Flows, Tables, WorkerState};
 use crate::port::raw::RawIpPort;
 use crate::port::socket_errors::SocketErrorKind;
 use crate::port::tun::TunQueue;
@@ -23,6 +23,7 @@ use crate::port::xsk::XskActivity;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::sys;
+use crate::verdict::{DropReason, Verdict};
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
@@ -443,7 +444,8 @@ impl Dispatch {
                     self.queue_for_pod(batch, i, &mut ports.pods);
                 }
                 Verdict::Drop(r) => stats.drop(r),
-                Verdict::Pending => {}
+                // L2 mode's verdicts: the routed pipeline gives none.
+                Verdict::ToPort(_) | Verdict::ToPeer(_) | Verdict::Flood | Verdict::Pending => {}
             }
         }
         if self.n_underlay > 0 {

@@ -1384,6 +1384,150 @@ proptest! {
     }
 }
 
+// ---- L2 mode ------------------------------------------------------------------------------------
+
+/// A station MAC of the L2 fuzz cases: a few unicast ones (so the bridge learns and finds
+/// them), broadcast, an IEEE link-local group, all zeros.
+fn l2_mac() -> impl Strategy<Value = [u8; 6]> {
+    prop_oneof![
+        4 => (1u8..6).prop_map(|i| [2, 0, 0, 0, 0, i]),
+        1 => Just([0xff; 6]),
+        1 => Just([0x01, 0x80, 0xc2, 0, 0, 0]),
+        1 => Just([0; 6]),
+    ]
+}
+
+/// An Ethernet frame between the L2 fuzz stations, or arbitrary bytes.
+fn l2_frame() -> impl Strategy<Value = Vec<u8>> {
+    let built = (
+        l2_mac(),
+        l2_mac(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(dst, src, payload)| {
+            let mut f = dst.to_vec();
+            f.extend(src);
+            f.extend([0x08, 0x00]);
+            f.extend(payload);
+            f
+        });
+    prop_oneof![3 => built, 1 => packet()]
+}
+
+/// One L2 input: a frame from local port 0..3, or a VXLAN datagram from node 2, 3 (VTEPs) or
+/// 4 (not one) whose header is right (kind 0), of another VNI (1), with a reserved bit set
+/// (2), or missing (3: the frame is the datagram).
+#[derive(Debug, Clone)]
+struct L2Input {
+    port: Option<u8>,
+    header: u8,
+    sender: u8,
+    frame: Vec<u8>,
+    oversized: bool,
+}
+
+fn l2_input() -> impl Strategy<Value = L2Input> {
+    (
+        prop::option::of(0u8..3),
+        0u8..4,
+        2u8..5,
+        l2_frame(),
+        prop::bool::weighted(0.05),
+    )
+        .prop_map(|(port, header, sender, frame, oversized)| L2Input {
+            port,
+            header,
+            sender,
+            frame,
+            oversized,
+        })
+}
+
+impl L2Input {
+    fn bytes(&self) -> Vec<u8> {
+        if self.port.is_some() {
+            return self.frame.clone();
+        }
+        let mut d = match self.header {
+            0 => vec![0x08, 0, 0, 0, 0, 0, VNI as u8, 0],
+            1 => vec![0x08, 0, 0, 0, 0, 0, VNI as u8 + 1, 0],
+            2 => vec![0x08, 0, 0, 1, 0, 0, VNI as u8, 0],
+            _ => Vec::new(),
+        };
+        d.extend(&self.frame);
+        d
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(1500), ..ProptestConfig::default() })]
+
+    /// L2 mode's decisions (`process_bridged`), batch after batch with the FDB carried over:
+    /// every frame decided; nothing tunnelled to a node that is not a VTEP, nor anything from
+    /// the tunnel back into it; nothing from the underlay accepted from an unknown sender, with
+    /// a VXLAN header the kernel would refuse or with another VNI; a frame out of a port only
+    /// to an attached port, never back out of the one it came in by (no hairpin port here).
+    #[test]
+    fn bridged_pipeline_keeps_its_invariants(
+        batches in prop::collection::vec((prop::option::of(0u8..3), prop::collection::vec(l2_input(), 1..8), 0u16..400), 1..6),
+    ) {
+        let mut b = Bridge::new(BridgeConfig { max_learned: 8, ageing_ms: 500, ..Default::default() }, 4);
+        let ports: Vec<_> = (0..3).map(|_| b.add_port(PortOptions::default()).unwrap()).collect();
+        let vteps = [node_ip(2), node_ip(3)];
+        b.set_vteps(&vteps);
+        let vni = vxlan::Vni::new(VNI);
+        let mut batch = Batch::new(8, FRAME);
+        let mut now = 0u64;
+        for (port, inputs, dt) in &batches {
+            now += u64::from(*dt);
+            batch.clear();
+            // One batch comes from one ingress: a port's, or the underlay's.
+            let inputs: Vec<L2Input> = inputs.iter().cloned().map(|mut i| { i.port = *port; i }).collect();
+            for (k, input) in inputs.iter().enumerate() {
+                let bytes = input.bytes();
+                let n = bytes.len().min(batch.max_packet());
+                batch.rx_slot(k)[..n].copy_from_slice(&bytes[..n]);
+                let sender = SocketAddrV4::new(node_ip(input.sender), VXLAN_PORT);
+                batch.commit_rx(k, n, sender, input.oversized);
+            }
+            let from = match port {
+                Some(p) => pipeline::BridgeIngress::Port(ports[usize::from(*p)]),
+                None => pipeline::BridgeIngress::Underlay,
+            };
+            pipeline::process_bridged(&mut b, vni, from, &mut batch, now);
+            for (k, input) in inputs.iter().enumerate() {
+                let v = batch.meta(k).verdict;
+                prop_assert!(v != Verdict::Pending, "frame {} undecided", k);
+                match (from, v) {
+                    (_, Verdict::Drop(_)) => {}
+                    (pipeline::BridgeIngress::Port(p), Verdict::ToPort(out)) => {
+                        prop_assert!(out != p && ports.contains(&out), "{:?} from {:?}", out, p);
+                    }
+                    (pipeline::BridgeIngress::Port(_), Verdict::ToPeer(ip)) => {
+                        prop_assert!(vteps.contains(&ip), "tunnelled to {} (no VTEP)", ip);
+                    }
+                    (pipeline::BridgeIngress::Port(_), Verdict::Flood) => {}
+                    (pipeline::BridgeIngress::Underlay, Verdict::ToPort(_) | Verdict::Flood) => {
+                        prop_assert!(vteps.contains(&node_ip(input.sender)), "accepted from {}", node_ip(input.sender));
+                        let d = input.bytes();
+                        let ours = [0x08, 0, 0, 0, 0, 0, VNI as u8, 0];
+                        prop_assert!(d.len() >= 8 && d[..8] == ours, "accepted VXLAN header {:02x?}", &d[..d.len().min(8)]);
+                        prop_assert!(!input.oversized);
+                        // Decapsulated: the frame starts after the VXLAN header.
+                        prop_assert_eq!(batch.meta(k).start, HEADROOM + vxlan::HEADER_LEN);
+                        prop_assert_eq!(batch.packet(k), &d[8..]);
+                    }
+                    (from, v) => prop_assert!(false, "{:?} from {:?}", v, from),
+                }
+                if input.oversized {
+                    prop_assert_eq!(v, Verdict::Drop(DropReason::Oversized));
+                }
+            }
+            b.age(now, 3);
+        }
+    }
+}
+
 /// The seeds are what the entry points receive: datagram payloads that the decoders read as
 /// the fixtures' cases say, not records with outer headers.
 #[test]

@@ -2,11 +2,12 @@
 //! packet of a connection to a ClusterIP through service selection, and every packet of a
 //! translated connection rewritten (ICMP errors through the connection they quote).
 
-use super::{DropReason, Tables};
+use super::Tables;
 use crate::conntrack::{
     self, tcp::Segment, CtError, Dir, NatPlan, Tuple, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 use crate::nat::{rewrite, Affinity, NoBackend};
+use crate::verdict::DropReason;
 use crate::wire::{icmpv4, ipv4, tcp};
 use core::net::Ipv4Addr;
 

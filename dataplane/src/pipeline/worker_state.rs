@@ -9,8 +9,9 @@
 //!   burst 50), with "fragmentation needed" exempt, as the kernel's `icmpv4_xrlim_allow` and
 //!   `icmp_global_allow` do.
 
-use super::{icmp_error, Direction, DropReason, Encap, Tables, Verdict, VXLAN_OVERHEAD};
+use super::{icmp_error, Direction, Encap, Tables, VXLAN_OVERHEAD};
 use crate::batch::Meta;
+use crate::verdict::{DropReason, Verdict};
 use crate::wire::{icmpv4, ipv4, udp};
 use core::net::Ipv4Addr;
 use rustc_hash::FxHashMap;

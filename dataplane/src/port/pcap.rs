@@ -22,6 +22,8 @@ use std::path::Path;
 pub enum Side {
     /// Raw inner IPv4 packets, as read from or written to the TUN device.
     Tun,
+    /// Whole link-layer frames, as read from a bridge port (L2 mode): nothing stripped.
+    Frames,
     /// Outer IPv4/UDP datagrams to or from this socket address.
     Underlay { local: SocketAddrV4 },
     /// Both, interleaved in time order: a record that is an IPv4/UDP datagram to `local` came
@@ -60,6 +62,7 @@ impl PcapSource {
         })?;
         let reader = PcapReader::new(BufReader::new(file)).map_err(pcap_err)?;
         let strip = match reader.header().datalink {
+            _ if side == Side::Frames => 0,
             DataLink::RAW | DataLink::IPV4 => 0,
             DataLink::ETHERNET => crate::wire::ethernet::HEADER_LEN,
             other => {
@@ -121,7 +124,9 @@ impl RxPort for PcapSource {
                 Some(r) => r?,
             };
             let (data, peer) = match self.side {
-                Side::Tun => (&record[..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+                Side::Tun | Side::Frames => {
+                    (&record[..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+                }
                 Side::Underlay { local } => match strip_outer(&record, local) {
                     Some(x) => x,
                     None => {
@@ -155,12 +160,22 @@ pub struct PcapSink {
 impl PcapSink {
     /// Creates `path`; underlay datagrams get `local` as their outer source.
     pub fn create(path: &Path, local: Ipv4Addr) -> Result<PcapSink, PortError> {
+        PcapSink::create_as(path, local, DataLink::RAW)
+    }
+
+    /// Creates `path` for whole Ethernet frames (what leaves by a bridge port, L2 mode), written
+    /// as they are ([`PcapSink::as_is`]).
+    pub fn create_frames(path: &Path) -> Result<PcapSink, PortError> {
+        PcapSink::create_as(path, Ipv4Addr::UNSPECIFIED, DataLink::ETHERNET)
+    }
+
+    fn create_as(path: &Path, local: Ipv4Addr, datalink: DataLink) -> Result<PcapSink, PortError> {
         let file = File::create(path).map_err(|source| PortError::Open {
             what: path.display().to_string(),
             source,
         })?;
         let header = PcapHeader {
-            datalink: DataLink::RAW,
+            datalink,
             ..PcapHeader::default()
         };
         let writer = PcapWriter::with_header(BufWriter::new(file), header).map_err(pcap_err)?;

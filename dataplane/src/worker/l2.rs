@@ -23,15 +23,15 @@
 
 use super::{FaultPoint, WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
 use crate::batch::Batch;
-use crate::bridge::{Bridge, BridgeError, Decision, EntryView, PortId, PortOptions, Station};
-use crate::pipeline::{DropReason, Encap, Tables};
+use crate::bridge::{Bridge, BridgeError, EntryView, PortId, PortOptions, Station};
+use crate::pipeline::{self, BridgeIngress, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
 use crate::port::xdp_underlay::XdpUnderlayPort;
 use crate::port::xsk::XskPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
-use crate::route::Backend;
 use crate::stats::{Counter, LocalStats, SharedStats};
+use crate::verdict::{DropReason, Verdict};
 use crate::wire::MacAddr;
 use crate::wire::{ethernet, vnet, vxlan};
 use arc_swap::ArcSwap;
@@ -428,25 +428,12 @@ impl L2Worker {
     /// Takes the VNI, the VTEPs and the peers' host-port MACs from a new table snapshot.
     fn sync(&mut self, tables: &Arc<Tables>) {
         self.synced = Some(Arc::clone(tables));
-        let Encap::Vxlan { vni, local_mac } = tables.encap else {
-            self.vni = None;
-            self.bridge.set_vteps(&[]);
+        self.vni = pipeline::sync_peers(&mut self.bridge, tables, &mut self.control_statics);
+        if self.vni.is_none() {
             return;
-        };
-        self.vni = Some(vni);
+        }
         self.peer_port = tables.peer_port;
-        let me = tables.local.public_ip;
-        let peers: Vec<(Ipv4Addr, MacAddr)> = tables
-            .map
-            .nodes()
-            .filter(|n| n.public_ip != me)
-            .filter_map(|n| match n.backend {
-                Backend::Vxlan { vni: v, vtep_mac } if v == vni => Some((n.public_ip, vtep_mac)),
-                _ => None,
-            })
-            .collect();
-        let vteps: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).collect();
-        self.bridge.set_vteps(&vteps);
+        let vteps = self.bridge.vteps();
         if let Some(x) = self.xdp.as_mut() {
             // The first frame to each VTEP finds its next hop's MAC.
             x.prime(vteps.iter().copied());
@@ -454,17 +441,6 @@ impl L2Worker {
         // Room for a whole batch flooded to every VTEP, so sending never allocates.
         let need = self.config.batch_size.clamp(1, MAX_BATCH) * (vteps.len() + 1);
         self.remote.reserve(need.saturating_sub(self.remote.len()));
-        // Only the control plane's own entries are withdrawn: a pod's (or the host port's)
-        // entry for the same MAC stays, and a remote entry never replaces one (the bridge
-        // refuses it and counts it).
-        for mac in self.control_statics.drain(..) {
-            self.bridge.remove_remote_static(mac);
-        }
-        for (ip, mac) in peers {
-            if mac != local_mac && self.bridge.add_static(mac, Station::Remote(ip)).is_ok() {
-                self.control_statics.push(mac);
-            }
-        }
     }
 
     fn handle_commands(&mut self) {
@@ -524,8 +500,8 @@ impl L2Worker {
                 port.ready = n == batch.capacity();
                 if n > 0 {
                     local.add(Counter::RxTap, n as u64);
-                    let id = port.info.id;
-                    self.forward_from_port(id, &mut batch, now, &mut local);
+                    let from = BridgeIngress::Port(port.info.id);
+                    self.forward(from, &mut batch, now, &mut local);
                     moved += n;
                 }
             }
@@ -537,7 +513,7 @@ impl L2Worker {
                 self.udp_ready = n > 0;
                 if n > 0 {
                     local.add(Counter::RxUnderlay, n as u64);
-                    self.forward_from_tunnel(&mut batch, now, &mut local);
+                    self.forward(BridgeIngress::Underlay, &mut batch, now, &mut local);
                     moved += n;
                 }
             }
@@ -550,7 +526,7 @@ impl L2Worker {
                     if n > 0 {
                         local.add(Counter::RxUnderlay, n as u64);
                         local.add(Counter::RxWire, wire);
-                        self.forward_from_tunnel(&mut batch, now, &mut local);
+                        self.forward(BridgeIngress::Underlay, &mut batch, now, &mut local);
                         moved += n;
                     }
                 }
@@ -622,28 +598,46 @@ impl L2Worker {
         Ok(())
     }
 
-    /// Decides and sends a batch read from local port `from`.
-    fn forward_from_port(
+    /// Decides (the pipeline's bridge decisions) and sends a batch read from `from`.
+    fn forward(
         &mut self,
-        from: PortId,
+        from: BridgeIngress,
         batch: &mut Batch,
         now: u64,
         stats: &mut LocalStats,
     ) {
-        let ingress = Station::Port(from);
+        pipeline::process_bridged(&mut self.bridge, self.vni, from, batch, now);
         let peer_port = self.peer_port;
         for i in 0..batch.len() {
-            let meta = batch.meta(i);
-            if meta.oversized {
-                stats.drop(DropReason::Oversized);
-                continue;
-            }
             let idx = i as u16;
-            match self.bridge.input(ingress, batch.packet(i), now) {
-                Decision::Port(p) => push_out(&mut self.ports, p, idx),
-                Decision::Remote(ip) => self.remote.push((idx, SocketAddrV4::new(ip, peer_port))),
-                Decision::Flood => self.flood(ingress, idx, batch.packet(i)),
-                Decision::Drop(r) => stats.drop(r),
+            let (slot, meta) = batch.slot_mut(i);
+            let verdict = meta.verdict;
+            if self.offload
+                && from == BridgeIngress::Underlay
+                && !matches!(verdict, Verdict::Drop(_))
+            {
+                // Offload ports expect a virtio-net header in front of a decapsulated frame:
+                // a plain one.
+                slot[meta.start - vnet::HEADER_LEN..meta.start].copy_from_slice(&vnet::PLAIN);
+            }
+            match verdict {
+                Verdict::ToPort(p) => push_out(&mut self.ports, p, idx),
+                Verdict::ToPeer(ip) => self.remote.push((idx, SocketAddrV4::new(ip, peer_port))),
+                Verdict::Flood => {
+                    let ingress = match from {
+                        BridgeIngress::Port(p) => Station::Port(p),
+                        BridgeIngress::Underlay => Station::Remote(*batch.meta(i).peer.ip()),
+                    };
+                    self.flood(ingress, idx, batch.packet(i));
+                }
+                Verdict::Drop(r) => stats.drop(r),
+                // Routed mode's verdicts: the bridge gives none.
+                Verdict::Pending
+                | Verdict::ToUnderlay(_)
+                | Verdict::ToUnderlayIp(_)
+                | Verdict::ToTun
+                | Verdict::IcmpToTun
+                | Verdict::ToWire(_) => {}
             }
         }
         self.send(batch, stats);
@@ -661,60 +655,6 @@ impl L2Worker {
                     .push((idx, SocketAddrV4::new(ip, self.peer_port)));
             }
         }
-    }
-
-    /// Checks, decapsulates, decides and sends a batch of underlay datagrams.
-    fn forward_from_tunnel(&mut self, batch: &mut Batch, now: u64, stats: &mut LocalStats) {
-        let Some(vni) = self.vni else {
-            for _ in 0..batch.len() {
-                stats.drop(DropReason::UnknownPeer);
-            }
-            return;
-        };
-        for i in 0..batch.len() {
-            let (slot, meta) = batch.slot_mut(i);
-            if meta.oversized {
-                stats.drop(DropReason::Oversized);
-                continue;
-            }
-            let sender = *meta.peer.ip();
-            if self.bridge.vteps().binary_search(&sender).is_err() {
-                stats.drop(DropReason::UnknownPeer);
-                continue;
-            }
-            let datagram = &slot[meta.start..meta.start + meta.len];
-            let header = match vxlan::Packet::new_checked(datagram) {
-                Ok(h) => h,
-                Err(_) => {
-                    stats.drop(DropReason::Truncated);
-                    continue;
-                }
-            };
-            if header.check_strict().is_err() {
-                stats.drop(DropReason::BadVxlanHeader);
-                continue;
-            }
-            if header.vni() != vni {
-                stats.drop(DropReason::WrongVni);
-                continue;
-            }
-            meta.start += vxlan::HEADER_LEN;
-            meta.len -= vxlan::HEADER_LEN;
-            if self.offload {
-                // Offload ports expect a virtio-net header in front: a plain one.
-                slot[meta.start - vnet::HEADER_LEN..meta.start].copy_from_slice(&vnet::PLAIN);
-            }
-            let frame = &slot[meta.start..meta.start + meta.len];
-            let from = Station::Remote(sender);
-            match self.bridge.input(from, frame, now) {
-                Decision::Port(p) => push_out(&mut self.ports, p, i as u16),
-                Decision::Flood => self.flood(from, i as u16, frame),
-                // The bridge never sends a frame from the tunnel back into it.
-                Decision::Remote(_) => stats.drop(DropReason::Hairpin),
-                Decision::Drop(r) => stats.drop(r),
-            }
-        }
-        self.send(batch, stats);
     }
 
     /// Writes each port's share of the batch, then encapsulates what goes into the tunnel
