@@ -10,6 +10,9 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 /// Bytes reserved in front of every received packet for headers we prepend.
 pub const HEADROOM: usize = 128;
 
+/// Most packets one batch holds: what a worker moves per round and ports size their queues by.
+pub const MAX_BATCH: usize = 256;
+
 /// What we know about one packet besides its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {

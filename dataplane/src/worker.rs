@@ -43,8 +43,8 @@ use fault::FaultPoint;
 pub use fault::{FaultInjector, NoSuchWorker};
 use peers::PeerQueues;
 
-/// Most packets a worker moves per batch.
-pub const MAX_BATCH: usize = 256;
+/// Most packets a worker moves per batch (the batch's bound, re-exported for the daemon's flags).
+pub use crate::batch::MAX_BATCH;
 
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);

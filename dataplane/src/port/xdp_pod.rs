@@ -46,7 +46,7 @@ impl XdpPodPort {
             mac,
             pod_ip,
             neighbours: Neighbours::new(device, local_ip),
-            framed: Vec::with_capacity(crate::worker::MAX_BATCH),
+            framed: Vec::with_capacity(crate::batch::MAX_BATCH),
         }
     }
 
