@@ -138,11 +138,17 @@ fn test_acquire_writes_flanneld_lease_and_reuses_it() {
     let again = store(&etcd).acquire(&req).unwrap();
     assert_eq!(again.subnet, own.subnet);
     assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 1);
-    // Another node with its previous subnet.env subnet free gets that one.
+    // Another node with its previous subnet.env subnet free gets that one. The first lease is
+    // a random subnet: the previous one must not be it (1 run in ~255 failed on that).
+    let previous = if own.subnet.to_string() == "10.244.77.0/24" {
+        "10.244.78.0/24"
+    } else {
+        "10.244.77.0/24"
+    };
     let other = store(&etcd)
-        .acquire(&request(UDP_CONF, "192.168.0.2", Some("10.244.77.0/24")))
+        .acquire(&request(UDP_CONF, "192.168.0.2", Some(previous)))
         .unwrap();
-    assert_eq!(other.subnet.to_string(), "10.244.77.0/24");
+    assert_eq!(other.subnet.to_string(), previous);
     // Renewal moves the expiry on and keeps the key.
     let renewed = s.renew(&req, &own).unwrap();
     assert!(renewed.expires.unwrap() >= own.expires.unwrap());
