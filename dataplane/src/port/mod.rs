@@ -23,9 +23,6 @@ pub mod tap;
 pub mod tun;
 pub mod udp;
 pub mod xdp;
-pub mod xdp_pod;
-pub mod xdp_underlay;
-pub mod xsk;
 
 /// A device error that is not about one packet.
 #[derive(Debug, thiserror::Error)]

@@ -27,8 +27,8 @@ use crate::bridge::{Bridge, BridgeError, EntryView, PortId, PortOptions, Station
 use crate::pipeline::{self, BridgeIngress, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
-use crate::port::xdp_underlay::XdpUnderlayPort;
-use crate::port::xsk::XskPort;
+use crate::port::xdp::underlay::XdpUnderlayPort;
+use crate::port::xdp::xsk::XskPort;
 use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::stats::{Counter, LocalStats, SharedStats};
 use crate::verdict::{DropReason, Verdict};

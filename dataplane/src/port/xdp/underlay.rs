@@ -13,12 +13,12 @@
 //! holds the packet meanwhile, as it would for its own. Without one, the packet is refused
 //! (counted as a send error by the worker) and the kernel is asked to resolve the neighbour.
 
-use super::neighbours::Neighbours;
-use super::raw::RawIpPort;
-use super::udp::UdpPort;
 use super::xsk::{ipv4_ethernet_header, XskPort};
-use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
+use crate::port::neighbours::Neighbours;
+use crate::port::raw::RawIpPort;
+use crate::port::udp::UdpPort;
+use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 use crate::wire::{ethernet, ipv4, udp, IpProtocol, MacAddr};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;

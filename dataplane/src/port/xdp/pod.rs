@@ -9,10 +9,10 @@
 //! found, and the worker writes its packets into the TUN, whose route the kernel follows
 //! (resolving the pod on the way, which the next refresh of the table picks up).
 
-use super::neighbours::Neighbours;
 use super::xsk::{ipv4_ethernet_header, XskPort};
-use super::{PortError, RxPort, TxOutcome};
 use crate::batch::Batch;
+use crate::port::neighbours::Neighbours;
+use crate::port::{PortError, RxPort, TxOutcome};
 use crate::wire::{ethernet, MacAddr};
 use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;

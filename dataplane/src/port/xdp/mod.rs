@@ -7,6 +7,13 @@
 //! process's end, even by SIGKILL, since the link lives in a descriptor. (Kernels before 5.9
 //! get a netlink attachment, which outlives a killed process; the next start takes it off
 //! before attaching, see the daemon.)
+//!
+//! The ports behind the program are this folder's modules: [`xsk`] an AF_XDP socket on one
+//! queue, [`underlay`] the underlay through it, [`pod`] pods' veth host ends through it.
+
+pub mod pod;
+pub mod underlay;
+pub mod xsk;
 
 use crate::route::Ipv4Net;
 use crate::sys::bpf::{XdpConfig, ROLE_BRIDGE_PORT, ROLE_POD, ROLE_UNDERLAY};
@@ -343,7 +350,7 @@ mod tests {
             XdpProgram::attach("lo", role),
             Err(XdpError::NotBuilt)
         ));
-        let bound = crate::port::xsk::XskPort::bind("lo", 0, Default::default());
+        let bound = crate::port::xdp::xsk::XskPort::bind("lo", 0, Default::default());
         assert!(matches!(
             bound,
             Err(crate::port::PortError::Open { ref source, .. })

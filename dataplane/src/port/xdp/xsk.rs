@@ -8,8 +8,8 @@
 //! are copied into free UMEM frames, which come back through the completion ring. So no frame
 //! is ever held across calls and none can leak (see `sys::xsk`).
 
-use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
+use crate::port::{PortError, RxPort, TxOutcome, TxPort};
 pub use crate::sys::xsk::XskActivity;
 use crate::sys::xsk::{XskSocket, XskStats};
 use crate::wire::MacAddr;
