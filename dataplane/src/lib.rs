@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod capture;
 pub mod conntrack;
 pub mod nat;
+pub mod offload;
 pub mod pipeline;
 pub mod port;
 pub mod replay;

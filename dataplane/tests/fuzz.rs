@@ -36,6 +36,7 @@ use podwire_dataplane::batch::{Batch, HEADROOM};
 use podwire_dataplane::bridge::{Bridge, Config as BridgeConfig, Decision, PortOptions, Station};
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Admission, PortRange, ServiceOptions, ServiceSpec, Services};
+use podwire_dataplane::offload::{coalesce, segment};
 use podwire_dataplane::pipeline::{
     self, Direction, DropReason, Encap, Flows, LocalNode, Tables, Verdict, WireNat, WorkerState,
     MASQ_PORTS,
@@ -1338,16 +1339,16 @@ proptest! {
         }
         if let Ok(h) = vnet::VnetHeader::parse(&p[..]) {
             let frame = &p[vnet::HEADER_LEN..];
-            if let Ok(n) = vnet::segment_count(&h, frame) {
+            if let Ok(n) = segment::segment_count(&h, frame) {
                 let mut out = vec![0u8; 70_000];
                 for i in [0, k % n.max(1), n.saturating_sub(1), n] {
-                    let _ = vnet::segment(&h, frame, i, &mut out);
+                    let _ = segment::segment(&h, frame, i, &mut out);
                 }
             }
             let mut copy = frame.to_vec();
-            let _ = vnet::finish_checksum(&mut copy, usize::from(h.csum_start), usize::from(h.csum_offset));
+            let _ = segment::finish_checksum(&mut copy, usize::from(h.csum_start), usize::from(h.csum_offset));
         }
-        let mut co = vnet::TcpCoalescer::new();
+        let mut co = coalesce::TcpCoalescer::new();
         for _ in 0..3 {
             if !co.push(&p) {
                 let _ = co.take();

@@ -15,6 +15,7 @@
 
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
+use crate::offload::{coalesce, segment};
 use crate::sys;
 use crate::wire::vnet::{self, VnetHeader};
 use core::net::{Ipv4Addr, SocketAddrV4};
@@ -33,7 +34,7 @@ pub struct TunQueue {
 struct OffloadState {
     frame: Vec<u8>,
     pending: Option<usize>,
-    coalescer: vnet::TcpCoalescer,
+    coalescer: coalesce::TcpCoalescer,
 }
 
 const FRAME_MAX: usize = vnet::HEADER_LEN + 65_535;
@@ -79,7 +80,7 @@ fn open_with(
             Some(Box::new(OffloadState {
                 frame: vec![0; FRAME_MAX],
                 pending: None,
-                coalescer: vnet::TcpCoalescer::new(),
+                coalescer: coalesce::TcpCoalescer::new(),
             }))
         } else {
             None
@@ -138,7 +139,7 @@ fn rx_offload(
         let i = batch.len();
         let parsed = VnetHeader::parse(&st.frame[..n]).and_then(|h| {
             let frame = &st.frame[vnet::HEADER_LEN..n];
-            Ok((h, vnet::segment_count(&h, frame)?))
+            Ok((h, segment::segment_count(&h, frame)?))
         });
         let (hdr, count) = match parsed {
             Ok(v) => v,
@@ -161,7 +162,7 @@ fn rx_offload(
         let frame = &mut st.frame[vnet::HEADER_LEN..n];
         if !hdr.is_gso() {
             if hdr.flags & vnet::F_NEEDS_CSUM != 0
-                && vnet::finish_checksum(
+                && segment::finish_checksum(
                     frame,
                     usize::from(hdr.csum_start),
                     usize::from(hdr.csum_offset),
@@ -180,7 +181,7 @@ fn rx_offload(
         }
         for k in 0..count {
             let slot = batch.rx_slot(i + k);
-            match vnet::segment(&hdr, frame, k, slot) {
+            match segment::segment(&hdr, frame, k, slot) {
                 Ok(len) => batch.commit_rx(i + k, len, NO_PEER, false),
                 Err(_) => batch.commit_rx(i + k, 0, NO_PEER, true),
             }
@@ -249,7 +250,7 @@ fn count_write(out: &mut TxOutcome, r: io::Result<usize>, packets: usize) {
 /// Writes the packets at `indices`, coalescing runs of one TCP flow into superframes.
 fn tx_offload(
     fd: BorrowedFd<'_>,
-    co: &mut vnet::TcpCoalescer,
+    co: &mut coalesce::TcpCoalescer,
     batch: &Batch,
     indices: &[u16],
 ) -> TxOutcome {

@@ -24,6 +24,7 @@
 use super::{FaultPoint, WorkerConfig, WorkerError, WorkerPool, IDLE_SLEEP, MAX_BATCH};
 use crate::batch::Batch;
 use crate::bridge::{Bridge, BridgeError, EntryView, PortId, PortOptions, Station};
+use crate::offload::segment;
 use crate::pipeline::{self, BridgeIngress, Tables};
 use crate::port::tap::TapPort;
 use crate::port::udp::UdpPort;
@@ -721,7 +722,7 @@ impl L2Worker {
                 continue;
             };
             let count = if hdr.is_gso() && frame.len() > ethernet::HEADER_LEN {
-                vnet::segment_count(&hdr, &frame[ethernet::HEADER_LEN..])
+                segment::segment_count(&hdr, &frame[ethernet::HEADER_LEN..])
             } else {
                 Ok(1)
             };
@@ -738,13 +739,13 @@ impl L2Worker {
                 let len = if hdr.is_gso() {
                     let (eth, rest) = slot.split_at_mut(ethernet::HEADER_LEN);
                     eth.copy_from_slice(&frame[..ethernet::HEADER_LEN]);
-                    vnet::segment(&hdr, &frame[ethernet::HEADER_LEN..], seg, rest)
+                    segment::segment(&hdr, &frame[ethernet::HEADER_LEN..], seg, rest)
                         .map(|n| n + ethernet::HEADER_LEN)
                         .ok()
                 } else if frame.len() <= slot.len() {
                     slot[..frame.len()].copy_from_slice(frame);
                     let finished = hdr.flags & vnet::F_NEEDS_CSUM == 0
-                        || vnet::finish_checksum(
+                        || segment::finish_checksum(
                             &mut slot[..frame.len()],
                             usize::from(hdr.csum_start),
                             usize::from(hdr.csum_offset),
