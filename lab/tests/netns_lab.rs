@@ -838,7 +838,8 @@ fn e2e_bench_writes_results_and_cleans_up() {
         "--rounds",
         "1",
         "--tcp-mb",
-        "20",
+        // Enough for /proc/stat's 10 ms ticks to resolve the CPU cost (20 MB once read 0).
+        "200",
         "--udp-seconds",
         "0.3",
         "--modes",

@@ -211,8 +211,9 @@ fn busy_cpu() -> Result<Duration> {
     Ok(Duration::from_millis(jiffies * 10))
 }
 
-/// `streams` TCP streams from pod 1 to pod 2, `bytes` each: (Mbit/s, CPU s per Gbit).
-fn tcp(names: &super::Names, streams: usize, bytes: u64) -> Result<(f64, f64)> {
+/// `streams` TCP streams from pod 1 to pod 2, `bytes` each: (Mbit/s, the machine's busy CPU
+/// time meanwhile, Gbit carried).
+fn tcp(names: &super::Names, streams: usize, bytes: u64) -> Result<(f64, Duration, f64)> {
     let (src, dst) = (names.ns("p1"), names.ns("p2"));
     let timeout = Duration::from_secs(60);
     let mut sinks = Vec::new();
@@ -239,13 +240,31 @@ fn tcp(names: &super::Names, streams: usize, bytes: u64) -> Result<(f64, f64)> {
         total += netns::join(s)?;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = (busy_cpu()? - cpu0).as_secs_f64();
+    let cpu = busy_cpu()? - cpu0;
     if total != bytes * streams as u64 {
         bail!("{total} of {} bytes arrived", bytes * streams as u64);
     }
     let bits = total as f64 * 8.0;
-    Ok((bits / elapsed / 1e6, cpu / (bits / 1e9)))
+    Ok((bits / elapsed / 1e6, cpu, bits / 1e9))
 }
+
+/// CPU seconds per Gbit, refused when the transfer took too little CPU for /proc/stat's
+/// 10 ms ticks to resolve it to 10% (a short transfer can read 0 ticks: a cost of 0, not a
+/// measurement).
+fn cpu_per_gbit(cpu: Duration, gbit: f64) -> Result<f64> {
+    if cpu < MIN_CPU_READING {
+        bail!(
+            "the 1-stream transfer took {} ms of CPU, under the {} ms /proc/stat resolves \
+             to 10%: raise --tcp-mb",
+            cpu.as_millis(),
+            MIN_CPU_READING.as_millis()
+        );
+    }
+    Ok(cpu.as_secs_f64() / gbit)
+}
+
+/// Ten of /proc/stat's 10 ms ticks.
+const MIN_CPU_READING: Duration = Duration::from_millis(100);
 
 /// Pod 1 to pod 2: the packet-rate trials of `rate`.
 fn pod_path(names: &super::Names) -> rate::Path {
@@ -278,8 +297,9 @@ fn measure(
     opts: &BenchOptions,
 ) -> Result<(Vec<(Workload, f64)>, rate::RateResult)> {
     let bytes = opts.tcp_mb * 1_000_000;
-    let (tcp1, cpu) = tcp(names, 1, bytes)?;
-    let (tcp4, _) = tcp(names, 4, bytes / 4)?;
+    let (tcp1, cpu, gbit) = tcp(names, 1, bytes)?;
+    let cpu = cpu_per_gbit(cpu, gbit)?;
+    let (tcp4, _, _) = tcp(names, 4, bytes / 4)?;
     let rates = rate::measure(&pod_path(names), opts.udp_seconds, opts.trial_seconds, 5400)?;
     let mut got = vec![
         (Workload::Tcp1, tcp1),
@@ -579,6 +599,14 @@ fn run_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_cpu_reading_below_the_ticks_resolution_is_refused() {
+        assert!(cpu_per_gbit(Duration::ZERO, 0.16).is_err());
+        assert!(cpu_per_gbit(Duration::from_millis(90), 0.16).is_err());
+        let got = cpu_per_gbit(Duration::from_millis(400), 0.2).unwrap();
+        assert!((got - 2.0).abs() < 1e-9, "{got}");
+    }
 
     #[test]
     fn test_median_and_modes() {
