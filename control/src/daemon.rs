@@ -34,6 +34,7 @@ use podwire_dataplane::capture::Capture;
 use podwire_dataplane::conntrack;
 use podwire_dataplane::nat::{Admission, Algorithm, OwnPort, PortRange, ServiceOptions, Services};
 use podwire_dataplane::pipeline::{Encap, Flows, Tables, WireNat, MASQ_PORTS};
+use podwire_dataplane::port::underlay::Underlay;
 use podwire_dataplane::port::xdp::pod::{PodPorts, XdpPodPort};
 use podwire_dataplane::port::xdp::underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xdp::xsk::{XskConfig, XskPort};
@@ -1005,8 +1006,7 @@ fn setup_bridged(
         Arc::clone(&live),
         port,
         local_mac,
-        udp,
-        underlay_xdp,
+        Underlay::new(udp, None, underlay_xdp, Vec::new()),
     )?;
     let workers = Workers(Some(pool));
     steps.done("bridge worker")?;
@@ -1339,11 +1339,8 @@ fn worker_ports(
         };
         ports.push(WorkerPorts {
             tun,
-            udp,
-            raw,
-            xdp,
+            underlay: Underlay::new(udp, raw, xdp, vxlan_tx),
             pods: PodPorts::new(pods),
-            vxlan_tx,
         });
     }
     Ok((ports, gro))

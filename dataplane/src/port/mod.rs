@@ -22,6 +22,7 @@ pub mod socket_errors;
 pub mod tap;
 pub mod tun;
 pub mod udp;
+pub mod underlay;
 pub mod xdp;
 
 /// A device error that is not about one packet.

@@ -25,8 +25,8 @@ use mio::{Interest, Registry, Token};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-/// Tokens from here on are peer sockets (slot = token - FIRST_TOKEN).
-pub(crate) const FIRST_TOKEN: usize = 16;
+/// Peer sockets' epoll tokens: slot = token - FIRST_TOKEN.
+use super::FIRST_SLOT_TOKEN as FIRST_TOKEN;
 
 struct Slot {
     socket: PeerSocket,
@@ -43,8 +43,6 @@ pub(crate) struct PeerQueues {
     slots: Vec<Option<Slot>>,
     /// Where the next round starts, so no peer is always read first.
     next: usize,
-    /// The tables the sockets were made for.
-    synced: Option<Arc<Tables>>,
 }
 
 impl PeerQueues {
@@ -54,13 +52,7 @@ impl PeerQueues {
             workers: workers.max(1),
             slots: Vec::new(),
             next: 0,
-            synced: None,
         }
-    }
-
-    /// Whether `tables` differ from the ones the sockets were made for.
-    pub(crate) fn stale(&self, tables: &Arc<Tables>) -> bool {
-        !self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, tables))
     }
 
     /// The peers this worker should have sockets for under `tables`.
@@ -91,7 +83,6 @@ impl PeerQueues {
         udp: &UdpPort,
         registry: &Registry,
     ) -> SyncOutcome {
-        self.synced = Some(Arc::clone(tables));
         let wanted = self.wanted(tables);
         let mut outcome = SyncOutcome::default();
         for slot in &mut self.slots {
