@@ -146,12 +146,11 @@ impl Batch {
         &self.meta[i]
     }
 
-    /// For vectored syscalls that fill many slots at once (`recvmmsg`): a pointer to slot 0's
-    /// receive area and the stride between slots. Slot `i`'s area starts `i * stride` bytes
-    /// further and is `max_packet()` bytes long. All slot pointers must be derived from this one
-    /// base (one mutable borrow of the arena), not from a borrow per slot.
-    pub(crate) fn rx_area(&mut self) -> (*mut u8, usize) {
-        (self.arena[HEADROOM..].as_mut_ptr(), self.frame_size)
+    /// For vectored syscalls that fill many slots at once (`recvmmsg`): the arena from slot 0's
+    /// receive area on, and the stride between slots. Slot `i`'s area starts `i * stride` bytes
+    /// in and is `max_packet()` bytes long; the last one ends where the returned slice does.
+    pub(crate) fn rx_area(&mut self) -> (&mut [u8], usize) {
+        (&mut self.arena[HEADROOM..], self.frame_size)
     }
 }
 

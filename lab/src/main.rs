@@ -2,7 +2,9 @@
 //! `podwire` daemon they run.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use podwire_lab::cluster::bench::BenchMode;
+use podwire_lab::cluster::{Backend, LabOptions, Refused, VxlanTx};
 use podwire_lab::{cluster, daemon_binary};
 use std::path::PathBuf;
 
@@ -46,14 +48,11 @@ struct BenchArgs {
     /// Workers per podwire node.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); also
-    /// `podwire-vxlan-no-conntrack`, `podwire-vxlan-no-gro`, `podwire-vxlan-shared-queue`,
-    /// `podwire-vxlan-xdp`, `podwire-vxlan-xdp-pods` and `podwire-udp-xdp`: the default mode
-    /// without connection tracking, without UDP GRO, without per-peer queues, with the
-    /// underlay through AF_XDP, with the pods through AF_XDP too, and flannel's udp
-    /// encapsulation with the underlay through AF_XDP.
-    #[arg(long, value_delimiter = ',', default_values_t = cluster::bench::MODES.map(String::from))]
-    modes: Vec<String>,
+    /// Modes to run, comma-separated (kernel-vxlan is required: it is the reference); the
+    /// default is the first five, the others are the default podwire mode without one of its
+    /// features or with AF_XDP.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = cluster::bench::MODES)]
+    modes: Vec<BenchMode>,
     /// The run file: every sample and trial, with the commit, date, command and machine.
     #[arg(long, default_value = "bench-results.json")]
     out: PathBuf,
@@ -82,12 +81,12 @@ struct LabArgs {
     nodes: usize,
     /// Backend the cluster runs: `udp` or `vxlan` (podwire), or `kernel-vxlan` for the baseline: no podwire,
     /// every node configured with the kernel's VXLAN device exactly as flanneld's vxlan backend does.
-    #[arg(long, default_value = "udp")]
-    backend: String,
+    #[arg(long, value_enum, default_value_t = Backend::Udp)]
+    backend: Backend,
     /// With `--backend vxlan`: make every node but the first a kernel VXLAN node, configured
     /// exactly as flanneld's vxlan backend configures one (podwire talks to the kernel).
-    #[arg(long, value_parser = ["kernel"])]
-    peer: Option<String>,
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
     /// With a vxlan backend: `DirectRouting: true` (every lab node shares one L2 subnet, so pod
     /// traffic is routed unencapsulated, as flanneld does).
     #[arg(long)]
@@ -117,15 +116,15 @@ struct LabArgs {
     /// Cluster store: `file` (one JSON file every node reads) or `etcd` (a real etcd the lab
     /// starts on the underlay; nodes take their leases from it, and the lab adds checks of
     /// lease retake, node leave/rejoin and an etcd outage under traffic).
-    #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
-    store: String,
+    #[arg(long, value_enum, default_value_t = Store::File)]
+    store: Store,
     /// With `--store etcd`: leases of absent nodes written before the nodes start (the network
     /// becomes 10.0.0.0/8 to hold them), e.g. 1000 or 5000 to time start-up under load.
     #[arg(long, default_value_t = 0)]
     extra_leases: usize,
     /// `podwire run --vxlan-tx` for every podwire node: `socket` or `flow-ports`.
-    #[arg(long, default_value = "socket", value_parser = ["socket", "flow-ports"])]
-    vxlan_tx: String,
+    #[arg(long, value_enum, default_value_t = VxlanTx::Socket)]
+    vxlan_tx: VxlanTx,
     /// Add ClusterIP services translated by podwire (3 nodes or more): 300 connections spread
     /// over 3 backends on 2 nodes, UDP, hairpin, a service without endpoints, a backend removed
     /// mid-run.
@@ -136,26 +135,26 @@ struct LabArgs {
     #[arg(long)]
     ip_masq: bool,
     /// `podwire run --conntrack` on the podwire nodes.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    conntrack: String,
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    conntrack: Switch,
     /// `podwire run --io` on the podwire nodes: `xdp` puts the underlay through AF_XDP
     /// (every node's port then finishes its own checksums, as on a physical wire).
-    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
-    io: String,
+    #[arg(long, value_enum, default_value_t = Via::Tun)]
+    io: Via,
     /// How the podwire nodes reach their pod: `tun` (the kernel routes it into the TUN), or
     /// `xdp` (AF_XDP on the pod's veth host end: `run --pod-ports vpod`, with `--io xdp`; in
     /// L2 mode `run --l2-pods xdp`, every pod on a veth pair as a bridge port).
-    #[arg(long, default_value = "tun", value_parser = ["tun", "xdp"])]
-    pods: String,
+    #[arg(long, value_enum, default_value_t = Via::Tun)]
+    pods: Via,
     /// `podwire run --peer-queues` on the podwire nodes (`off` shows what the flooding-peer
     /// check of a 3-node lab looks like without them: it fails).
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    peer_queues: String,
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    peer_queues: Switch,
     /// `l2`: podwire is every node's bridge (needs `--backend vxlan`): pods attached by
     /// `podwire ctl attach`, 3 on node 1 and 2 on node 2, in one L2 domain over VXLAN; ARP,
     /// pings, TCP, the FDB, a pod moved across nodes, and same-node TCP against a Linux bridge.
-    #[arg(long, default_value = "l3", value_parser = ["l3", "l2"])]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::L3)]
+    mode: Mode,
     /// Soak: after the pairs, a fixed-rate UDP stream from pod 1 to pod 2 for this many
     /// seconds, checked for loss, duplicates and reordering while the daemons' RSS and open
     /// descriptors are sampled (0: no soak).
@@ -167,6 +166,90 @@ struct LabArgs {
     /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
     #[arg(long, value_name = "PATH")]
     podwire: Option<PathBuf>,
+}
+
+// The variants below carry plain comments, not doc comments: clap would list those in `--help`
+// beside the option's own text, which names every value already.
+
+/// `--peer`: what the nodes but the first are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    // Kernel VXLAN nodes, as flanneld's vxlan backend configures them.
+    #[value(name = "kernel")]
+    Kernel,
+}
+
+/// `--store`: where the nodes take their leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Store {
+    // One JSON file every node reads.
+    #[value(name = "file")]
+    File,
+    // A real etcd the lab starts on the underlay.
+    #[value(name = "etcd")]
+    Etcd,
+}
+
+/// A podwire feature on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    #[value(name = "on")]
+    On,
+    #[value(name = "off")]
+    Off,
+}
+
+/// `--io`, `--pods`: through the kernel's TUN, or AF_XDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Via {
+    #[value(name = "tun")]
+    Tun,
+    #[value(name = "xdp")]
+    Xdp,
+}
+
+/// `--mode`: routed, or podwire as every node's bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    #[value(name = "l3")]
+    L3,
+    #[value(name = "l2")]
+    L2,
+}
+
+impl LabArgs {
+    /// The lab's options, or the first combination of them the lab refuses.
+    fn options(self, podwire: PathBuf) -> Result<LabOptions, Refused> {
+        let opts = LabOptions {
+            podwire,
+            nodes: self.nodes,
+            backend: self.backend,
+            peer_kernel: self.peer == Some(Peer::Kernel),
+            direct_routing: self.direct_routing,
+            transfer_mb: self.transfer_mb,
+            workers: self.workers.max(1),
+            ping_count: self.ping_count.max(1),
+            udp_count: self.udp_count.max(1),
+            json: self.json,
+            capture: self.capture,
+            keep_logs: self.keep_logs,
+            etcd: self.store == Store::Etcd,
+            extra_leases: self.extra_leases,
+            vxlan_tx: self.vxlan_tx,
+            services: self.services,
+            ip_masq: self.ip_masq,
+            conntrack: self.conntrack == Switch::On,
+            l2: self.mode == Mode::L2,
+            udp_gro: true,
+            peer_queues: self.peer_queues == Switch::On,
+            io_xdp: self.io == Via::Xdp,
+            pod_xdp: self.pods == Via::Xdp,
+            soak_seconds: self.soak,
+            soak_pps: self.soak_pps.max(1),
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
 }
 
 fn main() -> Result<()> {
@@ -187,35 +270,10 @@ fn main() -> Result<()> {
         }
         Cmd::Figures(a) => figures(a),
         Cmd::Lab(a) => {
+            let podwire = daemon_binary::resolve(a.podwire.as_deref())?;
+            let opts = a.options(podwire)?;
             cluster::install_signal_teardown()?;
-            let ok = cluster::run(cluster::LabOptions {
-                podwire: daemon_binary::resolve(a.podwire.as_deref())?,
-                nodes: a.nodes,
-                backend: a.backend,
-                peer_kernel: a.peer.is_some(),
-                direct_routing: a.direct_routing,
-                transfer_mb: a.transfer_mb,
-                workers: a.workers.max(1),
-                ping_count: a.ping_count.max(1),
-                udp_count: a.udp_count.max(1),
-                json: a.json,
-                capture: a.capture,
-                keep_logs: a.keep_logs,
-                etcd: a.store == "etcd",
-                extra_leases: a.extra_leases,
-                vxlan_tx: a.vxlan_tx,
-                services: a.services,
-                ip_masq: a.ip_masq,
-                conntrack: a.conntrack == "on",
-                l2: a.mode == "l2",
-                udp_gro: true,
-                peer_queues: a.peer_queues == "on",
-                io_xdp: a.io == "xdp",
-                pod_xdp: a.pods == "xdp",
-                soak_seconds: a.soak,
-                soak_pps: a.soak_pps.max(1),
-            })?;
-            if !ok {
+            if !cluster::run(opts)? {
                 std::process::exit(1);
             }
             Ok(())
@@ -244,4 +302,116 @@ fn figures(a: FiguresArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn lab(args: &[&str]) -> Result<LabOptions, Refused> {
+        let cli = Cli::try_parse_from(["podwire-lab", "lab"].iter().chain(args)).unwrap();
+        let Cmd::Lab(a) = cli.command else {
+            panic!("not lab")
+        };
+        a.options(PathBuf::from("podwire"))
+    }
+
+    #[test]
+    fn test_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every value the README, the docs, the tests and `./dev` type is taken, and means what
+    /// it meant as a string; the defaults are the old ones.
+    #[test]
+    fn test_lab_takes_every_spelling_users_type() {
+        let d = lab(&[]).unwrap();
+        assert_eq!((d.backend, d.vxlan_tx), (Backend::Udp, VxlanTx::Socket));
+        assert!(!d.peer_kernel && !d.etcd && !d.l2 && !d.io_xdp && !d.pod_xdp);
+        assert!(d.conntrack && d.peer_queues && d.udp_gro);
+        let o = lab(&[
+            "--backend",
+            "vxlan",
+            "--peer",
+            "kernel",
+            "--vxlan-tx",
+            "flow-ports",
+        ])
+        .unwrap();
+        assert_eq!(
+            (o.backend, o.vxlan_tx),
+            (Backend::Vxlan, VxlanTx::FlowPorts)
+        );
+        assert!(o.peer_kernel);
+        assert_eq!(
+            lab(&["--backend", "kernel-vxlan"]).unwrap().backend,
+            Backend::KernelVxlan
+        );
+        let o = lab(&["--backend", "udp", "--io", "xdp"]).unwrap();
+        assert!(o.io_xdp && !o.pod_xdp);
+        let o = lab(&["--io", "xdp", "--pods", "xdp"]).unwrap();
+        assert!(o.io_xdp && o.pod_xdp);
+        let o = lab(&["--io", "tun", "--pods", "tun", "--vxlan-tx", "socket"]).unwrap();
+        assert!(!o.io_xdp && !o.pod_xdp);
+        let o = lab(&["--conntrack", "off"]).unwrap();
+        assert!(!o.conntrack && o.peer_queues);
+        let o = lab(&["--peer-queues", "off", "--conntrack", "on"]).unwrap();
+        assert!(o.conntrack && !o.peer_queues);
+        assert!(lab(&["--peer-queues", "on"]).unwrap().peer_queues);
+        assert!(lab(&["--store", "etcd"]).unwrap().etcd);
+        assert!(!lab(&["--store", "file"]).unwrap().etcd);
+        assert!(lab(&["--mode", "l2", "--backend", "vxlan"]).unwrap().l2);
+        assert!(!lab(&["--mode", "l3"]).unwrap().l2);
+        for bad in [
+            ["--backend", "host-gw"],
+            ["--peer", "udp"],
+            ["--mode", "l4"],
+        ] {
+            let args = ["podwire-lab", "lab"].into_iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A combination the lab does not run is refused at the arguments, with its rule.
+    #[test]
+    fn test_lab_refuses_combinations_with_a_typed_reason() {
+        assert_eq!(
+            lab(&["--peer", "kernel"]).unwrap_err(),
+            Refused::PeerKernelWithoutVxlan
+        );
+        assert_eq!(
+            lab(&["--mode", "l2"]).unwrap_err(),
+            Refused::L2WithoutPodwireVxlan
+        );
+        assert_eq!(lab(&["--nodes", "101"]).unwrap_err(), Refused::Nodes);
+        assert_eq!(
+            lab(&["--nodes", "3", "--services", "--conntrack", "off"]).unwrap_err(),
+            Refused::ServicesWithoutConntrack
+        );
+    }
+
+    #[test]
+    fn test_bench_modes_by_name() {
+        let modes = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["podwire-lab", "bench"].iter().chain(args))?;
+            let Cmd::Bench(a) = cli.command else {
+                panic!("not bench")
+            };
+            Ok::<_, clap::Error>(a.modes)
+        };
+        assert_eq!(modes(&[]).unwrap(), cluster::bench::MODES);
+        assert_eq!(
+            modes(&["--modes", "kernel-vxlan,podwire-udp-xdp,host-gw"]).unwrap(),
+            [
+                BenchMode::KernelVxlan,
+                BenchMode::PodwireUdpXdp,
+                BenchMode::HostGw
+            ]
+        );
+        let readme = "kernel-vxlan,podwire-vxlan,podwire-vxlan-flow-ports,podwire-udp,host-gw,\
+                      podwire-vxlan-xdp,podwire-vxlan-xdp-pods,podwire-udp-xdp";
+        assert_eq!(modes(&["--modes", readme]).unwrap().len(), 8);
+        assert!(modes(&["--modes", "kernel-vxlan,nope"]).is_err());
+    }
 }

@@ -7,13 +7,11 @@
 use crate::batch::Batch;
 use crate::sys;
 use std::io;
-
-/// Batched `sendmmsg`/`recvmmsg` on any datagram socket, between a [`Batch`] and the socket:
-/// what the UDP and raw ports use, and what the lab's traffic generators use to push packets
-/// at a rate one syscall per packet could not.
-pub use crate::sys::mmsg::MmsgScratch;
 use std::os::fd::BorrowedFd;
 
+pub use mmsg::MmsgScratch;
+
+mod mmsg;
 pub mod neigh_dump;
 pub mod neighbours;
 pub mod pcap;

@@ -3,10 +3,10 @@
 //! does, which a socket bound to the VXLAN port cannot do. The kernel fills the IP ID when we
 //! leave it zero and recomputes the header checksum; everything else goes out as we wrote it.
 
+use super::MmsgScratch;
 use super::{PortError, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::sys;
-use crate::sys::mmsg::MmsgScratch;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::AsFd;
 

@@ -2,12 +2,12 @@
 //! the kernel spreads datagrams across workers by 4-tuple hash (one peer's flow stays on one
 //! worker), each moving whole batches with recvmmsg/sendmmsg.
 
+use super::mmsg::{gro_recv, MmsgScratch};
 use super::socket_errors::{SocketErrorKind, SocketErrors};
 use super::{PortError, RxPort, TxOutcome, TxPort};
 use crate::batch::Batch;
 use crate::sys;
 use crate::sys::gro::GroReceiver;
-use crate::sys::mmsg::MmsgScratch;
 use core::net::SocketAddrV4;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
@@ -226,7 +226,7 @@ fn recv_on(
 ) -> Result<usize, PortError> {
     for _ in 0..=MAX_ERROR_RETRIES {
         let got = match gro.as_deref_mut() {
-            Some(g) => g.recv(fd, batch),
+            Some(g) => gro_recv(g, fd, batch),
             None => scratch.recv(fd, batch),
         };
         let e = match got {

@@ -1,13 +1,12 @@
 //! Receiving with UDP GRO: recvmmsg(2) into large buffers, each holding a run of datagrams of
 //! one size from one sender (the kernel's coalescing, or a sender's UDP GSO buffer kept whole),
-//! split back into a [`Batch`], one datagram per slot.
+//! split back into datagrams handed to the caller one by one.
 //!
-//! A call receives at most once; what does not fit the batch waits for the next call, so no
-//! datagram is lost and the batch bound holds.
+//! A call receives at most once; what does not fit the caller's room waits for the next call,
+//! so no datagram is lost and the caller's bound holds.
 
 use super::mmsg::{from_sockaddr, recvmmsg_dontwait};
 use super::sockopt::UDP_GRO;
-use crate::batch::Batch;
 use core::net::{Ipv4Addr, SocketAddrV4};
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -17,7 +16,7 @@ const MSGS: usize = 8;
 /// Bytes per message: the largest coalesced run (an IPv4 UDP payload).
 const BUF: usize = 65_536;
 
-/// One received message not yet split into the batch.
+/// One received message not yet split into datagrams.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     len: usize,
@@ -79,37 +78,41 @@ impl GroReceiver {
         }
     }
 
-    /// Replaces the batch's contents with datagrams: first those left from the previous call,
-    /// then, if room remains, one recvmmsg's worth. `Ok(0)` when nothing is waiting.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, batch: &mut Batch) -> io::Result<usize> {
-        batch.clear();
-        self.split_into(batch);
-        if batch.len() < batch.capacity() && self.received(fd)? > 0 {
-            self.split_into(batch);
+    /// Hands up to `room` datagrams to `take`, each as its bytes, its sender and whether the
+    /// kernel cut it short: first those left from the previous call, then, if room remains, one
+    /// recvmmsg's worth. Returns how many; `Ok(0)` when nothing is waiting. An error of the
+    /// recvmmsg comes after the leftovers were handed over.
+    pub fn recv(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        room: usize,
+        mut take: impl FnMut(&[u8], SocketAddrV4, bool),
+    ) -> io::Result<usize> {
+        let mut given = self.split(room, &mut take);
+        if given < room && self.received(fd)? > 0 {
+            given += self.split(room - given, &mut take);
         }
-        Ok(batch.len())
+        Ok(given)
     }
 
-    /// Moves pending datagrams into the batch until it is full or nothing is pending.
-    fn split_into(&mut self, batch: &mut Batch) {
-        while self.next < self.n_pending && batch.len() < batch.capacity() {
+    /// Hands pending datagrams to `take` until `room` were given or nothing is pending.
+    fn split(&mut self, room: usize, take: &mut impl FnMut(&[u8], SocketAddrV4, bool)) -> usize {
+        let mut given = 0;
+        while self.next < self.n_pending && given < room {
             let p = self.pending[self.next];
-            let base = self.next * BUF;
             let seg = if p.seg == 0 { p.len } else { p.seg };
-            // An empty datagram still takes a slot (the pipeline counts it).
-            let take = seg.min(p.len - self.offset);
-            let i = batch.len();
-            let slot = batch.rx_slot(i);
-            let n = take.min(slot.len());
-            let from = base + self.offset;
-            slot[..n].copy_from_slice(&self.arena[from..from + n]);
-            batch.commit_rx(i, n, p.peer, p.truncated || take > n);
-            self.offset += take;
+            // An empty datagram is still one (the caller counts it).
+            let len = seg.min(p.len - self.offset);
+            let from = self.next * BUF + self.offset;
+            take(&self.arena[from..from + len], p.peer, p.truncated);
+            given += 1;
+            self.offset += len;
             if self.offset >= p.len {
                 self.next += 1;
                 self.offset = 0;
             }
         }
+        given
     }
 
     /// One recvmmsg into the arena; returns how many messages came.
@@ -172,4 +175,54 @@ fn gro_segment(msg: &libc::msghdr) -> usize {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::mmsg::Mmsg;
+    use crate::sys::sockopt::set_udp_gro;
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    /// A GSO run received whole is handed over one datagram at a time, never more than `room`
+    /// per call; the rest waits for the next call, in order, with its sender.
+    #[test]
+    fn test_recv_hands_over_at_most_room_and_keeps_the_rest() {
+        let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        set_udp_gro(rx.as_fd(), true).unwrap();
+        let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let (std::net::SocketAddr::V4(to), std::net::SocketAddr::V4(from)) =
+            (rx.local_addr().unwrap(), tx.local_addr().unwrap())
+        else {
+            panic!("IPv4")
+        };
+        let bufs: Vec<[u8; 500]> = (0..10u8).map(|k| [k; 500]).collect();
+        let mut mmsg = Mmsg::new(16);
+        mmsg.set_gso(true);
+        assert_eq!(
+            mmsg.send(tx.as_fd(), 10, |k| (&bufs[k][..], to)).unwrap(),
+            10
+        );
+        let mut gro = GroReceiver::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.len() < 10 && Instant::now() < deadline {
+            let n = gro
+                .recv(rx.as_fd(), 4, |d, peer, truncated| {
+                    assert_eq!(peer, from);
+                    assert!(!truncated);
+                    got.push(d.to_vec());
+                })
+                .unwrap();
+            assert!(n <= 4, "{n} datagrams for room 4");
+        }
+        assert_eq!(got.len(), 10);
+        for (k, d) in got.iter().enumerate() {
+            assert_eq!(d.len(), 500, "datagram {k}");
+            assert!(d.iter().all(|&b| usize::from(b) == k), "datagram {k}");
+        }
+    }
 }

@@ -22,6 +22,7 @@ mod l2_lab;
 mod lifecycle;
 mod netns;
 mod nodes;
+mod options;
 mod sequence;
 mod services_lab;
 mod soak;
@@ -32,6 +33,7 @@ mod traffic;
 use checks::*;
 use ctl_check::*;
 use nodes::*;
+pub use options::{value_name, Backend, Refused, VxlanTx};
 use sequence::*;
 use summary::*;
 use topology::*;
@@ -59,7 +61,7 @@ pub struct LabOptions {
     /// (`podwire ctl`).
     pub podwire: PathBuf,
     pub nodes: usize,
-    pub backend: String,
+    pub backend: Backend,
     /// With `--backend vxlan`: nodes 2..N are kernel VXLAN nodes set up as flanneld does.
     pub peer_kernel: bool,
     /// With a VXLAN backend: `DirectRouting: true`, so nodes on one L2 subnet (all of the lab's)
@@ -78,8 +80,8 @@ pub struct LabOptions {
     /// With etcd: leases of absent nodes written before the nodes start (the network grows to
     /// 10.0.0.0/8 to hold them), to load the map.
     pub extra_leases: usize,
-    /// `podwire run --vxlan-tx` for the podwire nodes (`flow-ports` or `socket`).
-    pub vxlan_tx: String,
+    /// `podwire run --vxlan-tx` for the podwire nodes.
+    pub vxlan_tx: VxlanTx,
     /// ClusterIP services on every podwire node, and the service checks (`services_lab`).
     pub services: bool,
     /// `podwire run --ip-masq` on every podwire node, and the masquerade check.
@@ -105,8 +107,6 @@ pub struct LabOptions {
 }
 
 const UNDERLAY_NET: &str = "192.168.99";
-/// `--backend` value for the baseline: no podwire, the kernel's VXLAN configured as flanneld does.
-pub const KERNEL_VXLAN: &str = "kernel-vxlan";
 const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 200);
 const TCP_PORT: u16 = 5201;
 const UDP_PORT: u16 = 5202;
@@ -127,11 +127,11 @@ const STALE_ROUTES: [(&str, &str, &str); 2] = [
 
 impl LabOptions {
     fn vxlan(&self) -> bool {
-        self.backend != "udp"
+        self.backend != Backend::Udp
     }
     /// True if node `i` runs the kernel's VXLAN instead of podwire.
     fn is_kernel_node(&self, i: usize) -> bool {
-        self.backend == KERNEL_VXLAN || (self.peer_kernel && i > 1)
+        self.backend == Backend::KernelVxlan || (self.peer_kernel && i > 1)
     }
     fn podwire_nodes(&self) -> Vec<usize> {
         (1..=self.nodes)
@@ -478,38 +478,8 @@ pub fn run(opts: LabOptions) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("podwire-lab lab needs root (network namespaces, TUN devices)");
     }
-    if !(2..=100).contains(&opts.nodes) {
-        bail!("--nodes must be between 2 and 100");
-    }
-    if opts.direct_routing && !opts.vxlan() {
-        bail!("--direct-routing is a VXLAN option (Backend.DirectRouting)");
-    }
-    if opts.peer_kernel && opts.backend != "vxlan" {
-        bail!("--peer kernel goes with --backend vxlan (kernel nodes speak VXLAN)");
-    }
-    if !["udp", "vxlan", KERNEL_VXLAN].contains(&opts.backend.as_str()) {
-        bail!("--backend {}: want \"udp\" or \"vxlan\" (podwire), or \"{KERNEL_VXLAN}\" (the kernel's VXLAN as flanneld sets it up, for comparison)", opts.backend);
-    }
-    if opts.extra_leases > 0 && !opts.etcd {
-        bail!("--extra-leases goes with --store etcd");
-    }
-    if opts.services && (opts.nodes < 3 || (opts.is_kernel_node(1) && opts.backend != KERNEL_VXLAN))
-    {
-        bail!("--services needs 3 nodes or more, and node 1 (its pod is the client) running podwire, or kube-proxy's rules with --backend {KERNEL_VXLAN}");
-    }
-    if opts.services && !opts.conntrack {
-        bail!("--services needs connection tracking");
-    }
-    if opts.extra_leases > 30_000 {
-        bail!("--extra-leases: at most 30000");
-    }
+    opts.validate()?;
     if opts.l2 {
-        if opts.backend != "vxlan" || opts.peer_kernel || opts.direct_routing {
-            bail!("--mode l2 goes with --backend vxlan (podwire on every node, no DirectRouting)");
-        }
-        if opts.services || opts.ip_masq || opts.etcd {
-            bail!("--mode l2 does not combine with --services, --ip-masq or --store etcd yet");
-        }
         return with_lab(&opts, |outcome| !matches!(outcome, Ok(true)), l2_lab::run);
     }
     with_lab(&opts, |outcome| !matches!(outcome, Ok(true)), run_inner)

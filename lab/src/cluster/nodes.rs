@@ -70,7 +70,7 @@ pub(super) fn spawn_node(
             &format!("file:{}", services_lab::file(&dir).display()),
         ]);
     }
-    cmd.args(["--iface", "eth0", "--vxlan-tx", &opts.vxlan_tx])
+    cmd.args(["--iface", "eth0", "--vxlan-tx", &opts.vxlan_tx.to_string()])
         .args([
             "--subnet-file",
             &node_dir.join("subnet.env").display().to_string(),

@@ -54,7 +54,7 @@ pub(super) fn write_json(
     let v = json!({
         "ok": ok,
         "nodes": opts.nodes,
-        "backend": opts.backend,
+        "backend": opts.backend.to_string(),
         "transfer_mb": opts.transfer_mb,
         "store": if opts.etcd { "etcd" } else { "file" },
         "figures": figures,

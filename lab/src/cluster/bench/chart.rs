@@ -158,7 +158,7 @@ mod tests {
         let names: Vec<String> = super::super::MODES
             .iter()
             .chain(super::super::EXTRA_MODES.iter())
-            .map(|m| m.to_string())
+            .map(ToString::to_string)
             .collect();
         let modes: Vec<&str> = names.iter().map(String::as_str).collect();
         let m = vec![medians(1.0, 1.0, 1.0); modes.len()];

@@ -27,7 +27,7 @@
 mod chart;
 pub mod rate;
 
-use super::{netns, pod_ip, set_up, traffic, with_lab, LabOptions, KERNEL_VXLAN};
+use super::{netns, pod_ip, set_up, traffic, value_name, with_lab, Backend, LabOptions, VxlanTx};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::net::{SocketAddrV4, TcpListener};
@@ -45,31 +45,75 @@ pub struct BenchOptions {
     /// Seconds of each trial of the no-drop-rate search.
     pub trial_seconds: f64,
     pub workers: usize,
-    pub modes: Vec<String>,
+    pub modes: Vec<BenchMode>,
     pub out: PathBuf,
     pub svg: PathBuf,
     /// The daemon binary the podwire modes run.
     pub podwire: PathBuf,
 }
 
+/// What one bench lab runs (`--modes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// The kernel's VXLAN as flanneld configures it: the reference.
+    #[value(name = "kernel-vxlan")]
+    KernelVxlan,
+    /// podwire VXLAN, UDP sockets with GSO (the default).
+    #[value(name = "podwire-vxlan")]
+    PodwireVxlan,
+    /// podwire VXLAN through a raw socket, a source port per flow, no GSO.
+    #[value(name = "podwire-vxlan-flow-ports")]
+    PodwireVxlanFlowPorts,
+    /// podwire with flannel's udp encapsulation.
+    #[value(name = "podwire-udp")]
+    PodwireUdp,
+    /// Kernel routes between the nodes, no encapsulation: the ceiling.
+    #[value(name = "host-gw")]
+    HostGw,
+    /// podwire-vxlan without connection tracking.
+    #[value(name = "podwire-vxlan-no-conntrack")]
+    PodwireVxlanNoConntrack,
+    /// podwire-vxlan receiving without UDP GRO.
+    #[value(name = "podwire-vxlan-no-gro")]
+    PodwireVxlanNoGro,
+    /// podwire-vxlan without per-peer receive queues.
+    #[value(name = "podwire-vxlan-shared-queue")]
+    PodwireVxlanSharedQueue,
+    /// podwire VXLAN with the underlay through AF_XDP.
+    #[value(name = "podwire-vxlan-xdp")]
+    PodwireVxlanXdp,
+    /// podwire-vxlan-xdp with the pods through AF_XDP too.
+    #[value(name = "podwire-vxlan-xdp-pods")]
+    PodwireVxlanXdpPods,
+    /// flannel's udp encapsulation with the underlay through AF_XDP.
+    #[value(name = "podwire-udp-xdp")]
+    PodwireUdpXdp,
+}
+
+impl std::fmt::Display for BenchMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&value_name(self))
+    }
+}
+
 /// The modes, reference first.
-pub const MODES: [&str; 5] = [
-    "kernel-vxlan",
-    "podwire-vxlan",
-    "podwire-vxlan-flow-ports",
-    "podwire-udp",
-    "host-gw",
+pub const MODES: [BenchMode; 5] = [
+    BenchMode::KernelVxlan,
+    BenchMode::PodwireVxlan,
+    BenchMode::PodwireVxlanFlowPorts,
+    BenchMode::PodwireUdp,
+    BenchMode::HostGw,
 ];
 
-/// Modes run only when asked for (`--modes`): podwire without connection tracking, to see what
-/// tracking every packet costs.
-pub const EXTRA_MODES: [&str; 6] = [
-    "podwire-vxlan-no-conntrack",
-    "podwire-vxlan-no-gro",
-    "podwire-vxlan-shared-queue",
-    "podwire-vxlan-xdp",
-    "podwire-vxlan-xdp-pods",
-    "podwire-udp-xdp",
+/// Modes run only when asked for (`--modes`): podwire without one of its features, or with
+/// AF_XDP, to see what each costs or brings.
+pub const EXTRA_MODES: [BenchMode; 6] = [
+    BenchMode::PodwireVxlanNoConntrack,
+    BenchMode::PodwireVxlanNoGro,
+    BenchMode::PodwireVxlanSharedQueue,
+    BenchMode::PodwireVxlanXdp,
+    BenchMode::PodwireVxlanXdpPods,
+    BenchMode::PodwireUdpXdp,
 ];
 
 /// A figure measured in every mode and round.
@@ -149,26 +193,26 @@ impl Workload {
 /// vxlan backend, the smallest of the modes (flannel's udp backend gives 1472, host-gw 1500).
 pub const POD_MTU: u32 = 1450;
 
-fn lab_options(mode: &str, workers: usize, podwire: &Path) -> Result<LabOptions> {
+fn lab_options(mode: BenchMode, workers: usize, podwire: &Path) -> LabOptions {
+    use BenchMode as M;
     let (backend, direct_routing, vxlan_tx) = match mode {
-        "kernel-vxlan" => (KERNEL_VXLAN, false, "flow-ports"),
-        "podwire-vxlan"
-        | "podwire-vxlan-no-conntrack"
-        | "podwire-vxlan-no-gro"
-        | "podwire-vxlan-shared-queue" => ("vxlan", false, "socket"),
-        "podwire-vxlan-flow-ports" => ("vxlan", false, "flow-ports"),
+        M::KernelVxlan => (Backend::KernelVxlan, false, VxlanTx::FlowPorts),
+        M::PodwireVxlan
+        | M::PodwireVxlanNoConntrack
+        | M::PodwireVxlanNoGro
+        | M::PodwireVxlanSharedQueue => (Backend::Vxlan, false, VxlanTx::Socket),
+        M::PodwireVxlanFlowPorts => (Backend::Vxlan, false, VxlanTx::FlowPorts),
         // Outer headers written by the pipeline, as for the raw socket.
-        "podwire-vxlan-xdp" | "podwire-vxlan-xdp-pods" => ("vxlan", false, "flow-ports"),
-        "podwire-udp" | "podwire-udp-xdp" => ("udp", false, "flow-ports"),
+        M::PodwireVxlanXdp | M::PodwireVxlanXdpPods => (Backend::Vxlan, false, VxlanTx::FlowPorts),
+        M::PodwireUdp | M::PodwireUdpXdp => (Backend::Udp, false, VxlanTx::FlowPorts),
         // flanneld's host-gw is kernel routes via the peer's node address; the lab's kernel
         // nodes with DirectRouting on one L2 segment are exactly that.
-        "host-gw" => (KERNEL_VXLAN, true, "flow-ports"),
-        other => bail!("unknown mode {other:?}: want one of {MODES:?} or {EXTRA_MODES:?}"),
+        M::HostGw => (Backend::KernelVxlan, true, VxlanTx::FlowPorts),
     };
-    Ok(LabOptions {
+    LabOptions {
         podwire: podwire.to_path_buf(),
         nodes: 2,
-        backend: backend.to_string(),
+        backend,
         peer_kernel: false,
         direct_routing,
         transfer_mb: 0,
@@ -180,18 +224,21 @@ fn lab_options(mode: &str, workers: usize, podwire: &Path) -> Result<LabOptions>
         keep_logs: false,
         etcd: false,
         extra_leases: 0,
-        vxlan_tx: vxlan_tx.to_string(),
+        vxlan_tx,
         services: false,
         ip_masq: false,
-        conntrack: mode != "podwire-vxlan-no-conntrack",
-        udp_gro: mode != "podwire-vxlan-no-gro",
-        peer_queues: mode != "podwire-vxlan-shared-queue",
-        io_xdp: mode.contains("-xdp"),
-        pod_xdp: mode == "podwire-vxlan-xdp-pods",
+        conntrack: mode != M::PodwireVxlanNoConntrack,
+        udp_gro: mode != M::PodwireVxlanNoGro,
+        peer_queues: mode != M::PodwireVxlanSharedQueue,
+        io_xdp: matches!(
+            mode,
+            M::PodwireVxlanXdp | M::PodwireVxlanXdpPods | M::PodwireUdpXdp
+        ),
+        pod_xdp: mode == M::PodwireVxlanXdpPods,
         soak_seconds: 0,
         soak_pps: 0,
         l2: false,
-    })
+    }
 }
 
 /// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal).
@@ -424,14 +471,14 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("podwire-lab bench needs root (network namespaces, TUN devices)");
     }
-    if !opts.modes.iter().any(|m| m == "kernel-vxlan") {
+    if !opts.modes.contains(&BenchMode::KernelVxlan) {
         bail!("--modes must include kernel-vxlan: every figure is a ratio to it");
     }
     let labs: Vec<(String, LabOptions)> = opts
         .modes
         .iter()
-        .map(|m| Ok((m.clone(), lab_options(m, opts.workers, &opts.podwire)?)))
-        .collect::<Result<_>>()?;
+        .map(|&m| (m.to_string(), lab_options(m, opts.workers, &opts.podwire)))
+        .collect();
     let provenance = crate::run_record::Provenance::collect();
     let started = Instant::now();
     let mut modes: Vec<ModeSamples> = labs.iter().map(|(m, _)| ModeSamples::new(m)).collect();
@@ -612,25 +659,59 @@ mod tests {
     fn test_median_and_modes() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
-        for m in MODES {
-            assert!(lab_options(m, 1, Path::new("podwire")).is_ok());
+        let lab = |m| lab_options(m, 1, Path::new("podwire"));
+        assert!(lab(BenchMode::HostGw).direct_routing);
+        assert!(lab(BenchMode::PodwireVxlan).conntrack);
+        assert!(!lab(EXTRA_MODES[0]).conntrack);
+        for m in MODES.into_iter().chain(EXTRA_MODES) {
+            assert_eq!(lab(m).validate(), Ok(()), "{m}");
         }
-        assert!(lab_options("nope", 1, Path::new("podwire")).is_err());
-        assert!(
-            lab_options("host-gw", 1, Path::new("podwire"))
-                .unwrap()
-                .direct_routing
+    }
+
+    /// Every mode by the name users type: the reference first, the extras after, and the
+    /// options each name promises (`-xdp`: the underlay through AF_XDP, `-no-X`: without X).
+    #[test]
+    fn test_modes_are_named_as_typed_and_run_what_their_names_say() {
+        use clap::ValueEnum;
+        let all: Vec<BenchMode> = MODES.into_iter().chain(EXTRA_MODES).collect();
+        assert_eq!(
+            all,
+            BenchMode::value_variants(),
+            "every mode is listed once"
         );
-        assert!(
-            lab_options("podwire-vxlan", 1, Path::new("podwire"))
-                .unwrap()
-                .conntrack
+        let names: Vec<String> = all.iter().map(BenchMode::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "kernel-vxlan",
+                "podwire-vxlan",
+                "podwire-vxlan-flow-ports",
+                "podwire-udp",
+                "host-gw",
+                "podwire-vxlan-no-conntrack",
+                "podwire-vxlan-no-gro",
+                "podwire-vxlan-shared-queue",
+                "podwire-vxlan-xdp",
+                "podwire-vxlan-xdp-pods",
+                "podwire-udp-xdp",
+            ]
         );
-        assert!(
-            !lab_options(EXTRA_MODES[0], 1, Path::new("podwire"))
-                .unwrap()
-                .conntrack
-        );
+        for (m, name) in all.into_iter().zip(&names) {
+            let o = lab_options(m, 1, Path::new("podwire"));
+            assert_eq!(o.io_xdp, name.contains("-xdp"), "{name}");
+            assert_eq!(o.pod_xdp, name.ends_with("-xdp-pods"), "{name}");
+            assert_eq!(o.conntrack, !name.ends_with("-no-conntrack"), "{name}");
+            assert_eq!(o.udp_gro, !name.ends_with("-no-gro"), "{name}");
+            assert_eq!(o.peer_queues, !name.ends_with("-shared-queue"), "{name}");
+            let backend = if name.starts_with("podwire-udp") {
+                Backend::Udp
+            } else if name.starts_with("podwire-vxlan") {
+                Backend::Vxlan
+            } else {
+                Backend::KernelVxlan
+            };
+            assert_eq!(o.backend, backend, "{name}");
+        }
     }
 
     #[test]
@@ -641,7 +722,7 @@ mod tests {
             udp_seconds: 1.0,
             trial_seconds: 0.5,
             workers: 1,
-            modes: vec!["kernel-vxlan".into(), "podwire-vxlan".into()],
+            modes: vec![BenchMode::KernelVxlan, BenchMode::PodwireVxlan],
             out: PathBuf::new(),
             svg: PathBuf::new(),
             podwire: PathBuf::new(),
