@@ -23,6 +23,7 @@ use podwire::lease::LeaseAttrs;
 use podwire::masq;
 use podwire::netdev;
 use podwire::node;
+use podwire::node_lock::{self, NodeLock};
 use podwire::privs;
 use podwire::report;
 use podwire::services::{self, ServicesFile};
@@ -285,6 +286,8 @@ struct Control<'a> {
     health: &'a Health,
     lease_ttl: Duration,
     services: &'a mut ServiceSources,
+    /// Held until the daemon exits; answered every tick.
+    locks: &'a [NodeLock],
 }
 
 /// The address a pod port (`--pod-ports NAME[=IP]`) holds its pod to: the one given, else the
@@ -827,6 +830,19 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
     }
 }
 
+/// One daemon per device and underlay port in this network namespace: a second one stops
+/// here, before it touches the node, naming the first one's pid.
+fn lock_node(opts: &RunOptions, j: &Joined) -> Result<[NodeLock; 2]> {
+    let device = match &opts.l2 {
+        Some(l2) => l2.host_port.as_str(),
+        None => opts.tun_name.as_deref().unwrap_or(&j.default_tun),
+    };
+    Ok([
+        NodeLock::take(&node_lock::Owned::Device(device))?,
+        NodeLock::take(&node_lock::Owned::Port(j.port))?,
+    ])
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> Result<()> {
     let (shutdown, hangup) = install_signals()?;
@@ -835,6 +851,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         return Ok(());
     };
     check_options(&opts, &joined)?;
+    let locks = lock_node(&opts, &joined)?;
     let mut steps = node::Steps::from_env(opts.fault_injection);
     let mut node = match &opts.l2 {
         Some(l2) => setup_bridged(&opts, l2, &joined, &health, &mut steps)?,
@@ -868,6 +885,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             health: &health,
             lease_ttl: joined.lease_ttl,
             services: &mut node.services,
+            locks: &locks,
         };
         control_loop(&mut control, &opts, &shutdown, &hangup)
     };
@@ -1426,6 +1444,7 @@ fn control_loop(
             }
         }
         c.reload_services();
+        c.locks.iter().for_each(NodeLock::answer);
         c.health.store_reachable.store(reachable, Ordering::Relaxed);
         c.health
             .store_reconnects

@@ -22,6 +22,7 @@ pub mod masq;
 pub mod netdev;
 pub mod nft;
 pub mod node;
+pub mod node_lock;
 pub mod privs;
 pub mod report;
 pub mod rtnl;

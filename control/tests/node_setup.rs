@@ -277,3 +277,74 @@ fn node_setup_leaves_nothing_behind_bridged() {
     // Host port, XDP, capabilities, bridge worker, ctl socket, subnet.env.
     assert_eq!(steps, 6);
 }
+
+/// A second `podwire run` for the same device and port in one namespace stops at once, naming
+/// the first one's pid, and leaves the first one running with its ctl socket and subnet.env.
+#[test]
+fn a_second_daemon_is_refused_and_leaves_the_first_alone() {
+    let Some(_slot) = root_slot() else { return };
+    let ns = Netns::new("lock");
+    let store = write_cluster(&ns, false);
+    let args = ["--store", store.as_str()];
+    // Never failing: no step has number 0.
+    let mut first = ns.podwire(&args, 0);
+    let subnet_env = ns.dir.join("subnet.env");
+    if exited_or_running(&mut first, &subnet_env).is_some() {
+        let out = first.wait_with_output().unwrap();
+        panic!("the first daemon did not start:\n{}", text(&out));
+    }
+    let mut second = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(env!("CARGO_BIN_EXE_podwire"))
+        .arg("run")
+        .args(args)
+        .args(["--iface", "eth0", "--workers", "1", "--no-pin"])
+        .arg("--subnet-file")
+        .arg(ns.dir.join("second-subnet.env"))
+        .arg("--ctl-socket")
+        .arg(ns.dir.join("ctl.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let still_running = second.try_wait().unwrap().is_none();
+    if still_running {
+        let _ = second.kill();
+    }
+    let second = second.wait_with_output().unwrap();
+    let log = text(&second);
+    assert!(
+        !still_running,
+        "the second daemon still runs after 10 s:\n{log}"
+    );
+    assert_eq!(second.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "podwire is already running for device flannel.1 in this network namespace (pid {})",
+            first.id()
+        )),
+        "{log}"
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first daemon stopped"
+    );
+    assert!(
+        ns.dir.join("ctl.sock").exists(),
+        "the first daemon's ctl socket is gone"
+    );
+    assert!(subnet_env.exists());
+    assert!(!ns.dir.join("second-subnet.env").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
