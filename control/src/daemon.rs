@@ -706,6 +706,8 @@ fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Opt
         StoreSpec::Etcd(o) => o.lease_ttl,
         StoreSpec::File(_) => Duration::MAX,
     };
+    // The interface is the node's own: a missing one fails now, not after the store answers.
+    let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let mut store = open_store(&opts.store)?;
     let describe = store.describe();
     let Some(config) = retry("reading the network config", shutdown, health, || {
@@ -714,7 +716,6 @@ fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Opt
     else {
         return Ok(None);
     };
-    let iface = netdev::resolve_iface(opts.iface.as_deref())?;
     let public_ip = opts.public_ip.unwrap_or(iface.addr);
     let (port, default_tun) = match config.backend {
         BackendConfig::Udp { port } => (port, "flannel0".to_string()),

@@ -221,7 +221,22 @@ fn run(a: RunArgs) -> Result<()> {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
             .context("prctl(PR_SET_PDEATHSIG)")?;
     }
-    daemon::run(a.into_options()?)
+    if a.store.is_none() && a.etcd_endpoints == podwire::etcd::DEFAULT_ENDPOINTS {
+        tracing::warn!(
+            endpoints = podwire::etcd::DEFAULT_ENDPOINTS,
+            "no --store or --etcd-endpoints given: trying flanneld's default etcd endpoints \
+             (give --etcd-endpoints URL,... or --store file:PATH)"
+        );
+    }
+    match a.into_options() {
+        Ok(opts) => daemon::run(opts),
+        Err(e) if e.is_usage() => {
+            // As clap's own usage errors: exit 2.
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn ctl(a: CtlArgs) -> Result<()> {

@@ -88,8 +88,57 @@ pub enum RunArgsError {
     NoWorkers,
     #[error("--batch-size must be 1-{max}, not {got}")]
     BatchSize { got: usize, max: usize },
+    #[error("--etcd-endpoints {endpoint}: {why}")]
+    Endpoint { endpoint: String, why: &'static str },
+    #[error("--store {path}: {source}")]
+    StoreFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     PasswordFile(#[from] podwire::secret::SecretError),
+}
+
+impl RunArgsError {
+    /// Whether the command line itself is wrong (exit 2, as clap's own usage errors), rather
+    /// than a file it names (exit 1).
+    pub fn is_usage(&self) -> bool {
+        !matches!(
+            self,
+            RunArgsError::StoreFile { .. } | RunArgsError::PasswordFile(_)
+        )
+    }
+}
+
+/// Checks an etcd endpoint's form: flanneld's are `http://` or `https://` URLs with a host.
+fn check_endpoint(endpoint: &str) -> Result<(), RunArgsError> {
+    let refuse = |why| RunArgsError::Endpoint {
+        endpoint: endpoint.to_string(),
+        why,
+    };
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .ok_or_else(|| refuse("expected http:// or https://"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    // `[v6]:port`, `host:port` or a bare host.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, after)) => (host, after.strip_prefix(':')),
+            None => return Err(refuse("an IPv6 address without its closing ]")),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(refuse("the port is not a number from 0 to 65535"));
+    }
+    if host.is_empty() {
+        return Err(refuse("no host"));
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -421,22 +470,29 @@ impl RunArgs {
     /// The file store, or etcd with its connection settings.
     fn store_spec(&self) -> Result<daemon::StoreSpec, RunArgsError> {
         if let Some(spec) = &self.store {
-            if file_path(spec).is_none() {
+            let Some(path) = file_path(spec) else {
                 return Err(RunArgsError::StoreSpec(spec.clone()));
-            }
+            };
+            // Read once now, so a missing file fails at once instead of being waited for.
+            std::fs::File::open(path).map_err(|source| RunArgsError::StoreFile {
+                path: path.to_string(),
+                source,
+            })?;
             return Ok(daemon::StoreSpec::File(spec.clone()));
         }
         let password = match &self.etcd_password_file {
             Some(path) => Some(podwire::secret::Secret::from_file(path)?),
             None => self.etcd_password.clone(),
         };
+        let endpoints: Vec<String> = self
+            .etcd_endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        endpoints.iter().try_for_each(|e| check_endpoint(e))?;
         Ok(daemon::StoreSpec::Etcd(podwire::etcd::EtcdOptions {
-            endpoints: self
-                .etcd_endpoints
-                .split(',')
-                .map(|e| e.trim().to_string())
-                .filter(|e| !e.is_empty())
-                .collect(),
+            endpoints,
             prefix: self.etcd_prefix.clone(),
             ca_file: self.etcd_cafile.clone(),
             cert_file: self.etcd_certfile.clone(),
@@ -471,6 +527,30 @@ fn file_path(spec: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_etcd_endpoints_are_checked_before_use() {
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd.example:2379/",
+            "http://[fd00::1]:2379",
+            "http://etcd",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("foo://x", "http:// or https://"),
+            ("127.0.0.1:2379", "http:// or https://"),
+            ("http://", "no host"),
+            ("http://:2379", "no host"),
+            ("http://etcd:23x9", "port"),
+            ("http://[fd00::1:2379", "closing ]"),
+        ] {
+            let err = check_endpoint(bad).unwrap_err();
+            assert!(err.is_usage());
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+    }
     use crate::{flanneld_args, Cli, Cmd};
     use clap::Parser;
 

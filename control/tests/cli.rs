@@ -94,7 +94,8 @@ fn test_flags_that_do_not_go_together_are_refused_by_name() {
             .env_remove("FLANNELD_ETCD_USERNAME");
         let out = exits_within(cmd, std::time::Duration::from_secs(10));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{flags:?}");
+        // A usage error, as clap's own.
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
         assert!(err.contains(says), "{flags:?}: {err}");
     }
     // `on`/`off` values as users type them, and nothing else.
@@ -104,4 +105,75 @@ fn test_flags_that_do_not_go_together_are_refused_by_name() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("possible values: on, off"), "{err}");
+}
+
+/// Mistakes found on the node itself fail at once, before the store is asked anything: a URL
+/// that is not etcd's is a usage error (exit 2); a missing store file or interface, exit 1.
+#[test]
+fn test_local_mistakes_fail_before_the_store() {
+    let cases: [(&[&str], i32, &[&str]); 4] = [
+        (
+            &["--etcd-endpoints", "foo://x"],
+            2,
+            &["--etcd-endpoints", "foo://x", "http:// or https://"],
+        ),
+        (
+            &["--etcd-endpoints", "http://"],
+            2,
+            &["--etcd-endpoints", "http://", "no host"],
+        ),
+        (
+            &["--store", "file:/nonexistent/cluster.json"],
+            1,
+            &["/nonexistent/cluster.json", "No such file"],
+        ),
+        // Nothing listens on port 9: before, the daemon retried the store forever and never
+        // got to the interface.
+        (
+            &[
+                "--iface",
+                "nosuch0",
+                "--etcd-endpoints",
+                "http://127.0.0.1:9",
+            ],
+            1,
+            &["nosuch0"],
+        ),
+    ];
+    for (flags, code, says) in cases {
+        let mut cmd = podwire();
+        cmd.arg("run")
+            .args(flags)
+            .env_remove("FLANNELD_ETCD_ENDPOINTS");
+        let out = exits_within(cmd, std::time::Duration::from_secs(5));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{flags:?}: no {s:?} in {err}");
+        }
+    }
+}
+
+/// `podwire run` with no store flags tries flanneld's default etcd endpoints, as flanneld does,
+/// and says so at once with what to give instead.
+#[test]
+fn test_no_store_flags_says_which_endpoints_it_tries() {
+    use std::process::Stdio;
+    let mut child = podwire()
+        .args(["run", "--iface", "lo"])
+        .env_remove("FLANNELD_ETCD_ENDPOINTS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no --store or --etcd-endpoints given")
+            && err.contains("http://127.0.0.1:2379")
+            && err.contains("--store file:PATH"),
+        "{err}"
+    );
 }
