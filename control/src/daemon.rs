@@ -132,7 +132,14 @@ const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 fn open_store(spec: &StoreSpec) -> Result<Box<dyn Store>> {
     Ok(match spec {
-        StoreSpec::File(s) => store::open(s)?,
+        StoreSpec::File(s) => {
+            // Read once now: a file that is not there fails at once instead of being waited
+            // for as an unreachable store would be.
+            if let Some(path) = s.strip_prefix("file:") {
+                std::fs::File::open(path).with_context(|| format!("--store {s}"))?;
+            }
+            store::open(s)?
+        }
         StoreSpec::Etcd(o) => Box::new(EtcdStore::new(o.clone())?),
     })
 }

@@ -208,10 +208,10 @@ impl EtcdStore {
         format!("{}{}", self.subnets_prefix(), crate::subnet_key::of(subnet))
     }
 
-    fn etcd_err(&self, source: etcd_client::Error) -> StoreError {
+    fn etcd_err(&self, error: etcd_client::Error) -> StoreError {
         StoreError::Etcd {
             endpoints: self.endpoints(),
-            source,
+            error,
         }
     }
 
@@ -834,6 +834,29 @@ impl Store for EtcdStore {
 
     fn rejected_leases(&self) -> u64 {
         self.invalid.len() as u64
+    }
+}
+
+/// An etcd client error in one line: what failed and its root cause (`tcp connect error:
+/// Connection refused (os error 111)`), not the transport's nested debug text.
+pub fn readable(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (what, mut next): (String, Option<&dyn std::error::Error>) = match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().is_empty() => {
+            (s.code().description().to_string(), s.source())
+        }
+        etcd_client::Error::GRpcStatus(s) => (s.message().to_string(), s.source()),
+        etcd_client::Error::TransportError(t) => ("transport error".to_string(), t.source()),
+        other => (other.to_string(), None),
+    };
+    let mut root = None;
+    while let Some(s) = next {
+        root = Some(s);
+        next = s.source();
+    }
+    match root {
+        Some(r) if !what.contains(&r.to_string()) => format!("{what}: {r}"),
+        _ => what,
     }
 }
 

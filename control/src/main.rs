@@ -7,7 +7,7 @@ mod run_args;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use podwire_dataplane::pipeline::Direction;
-use run_args::{LogFormat, RunArgs};
+use run_args::{LogFormat, LogLevel, RunArgs};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -178,11 +178,15 @@ struct ReplayArgs {
     service_cidr: podwire_dataplane::route::Ipv4Net,
 }
 
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+fn init_logging(json: bool, level: LogLevel) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| level.directive().into());
+    // Colour codes only for a person at a terminal: journald, `kubectl logs` and files get
+    // plain text.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         // One JSON object per line, fields flattened: for log shippers.
@@ -199,7 +203,7 @@ fn init_logging(json: bool) {
 }
 
 fn main() -> Result<()> {
-    let args = match flanneld_args::rewrite(std::env::args_os()) {
+    let args = match flanneld_args::rewrite(std::env::args_os(), |k| std::env::var(k).ok()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
@@ -216,7 +220,7 @@ fn main() -> Result<()> {
 
 /// `podwire run`: the flags checked and turned into the daemon's options, then the daemon.
 fn run(a: RunArgs) -> Result<()> {
-    init_logging(a.log_format == LogFormat::Json);
+    init_logging(a.log_format == LogFormat::Json, a.log_level);
     if a.exit_with_parent {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
             .context("prctl(PR_SET_PDEATHSIG)")?;

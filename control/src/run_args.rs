@@ -63,6 +63,39 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--log-level`: the least severe events logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+
+    /// flanneld's klog verbosity `-v=N`: 0 is its default (info); flanneld logs its details
+    /// at 1 to 4 (debug here), and the rest beyond (trace).
+    pub fn from_klog_verbosity(v: u32) -> LogLevel {
+        match v {
+            0 => LogLevel::Info,
+            1..=4 => LogLevel::Debug,
+            _ => LogLevel::Trace,
+        }
+    }
+}
+
 /// A command line whose flags parse but do not go together.
 #[derive(Debug, thiserror::Error)]
 pub enum RunArgsError {
@@ -90,11 +123,6 @@ pub enum RunArgsError {
     BatchSize { got: usize, max: usize },
     #[error("--etcd-endpoints {endpoint}: {why}")]
     Endpoint { endpoint: String, why: &'static str },
-    #[error("--store {path}: {source}")]
-    StoreFile {
-        path: String,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     PasswordFile(#[from] podwire::secret::SecretError),
 }
@@ -103,10 +131,19 @@ impl RunArgsError {
     /// Whether the command line itself is wrong (exit 2, as clap's own usage errors), rather
     /// than a file it names (exit 1).
     pub fn is_usage(&self) -> bool {
-        !matches!(
-            self,
-            RunArgsError::StoreFile { .. } | RunArgsError::PasswordFile(_)
-        )
+        !matches!(self, RunArgsError::PasswordFile(_))
+    }
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it (flanneld's flags and environment):
+/// 1, t, T, TRUE, true, True; 0, f, F, FALSE, false, False.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!(
+            "{s:?} is not a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)"
+        )),
     }
 }
 
@@ -210,7 +247,7 @@ pub struct RunArgs {
     /// With `--io xdp`, podwire masquerades the pods' TCP and UDP itself (to the node's
     /// address, source ports 61000-65535, steered into the TUN by policy routing); the
     /// kernel's rules keep the rest (ICMP).
-    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    #[arg(long, env = "FLANNELD_IP_MASQ", value_parser = parse_go_bool)]
     pub ip_masq: bool,
     /// Packets per batch (1-256).
     #[arg(long, default_value_t = 64)]
@@ -322,6 +359,11 @@ pub struct RunArgs {
     /// Log lines as `text` or `json` (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The least severe log events written (flanneld's `-v=N` maps here: 0 info, 1-4 debug,
+    /// more trace). RUST_LOG, when set, takes precedence and may set levels per module (e.g.
+    /// `RUST_LOG=info,podwire::etcd=debug`). Colours only when stderr is a terminal.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
     #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
     pub ctl_socket: String,
@@ -470,14 +512,9 @@ impl RunArgs {
     /// The file store, or etcd with its connection settings.
     fn store_spec(&self) -> Result<daemon::StoreSpec, RunArgsError> {
         if let Some(spec) = &self.store {
-            let Some(path) = file_path(spec) else {
+            if file_path(spec).is_none() {
                 return Err(RunArgsError::StoreSpec(spec.clone()));
-            };
-            // Read once now, so a missing file fails at once instead of being waited for.
-            std::fs::File::open(path).map_err(|source| RunArgsError::StoreFile {
-                path: path.to_string(),
-                source,
-            })?;
+            }
             return Ok(daemon::StoreSpec::File(spec.clone()));
         }
         let password = match &self.etcd_password_file {
@@ -555,7 +592,8 @@ mod tests {
     use clap::Parser;
 
     fn run_args(args: &[&str]) -> RunArgs {
-        let args = flanneld_args::rewrite(args.iter().map(std::ffi::OsString::from)).unwrap();
+        let args =
+            flanneld_args::rewrite(args.iter().map(std::ffi::OsString::from), |_| None).unwrap();
         match Cli::try_parse_from(args).unwrap().command {
             Cmd::Run(a) => *a,
             _ => panic!("not run"),
@@ -665,6 +703,7 @@ mod tests {
             ["podwire", "run", "-subnet-lease-renew-margin=1440"]
                 .iter()
                 .map(std::ffi::OsString::from),
+            |_| None,
         )
         .unwrap();
         assert!(Cli::try_parse_from(args).is_err());

@@ -40,10 +40,12 @@ pub enum StoreError {
     Contended(usize),
     #[error("our lease {0} is gone from the store")]
     LeaseLost(Ipv4Net),
-    #[error("etcd ({endpoints}): {source}")]
+    /// Not a `source`: its chain is folded into one readable line here, so it is not
+    /// repeated (as nested debug text) below the message.
+    #[error("etcd ({endpoints}): {}", crate::etcd::readable(.error))]
     Etcd {
         endpoints: String,
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     #[error("etcd ({endpoints}): no answer within {timeout:?}")]
     Timeout {

@@ -123,7 +123,7 @@ fn test_local_mistakes_fail_before_the_store() {
             &["--etcd-endpoints", "http://", "no host"],
         ),
         (
-            &["--store", "file:/nonexistent/cluster.json"],
+            &["--iface", "lo", "--store", "file:/nonexistent/cluster.json"],
             1,
             &["/nonexistent/cluster.json", "No such file"],
         ),
@@ -176,4 +176,74 @@ fn test_no_store_flags_says_which_endpoints_it_tries() {
             && err.contains("--store file:PATH"),
         "{err}"
     );
+}
+
+/// flanneld's environment read as flanneld reads it: Go's booleans, and the flags podwire does
+/// not implement refused there as on the command line.
+#[test]
+fn test_flanneld_environment_as_flanneld_reads_it() {
+    // Parsed: the run gets as far as the flag check that follows parsing.
+    for yes in ["1", "t", "TRUE", "True"] {
+        let mut cmd = podwire();
+        cmd.args(["run", "--workers", "0"])
+            .env("FLANNELD_IP_MASQ", yes);
+        let out = exits_within(cmd, std::time::Duration::from_secs(5));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--workers must be at least 1"), "{yes}: {err}");
+    }
+    let mut cmd = podwire();
+    cmd.args(["run", "--workers", "0"])
+        .env("FLANNELD_IP_MASQ", "yes");
+    let out = exits_within(cmd, std::time::Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not a boolean"), "{err}");
+    let mut cmd = podwire();
+    cmd.args(["run"]).env("FLANNELD_KUBE_SUBNET_MGR", "true");
+    let out = exits_within(cmd, std::time::Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("flanneld setting FLANNELD_KUBE_SUBNET_MGR is not supported"),
+        "{err}"
+    );
+}
+
+/// Logs to a pipe carry no colour codes; `--log-level` and flanneld's `-v` set what is written.
+#[test]
+fn test_logs_to_a_pipe_are_plain_and_levels_apply() {
+    use std::process::Stdio;
+    let run = |extra: &[&str]| {
+        let mut child = podwire()
+            .args([
+                "run",
+                "--iface",
+                "lo",
+                "--etcd-endpoints",
+                "http://127.0.0.1:9",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let info = run(&[]);
+    assert!(info.contains("WARN"), "{info}");
+    assert!(!info.contains('\u{1b}'), "colour codes in a pipe: {info:?}");
+    // One readable line per store error: the cause, not the transport's debug text.
+    assert!(
+        info.contains("tcp connect error: Connection refused"),
+        "{info}"
+    );
+    assert!(!info.contains("ConnectError("), "{info}");
+    let quiet = run(&["--log-level", "error"]);
+    assert!(!quiet.contains("WARN"), "{quiet}");
+    let debug = run(&["-v=2"]);
+    assert!(debug.contains("DEBUG"), "{debug}");
 }
