@@ -41,6 +41,7 @@ use podwire_dataplane::port::xdp::underlay::XdpUnderlayPort;
 use podwire_dataplane::port::xdp::xsk::{XskConfig, XskPort};
 use podwire_dataplane::port::{raw::RawIpPort, tun, udp::UdpPort, xdp};
 use podwire_dataplane::route::Ipv4Net;
+use podwire_dataplane::stats::Component;
 use podwire_dataplane::worker::{WorkerConfig, WorkerPool, WorkerPorts};
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -838,6 +839,23 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
     }
 }
 
+/// The parts of the node this daemon runs, whose counters `/metrics` and `ctl stats` show.
+fn components(opts: &RunOptions) -> Vec<Component> {
+    let mut shown = match &opts.l2 {
+        Some(_) => vec![Component::Underlay, Component::Bridge],
+        None => vec![Component::Tun, Component::Underlay, Component::Tunnel],
+    };
+    let pods_xdp = opts.l2.as_ref().is_some_and(|l2| l2.pods_xdp);
+    if opts.io_xdp || pods_xdp {
+        shown.push(Component::Xdp);
+    }
+    if opts.l2.is_none() && !opts.pod_ports.is_empty() {
+        shown.push(Component::PodPorts);
+    }
+    shown.push(Component::Worker);
+    shown
+}
+
 /// One daemon per device and underlay port in this network namespace: a second one stops
 /// here, before it touches the node, naming the first one's pid.
 fn lock_node(opts: &RunOptions, j: &Joined) -> Result<[NodeLock; 2]> {
@@ -950,6 +968,7 @@ fn serve_ctl(
 ) -> Result<CtlSocket> {
     let pool = node.workers.pool();
     health.set_workers(pool.shared_stats());
+    health.set_components(components(opts));
     // The programs' counters for /metrics and `ctl stats`, read from their maps when asked.
     health.set_xdp_programs(
         node.host

@@ -59,6 +59,8 @@ pub struct Health {
     workers: OnceLock<Vec<Arc<SharedStats>>>,
     flows: OnceLock<Arc<Flows>>,
     fdb_entries: OnceLock<Arc<AtomicU64>>,
+    /// The parts of the node that run (the mode's): only their counters are shown.
+    components: OnceLock<Vec<Component>>,
     /// From a store change noticed to the new map live in the workers.
     pub map_update_latency: LatencyHistogram,
     xdp_programs: OnceLock<Vec<XdpProgramCounters>>,
@@ -221,6 +223,19 @@ impl Health {
         let _ = self.fdb_entries.set(entries);
     }
 
+    /// The components that run on this node; `/metrics` and `ctl stats` show only their
+    /// counters (all of them until this is called).
+    pub fn set_components(&self, components: Vec<Component>) {
+        let _ = self.components.set(components);
+    }
+
+    /// The components whose counters are shown.
+    pub fn components(&self) -> &[Component] {
+        self.components
+            .get()
+            .map_or(&Component::ALL[..], |c| c.as_slice())
+    }
+
     pub fn set_lease_expiry(&self, expires: Option<SystemTime>) {
         let secs = expires
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -251,7 +266,7 @@ impl Health {
             .map(|w| w.iter().map(|s| s.snapshot()).collect())
             .unwrap_or_default();
         let mut out = MetricsText::default();
-        write_worker_counters(&mut out, &workers);
+        write_worker_counters(&mut out, &workers, self.components());
         write_drops(&mut out, &workers);
         self.write_node(&mut out, workers.len());
         self.write_services(&mut out);
@@ -529,9 +544,9 @@ impl MetricsText {
 
 /// The workers' counters, from the one table of them, by component: one family per metric
 /// name, each worker's samples together.
-fn write_worker_counters(out: &mut MetricsText, workers: &[LocalStats]) {
+fn write_worker_counters(out: &mut MetricsText, workers: &[LocalStats], shown: &[Component]) {
     let mut written: Vec<&str> = Vec::new();
-    let by_component = Component::ALL.into_iter().flat_map(Component::counters);
+    let by_component = shown.iter().flat_map(|c| c.counters());
     for info in by_component {
         let family = info.metric.family();
         if written.contains(&family) {
@@ -547,7 +562,7 @@ fn write_worker_counters(out: &mut MetricsText, workers: &[LocalStats]) {
         };
         let members: Vec<&CounterInfo> = COUNTERS
             .iter()
-            .filter(|c| c.metric.family() == family)
+            .filter(|c| c.metric.family() == family && shown.contains(&c.component))
             .collect();
         let mut samples = Vec::new();
         for (w, s) in workers.iter().enumerate() {

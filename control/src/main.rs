@@ -32,11 +32,11 @@ enum Cmd {
 
 #[derive(Args)]
 struct CtlArgs {
-    /// The daemon's ctl socket (`podwire run --ctl-socket`).
-    #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
+    /// The daemon's ctl socket (`podwire run --ctl-socket`); before or after the subcommand.
+    #[arg(long, global = true, default_value = podwire::ctl::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Print the answer as JSON, for scripts.
-    #[arg(long)]
+    /// Print the answer as JSON, for scripts; before or after the subcommand.
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     what: CtlWhat,
@@ -91,12 +91,14 @@ enum CtlWhat {
     },
     /// L2 mode: remove a pod's interface (the TAP device) and its FDB entries.
     Detach {
+        /// The pod's network namespace (as given to `attach`).
         #[arg(long)]
         netns: String,
     },
     /// Test a supervisor: make worker N panic (the daemon then exits non-zero). Needs a daemon
     /// started with --fault-injection.
     Fault {
+        /// What to do to the worker.
         #[arg(value_enum)]
         kind: podwire::ctl::protocol::FaultKind,
         /// The worker to fail.
@@ -106,6 +108,7 @@ enum CtlWhat {
     /// Capture what a port receives into a pcap file (Wireshark/tshark): `tun` (the pods'
     /// packets) or `underlay` (the encapsulated datagrams, with their outer headers).
     Capture {
+        /// Which port's receives to capture.
         #[arg(long, value_enum)]
         port: podwire::ctl::protocol::CapturePort,
         /// Packets to capture (at most 100000).
@@ -392,6 +395,60 @@ fn print_replay(
     } else {
         for (r, n) in drops {
             println!("drop {r:<18} {n}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand says what it does and every argument of it has help, at every level.
+    #[test]
+    fn test_every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(here.clone());
+                }
+                for arg in sub.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id != "help" && id != "version" && arg.get_help().is_none() {
+                        missing.push(format!("{here} {id}"));
+                    }
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "podwire", &mut missing);
+        assert!(missing.is_empty(), "no help: {missing:?}");
+    }
+
+    /// `--json` and `--socket` are taken before or after a ctl subcommand.
+    #[test]
+    fn test_ctl_flags_go_anywhere() {
+        for args in [
+            &["podwire", "ctl", "--json", "--socket", "/s", "stats"][..],
+            &["podwire", "ctl", "stats", "--json", "--socket", "/s"],
+            &[
+                "podwire",
+                "ctl",
+                "--socket",
+                "/s",
+                "conntrack",
+                "--json",
+                "--port",
+                "80",
+            ],
+        ] {
+            let Cmd::Ctl(a) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("{args:?}")
+            };
+            assert!(a.json, "{args:?}");
+            assert_eq!(a.socket, PathBuf::from("/s"), "{args:?}");
         }
     }
 }

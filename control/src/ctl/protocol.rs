@@ -97,6 +97,7 @@ fn default_ifname() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
+    /// The worker panics; the daemon then exits non-zero for its supervisor to restart it.
     WorkerPanic,
 }
 

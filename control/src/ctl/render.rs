@@ -5,6 +5,7 @@ use super::protocol::{
     Captured, ConnEntry, Conntrack, Fdb, Response, Services, Stats, Subnets, TupleRow,
 };
 use podwire_dataplane::stats::Component;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// An answer as text.
@@ -145,27 +146,28 @@ fn services(s: &Services) -> String {
     out
 }
 
-/// Each worker's counters by component (with rates after the first `stats`), its drops, and
-/// the XDP programs' counters.
+/// Each worker's counters by component (those the daemon runs; with rates after the first
+/// `stats`), its drops, the total over the workers when there are several, and the XDP
+/// programs' counters.
 fn stats(s: &Stats) -> String {
     let mut out = String::new();
     for w in &s.workers {
         let _ = writeln!(out, "worker {}", w.worker);
-        for component in Component::ALL {
-            let _ = writeln!(out, "  {}", component.as_str());
-            for c in component.counters() {
-                let n = w.counters.get(c.name).copied().unwrap_or_default();
-                let rate = w
-                    .per_second
-                    .get(c.name)
-                    .map(|r| format!("  ({r:.0}/s)"))
-                    .unwrap_or_default();
-                let _ = writeln!(out, "    {:<30} {n}{rate}", c.name);
+        worker_counters(&mut out, &w.counters, &w.per_second, &w.drops);
+    }
+    if s.workers.len() > 1 {
+        let mut total = BTreeMap::new();
+        let mut per_second = BTreeMap::new();
+        let mut drops = BTreeMap::new();
+        for w in &s.workers {
+            sum_into(&mut total, &w.counters);
+            sum_into(&mut drops, &w.drops);
+            for (k, v) in &w.per_second {
+                *per_second.entry(k.clone()).or_insert(0.0) += v;
             }
         }
-        for (reason, n) in &w.drops {
-            let _ = writeln!(out, "  drop {reason:<17} {n}");
-        }
+        let _ = writeln!(out, "total ({} workers)", s.workers.len());
+        worker_counters(&mut out, &total, &per_second, &drops);
     }
     for p in &s.xdp_programs {
         let _ = writeln!(out, "XDP program on {}", p.interface);
@@ -179,6 +181,40 @@ fn stats(s: &Stats) -> String {
         }
     }
     out
+}
+
+/// Counters by component (the components with any counter given), then drops by reason.
+fn worker_counters(
+    out: &mut String,
+    counters: &BTreeMap<String, u64>,
+    per_second: &BTreeMap<String, f64>,
+    drops: &BTreeMap<String, u64>,
+) {
+    for component in Component::ALL {
+        if !component.counters().any(|c| counters.contains_key(c.name)) {
+            continue;
+        }
+        let _ = writeln!(out, "  {}", component.as_str());
+        for c in component.counters() {
+            let Some(n) = counters.get(c.name) else {
+                continue;
+            };
+            let rate = per_second
+                .get(c.name)
+                .map(|r| format!("  ({r:.0}/s)"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "    {:<30} {n}{rate}", c.name);
+        }
+    }
+    for (reason, n) in drops {
+        let _ = writeln!(out, "  drop {reason:<17} {n}");
+    }
+}
+
+fn sum_into(total: &mut BTreeMap<String, u64>, add: &BTreeMap<String, u64>) {
+    for (k, v) in add {
+        *total.entry(k.clone()).or_insert(0) += v;
+    }
 }
 
 fn captured(c: &Captured) -> String {

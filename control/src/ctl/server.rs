@@ -506,11 +506,17 @@ fn stats(state: &CtlState) -> Stats {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let previous = last.replace((now, snap.clone()));
+    // Only the counters of what runs on this node (the mode's components).
+    let shown = state.health.components();
+    let counters: Vec<Counter> = Counter::ALL
+        .into_iter()
+        .filter(|c| shown.contains(&c.component()))
+        .collect();
     let workers = snap
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let counters = Counter::ALL
+            let values = counters
                 .iter()
                 .map(|c| (c.as_str().to_string(), s.counter(*c)))
                 .collect();
@@ -518,7 +524,7 @@ fn stats(state: &CtlState) -> Stats {
                 None => Default::default(),
                 Some((at, prev)) => {
                     let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
-                    Counter::ALL
+                    counters
                         .iter()
                         .map(|c| {
                             let d = s.counter(*c).saturating_sub(prev[i].counter(*c));
@@ -534,7 +540,7 @@ fn stats(state: &CtlState) -> Stats {
                 .collect();
             WorkerStats {
                 worker: i,
-                counters,
+                counters: values,
                 per_second,
                 drops,
             }

@@ -423,3 +423,53 @@ fn test_rendering_looks_like_the_familiar_tools() {
     assert!(text.contains("TCP  10.96.0.10:80 mh"), "{text}");
     assert!(text.contains("  -> 10.244.2.2:8080"), "{text}");
 }
+
+/// `stats` shows the counters of what runs (a routed node's: no bridge) and, with several
+/// workers, their total.
+#[test]
+fn test_stats_show_the_running_modes_counters_and_a_total() {
+    use podwire_dataplane::stats::{Component, Counter, LocalStats};
+    let workers: Vec<Arc<SharedStats>> = (0..2).map(|_| Arc::new(SharedStats::default())).collect();
+    for (w, n) in workers.iter().zip([3u64, 4]) {
+        let mut local = LocalStats::default();
+        local.add(Counter::RxTun, n);
+        w.flush(&mut local);
+    }
+    let dir = temp_dir("ctl-stats-components");
+    let socket = dir.join("ctl.sock");
+    let state = state_with_workers(workers.clone());
+    state.health.set_workers(workers);
+    state.health.set_components(vec![
+        Component::Tun,
+        Component::Underlay,
+        Component::Tunnel,
+        Component::Worker,
+    ]);
+    serve(&socket, Arc::clone(&state)).unwrap();
+    let v = request(&socket, &json!({"cmd": "stats"})).unwrap();
+    let counters = &v["workers"][0]["counters"];
+    assert_eq!(counters["rx_tun"], 3, "{v}");
+    assert!(
+        counters.get("rx_tap").is_none(),
+        "a bridge counter on a routed node: {v}"
+    );
+    let text = render(&Response::decode(&Request::Stats, v.clone()).unwrap());
+    assert!(!text.contains("bridge"), "{text}");
+    assert!(!text.contains("fdb_learned"), "{text}");
+    let total = text.split("total (2 workers)").nth(1).expect(&text);
+    assert!(
+        total
+            .lines()
+            .any(|l| l.split_whitespace().eq(["rx_tun", "7"])),
+        "{text}"
+    );
+    // /metrics alike: no bridge families on a routed node.
+    let metrics = state.health.render_metrics();
+    assert!(
+        metrics.contains("podwire_rx_packets_total{worker=\"1\",port=\"tun\"} 4"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("port=\"tap\""), "{metrics}");
+    assert!(!metrics.contains("podwire_fdb_learned_total"), "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
