@@ -62,7 +62,8 @@ pub enum StoreSpec {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub store: StoreSpec,
-    pub iface: Option<String>,
+    /// Underlay interface candidates, tried in order (none: the default route's).
+    pub iface: Vec<String>,
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
     pub workers: usize,
@@ -715,7 +716,7 @@ fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Opt
         StoreSpec::File(_) => Duration::MAX,
     };
     // The interface is the node's own: a missing one fails now, not after the store answers.
-    let iface = netdev::resolve_iface(opts.iface.as_deref())?;
+    let iface = netdev::resolve_first_iface(&opts.iface)?;
     let mut store = open_store(&opts.store)?;
     let describe = store.describe();
     let Some(config) = retry("reading the network config", shutdown, health, || {

@@ -226,6 +226,21 @@ pub fn resolve_iface(iface: Option<&str>) -> Result<Iface, NetdevError> {
     })
 }
 
+/// The first of `candidates` (names or IPv4 addresses) that the node has, tried in order as
+/// flanneld tries repeated `-iface` flags; none given: the default route's interface.
+pub fn resolve_first_iface(candidates: &[String]) -> Result<Iface, NetdevError> {
+    if candidates.is_empty() {
+        return resolve_iface(None);
+    }
+    for c in candidates {
+        match resolve_iface(Some(c)) {
+            Err(NetdevError::NoSuchInterface(_)) => continue,
+            other => return other,
+        }
+    }
+    Err(NetdevError::NoSuchInterface(candidates.join(", ")))
+}
+
 /// Removes a kernel VXLAN device called `name`: what flanneld's vxlan backend leaves behind
 /// when it stops (`flannel.<VNI>`), holding the name podwire's device takes and the VXLAN port.
 /// Returns whether there was one.
@@ -487,5 +502,17 @@ mod tests {
             resolve_iface(Some("no-such-if0")),
             Err(NetdevError::NoSuchInterface(_))
         ));
+    }
+
+    #[test]
+    fn test_repeated_ifaces_are_tried_in_order() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = resolve_first_iface(&names(&["no-such-if0", "lo", "127.0.0.1"])).unwrap();
+        assert_eq!(got.name, "lo");
+        let err = resolve_first_iface(&names(&["no-such-if0", "no-such-if1"])).unwrap_err();
+        assert!(
+            err.to_string().contains("no-such-if0, no-such-if1"),
+            "{err}"
+        );
     }
 }

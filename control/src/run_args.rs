@@ -224,8 +224,9 @@ pub struct RunArgs {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
     /// Underlay interface, by name or IPv4 address (default: the default route's interface).
+    /// Repeat it to give several: the first the node has is used, as flanneld does.
     #[arg(long, env = "FLANNELD_IFACE")]
-    pub iface: Option<String>,
+    pub iface: Vec<String>,
     /// IP this node is reached at (default: the interface's address). Written in our lease.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
@@ -692,7 +693,7 @@ mod tests {
         for a in [&go, &clap] {
             assert_eq!(a.etcd_endpoints, "http://10.0.0.5:2379");
             assert_eq!(a.etcd_prefix, "/my/net");
-            assert_eq!(a.iface.as_deref(), Some("eth1"));
+            assert_eq!(a.iface, ["eth1"]);
             assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 168, 1, 7)));
             assert_eq!(a.subnet_lease_renew_margin, 30);
             assert_eq!(a.healthz_port, 8080);
