@@ -14,7 +14,7 @@ use core::time::Duration;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::DataLink;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufRead, BufReader, BufWriter};
 use std::path::Path;
 
 /// Which side of the node a capture was taken on.
@@ -34,6 +34,9 @@ pub enum Side {
 
 /// Outer TTL of datagrams the kernel sends for our socket (the default hop limit).
 pub const OUTER_TTL: u8 = 64;
+
+/// A pcapng file's first bytes (its Section Header Block's type), the same in either byte order.
+const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 
 fn pcap_err(e: impl std::fmt::Display) -> PortError {
     PortError::Pcap(e.to_string())
@@ -60,13 +63,26 @@ impl PcapSource {
             what: path.display().to_string(),
             source,
         })?;
-        let reader = PcapReader::new(BufReader::new(file)).map_err(pcap_err)?;
+        let mut file = BufReader::new(file);
+        let named = |e: String| PortError::Pcap(format!("{}: {e}", path.display()));
+        if file
+            .fill_buf()
+            .map_err(|e| named(e.to_string()))?
+            .starts_with(&PCAPNG_MAGIC)
+        {
+            return Err(named(
+                "a pcapng file (tshark's and dumpcap's default); podwire reads pcap: convert it \
+                 with `editcap -F pcap IN OUT`, or capture with `tshark -F pcap -w FILE`"
+                    .into(),
+            ));
+        }
+        let reader = PcapReader::new(file).map_err(|e| named(e.to_string()))?;
         let strip = match reader.header().datalink {
             _ if side == Side::Frames => 0,
             DataLink::RAW | DataLink::IPV4 => 0,
             DataLink::ETHERNET => crate::wire::ethernet::HEADER_LEN,
             other => {
-                return Err(PortError::Pcap(format!(
+                return Err(named(format!(
                     "unsupported link type {other:?} (want RAW or ETHERNET)"
                 )))
             }
@@ -274,6 +290,33 @@ pub fn outer_datagram(src: Ipv4Addr, src_port: u16, dst: SocketAddrV4, payload: 
 
 #[cfg(test)]
 mod tests {
+
+    /// A file that is not pcap is named in the error; pcapng gets the conversion hint.
+    #[test]
+    fn test_a_file_that_is_not_pcap_is_named_with_a_hint() {
+        let dir = std::env::temp_dir().join(format!("podwire-pcap-magic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ng = dir.join("capture.pcapng");
+        std::fs::write(
+            &ng,
+            [
+                0x0a, 0x0d, 0x0d, 0x0a, 0x1c, 0, 0, 0, 0x4d, 0x3c, 0x2b, 0x1a,
+            ],
+        )
+        .unwrap();
+        let err = PcapSource::open(&ng, Side::Tun).err().unwrap().to_string();
+        assert!(err.contains("capture.pcapng"), "{err}");
+        assert!(err.contains("editcap -F pcap"), "{err}");
+        let junk = dir.join("notes.txt");
+        std::fs::write(&junk, b"hello, not a capture at all").unwrap();
+        let err = PcapSource::open(&junk, Side::Tun)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("notes.txt"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     #[test]
