@@ -13,4 +13,5 @@ pub mod cluster;
 pub mod daemon_binary;
 pub mod etcd_server;
 pub mod figures;
+pub mod perf_split;
 pub mod run_record;

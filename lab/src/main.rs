@@ -26,6 +26,11 @@ enum Cmd {
     /// vxlan, podwire udp and host-gw routing, side by side in one run; prints a table of
     /// ratios to kernel VXLAN and writes JSON and an SVG chart. Needs root.
     Bench(BenchArgs),
+    /// A whole-system profile (perf record -a -g) while one mode carries one TCP stream: the
+    /// share of each thread, the podwire workers' time by where it entered the kernel (TUN
+    /// write, UDP send, ...) and their top userspace symbols; writes a run file. Needs root and
+    /// Debian's linux-perf.
+    Profile(ProfileArgs),
     /// Render the figures of README.md and docs/ from the committed run files they name
     /// (`<!-- fig docs/bench/FILE#KEY -->...<!-- /fig -->`), or check that they match.
     Figures(FiguresArgs),
@@ -59,6 +64,25 @@ struct BenchArgs {
     /// The chart.
     #[arg(long, default_value = "bench-results.svg")]
     svg: PathBuf,
+    /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
+    #[arg(long, value_name = "PATH")]
+    podwire: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// The bench mode to profile (its cluster, its daemon flags).
+    #[arg(long, value_enum, default_value_t = BenchMode::PodwireVxlan)]
+    mode: BenchMode,
+    /// Seconds recorded (the stream runs a second longer on either side).
+    #[arg(long, default_value_t = 6)]
+    seconds: u32,
+    /// Workers per podwire node.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// The run file; perf's data goes beside it (`.perf.data`).
+    #[arg(long, default_value = "profile.json")]
+    out: PathBuf,
     /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
     #[arg(long, value_name = "PATH")]
     podwire: Option<PathBuf>,
@@ -266,6 +290,16 @@ fn main() -> Result<()> {
                 out: a.out,
                 svg: a.svg,
                 podwire: daemon_binary::resolve(a.podwire.as_deref())?,
+            })
+        }
+        Cmd::Profile(a) => {
+            cluster::install_signal_teardown()?;
+            cluster::bench::profile::run(cluster::bench::profile::ProfileOptions {
+                mode: a.mode,
+                seconds: a.seconds,
+                workers: a.workers.max(1),
+                podwire: daemon_binary::resolve(a.podwire.as_deref())?,
+                out: a.out,
             })
         }
         Cmd::Figures(a) => figures(a),

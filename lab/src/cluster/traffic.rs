@@ -385,6 +385,23 @@ pub fn tcp_blast(dst: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<()>
     Ok(())
 }
 
+/// Profile source: the fixed pattern to `dst` as fast as TCP takes it, for `run_for`; returns
+/// the bytes sent.
+pub fn tcp_blast_for(dst: SocketAddrV4, run_for: Duration, timeout: Duration) -> Result<u64> {
+    let mut s = TcpStream::connect_timeout(&dst.into(), timeout)
+        .with_context(|| format!("connecting to {dst}"))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    Pattern::new(1).fill(&mut buf);
+    let (start, mut sent) = (std::time::Instant::now(), 0u64);
+    while start.elapsed() < run_for {
+        s.write_all(&buf)?;
+        sent += buf.len() as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    Ok(sent)
+}
+
 /// Bench sink: accepts one connection and reads it to the end; returns the byte count.
 pub fn tcp_discard(listener: TcpListener, timeout: Duration) -> Result<u64> {
     listener.set_nonblocking(false)?;

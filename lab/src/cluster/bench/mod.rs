@@ -25,6 +25,7 @@
 //! committed one (`podwire-lab figures`). Nothing here asserts a speed.
 
 mod chart;
+pub mod profile;
 pub mod rate;
 
 use super::{netns, pod_ip, set_up, traffic, value_name, with_lab, Backend, LabOptions, VxlanTx};
