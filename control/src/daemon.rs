@@ -70,6 +70,9 @@ pub struct RunOptions {
     /// TUN device name (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld names them).
     pub tun_name: Option<String>,
     pub ip_masq: bool,
+    /// Accept the cluster network in iptables' FORWARD chain, as flanneld's
+    /// -iptables-forward-rules.
+    pub forward_rules: bool,
     pub worker: WorkerConfig,
     pub socket_buffer: usize,
     /// Send runs of same-size datagrams to one peer with UDP GSO.
@@ -608,6 +611,7 @@ struct Host {
     service_route: Option<node::HostRoute>,
     steering: Option<node::PodSteering>,
     masq: Option<node::MasqTable>,
+    forward: Option<node::ForwardRules>,
 }
 
 /// The workers, stopped when this is dropped (an error after they started).
@@ -1021,6 +1025,7 @@ fn setup_bridged(
     let port =
         podwire::l2::host_port(&l2.host_port, local_mac, host_addr, j.tun_mtu, !l2.pods_xdp)?;
     steps.done("host bridge port")?;
+    forward_rules(opts, j, &mut host, steps)?;
     let device = port.name().to_string();
     let offload = port.offload();
     let mut udp = UdpPort::bind(
@@ -1131,6 +1136,7 @@ fn setup_routed(
     netdev::configure_tun(&device, j.lease(), j.config.network, j.tun_mtu)?;
     steps.done("TUN configured")?;
     routed_masquerade(opts, j, &device, &mut host, steps)?;
+    forward_rules(opts, j, &mut host, steps)?;
     let mut services = service_sources(opts, j);
     let mut initial = j.initial.clone();
     load_services(&mut services, j, health, &mut initial)?;
@@ -1204,6 +1210,22 @@ fn setup_routed(
         offload,
         gro,
     })
+}
+
+/// `--iptables-forward-rules` (on unless turned off): the cluster network accepted in iptables'
+/// FORWARD chain, for hosts whose FORWARD policy is DROP.
+fn forward_rules(
+    opts: &RunOptions,
+    j: &Joined,
+    host: &mut Host,
+    steps: &mut node::Steps,
+) -> Result<()> {
+    if !opts.forward_rules {
+        return Ok(());
+    }
+    host.forward = Some(node::ForwardRules::install(j.config.network)?);
+    steps.done("FORWARD accept rules")?;
+    Ok(())
 }
 
 /// `--ip-masq`: the policy rules that steer pods' TCP and UDP into podwire (with `--io xdp`),
@@ -1439,6 +1461,7 @@ fn control_loop(
     hangup: &AtomicBool,
 ) -> Result<Option<usize>> {
     let mut last_stats = Instant::now();
+    let mut last_forward_check = Instant::now();
     let mut next_renew_try = Instant::now();
     let mut reachable = true;
     while !shutdown.load(Ordering::Relaxed) {
@@ -1481,6 +1504,12 @@ fn control_loop(
             if SystemTime::now() >= at && Instant::now() >= next_renew_try {
                 next_renew_try = Instant::now() + RENEW_RETRY;
                 c.renew()?;
+            }
+        }
+        if let Some(rules) = c.host.forward.as_mut() {
+            if last_forward_check.elapsed() >= podwire::forward::RESYNC {
+                last_forward_check = Instant::now();
+                rules.resync();
             }
         }
         if let Some(path) = &opts.stats_file {

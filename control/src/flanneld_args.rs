@@ -11,6 +11,8 @@ use std::ffi::OsString;
 
 /// Boolean flags of `podwire run` (Go lets them take `=true` / `=false`).
 const BOOL_FLAGS: &[&str] = &["ip-masq", "no-pin", "exit-with-parent"];
+/// Boolean flags that are on unless turned off: their value is passed on, as clap's `=BOOL`.
+const ON_BY_DEFAULT: &[&str] = &["iptables-forward-rules"];
 
 /// flanneld flags podwire does not implement, and why.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
@@ -39,12 +41,8 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ),
     (
         "iptables-resync",
-        "podwire installs its nftables table once, as one transaction, and keeps it",
-    ),
-    (
-        "iptables-forward-rules",
-        "podwire adds no FORWARD accept rules yet: on a host whose FORWARD policy is DROP, \
-         accept the pod network there yourself",
+        "podwire checks its FORWARD accept rules every 5 s (flanneld's default) and keeps its \
+         masquerade rules in an nftables table of its own",
     ),
     (
         "net-config-path",
@@ -136,6 +134,17 @@ pub fn rewrite(
                 why,
             });
         }
+        if ON_BY_DEFAULT.contains(&name) {
+            let on = match value {
+                None => true,
+                Some(v) => parse_go_bool(v).map_err(|why| Refused::BadValue {
+                    flag: name.to_string(),
+                    why,
+                })?,
+            };
+            out.push(format!("--{name}={on}").into());
+            continue;
+        }
         if BOOL_FLAGS.contains(&name) {
             let on = match value {
                 None => true,
@@ -194,6 +203,18 @@ mod tests {
             ("-ip-masq=True", Some("--ip-masq")),
             ("-ip-masq=f", None),
             ("-ip-masq=FALSE", None),
+            (
+                "-iptables-forward-rules",
+                Some("--iptables-forward-rules=true"),
+            ),
+            (
+                "-iptables-forward-rules=0",
+                Some("--iptables-forward-rules=false"),
+            ),
+            (
+                "--iptables-forward-rules=F",
+                Some("--iptables-forward-rules=false"),
+            ),
             ("-v=0", Some("--log-level=info")),
             ("-v=2", Some("--log-level=debug")),
             ("--v=9", Some("--log-level=trace")),
@@ -211,7 +232,7 @@ mod tests {
             spaced.unwrap(),
             strs(&["podwire", "run", "--log-level=debug", "--iface", "eth0"])
         );
-        for bad in ["-ip-masq=yes", "-v=high"] {
+        for bad in ["-ip-masq=yes", "-iptables-forward-rules=no", "-v=high"] {
             let e = rewrite_no_env(strs(&["podwire", "run", bad])).unwrap_err();
             assert!(matches!(e, Refused::BadValue { .. }), "{bad}: {e}");
         }

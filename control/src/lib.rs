@@ -15,6 +15,7 @@ pub mod config;
 pub mod ctl;
 pub mod etcd;
 pub mod ethtool;
+pub mod forward;
 pub mod health;
 pub mod l2;
 pub mod lease;

@@ -1,7 +1,9 @@
 //! nftables through its netlink interface (nf_tables over nfnetlink), in-process: one batch,
-//! applied by the kernel as one transaction, as `nft -f` sends it. Only what `--ip-masq`'s
-//! table needs: a table, a base chain on a hook, rules of payload/meta matches, `return` and
-//! `masquerade`, with comments as nft writes them (so `nft list` shows them).
+//! applied by the kernel as one transaction, as `nft -f` sends it. Only what podwire's rules
+//! need: `--ip-masq`'s table (a table, a base chain on a hook, rules of payload/meta matches,
+//! `return` and `masquerade`) and the FORWARD accept rules it keeps in iptables-nft's chain
+//! (rules listed, appended and deleted by handle), with comments as nft and iptables-nft
+//! write them (so `nft list` and `iptables -S` show them).
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use podwire_dataplane::route::Ipv4Net;
@@ -17,6 +19,15 @@ pub enum NftError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("nftables answered a listing with a malformed message")]
+    Malformed,
+}
+
+impl NftError {
+    /// The kernel said the table or chain is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NftError::Kernel { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -26,11 +37,15 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
+const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const AF_INET: u8 = 2;
 
@@ -44,6 +59,7 @@ const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;
@@ -117,6 +133,8 @@ pub enum Match {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Return,
+    /// `accept`.
+    Accept,
     /// `masquerade fully-random`.
     MasqueradeFullyRandom,
 }
@@ -201,21 +219,24 @@ fn match_exprs(m: &Match) -> Vec<Vec<u8>> {
     }
 }
 
+/// `immediate` of a verdict into the verdict register.
+fn verdict(code: u32) -> Vec<u8> {
+    expr(
+        "immediate",
+        &[
+            be32(1, REG_VERDICT), // NFTA_IMMEDIATE_DREG
+            nested(
+                2, // NFTA_IMMEDIATE_DATA
+                &[nested(NFTA_DATA_VERDICT, &[be32(NFTA_VERDICT_CODE, code)])],
+            ),
+        ],
+    )
+}
+
 fn action_expr(a: Action) -> Vec<u8> {
     match a {
-        Action::Return => expr(
-            "immediate",
-            &[
-                be32(1, REG_VERDICT), // NFTA_IMMEDIATE_DREG
-                nested(
-                    2, // NFTA_IMMEDIATE_DATA
-                    &[nested(
-                        NFTA_DATA_VERDICT,
-                        &[be32(NFTA_VERDICT_CODE, NFT_RETURN as u32)],
-                    )],
-                ),
-            ],
-        ),
+        Action::Return => verdict(NFT_RETURN as u32),
+        Action::Accept => verdict(NF_ACCEPT),
         // NFTA_MASQ_FLAGS.
         Action::MasqueradeFullyRandom => expr("masq", &[be32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY)]),
     }
@@ -359,6 +380,128 @@ pub fn replace_nat_table(table: &str, chain: &str, rules: &[Rule]) -> Result<(),
     b.commit("the masquerade rules")
 }
 
+/// A rule of a chain as the kernel lists it: its handle and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub handle: u64,
+    pub comment: Option<String>,
+}
+
+/// The rules of `ip TABLE`'s `CHAIN`, in order; none when the table or chain is not there
+/// (the kernel's dump filters by name and finds nothing).
+pub fn list_rules(table: &str, chain: &str) -> Result<Vec<Listed>, NftError> {
+    let mut request = Vec::new();
+    let attrs = [
+        string(NFTA_RULE_TABLE, table),
+        string(NFTA_RULE_CHAIN, chain),
+    ]
+    .concat();
+    let len = 16 + 4 + attrs.len();
+    request.extend_from_slice(&(len as u32).to_ne_bytes());
+    request.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE).to_ne_bytes());
+    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&[AF_INET, 0, 0, 0]);
+    request.extend_from_slice(&attrs);
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
+    socket.bind_auto().map_err(NftError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(NftError::Socket)?;
+    socket.send(&request, 0).map_err(NftError::Socket)?;
+    let mut rules = Vec::new();
+    loop {
+        let (data, _) = socket.recv_from_full().map_err(NftError::Socket)?;
+        let mut rest = &data[..];
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            let message = rest.get(..len).ok_or(NftError::Malformed)?;
+            match kind {
+                NLMSG_DONE => return Ok(rules),
+                NLMSG_ERROR => {
+                    let code = message.get(16..20).ok_or(NftError::Malformed)?;
+                    let code = i32::from_ne_bytes(code.try_into().expect("4 bytes"));
+                    return Err(NftError::Kernel {
+                        what: "the rule listing",
+                        source: std::io::Error::from_raw_os_error(-code),
+                    });
+                }
+                _ => rules.push(parse_listed(message.get(20..).ok_or(NftError::Malformed)?)?),
+            }
+            rest = rest
+                .get(len.max(16).next_multiple_of(4)..)
+                .unwrap_or_default();
+        }
+    }
+}
+
+/// A listed rule's handle and comment, from its attributes.
+fn parse_listed(mut attrs: &[u8]) -> Result<Listed, NftError> {
+    let mut handle = None;
+    let mut comment = None;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & !0xc000;
+        let payload = attrs.get(4..len).ok_or(NftError::Malformed)?;
+        match kind {
+            NFTA_RULE_HANDLE => {
+                let bytes = payload.try_into().map_err(|_| NftError::Malformed)?;
+                handle = Some(u64::from_be_bytes(bytes));
+            }
+            NFTA_RULE_USERDATA => comment = udata_comment(payload),
+            _ => {}
+        }
+        attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Ok(Listed {
+        handle: handle.ok_or(NftError::Malformed)?,
+        comment,
+    })
+}
+
+/// The comment in a rule's user data (type-length-value items; the comment is NUL-ended).
+fn udata_comment(mut udata: &[u8]) -> Option<String> {
+    while let [kind, len, rest @ ..] = udata {
+        let value = rest.get(..usize::from(*len))?;
+        if *kind == UDATA_RULE_COMMENT {
+            let text = value.strip_suffix(&[0]).unwrap_or(value);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        udata = &rest[usize::from(*len)..];
+    }
+    None
+}
+
+/// Deletes the rules `delete` (by handle) from `ip TABLE`'s `CHAIN` and appends `append`, as
+/// one transaction. A table or chain that is not there fails it ([`NftError::is_not_found`]).
+pub fn replace_rules(
+    table: &str,
+    chain: &str,
+    delete: &[u64],
+    append: &[Rule],
+) -> Result<(), NftError> {
+    let mut b = Batch::new();
+    for handle in delete {
+        let attrs = [
+            string(NFTA_RULE_TABLE, table),
+            string(NFTA_RULE_CHAIN, chain),
+            attr(NFTA_RULE_HANDLE, &handle.to_be_bytes()),
+        ]
+        .concat();
+        b.nft(NFT_MSG_DELRULE, 0, &attrs);
+    }
+    for rule in append {
+        b.nft(
+            NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            &rule_attrs(table, chain, rule),
+        );
+    }
+    b.commit("the rule change")
+}
+
 /// Deletes table `ip TABLE` (nothing if it is not there), as `table ip T; delete table ip T`.
 pub fn remove_table(table: &str) -> Result<(), NftError> {
     let mut b = Batch::new();
@@ -395,6 +538,26 @@ mod tests {
             not: false,
         };
         assert_eq!(match_exprs(&host).len(), 2);
+    }
+
+    #[test]
+    fn test_listed_rule_gives_handle_and_comment() {
+        let rule = Rule {
+            matches: vec![],
+            action: Action::Accept,
+            comment: "podwire forward",
+        };
+        let mut attrs = rule_attrs("filter", "FORWARD", &rule);
+        attrs.extend(attr(NFTA_RULE_HANDLE, &7u64.to_be_bytes()));
+        let listed = parse_listed(&attrs).unwrap();
+        assert_eq!(listed.handle, 7);
+        assert_eq!(listed.comment.as_deref(), Some("podwire forward"));
+        // No handle, or an attribute that lies about its length: malformed, no panic.
+        assert!(parse_listed(&rule_attrs("filter", "FORWARD", &rule)).is_err());
+        let mut lying = attr(NFTA_RULE_HANDLE, &7u64.to_be_bytes());
+        lying[0] = 200;
+        assert!(parse_listed(&lying).is_err());
+        assert_eq!(udata_comment(&[UDATA_RULE_COMMENT, 9, b'x']), None);
     }
 
     #[test]

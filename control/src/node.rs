@@ -5,6 +5,7 @@
 //! | part | made by | undone on drop |
 //! |---|---|---|
 //! | [`MasqTable`] | `--ip-masq` | the nftables table `podwire-masq` is deleted |
+//! | [`ForwardRules`] | `--iptables-forward-rules` (default) | podwire's two accepts leave iptables' FORWARD chain |
 //! | [`PodSteering`] | `--ip-masq --io xdp` | the policy rules and the steering table's routes go |
 //! | [`HostRoute`] | the service range into the TUN | the route is deleted |
 //! | [`netdev::DirectRoutes`] | VXLAN `DirectRouting` | every route it installed is deleted |
@@ -20,8 +21,10 @@
 //! (the netns test `node_setup_leaves_nothing_behind` fails each step in turn and looks for
 //! residue). Without `--fault-injection` the variable is ignored.
 
+use crate::forward;
 use crate::masq::{self, MasqError};
 use crate::netdev::{self, NetdevError};
+use crate::nft::NftError;
 use podwire_dataplane::route::Ipv4Net;
 
 /// The environment variable [`Steps`] reads (with `--fault-injection` only).
@@ -99,6 +102,65 @@ impl Drop for MasqTable {
     fn drop(&mut self) {
         if let Err(e) = masq::remove() {
             tracing::warn!(error = %e, "removing the masquerade rules");
+        }
+    }
+}
+
+/// podwire's FORWARD accept rules for the cluster network ([`forward`]); kept while the node
+/// runs ([`ForwardRules::resync`]) and deleted on drop.
+#[derive(Debug)]
+pub struct ForwardRules {
+    network: Ipv4Net,
+    /// What the last check found, to log changes only.
+    last: forward::Ensured,
+}
+
+impl ForwardRules {
+    /// Adds the rules, replacing any a crashed run left.
+    pub fn install(network: Ipv4Net) -> Result<ForwardRules, NftError> {
+        let last = forward::ensure(network, true)?;
+        match last {
+            forward::Ensured::NoChain => tracing::info!(
+                "no iptables FORWARD chain (iptables-nft's ip filter) here: no FORWARD accept rules needed; checked again every {:?}",
+                forward::RESYNC
+            ),
+            _ => tracing::info!(%network, comment = forward::COMMENT, "pod network accepted in iptables' FORWARD chain"),
+        }
+        if forward::legacy_filter_in_use() {
+            tracing::warn!(
+                "iptables-legacy has a filter table here, which podwire cannot add to: if its FORWARD policy is DROP, accept {network} there (iptables-legacy -A FORWARD -s {network} -j ACCEPT, and -d)"
+            );
+        }
+        Ok(ForwardRules { network, last })
+    }
+
+    /// Adds the rules again if they went missing (a flush, a firewall reload, a chain made
+    /// since); an error is logged, not fatal: forwarding goes on as before.
+    pub fn resync(&mut self) {
+        match forward::ensure(self.network, false) {
+            Ok(now) => {
+                match (self.last, now) {
+                    (forward::Ensured::NoChain, forward::Ensured::Added) => tracing::info!(
+                        network = %self.network,
+                        "iptables' FORWARD chain appeared; pod network accepted in it"
+                    ),
+                    (_, forward::Ensured::Added) => tracing::warn!(
+                        network = %self.network,
+                        "podwire's FORWARD accept rules were missing from iptables' FORWARD chain; added again"
+                    ),
+                    _ => {}
+                }
+                self.last = now;
+            }
+            Err(e) => tracing::warn!(error = %e, "checking the FORWARD accept rules"),
+        }
+    }
+}
+
+impl Drop for ForwardRules {
+    fn drop(&mut self) {
+        if let Err(e) = forward::remove() {
+            tracing::warn!(error = %e, "removing the FORWARD accept rules");
         }
     }
 }

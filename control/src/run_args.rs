@@ -250,6 +250,21 @@ pub struct RunArgs {
     /// kernel's rules keep the rest (ICMP).
     #[arg(long, env = "FLANNELD_IP_MASQ", value_parser = parse_go_bool)]
     pub ip_masq: bool,
+    /// Accept the cluster network in iptables' FORWARD chain (from and to it), as flanneld's
+    /// -iptables-forward-rules: hosts whose FORWARD policy is DROP (Docker sets it) need it.
+    /// Two rules with the comment "podwire forward", appended to iptables-nft's FORWARD chain
+    /// when there is one, checked every 5 s and removed on exit. `=false` leaves it alone.
+    #[arg(
+        long,
+        env = "FLANNELD_IPTABLES_FORWARD_RULES",
+        value_parser = parse_go_bool,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub iptables_forward_rules: bool,
     /// Packets per batch (1-256).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -436,6 +451,7 @@ impl RunArgs {
             workers,
             tun_name: self.tun_name,
             ip_masq: self.ip_masq,
+            forward_rules: self.iptables_forward_rules,
             worker: WorkerConfig {
                 batch_size: self.batch_size,
                 busy_poll: Duration::from_micros(self.busy_poll_us),
@@ -673,6 +689,7 @@ mod tests {
             "-subnet-lease-renew-margin=30",
             "-healthz-port=8080",
             "-ip-masq=true",
+            "-iptables-forward-rules=false",
         ]);
         let clap = run_args(&[
             "podwire",
@@ -689,6 +706,7 @@ mod tests {
             "--healthz-port",
             "8080",
             "--ip-masq",
+            "--iptables-forward-rules=0",
         ]);
         for a in [&go, &clap] {
             assert_eq!(a.etcd_endpoints, "http://10.0.0.5:2379");
@@ -698,7 +716,11 @@ mod tests {
             assert_eq!(a.subnet_lease_renew_margin, 30);
             assert_eq!(a.healthz_port, 8080);
             assert!(a.ip_masq);
+            assert!(!a.iptables_forward_rules);
         }
+        // On unless turned off, as flanneld's.
+        assert!(run_args(&["podwire", "run"]).iptables_forward_rules);
+        assert!(run_args(&["podwire", "run", "--iptables-forward-rules"]).iptables_forward_rules);
         // flanneld's limits on the renew margin hold.
         let args = flanneld_args::rewrite(
             ["podwire", "run", "-subnet-lease-renew-margin=1440"]

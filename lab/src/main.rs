@@ -158,6 +158,11 @@ struct LabArgs {
     /// as its node.
     #[arg(long)]
     ip_masq: bool,
+    /// Set every node's iptables FORWARD policy to DROP (as Docker does) before the nodes
+    /// start: podwire nodes must get past it with their FORWARD accept rules
+    /// (`run --iptables-forward-rules`, on by default); kernel nodes get flanneld's.
+    #[arg(long)]
+    forward_drop: bool,
     /// `podwire run --conntrack` on the podwire nodes.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     conntrack: Switch,
@@ -270,6 +275,7 @@ impl LabArgs {
             pod_xdp: self.pods == Via::Xdp,
             soak_seconds: self.soak,
             soak_pps: self.soak_pps.max(1),
+            forward_drop: self.forward_drop,
         };
         opts.validate()?;
         Ok(opts)

@@ -104,6 +104,10 @@ pub struct LabOptions {
     pub pod_xdp: bool,
     /// `--mode l2`: podwire is every node's bridge, pods attached as TAP interfaces (`l2_lab`).
     pub l2: bool,
+    /// `--forward-drop`: every node's iptables FORWARD policy is DROP, as Docker sets it;
+    /// podwire nodes get past it with their FORWARD accept rules, kernel nodes with the ones
+    /// flanneld adds.
+    pub forward_drop: bool,
 }
 
 const UNDERLAY_NET: &str = "192.168.99";

@@ -146,6 +146,7 @@ mod tests {
             io_xdp: false,
             pod_xdp: false,
             l2: false,
+            forward_drop: false,
         }
     }
 

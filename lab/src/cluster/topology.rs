@@ -24,6 +24,11 @@ pub(super) fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<(
             )?;
         }
     }
+    if opts.forward_drop {
+        for i in 1..=opts.nodes {
+            forward_policy_drop(res, opts, i)?;
+        }
+    }
     plant_leftovers(res, opts)?;
     attach(&u, "x", &res.ns("x"), ROGUE_IP)?;
     if opts.io_xdp {
@@ -33,6 +38,34 @@ pub(super) fn build_topology(res: &mut Resources, opts: &LabOptions) -> Result<(
     // In L2 mode the pods are made by `l2_lab`, attached by podwire itself.
     for i in (1..=opts.nodes).filter(|_| !opts.l2) {
         add_pod(res, opts, i)?;
+    }
+    Ok(())
+}
+
+/// Node `i`'s iptables FORWARD policy set to DROP; on a kernel node, the accept rules flanneld
+/// adds for the pod network (its `-iptables-forward-rules`), as a flannel node has them.
+fn forward_policy_drop(res: &Resources, opts: &LabOptions, i: usize) -> Result<()> {
+    let host = res.ns(&format!("n{i}"));
+    netns::exec_in(&host, &["iptables", "-P", "FORWARD", "DROP"])?;
+    if opts.is_kernel_node(i) {
+        for side in ["-s", "-d"] {
+            netns::exec_in(
+                &host,
+                &[
+                    "iptables",
+                    "-A",
+                    "FORWARD",
+                    side,
+                    network(opts),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "flanneld forward",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )?;
+        }
     }
     Ok(())
 }

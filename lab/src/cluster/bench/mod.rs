@@ -239,6 +239,7 @@ fn lab_options(mode: BenchMode, workers: usize, podwire: &Path) -> LabOptions {
         soak_seconds: 0,
         soak_pps: 0,
         l2: false,
+        forward_drop: false,
     }
 }
 
