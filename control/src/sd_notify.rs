@@ -120,7 +120,11 @@ mod tests {
         let dir = TempDir::new("path");
         let path = dir.0.join("notify.sock");
         let listener = UnixDatagram::bind(&path).unwrap();
-        notify_to(path.to_str().unwrap(), &ready_message("forwarding on flannel.1")).unwrap();
+        notify_to(
+            path.to_str().unwrap(),
+            &ready_message("forwarding on flannel.1"),
+        )
+        .unwrap();
         assert_eq!(
             receive(&listener),
             "READY=1\nSTATUS=forwarding on flannel.1\n"
@@ -138,7 +142,10 @@ mod tests {
 
     #[test]
     fn a_newline_in_the_status_does_not_start_another_assignment() {
-        assert_eq!(ready_message("a\nWATCHDOG=1"), "READY=1\nSTATUS=a WATCHDOG=1\n");
+        assert_eq!(
+            ready_message("a\nWATCHDOG=1"),
+            "READY=1\nSTATUS=a WATCHDOG=1\n"
+        );
     }
 
     #[test]

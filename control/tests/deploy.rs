@@ -105,7 +105,10 @@ fn assert_run_accepts(what: &str, flags: &[String]) {
     let help = run_help();
     for flag in flags {
         let name = flag.split('=').next().unwrap();
-        assert!(name.starts_with("--"), "{what}: {flag:?} is not a long flag");
+        assert!(
+            name.starts_with("--"),
+            "{what}: {flag:?} is not a long flag"
+        );
         assert!(
             help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")),
             "{what}: {name} is not in `podwire run --help`"
@@ -130,12 +133,7 @@ fn env_names() -> Vec<String> {
     run_help()
         .split("[env: ")
         .skip(1)
-        .map(|s| {
-            s.split(|c| c == '=' || c == ']')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|s| s.split(['=', ']']).next().unwrap().to_string())
         .collect()
 }
 
@@ -261,7 +259,10 @@ fn manifest_args_are_accepted_by_podwire_run() {
 #[test]
 fn manifest_env_names_are_ones_podwire_run_reads() {
     let known = env_names();
-    assert!(known.iter().any(|n| n == "FLANNELD_ETCD_PREFIX"), "{known:?}");
+    assert!(
+        known.iter().any(|n| n == "FLANNELD_ETCD_PREFIX"),
+        "{known:?}"
+    );
     for e in daemon()["env"].as_sequence().unwrap() {
         let name = e["name"].as_str().unwrap();
         assert!(
@@ -298,7 +299,10 @@ fn seed_writes_under_the_prefix_the_daemon_reads() {
     let seed_ref = &env(&seed, var)["valueFrom"]["configMapKeyRef"];
     let daemon = daemon();
     let daemon_ref = &env(&daemon, "FLANNELD_ETCD_PREFIX")["valueFrom"]["configMapKeyRef"];
-    assert!(daemon_ref.is_mapping(), "FLANNELD_ETCD_PREFIX from the ConfigMap");
+    assert!(
+        daemon_ref.is_mapping(),
+        "FLANNELD_ETCD_PREFIX from the ConfigMap"
+    );
     assert_eq!(seed_ref["name"], daemon_ref["name"]);
     assert_eq!(seed_ref["key"], daemon_ref["key"]);
     let key = daemon_ref["key"].as_str().unwrap();
@@ -325,7 +329,10 @@ fn tls_is_opt_in() {
         let r = &env(c, var)["valueFrom"]["configMapKeyRef"];
         assert_eq!(r["optional"], Value::Bool(true), "{var} must be optional");
         let key = r["key"].as_str().unwrap();
-        assert!(data.get(key).is_none(), "ConfigMap key {key} set: TLS is opt-in");
+        assert!(
+            data.get(key).is_none(),
+            "ConfigMap key {key} set: TLS is opt-in"
+        );
     }
     let volume = pod_spec()["volumes"]
         .as_sequence()
@@ -347,8 +354,7 @@ fn etcd_image_is_pinned() {
     assert_ne!(tag, "latest", "{image}");
     let version = tag.strip_prefix('v').unwrap_or(tag);
     assert!(
-        version.split('.').count() == 3
-            && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
         "{image}: not a release version"
     );
 }
