@@ -899,6 +899,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
     health.subnet_env_written.store(true, Ordering::Relaxed);
     steps.done("subnet.env")?;
+    let status = format!("forwarding {} on {}", joined.lease(), node.device);
+    if let Err(e) = podwire::sd_notify::ready(&status) {
+        tracing::warn!("sd_notify READY: {e}");
+    }
     let bind = SocketAddrV4::new(joined.iface.addr, joined.port);
     if opts.udp_gro && !node.gro {
         tracing::warn!("the kernel refused UDP GRO on the underlay socket; one datagram per slot");
@@ -920,6 +924,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         };
         control_loop(&mut control, &opts, &shutdown, &hangup)
     };
+    if let Err(e) = podwire::sd_notify::stopping() {
+        tracing::warn!("sd_notify STOPPING: {e}");
+    }
     stop(node, &opts, result)
 }
 

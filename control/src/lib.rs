@@ -5,6 +5,7 @@
 //! - [`tables`]: a cluster view turned into the dataplane's tables.
 //! - [`netdev`], [`subnet_env`]: host setup as flanneld does it.
 //! - [`report`]: worker counters as JSON.
+//! - [`sd_notify`]: readiness and stopping to systemd (`Type=notify`).
 //!
 //! The binary adds `podwire run` (the daemon), `podwire ctl` and `podwire replay`. The lab, the
 //! end-to-end bench and the figures live in their own crate and binary, `podwire-lab` (lab/).
@@ -27,6 +28,7 @@ pub mod node_lock;
 pub mod privs;
 pub mod report;
 pub mod rtnl;
+pub mod sd_notify;
 pub mod secret;
 pub mod services;
 pub mod store;
