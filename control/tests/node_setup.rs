@@ -3,7 +3,9 @@
 //! namespace of its own, and after each failure the namespace must hold exactly the links,
 //! addresses, routes, policy rules and nftables tables it held before. Past the last step the
 //! daemon runs (the test checks that the state it made is there), and stopped with SIGTERM it
-//! leaves nothing either. Needs root; skipped otherwise.
+//! leaves nothing either. Each namespace's iptables FORWARD policy is DROP, as Docker sets it,
+//! so the FORWARD accept rules podwire adds there are part of that state. Needs root; skipped
+//! otherwise.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live outside test modules by design
 
@@ -33,7 +35,8 @@ fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 /// A network namespace with an underlay `eth0` (192.168.77.1/24, a veth whose peer `eth1`
-/// stays beside it), deleted on drop with everything in it.
+/// stays beside it) and an iptables FORWARD policy of DROP, deleted on drop with everything
+/// in it.
 struct Netns {
     name: String,
     dir: PathBuf,
@@ -53,7 +56,14 @@ impl Netns {
         for dev in ["lo", "eth0", "eth1"] {
             ns.ip(&["link", "set", "dev", dev, "up"]);
         }
+        ns.iptables(&["-P", "FORWARD", "DROP"]);
         ns
+    }
+
+    fn iptables(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.name, "iptables"];
+        all.extend_from_slice(args);
+        run("ip", &all)
     }
 
     fn ip(&self, args: &[&str]) -> String {
@@ -89,6 +99,8 @@ impl Netns {
             &["netns", "exec", &self.name, "nft", "list", "tables"],
         );
         lines.extend(tables.lines().map(|l| format!("nft {l}")));
+        let forward = self.iptables(&["-S", "FORWARD"]);
+        lines.extend(forward.lines().map(|l| format!("iptables {l}")));
         lines.sort();
         lines
     }
@@ -207,6 +219,12 @@ fn fail_each_step(ns: &Netns, args: &[&str], running: &[&str]) -> usize {
     panic!("podwire did not start within 40 setup steps");
 }
 
+/// podwire's FORWARD accept rules for the cluster network, as `iptables -S` shows them.
+const FORWARD_FROM: &str =
+    "-A FORWARD -s 10.244.0.0/16 -m comment --comment \"podwire forward\" -j ACCEPT";
+const FORWARD_TO: &str =
+    "-A FORWARD -d 10.244.0.0/16 -m comment --comment \"podwire forward\" -j ACCEPT";
+
 fn write_cluster(ns: &Netns, direct_routing: bool) -> String {
     let lease = |ip: &str, mac: &str| {
         serde_json::json!({"PublicIP": ip, "PublicIPv6": null, "BackendType": "vxlan",
@@ -256,11 +274,13 @@ fn node_setup_leaves_nothing_behind_routed() {
             "lookup 28791",
             "route 10.244.2.0/24 via 192.168.77.2 dev eth0 proto 112",
             "route 10.96.0.0/12 dev flannel.1",
+            FORWARD_FROM,
+            FORWARD_TO,
         ],
     );
-    // TUN, its configuration, steering, masquerade, service route, XDP, worker ports, direct
-    // routes, capabilities, workers, ctl socket, subnet.env.
-    assert_eq!(steps, 12);
+    // TUN, its configuration, steering, masquerade, FORWARD rules, service route, XDP, worker
+    // ports, direct routes, capabilities, workers, ctl socket, subnet.env.
+    assert_eq!(steps, 13);
 }
 
 #[test]
@@ -272,10 +292,16 @@ fn node_setup_leaves_nothing_behind_bridged() {
     let steps = fail_each_step(
         &ns,
         &args,
-        &["link \"podwire0\"", "xdp=true", "inet 10.244.1.1/16"],
+        &[
+            "link \"podwire0\"",
+            "xdp=true",
+            "inet 10.244.1.1/16",
+            FORWARD_FROM,
+            FORWARD_TO,
+        ],
     );
-    // Host port, XDP, capabilities, bridge worker, ctl socket, subnet.env.
-    assert_eq!(steps, 6);
+    // Host port, FORWARD rules, XDP, capabilities, bridge worker, ctl socket, subnet.env.
+    assert_eq!(steps, 7);
 }
 
 /// A second `podwire run` for the same device and port in one namespace stops at once, naming
@@ -347,4 +373,78 @@ fn a_second_daemon_is_refused_and_leaves_the_first_alone() {
     .unwrap();
     let out = first.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Waits up to `limit` for `cond`.
+fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// The FORWARD accept rules are kept while the daemon runs: flushed by someone else, they are
+/// back within the 5 s check; a FORWARD chain made after the daemon started gets them too;
+/// `-iptables-forward-rules=false` (flanneld's spelling) adds none.
+#[test]
+fn forward_rules_are_kept_while_running_and_only_when_asked() {
+    let Some(_slot) = root_slot() else { return };
+    let ns = Netns::new("fwd");
+    let store = write_cluster(&ns, false);
+    let subnet_env = ns.dir.join("subnet.env");
+    let ours = |ns: &Netns| {
+        let rules = ns.iptables(&["-S", "FORWARD"]);
+        rules.contains(FORWARD_FROM) && rules.contains(FORWARD_TO)
+    };
+    let stop = |child: Child| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+
+    let mut daemon = ns.podwire(&["--store", &store], 0);
+    assert!(exited_or_running(&mut daemon, &subnet_env).is_none());
+    assert!(ours(&ns), "{}", ns.iptables(&["-S", "FORWARD"]));
+    ns.iptables(&["-F", "FORWARD"]);
+    assert!(!ours(&ns));
+    let back = wait_for(|| ours(&ns), Duration::from_secs(8));
+    let log = stop(daemon);
+    assert!(back, "flushed rules not added again within 8 s:\n{log}");
+    assert!(
+        log.contains("were missing from iptables' FORWARD chain; added again"),
+        "{log}"
+    );
+    assert_eq!(ns.iptables(&["-S", "FORWARD"]).trim(), "-P FORWARD DROP");
+
+    // No filter table at start: the chain made later gets the rules.
+    run(
+        "ip",
+        &[
+            "netns", "exec", &ns.name, "nft", "delete", "table", "ip", "filter",
+        ],
+    );
+    let mut daemon = ns.podwire(&["--store", &store], 0);
+    assert!(exited_or_running(&mut daemon, &subnet_env).is_none());
+    ns.iptables(&["-P", "FORWARD", "DROP"]);
+    let added = wait_for(|| ours(&ns), Duration::from_secs(8));
+    let log = stop(daemon);
+    assert!(
+        added,
+        "a FORWARD chain made after start got no rules:\n{log}"
+    );
+
+    let mut daemon = ns.podwire(&["--store", &store, "-iptables-forward-rules=false"], 0);
+    assert!(exited_or_running(&mut daemon, &subnet_env).is_none());
+    let rules = ns.iptables(&["-S", "FORWARD"]);
+    stop(daemon);
+    assert_eq!(rules.trim(), "-P FORWARD DROP");
 }
