@@ -421,6 +421,8 @@ fn assert_all_checks_pass(report: &serde_json::Value, text: &str) {
 fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
     let Some(_slot) = lab_slot() else { return };
     // Node 1 podwire, node 2 the kernel's flannel.1 as flanneld sets it up: both directions.
+    // Both nodes' FORWARD policy is DROP (as Docker sets it): podwire's FORWARD accept rules
+    // and flanneld's get the pods' traffic past it.
     let (report, text) = run_lab(&[
         "--nodes",
         "2",
@@ -430,6 +432,7 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
         "kernel",
         "--transfer-mb",
         "50",
+        "--forward-drop",
     ]);
     assert_all_checks_pass(&report, &text);
     assert_eq!(report["pairs"].as_array().unwrap().len(), 2);

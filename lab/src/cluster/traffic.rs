@@ -249,25 +249,41 @@ pub fn udp_echo(sock: UdpSocket, idle: Duration) -> Result<u32> {
     Ok(n_echoed)
 }
 
-/// Sends `count` numbered datagrams to `dst`, one at a time, and counts the echoes that match.
+/// Consecutive unanswered datagrams after which [`udp_ping`] stops: the path is down, and
+/// waiting out every datagram's timeout would only delay the failed check by minutes.
+const GIVE_UP_AFTER_MISSES: u32 = 10;
+
+/// Sends `count` numbered datagrams to `dst`, one at a time, and counts the echoes that match
+/// (stopping early after [`GIVE_UP_AFTER_MISSES`] unanswered in a row).
 pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -> Result<u32> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     sock.set_read_timeout(Some(timeout))?;
     let mut out = vec![0u8; size.max(4)];
     let mut inbuf = vec![0u8; 2048];
     let mut got = 0;
+    let mut misses = 0;
     for seq in 0..count {
         out[..4].copy_from_slice(&seq.to_be_bytes());
         sock.send_to(&out, dst)?;
         let deadline = Instant::now() + timeout;
+        let mut answered = false;
         while Instant::now() < deadline {
             match sock.recv_from(&mut inbuf) {
                 Ok((n, _)) if n == out.len() && inbuf[..4] == seq.to_be_bytes() => {
-                    got += 1;
+                    answered = true;
                     break;
                 }
                 Ok(_) => continue,
                 Err(_) => break,
+            }
+        }
+        if answered {
+            got += 1;
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses == GIVE_UP_AFTER_MISSES {
+                break;
             }
         }
     }
