@@ -178,83 +178,101 @@ fn check_endpoint(endpoint: &str) -> Result<(), RunArgsError> {
     Ok(())
 }
 
+/// `podwire run --help` headings, so its 60-odd options read by subject.
+const HEADING_STORE: &str = "Cluster store (flanneld's etcd flags)";
+const HEADING_NODE: &str = "This node";
+const HEADING_IO: &str = "Workers and I/O";
+const HEADING_SERVICES: &str = "Connection tracking and services";
+const HEADING_L2: &str = "L2 mode (--mode l2)";
+const HEADING_OPS: &str = "Operations: health, logs, ctl";
+
 #[derive(Args)]
 pub struct RunArgs {
     /// Embedded cluster store instead of etcd: `file:PATH`, a read-only JSON file mirroring
     /// flannel's etcd keyspace ({"config": net-conf.json, "subnets": {"10.244.1.0-24": lease,
     /// ...}}), re-read on change. Every node's lease must be in it.
-    #[arg(long)]
+    #[arg(help_heading = HEADING_STORE, long)]
     pub store: Option<String>,
     /// etcd endpoints, comma-separated (flannel's schema, v3 API).
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = podwire::etcd::DEFAULT_ENDPOINTS)]
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = podwire::etcd::DEFAULT_ENDPOINTS)]
     pub etcd_endpoints: String,
     /// etcd key prefix of the network config and leases.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = podwire::etcd::DEFAULT_PREFIX)]
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_PREFIX", default_value = podwire::etcd::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// CA certificate (PEM) to verify etcd's TLS certificate (use https:// endpoints).
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_CAFILE")]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate (PEM) for etcd; used together with --etcd-keyfile.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_CERTFILE")]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key (PEM) for etcd; used together with --etcd-certfile.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_KEYFILE")]
     pub etcd_keyfile: Option<PathBuf>,
     /// etcd user name (with --etcd-password or --etcd-password-file).
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME", hide_env_values = true)]
+    #[arg(
+        help_heading = HEADING_STORE,
+        long,
+        env = "FLANNELD_ETCD_USERNAME",
+        hide_env_values = true
+    )]
     pub etcd_username: Option<String>,
     /// etcd password (its value from the environment is never shown; prefer
     /// --etcd-password-file: a command line is visible to every user in ps).
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        help_heading = HEADING_STORE,
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     pub etcd_password: Option<podwire::secret::Secret>,
     /// Read the etcd password from this file (its content, less a trailing newline).
-    #[arg(long, value_name = "PATH", conflicts_with = "etcd_password")]
+    #[arg(
+        help_heading = HEADING_STORE,
+        long,
+        value_name = "PATH",
+        conflicts_with = "etcd_password"
+    )]
     pub etcd_password_file: Option<PathBuf>,
     /// Minutes before expiry at which the lease is renewed (1-1439), as flanneld.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=1439))]
     pub subnet_lease_renew_margin: u64,
     /// TTL in seconds of the leases podwire writes (flanneld: 86400). For tests of renewal.
-    #[arg(long, default_value_t = 86400, hide = true)]
+    #[arg(help_heading = HEADING_STORE, long, default_value_t = 86400, hide = true)]
     pub subnet_lease_ttl: u64,
-    /// Address for the /healthz, /readyz and /metrics endpoint.
-    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
-    pub healthz_ip: std::net::IpAddr,
-    /// Port for /healthz, /readyz and /metrics (0: disabled), as flanneld.
-    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
-    pub healthz_port: u16,
     /// Underlay interface, by name or IPv4 address (default: the default route's interface).
     /// Repeat it to give several: the first the node has is used, as flanneld does.
-    #[arg(long, env = "FLANNELD_IFACE")]
+    #[arg(help_heading = HEADING_NODE, long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
     /// IP this node is reached at (default: the interface's address). Written in our lease.
-    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    #[arg(help_heading = HEADING_NODE, long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// Where to write flannel's subnet.env for the CNI plugin.
     #[arg(
+        help_heading = HEADING_NODE,
         long,
         env = "FLANNELD_SUBNET_FILE",
         default_value = "/run/flannel/subnet.env"
     )]
     pub subnet_file: PathBuf,
     /// Poll-mode workers, one TUN queue and one underlay socket each (default: one per core).
-    #[arg(long)]
+    #[arg(help_heading = HEADING_IO, long)]
     pub workers: Option<usize>,
     /// Name of the TUN device (default: flannel0 for udp, flannel.<VNI> for vxlan, as flanneld).
-    #[arg(long)]
+    #[arg(help_heading = HEADING_NODE, long)]
     pub tun_name: Option<String>,
     /// Masquerade pod traffic leaving the cluster network, as flanneld's -ip-masq (its rules,
     /// in an nftables table podwire installs and removes on exit); FLANNEL_IPMASQ in subnet.env.
     /// With `--io xdp`, podwire masquerades the pods' TCP and UDP itself (to the node's
     /// address, source ports 61000-65535, steered into the TUN by policy routing); the
     /// kernel's rules keep the rest (ICMP).
-    #[arg(long, env = "FLANNELD_IP_MASQ", value_parser = parse_go_bool)]
+    #[arg(help_heading = HEADING_NODE, long, env = "FLANNELD_IP_MASQ", value_parser = parse_go_bool)]
     pub ip_masq: bool,
     /// Accept the cluster network in iptables' FORWARD chain (from and to it), as flanneld's
     /// -iptables-forward-rules: hosts whose FORWARD policy is DROP (Docker sets it) need it.
     /// Two rules with the comment "podwire forward", appended to iptables-nft's FORWARD chain
     /// when there is one, checked every 5 s and removed on exit. `=false` leaves it alone.
-    #[arg(
+    #[arg(help_heading = HEADING_NODE,
         long,
         env = "FLANNELD_IPTABLES_FORWARD_RULES",
         value_parser = parse_go_bool,
@@ -266,33 +284,33 @@ pub struct RunArgs {
     )]
     pub iptables_forward_rules: bool,
     /// Packets per batch (1-256).
-    #[arg(long, default_value_t = 64)]
+    #[arg(help_heading = HEADING_IO, long, default_value_t = 64)]
     pub batch_size: usize,
     /// Microseconds a worker keeps polling idle ports before it sleeps in epoll.
-    #[arg(long, default_value_t = 50)]
+    #[arg(help_heading = HEADING_IO, long, default_value_t = 50)]
     pub busy_poll_us: u64,
     /// Do not pin workers to CPUs.
-    #[arg(long)]
+    #[arg(help_heading = HEADING_IO, long)]
     pub no_pin: bool,
     /// TUN offload: `on` reads TCP superframes (TSO) from the TUN device and segments them in
     /// user space, one read per up to 64 KiB; `off` reads one packet per read. `on` falls back
     /// to `off` if the kernel refuses.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = OnOff::On)]
     pub tun_offload: OnOff,
     /// UDP GSO (udp backend): `on` sends a run of same-size datagrams to one peer as one
     /// UDP_SEGMENT buffer; falls back to `off` by itself if the kernel refuses.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = OnOff::On)]
     pub udp_gso: OnOff,
     /// UDP GRO on the underlay socket: `on` receives a sender's run of datagrams (its GSO
     /// buffer, or what the kernel coalesced) in one piece and splits it in user space, so the
     /// socket layer runs once per run. Falls back to plain receives if the kernel refuses it.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = OnOff::On)]
     pub udp_gro: OnOff,
     /// A receive queue per peer node: `on` gives each peer (sending from the backend's port, as
     /// flannel udp and podwire's VXLAN do) a connected socket of its own, read round robin, so
     /// a peer flooding this node overflows only its own queue (counted as peer_queue_full)
     /// and cannot starve the others. Routed (L3) mode.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = OnOff::On)]
     pub peer_queues: OnOff,
     /// How the underlay is reached: `tun` through the kernel's UDP sockets, or `xdp` through
     /// AF_XDP sockets that podwire's XDP program on --iface feeds (VXLAN or udp; worker i owns
@@ -302,7 +320,7 @@ pub struct RunArgs {
     /// owns the node's address for the services' NodePorts: TCP and UDP to a NodePort are
     /// sent to the service's backend, on any node, masqueraded so the answer comes back
     /// through this node (needs --conntrack on).
-    #[arg(long, value_enum, default_value_t = Io::Tun)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = Io::Tun)]
     pub io: Io,
     /// With `--io xdp`: pods' veth host ends (comma-separated) that podwire serves through
     /// AF_XDP instead of the TUN: its XDP program takes what the pod sends to other nodes' pods,
@@ -314,105 +332,116 @@ pub struct RunArgs {
     /// resolved on the device at start): only packets from it skip the host's stack, packets
     /// from other sources pass to the kernel, and any that reach podwire from the port are
     /// dropped (spoofed_source).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(help_heading = HEADING_IO, long, value_delimiter = ',')]
     pub pod_ports: Vec<String>,
     /// How VXLAN leaves: `socket` through UDP sockets with UDP GSO, each inner flow on one of
     /// `--vxlan-tx-sockets` source ports by hash (runs of a flow's segments in one send), or
     /// `flow-ports` through a raw socket with a source port per inner flow as the kernel picks
     /// them (the most spread over ECMP paths, but one send per datagram).
-    #[arg(long, value_enum, default_value_t = VxlanTx::Socket)]
+    #[arg(help_heading = HEADING_IO, long, value_enum, default_value_t = VxlanTx::Socket)]
     pub vxlan_tx: VxlanTx,
     /// With `--vxlan-tx socket`: UDP sockets per worker, each on its own ephemeral source
     /// port, that inner flows are spread over by hash (0: every flow from port 8472).
-    #[arg(long, default_value_t = 8,
+    #[arg(help_heading = HEADING_IO, long, default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(0..=podwire_dataplane::worker::MAX_VXLAN_TX_SOCKETS as i64))]
     pub vxlan_tx_sockets: u16,
     /// Underlay socket buffer size in bytes (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(help_heading = HEADING_IO, long, default_value_t = 4 << 20)]
     pub socket_buffer: usize,
-    /// Write worker counters and drops by reason here as JSON, every second and at exit.
-    #[arg(long)]
-    pub stats_file: Option<PathBuf>,
     /// Connection tracking of every forwarded packet (netfilter's states and timeouts);
     /// services need it.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_SERVICES, long, value_enum, default_value_t = OnOff::On)]
     pub conntrack: OnOff,
     /// Most tracked connections; when full, unassured ones are evicted first.
-    #[arg(long, default_value_t = 131_072)]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value_t = 131_072)]
     pub conntrack_max: usize,
     /// Seconds an idle ESTABLISHED TCP connection is kept (netfilter: 432000; kube-proxy sets
     /// 86400 with its flag of the same name).
-    #[arg(long, default_value_t = 432_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value_t = 432_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_tcp_timeout_established: u32,
     /// Seconds a TCP connection in CLOSE_WAIT is kept (netfilter: 60; kube-proxy: 3600).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_tcp_timeout_close_wait: u32,
     /// Seconds an unanswered UDP flow is kept (netfilter: 30).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_udp_timeout: u32,
     /// Seconds an answered UDP flow (a stream) is kept (netfilter: 120).
-    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_udp_timeout_stream: u32,
     /// Services to translate (ClusterIP DNAT, kube-proxy's job): `file:PATH`, a JSON file
     /// {"services": [{"name", "clusterIP", "protocol", "port", "endpoints": [{"ip", "port"}],
     /// "sessionAffinity", "nodePort"}]}, re-read on change. The service range is routed into
     /// podwire's device.
-    #[arg(long)]
+    #[arg(help_heading = HEADING_SERVICES, long)]
     pub services: Option<String>,
     /// The cluster's service range (kube-apiserver's --service-cluster-ip-range).
-    #[arg(long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR)]
     pub service_cidr: podwire_dataplane::route::Ipv4Net,
     /// Where NodePorts may be, `A-B` (kube-apiserver's flag of the same name and default): a
     /// NodePort outside it, or on one of podwire's own ports (the backend's UDP port, the
     /// healthz port, the masquerade ports 61000-65535), is refused and its service kept as
     /// ClusterIP only.
-    #[arg(long, default_value = "30000-32767")]
+    #[arg(help_heading = HEADING_SERVICES, long, default_value = "30000-32767")]
     pub service_node_port_range: podwire_dataplane::nat::PortRange,
     /// How a service picks an endpoint for a new connection: `maglev` (consistent hashing,
     /// the same choice on every node) or `random`.
-    #[arg(long, value_enum, default_value_t = ServiceLb::Maglev)]
+    #[arg(help_heading = HEADING_SERVICES, long, value_enum, default_value_t = ServiceLb::Maglev)]
     pub service_lb: ServiceLb,
+    /// Write worker counters and drops by reason here as JSON, every second and at exit.
+    #[arg(help_heading = HEADING_OPS, long)]
+    pub stats_file: Option<PathBuf>,
+    /// Address for the /healthz, /readyz and /metrics endpoint.
+    #[arg(
+        help_heading = HEADING_OPS,
+        long,
+        env = "FLANNELD_HEALTHZ_IP",
+        default_value = "0.0.0.0"
+    )]
+    pub healthz_ip: std::net::IpAddr,
+    /// Port for /healthz, /readyz and /metrics (0: disabled), as flanneld.
+    #[arg(help_heading = HEADING_OPS, long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
     /// Log lines as `text` or `json` (one object per line).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(help_heading = HEADING_OPS, long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// The least severe log events written (flanneld's `-v=N` maps here: 0 info, 1-4 debug,
     /// more trace). RUST_LOG, when set, takes precedence and may set levels per module (e.g.
     /// `RUST_LOG=info,podwire::etcd=debug`). Colours only when stderr is a terminal.
-    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    #[arg(help_heading = HEADING_OPS, long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
     /// Unix socket `podwire ctl` talks to (mode 0600); empty: none.
-    #[arg(long, default_value = podwire::ctl::DEFAULT_SOCKET)]
+    #[arg(help_heading = HEADING_OPS, long, default_value = podwire::ctl::DEFAULT_SOCKET)]
     pub ctl_socket: String,
     /// Accept `podwire ctl fault` (make a worker panic), to test that a supervisor restarts a
     /// daemon whose worker died. For test clusters only.
-    #[arg(long)]
+    #[arg(help_heading = HEADING_OPS, long)]
     pub fault_injection: bool,
     /// `l3` routes pod traffic through a TUN device (flannel's model); `l2` makes podwire the
     /// node's bridge (in place of cni0), with pods attached as TAP interfaces by `podwire ctl
     /// attach`, and one L2 domain across nodes over VXLAN (needs the vxlan backend).
-    #[arg(long, value_enum, default_value_t = Mode::L3)]
+    #[arg(help_heading = HEADING_NODE, long, value_enum, default_value_t = Mode::L3)]
     pub mode: Mode,
     /// L2 mode: seconds a learned MAC is kept after it was last seen (Linux bridge: 300).
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_L2, long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
     pub fdb_ageing: u32,
     /// L2 mode: most learned MACs; when full, new ones are not learned (and are flooded to).
-    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = HEADING_L2, long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub fdb_max: u32,
     /// L2 mode: learn remote MACs from decapsulated frames (`off`: only the nodes' host ports,
     /// from the subnet map, are known, like a kernel VXLAN device with `nolearning`).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[arg(help_heading = HEADING_L2, long, value_enum, default_value_t = OnOff::On)]
     pub fdb_learning_tunnel: OnOff,
     /// L2 mode: name of the host's bridge port, a TAP device with the node's gateway address.
-    #[arg(long, default_value = "podwire0")]
+    #[arg(help_heading = HEADING_L2, long, default_value = "podwire0")]
     pub bridge_port: String,
     /// L2 mode: what `podwire ctl attach` gives a pod. `tap`: a TAP device that podwire reads
     /// and writes. `xdp`: a veth pair whose host end podwire's XDP program hands every frame
     /// to an AF_XDP socket (the pod's end is set to finish its checksums, as AF_XDP has no
     /// offload); the bridge then runs without offload.
-    #[arg(long, value_enum, default_value_t = L2Pods::Tap)]
+    #[arg(help_heading = HEADING_L2, long, value_enum, default_value_t = L2Pods::Tap)]
     pub l2_pods: L2Pods,
     /// Exit when the parent process dies (used by `podwire-lab lab`).
-    #[arg(long, hide = true)]
+    #[arg(help_heading = HEADING_OPS, long, hide = true)]
     pub exit_with_parent: bool,
 }
 
