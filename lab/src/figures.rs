@@ -16,7 +16,11 @@
 //! generator's ceiling), `source` (date, commit, command, machine), `MODE/WORKLOAD` (a median
 //! and its unit), `MODE/WORKLOAD/ratio`, `af_xdp/MODE/FIELD`. Keys of a criterion run file
 //! (`./dev bench --record`): `BENCH-ID` (the median per iteration), `BENCH-ID/range`, either
-//! with `/per/N` (an iteration of N operations, as the time of one), `source`.
+//! with `/per/N` (an iteration of N operations, as the time of one), `source`. Keys of a
+//! profile run file (`podwire-lab profile --out`): `threads` (samples by thread, share of all),
+//! `split` (the workers' samples by where they entered the kernel, share of the workers' and of
+//! all), `symbols/N` (the workers' N most sampled userspace symbols), `tcp` (the stream's rate
+//! while profiled), `source`.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -173,8 +177,72 @@ fn figure(run: &Value, key: &str) -> Option<String> {
     match run["kind"].as_str()? {
         "e2e" => e2e_figure(run, key),
         "criterion" => criterion_figure(run, key),
+        "profile" => profile_figure(run, key),
         _ => None,
     }
+}
+
+fn profile_figure(run: &Value, key: &str) -> Option<String> {
+    let split = &run["split"];
+    let all = split["samples"].as_f64().filter(|n| *n > 0.0)?;
+    match key.split_once('/') {
+        None if key == "tcp" => Some(format!("{} Mbit/s", number(run["tcp_mbps"].as_f64()?))),
+        None if key == "threads" => {
+            let rows = counts_table("thread", &split["threads"], &[("of all samples", all)])?;
+            Some(markdown(&rows))
+        }
+        None if key == "split" => {
+            let workers = split["threads"]["podwire workers"].as_f64()?;
+            let rows = counts_table(
+                "where the workers' time went",
+                &split["workers"],
+                &[("of the workers'", workers), ("of all samples", all)],
+            )?;
+            Some(markdown(&rows))
+        }
+        Some(("symbols", n)) => {
+            let n: usize = n.parse().ok().filter(|n| *n > 0)?;
+            let workers = split["threads"]["podwire workers"].as_f64()?;
+            let mut rows = counts_table(
+                "workers' userspace symbol",
+                &split["worker_symbols"],
+                &[("of the workers'", workers)],
+            )?;
+            rows.truncate(n + 1);
+            for row in rows.iter_mut().skip(1) {
+                row[0].0 = format!("`{}`", row[0].0.replace('`', ""));
+            }
+            Some(markdown(&rows))
+        }
+        _ => None,
+    }
+}
+
+/// A table of the counts in `counts` (name -> samples), most first, with each count's share
+/// of every denominator in `shares`.
+fn counts_table(what: &str, counts: &Value, shares: &[(&str, f64)]) -> Option<Table> {
+    let mut entries: Vec<(&String, f64)> = counts
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k, v.as_f64()?)))
+        .collect::<Option<_>>()?;
+    if entries.is_empty() {
+        return None;
+    }
+    entries.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let mut header = vec![cell(what), cell("samples")];
+    header.extend(shares.iter().map(|(name, _)| cell(*name)));
+    let mut rows = vec![header];
+    for (name, n) in entries {
+        let mut row = vec![cell(name.as_str()), cell(format!("{n:.0}"))];
+        row.extend(
+            shares
+                .iter()
+                .map(|(_, of)| cell(format!("{:.1}%", 100.0 * n / of))),
+        );
+        rows.push(row);
+    }
+    Some(rows)
 }
 
 /// "2026-12-03, commit 1234567, `command`, kernel K, N cores (CPU)".
@@ -547,6 +615,42 @@ mod tests {
             std::fs::write(&file, run.to_string()).unwrap();
             let err = fails("<!-- fig docs/bench/c.json#route/lookup/10000 --><!-- /fig -->");
             assert!(err.contains(says), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn test_profile_split_is_rendered_as_shares() {
+        let (_d, root) = run_dir();
+        let mut run = criterion_run();
+        run["kind"] = json!("profile");
+        run["tcp_mbps"] = json!(3964.07);
+        run["split"] = json!({"samples": 200,
+            "threads": {"podwire workers": 100, "idle": 100},
+            "workers": {"userspace": 25, "UDP send": 75},
+            "worker_symbols": {"memmove": 3, "l4_sum": 5, "x`y": 1}});
+        std::fs::write(root.join("docs/bench/p.json"), run.to_string()).unwrap();
+        let fig = |key: &str| {
+            let doc = format!("<!-- fig docs/bench/p.json#{key} --><!-- /fig -->");
+            render(&doc, "d.md", &root).map(|out| out.replace(&doc[..doc.len() - 13], ""))
+        };
+        let split = fig("split").unwrap();
+        // Most first; shares of the workers' 100 and of all 200 samples.
+        let send = split.find("| UDP send | 75 | 75.0% | 37.5% |").unwrap();
+        let user = split.find("| userspace | 25 | 25.0% | 12.5% |").unwrap();
+        assert!(send < user, "{split}");
+        let symbols = fig("symbols/2").unwrap();
+        assert!(symbols.contains("| `l4_sum` | 5 | 5.0% |"), "{symbols}");
+        assert!(!symbols.contains("x"), "only the top 2: {symbols}");
+        assert!(fig("tcp").unwrap().starts_with("3964 Mbit/s"));
+        assert!(fig("threads").unwrap().contains("| idle | 100 | 50.0% |"));
+        // A profile without worker samples (the kernel's) has no split; N must be a count.
+        run["split"]["workers"] = json!({});
+        std::fs::write(root.join("docs/bench/p.json"), run.to_string()).unwrap();
+        for key in ["split", "symbols/0", "symbols/x", "nope"] {
+            assert!(
+                fig(key).unwrap_err().to_string().contains("no figure"),
+                "{key}"
+            );
         }
     }
 
