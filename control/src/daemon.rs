@@ -1230,7 +1230,7 @@ fn forward_rules(
     if !opts.forward_rules {
         return Ok(());
     }
-    host.forward = Some(node::ForwardRules::install(j.config.network)?);
+    host.forward = Some(node::ForwardRules::install(j.config.network));
     steps.done("FORWARD accept rules")?;
     Ok(())
 }

@@ -81,6 +81,17 @@ fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Refused> {
     Ok(())
 }
 
+/// Removes flanneld's variables that are set but empty: flanneld reads a `FLANNELD_*` variable
+/// only when it holds something, so `FLANNELD_IP_MASQ=` is no setting, where clap would
+/// refuse the empty value. Called first thing in `main`, before any thread starts.
+pub fn forget_empty_env() {
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_str().is_some_and(|k| k.starts_with("FLANNELD_")) {
+            std::env::remove_var(key);
+        }
+    }
+}
+
 /// Rewrites the arguments after `run` from Go's flag syntax to clap's; others pass unchanged.
 /// `env` looks up flanneld's environment variables.
 pub fn rewrite(

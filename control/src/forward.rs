@@ -6,10 +6,12 @@
 //! An accept in a table of podwire's own would not do: every base chain on the forward hook
 //! sees the packet and a drop in any of them wins. So the rules go where the DROP policy is,
 //! the `FORWARD` chain of iptables-nft's `ip filter` table, appended (as flanneld appends its
-//! jump), marked by their comment, re-added when they go missing (`iptables -F`, a firewall
+//! jump), marked by their comment (which names the network, so two daemons of two networks in
+//! one namespace keep to their own), re-added when they go missing (`iptables -F`, a firewall
 //! reload) and deleted on exit. A host without that chain has no iptables FORWARD policy to
 //! get past. iptables-legacy's tables are out of reach of nftables; a host using them is told
-//! so once.
+//! so once. None of this stops the node: forwarding does not depend on it where no DROP
+//! policy is, so an error is logged and the next check tries again.
 
 use crate::nft::{self, Action, Field, Listed, Match, NftError, Rule};
 use podwire_dataplane::route::Ipv4Net;
@@ -18,10 +20,15 @@ use std::time::Duration;
 /// iptables-nft's table and chain.
 pub const TABLE: &str = "filter";
 pub const CHAIN: &str = "FORWARD";
-/// The comment that marks podwire's rules (`iptables -S FORWARD` shows it).
+/// The comment that marks podwire's rules (`iptables -S FORWARD` shows it), before the network.
 pub const COMMENT: &str = "podwire forward";
 /// How often the rules are checked and re-added: flanneld's `-iptables-resync` default.
 pub const RESYNC: Duration = Duration::from_secs(5);
+
+/// The comment of the rules for `network`, e.g. `podwire forward 10.244.0.0/16`.
+pub fn comment(network: Ipv4Net) -> String {
+    format!("{COMMENT} {network}")
+}
 
 /// The two accept rules for `network`.
 pub fn rules(network: Ipv4Net) -> [Rule; 2] {
@@ -32,7 +39,7 @@ pub fn rules(network: Ipv4Net) -> [Rule; 2] {
             not: false,
         }],
         action: Action::Accept,
-        comment: COMMENT,
+        comment: comment(network).into(),
     })
 }
 
@@ -47,39 +54,74 @@ pub enum Ensured {
     NoChain,
 }
 
-fn ours(listed: &[Listed]) -> Vec<u64> {
-    listed
+/// The handles of the rules for `network` (each once).
+fn ours(listed: &[Listed], network: Ipv4Net) -> Vec<u64> {
+    let comment = comment(network);
+    let mut handles: Vec<u64> = listed
         .iter()
-        .filter(|r| r.comment.as_deref() == Some(COMMENT))
+        .filter(|r| r.comment.as_deref() == Some(comment.as_str()))
         .map(|r| r.handle)
-        .collect()
+        .collect();
+    handles.sort_unstable();
+    handles.dedup();
+    handles
 }
+
+/// Listings and changes tried before giving up on a chain that keeps changing under us (a
+/// rule deleted between the listing and the change fails the change as a missing chain does).
+const ATTEMPTS: usize = 3;
 
 /// Makes the chain hold podwire's two rules for `network`. With `replace`, ours are replaced
-/// whatever is there (at start: a crashed run's, maybe for another network); otherwise they
-/// are left alone when both are there.
+/// whatever is there (at start: a crashed run's); otherwise they are left alone when both are
+/// there.
 pub fn ensure(network: Ipv4Net, replace: bool) -> Result<Ensured, NftError> {
-    let mine = ours(&nft::list_rules(TABLE, CHAIN)?);
-    if !replace && mine.len() == 2 {
-        return Ok(Ensured::Present);
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let mine = match nft::list_rules(TABLE, CHAIN) {
+            Ok(listed) => ours(&listed, network),
+            Err(e @ NftError::Interrupted) => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if !replace && mine.len() == 2 {
+            return Ok(Ensured::Present);
+        }
+        match nft::replace_rules(TABLE, CHAIN, &mine, &rules(network)) {
+            Ok(()) => return Ok(Ensured::Added),
+            // No chain, or one of our rules went between the listing and the change.
+            Err(e) if e.is_not_found() && mine.is_empty() => return Ok(Ensured::NoChain),
+            Err(e) if e.is_not_found() => last = Some(e),
+            Err(e) => return Err(e),
+        }
     }
-    match nft::replace_rules(TABLE, CHAIN, &mine, &rules(network)) {
-        Ok(()) => Ok(Ensured::Added),
-        Err(e) if e.is_not_found() => Ok(Ensured::NoChain),
-        Err(e) => Err(e),
-    }
+    Err(last.expect("an attempt failed"))
 }
 
-/// Deletes podwire's rules from the chain; how many there were.
-pub fn remove() -> Result<usize, NftError> {
-    let mine = ours(&nft::list_rules(TABLE, CHAIN)?);
-    if mine.is_empty() {
-        return Ok(0);
+/// Deletes podwire's rules for `network` from the chain; how many there were.
+pub fn remove(network: Ipv4Net) -> Result<usize, NftError> {
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let mine = match nft::list_rules(TABLE, CHAIN) {
+            Ok(listed) => ours(&listed, network),
+            Err(e @ NftError::Interrupted) => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        match nft::replace_rules(TABLE, CHAIN, &mine, &[]) {
+            Ok(()) => return Ok(mine.len()),
+            // A rule went between the listing and the change: list again.
+            Err(e) if e.is_not_found() => last = Some(e),
+            Err(e) => return Err(e),
+        }
     }
-    match nft::replace_rules(TABLE, CHAIN, &mine, &[]) {
-        Err(e) if e.is_not_found() => Ok(0),
-        other => other.map(|()| mine.len()),
-    }
+    Err(last.expect("an attempt failed"))
 }
 
 /// Whether iptables-legacy holds a filter table in this network namespace (its rules are not
@@ -118,6 +160,8 @@ mod tests {
 
     #[test]
     fn test_only_rules_with_our_comment_are_ours() {
+        let net: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let other: Ipv4Net = "10.245.0.0/16".parse().unwrap();
         let listed = [
             Listed {
                 handle: 3,
@@ -125,7 +169,11 @@ mod tests {
             },
             Listed {
                 handle: 4,
-                comment: Some(COMMENT.into()),
+                comment: Some(comment(net)),
+            },
+            Listed {
+                handle: 6,
+                comment: Some(comment(other)),
             },
             Listed {
                 handle: 5,
@@ -133,9 +181,15 @@ mod tests {
             },
             Listed {
                 handle: 9,
-                comment: Some(COMMENT.into()),
+                comment: Some(comment(net)),
+            },
+            Listed {
+                handle: 4,
+                comment: Some(comment(net)),
             },
         ];
-        assert_eq!(ours(&listed), [4, 9]);
+        assert_eq!(ours(&listed, net), [4, 9]);
+        assert_eq!(ours(&listed, other), [6]);
+        assert_eq!(comment(net), "podwire forward 10.244.0.0/16");
     }
 }

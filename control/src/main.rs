@@ -206,6 +206,7 @@ fn init_logging(json: bool, level: LogLevel) {
 }
 
 fn main() -> Result<()> {
+    flanneld_args::forget_empty_env();
     let args = match flanneld_args::rewrite(std::env::args_os(), |k| std::env::var(k).ok()) {
         Ok(a) => a,
         Err(e) => {

@@ -34,10 +34,10 @@ pub fn rules(
     userspace: Option<&str>,
 ) -> Vec<Rule> {
     use Field::{Daddr, Saddr};
-    let rule = |matches, action, comment| Rule {
+    let rule = |matches, action, comment: &'static str| Rule {
         matches,
         action,
-        comment,
+        comment: comment.into(),
     };
     let mut rules = Vec::new();
     if let Some(s) = services {

@@ -21,6 +21,8 @@ pub enum NftError {
     },
     #[error("nftables answered a listing with a malformed message")]
     Malformed,
+    #[error("the rule set changed during the listing")]
+    Interrupted,
 }
 
 impl NftError {
@@ -44,6 +46,7 @@ const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -144,7 +147,7 @@ pub enum Action {
 pub struct Rule {
     pub matches: Vec<Match>,
     pub action: Action,
-    pub comment: &'static str,
+    pub comment: std::borrow::Cow<'static, str>,
 }
 
 fn expr(name: &str, data: &[Vec<u8>]) -> Vec<u8> {
@@ -411,24 +414,41 @@ pub fn list_rules(table: &str, chain: &str) -> Result<Vec<Listed>, NftError> {
         .map_err(NftError::Socket)?;
     socket.send(&request, 0).map_err(NftError::Socket)?;
     let mut rules = Vec::new();
+    // The rule set changed during the dump: the listing may miss or repeat rules.
+    let mut interrupted = false;
     loop {
         let (data, _) = socket.recv_from_full().map_err(NftError::Socket)?;
         let mut rest = &data[..];
         while rest.len() >= 16 {
             let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            let flags = u16::from_ne_bytes([rest[6], rest[7]]);
+            interrupted |= flags & NLM_F_DUMP_INTR != 0;
             let message = rest.get(..len).ok_or(NftError::Malformed)?;
             match kind {
+                NLMSG_DONE if interrupted => return Err(NftError::Interrupted),
                 NLMSG_DONE => return Ok(rules),
                 NLMSG_ERROR => {
                     let code = message.get(16..20).ok_or(NftError::Malformed)?;
                     let code = i32::from_ne_bytes(code.try_into().expect("4 bytes"));
+                    if code == 0 {
+                        rest = rest
+                            .get(len.max(16).next_multiple_of(4)..)
+                            .unwrap_or_default();
+                        continue;
+                    }
                     return Err(NftError::Kernel {
                         what: "the rule listing",
                         source: std::io::Error::from_raw_os_error(-code),
                     });
                 }
-                _ => rules.push(parse_listed(message.get(20..).ok_or(NftError::Malformed)?)?),
+                _ => {
+                    let (rule, of) = parse_listed(message.get(20..).ok_or(NftError::Malformed)?)?;
+                    // Older kernels ignore the dump's filter and list every table's rules.
+                    if of == (Some(table), Some(chain)) {
+                        rules.push(rule);
+                    }
+                }
             }
             rest = rest
                 .get(len.max(16).next_multiple_of(4)..)
@@ -437,10 +457,18 @@ pub fn list_rules(table: &str, chain: &str) -> Result<Vec<Listed>, NftError> {
     }
 }
 
-/// A listed rule's handle and comment, from its attributes.
-fn parse_listed(mut attrs: &[u8]) -> Result<Listed, NftError> {
+/// A NUL-ended name attribute as text.
+fn name(payload: &[u8]) -> Option<&str> {
+    let text = payload.split(|b| *b == 0).next().unwrap_or_default();
+    std::str::from_utf8(text).ok()
+}
+
+/// A listed rule's handle and comment, from its attributes, and its table and chain.
+fn parse_listed(mut attrs: &[u8]) -> Result<(Listed, (Option<&str>, Option<&str>)), NftError> {
     let mut handle = None;
     let mut comment = None;
+    let (mut table, mut chain) = (None, None);
+
     while attrs.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
         let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & !0xc000;
@@ -451,14 +479,17 @@ fn parse_listed(mut attrs: &[u8]) -> Result<Listed, NftError> {
                 handle = Some(u64::from_be_bytes(bytes));
             }
             NFTA_RULE_USERDATA => comment = udata_comment(payload),
+            NFTA_RULE_TABLE => table = name(payload),
+            NFTA_RULE_CHAIN => chain = name(payload),
             _ => {}
         }
         attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
-    Ok(Listed {
+    let listed = Listed {
         handle: handle.ok_or(NftError::Malformed)?,
         comment,
-    })
+    };
+    Ok((listed, (table, chain)))
 }
 
 /// The comment in a rule's user data (type-length-value items; the comment is NUL-ended).
@@ -545,11 +576,12 @@ mod tests {
         let rule = Rule {
             matches: vec![],
             action: Action::Accept,
-            comment: "podwire forward",
+            comment: "podwire forward".into(),
         };
         let mut attrs = rule_attrs("filter", "FORWARD", &rule);
         attrs.extend(attr(NFTA_RULE_HANDLE, &7u64.to_be_bytes()));
-        let listed = parse_listed(&attrs).unwrap();
+        let (listed, of) = parse_listed(&attrs).unwrap();
+        assert_eq!(of, (Some("filter"), Some("FORWARD")));
         assert_eq!(listed.handle, 7);
         assert_eq!(listed.comment.as_deref(), Some("podwire forward"));
         // No handle, or an attribute that lies about its length: malformed, no panic.

@@ -24,7 +24,6 @@
 use crate::forward;
 use crate::masq::{self, MasqError};
 use crate::netdev::{self, NetdevError};
-use crate::nft::NftError;
 use podwire_dataplane::route::Ipv4Net;
 
 /// The environment variable [`Steps`] reads (with `--fault-injection` only).
@@ -107,59 +106,69 @@ impl Drop for MasqTable {
 }
 
 /// podwire's FORWARD accept rules for the cluster network ([`forward`]); kept while the node
-/// runs ([`ForwardRules::resync`]) and deleted on drop.
+/// runs ([`ForwardRules::resync`]) and deleted on drop. Never fatal: where nftables refuses
+/// (no nf_tables in the kernel, no permission), the node forwards as it would without them,
+/// says so, and tries again at the next check.
 #[derive(Debug)]
 pub struct ForwardRules {
     network: Ipv4Net,
-    /// What the last check found, to log changes only.
-    last: forward::Ensured,
+    /// What the last check found (`None`: it failed), to log changes only.
+    last: Option<forward::Ensured>,
 }
 
 impl ForwardRules {
     /// Adds the rules, replacing any a crashed run left.
-    pub fn install(network: Ipv4Net) -> Result<ForwardRules, NftError> {
-        let last = forward::ensure(network, true)?;
-        match last {
-            forward::Ensured::NoChain => tracing::info!(
-                "no iptables FORWARD chain (iptables-nft's ip filter) here: no FORWARD accept rules needed; checked again every {:?}",
-                forward::RESYNC
-            ),
-            _ => tracing::info!(%network, comment = forward::COMMENT, "pod network accepted in iptables' FORWARD chain"),
-        }
+    pub fn install(network: Ipv4Net) -> ForwardRules {
+        let last = match forward::ensure(network, true) {
+            Ok(forward::Ensured::NoChain) => {
+                tracing::info!(
+                    "no iptables FORWARD chain (iptables-nft's ip filter) here: no FORWARD accept rules needed; checked again every {:?}",
+                    forward::RESYNC
+                );
+                Some(forward::Ensured::NoChain)
+            }
+            Ok(found) => {
+                tracing::info!(%network, comment = forward::comment(network), "pod network accepted in iptables' FORWARD chain");
+                Some(found)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not add the FORWARD accept rules (a FORWARD policy of DROP would drop pod traffic); trying again every {:?}", forward::RESYNC);
+                None
+            }
+        };
         if forward::legacy_filter_in_use() {
             tracing::warn!(
                 "iptables-legacy has a filter table here, which podwire cannot add to: if its FORWARD policy is DROP, accept {network} there (iptables-legacy -A FORWARD -s {network} -j ACCEPT, and -d)"
             );
         }
-        Ok(ForwardRules { network, last })
+        ForwardRules { network, last }
     }
 
     /// Adds the rules again if they went missing (a flush, a firewall reload, a chain made
-    /// since); an error is logged, not fatal: forwarding goes on as before.
+    /// since); logs what changed since the last check.
     pub fn resync(&mut self) {
-        match forward::ensure(self.network, false) {
-            Ok(now) => {
-                match (self.last, now) {
-                    (forward::Ensured::NoChain, forward::Ensured::Added) => tracing::info!(
-                        network = %self.network,
-                        "iptables' FORWARD chain appeared; pod network accepted in it"
-                    ),
-                    (_, forward::Ensured::Added) => tracing::warn!(
-                        network = %self.network,
-                        "podwire's FORWARD accept rules were missing from iptables' FORWARD chain; added again"
-                    ),
-                    _ => {}
-                }
-                self.last = now;
+        use forward::Ensured::{Added, NoChain};
+        let now = forward::ensure(self.network, false);
+        let network = self.network;
+        match (&self.last, &now) {
+            (Some(NoChain), Ok(Added)) => {
+                tracing::info!(%network, "iptables' FORWARD chain appeared; pod network accepted in it")
             }
-            Err(e) => tracing::warn!(error = %e, "checking the FORWARD accept rules"),
+            (None, Ok(Added)) => tracing::info!(%network, "FORWARD accept rules added"),
+            (_, Ok(Added)) => tracing::warn!(
+                %network,
+                "podwire's FORWARD accept rules were missing from iptables' FORWARD chain; added again"
+            ),
+            (Some(_), Err(e)) => tracing::warn!(error = %e, "checking the FORWARD accept rules"),
+            _ => {}
         }
+        self.last = now.ok();
     }
 }
 
 impl Drop for ForwardRules {
     fn drop(&mut self) {
-        if let Err(e) = forward::remove() {
+        if let Err(e) = forward::remove(self.network) {
             tracing::warn!(error = %e, "removing the FORWARD accept rules");
         }
     }

@@ -13,7 +13,7 @@
 //!
 //! | mode | kept | what for, at run time |
 //! |---|---|---|
-//! | every mode | `CAP_NET_ADMIN` | rtnetlink for DirectRouting's routes as leases change; at exit (or a setup step failing after the drop): the service route, the masquerade table (nf_tables netlink), the policy rules, XDP detach; `SO_*BUFFORCE` |
+//! | every mode | `CAP_NET_ADMIN` | rtnetlink for DirectRouting's routes as leases change; the FORWARD accept rules kept every 5 s (nf_tables netlink); at exit (or a setup step failing after the drop): the service route, the masquerade table and the FORWARD accept rules (nf_tables netlink), the policy rules, XDP detach; `SO_*BUFFORCE` |
 //! | every mode | `CAP_NET_RAW` | raw and AF_XDP sockets (the kernel checks at creation; kept so a socket opened later, and the children, keep working) |
 //! | routed, `--peer-queues on`, a backend `Port` below 1024 | + `CAP_NET_BIND_SERVICE` | a worker binds a socket per new peer to the backend's port as the subnet map changes (flannel's 8285 and VXLAN's 8472/4789 need nothing) |
 //! | routed, `--io xdp` or `--pod-ports` | + `CAP_BPF` | NodePort map updates as services change: before Linux 6.5, with `kernel.unprivileged_bpf_disabled` set (Debian's default), every `bpf()` call needs it, even on a map podwire holds |

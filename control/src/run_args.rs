@@ -270,8 +270,8 @@ pub struct RunArgs {
     pub ip_masq: bool,
     /// Accept the cluster network in iptables' FORWARD chain (from and to it), as flanneld's
     /// -iptables-forward-rules: hosts whose FORWARD policy is DROP (Docker sets it) need it.
-    /// Two rules with the comment "podwire forward", appended to iptables-nft's FORWARD chain
-    /// when there is one, checked every 5 s and removed on exit. `=false` leaves it alone.
+    /// Two rules with the comment "podwire forward NETWORK", appended to iptables-nft's FORWARD
+    /// chain when there is one, checked every 5 s and removed on exit. `=false` leaves it alone.
     #[arg(help_heading = HEADING_NODE,
         long,
         env = "FLANNELD_IPTABLES_FORWARD_RULES",

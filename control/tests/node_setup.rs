@@ -21,6 +21,12 @@ fn root_slot() -> Option<std::sync::MutexGuard<'static, ()>> {
         eprintln!("skipped: needs root");
         return None;
     }
+    // The namespaces' FORWARD policy is set with iptables-nft, whose chain podwire adds to.
+    let iptables = Command::new("iptables").arg("-V").output();
+    if !iptables.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables")) {
+        eprintln!("skipped: needs iptables-nft (Debian's iptables package)");
+        return None;
+    }
     Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
@@ -107,6 +113,11 @@ impl Netns {
 
     /// `podwire run ARGS` in the namespace, failing after setup step `fail_after`.
     fn podwire(&self, args: &[&str], fail_after: usize) -> Child {
+        self.podwire_with_env(args, fail_after, &[])
+    }
+
+    /// [`Netns::podwire`] with `env` set for the daemon.
+    fn podwire_with_env(&self, args: &[&str], fail_after: usize, env: &[(&str, &str)]) -> Child {
         let _ = std::fs::remove_file(self.dir.join("subnet.env"));
         Command::new("ip")
             .args(["netns", "exec", &self.name])
@@ -120,6 +131,7 @@ impl Netns {
             .arg("--ctl-socket")
             .arg(self.dir.join("ctl.sock"))
             .env("PODWIRE_FAIL_SETUP_AFTER", fail_after.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -221,9 +233,9 @@ fn fail_each_step(ns: &Netns, args: &[&str], running: &[&str]) -> usize {
 
 /// podwire's FORWARD accept rules for the cluster network, as `iptables -S` shows them.
 const FORWARD_FROM: &str =
-    "-A FORWARD -s 10.244.0.0/16 -m comment --comment \"podwire forward\" -j ACCEPT";
+    "-A FORWARD -s 10.244.0.0/16 -m comment --comment \"podwire forward 10.244.0.0/16\" -j ACCEPT";
 const FORWARD_TO: &str =
-    "-A FORWARD -d 10.244.0.0/16 -m comment --comment \"podwire forward\" -j ACCEPT";
+    "-A FORWARD -d 10.244.0.0/16 -m comment --comment \"podwire forward 10.244.0.0/16\" -j ACCEPT";
 
 fn write_cluster(ns: &Netns, direct_routing: bool) -> String {
     let lease = |ip: &str, mac: &str| {
@@ -447,4 +459,24 @@ fn forward_rules_are_kept_while_running_and_only_when_asked() {
     let rules = ns.iptables(&["-S", "FORWARD"]);
     stop(daemon);
     assert_eq!(rules.trim(), "-P FORWARD DROP");
+
+    // flanneld's variables set but empty are no setting: the default (on) holds.
+    let empty = [
+        ("FLANNELD_IPTABLES_FORWARD_RULES", ""),
+        ("FLANNELD_IP_MASQ", ""),
+    ];
+    let mut daemon = ns.podwire_with_env(&["--store", &store], 0, &empty);
+    if let Some(status) = exited_or_running(&mut daemon, &subnet_env) {
+        let out = daemon.wait_with_output().unwrap();
+        panic!(
+            "empty FLANNELD_* variables stopped podwire ({status}):\n{}",
+            text(&out)
+        );
+    }
+    let present = ours(&ns);
+    stop(daemon);
+    assert!(
+        present,
+        "an empty FLANNELD_IPTABLES_FORWARD_RULES turned the rules off"
+    );
 }
