@@ -192,7 +192,9 @@ fn profile_figure(run: &Value, key: &str) -> Option<String> {
             Some(markdown(&rows))
         }
         None if key == "split" => {
-            let workers = split["threads"]["podwire workers"].as_f64()?;
+            let workers = split["threads"]["podwire workers"]
+                .as_f64()
+                .filter(|n| *n > 0.0)?;
             let rows = counts_table(
                 "where the workers' time went",
                 &split["workers"],
@@ -202,7 +204,9 @@ fn profile_figure(run: &Value, key: &str) -> Option<String> {
         }
         Some(("symbols", n)) => {
             let n: usize = n.parse().ok().filter(|n| *n > 0)?;
-            let workers = split["threads"]["podwire workers"].as_f64()?;
+            let workers = split["threads"]["podwire workers"]
+                .as_f64()
+                .filter(|n| *n > 0.0)?;
             let mut rows = counts_table(
                 "workers' userspace symbol",
                 &split["worker_symbols"],

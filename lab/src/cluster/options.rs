@@ -71,6 +71,8 @@ pub enum Refused {
     L2WithoutPodwireVxlan,
     #[error("--mode l2 does not combine with --services, --ip-masq or --store etcd yet")]
     L2With,
+    #[error("--forward-drop tests the kernel's FORWARD chain, which --mode l2's pods (on podwire's bridge) never pass")]
+    ForwardDropWithL2,
 }
 
 impl LabOptions {
@@ -106,6 +108,7 @@ impl LabOptions {
                 Refused::L2WithoutPodwireVxlan,
             ),
             (o.l2 && (o.services || o.ip_masq || o.etcd), Refused::L2With),
+            (o.l2 && o.forward_drop, Refused::ForwardDropWithL2),
         ];
         match refusals.into_iter().find(|(refused, _)| *refused) {
             Some((_, why)) => Err(why),
@@ -158,7 +161,7 @@ mod tests {
             backend: Backend::Vxlan,
             ..lab()
         };
-        let cases: [(LabOptions, LabOptions, Refused); 9] = [
+        let cases: [(LabOptions, LabOptions, Refused); 10] = [
             (LabOptions { nodes: 1, ..lab() }, lab(), Refused::Nodes),
             (
                 LabOptions {
@@ -254,6 +257,18 @@ mod tests {
                     ..vxlan()
                 },
                 Refused::L2With,
+            ),
+            (
+                LabOptions {
+                    l2: true,
+                    forward_drop: true,
+                    ..vxlan()
+                },
+                LabOptions {
+                    forward_drop: true,
+                    ..vxlan()
+                },
+                Refused::ForwardDropWithL2,
             ),
         ];
         for (refused, allowed, why) in cases {

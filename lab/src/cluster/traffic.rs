@@ -249,12 +249,13 @@ pub fn udp_echo(sock: UdpSocket, idle: Duration) -> Result<u32> {
     Ok(n_echoed)
 }
 
-/// Consecutive unanswered datagrams after which [`udp_ping`] stops: the path is down, and
-/// waiting out every datagram's timeout would only delay the failed check by minutes.
+/// Unanswered datagrams, with none answered before, after which [`udp_ping`] stops: the path
+/// is down, and waiting out every datagram's timeout would only delay the failed check by
+/// minutes. Once one was answered, every datagram is sent: the checks count the loss.
 const GIVE_UP_AFTER_MISSES: u32 = 10;
 
 /// Sends `count` numbered datagrams to `dst`, one at a time, and counts the echoes that match
-/// (stopping early after [`GIVE_UP_AFTER_MISSES`] unanswered in a row).
+/// (stopping early when the first [`GIVE_UP_AFTER_MISSES`] are all unanswered).
 pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -> Result<u32> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     sock.set_read_timeout(Some(timeout))?;
@@ -279,10 +280,9 @@ pub fn udp_ping(dst: SocketAddrV4, count: u32, size: usize, timeout: Duration) -
         }
         if answered {
             got += 1;
-            misses = 0;
         } else {
             misses += 1;
-            if misses == GIVE_UP_AFTER_MISSES {
+            if got == 0 && misses == GIVE_UP_AFTER_MISSES {
                 break;
             }
         }
