@@ -463,8 +463,11 @@ fn name(payload: &[u8]) -> Option<&str> {
     std::str::from_utf8(text).ok()
 }
 
+/// The table and chain a listed rule names, if it names them.
+type RuleOf<'a> = (Option<&'a str>, Option<&'a str>);
+
 /// A listed rule's handle and comment, from its attributes, and its table and chain.
-fn parse_listed(mut attrs: &[u8]) -> Result<(Listed, (Option<&str>, Option<&str>)), NftError> {
+fn parse_listed(mut attrs: &[u8]) -> Result<(Listed, RuleOf<'_>), NftError> {
     let mut handle = None;
     let mut comment = None;
     let (mut table, mut chain) = (None, None);
