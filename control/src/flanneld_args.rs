@@ -81,6 +81,16 @@ fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Refused> {
     Ok(())
 }
 
+/// A boolean flag's value as Go reads it: `-name` alone is true.
+fn go_bool_flag(name: &str, value: Option<&str>) -> Result<bool, Refused> {
+    value.map_or(Ok(true), |v| {
+        parse_go_bool(v).map_err(|why| Refused::BadValue {
+            flag: name.to_string(),
+            why,
+        })
+    })
+}
+
 /// Removes flanneld's variables that are set but empty: flanneld reads a `FLANNELD_*` variable
 /// only when it holds something, so `FLANNELD_IP_MASQ=` is no setting, where clap would
 /// refuse the empty value. Called first thing in `main`, before any thread starts.
@@ -146,24 +156,12 @@ pub fn rewrite(
             });
         }
         if ON_BY_DEFAULT.contains(&name) {
-            let on = match value {
-                None => true,
-                Some(v) => parse_go_bool(v).map_err(|why| Refused::BadValue {
-                    flag: name.to_string(),
-                    why,
-                })?,
-            };
+            let on = go_bool_flag(name, value)?;
             out.push(format!("--{name}={on}").into());
             continue;
         }
         if BOOL_FLAGS.contains(&name) {
-            let on = match value {
-                None => true,
-                Some(v) => parse_go_bool(v).map_err(|why| Refused::BadValue {
-                    flag: name.to_string(),
-                    why,
-                })?,
-            };
+            let on = go_bool_flag(name, value)?;
             if on {
                 out.push(format!("--{name}").into());
             }

@@ -71,57 +71,53 @@ fn ours(listed: &[Listed], network: Ipv4Net) -> Vec<u64> {
 /// rule deleted between the listing and the change fails the change as a missing chain does).
 const ATTEMPTS: usize = 3;
 
+/// Runs `attempt` on the handles of our rules as listed now, listing again (up to
+/// [`ATTEMPTS`] times) when the listing was interrupted or the chain changed before the change
+/// it made (a deleted rule fails a change as a missing chain does).
+fn on_fresh_listing<T>(
+    network: Ipv4Net,
+    mut attempt: impl FnMut(Vec<u64>) -> Result<T, NftError>,
+) -> Result<T, NftError> {
+    let mut tries = 1;
+    loop {
+        let result =
+            nft::list_rules(TABLE, CHAIN).and_then(|listed| attempt(ours(&listed, network)));
+        match result {
+            Err(e)
+                if tries < ATTEMPTS && (e.is_not_found() || matches!(e, NftError::Interrupted)) =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Makes the chain hold podwire's two rules for `network`. With `replace`, ours are replaced
 /// whatever is there (at start: a crashed run's); otherwise they are left alone when both are
 /// there.
 pub fn ensure(network: Ipv4Net, replace: bool) -> Result<Ensured, NftError> {
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        let mine = match nft::list_rules(TABLE, CHAIN) {
-            Ok(listed) => ours(&listed, network),
-            Err(e @ NftError::Interrupted) => {
-                last = Some(e);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+    on_fresh_listing(network, |mine| {
         if !replace && mine.len() == 2 {
             return Ok(Ensured::Present);
         }
         match nft::replace_rules(TABLE, CHAIN, &mine, &rules(network)) {
-            Ok(()) => return Ok(Ensured::Added),
-            // No chain, or one of our rules went between the listing and the change.
-            Err(e) if e.is_not_found() && mine.is_empty() => return Ok(Ensured::NoChain),
-            Err(e) if e.is_not_found() => last = Some(e),
-            Err(e) => return Err(e),
+            Ok(()) => Ok(Ensured::Added),
+            // With nothing to delete, only the chain can be missing.
+            Err(e) if e.is_not_found() && mine.is_empty() => Ok(Ensured::NoChain),
+            Err(e) => Err(e),
         }
-    }
-    Err(last.expect("an attempt failed"))
+    })
 }
 
 /// Deletes podwire's rules for `network` from the chain; how many there were.
 pub fn remove(network: Ipv4Net) -> Result<usize, NftError> {
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        let mine = match nft::list_rules(TABLE, CHAIN) {
-            Ok(listed) => ours(&listed, network),
-            Err(e @ NftError::Interrupted) => {
-                last = Some(e);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+    on_fresh_listing(network, |mine| {
         if mine.is_empty() {
             return Ok(0);
         }
-        match nft::replace_rules(TABLE, CHAIN, &mine, &[]) {
-            Ok(()) => return Ok(mine.len()),
-            // A rule went between the listing and the change: list again.
-            Err(e) if e.is_not_found() => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.expect("an attempt failed"))
+        nft::replace_rules(TABLE, CHAIN, &mine, &[]).map(|()| mine.len())
+    })
 }
 
 /// Whether iptables-legacy holds a filter table in this network namespace (its rules are not

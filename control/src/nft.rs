@@ -266,6 +266,42 @@ fn rule_attrs(table: &str, chain: &str, rule: &Rule) -> Vec<u8> {
     .concat()
 }
 
+/// An nfnetlink message's headers.
+struct Message {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+}
+
+impl Message {
+    /// Appends the message, its headers then `attrs`, to `out`.
+    fn write(&self, attrs: &[u8], out: &mut Vec<u8>) {
+        let len = 16 + 4 + attrs.len();
+        out.extend_from_slice(&(len as u32).to_ne_bytes());
+        out.extend_from_slice(&self.kind.to_ne_bytes());
+        out.extend_from_slice(&(NLM_F_REQUEST | self.flags).to_ne_bytes());
+        out.extend_from_slice(&self.seq.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        // nfgenmsg: family, version 0, resource id (big endian).
+        out.push(self.family);
+        out.push(0);
+        out.extend_from_slice(&self.res_id.to_be_bytes());
+        out.extend_from_slice(attrs);
+    }
+}
+
+/// A netlink socket to nf_tables, connected to the kernel.
+fn kernel_socket() -> Result<Socket, NftError> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
+    socket.bind_auto().map_err(NftError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(NftError::Socket)?;
+    Ok(socket)
+}
+
 /// A batch of nf_tables messages, sent as one transaction.
 struct Batch {
     messages: Vec<u8>,
@@ -284,18 +320,14 @@ impl Batch {
 
     fn push(&mut self, kind: u16, flags: u16, family: u8, res_id: u16, attrs: &[u8]) {
         self.seq += 1;
-        let len = 16 + 4 + attrs.len();
-        let m = &mut self.messages;
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        // nfgenmsg: family, version 0, resource id (big endian).
-        m.push(family);
-        m.push(0);
-        m.extend_from_slice(&res_id.to_be_bytes());
-        m.extend_from_slice(attrs);
+        let message = Message {
+            kind,
+            flags,
+            seq: self.seq,
+            family,
+            res_id,
+        };
+        message.write(attrs, &mut self.messages);
     }
 
     fn nft(&mut self, msg: u16, flags: u16, attrs: &[u8]) {
@@ -312,11 +344,7 @@ impl Batch {
     fn commit(mut self, what: &'static str) -> Result<(), NftError> {
         let last = self.seq;
         self.push(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES, &[]);
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
-        socket.bind_auto().map_err(NftError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(NftError::Socket)?;
+        let socket = kernel_socket()?;
         socket.send(&self.messages, 0).map_err(NftError::Socket)?;
         // One ACK per message that asked for one (those between begin and end), or an error.
         let mut acked = 1;
@@ -394,24 +422,19 @@ pub struct Listed {
 /// (the kernel's dump filters by name and finds nothing).
 pub fn list_rules(table: &str, chain: &str) -> Result<Vec<Listed>, NftError> {
     let mut request = Vec::new();
-    let attrs = [
+    let dump = Message {
+        kind: (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+        flags: NLM_F_DUMP,
+        seq: 1,
+        family: AF_INET,
+        res_id: 0,
+    };
+    let filter = [
         string(NFTA_RULE_TABLE, table),
         string(NFTA_RULE_CHAIN, chain),
-    ]
-    .concat();
-    let len = 16 + 4 + attrs.len();
-    request.extend_from_slice(&(len as u32).to_ne_bytes());
-    request.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE).to_ne_bytes());
-    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    request.extend_from_slice(&1u32.to_ne_bytes());
-    request.extend_from_slice(&0u32.to_ne_bytes());
-    request.extend_from_slice(&[AF_INET, 0, 0, 0]);
-    request.extend_from_slice(&attrs);
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
-    socket.bind_auto().map_err(NftError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(NftError::Socket)?;
+    ];
+    dump.write(&filter.concat(), &mut request);
+    let socket = kernel_socket()?;
     socket.send(&request, 0).map_err(NftError::Socket)?;
     let mut rules = Vec::new();
     // The rule set changed during the dump: the listing may miss or repeat rules.
