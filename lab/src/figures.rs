@@ -20,7 +20,8 @@
 //! profile run file (`podwire-lab profile --out`): `threads` (samples by thread, share of all),
 //! `split` (the workers' samples by where they entered the kernel, share of the workers' and of
 //! all), `symbols/N` (the workers' N most sampled userspace symbols), `tcp` (the stream's rate
-//! while profiled), `source`.
+//! while profiled), `syscalls` (the machine's system calls by family, per second and per MB
+//! moved), `source`.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -202,6 +203,7 @@ fn profile_figure(run: &Value, key: &str) -> Option<String> {
             )?;
             Some(markdown(&rows))
         }
+        None if key == "syscalls" => syscalls_table(run).map(|rows| markdown(&rows)),
         Some(("symbols", n)) => {
             let n: usize = n.parse().ok().filter(|n| *n > 0)?;
             let workers = split["threads"]["podwire workers"]
@@ -220,6 +222,37 @@ fn profile_figure(run: &Value, key: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// A profile's system calls on the whole machine by family, most first: per second, and per
+/// megabyte the stream moved. Families never called are left out.
+fn syscalls_table(run: &Value) -> Option<Table> {
+    let seconds = run["seconds"].as_f64().filter(|s| *s > 0.0)?;
+    let mb_per_s = run["tcp_mbps"].as_f64().filter(|r| *r > 0.0)? / 8.0;
+    let mut entries: Vec<(&String, f64)> = run["syscalls"]
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k, v.as_f64()?)))
+        .collect::<Option<_>>()?;
+    entries.retain(|(_, n)| *n > 0.0);
+    if entries.is_empty() {
+        return None;
+    }
+    entries.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let mut rows = vec![vec![
+        cell("system calls, whole machine"),
+        cell("per second"),
+        cell("per MB moved"),
+    ]];
+    for (name, n) in entries {
+        let per_s = n / seconds;
+        rows.push(vec![
+            cell(name.as_str()),
+            cell(format!("{per_s:.0}")),
+            cell(format!("{:.1}", per_s / mb_per_s)),
+        ]);
+    }
+    Some(rows)
 }
 
 /// A table of the counts in `counts` (name -> samples), most first, with each count's share
@@ -647,6 +680,14 @@ mod tests {
         assert!(!symbols.contains("x"), "only the top 2: {symbols}");
         assert!(fig("tcp").unwrap().starts_with("3964 Mbit/s"));
         assert!(fig("threads").unwrap().contains("| idle | 100 | 50.0% |"));
+        run["seconds"] = json!(2);
+        run["tcp_mbps"] = json!(8000.0);
+        run["syscalls"] = json!({"all": 4000, "read": 1000, "sendto": 0});
+        std::fs::write(root.join("docs/bench/p.json"), run.to_string()).unwrap();
+        let calls = fig("syscalls").unwrap();
+        assert!(calls.contains("| all | 2000 | 2.0 |"), "{calls}");
+        assert!(calls.contains("| read | 500 | 0.5 |"), "{calls}");
+        assert!(!calls.contains("sendto"), "never called: {calls}");
         // A profile without worker samples (the kernel's) has no split; N must be a count.
         run["split"]["workers"] = json!({});
         std::fs::write(root.join("docs/bench/p.json"), run.to_string()).unwrap();

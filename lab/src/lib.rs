@@ -14,4 +14,5 @@ pub mod daemon_binary;
 pub mod etcd_server;
 pub mod figures;
 pub mod perf_split;
+pub mod perf_syscalls;
 pub mod run_record;
