@@ -1,7 +1,11 @@
 //! The internet checksum (RFC 1071) and its incremental update (RFC 1624).
 //!
-//! `sum` folds 32-bit big-endian words into a 64-bit accumulator: no carry handling inside the
-//! loop, so the compiler unrolls and vectorises it; the carries are folded once at the end.
+//! `accumulate` adds 32-bit words into 64-bit lanes: no carry handling inside the loop, so the
+//! compiler unrolls and vectorises it; the carries are folded once at the end. The words are
+//! read in the machine's (little-endian) order and the folded sum byte-swapped once: the
+//! ones'-complement sum of byte-swapped words is the byte-swapped sum (RFC 1071, 2.B), and
+//! loading words as they lie lets the compiler vectorise without a shuffle per word (twice as
+//! fast on x86-64's baseline SSE2 as big-endian loads).
 
 use core::net::Ipv4Addr;
 
@@ -11,17 +15,33 @@ pub fn sum(data: &[u8]) -> u16 {
     fold(accumulate(0, data))
 }
 
-/// Adds `data` to a running 64-bit accumulator (call `fold` at the end).
+/// Independent accumulators in the main loop: enough to fill a vector register, so additions
+/// do not wait on each other.
+const LANES: usize = 8;
+
+/// Adds `data` to a running 64-bit accumulator (call `fold` at the end). `data` starts at an
+/// even offset of the summed message; an odd length is padded with a zero byte.
 #[inline]
-pub fn accumulate(mut acc: u64, data: &[u8]) -> u64 {
-    let mut words = data.chunks_exact(4);
+pub fn accumulate(acc: u64, data: &[u8]) -> u64 {
+    let mut lanes = [0u64; LANES];
+    let mut blocks = data.chunks_exact(4 * LANES);
+    for b in &mut blocks {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = &b[4 * i..4 * i + 4];
+            *lane += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        }
+    }
+    // 2^32 words of at most 2^32 - 1 per lane before a lane could overflow: far past any packet.
+    let mut le: u64 = lanes.iter().sum();
+    let mut words = blocks.remainder().chunks_exact(4);
     for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+        le += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
     }
     let rest = words.remainder();
     let mut tail = [0u8; 4];
     tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
+    le += u64::from(u32::from_le_bytes(tail));
+    acc + u64::from(fold(le).swap_bytes())
 }
 
 /// Folds a 64-bit accumulator into a 16-bit ones'-complement sum.
@@ -124,6 +144,43 @@ mod tests {
         let inc = update32(u16::from_be_bytes([hdr[10], hdr[11]]), old, new);
         hdr[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(inc, checksum(&hdr));
+    }
+
+    /// RFC 1071 as written: 16-bit big-endian words, carries folded as they come.
+    fn reference_sum(acc: u64, data: &[u8]) -> u16 {
+        let mut s = fold(acc) as u32;
+        for pair in data.chunks(2) {
+            let word = u32::from(pair[0]) << 8 | u32::from(pair.get(1).copied().unwrap_or(0));
+            s += word;
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    }
+
+    #[test]
+    fn test_sum_matches_rfc1071_reference() {
+        // Every length up to past two vector blocks, seeds that carry, bytes that carry.
+        let mut x = 0x9e37_79b9u32;
+        let data: Vec<u8> = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        for len in (0..300).chain([1399, 1400, 1421, 1999]) {
+            for seed in [0u64, 7, 0xffff, 0x1_2345_6789] {
+                let d = &data[..len];
+                assert_eq!(
+                    fold(accumulate(seed, d)),
+                    reference_sum(seed, d),
+                    "len {len} seed {seed}"
+                );
+            }
+        }
+        let ones = [0xffu8; 1000];
+        assert_eq!(sum(&ones), reference_sum(0, &ones));
     }
 
     #[test]
