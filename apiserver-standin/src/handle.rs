@@ -235,9 +235,9 @@ impl Handle {
     pub fn apply_seed(&self, objects: Vec<SeedObject>) -> Result<(), ApiError> {
         for object in objects {
             match object {
-                SeedObject::Node(node) => drop(self.apply_node(node)?),
-                SeedObject::Service(service) => drop(self.apply_service(service)?),
-                SeedObject::EndpointSlice(slice) => drop(self.apply_endpoint_slice(slice)?),
+                SeedObject::Node(node) => drop(self.apply_node(*node)?),
+                SeedObject::Service(service) => drop(self.apply_service(*service)?),
+                SeedObject::EndpointSlice(slice) => drop(self.apply_endpoint_slice(*slice)?),
             }
         }
         Ok(())

@@ -25,9 +25,9 @@ pub enum SeedError {
 /// One seed object.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SeedObject {
-    Node(Node),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
+    Node(Box<Node>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 /// Reads a seed list.
@@ -57,13 +57,13 @@ fn parse_item(index: usize, item: &Value) -> Result<SeedObject, SeedError> {
     };
     match kind.as_str() {
         "Node" => serde_json::from_value(item.clone())
-            .map(SeedObject::Node)
+            .map(|node| SeedObject::Node(Box::new(node)))
             .map_err(wrap),
         "Service" => serde_json::from_value(item.clone())
-            .map(SeedObject::Service)
+            .map(|service| SeedObject::Service(Box::new(service)))
             .map_err(wrap),
         "EndpointSlice" => serde_json::from_value(item.clone())
-            .map(SeedObject::EndpointSlice)
+            .map(|slice| SeedObject::EndpointSlice(Box::new(slice)))
             .map_err(wrap),
         _ => Err(SeedError::UnknownKind { index, kind }),
     }

@@ -265,11 +265,12 @@ async fn watcher_relists_after_410_and_converges() {
         view.names() == set(&["n2", "n3"]) && view.objects["n2"].contains_key("changed")
     })
     .await;
-    let seen = view.lock().unwrap();
-    assert!(seen.expired >= 1 && seen.inits == 2, "{seen:?}");
-    assert!(standin.watches_expired() >= 1);
-    assert_eq!(standin.requests(Verb::List, KindTag::Nodes), 2);
-    drop(seen);
+    {
+        let seen = view.lock().unwrap();
+        assert!(seen.expired >= 1 && seen.inits == 2, "{seen:?}");
+        assert!(standin.watches_expired() >= 1);
+        assert_eq!(standin.requests(Verb::List, KindTag::Nodes), 2);
+    }
     // And it keeps following.
     standin.apply_node(node("n4", &[])).unwrap();
     wait_for(&view, "n4 after the relist", |view| {
