@@ -5,9 +5,21 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use common::{call, Req, READER};
+
+/// The server process, killed if the test fails before it is stopped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 #[test]
 fn serves_a_seed_until_sigterm() {
@@ -19,7 +31,7 @@ fn serves_a_seed_until_sigterm() {
         {"kind":"Service","apiVersion":"v1","metadata":{"name":"dns","namespace":"kube-system"}}
     ]}"#;
     std::fs::write(&seed, objects).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_podwire-apiserver-standin"))
+    let child = Command::new(env!("CARGO_BIN_EXE_podwire-apiserver-standin"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -33,7 +45,8 @@ fn serves_a_seed_until_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut server = Server(child);
+    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     let url = line
@@ -64,12 +77,12 @@ fn serves_a_seed_until_sigterm() {
     );
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     line.clear();
     stderr.read_line(&mut line).unwrap();
     assert!(line.contains("stopping"), "{line:?}");
-    assert!(child.wait().unwrap().success());
+    assert!(server.0.wait().unwrap().success());
 }
