@@ -308,3 +308,93 @@ async fn watcher_recovers_after_a_restart() {
     // The history was kept: the watcher resumed without relisting.
     assert_eq!(view.lock().unwrap().inits, 1);
 }
+
+#[tokio::test]
+async fn services_and_endpointslices_through_kube() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{DeleteParams, PostParams};
+
+    let standin = start(Default::default());
+    standin
+        .apply_service(common::service(
+            "default",
+            "headless",
+            &[("service.kubernetes.io/headless", "")],
+        ))
+        .unwrap();
+    let client = client(&standin, ADMIN).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = services
+        .create(
+            &PostParams::default(),
+            &common::service("default", "web", &[("app", "web")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    let mut replaced = created.clone();
+    replaced.spec = Some(serde_json::from_value(json!({"clusterIP": "10.96.0.10"})).unwrap());
+    let replaced = services
+        .replace("web", &PostParams::default(), &replaced)
+        .await
+        .unwrap();
+    assert_eq!(
+        standin
+            .service("default", "web")
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .as_deref(),
+        Some("10.96.0.10")
+    );
+    let stale = services
+        .replace("web", &PostParams::default(), &created)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, kube::Error::Api(ref status) if status.code == 409),
+        "{stale:?}"
+    );
+
+    let kube_proxy = ListParams::default()
+        .labels("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless");
+    let all: Api<Service> = Api::all(client.clone());
+    let listed = all.list(&kube_proxy).await.unwrap();
+    assert_eq!(
+        listed
+            .items
+            .iter()
+            .filter_map(|service| service.metadata.name.clone())
+            .collect::<Vec<_>>(),
+        ["web"]
+    );
+
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.1.5"]}],
+    }))
+    .unwrap();
+    standin.apply_endpoint_slice(slice).unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let by_service = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .unwrap();
+    assert_eq!(by_service.items.len(), 1);
+    assert_eq!(
+        by_service.items[0].endpoints.as_ref().unwrap()[0].addresses,
+        ["10.244.1.5"]
+    );
+
+    let deleted = services
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(deleted.left().is_some_and(
+        |service| service.metadata.resource_version != replaced.metadata.resource_version
+    ));
+    assert!(standin.service("default", "web").is_none());
+}
