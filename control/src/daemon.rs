@@ -19,6 +19,7 @@ use podwire::config::{BackendConfig, NetworkConfig};
 use podwire::ctl::{self, CtlState};
 use podwire::etcd::{EtcdOptions, EtcdStore};
 use podwire::health::{self, Health};
+use podwire::kube_store::{KubeOptions, KubeStore};
 use podwire::lease::LeaseAttrs;
 use podwire::masq;
 use podwire::netdev;
@@ -56,6 +57,8 @@ pub enum StoreSpec {
     /// `file:PATH`, the embedded read-only store.
     File(String),
     Etcd(EtcdOptions),
+    /// `--kube-subnet-mgr`: Node podCIDRs and annotations.
+    Kube(KubeOptions),
 }
 
 /// Everything `podwire run` is told.
@@ -146,6 +149,7 @@ fn open_store(spec: &StoreSpec) -> Result<Box<dyn Store>> {
             store::open(s)?
         }
         StoreSpec::Etcd(o) => Box::new(EtcdStore::new(o.clone())?),
+        StoreSpec::Kube(o) => Box::new(KubeStore::new(o.clone())?),
     })
 }
 
@@ -717,7 +721,8 @@ fn start_health(opts: &RunOptions) -> Result<Arc<Health>> {
 fn join(opts: &RunOptions, shutdown: &AtomicBool, health: &Health) -> Result<Option<Joined>> {
     let lease_ttl = match &opts.store {
         StoreSpec::Etcd(o) => o.lease_ttl,
-        StoreSpec::File(_) => Duration::MAX,
+        // Node annotations do not expire.
+        StoreSpec::File(_) | StoreSpec::Kube(_) => Duration::MAX,
     };
     // The interface is the node's own: a missing one fails now, not after the store answers.
     let iface = netdev::resolve_first_iface(&opts.iface)?;

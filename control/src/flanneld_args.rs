@@ -10,28 +10,12 @@ use clap::ValueEnum;
 use std::ffi::OsString;
 
 /// Boolean flags of `podwire run` (Go lets them take `=true` / `=false`).
-const BOOL_FLAGS: &[&str] = &["ip-masq", "no-pin", "exit-with-parent"];
+const BOOL_FLAGS: &[&str] = &["ip-masq", "no-pin", "exit-with-parent", "kube-subnet-mgr"];
 /// Boolean flags that are on unless turned off: their value is passed on, as clap's `=BOOL`.
 const ON_BY_DEFAULT: &[&str] = &["iptables-forward-rules"];
 
 /// flanneld flags podwire does not implement, and why.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    (
-        "kube-subnet-mgr",
-        "podwire reads leases from etcd (or a file), not from the Kubernetes API",
-    ),
-    (
-        "kube-api-url",
-        "podwire does not talk to the Kubernetes API",
-    ),
-    (
-        "kubeconfig-file",
-        "podwire does not talk to the Kubernetes API",
-    ),
-    (
-        "kube-annotation-prefix",
-        "podwire does not talk to the Kubernetes API",
-    ),
     ("iface-regex", "give --iface a name or an address"),
     ("iface-can-reach", "give --iface a name or an address"),
     ("public-ipv6", "podwire's pod network is IPv4 only"),
@@ -43,10 +27,6 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
         "iptables-resync",
         "podwire checks its FORWARD accept rules every 5 s (flanneld's default) and keeps its \
          masquerade rules in an nftables table of its own",
-    ),
-    (
-        "net-config-path",
-        "the network config is read from the store",
     ),
 ];
 
@@ -255,30 +235,30 @@ mod tests {
         };
         let e = rewrite(
             strs(&["podwire", "run"]),
-            env("FLANNELD_KUBE_SUBNET_MGR", "true"),
+            env("FLANNELD_IFACE_REGEX", "eth.*"),
         )
         .unwrap_err();
         assert_eq!(
             e,
             Refused::UnsupportedEnv {
-                var: "FLANNELD_KUBE_SUBNET_MGR".into(),
+                var: "FLANNELD_IFACE_REGEX".into(),
                 why: NOT_IMPLEMENTED[0].1
             }
         );
         assert!(rewrite(
             strs(&["podwire", "run"]),
-            env("FLANNELD_KUBE_SUBNET_MGR", "false")
+            env("FLANNELD_KUBE_SUBNET_MGR", "true")
         )
         .is_ok());
         assert!(rewrite(
             strs(&["podwire", "run"]),
-            env("FLANNELD_KUBE_API_URL", "https://k")
+            env("FLANNELD_PUBLIC_IPV6", "fd00::1")
         )
         .is_err());
         // Only `run` reads flanneld's environment.
         assert!(rewrite(
             strs(&["podwire", "ctl", "stats"]),
-            env("FLANNELD_KUBE_SUBNET_MGR", "1")
+            env("FLANNELD_IFACE_REGEX", "x")
         )
         .is_ok());
     }
@@ -321,8 +301,24 @@ mod tests {
 
     #[test]
     fn test_unimplemented_flanneld_flags_are_named() {
-        let e = rewrite_no_env(strs(&["podwire", "run", "-kube-subnet-mgr"])).unwrap_err();
-        assert!(matches!(&e, Refused::Unsupported { flag, .. } if flag == "kube-subnet-mgr"));
+        let e = rewrite_no_env(strs(&["podwire", "run", "-iface-regex=eth.*"])).unwrap_err();
+        assert!(matches!(&e, Refused::Unsupported { flag, .. } if flag == "iface-regex"));
         assert!(e.to_string().contains("not supported by podwire"));
+        // kube-subnet-mgr is a Go boolean flag like the others.
+        assert_eq!(
+            rewrite_no_env(strs(&[
+                "podwire",
+                "run",
+                "-kube-subnet-mgr",
+                "-kube-api-url=http://k"
+            ]))
+            .unwrap(),
+            strs(&[
+                "podwire",
+                "run",
+                "--kube-subnet-mgr",
+                "--kube-api-url=http://k"
+            ])
+        );
     }
 }

@@ -113,6 +113,8 @@ pub enum RunArgsError {
     ServicesSpec(String),
     #[error("--store {0}: expected file:PATH")]
     StoreSpec(String),
+    #[error("--kube-subnet-mgr needs this node's Node name: set NODE_NAME (the downward API's spec.nodeName) or --node-name")]
+    NoNodeName,
     #[error("--etcd-certfile and --etcd-keyfile go together: give both or neither")]
     HalfClientCert,
     #[error("an etcd password needs --etcd-username")]
@@ -193,6 +195,30 @@ pub struct RunArgs {
     /// ...}}), re-read on change. Every node's lease must be in it.
     #[arg(help_heading = HEADING_STORE, long)]
     pub store: Option<String>,
+    /// The Kubernetes API as the cluster store, as flanneld's -kube-subnet-mgr: this node's
+    /// subnet is its Node's podCIDR, its lease is published as Node annotations, every
+    /// annotated Node is a peer, and net-conf.json is read from --net-config-path.
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_KUBE_SUBNET_MGR", value_parser = parse_go_bool,
+          conflicts_with = "store")]
+    pub kube_subnet_mgr: bool,
+    /// With --kube-subnet-mgr: the API server's URL (overrides the kubeconfig's, or the
+    /// in-cluster one).
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_KUBE_API_URL", requires = "kube_subnet_mgr")]
+    pub kube_api_url: Option<String>,
+    /// With --kube-subnet-mgr: a kubeconfig file (default: the pod's service account).
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_KUBECONFIG_FILE", requires = "kube_subnet_mgr")]
+    pub kubeconfig_file: Option<PathBuf>,
+    /// With --kube-subnet-mgr: the prefix of the Node annotations the lease is written to.
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+          default_value = podwire::kube_store::DEFAULT_ANNOTATION_PREFIX)]
+    pub kube_annotation_prefix: String,
+    /// With --kube-subnet-mgr: where net-conf.json is (the kube-flannel ConfigMap's mount).
+    #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_NET_CONFIG_PATH",
+          default_value = podwire::kube_store::DEFAULT_NET_CONF)]
+    pub net_config_path: PathBuf,
+    /// With --kube-subnet-mgr: this node's Node name (set by the downward API, as for flanneld).
+    #[arg(help_heading = HEADING_STORE, long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// etcd endpoints, comma-separated (flannel's schema, v3 API).
     #[arg(help_heading = HEADING_STORE, long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = podwire::etcd::DEFAULT_ENDPOINTS)]
     pub etcd_endpoints: String,
@@ -555,8 +581,17 @@ impl RunArgs {
         Ok(())
     }
 
-    /// The file store, or etcd with its connection settings.
+    /// The file store, the Kubernetes API, or etcd with its connection settings.
     fn store_spec(&self) -> Result<daemon::StoreSpec, RunArgsError> {
+        if self.kube_subnet_mgr {
+            return Ok(daemon::StoreSpec::Kube(podwire::kube_store::KubeOptions {
+                api_url: self.kube_api_url.clone(),
+                kubeconfig: self.kubeconfig_file.clone(),
+                annotation_prefix: self.kube_annotation_prefix.clone(),
+                node_name: self.node_name.clone().ok_or(RunArgsError::NoNodeName)?,
+                net_conf: self.net_config_path.clone(),
+            }));
+        }
         if let Some(spec) = &self.store {
             if file_path(spec).is_none() {
                 return Err(RunArgsError::StoreSpec(spec.clone()));
@@ -644,6 +679,39 @@ mod tests {
             Cmd::Run(a) => *a,
             _ => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn test_kube_subnet_mgr_selects_the_kubernetes_api() {
+        let a = run_args(&[
+            "podwire",
+            "run",
+            "-kube-subnet-mgr",
+            "--node-name",
+            "n1",
+            "--kubeconfig-file",
+            "/k",
+        ]);
+        match a.store_spec().unwrap() {
+            daemon::StoreSpec::Kube(o) => {
+                assert_eq!(o.node_name, "n1");
+                assert_eq!(o.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+                assert_eq!(o.annotation_prefix, "flannel.alpha.coreos.com");
+                assert_eq!(o.net_conf.to_str(), Some("/etc/kube-flannel/net-conf.json"));
+            }
+            other => panic!("{other:?}"),
+        }
+        if std::env::var_os("NODE_NAME").is_none() {
+            let no_name = run_args(&["podwire", "run", "--kube-subnet-mgr"]);
+            assert!(matches!(
+                no_name.store_spec(),
+                Err(RunArgsError::NoNodeName)
+            ));
+        }
+        // The kube flags need --kube-subnet-mgr; it excludes the file store.
+        let cli = |args: &[&str]| Cli::try_parse_from(args.iter().copied()).map(|_| ());
+        assert!(cli(&["podwire", "run", "--kube-api-url", "http://k"]).is_err());
+        assert!(cli(&["podwire", "run", "--kube-subnet-mgr", "--store", "file:/x"]).is_err());
     }
 
     #[test]

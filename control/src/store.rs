@@ -57,6 +57,9 @@ pub enum StoreError {
         endpoints: String,
         retry_in: Duration,
     },
+    /// The Kubernetes API (`--kube-subnet-mgr`): the request and what went wrong, one line.
+    #[error("kube: {0}")]
+    Kube(String),
     #[error("etcd TLS file {path}: {source}")]
     TlsFile {
         path: PathBuf,

@@ -89,7 +89,7 @@ impl EventLoop {
             }
             rounds = rounds.wrapping_add(1);
             let sleeping = idle && spun_out;
-            if sleeping || rounds % KERNEL_SAMPLE_ROUNDS == 0 {
+            if sleeping || rounds.is_multiple_of(KERNEL_SAMPLE_ROUNDS) {
                 mode.sample_kernel(now, &mut local);
             }
             let wait = if sleeping {
