@@ -137,9 +137,12 @@ struct LabArgs {
     /// Keep the lab's directory (cluster file, logs, stats) under /tmp.
     #[arg(long)]
     keep_logs: bool,
-    /// Cluster store: `file` (one JSON file every node reads) or `etcd` (a real etcd the lab
+    /// Cluster store: `file` (one JSON file every node reads), `etcd` (a real etcd the lab
     /// starts on the underlay; nodes take their leases from it, and the lab adds checks of
-    /// lease retake, node leave/rejoin and an etcd outage under traffic).
+    /// lease retake, node leave/rejoin and an etcd outage under traffic) or `kube` (nodes run
+    /// --kube-subnet-mgr against the lab's Kubernetes API server stand-in: Node podCIDRs and
+    /// flanneld's annotations, with checks of the annotations, an API server restart under
+    /// traffic and an expired watch).
     #[arg(long, value_enum, default_value_t = Store::File)]
     store: Store,
     /// With `--store etcd`: leases of absent nodes written before the nodes start (the network
@@ -217,6 +220,9 @@ enum Store {
     // A real etcd the lab starts on the underlay.
     #[value(name = "etcd")]
     Etcd,
+    // The Kubernetes API (`--kube-subnet-mgr`), served by the API server stand-in.
+    #[value(name = "kube")]
+    Kube,
 }
 
 /// A podwire feature on or off.
@@ -263,6 +269,7 @@ impl LabArgs {
             capture: self.capture,
             keep_logs: self.keep_logs,
             etcd: self.store == Store::Etcd,
+            kube: self.store == Store::Kube,
             extra_leases: self.extra_leases,
             vxlan_tx: self.vxlan_tx,
             services: self.services,
@@ -401,6 +408,8 @@ mod tests {
         assert!(lab(&["--peer-queues", "on"]).unwrap().peer_queues);
         assert!(lab(&["--store", "etcd"]).unwrap().etcd);
         assert!(!lab(&["--store", "file"]).unwrap().etcd);
+        let kube = lab(&["--store", "kube"]).unwrap();
+        assert!(kube.kube && !kube.etcd);
         assert!(lab(&["--mode", "l2", "--backend", "vxlan"]).unwrap().l2);
         assert!(!lab(&["--mode", "l3"]).unwrap().l2);
         for bad in [

@@ -177,7 +177,7 @@ pub fn metric(names: &Names, i: usize, name: &'static str) -> Option<f64> {
 }
 
 /// Polls `probe` for up to `limit` until it returns true.
-fn within(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
+pub(super) fn within(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if probe() {
@@ -188,7 +188,7 @@ fn within(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
     false
 }
 
-fn ping_once(names: &Names, from: usize, to: usize) -> bool {
+pub(super) fn ping_once(names: &Names, from: usize, to: usize) -> bool {
     netns::run_in(&names.ns(&format!("p{from}")), move || {
         traffic::ping(pod_ip(to), 1, 64, Duration::from_millis(300))
     })

@@ -18,6 +18,7 @@ mod ctl_check;
 mod etcd_lab;
 mod fairness;
 mod icmp_forge;
+mod kube_lab;
 mod l2_lab;
 mod lifecycle;
 mod netns;
@@ -77,6 +78,8 @@ pub struct LabOptions {
     pub keep_logs: bool,
     /// Join through a real etcd the lab starts (flannel's keyspace) instead of a cluster file.
     pub etcd: bool,
+    /// Join through the Kubernetes API (`--kube-subnet-mgr`), served by the stand-in.
+    pub kube: bool,
     /// With etcd: leases of absent nodes written before the nodes start (the network grows to
     /// 10.0.0.0/8 to hold them), to load the map.
     pub extra_leases: usize,
@@ -202,6 +205,8 @@ struct Resources {
     children: Vec<(String, Child)>,
     /// The lab's etcd (`--store etcd`), stopped before the namespaces go.
     etcd: Option<crate::etcd_server::EtcdServer>,
+    /// The lab's API server stand-in (`--store kube`), stopped before the namespaces go.
+    kube: Option<podwire_apiserver_standin::Handle>,
     keep_dir: bool,
 }
 
@@ -310,6 +315,7 @@ impl Resources {
     fn teardown(&mut self) {
         let _ = self.stop_children();
         self.etcd = None;
+        self.kube = None;
         for ns in self.namespaces.drain(..).rev() {
             for pid in netns::pids(&ns) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -509,6 +515,7 @@ fn with_lab<T>(
         namespaces: Vec::new(),
         children: Vec::new(),
         etcd: None,
+        kube: None,
         keep_dir: opts.keep_logs,
     }));
     *ACTIVE
@@ -558,6 +565,9 @@ fn set_up(
         figures.insert("extra_leases".into(), json!(opts.extra_leases));
         figures.insert("etcd_ready_ms".into(), json!(ms(f.etcd_ready)));
         figures.insert("preload_ms".into(), json!(ms(f.preload)));
+    }
+    if opts.kube {
+        kube_lab::start(&mut r, opts).context("starting the lab's Kubernetes API")?;
     }
     start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
     if opts.services {

@@ -20,10 +20,19 @@ pub(super) fn spawn_node(
     cmd.args(["netns", "exec", &res.ns(&format!("n{i}"))])
         .arg(exe)
         .arg("run");
-    if opts.etcd {
-        cmd.args(["--etcd-endpoints", &etcd_lab::endpoint()])
-            .args(["--healthz-ip", &underlay_ip(i).to_string()])
+    if opts.etcd || opts.kube {
+        cmd.args(["--healthz-ip", &underlay_ip(i).to_string()])
             .args(["--healthz-port", &etcd_lab::HEALTHZ_PORT.to_string()]);
+    }
+    if opts.etcd {
+        cmd.args(["--etcd-endpoints", &etcd_lab::endpoint()]);
+    } else if opts.kube {
+        cmd.arg("--kube-subnet-mgr")
+            .args(["--node-name", &format!("n{i}")])
+            .arg("--kubeconfig-file")
+            .arg(kube_lab::kubeconfig(&res.names))
+            .arg("--net-config-path")
+            .arg(kube_lab::net_conf(&res.names));
     } else {
         cmd.args([
             "--store",
@@ -93,7 +102,7 @@ pub(super) fn spawn_node(
     Ok(())
 }
 
-/// Waits until node `i` is ready (subnet.env written; with etcd, /readyz answering 200), then
+/// Waits until node `i` is ready (subnet.env written; with etcd or kube, /readyz answering 200), then
 /// gives its pod interface FLANNEL_MTU, as the flannel CNI plugin does.
 pub(super) fn wait_node_ready(res: &mut Resources, opts: &LabOptions, i: usize) -> Result<()> {
     let dir = res.names.dir.clone();
@@ -101,7 +110,7 @@ pub(super) fn wait_node_ready(res: &mut Resources, opts: &LabOptions, i: usize) 
     let deadline = Instant::now() + Duration::from_secs(20);
     let names = res.names.clone();
     loop {
-        let ready = if opts.etcd {
+        let ready = if opts.etcd || opts.kube {
             etcd_lab::ready(&names, i)
         } else {
             env.exists()

@@ -69,8 +69,10 @@ pub enum Refused {
     TooManyExtraLeases,
     #[error("--mode l2 goes with --backend vxlan (podwire on every node, no DirectRouting)")]
     L2WithoutPodwireVxlan,
-    #[error("--mode l2 does not combine with --services, --ip-masq or --store etcd yet")]
+    #[error("--mode l2 does not combine with --services, --ip-masq or --store etcd or kube yet")]
     L2With,
+    #[error("--store kube carries no services yet (podwire does not read Services and EndpointSlices), and leaves no room for --extra-leases")]
+    KubeWith,
     #[error("--forward-drop tests the kernel's FORWARD chain, which --mode l2's pods (on podwire's bridge) never pass")]
     ForwardDropWithL2,
 }
@@ -107,7 +109,14 @@ impl LabOptions {
                 o.l2 && (o.backend != Backend::Vxlan || o.peer_kernel || o.direct_routing),
                 Refused::L2WithoutPodwireVxlan,
             ),
-            (o.l2 && (o.services || o.ip_masq || o.etcd), Refused::L2With),
+            (
+                o.l2 && (o.services || o.ip_masq || o.etcd || o.kube),
+                Refused::L2With,
+            ),
+            (
+                o.kube && (o.services || o.extra_leases > 0),
+                Refused::KubeWith,
+            ),
             (o.l2 && o.forward_drop, Refused::ForwardDropWithL2),
         ];
         match refusals.into_iter().find(|(refused, _)| *refused) {
@@ -137,6 +146,7 @@ mod tests {
             capture: None,
             keep_logs: false,
             etcd: false,
+            kube: false,
             extra_leases: 0,
             vxlan_tx: VxlanTx::Socket,
             services: false,
@@ -161,7 +171,7 @@ mod tests {
             backend: Backend::Vxlan,
             ..lab()
         };
-        let cases: [(LabOptions, LabOptions, Refused); 10] = [
+        let cases: [(LabOptions, LabOptions, Refused); 11] = [
             (LabOptions { nodes: 1, ..lab() }, lab(), Refused::Nodes),
             (
                 LabOptions {
@@ -237,6 +247,20 @@ mod tests {
                     ..lab()
                 },
                 Refused::TooManyExtraLeases,
+            ),
+            (
+                LabOptions {
+                    kube: true,
+                    services: true,
+                    nodes: 3,
+                    ..lab()
+                },
+                LabOptions {
+                    kube: true,
+                    nodes: 3,
+                    ..lab()
+                },
+                Refused::KubeWith,
             ),
             (
                 LabOptions { l2: true, ..lab() },

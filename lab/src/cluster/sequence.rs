@@ -232,6 +232,9 @@ fn live_node_checks(
     if opts.etcd {
         checks.extend(etcd_checks(res, r, opts, exe, figures)?);
         daemons_alive(res)?;
+    } else if opts.kube {
+        checks.extend(kube_checks(res, r, opts)?);
+        daemons_alive(res)?;
     } else {
         checks.push(map_reload_check(r, opts)?);
         daemons_alive(res)?;
@@ -390,6 +393,23 @@ pub(super) fn services_source(
     } else {
         services_lab::Source::File
     }
+}
+
+/// What only a live Kubernetes API can show (see `kube_lab`).
+fn kube_checks(res: &Arc<Mutex<Resources>>, r: &Names, opts: &LabOptions) -> Result<Vec<Check>> {
+    let mut checks = vec![
+        kube_lab::annotations_check(res, opts)?,
+        etcd_lab::map_size_check(r, opts.nodes),
+    ];
+    let to = opts
+        .podwire_nodes()
+        .into_iter()
+        .chain(1..=opts.nodes)
+        .find(|&i| i != 1)
+        .expect("two nodes at least");
+    checks.push(kube_lab::restart_check(res, r, opts, to)?);
+    checks.push(kube_lab::expired_watch_check(res, r, opts, to)?);
+    Ok(checks)
 }
 
 /// What only a live etcd can show (see `etcd_lab`), plus the PUT-to-live latency figures.

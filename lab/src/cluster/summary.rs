@@ -56,7 +56,7 @@ pub(super) fn write_json(
         "nodes": opts.nodes,
         "backend": opts.backend.to_string(),
         "transfer_mb": opts.transfer_mb,
-        "store": if opts.etcd { "etcd" } else { "file" },
+        "store": if opts.etcd { "etcd" } else if opts.kube { "kube" } else { "file" },
         "figures": figures,
         "pairs": pairs.iter().map(|p| json!({
             "from": p.from, "to": p.to,

@@ -126,17 +126,15 @@ fn add_namespaces(res: &mut Resources, opts: &LabOptions) -> Result<String> {
     }
     netns::ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
     netns::ip_in(&u, &["link", "set", "br0", "up"])?;
-    if opts.etcd {
-        netns::ip_in(
-            &u,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", etcd_lab::ETCD_IP),
-                "dev",
-                "br0",
-            ],
-        )?;
+    let server = if opts.etcd {
+        Some(etcd_lab::ETCD_IP)
+    } else if opts.kube {
+        Some(kube_lab::API_IP)
+    } else {
+        None
+    };
+    if let Some(ip) = server {
+        netns::ip_in(&u, &["addr", "add", &format!("{ip}/24"), "dev", "br0"])?;
     }
     Ok(u)
 }

@@ -224,6 +224,7 @@ fn lab_options(mode: BenchMode, workers: usize, podwire: &Path) -> LabOptions {
         capture: None,
         keep_logs: false,
         etcd: false,
+        kube: false,
         extra_leases: 0,
         vxlan_tx,
         services: false,
