@@ -268,6 +268,57 @@ fn podwire_and_kernel_vxlan_nodes_share_one_etcd() {
     );
 }
 
+#[test]
+fn podwire_nodes_join_through_the_kubernetes_api_beside_a_flanneld_node() {
+    let Some(_slot) = lab_slot() else { return };
+    // --kube-subnet-mgr against the API server stand-in: node 1 podwire, nodes 2 and 3 the
+    // kernel's flannel.1 with their Nodes annotated as flanneld annotates them.
+    let (report, text) = run_lab(&[
+        "--store",
+        "kube",
+        "--backend",
+        "vxlan",
+        "--peer",
+        "kernel",
+        "--nodes",
+        "3",
+        "--transfer-mb",
+        "10",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(report["store"], "kube");
+    assert_eq!(report["pairs"].as_array().unwrap().len(), 6);
+    for name in [
+        "each podwire node annotates its Node as flanneld does",
+        "API server restarted under a TCP transfer",
+        "an expired watch (410) is relisted",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
+    }
+}
+
+#[test]
+fn three_podwire_nodes_join_through_the_kubernetes_api() {
+    let Some(_slot) = lab_slot() else { return };
+    // Every node podwire (flannel's udp wire): each takes its Node's podCIDR and finds the
+    // others through their annotations.
+    let (report, text) = run_lab(&[
+        "--store",
+        "kube",
+        "--backend",
+        "udp",
+        "--nodes",
+        "3",
+        "--transfer-mb",
+        "10",
+    ]);
+    assert_all_checks_pass(&report, &text);
+    assert_eq!(
+        check(&report, "each podwire node annotates")["detail"],
+        "3 nodes: backend-type, backend-data, public-ip, kube-subnet-manager; NetworkUnavailable False"
+    );
+}
+
 fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
