@@ -380,3 +380,102 @@ fn daemon_has_its_capabilities_devices_and_host_network() {
     let image = c["image"].as_str().unwrap();
     assert!(!image.ends_with(":latest"), "{image}");
 }
+
+// ---- Kubernetes, --kube-subnet-mgr -----------------------------------------------------------
+
+const KUBE_MANIFEST: &str = "deploy/kubernetes/podwire-kube.yaml";
+
+fn kube_of_kind(kind: &str) -> Value {
+    let mut found: Vec<Value> = serde_yaml::Deserializer::from_str(&read(KUBE_MANIFEST))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &Value| d["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} in {KUBE_MANIFEST}");
+    found.remove(0)
+}
+
+fn kube_daemon() -> Value {
+    kube_of_kind("DaemonSet")["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+#[test]
+fn kube_manifest_runs_the_kube_subnet_mgr_with_flags_and_env_podwire_reads() {
+    let c = kube_daemon();
+    assert_eq!(c["name"], "podwire");
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "run");
+    assert!(args.iter().any(|a| a == "--kube-subnet-mgr"), "{args:?}");
+    assert_run_accepts(KUBE_MANIFEST, &args[1..]);
+    let known = env_names();
+    for e in c["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(known.iter().any(|n| n == name), "{name} is not read by podwire run");
+    }
+    assert_eq!(
+        env(&c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let n = workers(&args);
+    assert_eq!(c["resources"]["requests"]["cpu"].as_str(), Some(n.as_str()));
+    assert_eq!(c["resources"]["limits"]["cpu"].as_str(), Some(n.as_str()));
+}
+
+#[test]
+fn kube_manifest_mounts_a_net_conf_podwire_accepts_where_it_looks() {
+    let cm = kube_of_kind("ConfigMap");
+    let text = cm["data"]["net-conf.json"].as_str().unwrap();
+    podwire::config::parse_net_conf(text).expect("net-conf.json in the ConfigMap");
+    let c = kube_daemon();
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "flannel-cfg")
+        .expect("the ConfigMap mounted in the daemon");
+    let default = std::path::Path::new(podwire::kube_store::DEFAULT_NET_CONF);
+    assert_eq!(
+        mount["mountPath"].as_str().map(std::path::Path::new),
+        default.parent(),
+        "--net-config-path's default directory"
+    );
+    let volumes = kube_of_kind("DaemonSet")["spec"]["template"]["spec"]["volumes"].clone();
+    assert!(volumes
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "flannel-cfg"
+            && v["configMap"]["name"] == cm["metadata"]["name"]));
+}
+
+#[test]
+fn kube_manifest_grants_exactly_what_the_kube_subnet_mgr_uses() {
+    // The store lists and watches Nodes, reads its own, and patches its annotations and
+    // NetworkUnavailable condition through nodes/status (control/src/kube_store.rs).
+    let role = kube_of_kind("ClusterRole");
+    let mut granted: Vec<(String, String)> = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        assert_eq!(strings(&rule["apiGroups"]), [""], "core API only");
+        for r in strings(&rule["resources"]) {
+            for v in strings(&rule["verbs"]) {
+                granted.push((r.clone(), v));
+            }
+        }
+    }
+    granted.sort();
+    let want = [
+        ("nodes", "get"),
+        ("nodes", "list"),
+        ("nodes", "watch"),
+        ("nodes/status", "patch"),
+    ]
+    .map(|(r, v)| (r.to_string(), v.to_string()));
+    assert_eq!(granted, want);
+    let binding = kube_of_kind("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let sa = kube_of_kind("ServiceAccount");
+    assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+    assert_eq!(
+        kube_of_kind("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"],
+        sa["metadata"]["name"]
+    );
+}
