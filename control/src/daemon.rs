@@ -61,6 +61,14 @@ pub enum StoreSpec {
     Kube(KubeOptions),
 }
 
+impl StoreSpec {
+    /// Whether the store is also where services come from (etcd's `<prefix>/services/`, the
+    /// Kubernetes API's Services and EndpointSlices).
+    pub fn holds_services(&self) -> bool {
+        matches!(self, StoreSpec::Etcd(_) | StoreSpec::Kube(_))
+    }
+}
+
 /// Everything `podwire run` is told.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -832,7 +840,7 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
             .as_deref()
             .filter(|_| routed)
             .map(ServicesFile::new),
-        from_store: routed && matches!(opts.store, StoreSpec::Etcd(_)) && opts.conntrack,
+        from_store: routed && opts.store.holds_services() && opts.conntrack,
         file_services: services::Parsed::default(),
         store_services: services::Parsed::default(),
         options: ServiceOptions {
@@ -1269,7 +1277,7 @@ fn routed_masquerade(
         steps.done("pod steering rules")?;
     }
     let services = (opts.conntrack
-        && (opts.services_file.is_some() || matches!(opts.store, StoreSpec::Etcd(_))))
+        && (opts.services_file.is_some() || opts.store.holds_services()))
     .then_some(opts.service_cidr);
     host.masq = Some(node::MasqTable::install(
         j.config.network,

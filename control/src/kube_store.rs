@@ -17,10 +17,13 @@
 //! last complete view, so an API server that goes away leaves the last good map in place.
 
 use crate::config::{parse_net_conf, NetworkConfig};
+use crate::kube_services::{self, PROXY_SELECTOR};
 use crate::lease::LeaseAttrs;
-use crate::store::{Lease, LeaseRequest, OwnLease, Store, StoreError};
+use crate::store::{KeyValues, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
@@ -181,14 +184,16 @@ pub fn lease_annotations(keys: &AnnotationKeys, attrs: &LeaseAttrs) -> BTreeMap<
     out
 }
 
-/// What the watcher has seen, shared with the control thread.
-#[derive(Default)]
-struct WatchState {
-    /// Every Node as of the last complete list plus the events since.
-    nodes: BTreeMap<String, Node>,
-    /// A relist in progress: the Nodes it has brought so far.
-    relisting: Option<BTreeMap<String, Node>>,
-    /// Bumped on every change to `nodes`.
+/// What a watcher has seen of one kind, shared with the control thread.
+struct Mirror<K> {
+    /// Every object (by `namespace/name`, or name) as of the last complete list plus the
+    /// events since.
+    objects: BTreeMap<String, K>,
+    /// A relist in progress: the objects it has brought so far.
+    relisting: Option<BTreeMap<String, K>>,
+    /// A complete list has been seen.
+    synced: bool,
+    /// Bumped on every change to `objects`.
     generation: u64,
     /// The last watch error, until the next event that arrived well.
     failing: Option<String>,
@@ -196,43 +201,80 @@ struct WatchState {
     recoveries: u64,
 }
 
-impl WatchState {
-    fn apply(&mut self, event: Event<Node>) {
-        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+impl<K> Default for Mirror<K> {
+    fn default() -> Self {
+        Mirror {
+            objects: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+            generation: 0,
+            failing: None,
+            recoveries: 0,
+        }
+    }
+}
+
+/// An object's key in a [`Mirror`].
+fn object_key(meta: &kube::api::ObjectMeta) -> String {
+    let name = meta.name.clone().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
+    }
+}
+
+impl<K: kube::Resource> Mirror<K> {
+    fn apply(&mut self, event: Event<K>) {
         match event {
             Event::Init => self.relisting = Some(BTreeMap::new()),
-            Event::InitApply(n) => {
+            Event::InitApply(o) => {
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(name(&n), n);
+                    .insert(object_key(o.meta()), o);
             }
             Event::InitDone => {
-                self.nodes = self.relisting.take().unwrap_or_default();
+                self.objects = self.relisting.take().unwrap_or_default();
+                self.synced = true;
                 self.generation += 1;
             }
-            Event::Apply(n) => {
-                self.nodes.insert(name(&n), n);
+            Event::Apply(o) => {
+                self.objects.insert(object_key(o.meta()), o);
                 self.generation += 1;
             }
-            Event::Delete(n) => {
-                self.nodes.remove(&name(&n));
+            Event::Delete(o) => {
+                self.objects.remove(&object_key(o.meta()));
                 self.generation += 1;
             }
         }
     }
 }
 
-struct Shared {
-    state: Mutex<WatchState>,
+struct Shared<K> {
+    state: Mutex<Mirror<K>>,
     changed: Condvar,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, WatchState> {
+impl<K> Shared<K> {
+    fn new() -> Arc<Shared<K>> {
+        Arc::new(Shared {
+            state: Mutex::new(Mirror::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Mirror<K>> {
         // A panic while holding the lock cannot leave the map half-written (each change is
         // one insert or swap), so a poisoned lock's data is still good.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Services and EndpointSlices, followed once services are first asked for.
+struct ServiceMirrors {
+    services: Arc<Shared<Service>>,
+    slices: Arc<Shared<EndpointSlice>>,
+    /// The two generations when the records were last handed out.
+    seen: Option<(u64, u64)>,
 }
 
 /// The Kubernetes API as a [`Store`].
@@ -242,7 +284,9 @@ pub struct KubeStore {
     keys: AnnotationKeys,
     nodes: Api<Node>,
     url: String,
-    shared: Arc<Shared>,
+    client: Client,
+    shared: Arc<Shared<Node>>,
+    service_mirrors: Option<ServiceMirrors>,
     config: Option<NetworkConfig>,
     /// `generation` when the caller last heard of a change.
     seen: u64,
@@ -310,19 +354,22 @@ impl KubeStore {
         let client = rt
             .block_on(async { Client::try_from(config) })
             .map_err(|e| StoreError::Kube(format!("client for {url}: {e}")))?;
-        let nodes: Api<Node> = Api::all(client);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(WatchState::default()),
-            changed: Condvar::new(),
-        });
-        rt.spawn(follow_nodes(nodes.clone(), shared.clone()));
+        let nodes: Api<Node> = Api::all(client.clone());
+        let shared = Shared::new();
+        rt.spawn(follow(
+            nodes.clone(),
+            watcher::Config::default(),
+            shared.clone(),
+        ));
         Ok(KubeStore {
             rt,
             opts,
             keys,
             nodes,
             url,
+            client,
             shared,
+            service_mirrors: None,
             config: None,
             seen: 0,
             rejected: 0,
@@ -367,7 +414,7 @@ impl KubeStore {
                 .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch)),
         )?;
         let mut state = self.shared.lock();
-        state.nodes.insert(name.clone(), patched);
+        state.objects.insert(name.clone(), patched);
         state.generation += 1;
         Ok(())
     }
@@ -397,13 +444,14 @@ impl KubeStore {
     }
 }
 
-/// Follows every Node into `shared` until the runtime stops: kube-rs's watcher lists, then
-/// watches from the list's resourceVersion, and relists (with backoff) after a watch breaks
-/// or expires (410). Errors are kept for the control thread to report.
-async fn follow_nodes(nodes: Api<Node>, shared: Arc<Shared>) {
-    let mut events = watcher::watcher(nodes, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+/// Follows every object of `api` into `shared` until the runtime stops: kube-rs's watcher
+/// lists, then watches from the list's resourceVersion, and relists (with backoff) after a
+/// watch breaks or expires (410). Errors are kept for the control thread to report.
+async fn follow<K>(api: Api<K>, config: watcher::Config, shared: Arc<Shared<K>>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
     while let Some(item) = events.next().await {
         let mut state = shared.lock();
         match item {
@@ -480,9 +528,9 @@ impl Store for KubeStore {
 
     fn leases(&mut self) -> Result<Vec<Lease>, StoreError> {
         let state = self.shared.lock();
-        let mut out = Vec::with_capacity(state.nodes.len());
+        let mut out = Vec::with_capacity(state.objects.len());
         let mut rejected = 0;
-        for (name, node) in &state.nodes {
+        for (name, node) in &state.objects {
             let lease = node_lease(node, &self.keys).and_then(|l| match (l, &self.config) {
                 (Some(l), Some(cfg))
                     if !cfg.network.covers(&l.subnet) || l.subnet.prefix() != cfg.subnet_len =>
@@ -536,6 +584,51 @@ impl Store for KubeStore {
 
     fn reconnects(&self) -> u64 {
         self.shared.lock().recoveries
+    }
+
+    fn services(&mut self) -> Result<Option<KeyValues>, StoreError> {
+        let mirrors = match &mut self.service_mirrors {
+            Some(m) => m,
+            None => {
+                // As kube-proxy lists them: not another proxy's, not headless.
+                let cfg = watcher::Config::default().labels(PROXY_SELECTOR);
+                let services = Shared::new();
+                let slices = Shared::new();
+                self.rt.spawn(follow(
+                    Api::<Service>::all(self.client.clone()),
+                    cfg.clone(),
+                    Arc::clone(&services),
+                ));
+                self.rt.spawn(follow(
+                    Api::<EndpointSlice>::all(self.client.clone()),
+                    cfg,
+                    Arc::clone(&slices),
+                ));
+                self.service_mirrors.insert(ServiceMirrors {
+                    services,
+                    slices,
+                    seen: None,
+                })
+            }
+        };
+        let services = mirrors.services.lock();
+        let slices = mirrors.slices.lock();
+        if let Some(e) = services.failing.as_ref().or(slices.failing.as_ref()) {
+            return Err(StoreError::Kube(format!(
+                "watching Services and EndpointSlices: {e}"
+            )));
+        }
+        let now = (services.generation, slices.generation);
+        if !(services.synced && slices.synced) || mirrors.seen == Some(now) {
+            return Ok(None);
+        }
+        let records = kube_services::records(&services.objects, &slices.objects)
+            .into_iter()
+            .map(|(k, v)| (format!("kube/services/{k}"), v))
+            .collect();
+        drop((services, slices));
+        mirrors.seen = Some(now);
+        Ok(Some(records))
     }
 
     fn rejected_leases(&self) -> u64 {

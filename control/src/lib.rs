@@ -1,7 +1,8 @@
 //! podwire's control side: everything but packets.
 //!
 //! - [`config`], [`lease`], [`store`]: flannel's net-conf.json, lease values and keyspace.
-//! - [`etcd`], [`kube_store`]: the two cluster stores flanneld uses (etcd, the Kubernetes API).
+//! - [`etcd`], [`kube_store`]: the two cluster stores flanneld uses (etcd, the Kubernetes API);
+//!   [`kube_services`]: Services and EndpointSlices as the service NAT's records.
 //! - [`subnet_key`]: flannel's form of a subnet in store keys (`10.244.1.0-24`).
 //! - [`tables`]: a cluster view turned into the dataplane's tables.
 //! - [`netdev`], [`subnet_env`]: host setup as flanneld does it.
@@ -19,6 +20,7 @@ pub mod etcd;
 pub mod ethtool;
 pub mod forward;
 pub mod health;
+pub mod kube_services;
 pub mod kube_store;
 pub mod l2;
 pub mod lease;

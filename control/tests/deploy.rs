@@ -409,7 +409,10 @@ fn kube_manifest_runs_the_kube_subnet_mgr_with_flags_and_env_podwire_reads() {
     let known = env_names();
     for e in c["env"].as_sequence().unwrap() {
         let name = e["name"].as_str().unwrap();
-        assert!(known.iter().any(|n| n == name), "{name} is not read by podwire run");
+        assert!(
+            known.iter().any(|n| n == name),
+            "{name} is not read by podwire run"
+        );
     }
     assert_eq!(
         env(&c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
@@ -443,32 +446,37 @@ fn kube_manifest_mounts_a_net_conf_podwire_accepts_where_it_looks() {
         .as_sequence()
         .unwrap()
         .iter()
-        .any(|v| v["name"] == "flannel-cfg"
-            && v["configMap"]["name"] == cm["metadata"]["name"]));
+        .any(|v| v["name"] == "flannel-cfg" && v["configMap"]["name"] == cm["metadata"]["name"]));
 }
 
 #[test]
 fn kube_manifest_grants_exactly_what_the_kube_subnet_mgr_uses() {
     // The store lists and watches Nodes, reads its own, and patches its annotations and
-    // NetworkUnavailable condition through nodes/status (control/src/kube_store.rs).
+    // NetworkUnavailable condition through nodes/status (control/src/kube_store.rs); it lists
+    // and watches Services and EndpointSlices for the service NAT.
     let role = kube_of_kind("ClusterRole");
-    let mut granted: Vec<(String, String)> = Vec::new();
+    let mut granted: Vec<(String, String, String)> = Vec::new();
     for rule in role["rules"].as_sequence().unwrap() {
-        assert_eq!(strings(&rule["apiGroups"]), [""], "core API only");
-        for r in strings(&rule["resources"]) {
-            for v in strings(&rule["verbs"]) {
-                granted.push((r.clone(), v));
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    granted.push((g.clone(), r.clone(), v));
+                }
             }
         }
     }
     granted.sort();
     let want = [
-        ("nodes", "get"),
-        ("nodes", "list"),
-        ("nodes", "watch"),
-        ("nodes/status", "patch"),
+        ("", "nodes", "get"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+        ("", "nodes/status", "patch"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
     ]
-    .map(|(r, v)| (r.to_string(), v.to_string()));
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()));
     assert_eq!(granted, want);
     let binding = kube_of_kind("ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);

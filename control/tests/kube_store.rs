@@ -285,3 +285,83 @@ fn test_map_survives_an_expired_watch_and_a_restarted_server() {
         "the resumed watch was answered 410 and relisted"
     );
 }
+
+/// The service records once `services()` hands out ones whose keys are `want`, waiting up to
+/// 10 s.
+fn services_until(s: &mut KubeStore, want: &[&str]) -> Vec<(String, serde_json::Value)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(Some(items)) = s.services() {
+            last = items
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::from_slice(&v).unwrap()))
+                .collect::<Vec<_>>();
+            let keys: Vec<&str> = last.iter().map(|(k, _)| k.as_str()).collect();
+            if keys == want {
+                return last;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("services {last:?}, want keys {want:?}");
+}
+
+#[test]
+fn test_services_come_from_services_and_endpoint_slices_as_kube_proxy_reads_them() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let c = cluster("services");
+    let service = |name: &str, labels: serde_json::Value| -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": name, "labels": labels},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap()
+    };
+    let slice = |ips: &[&str]| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": "web-abc",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>()
+        }))
+        .unwrap()
+    };
+    c.standin.apply_service(service("web", json!({}))).unwrap();
+    c.standin
+        .apply_service(service(
+            "other-proxy",
+            json!({"service.kubernetes.io/service-proxy-name": "someone-else"}),
+        ))
+        .unwrap();
+    c.standin
+        .apply_endpoint_slice(slice(&["10.244.2.2", "10.244.3.2"]))
+        .unwrap();
+    let mut s = store(&c, "n1");
+    let got = services_until(&mut s, &["kube/services/default/web/http"]);
+    assert_eq!(
+        got[0].1,
+        json!({"clusterIP": "10.96.0.10", "protocol": "TCP", "port": 80,
+               "endpoints": [{"ip": "10.244.2.2", "port": 8080}, {"ip": "10.244.3.2", "port": 8080}]})
+    );
+    assert!(matches!(s.services(), Ok(None)), "unchanged: nothing new");
+    // An endpoint removed: the record follows.
+    c.standin
+        .apply_endpoint_slice(slice(&["10.244.3.2"]))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut eps = json!(null);
+    while Instant::now() < deadline {
+        if let Ok(Some(items)) = s.services() {
+            let v: serde_json::Value = serde_json::from_slice(&items[0].1).unwrap();
+            eps = v["endpoints"].clone();
+            if eps == json!([{"ip": "10.244.3.2", "port": 8080}]) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(eps, json!([{"ip": "10.244.3.2", "port": 8080}]));
+}
