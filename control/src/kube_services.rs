@@ -53,8 +53,8 @@ fn endpoints(slices: &[&EndpointSlice], port_name: &str, protocol: &str) -> Vec<
     out
 }
 
-/// The service records of `services` with the endpoints of `slices`, by key
-/// (`<namespace>/<name>/<port name or number>`, one per Service port).
+/// The service records of `services` with the endpoints of `slices`, one per Service port,
+/// keyed as kube-proxy names service ports (`namespace/name`, with `:port-name` if named).
 pub fn records(
     services: &BTreeMap<String, Service>,
     slices: &BTreeMap<String, EndpointSlice>,
@@ -121,12 +121,13 @@ pub fn records(
                     record["nodePort"] = json!(np);
                 }
             }
-            let which = if port_name.is_empty() {
-                port.port.to_string()
+            // kube-proxy's name for a service port: `namespace/name`, `:port-name` if named.
+            let key = if port_name.is_empty() {
+                name.clone()
             } else {
-                port_name.to_string()
+                format!("{name}:{port_name}")
             };
-            out.push((format!("{name}/{which}"), record.to_string().into_bytes()));
+            out.push((key, record.to_string().into_bytes()));
         }
     }
     out
@@ -188,7 +189,7 @@ mod tests {
         let keys: Vec<&str> = recs.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
-            ["default/web/http", "default/web/dns"],
+            ["default/web:http", "default/web:dns"],
             "headless and ExternalName skipped"
         );
         let http: Value = serde_json::from_slice(&recs[0].1).unwrap();

@@ -340,7 +340,7 @@ fn test_services_come_from_services_and_endpoint_slices_as_kube_proxy_reads_them
         .apply_endpoint_slice(slice(&["10.244.2.2", "10.244.3.2"]))
         .unwrap();
     let mut s = store(&c, "n1");
-    let got = services_until(&mut s, &["kube/services/default/web/http"]);
+    let got = services_until(&mut s, &["kube/services/default/web:http"]);
     assert_eq!(
         got[0].1,
         json!({"clusterIP": "10.96.0.10", "protocol": "TCP", "port": 80,

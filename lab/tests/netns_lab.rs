@@ -301,7 +301,7 @@ fn podwire_nodes_join_through_the_kubernetes_api_beside_a_flanneld_node() {
 fn three_podwire_nodes_join_through_the_kubernetes_api() {
     let Some(_slot) = lab_slot() else { return };
     // Every node podwire (flannel's udp wire): each takes its Node's podCIDR and finds the
-    // others through their annotations.
+    // others through their annotations; services come from Services and EndpointSlices.
     let (report, text) = run_lab(&[
         "--store",
         "kube",
@@ -309,10 +309,16 @@ fn three_podwire_nodes_join_through_the_kubernetes_api() {
         "udp",
         "--nodes",
         "3",
+        "--services",
         "--transfer-mb",
         "10",
     ]);
     assert_all_checks_pass(&report, &text);
+    assert_eq!(
+        check(&report, "a backend removed mid-run")["ok"],
+        true,
+        "an EndpointSlice update reaches the service NAT: {text}"
+    );
     assert_eq!(
         check(&report, "each podwire node annotates")["detail"],
         "3 nodes: backend-type, backend-data, public-ip, kube-subnet-manager; NetworkUnavailable False"

@@ -571,8 +571,13 @@ fn set_up(
     }
     start_kernel_vxlan(&mut r, opts).context("configuring kernel VXLAN like flanneld")?;
     if opts.services {
-        services_lab::prepare(&r.names, &services_source(res, opts), r.etcd.as_ref())
-            .context("setting up the lab's services")?;
+        services_lab::prepare(
+            &r.names,
+            &services_source(res, opts),
+            r.etcd.as_ref(),
+            r.kube.as_ref(),
+        )
+        .context("setting up the lab's services")?;
     }
     if !opts.podwire_nodes().is_empty() {
         let nodes_started = Instant::now();

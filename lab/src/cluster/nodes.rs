@@ -73,7 +73,7 @@ pub(super) fn spawn_node(
         // The pod's port is held to the pod's address (its others go through the kernel).
         cmd.args(["--pod-ports", &format!("vpod={}", pod_ip(i))]);
     }
-    if opts.services && !opts.etcd {
+    if opts.services && !opts.etcd && !opts.kube {
         cmd.args([
             "--services",
             &format!("file:{}", services_lab::file(&dir).display()),

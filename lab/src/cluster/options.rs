@@ -71,8 +71,8 @@ pub enum Refused {
     L2WithoutPodwireVxlan,
     #[error("--mode l2 does not combine with --services, --ip-masq or --store etcd or kube yet")]
     L2With,
-    #[error("--store kube carries no services yet (podwire does not read Services and EndpointSlices), and leaves no room for --extra-leases")]
-    KubeWith,
+    #[error("--extra-leases goes with --store etcd, not kube")]
+    KubeWithExtraLeases,
     #[error("--forward-drop tests the kernel's FORWARD chain, which --mode l2's pods (on podwire's bridge) never pass")]
     ForwardDropWithL2,
 }
@@ -113,10 +113,7 @@ impl LabOptions {
                 o.l2 && (o.services || o.ip_masq || o.etcd || o.kube),
                 Refused::L2With,
             ),
-            (
-                o.kube && (o.services || o.extra_leases > 0),
-                Refused::KubeWith,
-            ),
+            (o.kube && o.extra_leases > 0, Refused::KubeWithExtraLeases),
             (o.l2 && o.forward_drop, Refused::ForwardDropWithL2),
         ];
         match refusals.into_iter().find(|(refused, _)| *refused) {
@@ -251,16 +248,16 @@ mod tests {
             (
                 LabOptions {
                     kube: true,
-                    services: true,
-                    nodes: 3,
+                    etcd: true,
+                    extra_leases: 5,
                     ..lab()
                 },
                 LabOptions {
-                    kube: true,
-                    nodes: 3,
+                    etcd: true,
+                    extra_leases: 5,
                     ..lab()
                 },
-                Refused::KubeWith,
+                Refused::KubeWithExtraLeases,
             ),
             (
                 LabOptions { l2: true, ..lab() },

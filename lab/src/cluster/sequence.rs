@@ -390,6 +390,8 @@ pub(super) fn services_source(
         services_lab::Source::KubeProxy
     } else if opts.etcd {
         services_lab::Source::Etcd(Arc::clone(res))
+    } else if opts.kube {
+        services_lab::Source::Kube(Arc::clone(res))
     } else {
         services_lab::Source::File
     }

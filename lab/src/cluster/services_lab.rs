@@ -88,6 +88,8 @@ pub enum Source {
     File,
     /// The lab's etcd, under `<prefix>/services/<namespace>/<name>`.
     Etcd(Arc<Mutex<Resources>>),
+    /// The lab's Kubernetes API (`--store kube`): Services and EndpointSlices.
+    Kube(Arc<Mutex<Resources>>),
     /// No podwire on node 1: kube-proxy's iptables rules there.
     KubeProxy,
 }
@@ -112,12 +114,23 @@ fn put_etcd(etcd: &EtcdServer, web: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// Sets the services up before the nodes start (`etcd`: the lab's server, whose lock the
-/// caller holds) and gives pod 2 its second address.
-pub fn prepare(r: &Names, src: &Source, etcd: Option<&EtcdServer>) -> Result<()> {
-    match (src, etcd) {
-        (Source::Etcd(_), Some(etcd)) => put_etcd(etcd, &web_backends())?,
-        (Source::Etcd(_), None) => bail!("services in etcd, but etcd is not running"),
+/// Sets the services up before the nodes start (`etcd`, `kube`: the lab's servers, whose
+/// lock the caller holds) and gives pod 2 its second address.
+pub fn prepare(
+    r: &Names,
+    src: &Source,
+    etcd: Option<&EtcdServer>,
+    kube: Option<&podwire_apiserver_standin::Handle>,
+) -> Result<()> {
+    match (src, etcd, kube) {
+        (Source::Etcd(_), Some(etcd), _) => put_etcd(etcd, &web_backends())?,
+        (Source::Etcd(_), None, _) => bail!("services in etcd, but etcd is not running"),
+        (Source::Kube(_), _, Some(api)) => {
+            super::kube_lab::put_services(api, &services_json(&web_backends()))?
+        }
+        (Source::Kube(_), _, None) => {
+            bail!("services in the Kubernetes API, but it is not running")
+        }
         _ => apply(r, &web_backends(), src)?,
     }
     if src.kernel() {
@@ -142,6 +155,14 @@ fn apply(r: &Names, web: &[Ipv4Addr], src: &Source) -> Result<()> {
     if let Source::Etcd(res) = src {
         let guard = res.lock().expect("lab resources");
         put_etcd(guard.etcd.as_ref().context("etcd is not running")?, web)?;
+    }
+    if let Source::Kube(res) = src {
+        let guard = res.lock().expect("lab resources");
+        let api = guard
+            .kube
+            .as_ref()
+            .context("the Kubernetes API is not running")?;
+        super::kube_lab::put_services(api, &services_json(web))?;
     }
     if src.kernel() {
         let rules = r.dir.join("kube-proxy.rules");
