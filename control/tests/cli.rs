@@ -199,12 +199,24 @@ fn test_flanneld_environment_as_flanneld_reads_it() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is not a boolean"), "{err}");
     let mut cmd = podwire();
-    cmd.args(["run"]).env("FLANNELD_KUBE_SUBNET_MGR", "true");
+    cmd.args(["run"]).env("FLANNELD_IFACE_REGEX", "eth.*");
     let out = exits_within(cmd, std::time::Duration::from_secs(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("flanneld setting FLANNELD_KUBE_SUBNET_MGR is not supported"),
+        err.contains("flanneld setting FLANNELD_IFACE_REGEX is not supported"),
+        "{err}"
+    );
+    // FLANNELD_KUBE_SUBNET_MGR is read: without NODE_NAME the node cannot know its Node.
+    let mut cmd = podwire();
+    cmd.args(["run"])
+        .env("FLANNELD_KUBE_SUBNET_MGR", "true")
+        .env_remove("NODE_NAME");
+    let out = exits_within(cmd, std::time::Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--kube-subnet-mgr needs this node's Node name"),
         "{err}"
     );
 }
