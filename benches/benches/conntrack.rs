@@ -92,6 +92,7 @@ fn services(n: u32) -> Services {
             endpoints: endpoints(i),
             affinity_timeout: None,
             node_port: None,
+            ..Default::default()
         })
         .collect();
     Services::build(ServiceOptions::new("10.96.0.0/12".parse().unwrap()), specs).unwrap()

@@ -295,6 +295,7 @@ fn node_admission(
             .into_iter()
             .filter_map(|(r, what)| r.ok().map(|r| (r, what)))
             .collect(),
+        local_subnet: None,
     }
 }
 
@@ -847,13 +848,16 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
             algorithm: opts.service_lb,
             ..ServiceOptions::new(opts.service_cidr)
         },
-        admission: node_admission(
-            &j.config,
-            &[j.public_ip, j.iface.addr, lease.nth(0), lease.nth(1)],
-            j.port,
-            opts.healthz.map(|h| h.port()),
-            opts.node_port_range,
-        ),
+        admission: Admission {
+            local_subnet: Some(lease),
+            ..node_admission(
+                &j.config,
+                &[j.public_ip, j.iface.addr, lease.nth(0), lease.nth(1)],
+                j.port,
+                opts.healthz.map(|h| h.port()),
+                opts.node_port_range,
+            )
+        },
     }
 }
 

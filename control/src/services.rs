@@ -124,6 +124,7 @@ impl ServiceJson {
             proto,
             affinity_timeout,
             node_port: self.node_port,
+            ..Default::default()
         })
     }
 }

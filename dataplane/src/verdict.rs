@@ -80,6 +80,9 @@ drop_reasons! {
     CtTableFull => "ct_table_full",
     /// A packet of a service connection whose backend no longer backs the service.
     EndpointGone => "endpoint_gone",
+    /// A new connection to a service whose traffic policy is Local, from where no endpoint of
+    /// it is on this node though some are elsewhere (kube-proxy's "has no local endpoints").
+    NoLocalEndpoints => "no_local_endpoints",
     /// A fragment of a packet to a service (its ports, and so its backend, are unknown).
     Fragmented => "fragment_to_service",
     /// No free source port for a hairpin connection's SNAT.

@@ -398,6 +398,13 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
             affinity_timeout: (k % 2 == 1).then_some(60),
             // Small, so random packets hit them.
             node_port: Some(port),
+            // Some terminating endpoints and Local policies, so random packets meet them.
+            terminating: if k % 3 == 2 {
+                vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 80)]
+            } else {
+                Vec::new()
+            },
+            internal_local: k % 2 == 0,
         })
         .collect();
     // Any NodePort, so random packets hit them; what the checks refuse is left out.

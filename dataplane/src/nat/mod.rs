@@ -31,7 +31,7 @@ pub enum Algorithm {
     Random,
 }
 
-/// One service as the control plane describes it.
+/// One service port as the control plane describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// `namespace/name`.
@@ -40,11 +40,37 @@ pub struct ServiceSpec {
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Ready endpoints.
     pub endpoints: Vec<SocketAddrV4>,
+    /// Endpoints that are terminating but still serving (EndpointSlice conditions ready false,
+    /// serving true, terminating true): new connections go to them only when no ready endpoint
+    /// is there to take them (kube-proxy's `CategorizeEndpoints`); connections already bound to
+    /// them carry on.
+    pub terminating: Vec<SocketAddrV4>,
     /// sessionAffinity ClientIP with this timeout in seconds; None for sessionAffinity None.
     pub affinity_timeout: Option<u32>,
     /// Served on the node's own address when podwire owns the NIC (`--io xdp`).
     pub node_port: Option<u16>,
+    /// `internalTrafficPolicy: Local`: connections from pods to the ClusterIP go only to
+    /// endpoints on this node; with none here (but some elsewhere) they are dropped.
+    pub internal_local: bool,
+}
+
+impl Default for ServiceSpec {
+    /// A TCP service with no name, address, port or endpoints, policies Cluster.
+    fn default() -> Self {
+        ServiceSpec {
+            name: String::new(),
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+            proto: PROTO_TCP,
+            endpoints: Vec::new(),
+            terminating: Vec::new(),
+            affinity_timeout: None,
+            node_port: None,
+            internal_local: false,
+        }
+    }
 }
 
 /// Defaults Kubernetes uses.
@@ -224,6 +250,9 @@ pub struct Admission {
     pub node_port_range: PortRange,
     /// Ports podwire uses on the node's address: never a NodePort.
     pub own_ports: Vec<(PortRange, OwnPort)>,
+    /// This node's lease: its endpoints are the local ones of `internalTrafficPolicy: Local`.
+    /// None: no endpoint is local.
+    pub local_subnet: Option<Ipv4Net>,
 }
 
 impl Default for Admission {
@@ -234,6 +263,7 @@ impl Default for Admission {
             pod_network: None,
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             own_ports: Vec::new(),
+            local_subnet: None,
         }
     }
 }
@@ -322,10 +352,51 @@ fn key(ip: Ipv4Addr, port: u16, proto: u8) -> u64 {
     u64::from(ip.to_bits()) << 24 | u64::from(port) << 8 | u64::from(proto)
 }
 
+/// The endpoints one class of traffic may get, and their Maglev table.
+#[derive(Debug, Default)]
+struct Pick {
+    /// Sorted (Maglev fills its table in this order; affinity looks up by binary search).
+    endpoints: Vec<SocketAddrV4>,
+    maglev: Option<Maglev>,
+}
+
+impl Pick {
+    /// `ready` if there are any, else `terminating` (kube-proxy's fallback), each filtered by
+    /// `keep`.
+    fn new(
+        ready: &[SocketAddrV4],
+        terminating: &[SocketAddrV4],
+        keep: impl Fn(&SocketAddrV4) -> bool,
+        options: &ServiceOptions,
+    ) -> Pick {
+        let mut endpoints: Vec<SocketAddrV4> = ready.iter().copied().filter(&keep).collect();
+        if endpoints.is_empty() {
+            endpoints = terminating.iter().copied().filter(&keep).collect();
+        }
+        // Every node that holds the same endpoints, in whatever order they arrived, fills the
+        // same table and so makes the same choices.
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        let maglev = (options.algorithm == Algorithm::Maglev && !endpoints.is_empty()).then(|| {
+            let m = maglev::table_size(endpoints.len(), options.maglev_max);
+            Maglev::new(&endpoints, m)
+        });
+        Pick { endpoints, maglev }
+    }
+
+    fn contains(&self, ep: &SocketAddrV4) -> bool {
+        self.endpoints.binary_search(ep).is_ok()
+    }
+}
+
 #[derive(Debug)]
 struct Service {
     spec: ServiceSpec,
-    maglev: Option<Maglev>,
+    /// Ready endpoints anywhere, else terminating ones: what `Cluster` policies use. Empty:
+    /// the service has no endpoints at all, and its connections are rejected.
+    cluster: Pick,
+    /// This node's endpoints (ready, else terminating), for `internalTrafficPolicy: Local`.
+    local: Option<Pick>,
 }
 
 /// All services, read-only: built by the control plane, swapped whole.
@@ -347,6 +418,9 @@ pub enum NoBackend {
     NoService,
     /// The service has no endpoints (kube-proxy rejects with ICMP port unreachable).
     NoEndpoints,
+    /// The traffic policy is Local and no endpoint is on this node, though some are elsewhere
+    /// (kube-proxy drops: "has no local endpoints").
+    NoLocalEndpoints,
 }
 
 impl Default for Services {
@@ -419,24 +493,25 @@ impl Services {
                 continue;
             }
             let name = &spec.name;
-            spec.endpoints
-                .retain(|ep| match check_endpoint(&options, admission, ep) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        report.endpoints_removed.push(match why {
-                            None => ServiceError::EndpointPortZero {
-                                name: name.clone(),
-                                ip: *ep.ip(),
-                            },
-                            Some(why) => ServiceError::EndpointAddress {
-                                name: name.clone(),
-                                endpoint: *ep,
-                                why,
-                            },
-                        });
-                        false
-                    }
-                });
+            let mut keep = |ep: &SocketAddrV4| match check_endpoint(&options, admission, ep) {
+                Ok(()) => true,
+                Err(why) => {
+                    report.endpoints_removed.push(match why {
+                        None => ServiceError::EndpointPortZero {
+                            name: name.clone(),
+                            ip: *ep.ip(),
+                        },
+                        Some(why) => ServiceError::EndpointAddress {
+                            name: name.clone(),
+                            endpoint: *ep,
+                            why,
+                        },
+                    });
+                    false
+                }
+            };
+            spec.endpoints.retain(&mut keep);
+            spec.terminating.retain(&mut keep);
             if let Some(port) = spec.node_port {
                 let np = node_port_key(spec.proto, port);
                 let refused = match check_node_port(admission, &spec.name, port) {
@@ -461,19 +536,26 @@ impl Services {
                     }
                 }
             }
-            // Maglev's table is filled in endpoint order: sorted, every node that holds the
-            // same endpoints, in whatever order they arrived, makes the same choices.
             spec.endpoints.sort_unstable();
-            let maglev = (options.algorithm == Algorithm::Maglev && !spec.endpoints.is_empty())
-                .then(|| {
-                    let m = maglev::table_size(spec.endpoints.len(), options.maglev_max);
-                    Maglev::new(&spec.endpoints, m)
-                });
-            for ep in &spec.endpoints {
+            spec.terminating.sort_unstable();
+            let cluster = Pick::new(&spec.endpoints, &spec.terminating, |_| true, &options);
+            let local = spec.internal_local.then(|| {
+                let here = |ep: &SocketAddrV4| {
+                    admission
+                        .local_subnet
+                        .is_some_and(|net| net.contains(*ep.ip()))
+                };
+                Pick::new(&spec.endpoints, &spec.terminating, here, &options)
+            });
+            for ep in spec.endpoints.iter().chain(&spec.terminating) {
                 s.alive.insert((k, *ep));
             }
             s.by_key.insert(k, s.services.len() as u32);
-            s.services.push(Service { spec, maglev });
+            s.services.push(Service {
+                spec,
+                cluster,
+                local,
+            });
         }
         (s, report)
     }
@@ -529,7 +611,7 @@ impl Services {
             .by_key
             .get(&key(t.dst, t.dport, t.proto))
             .ok_or(NoBackend::NoService)?;
-        self.bind(idx, t, local, None, affinity, now)
+        self.bind(idx, t, local, Traffic::Internal, affinity, now)
     }
 
     /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
@@ -548,40 +630,58 @@ impl Services {
             .by_node_port
             .get(&node_port_key(t.proto, t.dport))
             .ok_or(NoBackend::NoService)?;
-        self.bind(idx, t, local, Some(cluster_ip), affinity, now)
+        self.bind(
+            idx,
+            t,
+            local,
+            Traffic::External { cluster_ip },
+            affinity,
+            now,
+        )
     }
 
-    /// A backend of service `idx` for the new connection `t`: DNAT to it, and SNAT to the
-    /// hairpin address if it is on this node (`local`), else to `snat_remote` if given.
+    /// A backend of service `idx` for the new connection `t`, by the traffic policy of its
+    /// class: DNAT to it, and SNAT to the hairpin address if it is on this node (`local`), else
+    /// for external traffic to the node's cluster address.
     fn bind(
         &self,
         idx: u32,
         t: &Tuple,
         local: Ipv4Net,
-        snat_remote: Option<Ipv4Addr>,
+        class: Traffic,
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
         let svc = &self.services[idx as usize];
         let k = key(svc.spec.cluster_ip, svc.spec.port, svc.spec.proto);
-        let eps = &svc.spec.endpoints;
-        if eps.is_empty() {
+        if svc.cluster.endpoints.is_empty() {
             return Err(NoBackend::NoEndpoints);
+        }
+        let (pick, snat_remote) = match (class, &svc.local) {
+            (Traffic::Internal, Some(local_pick)) => (local_pick, None),
+            (Traffic::Internal, None) => (&svc.cluster, None),
+            (Traffic::External { cluster_ip }, _) => (&svc.cluster, Some(cluster_ip)),
+        };
+        let eps = &pick.endpoints;
+        if eps.is_empty() {
+            return Err(NoBackend::NoLocalEndpoints);
         }
         let choose = || -> SocketAddrV4 {
             let h = flow_hash(t);
-            match &svc.maglev {
+            match &pick.maglev {
                 Some(m) => eps[m.pick(h)],
                 None => eps[(maglev::mix64(h ^ now ^ affinity.seed) % eps.len() as u64) as usize],
             }
         };
         let backend = match svc.spec.affinity_timeout {
+            // A sticky backend no longer among those this traffic may get (removed, or
+            // terminating while ready ones exist) is not kept.
             Some(secs) => affinity.pick(
                 k,
                 t.src,
                 now,
                 u64::from(secs) * 1000,
-                |b| self.alive.contains(&(k, b)),
+                |b| pick.contains(&b),
                 choose,
             ),
             None => choose(),
@@ -604,6 +704,16 @@ impl Services {
             }),
         })
     }
+}
+
+/// Which traffic policy a new connection follows.
+#[derive(Debug, Clone, Copy)]
+enum Traffic {
+    /// From a pod to a ClusterIP: `internalTrafficPolicy`.
+    Internal,
+    /// From outside the cluster to a NodePort: `externalTrafficPolicy` (Cluster only, so
+    /// far), SNATed to the node's `cluster_ip` for a backend on another node.
+    External { cluster_ip: Ipv4Addr },
 }
 
 /// Why a service cannot be served at all.
@@ -631,11 +741,9 @@ fn check_service(options: &ServiceOptions, spec: &ServiceSpec) -> Result<(), Ser
     if spec.port == 0 {
         return Err(ServiceError::PortZero { name: name() });
     }
-    if spec.endpoints.len() > usize::from(u16::MAX) {
-        return Err(ServiceError::TooManyEndpoints {
-            name: name(),
-            n: spec.endpoints.len(),
-        });
+    let n = spec.endpoints.len() + spec.terminating.len();
+    if n > usize::from(u16::MAX) {
+        return Err(ServiceError::TooManyEndpoints { name: name(), n });
     }
     if let Some(secs) = spec.affinity_timeout {
         if secs == 0 || secs > MAX_AFFINITY_TIMEOUT {

@@ -20,6 +20,7 @@ fn spec(endpoints: Vec<SocketAddrV4>, affinity: Option<u32>) -> ServiceSpec {
         endpoints,
         affinity_timeout: affinity,
         node_port: None,
+        ..Default::default()
     }
 }
 
@@ -509,4 +510,129 @@ fn test_port_range_parses_as_kube_apiserver_writes_it() {
     }
     let r = PortRange::new(30_000, 30_002).unwrap();
     assert!(r.contains(30_000) && r.contains(30_002) && !r.contains(30_003) && !r.contains(29_999));
+}
+
+fn binding_of(p: &NatPlan) -> ServiceBinding {
+    p.service.expect("a service connection")
+}
+
+/// kube-proxy's `CategorizeEndpoints`: serving-terminating endpoints take new connections only
+/// when no ready endpoint exists; connections bound to one carry on while it terminates.
+#[test]
+fn test_terminating_endpoints_are_a_fallback_and_keep_their_connections() {
+    let ready = ep(2, 2);
+    let leaving = ep(3, 2);
+    let aff = Affinity::default();
+    // Both ready: connections land on both.
+    let s = Services::build(options(), vec![spec(vec![ready, leaving], None)]).unwrap();
+    let on_leaving: Vec<NatPlan> = (1024..1124)
+        .map(|sport| s.plan(&conn(2, sport), local(), &aff, 0).unwrap())
+        .filter(|p| p.dnat == Some((*leaving.ip(), leaving.port())))
+        .collect();
+    assert!(!on_leaving.is_empty());
+    // `leaving` starts terminating: no new connection goes to it, old ones stay alive.
+    let terminating = ServiceSpec {
+        terminating: vec![leaving],
+        ..spec(vec![ready], None)
+    };
+    let s = Services::build(options(), vec![terminating.clone()]).unwrap();
+    for sport in 2000..2300 {
+        let p = s.plan(&conn(2, sport), local(), &aff, 0).unwrap();
+        assert_eq!(p.dnat, Some((*ready.ip(), ready.port())));
+    }
+    assert!(on_leaving.iter().all(|p| s.binding_alive(&binding_of(p))));
+    // The ready endpoint goes too: the terminating one takes new connections.
+    let s = Services::build(
+        options(),
+        vec![ServiceSpec {
+            endpoints: vec![],
+            ..terminating
+        }],
+    )
+    .unwrap();
+    let p = s.plan(&conn(2, 3000), local(), &aff, 0).unwrap();
+    assert_eq!(p.dnat, Some((*leaving.ip(), leaving.port())));
+    // Gone from the slice altogether: its connections are not alive any more.
+    let s = Services::build(options(), vec![spec(vec![ready], None)]).unwrap();
+    assert!(!s.binding_alive(&binding_of(&on_leaving[0])));
+}
+
+/// A sticky client whose backend starts terminating moves to a ready one.
+#[test]
+fn test_affinity_does_not_keep_a_terminating_backend_while_ready_ones_exist() {
+    let (a, b) = (ep(2, 2), ep(3, 2));
+    let aff = Affinity::default();
+    let s = Services::build(options(), vec![spec(vec![a, b], Some(100))]).unwrap();
+    let (ip, port) = s.plan(&conn(2, 1), local(), &aff, 0).unwrap().dnat.unwrap();
+    let stuck = SocketAddrV4::new(ip, port);
+    let other = if stuck == a { b } else { a };
+    let s = Services::build(
+        options(),
+        vec![ServiceSpec {
+            terminating: vec![stuck],
+            ..spec(vec![other], Some(100))
+        }],
+    )
+    .unwrap();
+    for sport in 2..20 {
+        let p = s.plan(&conn(2, sport), local(), &aff, 1).unwrap();
+        assert_eq!(p.dnat, Some((*other.ip(), other.port())));
+    }
+}
+
+/// `internalTrafficPolicy: Local`: only this node's endpoints (ready, else terminating); with
+/// none here but some elsewhere the connection is dropped, with none anywhere rejected.
+#[test]
+fn test_internal_traffic_policy_local() {
+    let here = Admission {
+        local_subnet: Some(local()),
+        ..Admission::default()
+    };
+    let local_spec = |endpoints, terminating| ServiceSpec {
+        internal_local: true,
+        terminating,
+        ..spec(endpoints, None)
+    };
+    let aff = Affinity::default();
+    let build = |s: ServiceSpec| {
+        let (services, report) = Services::admit(options(), &here, vec![s]);
+        assert!(report.is_empty(), "{report:?}");
+        services
+    };
+    // Endpoints here and elsewhere: always the one here.
+    let s = build(local_spec(vec![ep(2, 2), ep(3, 2), ep(5, 1)], vec![]));
+    for sport in 1024..1324 {
+        let p = s.plan(&conn(2, sport), local(), &aff, 0).unwrap();
+        assert_eq!(p.dnat, Some((Ipv4Addr::new(10, 244, 1, 5), 8080)));
+    }
+    // Here only a terminating one, elsewhere ready ones: the local terminating one.
+    let s = build(local_spec(vec![ep(2, 2)], vec![ep(5, 1)]));
+    let p = s.plan(&conn(2, 1), local(), &aff, 0).unwrap();
+    assert_eq!(p.dnat, Some((Ipv4Addr::new(10, 244, 1, 5), 8080)));
+    // None here: dropped; none anywhere: rejected.
+    let s = build(local_spec(vec![ep(2, 2)], vec![]));
+    assert_eq!(
+        s.plan(&conn(2, 1), local(), &aff, 0),
+        Err(NoBackend::NoLocalEndpoints)
+    );
+    let s = build(local_spec(vec![], vec![]));
+    assert_eq!(
+        s.plan(&conn(2, 1), local(), &aff, 0),
+        Err(NoBackend::NoEndpoints)
+    );
+    // NodePort traffic follows the external policy (Cluster): remote endpoints too.
+    let s = build(ServiceSpec {
+        node_port: Some(30080),
+        ..local_spec(vec![ep(2, 2)], vec![])
+    });
+    let outside = Tuple::new(
+        Ipv4Addr::new(192, 168, 0, 9),
+        5,
+        local().addr(),
+        30080,
+        PROTO_TCP,
+    );
+    assert!(s
+        .plan_node_port(&outside, local(), local().addr(), &aff, 0)
+        .is_ok());
 }

@@ -236,12 +236,11 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
         return Err(Stop::Drop(DropReason::Fragmented));
     }
-    // The next packet of the current run: no lookup, no lock.
-    if let Some(run) = tr.run.as_mut().filter(|r| r.tuple == tuple && runs_on(&l4)) {
-        if run.service.is_some_and(|b| !t.services.binding_alive(&b)) {
-            tr.finish();
-            return Err(endpoint_gone(flows, &tuple));
-        }
+    // The next packet of the current run: no lookup, no lock. A run whose endpoint left goes
+    // the long way, which knows the packet's direction.
+    if let Some(run) = tr.run.as_mut().filter(|r| {
+        r.tuple == tuple && runs_on(&l4) && r.service.is_none_or(|b| t.services.binding_alive(&b))
+    }) {
         run.packets += 1;
         run.bytes += pkt.len() as u64;
         if let L4::Tcp(seg) = l4 {
@@ -254,43 +253,14 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     if from == Ingress::Pods && !to_service && masquerade_forbidden(t, &tuple) {
         return Err(Stop::Drop(DropReason::MartianDestination));
     }
-    let mut refusal = None;
-    let r = flows.conntrack.track(&tuple, &l4, pkt.len(), now, |orig| {
-        if to_service {
-            return t
-                .services
-                .plan(orig, t.local.subnet, &flows.affinity, now)
-                .map_err(|e| refusal = Some(e));
-        }
-        match from {
-            Ingress::Wire => t
-                .services
-                .plan_node_port(orig, t.local.subnet, t.local.tun_addr, &flows.affinity, now)
-                .map_err(|e| refusal = Some(e)),
-            Ingress::Pods => Ok(masquerade(t, orig).unwrap_or_default()),
-            Ingress::Underlay => Ok(Default::default()),
-        }
-    });
-    let tracked = match r {
-        Ok(tracked) => tracked,
-        Err(CtError::Invalid) => return Err(Stop::Drop(DropReason::CtInvalid)),
-        Err(CtError::TableFull) => return Err(Stop::Drop(DropReason::CtTableFull)),
-        Err(CtError::NoPort) => return Err(Stop::Drop(DropReason::SnatPortsExhausted)),
-        Err(CtError::Refused) => {
-            return match (refusal, from) {
-                // From the wire, only a NodePort without endpoints is refused; anything else
-                // to the node's owned ports is no connection of ours.
-                (Some(NoBackend::NoService), Ingress::Wire) => {
-                    Err(Stop::Drop(DropReason::NotForThisNode))
-                }
-                (Some(NoBackend::NoEndpoints | NoBackend::NoService), _) => Err(Stop::Reject),
-                (None, _) => Err(Stop::Drop(DropReason::CtInvalid)),
-            };
-        }
-    };
+    let mut tracked = track_new(t, flows, now, &tuple, &l4, pkt.len(), from, to_service)?;
     if let Some(binding) = tracked.service {
         if !t.services.binding_alive(&binding) {
-            return Err(endpoint_gone(flows, &tuple));
+            let gone = endpoint_gone(flows, &tuple);
+            if tracked.dir != Dir::Original || !replans(&tuple, from) {
+                return Err(gone);
+            }
+            tracked = track_new(t, flows, now, &tuple, &l4, pkt.len(), from, to_service)?;
         }
     } else if to_service && tracked.dir == Dir::Original {
         // A connection tracked before its ClusterIP became a service: not ours to guess.
@@ -307,6 +277,61 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
         });
     }
     Ok(translate(pkt, &tuple, &tracked.to))
+}
+
+/// Whether a packet in the original direction of a service connection that lost its endpoint
+/// starts that flow anew rather than being dropped: a UDP datagram from the client (kube-proxy clears such UDP conntrack
+/// entries, so the client's next datagram reaches a live endpoint; a TCP connection cannot
+/// move and is dropped, then reset by the new backend).
+fn replans(tuple: &Tuple, from: Ingress) -> bool {
+    tuple.proto == PROTO_UDP && from != Ingress::Underlay
+}
+
+/// Looks `tuple` up in conntrack, creating its entry (with its NAT plan) if it is new.
+#[allow(clippy::too_many_arguments)]
+fn track_new(
+    t: &Tables,
+    flows: &Flows,
+    now: u64,
+    tuple: &Tuple,
+    l4: &L4,
+    len: usize,
+    from: Ingress,
+    to_service: bool,
+) -> Result<conntrack::Tracked, Stop> {
+    let mut refusal = None;
+    let r = flows.conntrack.track(tuple, l4, len, now, |orig| {
+        if to_service {
+            return t
+                .services
+                .plan(orig, t.local.subnet, &flows.affinity, now)
+                .map_err(|e| refusal = Some(e));
+        }
+        match from {
+            Ingress::Wire => t
+                .services
+                .plan_node_port(orig, t.local.subnet, t.local.tun_addr, &flows.affinity, now)
+                .map_err(|e| refusal = Some(e)),
+            Ingress::Pods => Ok(masquerade(t, orig).unwrap_or_default()),
+            Ingress::Underlay => Ok(Default::default()),
+        }
+    });
+    match r {
+        Ok(tracked) => Ok(tracked),
+        Err(CtError::Invalid) => Err(Stop::Drop(DropReason::CtInvalid)),
+        Err(CtError::TableFull) => Err(Stop::Drop(DropReason::CtTableFull)),
+        Err(CtError::NoPort) => Err(Stop::Drop(DropReason::SnatPortsExhausted)),
+        Err(CtError::Refused) => match (refusal, from) {
+            // From the wire, only a NodePort without endpoints is refused; anything else to the
+            // node's owned ports is no connection of ours.
+            (Some(NoBackend::NoService), Ingress::Wire) => {
+                Err(Stop::Drop(DropReason::NotForThisNode))
+            }
+            (Some(NoBackend::NoEndpoints | NoBackend::NoService), _) => Err(Stop::Reject),
+            (Some(NoBackend::NoLocalEndpoints), _) => Err(Stop::Drop(DropReason::NoLocalEndpoints)),
+            (None, _) => Err(Stop::Drop(DropReason::CtInvalid)),
+        },
+    }
 }
 
 /// Whether `orig` would be masqueraded (TCP or UDP from the cluster network to outside it and
@@ -481,6 +506,7 @@ mod tests {
                     endpoints: endpoints.to_vec(),
                     affinity_timeout: None,
                     node_port: None,
+                    ..Default::default()
                 },
                 ServiceSpec {
                     name: "default/empty".into(),
@@ -490,6 +516,7 @@ mod tests {
                     endpoints: vec![],
                     affinity_timeout: None,
                     node_port: None,
+                    ..Default::default()
                 },
             ],
         )
@@ -1042,6 +1069,68 @@ mod tests {
             CLIENT,
         );
         assert_eq!(tuple_of(&out).2, *b.ip());
+    }
+
+    /// `tables` with one UDP service, 10.96.0.53:53, backed by `endpoints`.
+    fn udp_tables(endpoints: &[SocketAddrV4]) -> Tables {
+        let t = tables(&[]);
+        let dns = ServiceSpec {
+            name: "kube-system/dns".into(),
+            cluster_ip: DNS_VIP,
+            port: 53,
+            proto: PROTO_UDP,
+            endpoints: endpoints.to_vec(),
+            ..Default::default()
+        };
+        let services = Services::build(*t.services.options(), vec![dns]).unwrap();
+        Tables {
+            services: Arc::new(services),
+            ..t
+        }
+    }
+
+    const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+
+    fn dgram(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+            .udp(sp, dp)
+            .write(&mut out, b"0123456789")
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn test_a_udp_flow_whose_endpoint_left_moves_to_a_live_one_without_a_drop() {
+        let old = SocketAddrV4::new(REMOTE_EP, 5353);
+        let new = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 5353);
+        let f = Flows::new(Default::default());
+        let query = dgram(CLIENT, 5000, DNS_VIP, 53);
+        let t = udp_tables(&[old]);
+        let out = run_batch(
+            &t,
+            &f,
+            Direction::FromTun,
+            std::slice::from_ref(&query),
+            CLIENT,
+        );
+        assert_eq!(tuple_of(&out[0].1).2, *old.ip());
+        // The server pod cycles: its replacement has another address. The client keeps
+        // sending, in a batch (a run) and alone: every datagram reaches the new one.
+        let t2 = udp_tables(&[new]);
+        let out = run_batch(&t2, &f, Direction::FromTun, &vec![query.clone(); 8], CLIENT);
+        for (v, pkt) in &out {
+            assert!(!matches!(v, Verdict::Drop(_)), "{v:?}");
+            assert_eq!(tuple_of(pkt).2, *new.ip());
+        }
+        // A late answer of the old pod is no longer translated: it is pod-to-pod traffic now.
+        let late = dgram(*old.ip(), 5353, CLIENT, 5000);
+        let (_, out) = run(&t2, &f, Direction::FromUnderlay, &late, NODE_B);
+        assert_eq!(tuple_of(&out).0, *old.ip());
+        // The new pod's answer comes back from the ClusterIP.
+        let answer = dgram(*new.ip(), 5353, CLIENT, 5000);
+        let (_, out) = run(&t2, &f, Direction::FromUnderlay, &answer, NODE_B);
+        assert_eq!(tuple_of(&out), (DNS_VIP, 53, CLIENT, 5000));
     }
 
     #[test]
