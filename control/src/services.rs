@@ -1,15 +1,33 @@
 //! Where services come from: a services file (`--services file:PATH`, re-read when it changes)
-//! whose objects are kube-proxy's view of a Service and its EndpointSlices:
+//! or the store (`<prefix>/services/<namespace>/<name>` in etcd, the API's objects with
+//! `--kube-subnet-mgr`). Each object is one of two shapes:
+//!
+//! - an **API record**: a Service and its EndpointSlices as the Kubernetes API holds them
+//!   (every field kube-proxy reads: ports with names and NodePorts, sessionAffinity and its
+//!   timeout, internalTrafficPolicy; endpoints with their conditions ready, serving and
+//!   terminating, nodeName, zone), read by [`crate::kube_services::specs`]:
 //!
 //! ```json
-//! {"services": [{"name": "default/web", "clusterIP": "10.96.0.10", "protocol": "TCP",
-//!   "port": 80, "endpoints": [{"ip": "10.244.2.2", "port": 8080}],
-//!   "sessionAffinity": "ClientIP", "sessionAffinityTimeoutSeconds": 10800,
-//!   "nodePort": 30080}]}
+//! {"service": {"metadata": {"namespace": "default", "name": "web"},
+//!              "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}},
+//!  "endpointSlices": [{"addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+//!    "endpoints": [{"addresses": ["10.244.2.2"], "conditions": {"ready": true},
+//!                   "nodeName": "node-2"}]}]}
 //! ```
 //!
-//! `protocol` defaults to TCP, `sessionAffinity` to None, its timeout to Kubernetes' 10800 s.
-//! The same object, one per key, is what `<prefix>/services/<namespace>/<name>` holds in etcd.
+//! - a **port record**, one service port in short:
+//!
+//! ```json
+//! {"name": "default/web", "clusterIP": "10.96.0.10", "protocol": "TCP",
+//!   "port": 80, "endpoints": [{"ip": "10.244.2.2", "port": 8080}],
+//!   "sessionAffinity": "ClientIP", "sessionAffinityTimeoutSeconds": 10800,
+//!   "nodePort": 30080}
+//! ```
+//!
+//!   `protocol` defaults to TCP, `sessionAffinity` to None, its timeout to Kubernetes' 10800 s;
+//!   its endpoints are ready ones.
+//!
+//! In etcd the key names the object, which may then leave its name out.
 //!
 //! Each object stands alone: one that does not parse is left out with why, and [`snapshot`]
 //! hands the rest to the dataplane's checks ([`Services::admit`]), which leave out a bad
@@ -67,6 +85,58 @@ struct ServiceJson {
     session_affinity_timeout_seconds: Option<u32>,
     #[serde(default)]
     node_port: Option<u16>,
+}
+
+/// A Service and its EndpointSlices as the API holds them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ApiRecord {
+    service: k8s_openapi::api::core::v1::Service,
+    #[serde(default)]
+    endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+}
+
+impl ApiRecord {
+    /// Its service ports; `name` (`namespace/name`) names a Service whose metadata does not.
+    fn into_specs(mut self, name: &str) -> Result<Vec<ServiceSpec>, ServicesError> {
+        let meta = &mut self.service.metadata;
+        if meta.name.as_deref().unwrap_or_default().is_empty() {
+            let (ns, n) = name.split_once('/').unwrap_or(("default", name));
+            if n.is_empty() {
+                return Err(ServicesError::Invalid {
+                    name: name.to_string(),
+                    why: "no name".into(),
+                });
+            }
+            meta.namespace = Some(ns.to_string());
+            meta.name = Some(n.to_string());
+        }
+        let slices: Vec<_> = self.endpoint_slices.iter().collect();
+        crate::kube_services::specs(&self.service, &slices)
+    }
+}
+
+/// Parses one object of either shape (see the module's documentation); `name` is what names
+/// it when it does not name itself (its etcd key), `what` where it came from (for errors).
+fn parse_value(
+    value: serde_json::Value,
+    name: &str,
+    what: &str,
+) -> Result<Vec<ServiceSpec>, ServicesError> {
+    let json_err = |source| ServicesError::Json {
+        what: what.to_string(),
+        source,
+    };
+    if value.get("service").is_some() {
+        return serde_json::from_value::<ApiRecord>(value)
+            .map_err(json_err)?
+            .into_specs(name);
+    }
+    let mut s: ServiceJson = serde_json::from_value(value).map_err(json_err)?;
+    if s.name.is_empty() {
+        s.name = name.to_string();
+    }
+    s.into_spec().map(|spec| vec![spec])
 }
 
 fn tcp() -> String {
@@ -147,18 +217,20 @@ pub fn parse_file(text: &str, what: &str) -> Result<Parsed, ServicesError> {
     let mut out = Parsed::default();
     for (i, value) in f.services.into_iter().enumerate() {
         // Name the object by its name if it has one, else by its place in the file.
-        let label = match value.get("name").and_then(|n| n.as_str()) {
+        let str_at = |p: &str| value.pointer(p).and_then(|n| n.as_str());
+        let named = match str_at("/service/metadata/name") {
+            Some(n) => Some(format!(
+                "{}/{n}",
+                str_at("/service/metadata/namespace").unwrap_or("default")
+            )),
+            None => str_at("/name").map(str::to_string),
+        };
+        let label = match named {
             Some(n) if !n.is_empty() => format!("{what}: service {n}"),
             _ => format!("{what}: services[{i}]"),
         };
-        let parsed = serde_json::from_value::<ServiceJson>(value)
-            .map_err(|source| ServicesError::Json {
-                what: label,
-                source,
-            })
-            .and_then(ServiceJson::into_spec);
-        match parsed {
-            Ok(spec) => out.specs.push(spec),
+        match parse_value(value, "", &label) {
+            Ok(specs) => out.specs.extend(specs),
             Err(e) => out.rejected.push(e),
         }
     }
@@ -166,17 +238,13 @@ pub fn parse_file(text: &str, what: &str) -> Result<Parsed, ServicesError> {
 }
 
 /// Parses one service object (an etcd value) stored under `name` (`namespace/name`), which it
-/// takes as its name unless it names itself.
-pub fn parse_one(text: &[u8], name: &str) -> Result<ServiceSpec, ServicesError> {
-    let mut s: ServiceJson =
-        serde_json::from_slice(text).map_err(|source| ServicesError::Json {
-            what: name.to_string(),
-            source,
-        })?;
-    if s.name.is_empty() {
-        s.name = name.to_string();
-    }
-    s.into_spec()
+/// takes as its name unless it names itself: its service ports.
+pub fn parse_one(text: &[u8], name: &str) -> Result<Vec<ServiceSpec>, ServicesError> {
+    let value = serde_json::from_slice(text).map_err(|source| ServicesError::Json {
+        what: name.to_string(),
+        source,
+    })?;
+    parse_value(value, name, name)
 }
 
 /// The services of `<prefix>/services/<namespace>/<name>` keys; a malformed one is left out
@@ -189,7 +257,7 @@ pub fn parse_etcd(items: &[(String, Vec<u8>)]) -> Parsed {
             .split_once("/services/")
             .map_or(key.as_str(), |(_, n)| n);
         match parse_one(value, name) {
-            Ok(spec) => out.specs.push(spec),
+            Ok(specs) => out.specs.extend(specs),
             Err(e) => out.rejected.push(e),
         }
     }
@@ -312,6 +380,48 @@ mod tests {
         assert_eq!(specs[1].affinity_timeout, Some(10_800));
         assert_eq!(specs[2].proto, PROTO_TCP);
         assert!(specs[2].endpoints.is_empty());
+    }
+
+    #[test]
+    fn test_api_records_in_the_file_and_in_etcd() {
+        let record = r#"{"service": {"metadata": {"namespace": "default", "name": "web"},
+              "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                       "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                                 {"name": "metrics", "port": 9090}]}},
+            "endpointSlices": [{"metadata": {"name": "web-abc"}, "addressType": "IPv4",
+              "ports": [{"name": "http", "port": 8080}, {"name": "metrics", "port": 9100}],
+              "endpoints": [
+                {"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "n2", "zone": "a"},
+                {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "n3"}
+              ]}]}"#;
+        let parsed = parse_file(&format!(r#"{{"services": [{record}]}}"#), "test").unwrap();
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        let names: Vec<_> = parsed.specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/web:http", "default/web:metrics"]);
+        let http = &parsed.specs[0];
+        assert_eq!(http.endpoints, ["10.244.2.2:8080".parse().unwrap()]);
+        assert_eq!(http.terminating, ["10.244.3.2:8080".parse().unwrap()]);
+        assert_eq!(http.node_port, Some(30080));
+        assert!(http.internal_local);
+        assert_eq!(parsed.specs[1].endpoints[0].port(), 9100);
+        // In etcd the key names a Service whose metadata does not.
+        let unnamed = record.replace(
+            r#""metadata": {"namespace": "default", "name": "web"},"#,
+            "",
+        );
+        let parsed = parse_etcd(&[(
+            "/coreos.com/network/services/shop/cart".to_string(),
+            unnamed.into_bytes(),
+        )]);
+        assert_eq!(parsed.specs[0].name, "shop/cart:http");
+        // A record with a field the API does not have is refused, named.
+        let typo = record.replace("endpointSlices", "endpointSlice");
+        let parsed = parse_file(&format!(r#"{{"services": [{typo}]}}"#), "test").unwrap();
+        let e = parsed.rejected[0].to_string();
+        assert!(
+            e.contains("default/web") && e.contains("endpointSlice"),
+            "{e}"
+        );
     }
 
     #[test]
