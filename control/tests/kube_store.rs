@@ -340,11 +340,27 @@ fn test_services_come_from_services_and_endpoint_slices_as_kube_proxy_reads_them
         .apply_endpoint_slice(slice(&["10.244.2.2", "10.244.3.2"]))
         .unwrap();
     let mut s = store(&c, "n1");
-    let got = services_until(&mut s, &["kube/services/default/web:http"]);
+    // One API record per Service; the service ports come out of podwire's parser.
+    let got = services_until(&mut s, &["kube/services/default/web"]);
+    let ports = |items: Vec<(String, serde_json::Value)>| {
+        let raw: Vec<(String, Vec<u8>)> = items
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string().into_bytes()))
+            .collect();
+        podwire::services::parse_etcd(&raw)
+    };
+    let parsed = ports(got);
+    assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+    let web = &parsed.specs[0];
+    assert_eq!(web.name, "default/web:http");
     assert_eq!(
-        got[0].1,
-        json!({"clusterIP": "10.96.0.10", "protocol": "TCP", "port": 80,
-               "endpoints": [{"ip": "10.244.2.2", "port": 8080}, {"ip": "10.244.3.2", "port": 8080}]})
+        (web.cluster_ip.to_string(), web.port),
+        ("10.96.0.10".to_string(), 80)
+    );
+    let addrs = |v: &[std::net::SocketAddrV4]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        addrs(&web.endpoints),
+        ["10.244.2.2:8080", "10.244.3.2:8080"]
     );
     assert!(matches!(s.services(), Ok(None)), "unchanged: nothing new");
     // An endpoint removed: the record follows.
@@ -352,16 +368,16 @@ fn test_services_come_from_services_and_endpoint_slices_as_kube_proxy_reads_them
         .apply_endpoint_slice(slice(&["10.244.3.2"]))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut eps = json!(null);
+    let mut eps = Vec::new();
     while Instant::now() < deadline {
         if let Ok(Some(items)) = s.services() {
-            let v: serde_json::Value = serde_json::from_slice(&items[0].1).unwrap();
-            eps = v["endpoints"].clone();
-            if eps == json!([{"ip": "10.244.3.2", "port": 8080}]) {
+            let parsed = podwire::services::parse_etcd(&items);
+            eps = addrs(&parsed.specs[0].endpoints);
+            if eps == ["10.244.3.2:8080"] {
                 break;
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(eps, json!([{"ip": "10.244.3.2", "port": 8080}]));
+    assert_eq!(eps, ["10.244.3.2:8080"]);
 }
