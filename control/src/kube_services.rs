@@ -14,11 +14,10 @@
 //! node's (for `internalTrafficPolicy: Local`) is decided by address, within the node's lease:
 //! what `nodeName` says for a pod's address.
 
-use crate::services::ServicesError;
+use crate::services::{self, ServicesError};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use podwire_dataplane::conntrack::{PROTO_TCP, PROTO_UDP};
-use podwire_dataplane::nat::{ServiceSpec, DEFAULT_AFFINITY_TIMEOUT};
+use podwire_dataplane::nat::ServiceSpec;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -115,22 +114,16 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
     if kind == "ExternalName" {
         return Ok(Vec::new());
     }
-    let affinity_timeout = match spec.session_affinity.as_deref() {
-        None | Some("None") => None,
-        Some("ClientIP") => Some(
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT), u32::try_from)
-                .map_err(|_| invalid("sessionAffinity timeoutSeconds below 0".into()))?,
-        ),
-        Some(other) => {
-            return Err(invalid(format!(
-                "sessionAffinity {other:?}: None or ClientIP"
-            )))
-        }
-    };
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .map(u32::try_from)
+        .transpose()
+        .map_err(|_| invalid("sessionAffinity timeoutSeconds below 0".into()))?;
+    let affinity_timeout =
+        services::session_affinity(spec.session_affinity.as_deref(), timeout).map_err(invalid)?;
     let internal_local = match spec.internal_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
@@ -143,10 +136,8 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
-        let proto = match protocol {
-            "TCP" => PROTO_TCP,
-            "UDP" => PROTO_UDP,
-            _ => continue,
+        let Some(proto) = services::protocol(protocol) else {
+            continue; // SCTP
         };
         let port_name = port.name.as_deref().unwrap_or_default();
         let number = u16::try_from(port.port)
@@ -225,6 +216,7 @@ pub fn records(
 mod tests {
     use super::*;
     use crate::services::parse_etcd;
+    use podwire_dataplane::conntrack::{PROTO_TCP, PROTO_UDP};
     use serde_json::Value;
 
     fn service(v: Value) -> Service {

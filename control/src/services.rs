@@ -162,23 +162,13 @@ impl ServiceJson {
             name: self.name.clone(),
             why,
         };
-        let proto = match self.protocol.as_str() {
-            "TCP" => PROTO_TCP,
-            "UDP" => PROTO_UDP,
-            other => return Err(invalid(format!("protocol {other:?}: TCP or UDP"))),
-        };
-        let affinity_timeout = match self.session_affinity.as_deref() {
-            None | Some("None") => None,
-            Some("ClientIP") => Some(
-                self.session_affinity_timeout_seconds
-                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
-            ),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "sessionAffinity {other:?}: None or ClientIP"
-                )))
-            }
-        };
+        let proto = protocol(&self.protocol)
+            .ok_or_else(|| invalid(format!("protocol {:?}: TCP or UDP", self.protocol)))?;
+        let affinity_timeout = session_affinity(
+            self.session_affinity.as_deref(),
+            self.session_affinity_timeout_seconds,
+        )
+        .map_err(invalid)?;
         if self.port == 0 {
             return Err(invalid("port 0".into()));
         }
@@ -196,6 +186,28 @@ impl ServiceJson {
             node_port: self.node_port,
             ..Default::default()
         })
+    }
+}
+
+/// A service port's protocol as the API spells it, if podwire serves it: TCP or UDP.
+pub(crate) fn protocol(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// `sessionAffinity` and its timeout as the API spells them: the timeout in seconds for
+/// ClientIP (Kubernetes' default if none is given), None for None; anything else is why not.
+pub(crate) fn session_affinity(
+    kind: Option<&str>,
+    timeout: Option<u32>,
+) -> Result<Option<u32>, String> {
+    match kind {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => Ok(Some(timeout.unwrap_or(DEFAULT_AFFINITY_TIMEOUT))),
+        Some(other) => Err(format!("sessionAffinity {other:?}: None or ClientIP")),
     }
 }
 

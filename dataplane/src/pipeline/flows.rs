@@ -253,14 +253,14 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     if from == Ingress::Pods && !to_service && masquerade_forbidden(t, &tuple) {
         return Err(Stop::Drop(DropReason::MartianDestination));
     }
-    let mut tracked = track_new(t, flows, now, &tuple, &l4, pkt.len(), from, to_service)?;
+    let mut tracked = track_new(t, tr, &tuple, &l4, pkt.len(), from)?;
     if let Some(binding) = tracked.service {
         if !t.services.binding_alive(&binding) {
             let gone = endpoint_gone(flows, &tuple);
             if tracked.dir != Dir::Original || !replans(&tuple, from) {
                 return Err(gone);
             }
-            tracked = track_new(t, flows, now, &tuple, &l4, pkt.len(), from, to_service)?;
+            tracked = track_new(t, tr, &tuple, &l4, pkt.len(), from)?;
         }
     } else if to_service && tracked.dir == Dir::Original {
         // A connection tracked before its ClusterIP became a service: not ours to guess.
@@ -288,17 +288,16 @@ fn replans(tuple: &Tuple, from: Ingress) -> bool {
 }
 
 /// Looks `tuple` up in conntrack, creating its entry (with its NAT plan) if it is new.
-#[allow(clippy::too_many_arguments)]
 fn track_new(
     t: &Tables,
-    flows: &Flows,
-    now: u64,
+    tr: &Tracker,
     tuple: &Tuple,
     l4: &L4,
     len: usize,
     from: Ingress,
-    to_service: bool,
 ) -> Result<conntrack::Tracked, Stop> {
+    let (flows, now) = (tr.flows, tr.now);
+    let to_service = from == Ingress::Pods && t.services.in_cidr(tuple.dst);
     let mut refusal = None;
     let r = flows.conntrack.track(tuple, l4, len, now, |orig| {
         if to_service {
