@@ -45,6 +45,16 @@ use podwire_dataplane::route::{Backend, Ipv4Net, Node, SubnetMap};
 use podwire_dataplane::stats::Counter;
 use podwire_dataplane::wire::{arp, ethernet, icmpv4, ipv4, ipv6, tcp, udp, vnet, vxlan, MacAddr};
 use proptest::prelude::*;
+
+/// The serving-but-terminating endpoints of the fuzz world's service `k`: every third has one,
+/// so random packets meet the fallback to them.
+fn terminating_endpoints(k: usize) -> Vec<SocketAddrV4> {
+    if k % 3 == 2 {
+        vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 80)]
+    } else {
+        Vec::new()
+    }
+}
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -399,11 +409,7 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
             // Small, so random packets hit them.
             node_port: Some(port),
             // Some terminating endpoints and Local policies, so random packets meet them.
-            terminating: if k % 3 == 2 {
-                vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 80)]
-            } else {
-                Vec::new()
-            },
+            terminating: terminating_endpoints(k),
             internal_local: k % 2 == 0,
         })
         .collect();
@@ -1100,10 +1106,11 @@ fn check(
                     o.dst
                 );
                 if r.wire {
-                    let endpoint = w
-                        .service_list()
-                        .iter()
-                        .any(|s| s.3.iter().any(|e| *e.ip() == o.dst));
+                    let endpoint = w.service_list().iter().enumerate().any(|(k, s)| {
+                        s.3.iter()
+                            .chain(&terminating_endpoints(k))
+                            .any(|e| *e.ip() == o.dst)
+                    });
                     // Or the node's port unreachable back to a client that is a pod (a NodePort
                     // without endpoints).
                     let client = input.as_ref().map(|ip| ip.src);
