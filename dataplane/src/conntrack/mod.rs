@@ -539,8 +539,18 @@ impl Conntrack {
             reply.dst = addr;
             reply.dport = self.snat_port(s, shard, &reply, nat.snat_ports)?;
         }
+        if nat.snat.is_none()
+            && matches!(t.proto, PROTO_TCP | PROTO_UDP)
+            && s.index.contains_key(&reply)
+        {
+            // The reply tuple is another connection's: the client reused a source port toward
+            // another ClusterIP that chose the same backend, or went straight to a backend it
+            // also reaches through a service. netfilter's null binding remaps the source port
+            // then (`get_unique_tuple`); so does this, rather than dropping every SYN.
+            reply.dport = self.snat_port(s, shard, &reply, None)?;
+        }
         if s.index.contains_key(&reply) {
-            // The reply tuple belongs to another connection (netfilter's clash): refuse.
+            // Still another connection's (no port left to remap to): refuse.
             s.counters.invalid += 1;
             return Err(CtError::Invalid);
         }

@@ -218,6 +218,45 @@ fn test_dnat_translates_both_directions() {
 }
 
 #[test]
+fn test_a_reply_tuple_clash_remaps_the_source_port_as_netfilter() {
+    // The client reuses port 40000 toward a second ClusterIP whose choice is the same backend:
+    // both connections' replies would be S:8080 -> C:40000.
+    let ct = Conntrack::new(Config::default());
+    let dnat = |_: &Tuple| {
+        Ok(NatPlan {
+            dnat: Some((S, 8080)),
+            ..NatPlan::default()
+        })
+    };
+    let first = Tuple::new(C, 40000, VIP, 80, PROTO_TCP);
+    ct.track(&first, &seg(SYN, 1, 0), 60, 0, dnat).unwrap();
+    let vip2 = Ipv4Addr::new(10, 96, 0, 20);
+    let second = Tuple::new(C, 40000, vip2, 80, PROTO_TCP);
+    let t = ct.track(&second, &seg(SYN, 7, 0), 60, 0, dnat).unwrap();
+    assert_eq!((t.to.src, t.to.dst, t.to.dport), (C, S, 8080));
+    assert_ne!(t.to.sport, 40000, "the source port is remapped");
+    // Each backend answer goes back to its own connection, from its own ClusterIP.
+    let back = |port| Tuple::new(S, 8080, C, port, PROTO_TCP);
+    let r = ct
+        .track(&back(40000), &seg(SYN | ACK, 9, 2), 60, 0, |_| {
+            panic!("no new")
+        })
+        .unwrap();
+    assert_eq!(r.to, Tuple::new(VIP, 80, C, 40000, PROTO_TCP));
+    let r = ct
+        .track(&back(t.to.sport), &seg(SYN | ACK, 9, 8), 60, 0, |_| {
+            panic!("no new")
+        })
+        .unwrap();
+    assert_eq!(r.to, Tuple::new(vip2, 80, C, 40000, PROTO_TCP));
+    // The client's next packet on the second connection keeps the remapped port.
+    let again = ct
+        .track(&second, &seg(ACK, 8, 10), 52, 0, |_| panic!("no new"))
+        .unwrap();
+    assert_eq!(again.to, t.to);
+}
+
+#[test]
 fn test_snat_picks_a_port_in_the_same_shard_and_never_clashes() {
     let ct = Conntrack::new(Config::default());
     let mut ports = std::collections::HashSet::new();
