@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use podwire_lab::cluster::bench::BenchMode;
-use podwire_lab::cluster::{Backend, LabOptions, Refused, VxlanTx};
+use podwire_lab::cluster::{Backend, KubeProxyMode, LabOptions, Refused, VxlanTx};
 use podwire_lab::{cluster, daemon_binary};
 use std::path::PathBuf;
 
@@ -154,13 +154,19 @@ struct LabArgs {
     vxlan_tx: VxlanTx,
     /// Add ClusterIP services translated by podwire (3 nodes or more): 300 connections spread
     /// over 3 backends on 2 nodes, UDP, hairpin, a service without endpoints, a backend removed
-    /// mid-run.
+    /// mid-run, and Kubernetes' e2e service behaviours (terminating endpoints,
+    /// internalTrafficPolicy Local, ClientIP affinity, multi-port, a UDP server that moves, an
+    /// out-of-window segment).
     #[arg(long)]
     services: bool,
     /// `podwire run --ip-masq` on the podwire nodes: a pod reaches a host outside the cluster
     /// as its node.
     #[arg(long)]
     ip_masq: bool,
+    /// With --services and --backend kernel-vxlan: which kube-proxy mode serves node 1's pod,
+    /// `iptables` (KUBE-SVC chains) or `nftables` (its `ip kube-proxy` table).
+    #[arg(long, value_enum, default_value_t = KubeProxyMode::Iptables)]
+    kube_proxy: KubeProxyMode,
     /// Set every node's iptables FORWARD policy to DROP (as Docker does) before the nodes
     /// start: podwire nodes must get past it with their FORWARD accept rules
     /// (`run --iptables-forward-rules`, on by default); kernel nodes get flanneld's.
@@ -274,6 +280,7 @@ impl LabArgs {
             vxlan_tx: self.vxlan_tx,
             services: self.services,
             ip_masq: self.ip_masq,
+            kube_proxy: self.kube_proxy,
             conntrack: self.conntrack == Switch::On,
             l2: self.mode == Mode::L2,
             udp_gro: true,

@@ -999,12 +999,24 @@ const SERVICE_CHECKS: [&str; 7] = [
     "packets of removed endpoints counted",
 ];
 
+/// The Kubernetes e2e behaviours (`service_behaviours`), which podwire and both of
+/// kube-proxy's modes must show alike.
+const BEHAVIOUR_CHECKS: [&str; 7] = [
+    "a ClusterIP without endpoints rejects UDP",
+    "terminating endpoints serve only when no ready one is left",
+    "internalTrafficPolicy Local: this node's endpoint only",
+    "sessionAffinity ClientIP: 15 connections in a row",
+    "a Service with a TCP and a UDP port serves both",
+    "a UDP client that keeps sending reaches its server's replacement pod",
+    "an out-of-window segment from the backend never reaches the client untranslated",
+];
+
 #[test]
-fn services_through_podwire_behave_as_kube_proxy_iptables() {
+fn services_through_podwire_behave_as_kube_proxy_iptables_and_nftables() {
     let Some(_slot) = lab_slot() else { return };
     // Node 1's pod calls ClusterIPs backed by pods on nodes 2 and 3 and by itself: once through
-    // podwire (udp backend), once through kube-proxy's iptables rules on the kernel (no
-    // podwire), built by the lab from the same services.
+    // podwire (udp backend), once through kube-proxy's iptables rules and once through its
+    // nftables table on the kernel (no podwire), built by the lab from the same services.
     // podwire's nodes also masquerade (--ip-masq): pods keep their addresses to each other
     // (the backends see the client) and reach outside hosts as their node.
     let (pw, pw_text) = run_lab(&[
@@ -1024,8 +1036,39 @@ fn services_through_podwire_behave_as_kube_proxy_iptables() {
         "--transfer-mb",
         "5",
     ]);
+    let (nft, nft_text) = run_lab(&[
+        "--nodes",
+        "3",
+        "--backend",
+        "kernel-vxlan",
+        "--services",
+        "--kube-proxy",
+        "nftables",
+        "--transfer-mb",
+        "1",
+    ]);
     assert_all_checks_pass(&pw, &pw_text);
     assert_all_checks_pass(&kp, &kp_text);
+    assert_all_checks_pass(&nft, &nft_text);
+    for (report, text) in [(&pw, &pw_text), (&kp, &kp_text), (&nft, &nft_text)] {
+        for name in BEHAVIOUR_CHECKS.iter().chain(&SERVICE_CHECKS[..5]) {
+            assert_eq!(check(report, name)["ok"], true, "{name}: {text}");
+        }
+    }
+    // The out-of-window segment: dropped by iptables mode's INVALID rule; translated by
+    // podwire and by nftables mode (both liberal), so it arrives from the ClusterIP.
+    let invalid = BEHAVIOUR_CHECKS[6];
+    assert!(check(&kp, invalid)["detail"]
+        .as_str()
+        .unwrap()
+        .contains("never reached the client"));
+    for report in [&pw, &nft] {
+        let detail = check(report, invalid)["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("reached the client from 10.96.0.26:80"),
+            "{detail}"
+        );
+    }
     for name in SERVICE_CHECKS
         .iter()
         .chain(&["--ip-masq: a pod sends 2 MB to a host outside"])
@@ -1077,7 +1120,7 @@ fn services_with_backends_behind_kernel_vxlan_nodes() {
         "5",
     ]);
     assert_all_checks_pass(&report, &text);
-    for name in SERVICE_CHECKS {
+    for name in SERVICE_CHECKS.iter().chain(&BEHAVIOUR_CHECKS) {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {text}");
     }
 }

@@ -266,47 +266,24 @@ pub fn expired_watch_check(
     })
 }
 
-/// The lab's services (the services file's objects, see `services_lab`) as the API holds
-/// them: a Service per object (NodePort when it has one) and an EndpointSlice with its
-/// endpoints, ready, labelled with the Service's name, as the EndpointSlice controller writes.
-pub fn put_services(handle: &Handle, services: &serde_json::Value) -> Result<()> {
+/// The lab's services (see `services_lab`) as the API holds them: each Service and its
+/// EndpointSlice (endpoint conditions, nodeName, labelled with the Service's name, as the
+/// EndpointSlice controller writes it), applied over what is there.
+pub fn put_services(handle: &Handle, services: &[super::service_catalogue::Service]) -> Result<()> {
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use serde_json::json;
-    for svc in services["services"].as_array().into_iter().flatten() {
-        let full = svc["name"].as_str().unwrap_or_default();
-        let (ns, name) = full.split_once('/').unwrap_or(("default", full));
-        let protocol = svc["protocol"].as_str().unwrap_or("TCP");
-        let eps = svc["endpoints"].as_array().cloned().unwrap_or_default();
-        let target = eps.first().and_then(|e| e["port"].as_u64()).unwrap_or(8080);
-        let mut port = json!({"port": svc["port"], "protocol": protocol, "targetPort": target});
-        let mut spec = json!({"type": "ClusterIP", "clusterIP": svc["clusterIP"], "ports": []});
-        if let Some(np) = svc["nodePort"].as_u64() {
-            port["nodePort"] = json!(np);
-            spec["type"] = json!("NodePort");
-        }
-        spec["ports"] = json!([port]);
-        let service: Service = serde_json::from_value(json!({
-            "metadata": {"namespace": ns, "name": name},
-            "spec": spec,
-        }))?;
-        let endpoints: Vec<serde_json::Value> = eps
-            .iter()
-            .map(|e| json!({"addresses": [e["ip"]], "conditions": {"ready": true}}))
-            .collect();
-        let slice: EndpointSlice = serde_json::from_value(json!({
-            "metadata": {"namespace": ns, "name": format!("{name}-lab"),
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"port": target, "protocol": protocol}],
-            "endpoints": endpoints,
-        }))?;
+    for svc in services {
+        let record = svc.api_record();
+        let service: Service = serde_json::from_value(record["service"].clone())?;
         handle
             .apply_service(service)
-            .map_err(|e| anyhow::anyhow!("Service {full}: {e:?}"))?;
-        handle
-            .apply_endpoint_slice(slice)
-            .map_err(|e| anyhow::anyhow!("EndpointSlice of {full}: {e:?}"))?;
+            .map_err(|e| anyhow::anyhow!("Service {}: {e:?}", svc.name))?;
+        for slice in record["endpointSlices"].as_array().into_iter().flatten() {
+            let slice: EndpointSlice = serde_json::from_value(slice.clone())?;
+            handle
+                .apply_endpoint_slice(slice)
+                .map_err(|e| anyhow::anyhow!("EndpointSlice of {}: {e:?}", svc.name))?;
+        }
     }
     Ok(())
 }

@@ -19,12 +19,15 @@ mod etcd_lab;
 mod fairness;
 mod icmp_forge;
 mod kube_lab;
+mod kube_proxy_nft;
 mod l2_lab;
 mod lifecycle;
 mod netns;
 mod nodes;
 mod options;
 mod sequence;
+mod service_behaviours;
+mod service_catalogue;
 mod services_lab;
 mod soak;
 mod summary;
@@ -34,7 +37,7 @@ mod traffic;
 use checks::*;
 use ctl_check::*;
 use nodes::*;
-pub use options::{value_name, Backend, Refused, VxlanTx};
+pub use options::{value_name, Backend, KubeProxyMode, Refused, VxlanTx};
 use sequence::*;
 use summary::*;
 use topology::*;
@@ -89,6 +92,8 @@ pub struct LabOptions {
     pub services: bool,
     /// `podwire run --ip-masq` on every podwire node, and the masquerade check.
     pub ip_masq: bool,
+    /// With `services` and node 1 a kernel node: kube-proxy's mode there.
+    pub kube_proxy: KubeProxyMode,
     /// Connection tracking on the podwire nodes (`--conntrack`).
     pub conntrack: bool,
     /// `--soak SECS`: a fixed-rate UDP stream pod 1 -> pod 2 this long, with the daemons'

@@ -31,6 +31,18 @@ pub enum VxlanTx {
     FlowPorts,
 }
 
+/// Which of kube-proxy's modes is the baseline's service proxy on a kernel node 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KubeProxyMode {
+    /// iptables-restore of KUBE-SERVICES/KUBE-SVC-*/KUBE-SEP-* chains.
+    #[value(name = "iptables")]
+    Iptables,
+    /// `nft -f` of the `ip kube-proxy` table (verdict maps), with
+    /// `--conntrack-tcp-be-liberal` as kube-proxy's docs ask of that mode.
+    #[value(name = "nftables")]
+    Nftables,
+}
+
 /// The name a user types for `v`, e.g. `kernel-vxlan`.
 pub fn value_name<T: ValueEnum>(v: &T) -> String {
     v.to_possible_value()
@@ -148,6 +160,7 @@ mod tests {
             vxlan_tx: VxlanTx::Socket,
             services: false,
             ip_masq: false,
+            kube_proxy: KubeProxyMode::Iptables,
             conntrack: true,
             soak_seconds: 0,
             soak_pps: 1,

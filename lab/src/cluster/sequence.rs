@@ -387,7 +387,7 @@ pub(super) fn services_source(
     opts: &LabOptions,
 ) -> services_lab::Source {
     if opts.is_kernel_node(1) {
-        services_lab::Source::KubeProxy
+        services_lab::Source::KubeProxy(opts.kube_proxy)
     } else if opts.etcd {
         services_lab::Source::Etcd(Arc::clone(res))
     } else if opts.kube {

@@ -14,12 +14,16 @@
 //! Every backend runs a small server in its pod that answers each request with the address
 //! it served on, the peer it saw and the SHA-256 of what it received.
 
+use super::kube_proxy_nft::kube_proxy_nft_rules;
 use super::netns;
+use super::service_catalogue::{
+    file_json, kube_proxy_rules, Endpoint, Port, Proto, Service, Usable,
+};
 use super::traffic::Pattern;
+use super::KubeProxyMode;
 use super::{Check, Names, Resources};
 use crate::etcd_server::EtcdServer;
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -33,52 +37,135 @@ pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 pub const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
-const BACKEND_PORT: u16 = 8080;
+/// Endpoints that start terminating (ready false, serving true), then are the only ones left.
+pub(super) const TERM_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// internalTrafficPolicy Local with an endpoint on node 1.
+pub(super) const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+/// internalTrafficPolicy Local with endpoints on nodes 2 and 3 only.
+pub(super) const ELSEWHERE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+/// sessionAffinity ClientIP.
+pub(super) const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 23);
+pub(super) const AFFINITY_SECS: u32 = 1;
+/// http 80/TCP and dns 53/UDP.
+pub(super) const MULTI_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 24);
+/// UDP whose one server moves from pod 2 to pod 3.
+pub(super) const CYCLE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 25);
+/// One backend (pod 3), which injects an out-of-window segment.
+pub(super) const GUARD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 26);
+pub(super) const BACKEND_PORT: u16 = 8080;
 pub const WEB_NODE_PORT: u16 = 30080;
 pub const SELF_NODE_PORT: u16 = 30081;
 pub const DNS_NODE_PORT: u16 = 30053;
 /// Connections from outside to the web service's NodePort.
 const NODE_PORT_CONNECTIONS: usize = 60;
-const DNS_PORT: u16 = 5353;
+pub(super) const DNS_PORT: u16 = 5353;
 /// The second address of pod 2: a third "pod" of the web service.
 pub const POD2_SECOND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
 pub const CONNECTIONS: usize = 300;
 const LONG_LIVED: usize = 30;
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn pod(i: u8) -> Ipv4Addr {
+pub(super) fn pod(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i, 2)
 }
 
-fn web_backends() -> Vec<Ipv4Addr> {
+pub(super) fn web_backends() -> Vec<Ipv4Addr> {
     vec![pod(2), POD2_SECOND, pod(3)]
 }
 
-fn services_json(web: &[Ipv4Addr]) -> serde_json::Value {
-    let eps = |ips: &[Ipv4Addr], port: u16| -> Vec<serde_json::Value> {
-        ips.iter()
-            .map(|ip| json!({"ip": ip.to_string(), "port": port}))
-            .collect()
+/// The node a lab pod address lives on.
+fn node_of(ip: Ipv4Addr) -> u8 {
+    ip.octets()[2]
+}
+
+fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u8)> {
+    ips.iter().map(|&ip| (ip, node_of(ip))).collect()
+}
+
+/// The lab's services as they start.
+pub(super) fn catalogue() -> Vec<Service> {
+    let tcp = |name, vip, eps: &[Ipv4Addr]| {
+        Service::simple(name, vip, Proto::Tcp, 80, BACKEND_PORT, &ready(eps))
     };
-    json!({"services": [
-        {"name": "default/web", "clusterIP": WEB_VIP.to_string(), "protocol": "TCP", "port": 80,
-         "endpoints": eps(web, BACKEND_PORT), "nodePort": WEB_NODE_PORT},
-        {"name": "default/dns", "clusterIP": DNS_VIP.to_string(), "protocol": "UDP", "port": 53,
-         "endpoints": eps(&[pod(2), pod(3)], DNS_PORT), "nodePort": DNS_NODE_PORT},
-        {"name": "default/self", "clusterIP": SELF_VIP.to_string(), "protocol": "TCP", "port": 80,
-         "endpoints": eps(&[pod(1)], BACKEND_PORT), "nodePort": SELF_NODE_PORT},
-        {"name": "default/empty", "clusterIP": EMPTY_VIP.to_string(), "protocol": "TCP", "port": 80,
-         "endpoints": []},
-    ]})
+    let with_node_port = |mut s: Service, np| {
+        s.ports[0].node_port = Some(np);
+        s
+    };
+    let two_ports = |name, vip, eps: &[Ipv4Addr]| Service {
+        ports: vec![
+            Port {
+                name: "http",
+                proto: Proto::Tcp,
+                port: 80,
+                target: BACKEND_PORT,
+                node_port: None,
+            },
+            Port {
+                name: "dns",
+                proto: Proto::Udp,
+                port: 53,
+                target: DNS_PORT,
+                node_port: None,
+            },
+        ],
+        ..tcp(name, vip, eps)
+    };
+    vec![
+        with_node_port(tcp("default/web", WEB_VIP, &web_backends()), WEB_NODE_PORT),
+        with_node_port(
+            Service::simple(
+                "default/dns",
+                DNS_VIP,
+                Proto::Udp,
+                53,
+                DNS_PORT,
+                &ready(&[pod(2), pod(3)]),
+            ),
+            DNS_NODE_PORT,
+        ),
+        with_node_port(tcp("default/self", SELF_VIP, &[pod(1)]), SELF_NODE_PORT),
+        two_ports("default/empty", EMPTY_VIP, &[]),
+        tcp("default/term", TERM_VIP, &[pod(2), pod(3)]),
+        Service {
+            internal_local: true,
+            ..tcp("default/local", LOCAL_VIP, &[pod(1), pod(2)])
+        },
+        Service {
+            internal_local: true,
+            ..tcp("default/local-elsewhere", ELSEWHERE_VIP, &[pod(2), pod(3)])
+        },
+        Service {
+            affinity_secs: Some(AFFINITY_SECS),
+            ..tcp("default/sticky", STICKY_VIP, &web_backends())
+        },
+        two_ports("default/multi", MULTI_VIP, &[pod(2), pod(3)]),
+        Service::simple(
+            "default/cycle",
+            CYCLE_VIP,
+            Proto::Udp,
+            53,
+            DNS_PORT,
+            &ready(&[pod(2)]),
+        ),
+        tcp("default/guard", GUARD_VIP, &[pod(3)]),
+    ]
+}
+
+/// `services` with `name`'s endpoints replaced.
+pub(super) fn with_endpoints(
+    mut services: Vec<Service>,
+    name: &str,
+    eps: Vec<Endpoint>,
+) -> Vec<Service> {
+    for s in services.iter_mut().filter(|s| s.name == name) {
+        s.endpoints = eps.clone();
+    }
+    services
 }
 
 /// Where the lab's services file lives.
 pub fn file(dir: &Path) -> std::path::PathBuf {
     dir.join("services.json")
-}
-
-fn write(dir: &Path, web: &[Ipv4Addr]) -> Result<()> {
-    super::replace_file(&file(dir), services_json(web).to_string().as_bytes())
 }
 
 /// Where the nodes get the services from.
@@ -90,26 +177,24 @@ pub enum Source {
     Etcd(Arc<Mutex<Resources>>),
     /// The lab's Kubernetes API (`--store kube`): Services and EndpointSlices.
     Kube(Arc<Mutex<Resources>>),
-    /// No podwire on node 1: kube-proxy's iptables rules there.
-    KubeProxy,
+    /// No podwire on node 1: kube-proxy's rules there, in this mode.
+    KubeProxy(KubeProxyMode),
 }
 
 impl Source {
     fn kernel(&self) -> bool {
-        matches!(self, Source::KubeProxy)
+        matches!(self, Source::KubeProxy(_))
     }
 }
 
-/// Puts the services into the lab's etcd, one object per key.
-fn put_etcd(etcd: &EtcdServer, web: &[Ipv4Addr]) -> Result<()> {
+/// Puts the services into the lab's etcd, one API record per key.
+fn put_etcd(etcd: &EtcdServer, services: &[Service]) -> Result<()> {
     let prefix = podwire::etcd::DEFAULT_PREFIX;
-    for svc in services_json(web)["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let name = svc["name"].as_str().unwrap_or_default();
-        etcd.put(&format!("{prefix}/services/{name}"), &svc.to_string())?;
+    for svc in services {
+        etcd.put(
+            &format!("{prefix}/services/{}", svc.name),
+            &svc.api_record().to_string(),
+        )?;
     }
     Ok(())
 }
@@ -122,16 +207,28 @@ pub fn prepare(
     etcd: Option<&EtcdServer>,
     kube: Option<&podwire_apiserver_standin::Handle>,
 ) -> Result<()> {
+    let services = catalogue();
+    super::replace_file(&file(&r.dir), file_json(&services).to_string().as_bytes())?;
     match (src, etcd, kube) {
-        (Source::Etcd(_), Some(etcd), _) => put_etcd(etcd, &web_backends())?,
+        (Source::Etcd(_), Some(etcd), _) => put_etcd(etcd, &services)?,
         (Source::Etcd(_), None, _) => bail!("services in etcd, but etcd is not running"),
-        (Source::Kube(_), _, Some(api)) => {
-            super::kube_lab::put_services(api, &services_json(&web_backends()))?
-        }
+        (Source::Kube(_), _, Some(api)) => super::kube_lab::put_services(api, &services)?,
         (Source::Kube(_), _, None) => {
             bail!("services in the Kubernetes API, but it is not running")
         }
-        _ => apply(r, &web_backends(), src)?,
+        _ => Applied::new(r, src).set(services)?,
+    }
+    if let Source::KubeProxy(KubeProxyMode::Nftables) = src {
+        // What kube-proxy does with --conntrack-tcp-be-liberal, which its docs ask of the
+        // nftables mode in place of the iptables mode's INVALID drop.
+        netns::exec_in(
+            &r.ns("n1"),
+            &[
+                "sysctl",
+                "-qw",
+                "net.netfilter.nf_conntrack_tcp_be_liberal=1",
+            ],
+        )?;
     }
     if src.kernel() {
         // A node has a default route that the service range would follow if nothing
@@ -147,108 +244,119 @@ pub fn prepare(
     )
 }
 
-/// The services with `web` as the web service's backends: the file podwire nodes re-read,
-/// the etcd keys they watch, or kube-proxy's iptables rules on node 1 (`iptables-restore`, as
-/// kube-proxy syncs them).
-fn apply(r: &Names, web: &[Ipv4Addr], src: &Source) -> Result<()> {
-    write(&r.dir, web)?;
-    if let Source::Etcd(res) = src {
-        let guard = res.lock().expect("lab resources");
-        put_etcd(guard.etcd.as_ref().context("etcd is not running")?, web)?;
+/// The services as last applied, and where they go: the file podwire nodes re-read, the etcd
+/// keys or Kubernetes objects they watch, or kube-proxy's rules on node 1 (`iptables-restore`,
+/// as kube-proxy syncs them, then its conntrack cleanup).
+pub(super) struct Applied {
+    names: Names,
+    src: Source,
+    current: Vec<Service>,
+}
+
+impl Applied {
+    fn new(names: &Names, src: &Source) -> Self {
+        Applied {
+            names: names.clone(),
+            src: src.clone(),
+            current: Vec::new(),
+        }
     }
-    if let Source::Kube(res) = src {
-        let guard = res.lock().expect("lab resources");
-        let api = guard
-            .kube
-            .as_ref()
-            .context("the Kubernetes API is not running")?;
-        super::kube_lab::put_services(api, &services_json(web))?;
+
+    /// The endpoints `name` has now.
+    pub(super) fn current_endpoints(&self, name: &str) -> Vec<Endpoint> {
+        self.current
+            .iter()
+            .filter(|s| s.name == name)
+            .flat_map(|s| s.endpoints.clone())
+            .collect()
     }
-    if src.kernel() {
-        let rules = r.dir.join("kube-proxy.rules");
-        std::fs::write(&rules, kube_proxy_rules(&services_json(web)))?;
-        netns::exec_in(
-            &r.ns("n1"),
-            &["iptables-restore", &rules.display().to_string()],
-        )
-        .context("loading kube-proxy's rules (iptables-restore)")?;
+
+    pub(super) fn set(&mut self, services: Vec<Service>) -> Result<()> {
+        let r = &self.names;
+        super::replace_file(&file(&r.dir), file_json(&services).to_string().as_bytes())?;
+        if let Source::Etcd(res) = &self.src {
+            let guard = res.lock().expect("lab resources");
+            put_etcd(
+                guard.etcd.as_ref().context("etcd is not running")?,
+                &services,
+            )?;
+        }
+        if let Source::Kube(res) = &self.src {
+            let guard = res.lock().expect("lab resources");
+            let api = guard
+                .kube
+                .as_ref()
+                .context("the Kubernetes API is not running")?;
+            super::kube_lab::put_services(api, &services)?;
+        }
+        if let Source::KubeProxy(mode) = self.src {
+            load_kube_proxy(&r.ns("n1"), &r.dir, mode, &services)?;
+            clear_stale_udp(&r.ns("n1"), &self.current, &services)?;
+        }
+        self.current = services;
+        Ok(())
+    }
+}
+
+/// Gives node 1 kube-proxy's rules for `services`, as its full sync writes them.
+fn load_kube_proxy(ns: &str, dir: &Path, mode: KubeProxyMode, services: &[Service]) -> Result<()> {
+    let (file, text, cmd) = match mode {
+        KubeProxyMode::Iptables => (
+            "kube-proxy.rules",
+            kube_proxy_rules(services, 1),
+            "iptables-restore",
+        ),
+        KubeProxyMode::Nftables => ("kube-proxy.nft", kube_proxy_nft_rules(services, 1), "nft"),
+    };
+    let path = dir.join(file);
+    std::fs::write(&path, text)?;
+    let path = path.display().to_string();
+    let args: Vec<&str> = match mode {
+        KubeProxyMode::Iptables => vec![cmd, &path],
+        KubeProxyMode::Nftables => vec![cmd, "-f", &path],
+    };
+    netns::exec_in(ns, &args).with_context(|| format!("loading kube-proxy's rules ({cmd})"))
+}
+
+/// kube-proxy's conntrack cleanup after a sync: UDP entries from a ClusterIP to an endpoint
+/// the service no longer uses are deleted (`conntrack -D`), so the client's next datagram is
+/// translated anew. (TCP entries are left alone.)
+fn clear_stale_udp(ns: &str, before: &[Service], after: &[Service]) -> Result<()> {
+    let usable = |s: &Service| match s.usable(1) {
+        Usable::Endpoints(eps) => eps.into_iter().map(|e| e.ip).collect(),
+        _ => Vec::new(),
+    };
+    for old in before {
+        if !old.ports.iter().any(|p| p.proto == Proto::Udp) {
+            continue;
+        }
+        let now: Vec<Ipv4Addr> = after
+            .iter()
+            .find(|s| s.name == old.name)
+            .map(usable)
+            .unwrap_or_default();
+        for gone in usable(old).into_iter().filter(|ip| !now.contains(ip)) {
+            let (vip, gone) = (old.vip.to_string(), gone.to_string());
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "conntrack", "-D", "-p", "udp"])
+                .args(["--orig-dst", &vip, "--dst-nat", &gone])
+                .output()
+                .context("running conntrack (Debian's conntrack package)")?;
+            let said = String::from_utf8_lossy(&out.stderr);
+            // conntrack exits 1 when nothing matched, which is fine.
+            if !out.status.success() && !said.contains("0 flow entries") {
+                bail!("conntrack -D for {vip} -> {gone}: {said}");
+            }
+        }
     }
     Ok(())
 }
 
-/// kube-proxy's iptables-mode rules for `services` (pkg/proxy/iptables/proxier.go): nat
-/// KUBE-SERVICES -> KUBE-SVC-* (endpoint i of n with probability 1/(n-i), the last
-/// unconditional) -> KUBE-SEP-* (hairpin marked for masquerade, then DNAT), KUBE-POSTROUTING
-/// masquerading marked packets; a service without endpoints REJECTed in filter.
-fn kube_proxy_rules(services: &serde_json::Value) -> String {
-    let mut nat = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         :KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
-         -A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
-         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
-    );
-    let mut filter = String::from(
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
-         -A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES\n\
-         -A OUTPUT -m conntrack --ctstate NEW -j KUBE-SERVICES\n",
-    );
-    let mut chains = String::new();
-    let mut rules = String::new();
-    for (s, svc) in services["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let vip = svc["clusterIP"].as_str().unwrap_or_default();
-        let port = svc["port"].as_u64().unwrap_or_default();
-        let proto = svc["protocol"].as_str().unwrap_or("TCP").to_lowercase();
-        let eps = svc["endpoints"].as_array().cloned().unwrap_or_default();
-        if eps.is_empty() {
-            filter.push_str(&format!(
-                "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport {port} -j REJECT --reject-with icmp-port-unreachable\n"
-            ));
-            continue;
-        }
-        let svc_chain = format!("KUBE-SVC-{s}");
-        chains.push_str(&format!(":{svc_chain} - [0:0]\n"));
-        rules.push_str(&format!(
-            "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport {port} -j {svc_chain}\n"
-        ));
-        let n = eps.len();
-        for (i, ep) in eps.iter().enumerate() {
-            let ip = ep["ip"].as_str().unwrap_or_default();
-            let ep_port = ep["port"].as_u64().unwrap_or_default();
-            let sep = format!("KUBE-SEP-{s}-{i}");
-            chains.push_str(&format!(":{sep} - [0:0]\n"));
-            if i + 1 < n {
-                rules.push_str(&format!(
-                    "-A {svc_chain} -m statistic --mode random --probability {:.10} -j {sep}\n",
-                    1.0 / (n - i) as f64
-                ));
-            } else {
-                rules.push_str(&format!("-A {svc_chain} -j {sep}\n"));
-            }
-            rules.push_str(&format!(
-                "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ\n-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {ip}:{ep_port}\n"
-            ));
-        }
-    }
-    nat.push_str(&chains);
-    nat.push_str(&rules);
-    nat.push_str("COMMIT\n");
-    filter.push_str("COMMIT\n");
-    nat + &filter
-}
-
 /// A backend's answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Answer {
-    served_on: Ipv4Addr,
-    peer: SocketAddrV4,
+pub(super) struct Answer {
+    pub served_on: Ipv4Addr,
+    pub peer: SocketAddrV4,
     digest: [u8; 32],
 }
 
@@ -293,7 +401,7 @@ fn answer_requests(mut s: TcpStream, served_on: Ipv4Addr, peer: SocketAddrV4) ->
 }
 
 /// Sends one request of `size` seeded bytes; checks the digest that comes back.
-fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answer> {
+pub(super) fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answer> {
     let mut buf = vec![0u8; size];
     Pattern::new(seed).fill(&mut buf);
     s.write_all(&(size as u32).to_be_bytes())?;
@@ -314,11 +422,11 @@ fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answer> {
     Ok(a)
 }
 
-fn connect(vip: Ipv4Addr) -> Result<TcpStream> {
+pub(super) fn connect(vip: Ipv4Addr) -> Result<TcpStream> {
     connect_to(SocketAddrV4::new(vip, 80))
 }
 
-fn connect_to(addr: SocketAddrV4) -> Result<TcpStream> {
+pub(super) fn connect_to(addr: SocketAddrV4) -> Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr.into(), TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
@@ -405,7 +513,17 @@ fn run_checks(
     if let Some(np) = node_ports {
         checks.extend(node_port_checks(r, hairpin_ip, np));
     }
-    checks.push(removal_check(r, src)?);
+    let mut applied = Applied {
+        current: catalogue(),
+        ..Applied::new(r, src)
+    };
+    let drops_invalid = matches!(src, Source::KubeProxy(KubeProxyMode::Iptables));
+    checks.extend(super::service_behaviours::checks(
+        r,
+        &mut applied,
+        drops_invalid,
+    ));
+    checks.push(removal_check(r, &mut applied)?);
     Ok((checks, figures))
 }
 
@@ -643,25 +761,30 @@ fn node_port_checks(r: &Names, hairpin_ip: Ipv4Addr, np: NodePorts) -> Vec<Check
 /// fail (dropped, then reset), every other one carries on. kube-proxy leaves established TCP
 /// connections' conntrack entries alone, so there they all carry on (the removed pod still
 /// runs here): the check states which behaviour it expects.
-fn removal_check(r: &Names, src: &Source) -> Result<Check> {
-    let kernel = src.kernel();
-    let src = src.clone();
+fn removal_check(r: &Names, applied: &mut Applied) -> Result<Check> {
+    let kernel = applied.src.kernel();
     let name = if kernel {
         "a backend removed mid-run: kube-proxy keeps its established connections"
     } else {
         "a backend removed mid-run loses only its own connections"
     };
-    let names = r.clone();
-    let outcome = netns::run_in(&r.ns("p1"), move || {
+    let conns = netns::run_in(&r.ns("p1"), move || {
         let mut conns = Vec::new();
         for i in 0..LONG_LIVED {
             let mut s = connect(WEB_VIP)?;
             let a = request(&mut s, 512, 1000 + i as u64)?;
             conns.push((s, a.served_on));
         }
+        Ok(conns)
+    });
+    let outcome = conns.and_then(|mut conns| {
         let gone = POD2_SECOND;
         let rest: Vec<Ipv4Addr> = web_backends().into_iter().filter(|b| *b != gone).collect();
-        apply(&names, &rest, &src)?;
+        let eps = ready(&rest)
+            .into_iter()
+            .map(|(ip, n)| Endpoint::ready(ip, n))
+            .collect();
+        applied.set(with_endpoints(catalogue(), "default/web", eps))?;
         // The control loop re-reads the file within a tick (100 ms).
         std::thread::sleep(Duration::from_millis(600));
         let (mut lost_right, mut lost_wrong, mut kept, mut on_gone) = (0, 0, 0, 0);
@@ -676,7 +799,7 @@ fn removal_check(r: &Names, src: &Source) -> Result<Check> {
             }
             on_gone += usize::from(*was == gone);
         }
-        apply(&names, &web_backends(), &src)?;
+        applied.set(catalogue())?;
         Ok((lost_right, lost_wrong, kept, on_gone))
     });
     Ok(match outcome {

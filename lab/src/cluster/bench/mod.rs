@@ -229,6 +229,7 @@ fn lab_options(mode: BenchMode, workers: usize, podwire: &Path) -> LabOptions {
         vxlan_tx,
         services: false,
         ip_masq: false,
+        kube_proxy: super::KubeProxyMode::Iptables,
         conntrack: mode != M::PodwireVxlanNoConntrack,
         udp_gro: mode != M::PodwireVxlanNoGro,
         peer_queues: mode != M::PodwireVxlanSharedQueue,
