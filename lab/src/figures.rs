@@ -179,8 +179,59 @@ fn figure(run: &Value, key: &str) -> Option<String> {
         "e2e" => e2e_figure(run, key),
         "criterion" => criterion_figure(run, key),
         "profile" => profile_figure(run, key),
+        "services" => services_figure(run, key),
         _ => None,
     }
+}
+
+/// Keys of a services run file: `table` (connect time and update latency per side and size),
+/// `SIDE/SIZE/FIELD` (`connect_p50_us`, `connect_p99_us`, `update_p50_ms`, `update_p99_ms`).
+fn services_figure(run: &Value, key: &str) -> Option<String> {
+    if key == "table" {
+        return Some(markdown(&services_table(run)?));
+    }
+    let mut parts = key.splitn(3, '/');
+    let (side, size, field) = (parts.next()?, parts.next()?, parts.next()?);
+    let size: u64 = size.parse().ok()?;
+    let r = run["results"]
+        .as_array()?
+        .iter()
+        .find(|r| r["side"] == side && r["services"].as_u64() == Some(size))?;
+    let unit = if field.ends_with("_us") { "µs" } else { "ms" };
+    Some(format!("{} {unit}", number(r[field].as_f64()?)))
+}
+
+fn services_table(run: &Value) -> Option<Table> {
+    let mut rows = vec![vec![
+        cell("side"),
+        cell("services"),
+        cell("connect p50"),
+        cell("connect p99"),
+        cell("update p50"),
+        cell("update p99"),
+    ]];
+    for r in run["results"].as_array()? {
+        let f = |k: &str, unit: &str| {
+            cell(format!(
+                "{} {unit}",
+                number(r[k].as_f64().unwrap_or(f64::NAN))
+            ))
+        };
+        rows.push(vec![
+            cell(r["side"].as_str()?),
+            cell(r["services"].to_string()),
+            f("connect_p50_us", "µs"),
+            f("connect_p99_us", "µs"),
+            f("update_p50_ms", "ms"),
+            f("update_p99_ms", "ms"),
+        ]);
+    }
+    Some(rows)
+}
+
+/// The services table as aligned text, for the terminal.
+pub fn services_text(run: &Value) -> Option<String> {
+    Some(text(&services_table(run)?))
 }
 
 fn profile_figure(run: &Value, key: &str) -> Option<String> {

@@ -31,6 +31,10 @@ enum Cmd {
     /// write, UDP send, ...) and their top userspace symbols; writes a run file. Needs root and
     /// Debian's linux-perf.
     Profile(ProfileArgs),
+    /// ClusterIP cost as services grow: connect time (p50, p99) and update latency (an
+    /// endpoint replaced to the first connection it answers) at each size, for podwire and
+    /// kube-proxy's iptables and nftables modes, in one run; writes a run file. Needs root.
+    ServicesBench(ServicesBenchArgs),
     /// Render the figures of README.md and docs/ from the committed run files they name
     /// (`<!-- fig docs/bench/FILE#KEY -->...<!-- /fig -->`), or check that they match.
     Figures(FiguresArgs),
@@ -64,6 +68,25 @@ struct BenchArgs {
     /// The chart.
     #[arg(long, default_value = "bench-results.svg")]
     svg: PathBuf,
+    /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
+    #[arg(long, value_name = "PATH")]
+    podwire: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServicesBenchArgs {
+    /// Numbers of services, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 1000, 10000])]
+    sizes: Vec<usize>,
+    /// New connections timed per side and size.
+    #[arg(long, default_value_t = 300)]
+    connections: usize,
+    /// Endpoint updates timed per side and size.
+    #[arg(long, default_value_t = 10)]
+    updates: usize,
+    /// The run file: every sample, with the commit, date, command and machine.
+    #[arg(long, default_value = "services-bench.json")]
+    out: PathBuf,
     /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
     #[arg(long, value_name = "PATH")]
     podwire: Option<PathBuf>,
@@ -321,6 +344,18 @@ fn main() -> Result<()> {
                 podwire: daemon_binary::resolve(a.podwire.as_deref())?,
                 out: a.out,
             })
+        }
+        Cmd::ServicesBench(a) => {
+            cluster::install_signal_teardown()?;
+            cluster::bench::services_bench::run(
+                cluster::bench::services_bench::ServicesBenchOptions {
+                    sizes: a.sizes,
+                    connections: a.connections.max(1),
+                    updates: a.updates.max(1),
+                    out: a.out,
+                    podwire: daemon_binary::resolve(a.podwire.as_deref())?,
+                },
+            )
         }
         Cmd::Figures(a) => figures(a),
         Cmd::Lab(a) => {

@@ -265,7 +265,7 @@ struct PortNames {
 
 impl PortNames {
     fn new(svc: &Service, port: &Port) -> Self {
-        let (ns, name) = svc.name.split_once('/').unwrap_or(("default", svc.name));
+        let (ns, name) = svc.name.split_once('/').unwrap_or(("default", &svc.name));
         let plain = format!("{ns}/{name}/{}/{}", port.proto.iptables(), port.name);
         let display = match port.name {
             "" => format!("{ns}/{name}"),
@@ -503,7 +503,7 @@ mod tests {
 
     fn service(name: &'static str, vip: u8, ports: Vec<Port>, endpoints: Vec<Endpoint>) -> Service {
         Service {
-            name,
+            name: name.into(),
             vip: Ipv4Addr::new(10, 96, 0, vip),
             ports,
             endpoints,

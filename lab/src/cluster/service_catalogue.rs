@@ -74,7 +74,7 @@ impl Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     /// `namespace/name`.
-    pub name: &'static str,
+    pub name: String,
     pub vip: Ipv4Addr,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
@@ -87,7 +87,7 @@ pub struct Service {
 impl Service {
     /// A Service with one unnamed port and ready endpoints.
     pub fn simple(
-        name: &'static str,
+        name: impl Into<String>,
         vip: Ipv4Addr,
         proto: Proto,
         port: u16,
@@ -95,7 +95,7 @@ impl Service {
         ready: &[(Ipv4Addr, u8)],
     ) -> Self {
         Service {
-            name,
+            name: name.into(),
             vip,
             ports: vec![Port {
                 name: "",
@@ -113,8 +113,8 @@ impl Service {
         }
     }
 
-    fn split_name(&self) -> (&'static str, &'static str) {
-        self.name.split_once('/').unwrap_or(("default", self.name))
+    fn split_name(&self) -> (&str, &str) {
+        self.name.split_once('/').unwrap_or(("default", &self.name))
     }
 
     /// The Service and its EndpointSlice as the API holds them.

@@ -254,7 +254,7 @@ pub(super) struct Applied {
 }
 
 impl Applied {
-    fn new(names: &Names, src: &Source) -> Self {
+    pub(super) fn new(names: &Names, src: &Source) -> Self {
         Applied {
             names: names.clone(),
             src: src.clone(),
@@ -448,6 +448,23 @@ fn serve_udp(addr: SocketAddrV4, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// The TCP backends every service uses: pods 1-3 and pod 2's second address, port 8080,
+/// until `stop`.
+pub(super) fn start_tcp_servers(
+    r: &Names,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Result<()>>> {
+    [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))]
+        .into_iter()
+        .map(|(node, ip)| {
+            let stop = stop.clone();
+            netns::spawn_in(&r.ns(&format!("p{node}")), move || {
+                serve_tcp(SocketAddrV4::new(ip, BACKEND_PORT), stop)
+            })
+        })
+        .collect()
+}
+
 /// Figures the service checks produce.
 #[derive(Debug, Default)]
 pub struct Figures {
@@ -476,13 +493,7 @@ pub fn checks(
     node_ports: Option<NodePorts>,
 ) -> Result<(Vec<Check>, Figures)> {
     let stop = Arc::new(AtomicBool::new(false));
-    let mut servers = Vec::new();
-    for (node, ip) in [(2, pod(2)), (2, POD2_SECOND), (3, pod(3)), (1, pod(1))] {
-        let stop = stop.clone();
-        servers.push(netns::spawn_in(&r.ns(&format!("p{node}")), move || {
-            serve_tcp(SocketAddrV4::new(ip, BACKEND_PORT), stop)
-        }));
-    }
+    let mut servers = start_tcp_servers(r, &stop);
     for node in [2u8, 3] {
         let stop = stop.clone();
         servers.push(netns::spawn_in(&r.ns(&format!("p{node}")), move || {

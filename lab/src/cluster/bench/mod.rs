@@ -27,6 +27,7 @@
 mod chart;
 pub mod profile;
 pub mod rate;
+pub mod services_bench;
 
 use super::{netns, pod_ip, set_up, traffic, value_name, with_lab, Backend, LabOptions, VxlanTx};
 use anyhow::{bail, Context, Result};
