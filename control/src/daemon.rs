@@ -13,6 +13,7 @@
 //! and stops everything on SIGTERM/SIGINT, keeping the lease (as flanneld does) so a restart
 //! gets the same subnet. While the store is unreachable, forwarding goes on with the last map.
 
+use crate::services_sync::{self, ServiceSources, ServicesSink};
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use podwire::config::{BackendConfig, NetworkConfig};
@@ -48,7 +49,7 @@ use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Where the cluster lives.
@@ -234,23 +235,6 @@ fn renew_at(own: &OwnLease, margin: Duration, ttl: Duration) -> Option<SystemTim
     Some(expires - margin.min(ttl / 2))
 }
 
-/// Hands a services snapshot's counts to /metrics.
-fn publish_services(health: &Health, snap: &services::Snapshot) {
-    let n = |v: usize| v as u64;
-    health
-        .services
-        .store(n(snap.services.len()), Ordering::Relaxed);
-    health
-        .services_rejected
-        .store(n(snap.rejected_services()), Ordering::Relaxed);
-    health
-        .service_endpoints_rejected
-        .store(n(snap.report.endpoints_removed.len()), Ordering::Relaxed);
-    health
-        .service_node_ports_rejected
-        .store(n(snap.report.node_ports_refused.len()), Ordering::Relaxed);
-}
-
 /// Hands the leases left out of a new map to /metrics: the store's invalid ones, and those
 /// `tables::build_checked` left out for a VtepMAC another node has too.
 fn publish_left_out(health: &Health, store: &dyn Store, left_out: &[tables::LeftOut]) {
@@ -310,7 +294,13 @@ struct Control<'a> {
     host: &'a mut Host,
     health: &'a Health,
     lease_ttl: Duration,
-    services: &'a mut ServiceSources,
+    services: &'a Mutex<ServiceSources>,
+    /// Services also come from the store, read here when it changes.
+    services_from_store: bool,
+    /// Set on SIGHUP: the services file's thread reads the file, changed or not.
+    reread_services: &'a AtomicBool,
+    /// The snapshot whose NodePorts the XDP program was told last.
+    node_ports_of: Option<Arc<Services>>,
     /// Held until the daemon exits; answered every tick.
     locks: &'a [NodeLock],
 }
@@ -359,64 +349,47 @@ fn sync_node_ports(prog: &mut xdp::XdpProgram, services: &Services) {
 }
 
 impl Control<'_> {
-    /// Swaps in a new services snapshot when the services file or the store's services
-    /// changed. A file that is not a services file at all keeps the last good snapshot; within
-    /// one, as in the store, each bad service, endpoint or NodePort is left out (logged,
+    /// Swaps in a new services snapshot when the store's services changed (the services
+    /// file has its own thread). Each bad service, endpoint or NodePort is left out (logged,
     /// counted) and the rest applied.
-    fn reload_services(&mut self) {
-        let mut changed = false;
-        if let Some(src) = self.services.file.as_mut() {
-            match src.poll() {
-                Ok(Some(parsed)) => {
-                    self.services.file_services = parsed;
-                    changed = true;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "services file rejected; keeping the last good services")
-                }
-            }
-        }
-        if self.services.from_store {
-            match self.store.services() {
-                Ok(Some(items)) => {
-                    self.services.store_services = services::parse_etcd(&items);
-                    changed = true;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read services from the store; keeping the last ones")
-                }
-            }
-        }
-        if !changed {
+    fn reload_store_services(&mut self) {
+        if !self.services_from_store {
             return;
         }
-        let snap = services::snapshot(
-            self.services.options,
-            &self.services.admission,
-            &[&self.services.file_services, &self.services.store_services],
-        );
-        publish_services(self.health, &snap);
-        let n = snap.services.len();
-        let rejected = snap.rejected_services();
-        if let Some(prog) = self.host.xdp.as_mut() {
-            sync_node_ports(prog, &snap.services);
+        let since = Instant::now();
+        match self.store.services() {
+            Ok(Some(items)) => {
+                let sink = ServicesSink {
+                    live: self.live,
+                    pool: self.pool,
+                    health: self.health,
+                };
+                let mut sources = services_sync::lock(self.services);
+                sources.store_services = services::parse_etcd(&items);
+                sources.apply(&sink, since);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read services from the store; keeping the last ones")
+            }
         }
-        let old = self.live.load();
-        self.live.store(Arc::new(Tables {
-            services: Arc::new(snap.services),
-            ..Tables::clone(&old)
-        }));
-        self.pool.wake_all();
-        self.health.service_updates.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            services = n,
-            rejected,
-            endpoints_rejected = snap.report.endpoints_removed.len(),
-            node_ports_rejected = snap.report.node_ports_refused.len(),
-            "services updated"
-        );
+    }
+
+    /// Tells the XDP program the NodePorts of the live services when they changed.
+    fn sync_node_ports(&mut self) {
+        let Some(prog) = self.host.xdp.as_mut() else {
+            return;
+        };
+        let live = Arc::clone(&self.live.load().services);
+        if self
+            .node_ports_of
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &live))
+        {
+            return;
+        }
+        sync_node_ports(prog, &live);
+        self.node_ports_of = Some(live);
     }
 
     /// Re-reads the leases and swaps new tables in; takes our lease again if it vanished.
@@ -496,7 +469,13 @@ impl Control<'_> {
                 if let Some(d) = self.host.direct.as_mut() {
                     d.sync(new.local.subnet, new.map.nodes());
                 }
-                self.live.store(Arc::new(new));
+                // The services file's thread may have swapped new services in meanwhile.
+                self.live.rcu(|cur| {
+                    Arc::new(Tables {
+                        services: Arc::clone(&cur.services),
+                        ..Tables::clone(&new)
+                    })
+                });
                 self.pool.wake_all();
                 self.health
                     .map_leases
@@ -648,31 +627,15 @@ impl Drop for Workers {
     }
 }
 
-/// The services the routed node translates, and where they come from.
-struct ServiceSources {
-    file: Option<ServicesFile>,
-    /// Services are also read from the store (etcd's `<prefix>/services/`).
-    from_store: bool,
-    file_services: services::Parsed,
-    store_services: services::Parsed,
-    options: ServiceOptions,
-    /// What services are checked against on this node.
-    admission: Admission,
-}
-
-impl ServiceSources {
-    fn any(&self) -> bool {
-        self.file.is_some() || self.from_store
-    }
-}
-
 /// A node set up and forwarding.
 struct Node {
     host: Host,
     workers: Workers,
     live: Arc<ArcSwap<Tables>>,
     flows: Option<Arc<Flows>>,
-    services: ServiceSources,
+    services: Mutex<ServiceSources>,
+    /// Watched by its own thread while the node forwards.
+    services_file: Option<ServicesFile>,
     l2: Option<ctl::L2Ctl>,
     /// Packets `podwire ctl capture` asks the workers for.
     capture: Arc<Capture>,
@@ -831,23 +794,25 @@ fn check_options(opts: &RunOptions, j: &Joined) -> Result<()> {
     Ok(())
 }
 
-/// The services to start with; none unless a routed node translates them.
-fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
+/// Where services come from (none unless a routed node translates them), nothing read yet.
+fn service_sources(opts: &RunOptions, j: &Joined) -> (ServiceSources, Option<ServicesFile>) {
     let lease = j.lease();
     let routed = opts.l2.is_none();
-    ServiceSources {
-        file: opts
-            .services_file
-            .as_deref()
-            .filter(|_| routed)
-            .map(ServicesFile::new),
+    let file = opts
+        .services_file
+        .as_deref()
+        .filter(|_| routed)
+        .map(ServicesFile::new);
+    let options = ServiceOptions {
+        algorithm: opts.service_lb,
+        ..ServiceOptions::new(opts.service_cidr)
+    };
+    let sources = ServiceSources {
         from_store: routed && opts.store.holds_services() && opts.conntrack,
         file_services: services::Parsed::default(),
         store_services: services::Parsed::default(),
-        options: ServiceOptions {
-            algorithm: opts.service_lb,
-            ..ServiceOptions::new(opts.service_cidr)
-        },
+        options,
+        current: Arc::new(Services::empty(options)),
         admission: Admission {
             local_subnet: Some(lease),
             ..node_admission(
@@ -858,7 +823,8 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> ServiceSources {
                 opts.node_port_range,
             )
         },
-    }
+    };
+    (sources, file)
 }
 
 /// The parts of the node this daemon runs, whose counters `/metrics` and `ctl stats` show.
@@ -926,7 +892,24 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     tracing::info!(device = %node.device, mtu = joined.tun_mtu, tun_offload = node.offload, udp_gro = node.gro,
         workers = opts.workers.max(1), %bind, subnet_file = %opts.subnet_file.display(), "forwarding");
-    let result = {
+    let reread_services = AtomicBool::new(false);
+    let stop_watching = AtomicBool::new(false);
+    let sink = ServicesSink {
+        live: &node.live,
+        pool: node.workers.pool(),
+        health: &health,
+    };
+    let result = std::thread::scope(|scope| {
+        if let Some(file) = node.services_file.take() {
+            let (sources, sink) = (&node.services, &sink);
+            let (reread, stop) = (&reread_services, &stop_watching);
+            std::thread::Builder::new()
+                .name("podwire-services".into())
+                .spawn_scoped(scope, move || {
+                    services_sync::watch_file(file, sources, sink, TICK, reread, stop)
+                })
+                .context("starting the services file's thread")?;
+        }
         let mut control = Control {
             store: joined.store,
             req: joined.req,
@@ -936,11 +919,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
             host: &mut node.host,
             health: &health,
             lease_ttl: joined.lease_ttl,
-            services: &mut node.services,
+            services_from_store: services_sync::lock(&node.services).from_store,
+            services: &node.services,
+            reread_services: &reread_services,
+            node_ports_of: Some(Arc::clone(&node.live.load().services)),
             locks: &locks,
         };
-        control_loop(&mut control, &opts, &shutdown, &hangup)
-    };
+        let result = control_loop(&mut control, &opts, &shutdown, &hangup);
+        stop_watching.store(true, Ordering::Relaxed);
+        result
+    });
     if let Err(e) = podwire::sd_notify::stopping() {
         tracing::warn!("sd_notify STOPPING: {e}");
     }
@@ -1101,7 +1089,8 @@ fn setup_bridged(
         workers,
         live,
         flows: None,
-        services: service_sources(opts, j),
+        services: Mutex::new(service_sources(opts, j).0),
+        services_file: None,
         l2: Some(l2),
         capture: Arc::new(Capture::default()),
         device,
@@ -1161,10 +1150,16 @@ fn setup_routed(
     steps.done("TUN configured")?;
     routed_masquerade(opts, j, &device, &mut host, steps)?;
     forward_rules(opts, j, &mut host, steps)?;
-    let mut services = service_sources(opts, j);
+    let (mut services, mut services_file) = service_sources(opts, j);
     let mut initial = j.initial.clone();
-    load_services(&mut services, j, health, &mut initial)?;
-    if services.any() {
+    load_services(
+        &mut services,
+        services_file.as_mut(),
+        j,
+        health,
+        &mut initial,
+    )?;
+    if services_file.is_some() || services.from_store {
         // The service range is routed into podwire: ClusterIPs, and the hairpin address that
         // local backends answer.
         host.service_route = Some(node::HostRoute::replace(opts.service_cidr, &device)?);
@@ -1227,7 +1222,8 @@ fn setup_routed(
         workers,
         live,
         flows,
-        services,
+        services: Mutex::new(services),
+        services_file,
         l2: None,
         capture,
         device,
@@ -1300,11 +1296,13 @@ fn routed_masquerade(
 /// Reads the services to start with (the file's, the store's) into `initial`.
 fn load_services(
     s: &mut ServiceSources,
+    file: Option<&mut ServicesFile>,
     j: &mut Joined,
     health: &Health,
     initial: &mut Tables,
 ) -> Result<()> {
-    if let Some(src) = s.file.as_mut() {
+    let any = file.is_some() || s.from_store;
+    if let Some(src) = file {
         s.file_services = src
             .poll()?
             .context("services file vanished while starting")?;
@@ -1317,14 +1315,8 @@ fn load_services(
             }
         }
     }
-    if s.any() {
-        let snap = services::snapshot(
-            s.options,
-            &s.admission,
-            &[&s.file_services, &s.store_services],
-        );
-        publish_services(health, &snap);
-        initial.services = Arc::new(snap.services);
+    if any {
+        initial.services = s.snapshot(health);
     }
     Ok(())
 }
@@ -1492,9 +1484,7 @@ fn control_loop(
         if hangup.swap(false, Ordering::Relaxed) {
             // SIGHUP: re-read what comes from files now, changed or not.
             tracing::info!("SIGHUP: re-reading the cluster store and the services");
-            if let Some(src) = c.services.file.as_mut() {
-                src.forget();
-            }
+            c.reread_services.store(true, Ordering::Relaxed);
             c.refresh()?;
         }
         if let Some(w) = c.pool.dead_worker() {
@@ -1518,7 +1508,8 @@ fn control_loop(
                 reachable = false;
             }
         }
-        c.reload_services();
+        c.reload_store_services();
+        c.sync_node_ports();
         c.locks.iter().for_each(NodeLock::answer);
         c.health.store_reachable.store(reachable, Ordering::Relaxed);
         c.health

@@ -63,6 +63,8 @@ pub struct Health {
     components: OnceLock<Vec<Component>>,
     /// From a store change noticed to the new map live in the workers.
     pub map_update_latency: LatencyHistogram,
+    /// From a services source's change read to the new services live in the workers.
+    pub service_update_latency: LatencyHistogram,
     xdp_programs: OnceLock<Vec<XdpProgramCounters>>,
 }
 
@@ -433,6 +435,13 @@ impl Health {
             "histogram",
             "From a cluster-store change noticed to the new subnet map live in the workers.",
             self.map_update_latency.samples(name),
+        );
+        let name = "podwire_service_update_seconds";
+        out.family(
+            name,
+            "histogram",
+            "From a services source's change read (the file, the store's services) to the new services live in the workers.",
+            self.service_update_latency.samples(name),
         );
     }
 
@@ -1080,6 +1089,7 @@ mod tests {
         h.map_leases.store(1003, Ordering::Relaxed);
         h.map_update_latency.observe(Duration::from_micros(300));
         h.map_update_latency.observe(Duration::from_millis(3));
+        h.service_update_latency.observe(Duration::from_millis(40));
         h.lease_held.store(true, Ordering::Relaxed);
         h.set_lease_expiry(Some(SystemTime::now() + Duration::from_secs(3600)));
         let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&h)).unwrap();
@@ -1127,6 +1137,14 @@ mod tests {
                 assert_eq!(at(0.0005), Some(1.0));
                 assert_eq!(at(0.005), Some(2.0));
                 assert_eq!(at(f64::INFINITY), Some(2.0));
+            }
+            other => panic!("{other:?}"),
+        }
+        match find("podwire_service_update_seconds", &[]) {
+            Value::Histogram(h) => {
+                let at = |le: f64| h.iter().find(|b| b.less_than == le).map(|b| b.count);
+                assert_eq!(at(0.025), Some(0.0));
+                assert_eq!(at(0.05), Some(1.0));
             }
             other => panic!("{other:?}"),
         }

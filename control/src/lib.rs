@@ -16,6 +16,7 @@ pub mod allocate;
 pub mod atomic_file;
 pub mod config;
 pub mod ctl;
+pub mod dir_watch;
 pub mod etcd;
 pub mod ethtool;
 pub mod forward;

@@ -3,6 +3,7 @@
 mod daemon;
 mod flanneld_args;
 mod run_args;
+mod services_sync;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};

@@ -34,6 +34,7 @@
 //! service, endpoint or NodePort the same way. What is left out is logged once per snapshot
 //! and counted; the rest is applied.
 
+use crate::dir_watch::DirWatch;
 use podwire_dataplane::conntrack::{PROTO_TCP, PROTO_UDP};
 use podwire_dataplane::nat::{
     Admission, Report, ServiceOptions, ServiceSpec, Services, DEFAULT_AFFINITY_TIMEOUT,
@@ -41,7 +42,7 @@ use podwire_dataplane::nat::{
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
@@ -296,12 +297,19 @@ impl Snapshot {
 /// service that passes the dataplane's checks ([`Services::admit`]), the rest left out. Each
 /// service, endpoint or NodePort left out is logged here, once per snapshot, with its name and
 /// why.
-pub fn snapshot(options: ServiceOptions, admission: &Admission, sources: &[&Parsed]) -> Snapshot {
+/// `previous` is the snapshot this one replaces: what it built for services whose endpoints did
+/// not change is reused ([`Services::admit_after`]).
+pub fn snapshot(
+    previous: Option<&Services>,
+    options: ServiceOptions,
+    admission: &Admission,
+    sources: &[&Parsed],
+) -> Snapshot {
     let specs = sources
         .iter()
         .flat_map(|p| p.specs.iter().cloned())
         .collect();
-    let (services, report) = Services::admit(options, admission, specs);
+    let (services, report) = Services::admit_after(previous, options, admission, specs);
     let mut malformed = 0;
     for e in sources.iter().flat_map(|p| &p.rejected) {
         malformed += 1;
@@ -323,17 +331,37 @@ pub fn snapshot(options: ServiceOptions, admission: &Admission, sources: &[&Pars
     }
 }
 
-/// A services file watched by modification time and size.
+/// A services file watched by modification time and size, and woken on by its directory's
+/// changes (inotify) so that an update applies at once rather than at the next poll.
 pub struct ServicesFile {
     path: PathBuf,
     seen: Option<(SystemTime, u64)>,
+    /// None where inotify is not to be had: the file is then polled only.
+    watch: Option<DirWatch>,
 }
 
 impl ServicesFile {
     pub fn new(path: &Path) -> ServicesFile {
+        let watch = DirWatch::new(path)
+            .inspect_err(|e| tracing::warn!(error = %e, "services file polled only"))
+            .ok();
         ServicesFile {
             path: path.to_path_buf(),
             seen: None,
+            watch,
+        }
+    }
+
+    /// Waits until something changed where the file is, or `timeout` passed; `poll` then tells
+    /// whether the file itself changed.
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(watch) = &self.watch else {
+            return std::thread::sleep(timeout);
+        };
+        if let Err(e) = watch.wait(timeout) {
+            tracing::warn!(error = %e, "services file polled only from now on");
+            self.watch = None;
+            std::thread::sleep(timeout);
         }
     }
 
@@ -547,7 +575,7 @@ mod tests {
             ),
         ]);
         let options = ServiceOptions::new(DEFAULT_SERVICE_CIDR.parse().unwrap());
-        let snap = snapshot(options, &Admission::default(), &[&file, &store]);
+        let snap = snapshot(None, options, &Admission::default(), &[&file, &store]);
         let names: Vec<_> = snap.services.specs().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["default/ssh", "default/web", "kube-system/dns"]);
         // default/outside, zz/web-twin (default/web's ClusterIP:port) and default/sctp.

@@ -90,6 +90,9 @@ struct ServicesBenchArgs {
     /// The podwire daemon binary the nodes run (default: `podwire` beside this executable).
     #[arg(long, value_name = "PATH")]
     podwire: Option<PathBuf>,
+    /// Sides to run, comma-separated (all three for a run file the README renders).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = cluster::bench::services_bench::SIDES)]
+    sides: Vec<cluster::bench::services_bench::SideName>,
 }
 
 #[derive(Args)]
@@ -354,6 +357,7 @@ fn main() -> Result<()> {
                     updates: a.updates.max(1),
                     out: a.out,
                     podwire: daemon_binary::resolve(a.podwire.as_deref())?,
+                    sides: a.sides,
                 },
             )
         }

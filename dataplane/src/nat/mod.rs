@@ -20,7 +20,7 @@ use crate::conntrack::{NatPlan, ServiceBinding, Tuple, PROTO_TCP, PROTO_UDP};
 use crate::route::Ipv4Net;
 use core::net::{Ipv4Addr, SocketAddrV4};
 use maglev::Maglev;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How a service picks an endpoint for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,15 +394,54 @@ struct Service {
     spec: ServiceSpec,
     /// Ready endpoints anywhere, else terminating ones: what `Cluster` policies use. Empty:
     /// the service has no endpoints at all, and its connections are rejected.
-    cluster: Pick,
+    cluster: Arc<Pick>,
     /// This node's endpoints (ready, else terminating), for `internalTrafficPolicy: Local`.
-    local: Option<Pick>,
+    local: Option<Arc<Pick>>,
+}
+
+impl Service {
+    /// The picks of `spec` (endpoints filtered and sorted): those of `previous` when it had
+    /// the same endpoints under the same options, so an update rebuilds the Maglev tables of
+    /// the services it changed only.
+    fn new(
+        spec: ServiceSpec,
+        options: &ServiceOptions,
+        local_subnet: Option<Ipv4Net>,
+        previous: Option<&Service>,
+    ) -> Service {
+        let same = previous.filter(|p| {
+            p.spec.endpoints == spec.endpoints && p.spec.terminating == spec.terminating
+        });
+        let cluster = match same {
+            Some(p) => Arc::clone(&p.cluster),
+            None => Arc::new(Pick::new(
+                &spec.endpoints,
+                &spec.terminating,
+                |_| true,
+                options,
+            )),
+        };
+        let local = spec.internal_local.then(|| {
+            if let Some(pick) = same.and_then(|p| p.local.as_ref()) {
+                return Arc::clone(pick);
+            }
+            let here = |ep: &SocketAddrV4| local_subnet.is_some_and(|net| net.contains(*ep.ip()));
+            Arc::new(Pick::new(&spec.endpoints, &spec.terminating, here, options))
+        });
+        Service {
+            spec,
+            cluster,
+            local,
+        }
+    }
 }
 
 /// All services, read-only: built by the control plane, swapped whole.
 #[derive(Debug)]
 pub struct Services {
     options: ServiceOptions,
+    /// The lease whose endpoints are local (the admission's), which the local picks depend on.
+    local_subnet: Option<Ipv4Net>,
     by_key: rustc_hash::FxHashMap<u64, u32>,
     services: Vec<Service>,
     /// (service key, backend) pairs that exist, so a connection's binding can be checked.
@@ -436,6 +475,7 @@ impl Services {
     pub fn empty(options: ServiceOptions) -> Services {
         Services {
             options,
+            local_subnet: None,
             by_key: Default::default(),
             services: Vec::new(),
             alive: Default::default(),
@@ -472,10 +512,26 @@ impl Services {
     pub fn admit(
         options: ServiceOptions,
         admission: &Admission,
+        specs: Vec<ServiceSpec>,
+    ) -> (Services, Report) {
+        Services::admit_after(None, options, admission, specs)
+    }
+
+    /// [`Services::admit`], reusing what `previous` built for services whose endpoints did
+    /// not change (their Maglev tables), so that an update costs in proportion to what it
+    /// changed rather than to the number of services.
+    pub fn admit_after(
+        previous: Option<&Services>,
+        options: ServiceOptions,
+        admission: &Admission,
         mut specs: Vec<ServiceSpec>,
     ) -> (Services, Report) {
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut s = Services::empty(options);
+        s.local_subnet = admission.local_subnet;
+        // Built under other options, or another idea of what is local, nothing is reused.
+        let previous =
+            previous.filter(|p| p.options == options && p.local_subnet == s.local_subnet);
         let mut report = Report::default();
         for mut spec in specs {
             if let Err(e) = check_service(&options, &spec) {
@@ -538,24 +594,16 @@ impl Services {
             }
             spec.endpoints.sort_unstable();
             spec.terminating.sort_unstable();
-            let cluster = Pick::new(&spec.endpoints, &spec.terminating, |_| true, &options);
-            let local = spec.internal_local.then(|| {
-                let here = |ep: &SocketAddrV4| {
-                    admission
-                        .local_subnet
-                        .is_some_and(|net| net.contains(*ep.ip()))
-                };
-                Pick::new(&spec.endpoints, &spec.terminating, here, &options)
-            });
             for ep in spec.endpoints.iter().chain(&spec.terminating) {
                 s.alive.insert((k, *ep));
             }
-            s.by_key.insert(k, s.services.len() as u32);
-            s.services.push(Service {
-                spec,
-                cluster,
-                local,
+            let before = previous.and_then(|p| {
+                let &i = p.by_key.get(&k)?;
+                Some(&p.services[i as usize])
             });
+            s.by_key.insert(k, s.services.len() as u32);
+            s.services
+                .push(Service::new(spec, &options, s.local_subnet, before));
         }
         (s, report)
     }

@@ -636,3 +636,47 @@ fn test_internal_traffic_policy_local() {
         .plan_node_port(&outside, local(), local().addr(), &aff, 0)
         .is_ok());
 }
+
+/// An update rebuilds the Maglev tables of the services whose endpoints changed only, and
+/// what it reuses decides exactly as a fresh build would.
+#[test]
+fn test_an_update_reuses_the_tables_of_unchanged_services_only() {
+    let first = vec![
+        named("a/one", 1, vec![ep(2, 2), ep(3, 2)]),
+        named("a/two", 2, vec![ep(4, 2), ep(5, 3)]),
+    ];
+    let (before, _) = Services::admit(options(), &node_admission(), first.clone());
+    let mut second = first;
+    second[1].endpoints.push(ep(6, 3));
+    let (after, _) =
+        Services::admit_after(Some(&before), options(), &node_admission(), second.clone());
+    let (fresh, _) = Services::admit(options(), &node_admission(), second);
+    let pick = |s: &Services, i: usize| Arc::clone(&s.services[i].cluster);
+    assert!(Arc::ptr_eq(&pick(&before, 0), &pick(&after, 0)));
+    assert!(!Arc::ptr_eq(&pick(&before, 1), &pick(&after, 1)));
+    let aff = Affinity::default();
+    for (i, last) in [(0usize, 1u8), (1, 2)] {
+        let vip = Ipv4Addr::new(10, 96, 0, last);
+        for sport in 1024..2024u16 {
+            let t = Tuple::new(Ipv4Addr::new(10, 244, 1, 9), sport, vip, 80, PROTO_TCP);
+            let planned = |s: &Services| s.plan(&t, local(), &aff, 0).unwrap().dnat;
+            assert_eq!(
+                planned(&after),
+                planned(&fresh),
+                "service {i}, port {sport}"
+            );
+        }
+    }
+    // Built for another node's lease (what is local differs), nothing is reused.
+    let other = Admission {
+        local_subnet: Some("10.244.9.0/24".parse().unwrap()),
+        ..node_admission()
+    };
+    let (elsewhere, _) = Services::admit_after(
+        Some(&before),
+        options(),
+        &other,
+        vec![named("a/one", 1, vec![ep(2, 2), ep(3, 2)])],
+    );
+    assert!(!Arc::ptr_eq(&pick(&before, 0), &pick(&elsewhere, 0)));
+}

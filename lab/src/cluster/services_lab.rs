@@ -216,7 +216,9 @@ pub fn prepare(
         (Source::Kube(_), _, None) => {
             bail!("services in the Kubernetes API, but it is not running")
         }
-        _ => Applied::new(r, src).set(services)?,
+        _ => {
+            Applied::new(r, src).set(services)?;
+        }
     }
     if let Source::KubeProxy(KubeProxyMode::Nftables) = src {
         // What kube-proxy does with --conntrack-tcp-be-liberal, which its docs ask of the
@@ -271,9 +273,17 @@ impl Applied {
             .collect()
     }
 
-    pub(super) fn set(&mut self, services: Vec<Service>) -> Result<()> {
+    /// Applies `services` everywhere the source takes them; returns when the applying began,
+    /// the new file's or ruleset's text rendered (what an update latency counts from).
+    pub(super) fn set(&mut self, services: Vec<Service>) -> Result<Instant> {
         let r = &self.names;
-        super::replace_file(&file(&r.dir), file_json(&services).to_string().as_bytes())?;
+        let text = file_json(&services).to_string();
+        let rules = match self.src {
+            Source::KubeProxy(mode) => Some((mode, kube_proxy_text(mode, &services))),
+            _ => None,
+        };
+        let began = Instant::now();
+        super::replace_file(&file(&r.dir), text.as_bytes())?;
         if let Source::Etcd(res) = &self.src {
             let guard = res.lock().expect("lab resources");
             put_etcd(
@@ -289,24 +299,28 @@ impl Applied {
                 .context("the Kubernetes API is not running")?;
             super::kube_lab::put_services(api, &services)?;
         }
-        if let Source::KubeProxy(mode) = self.src {
-            load_kube_proxy(&r.ns("n1"), &r.dir, mode, &services)?;
+        if let Some((mode, rules)) = rules {
+            load_kube_proxy(&r.ns("n1"), &r.dir, mode, &rules)?;
             clear_stale_udp(&r.ns("n1"), &self.current, &services)?;
         }
         self.current = services;
-        Ok(())
+        Ok(began)
     }
 }
 
-/// Gives node 1 kube-proxy's rules for `services`, as its full sync writes them.
-fn load_kube_proxy(ns: &str, dir: &Path, mode: KubeProxyMode, services: &[Service]) -> Result<()> {
-    let (file, text, cmd) = match mode {
-        KubeProxyMode::Iptables => (
-            "kube-proxy.rules",
-            kube_proxy_rules(services, 1),
-            "iptables-restore",
-        ),
-        KubeProxyMode::Nftables => ("kube-proxy.nft", kube_proxy_nft_rules(services, 1), "nft"),
+/// kube-proxy's rules for `services` on node 1, as its full sync writes them.
+fn kube_proxy_text(mode: KubeProxyMode, services: &[Service]) -> String {
+    match mode {
+        KubeProxyMode::Iptables => kube_proxy_rules(services, 1),
+        KubeProxyMode::Nftables => kube_proxy_nft_rules(services, 1),
+    }
+}
+
+/// Gives node 1 kube-proxy's rules (`text`, from [`kube_proxy_text`]).
+fn load_kube_proxy(ns: &str, dir: &Path, mode: KubeProxyMode, text: &str) -> Result<()> {
+    let (file, cmd) = match mode {
+        KubeProxyMode::Iptables => ("kube-proxy.rules", "iptables-restore"),
+        KubeProxyMode::Nftables => ("kube-proxy.nft", "nft"),
     };
     let path = dir.join(file);
     std::fs::write(&path, text)?;

@@ -8,8 +8,9 @@
 //! - connect time: `connect()` to the ClusterIP of a filler drawn at random, to its return (the
 //!   SYN's translation and the handshake through the tunnel), `--connections` times;
 //! - update latency: one service's single endpoint replaced by a new one, from the start of the
-//!   update (the services file written, `iptables-restore` or `nft -f` started) to the first
-//!   new connection the new endpoint answers, `--updates` times.
+//!   update (the new services file or ruleset rendered: the file about to be written,
+//!   `iptables-restore` or `nft -f` about to start) to the first new connection the new
+//!   endpoint answers, `--updates` times.
 //!
 //! kube-proxy is run as its full sync writes its rules: the whole iptables ruleset, or the whole
 //! `ip kube-proxy` table. kube-proxy's nftables mode syncs only what changed after its first
@@ -35,6 +36,26 @@ pub struct ServicesBenchOptions {
     pub updates: usize,
     pub out: PathBuf,
     pub podwire: PathBuf,
+    /// Which sides run (all three for a run file the README renders).
+    pub sides: Vec<SideName>,
+}
+
+/// A side as `--sides` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SideName {
+    Podwire,
+    Iptables,
+    Nftables,
+}
+
+impl SideName {
+    fn side(self) -> Side {
+        match self {
+            SideName::Podwire => Side::Podwire,
+            SideName::Iptables => Side::KubeProxy(KubeProxyMode::Iptables),
+            SideName::Nftables => Side::KubeProxy(KubeProxyMode::Nftables),
+        }
+    }
 }
 
 /// Who translates node 1's pod's ClusterIP traffic.
@@ -75,11 +96,8 @@ impl Side {
     }
 }
 
-const SIDES: [Side; 3] = [
-    Side::Podwire,
-    Side::KubeProxy(KubeProxyMode::Iptables),
-    Side::KubeProxy(KubeProxyMode::Nftables),
-];
+/// Every side, in the run file's order.
+pub const SIDES: [SideName; 3] = [SideName::Podwire, SideName::Iptables, SideName::Nftables];
 
 /// The service whose endpoint the update latency replaces.
 const UPDATED_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -129,7 +147,7 @@ pub fn run(opts: ServicesBenchOptions) -> Result<()> {
     let provenance = crate::run_record::Provenance::collect();
     let started = Instant::now();
     let mut results = Vec::new();
-    for side in SIDES {
+    for side in opts.sides.iter().map(|s| s.side()) {
         let lab = side.lab(&opts.podwire);
         let got = with_lab(
             &lab,
@@ -185,8 +203,7 @@ fn measure_side(
         let mut update_ms = Vec::new();
         for _ in 0..opts.updates {
             let next = other(now_on);
-            let t = Instant::now();
-            applied.set(services(size, next))?;
+            let t = applied.set(services(size, next))?;
             wait_served(names, UPDATED_VIP, next)?;
             update_ms.push(t.elapsed().as_secs_f64() * 1e3);
             now_on = next;
