@@ -365,8 +365,9 @@ impl Control<'_> {
                     health: self.health,
                 };
                 let mut sources = services_sync::lock(self.services);
-                sources.store_services = services::parse_etcd(&items);
-                sources.apply(&sink, since);
+                let s = &mut *sources;
+                s.store_services = services::parse_etcd_after(&mut s.store_cache, &items);
+                s.apply(&sink, since);
             }
             Ok(None) => {}
             Err(e) => {
@@ -811,6 +812,7 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> (ServiceSources, Option<Ser
         from_store: routed && opts.store.holds_services() && opts.conntrack,
         file_services: services::Parsed::default(),
         store_services: services::Parsed::default(),
+        store_cache: services::ParseCache::default(),
         options,
         current: Arc::new(Services::empty(options)),
         admission: Admission {
@@ -1309,7 +1311,10 @@ fn load_services(
     }
     if s.from_store {
         match j.store.services() {
-            Ok(items) => s.store_services = services::parse_etcd(&items.unwrap_or_default()),
+            Ok(items) => {
+                let items = items.unwrap_or_default();
+                s.store_services = services::parse_etcd_after(&mut s.store_cache, &items);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read services from the store yet; retrying")
             }

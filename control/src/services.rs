@@ -62,9 +62,48 @@ pub enum ServicesError {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    /// Each one parsed on its own, so one bad object leaves the others in.
-    services: Vec<serde_json::Value>,
+struct File<'a> {
+    /// Each one parsed on its own, so one bad object leaves the others in (and one that did
+    /// not change is not parsed again).
+    #[serde(borrow)]
+    services: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// What a source's last parse made of each object, by the name it was read under and its
+/// exact text, so that an update parses only the objects it changed. Bad objects are not kept
+/// (they are parsed again, and named again).
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    specs: rustc_hash::FxHashMap<(String, Box<str>), Vec<ServiceSpec>>,
+}
+
+impl ParseCache {
+    /// The object's services: the last parse's if it had the same name and text, else parsed
+    /// now (`parse`) and kept in `next`, the cache of this parse.
+    fn specs(
+        &mut self,
+        next: &mut ParseCache,
+        name: &str,
+        text: &str,
+        parse: impl FnOnce() -> Result<Vec<ServiceSpec>, ServicesError>,
+    ) -> Result<Vec<ServiceSpec>, ServicesError> {
+        let key = (name.to_string(), Box::<str>::from(text));
+        let specs = match self.specs.remove(&key) {
+            Some(specs) => specs,
+            None => parse()?,
+        };
+        next.specs.insert(key, specs.clone());
+        Ok(specs)
+    }
+
+    /// Objects held.
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,31 +262,55 @@ pub struct Parsed {
 /// whole; within it, an object that is not a valid service is left out, named, and the others
 /// are kept.
 pub fn parse_file(text: &str, what: &str) -> Result<Parsed, ServicesError> {
+    parse_file_after(&mut ParseCache::default(), text, what)
+}
+
+/// [`parse_file`], taking from `cache` the objects whose text has not changed since the last
+/// parse, and leaving in it those of this one.
+pub fn parse_file_after(
+    cache: &mut ParseCache,
+    text: &str,
+    what: &str,
+) -> Result<Parsed, ServicesError> {
     let f: File = serde_json::from_str(text).map_err(|source| ServicesError::Json {
         what: what.to_string(),
         source,
     })?;
     let mut out = Parsed::default();
-    for (i, value) in f.services.into_iter().enumerate() {
-        // Name the object by its name if it has one, else by its place in the file.
-        let str_at = |p: &str| value.pointer(p).and_then(|n| n.as_str());
-        let named = match str_at("/service/metadata/name") {
-            Some(n) => Some(format!(
-                "{}/{n}",
-                str_at("/service/metadata/namespace").unwrap_or("default")
-            )),
-            None => str_at("/name").map(str::to_string),
-        };
-        let label = match named {
-            Some(n) if !n.is_empty() => format!("{what}: service {n}"),
-            _ => format!("{what}: services[{i}]"),
-        };
-        match parse_value(value, "", &label) {
+    let mut next = ParseCache::default();
+    for (i, raw) in f.services.into_iter().enumerate() {
+        let parsed = cache.specs(&mut next, "", raw.get(), || {
+            let value: serde_json::Value =
+                serde_json::from_str(raw.get()).map_err(|source| ServicesError::Json {
+                    what: format!("{what}: services[{i}]"),
+                    source,
+                })?;
+            let label = file_object_label(&value, what, i);
+            parse_value(value, "", &label)
+        });
+        match parsed {
             Ok(specs) => out.specs.extend(specs),
             Err(e) => out.rejected.push(e),
         }
     }
+    *cache = next;
     Ok(out)
+}
+
+/// Names a file's object by its name if it has one, else by its place in the file.
+fn file_object_label(value: &serde_json::Value, what: &str, i: usize) -> String {
+    let str_at = |p: &str| value.pointer(p).and_then(|n| n.as_str());
+    let named = match str_at("/service/metadata/name") {
+        Some(n) => Some(format!(
+            "{}/{n}",
+            str_at("/service/metadata/namespace").unwrap_or("default")
+        )),
+        None => str_at("/name").map(str::to_string),
+    };
+    match named {
+        Some(n) if !n.is_empty() => format!("{what}: service {n}"),
+        _ => format!("{what}: services[{i}]"),
+    }
 }
 
 /// Parses one service object (an etcd value) stored under `name` (`namespace/name`), which it
@@ -264,16 +327,29 @@ pub fn parse_one(text: &[u8], name: &str) -> Result<Vec<ServiceSpec>, ServicesEr
 /// (as a malformed lease is) and returned with why, so one bad object cannot take the others
 /// down.
 pub fn parse_etcd(items: &[(String, Vec<u8>)]) -> Parsed {
+    parse_etcd_after(&mut ParseCache::default(), items)
+}
+
+/// [`parse_etcd`], taking from `cache` the objects whose key and value have not changed since
+/// the last parse, and leaving in it those of this one.
+pub fn parse_etcd_after(cache: &mut ParseCache, items: &[(String, Vec<u8>)]) -> Parsed {
     let mut out = Parsed::default();
+    let mut next = ParseCache::default();
     for (key, value) in items {
         let name = key
             .split_once("/services/")
             .map_or(key.as_str(), |(_, n)| n);
-        match parse_one(value, name) {
+        // A value that is not UTF-8 is not JSON either: parsed (and refused) every time.
+        let parsed = match std::str::from_utf8(value) {
+            Ok(text) => cache.specs(&mut next, name, text, || parse_one(value, name)),
+            Err(_) => parse_one(value, name),
+        };
+        match parsed {
             Ok(specs) => out.specs.extend(specs),
             Err(e) => out.rejected.push(e),
         }
     }
+    *cache = next;
     out
 }
 
@@ -336,6 +412,8 @@ pub fn snapshot(
 pub struct ServicesFile {
     path: PathBuf,
     seen: Option<(SystemTime, u64)>,
+    /// What the last read made of each object.
+    cache: ParseCache,
     /// None where inotify is not to be had: the file is then polled only.
     watch: Option<DirWatch>,
 }
@@ -348,6 +426,7 @@ impl ServicesFile {
         ServicesFile {
             path: path.to_path_buf(),
             seen: None,
+            cache: ParseCache::default(),
             watch,
         }
     }
@@ -387,7 +466,7 @@ impl ServicesFile {
         }
         let text = std::fs::read_to_string(&self.path).map_err(read_err)?;
         self.seen = Some(stamp);
-        parse_file(&text, &self.path.display().to_string()).map(Some)
+        parse_file_after(&mut self.cache, &text, &self.path.display().to_string()).map(Some)
     }
 }
 
@@ -547,6 +626,40 @@ mod tests {
         );
         assert!(why[1].contains("prot"), "{why:?}");
         assert!(why[2].contains("no name"), "{why:?}");
+    }
+
+    /// A re-read takes unchanged objects from the cache and parses changed ones: the result is
+    /// what a fresh parse gives, bad objects are named every time, and the cache holds only
+    /// the objects of the last read.
+    #[test]
+    fn test_a_reread_parses_only_the_objects_that_changed() {
+        let file = |b_port: u16| {
+            format!(
+                r#"{{"services": [
+                {{"name": "default/a", "clusterIP": "10.96.0.10", "port": 80}},
+                {{"name": "default/bad", "clusterIP": "10.96.0.11", "port": 0}},
+                {{"name": "default/b", "clusterIP": "10.96.0.14", "port": {b_port}}}
+            ]}}"#
+            )
+        };
+        let mut cache = ParseCache::default();
+        let first = parse_file_after(&mut cache, &file(53), "test").unwrap();
+        assert_eq!(cache.len(), 2);
+        let second = parse_file_after(&mut cache, &file(54), "test").unwrap();
+        assert_eq!(cache.len(), 2);
+        let fresh = parse_file(&file(54), "test").unwrap();
+        assert_eq!(second.specs, fresh.specs);
+        assert_ne!(second.specs, first.specs);
+        assert_eq!(second.specs[1].port, 54);
+        assert_eq!(second.rejected.len(), 1);
+        assert!(second.rejected[0].to_string().contains("default/bad"));
+        // The same object under another etcd key is another service.
+        let value = br#"{"clusterIP": "10.96.0.20", "port": 80}"#.to_vec();
+        let mut cache = ParseCache::default();
+        let a = parse_etcd_after(&mut cache, &[("/p/services/ns/x".into(), value.clone())]);
+        let b = parse_etcd_after(&mut cache, &[("/p/services/ns/y".into(), value)]);
+        assert_eq!(a.specs[0].name, "ns/x");
+        assert_eq!(b.specs[0].name, "ns/y");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct ServiceSources {
     pub from_store: bool,
     pub file_services: services::Parsed,
     pub store_services: services::Parsed,
+    /// What the last read of the store's services made of each object.
+    pub store_cache: services::ParseCache,
     pub options: ServiceOptions,
     /// What services are checked against on this node.
     pub admission: Admission,
