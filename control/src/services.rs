@@ -42,7 +42,7 @@ use podwire_dataplane::nat::{
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
@@ -411,7 +411,13 @@ pub fn snapshot(
 /// changes (inotify) so that an update applies at once rather than at the next poll.
 pub struct ServicesFile {
     path: PathBuf,
-    seen: Option<(SystemTime, u64)>,
+    /// The file's identity and times when last read.
+    seen: Option<Stamp>,
+    /// The text last read: a change the stamp cannot see (two writes of one size within one
+    /// tick of the kernel's coarse file clock) is told from it.
+    text: String,
+    /// The directory's watch reported a change since the last read.
+    dirty: bool,
     /// What the last read made of each object.
     cache: ParseCache,
     /// None where inotify is not to be had: the file is then polled only.
@@ -426,6 +432,8 @@ impl ServicesFile {
         ServicesFile {
             path: path.to_path_buf(),
             seen: None,
+            text: String::new(),
+            dirty: false,
             cache: ParseCache::default(),
             watch,
         }
@@ -437,10 +445,13 @@ impl ServicesFile {
         let Some(watch) = &self.watch else {
             return std::thread::sleep(timeout);
         };
-        if let Err(e) = watch.wait(timeout) {
-            tracing::warn!(error = %e, "services file polled only from now on");
-            self.watch = None;
-            std::thread::sleep(timeout);
+        match watch.wait(timeout) {
+            Ok(changed) => self.dirty |= changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "services file polled only from now on");
+                self.watch = None;
+                std::thread::sleep(timeout);
+            }
         }
     }
 
@@ -451,22 +462,55 @@ impl ServicesFile {
     /// Makes the next `poll` read the file whether it changed or not (SIGHUP).
     pub fn forget(&mut self) {
         self.seen = None;
+        self.text.clear();
     }
 
-    /// The services if the file changed since the last call (always on the first).
+    /// The services if the file changed since the last call (always on the first). It is read
+    /// when its stamp changed or its directory's watch saw a change, and parsed when what it
+    /// holds differs from the last read.
     pub fn poll(&mut self) -> Result<Option<Parsed>, ServicesError> {
         let read_err = |source| ServicesError::Read {
             path: self.path.clone(),
             source,
         };
         let md = std::fs::metadata(&self.path).map_err(read_err)?;
-        let stamp = (md.modified().map_err(read_err)?, md.len());
-        if self.seen == Some(stamp) {
+        let stamp = Stamp::of(&md);
+        if self.seen == Some(stamp) && !std::mem::take(&mut self.dirty) {
             return Ok(None);
         }
+        self.dirty = false;
         let text = std::fs::read_to_string(&self.path).map_err(read_err)?;
         self.seen = Some(stamp);
-        parse_file_after(&mut self.cache, &text, &self.path.display().to_string()).map(Some)
+        if text == self.text && !self.text.is_empty() {
+            return Ok(None);
+        }
+        let parsed = parse_file_after(&mut self.cache, &text, &self.path.display().to_string());
+        self.text = text;
+        parsed.map(Some)
+    }
+}
+
+/// What tells a file's versions apart without reading it: a replacement (a rename onto the
+/// path) has another inode; a write in place moves the modification time and often the size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(md: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
     }
 }
 
@@ -660,6 +704,40 @@ mod tests {
         let b = parse_etcd_after(&mut cache, &[("/p/services/ns/y".into(), value)]);
         assert_eq!(a.specs[0].name, "ns/x");
         assert_eq!(b.specs[0].name, "ns/y");
+    }
+
+    /// Writes of one size in quick succession, in place or by a rename, each land: the kernel's
+    /// file clock is coarse (a few ms), so their times can be equal; the inode and the watch's
+    /// wake-up (the file then read and compared) tell them apart.
+    #[test]
+    fn test_every_one_of_quick_same_size_writes_is_seen() {
+        let dir = std::env::temp_dir().join(format!("podwire-svcfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("services.json");
+        let text = |port: u16| {
+            format!(
+                r#"{{"services": [{{"name": "a/b", "clusterIP": "10.96.0.10", "port": {port}}}]}}"#
+            )
+        };
+        std::fs::write(&path, text(1000)).unwrap();
+        let mut file = ServicesFile::new(&path);
+        assert_eq!(file.poll().unwrap().unwrap().specs[0].port, 1000);
+        assert!(file.poll().unwrap().is_none());
+        let tmp = dir.join(".services.json.tmp");
+        for port in 1001..1200 {
+            // Every other one replaced by a rename, as atomic writers do: a new file, whose
+            // times no one has read yet (so the kernel gives it coarse ones).
+            if port % 2 == 0 {
+                std::fs::write(&tmp, text(port)).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            } else {
+                std::fs::write(&path, text(port)).unwrap();
+            }
+            file.wait(Duration::from_secs(1));
+            let got = file.poll().unwrap().map(|p| p.specs[0].port);
+            assert_eq!(got, Some(port));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
