@@ -141,6 +141,9 @@ impl Routed {
             dispatch,
             state,
         };
+        // Each receive's batch is decided once, then emptied: a source that has nothing
+        // (no AF_XDP socket, an empty peer queue) leaves the batch as it found it, and the
+        // last receive's datagrams must not be decided and sent a second time.
         let received = |batch: &mut Batch, sinks: &mut RoutedSinks, local: &mut LocalStats| {
             if batch.is_empty() {
                 return;
@@ -150,6 +153,7 @@ impl Routed {
                 capture.record(CapturePoint::Underlay, batch);
             }
             d.run(Direction::FromUnderlay, batch, sinks, local);
+            batch.clear();
         };
         let mut moved = sinks.ports.underlay.rx_socket(batch)?;
         received(batch, &mut sinks, local);

@@ -291,6 +291,9 @@ fn stopped_node_checks(
         checks.push(pod_xdp_check(opts, stats));
     }
     checks.push(icmp_forge::counted_check(stats));
+    if opts.vxlan() {
+        checks.push(decided_once_check(stats));
+    }
     let unknown_peer = stats[0]
         .1
         .as_ref()
@@ -316,6 +319,18 @@ fn stopped_node_checks(
         checks.extend(direct_routing_checks(r, pairs, stats)?);
     }
     Ok(checks)
+}
+
+/// Nothing in the lab sends a podwire node a malformed VXLAN header from a node's address
+/// (forgeries come from non-nodes, counted as unknown_peer): one counted means a datagram was
+/// decided twice, the second time as its own inner frame.
+fn decided_once_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
+    per_node_check(
+        "each datagram from the underlay is decided once (no bad VXLAN header counted)",
+        stats,
+        &[Counter::RxUnderlay, Counter::TxTun],
+        |s| s.drops(DropReason::BadVxlanHeader) == 0,
+    )
 }
 
 /// With `--pod-xdp`: the pods' packets reach podwire through AF_XDP, not the TUN.
