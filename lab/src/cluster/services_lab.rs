@@ -605,31 +605,55 @@ fn cluster_ip_tcp_checks(client: &str, figures: &mut Figures) -> Vec<Check> {
     checks
 }
 
-/// UDP request/response through a ClusterIP: answers come from the ClusterIP.
+/// What `cluster_ip_udp_check` received.
+#[derive(Default)]
+struct UdpTally {
+    /// Requests answered, from the ClusterIP, with their own sequence number.
+    answered: u32,
+    /// Datagrams from any other source.
+    not_from_vip: u32,
+    /// Sequence numbers of answers that came while another request waited (duplicates, late).
+    others: Vec<u32>,
+}
+
+/// UDP request/response through a ClusterIP: answers come from the ClusterIP, each once. Each
+/// request waits for its own answer, as a DNS client matches its query's ID; an answer to
+/// another request (a duplicate, or one later than 500 ms) fails the check with its number.
 fn cluster_ip_udp_check(client: &str) -> Check {
     let udp = netns::run_in(client, || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
-        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
-        let (mut ok, mut from_vip) = (0, 0);
+        let mut tally = UdpTally::default();
         let mut buf = [0u8; 2048];
         for i in 0..50u32 {
             sock.send_to(&i.to_be_bytes(), SocketAddrV4::new(DNS_VIP, 53))?;
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                if n == 8 && buf[4..8] == i.to_be_bytes() {
-                    ok += 1;
-                }
-                if from == SocketAddrV4::new(DNS_VIP, 53).into() {
-                    from_vip += 1;
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    break;
+                };
+                if from != SocketAddrV4::new(DNS_VIP, 53).into() {
+                    tally.not_from_vip += 1;
+                } else if n == 8 && buf[4..8] == i.to_be_bytes() {
+                    tally.answered += 1;
+                    break;
+                } else {
+                    tally
+                        .others
+                        .push(u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]));
                 }
             }
         }
-        Ok((ok, from_vip))
+        Ok(tally)
     });
     match udp {
-        Ok((ok, from_vip)) => Check {
+        Ok(t) => Check {
             name: "UDP request/response through a ClusterIP, answered from the ClusterIP".into(),
-            ok: ok >= 49 && from_vip == ok,
-            detail: format!("{ok} of 50 answered, {from_vip} from {DNS_VIP}:53"),
+            ok: t.answered >= 49 && t.not_from_vip == 0 && t.others.is_empty(),
+            detail: format!(
+                "{} of 50 answered from {DNS_VIP}:53, {} from elsewhere; answers to other requests: {:?}",
+                t.answered, t.not_from_vip, t.others
+            ),
         },
         Err(e) => Check {
             name: "UDP request/response through a ClusterIP".into(),
