@@ -97,14 +97,18 @@ impl Underlay {
     }
 
     /// Reads a batch from the AF_XDP socket (nothing without one): the frames read, and how
-    /// many of them were packets to the node rather than underlay datagrams.
+    /// many of them were packets to the node rather than underlay datagrams. Like every
+    /// receive, it replaces the batch's contents, so an empty read leaves an empty batch.
     pub fn rx_xdp(&mut self, batch: &mut Batch) -> Result<(usize, u64), PortError> {
         match self.xdp.as_mut() {
             Some(x) => {
                 let n = x.rx_batch(batch)?;
                 Ok((n, x.take_wire()))
             }
-            None => Ok((0, 0)),
+            None => {
+                batch.clear();
+                Ok((0, 0))
+            }
         }
     }
 
@@ -291,6 +295,19 @@ mod tests {
             batch.packet(0).len(),
             ipv4::HEADER_LEN + udp::HEADER_LEN + 4
         );
+    }
+
+    /// Without an AF_XDP socket a read empties the batch: what an earlier receive left in it
+    /// must not be decided a second time (it was, once: see the lab's decided-once check).
+    #[test]
+    fn test_a_read_without_an_af_xdp_socket_leaves_an_empty_batch() {
+        let lo = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let mut underlay =
+            Underlay::new(UdpPort::bind(lo, 16, 1 << 20).unwrap(), None, None, vec![]);
+        let mut batch = Batch::new(4, 2048);
+        encapsulated(&mut batch, b"read from the socket", 40001);
+        assert_eq!(underlay.rx_xdp(&mut batch).unwrap(), (0, 0));
+        assert!(batch.is_empty());
     }
 
     /// Without raw or AF_XDP sockets, encapsulated packets leave from the flow socket their

@@ -141,9 +141,8 @@ impl Routed {
             dispatch,
             state,
         };
-        // Each receive's batch is decided once, then emptied: a source that has nothing
-        // (no AF_XDP socket, an empty peer queue) leaves the batch as it found it, and the
-        // last receive's datagrams must not be decided and sent a second time.
+        // Each receive replaces the batch's contents (an empty read leaves it empty), so each
+        // batch is decided once.
         let received = |batch: &mut Batch, sinks: &mut RoutedSinks, local: &mut LocalStats| {
             if batch.is_empty() {
                 return;
@@ -153,7 +152,6 @@ impl Routed {
                 capture.record(CapturePoint::Underlay, batch);
             }
             d.run(Direction::FromUnderlay, batch, sinks, local);
-            batch.clear();
         };
         let mut moved = sinks.ports.underlay.rx_socket(batch)?;
         received(batch, &mut sinks, local);

@@ -165,15 +165,7 @@ fn services_ctl(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let servers = services_lab::start_tcp_servers(r, &stop);
     std::thread::sleep(Duration::from_millis(200));
-    let held = netns::run_in(&r.ns("p1"), || {
-        (0..HELD_CONNECTIONS)
-            .map(|i| {
-                let mut s = services_lab::connect(services_lab::WEB_VIP)?;
-                services_lab::request(&mut s, 512, 7000 + i as u64)?;
-                Ok(s)
-            })
-            .collect::<Result<Vec<_>>>()
-    });
+    let held = services_lab::hold_connections(r, services_lab::WEB_VIP, HELD_CONNECTIONS, 7000);
     // Asked while the connections are held; the servers stop whatever the answers.
     let asked = held.and_then(|held| {
         let ct = ask(json!({"cmd": "conntrack", "addr": vip, "port": 80, "proto": "tcp", "state": "established"}))?;

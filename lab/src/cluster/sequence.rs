@@ -325,12 +325,22 @@ fn stopped_node_checks(
 /// (forgeries come from non-nodes, counted as unknown_peer): one counted means a datagram was
 /// decided twice, the second time as its own inner frame.
 fn decided_once_check(stats: &[(usize, Option<LocalStats>)]) -> Check {
-    per_node_check(
+    let mut check = per_node_check(
         "each datagram from the underlay is decided once (no bad VXLAN header counted)",
         stats,
         &[Counter::RxUnderlay, Counter::TxTun],
         |s| s.drops(DropReason::BadVxlanHeader) == 0,
-    )
+    );
+    // Show the count judged, not only the counters that explain it.
+    let judged: Vec<String> = stats
+        .iter()
+        .filter_map(|(i, s)| {
+            let bad = s.as_ref()?.drops(DropReason::BadVxlanHeader);
+            Some(format!("node {i} {bad}"))
+        })
+        .collect();
+    check.detail = format!("{}; bad_vxlan_header: {}", check.detail, judged.join(", "));
+    check
 }
 
 /// With `--pod-xdp`: the pods' packets reach podwire through AF_XDP, not the TUN.

@@ -7,8 +7,8 @@
 //! - `sessionAffinity: ClientIP`: 15 connections in a row reach one backend, and after the
 //!   timeout a client may move;
 //! - a Service with a TCP and a UDP port;
-//! - a UDP client that keeps sending reaches the replacement of its server's pod, without a
-//!   datagram going unanswered;
+//! - a UDP client that keeps sending reaches the replacement of its server's pod, losing at most
+//!   the request in flight when the old flow is cleared;
 //! - a segment conntrack deems INVALID (out of window, injected by the backend pod) is dropped,
 //!   and the connection it could have reset carries on.
 
@@ -54,7 +54,7 @@ pub(super) fn checks(r: &Names, applied: &mut Applied, drops_invalid: bool) -> V
             multi_port(&client),
         ),
         outcome(
-            "a UDP client that keeps sending reaches its server's replacement pod, no datagram lost",
+            "a UDP client that keeps sending reaches its server's replacement pod, losing at most the request in flight",
             udp_server_cycles(&client, applied),
         ),
         outcome(
@@ -263,6 +263,10 @@ fn udp_ask(sock: &UdpSocket, i: u32) -> Option<Ipv4Addr> {
 /// The e2e "preserve UDP traffic when server pod cycles": one client socket keeps sending to
 /// the ClusterIP while the service's one endpoint moves from pod 2 to pod 3 (pod 2's server
 /// still answers, as a pod would until it is gone: a stale translation would show).
+///
+/// One request may go unanswered: the one in flight when the proxy clears the old flow (its
+/// answer from pod 2 then has no translation back, as with kube-proxy's `conntrack -D`). A
+/// second one means the client was left on a cleared or stale flow.
 fn udp_server_cycles(client: &str, applied: &mut Applied) -> Result<(bool, String)> {
     let sock = netns::run_in(client, || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
@@ -278,17 +282,18 @@ fn udp_server_cycles(client: &str, applied: &mut Applied) -> Result<(bool, Strin
         vec![Endpoint::ready(pod(3), 3)],
     ))?;
     let switched = Instant::now();
-    let (mut reached, mut lost) = (None, 0);
+    let (mut reached, mut lost) = (None, Vec::new());
     let mut i = 100;
     while switched.elapsed() < Duration::from_secs(5) {
         i += 1;
+        let sent = switched.elapsed();
         match udp_ask(&sock, i) {
             Some(b) if b == pod(3) => {
                 reached = Some(switched.elapsed());
                 break;
             }
             Some(_) => {}
-            None => lost += 1,
+            None => lost.push(sent),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -297,15 +302,16 @@ fn udp_server_cycles(client: &str, applied: &mut Applied) -> Result<(bool, Strin
     let ok = before.len() == 10
         && before.iter().all(|&b| b == pod(2))
         && reached.is_some()
-        && lost == 0
+        && lost.len() <= 1
         && after.len() == 10
         && after.iter().all(|&b| b == pod(3));
     Ok((
         ok,
         format!(
-            "before: {} of 10 answered, by {:?}; pod 3 reached {reached:?} after the change, {lost} unanswered meanwhile; then {} of 10 answered, by {:?}",
+            "before: {} of 10 answered, by {:?}; pod 3 reached {reached:?} after the change, {} unanswered meanwhile (sent {lost:?} after the change; 1 in flight may be lost); then {} of 10 answered, by {:?}",
             before.len(),
             before.iter().collect::<BTreeSet<_>>(),
+            lost.len(),
             after.len(),
             after.iter().collect::<BTreeSet<_>>()
         ),

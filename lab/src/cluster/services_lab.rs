@@ -436,6 +436,25 @@ pub(super) fn request(s: &mut TcpStream, size: usize, seed: u64) -> Result<Answe
     Ok(a)
 }
 
+/// Opens `n` connections from pod 1 to `vip`:80 and makes one 512-byte request on each
+/// (seeds from `first_seed`): the open connections and the backend each was served by.
+pub(super) fn hold_connections(
+    r: &Names,
+    vip: Ipv4Addr,
+    n: usize,
+    first_seed: u64,
+) -> Result<Vec<(TcpStream, Ipv4Addr)>> {
+    netns::run_in(&r.ns("p1"), move || {
+        (0..n as u64)
+            .map(|i| {
+                let mut s = connect(vip)?;
+                let a = request(&mut s, 512, first_seed + i)?;
+                Ok((s, a.served_on))
+            })
+            .collect()
+    })
+}
+
 pub(super) fn connect(vip: Ipv4Addr) -> Result<TcpStream> {
     connect_to(SocketAddrV4::new(vip, 80))
 }
@@ -612,8 +631,9 @@ struct UdpTally {
     answered: u32,
     /// Datagrams from any other source.
     not_from_vip: u32,
-    /// Sequence numbers of answers that came while another request waited (duplicates, late).
-    others: Vec<u32>,
+    /// Answers that came while another request waited (duplicates, late): their sequence
+    /// numbers, or their size when too short to hold one.
+    others: Vec<String>,
 }
 
 /// UDP request/response through a ClusterIP: answers come from the ClusterIP, each once. Each
@@ -637,10 +657,11 @@ fn cluster_ip_udp_check(client: &str) -> Check {
                 } else if n == 8 && buf[4..8] == i.to_be_bytes() {
                     tally.answered += 1;
                     break;
+                } else if n >= 8 {
+                    let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    tally.others.push(seq.to_string());
                 } else {
-                    tally
-                        .others
-                        .push(u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]));
+                    tally.others.push(format!("a {n}-byte datagram"));
                 }
             }
         }
@@ -817,15 +838,7 @@ fn removal_check(r: &Names, applied: &mut Applied) -> Result<Check> {
     } else {
         "a backend removed mid-run loses only its own connections"
     };
-    let conns = netns::run_in(&r.ns("p1"), move || {
-        let mut conns = Vec::new();
-        for i in 0..LONG_LIVED {
-            let mut s = connect(WEB_VIP)?;
-            let a = request(&mut s, 512, 1000 + i as u64)?;
-            conns.push((s, a.served_on));
-        }
-        Ok(conns)
-    });
+    let conns = hold_connections(r, WEB_VIP, LONG_LIVED, 1000);
     let outcome = conns.and_then(|mut conns| {
         let gone = POD2_SECOND;
         let rest: Vec<Ipv4Addr> = web_backends().into_iter().filter(|b| *b != gone).collect();

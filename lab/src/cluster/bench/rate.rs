@@ -94,6 +94,7 @@ pub fn measure(path: &Path, secs: f64, trial_secs: f64, first_port: u16) -> Resu
 /// The unpaced trial, then the search: `run(None)` runs the unpaced trial, `run(Some(pps))`
 /// a trial paced at `pps`.
 fn search(mut run: impl FnMut(Option<f64>) -> Result<Trial>) -> Result<RateResult> {
+    let mut run = move |target| run(target).and_then(refuse_duplicates);
     let max_offered = run(None)?;
     if max_offered.received == 0 {
         bail!(
@@ -137,6 +138,21 @@ fn search(mut run: impl FnMut(Option<f64>) -> Result<Trial>) -> Result<RateResul
         ndr,
         search,
     })
+}
+
+/// A trial that delivered more than it offered shows a path that duplicates datagrams: no
+/// rate of it can be quoted (delivered would count the copies), so the bench stops there.
+fn refuse_duplicates(t: Trial) -> Result<Trial> {
+    if t.received > t.sent {
+        bail!(
+            "{} datagrams arrived of {} sent ({:.0} pps delivered of {:.0} offered): the path duplicates datagrams",
+            t.received,
+            t.sent,
+            t.delivered_pps,
+            t.offered_pps
+        );
+    }
+    Ok(t)
 }
 
 /// One trial: datagrams to a fresh port (nothing of an earlier trial can be counted), at
@@ -314,5 +330,22 @@ mod tests {
         assert_eq!(Trial::one_second(1000, 500).loss(), 0.5);
         // More arriving than sent (a duplicate) is no loss, not a negative one.
         assert_eq!(Trial::one_second(10, 12).loss(), 0.0);
+    }
+
+    /// A path that duplicates datagrams delivers more than was offered: the bench refuses
+    /// to quote it, whether at full rate or in the search.
+    #[test]
+    fn test_a_trial_that_delivers_more_than_it_offered_stops_the_bench() {
+        let err = search(|_| Ok(Trial::one_second(402_000, 448_000))).unwrap_err();
+        assert!(err.to_string().contains("duplicates"), "{err}");
+        let mut trials = 0;
+        let later = search(|target| {
+            trials += 1;
+            Ok(match target {
+                None => Trial::one_second(100_000, 50_000),
+                Some(pps) => Trial::one_second(pps as u64, pps as u64 + 1),
+            })
+        });
+        assert!(later.is_err() && trials == 2);
     }
 }
