@@ -299,8 +299,8 @@ struct Control<'a> {
     services_from_store: bool,
     /// Set on SIGHUP: the services file's thread reads the file, changed or not.
     reread_services: &'a AtomicBool,
-    /// The snapshot whose NodePorts the XDP program was told last.
-    node_ports_of: Option<Arc<Services>>,
+    /// The snapshot the host was told last (NodePorts, external IP routes).
+    host_synced_for: Option<Arc<Services>>,
     /// Held until the daemon exits; answered every tick.
     locks: &'a [NodeLock],
 }
@@ -376,21 +376,24 @@ impl Control<'_> {
         }
     }
 
-    /// Tells the XDP program the NodePorts of the live services when they changed.
-    fn sync_node_ports(&mut self) {
-        let Some(prog) = self.host.xdp.as_mut() else {
-            return;
-        };
+    /// Tells the host what the live services need of it when they changed: the XDP program
+    /// their NodePorts, the routing table their external IPs.
+    fn sync_host_services(&mut self) {
         let live = Arc::clone(&self.live.load().services);
         if self
-            .node_ports_of
+            .host_synced_for
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(s, &live))
         {
             return;
         }
-        sync_node_ports(prog, &live);
-        self.node_ports_of = Some(live);
+        if let Some(prog) = self.host.xdp.as_mut() {
+            sync_node_ports(prog, &live);
+        }
+        if let Some(routes) = self.host.external_routes.as_mut() {
+            routes.sync(live.external_ips());
+        }
+        self.host_synced_for = Some(live);
     }
 
     /// Re-reads the leases and swaps new tables in; takes our lease again if it vanished.
@@ -602,6 +605,8 @@ struct Host {
     direct: Option<netdev::DirectRoutes>,
     /// The service range routed into the TUN.
     service_route: Option<node::HostRoute>,
+    /// The services' external IPs routed into the TUN, as they change.
+    external_routes: Option<node::ExternalIpRoutes>,
     steering: Option<node::PodSteering>,
     masq: Option<node::MasqTable>,
     forward: Option<node::ForwardRules>,
@@ -924,7 +929,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             services_from_store: services_sync::lock(&node.services).from_store,
             services: &node.services,
             reread_services: &reread_services,
-            node_ports_of: Some(Arc::clone(&node.live.load().services)),
+            // Synced at the first tick: the initial services' external IPs get their routes.
+            host_synced_for: None,
             locks: &locks,
         };
         let result = control_loop(&mut control, &opts, &shutdown, &hangup);
@@ -1165,6 +1171,7 @@ fn setup_routed(
         // The service range is routed into podwire: ClusterIPs, and the hairpin address that
         // local backends answer.
         host.service_route = Some(node::HostRoute::replace(opts.service_cidr, &device)?);
+        host.external_routes = Some(node::ExternalIpRoutes::new(&device));
         tracing::info!(cidr = %opts.service_cidr, hairpin = %services.options.hairpin_ip, "service range routed into podwire");
         steps.done("service route")?;
     }
@@ -1514,7 +1521,7 @@ fn control_loop(
             }
         }
         c.reload_store_services();
-        c.sync_node_ports();
+        c.sync_host_services();
         c.locks.iter().for_each(NodeLock::answer);
         c.health.store_reachable.store(reachable, Ordering::Relaxed);
         c.health

@@ -133,6 +133,7 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
             )))
         }
     };
+    let external_ips = external_ips(svc, kind).map_err(invalid)?;
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
@@ -166,7 +167,40 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
             affinity_timeout,
             node_port,
             internal_local,
+            external_ips: external_ips.clone(),
         });
+    }
+    Ok(out)
+}
+
+/// The addresses outside the cluster a Service is served on, as kube-proxy reads them: its
+/// `externalIPs`, and for type LoadBalancer the ingress IPs of its status whose `ipMode` is
+/// VIP (or unset; `Proxy` means the load balancer delivers to the node itself). IPv6 ones
+/// belong to the other family's proxier and are skipped; anything else that is no address is
+/// an error.
+fn external_ips(svc: &Service, kind: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let listed = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.external_ips.iter().flatten());
+    let ingress = svc
+        .status
+        .iter()
+        .filter(|_| kind == "LoadBalancer")
+        .filter_map(|s| s.load_balancer.as_ref())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
+        .filter_map(|i| i.ip.as_deref().filter(|ip| !ip.is_empty()));
+    let mut out = Vec::new();
+    for (what, text) in listed
+        .map(|t| ("externalIPs", t.as_str()))
+        .chain(ingress.map(|t| ("load balancer ingress", t)))
+    {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("{what} {text:?} is no IP address")),
+        }
     }
     Ok(out)
 }
@@ -301,6 +335,40 @@ mod tests {
         let dns = &parsed.specs[1];
         assert_eq!((dns.proto, dns.node_port), (PROTO_UDP, Some(30053)));
         assert_eq!(dns.endpoints[0], ep(2, 5353));
+    }
+
+    /// externalIPs and a LoadBalancer's VIP-mode ingress IPs are served; a Proxy-mode
+    /// ingress, an IPv6 address (the other family's) and a ClusterIP Service's stale status
+    /// are not; something that is no address is an error naming it.
+    #[test]
+    fn test_external_and_load_balancer_ips_are_read_as_kube_proxy_reads_them() {
+        let lb = |kind: &str, external: Value| {
+            service(json!({"metadata": {"namespace": "default", "name": "lb"},
+                "spec": {"type": kind, "clusterIP": "10.96.0.20", "ports": [{"port": 80}],
+                         "externalIPs": external},
+                "status": {"loadBalancer": {"ingress": [
+                    {"ip": "198.51.100.10"},
+                    {"ip": "198.51.100.11", "ipMode": "VIP"},
+                    {"ip": "198.51.100.12", "ipMode": "Proxy"},
+                    {"ip": "2001:db8::1"},
+                    {"hostname": "lb.example.com"}]}}}))
+        };
+        let ips =
+            |kind, external| specs(&lb(kind, external), &[]).map(|s| s[0].external_ips.clone());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            ips("LoadBalancer", json!(["192.0.2.10", "2001:db8::2"])).unwrap(),
+            [ip("192.0.2.10"), ip("198.51.100.10"), ip("198.51.100.11")]
+        );
+        assert_eq!(
+            ips("ClusterIP", json!(["192.0.2.10"])).unwrap(),
+            [ip("192.0.2.10")]
+        );
+        let err = ips("LoadBalancer", json!(["192.0.2.300"])).unwrap_err();
+        assert!(
+            err.to_string().contains("\"192.0.2.300\" is no IP address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::forward;
 use crate::masq::{self, MasqError};
 use crate::netdev::{self, NetdevError};
 use podwire_dataplane::route::Ipv4Net;
+use std::net::Ipv4Addr;
 
 /// The environment variable [`Steps`] reads (with `--fault-injection` only).
 pub const FAIL_AFTER_ENV: &str = "PODWIRE_FAIL_SETUP_AFTER";
@@ -215,6 +216,44 @@ impl Drop for HostRoute {
     fn drop(&mut self) {
         // Gone already when its device went first: nothing to undo then.
         let _ = netdev::route_del_dev(self.dst, &self.dev);
+    }
+}
+
+/// The routes that bring the services' external IPs into podwire's device, one `/32` each,
+/// following the live services; every one is deleted when this is dropped.
+pub struct ExternalIpRoutes {
+    dev: String,
+    routes: std::collections::BTreeMap<Ipv4Addr, HostRoute>,
+}
+
+impl ExternalIpRoutes {
+    pub fn new(dev: &str) -> ExternalIpRoutes {
+        ExternalIpRoutes {
+            dev: dev.to_string(),
+            routes: Default::default(),
+        }
+    }
+
+    /// Routes exactly `ips` into the device: the others' routes go, new ones are added. A
+    /// route the kernel refuses is logged and tried again at the next change.
+    pub fn sync(&mut self, ips: &[Ipv4Addr]) {
+        self.routes.retain(|ip, _| ips.binary_search(ip).is_ok());
+        for &ip in ips {
+            if self.routes.contains_key(&ip) {
+                continue;
+            }
+            let route = Ipv4Net::new(ip, 32)
+                .map_err(|e| e.to_string())
+                .and_then(|net| HostRoute::replace(net, &self.dev).map_err(|e| e.to_string()));
+            match route {
+                Ok(r) => {
+                    self.routes.insert(ip, r);
+                }
+                Err(e) => {
+                    tracing::error!(%ip, error = %e, "cannot route an external IP into podwire")
+                }
+            }
+        }
     }
 }
 

@@ -4,8 +4,9 @@
 //!
 //! - an **API record**: a Service and its EndpointSlices as the Kubernetes API holds them
 //!   (every field kube-proxy reads: ports with names and NodePorts, sessionAffinity and its
-//!   timeout, internalTrafficPolicy; endpoints with their conditions ready, serving and
-//!   terminating, nodeName, zone), read by [`crate::kube_services::specs`]:
+//!   timeout, internalTrafficPolicy, externalIPs and the load balancer's ingress IPs;
+//!   endpoints with their conditions ready, serving and terminating, nodeName, zone), read by
+//!   [`crate::kube_services::specs`]:
 //!
 //! ```json
 //! {"service": {"metadata": {"namespace": "default", "name": "web"},
@@ -21,7 +22,7 @@
 //! {"name": "default/web", "clusterIP": "10.96.0.10", "protocol": "TCP",
 //!   "port": 80, "endpoints": [{"ip": "10.244.2.2", "port": 8080}],
 //!   "sessionAffinity": "ClientIP", "sessionAffinityTimeoutSeconds": 10800,
-//!   "nodePort": 30080}
+//!   "nodePort": 30080, "externalIPs": ["192.0.2.10"]}
 //! ```
 //!
 //!   `protocol` defaults to TCP, `sessionAffinity` to None, its timeout to Kubernetes' 10800 s;
@@ -125,6 +126,9 @@ struct ServiceJson {
     session_affinity_timeout_seconds: Option<u32>,
     #[serde(default)]
     node_port: Option<u16>,
+    /// The Service's externalIPs and load balancer ingress IPs, alike.
+    #[serde(default, rename = "externalIPs")]
+    external_ips: Vec<Ipv4Addr>,
 }
 
 /// A Service and its EndpointSlices as the API holds them.
@@ -224,6 +228,7 @@ impl ServiceJson {
             proto,
             affinity_timeout,
             node_port: self.node_port,
+            external_ips: self.external_ips,
             ..Default::default()
         })
     }

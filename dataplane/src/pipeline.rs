@@ -238,7 +238,7 @@ pub fn from_tun(
     let held = match meta.bound_src {
         // A pod's port: its pod's own address only.
         Some(pod) => src == pod,
-        None => t.local.may_send_from(src),
+        None => t.local.may_send_from(src) || outside_client_of_external_ip(t, src, dst),
     };
     // DELIBERATELY BROKEN with `fuzz-broken-tun-spoof` (fuzz tests only).
     let held = held || cfg!(feature = "fuzz-broken-tun-spoof");
@@ -385,6 +385,20 @@ pub fn from_wire(
         }
         None => Verdict::Drop(DropReason::NoRoute),
     }
+}
+
+/// Whether a packet read from the TUN is an outside client's, forwarded by the node into
+/// podwire because it is addressed to a service's external IP: a source outside the cluster
+/// network and the services' addresses (and not a martian). The TUN cannot tell it from a pod posing as an outside host;
+/// such a pod reaches no more than it could through the kernel, which forwards its packets
+/// to outside hosts without podwire (the node's `rp_filter` is what holds pods there).
+#[inline]
+fn outside_client_of_external_ip(t: &Tables, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    !t.services.in_cidr(dst)
+        && t.services.is_frontend(dst)
+        && !t.map.network().contains(src)
+        && !t.services.is_frontend(src)
+        && !martian_source(t, src)
 }
 
 /// Whether a packet from the wire with source `src` is one the kernel drops as a martian, or

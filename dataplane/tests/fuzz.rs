@@ -411,6 +411,8 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
             // Some terminating endpoints and Local policies, so random packets meet them.
             terminating: terminating_endpoints(k),
             internal_local: k % 2 == 0,
+            // One external IP each, which `Addr::Service` aims at too.
+            external_ips: vec![external_ip(k)],
         })
         .collect();
     // Any NodePort, so random packets hit them; what the checks refuse is left out.
@@ -464,7 +466,8 @@ enum Addr {
     /// The node's own address, or its TUN's.
     OurNode,
     OurTun,
-    /// Service `k`'s ClusterIP (modulo the services), or any address when there is none.
+    /// Service `k`'s ClusterIP (modulo the services; an odd `k` its external IP), or any
+    /// address when there is none.
     Service(u8),
     /// Any address at all.
     Any(u32),
@@ -479,7 +482,9 @@ impl Addr {
             Addr::OurTun => lease(w.ours).addr(),
             Addr::Service(k) => {
                 let s = w.service_list();
-                match s.get(usize::from(k) % s.len().max(1)) {
+                let i = usize::from(k) % s.len().max(1);
+                match s.get(i) {
+                    Some(_) if k % 2 == 1 => external_ip(i),
                     Some(s) => s.0,
                     None => Ipv4Addr::new(10, 96, 0, k),
                 }
@@ -501,6 +506,11 @@ fn addr(w: [u32; 6]) -> BoxedStrategy<Addr> {
         w[5] => any::<u32>().prop_map(Addr::Any),
     ]
     .boxed()
+}
+
+/// Service `k`'s external IP.
+fn external_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, k as u8 + 1)
 }
 
 /// The side a packet enters by.
@@ -990,10 +1000,19 @@ fn check(
     let input = parse_ip(received_inner(t, dir, r));
     let node = t.local.public_ip;
 
-    // A pod never sends as someone else.
+    // A pod never sends as someone else. An outside host's packet to an external IP, which
+    // the node forwards into the TUN, comes from outside the cluster network and the
+    // services' addresses.
     if dir == Direction::FromTun {
         if let Some(ip) = &input {
-            if !t.local.subnet.contains(ip.src) && ip.src != node && ip.src != t.local.tun_addr {
+            let outside_client = t.services.external_ips().contains(&ip.dst)
+                && !t.map.network().contains(ip.src)
+                && !t.services.is_frontend(ip.src);
+            if !t.local.subnet.contains(ip.src)
+                && ip.src != node
+                && ip.src != t.local.tun_addr
+                && !outside_client
+            {
                 prop_assert!(
                     matches!(v, Verdict::Drop(_)),
                     "spoofed source {} from the TUN not dropped: {:?}",
@@ -1043,10 +1062,10 @@ fn check(
             "not an unreachable"
         );
         prop_assert!(folds_to_ffff(ones(0, o.l4)), "ICMP error checksum wrong");
-        // From the TUN's address, the node's, or a ClusterIP without endpoints (kube-proxy's
-        // REJECT).
+        // From the TUN's address, the node's, or a service address (ClusterIP, external IP)
+        // without endpoints (kube-proxy's REJECT).
         prop_assert!(
-            o.src == t.local.tun_addr || o.src == node || t.services.in_cidr(o.src),
+            o.src == t.local.tun_addr || o.src == node || t.services.is_frontend(o.src),
             "ICMP error from {}",
             o.src
         );

@@ -297,6 +297,9 @@ pub struct ServiceRow {
     pub scheduler: String,
     pub affinity_timeout: Option<u32>,
     pub endpoints: Vec<EndpointRow>,
+    /// externalIPs and load balancer ingress IPs served with the ClusterIP's endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -133,6 +133,17 @@ fn services(s: &Services) -> String {
             svc.scheduler,
             svc.name,
         );
+        // kube-proxy's IPVS mode gives each external IP a virtual server of its own.
+        for ip in &svc.external_ips {
+            let _ = writeln!(
+                out,
+                "{:<4} {ip}:{} {}{flags}   # {} (external IP)",
+                svc.proto.to_uppercase(),
+                svc.port,
+                svc.scheduler,
+                svc.name,
+            );
+        }
         for ep in &svc.endpoints {
             let _ = writeln!(
                 out,

@@ -488,6 +488,7 @@ fn services(state: &CtlState) -> Services {
                 scheduler: scheduler.into(),
                 affinity_timeout: s.affinity_timeout,
                 endpoints,
+                external_ips: s.external_ips.clone(),
             }
         })
         .collect();

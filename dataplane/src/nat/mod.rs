@@ -54,6 +54,11 @@ pub struct ServiceSpec {
     /// `internalTrafficPolicy: Local`: connections from pods to the ClusterIP go only to
     /// endpoints on this node; with none here (but some elsewhere) they are dropped.
     pub internal_local: bool,
+    /// Addresses outside the cluster at which the port is served too: the Service's
+    /// `externalIPs` and its load balancer's ingress IPs (`status.loadBalancer.ingress`),
+    /// which kube-proxy treats alike. Routed into podwire; traffic to them from outside the
+    /// cluster network follows `externalTrafficPolicy` (Cluster), from pods the ClusterIP's.
+    pub external_ips: Vec<Ipv4Addr>,
 }
 
 impl Default for ServiceSpec {
@@ -69,6 +74,7 @@ impl Default for ServiceSpec {
             affinity_timeout: None,
             node_port: None,
             internal_local: false,
+            external_ips: Vec::new(),
         }
     }
 }
@@ -219,6 +225,8 @@ pub enum BadAddress {
     Node,
     /// In the service range: a ClusterIP or podwire's hairpin address.
     ServiceRange,
+    /// In the pod network (an external IP there would take pods' own traffic).
+    PodNetwork,
 }
 
 impl core::fmt::Display for BadAddress {
@@ -232,6 +240,7 @@ impl core::fmt::Display for BadAddress {
             BadAddress::Broadcast => "a pod subnet's broadcast address",
             BadAddress::Node => "this node's own address",
             BadAddress::ServiceRange => "in the service range",
+            BadAddress::PodNetwork => "in the pod network",
         })
     }
 }
@@ -277,6 +286,8 @@ pub struct Report {
     pub endpoints_removed: Vec<ServiceError>,
     /// NodePorts refused; their services were kept, ClusterIP only.
     pub node_ports_refused: Vec<ServiceError>,
+    /// External IPs refused; their services were kept without them.
+    pub external_ips_refused: Vec<ServiceError>,
 }
 
 impl Report {
@@ -284,14 +295,17 @@ impl Report {
         self.rejected.is_empty()
             && self.endpoints_removed.is_empty()
             && self.node_ports_refused.is_empty()
+            && self.external_ips_refused.is_empty()
     }
 
-    /// Every problem: rejected services, then removed endpoints, then refused NodePorts.
+    /// Every problem: rejected services, then removed endpoints, then refused NodePorts and
+    /// external IPs.
     pub fn problems(&self) -> impl Iterator<Item = &ServiceError> {
         self.rejected
             .iter()
             .chain(&self.endpoints_removed)
             .chain(&self.node_ports_refused)
+            .chain(&self.external_ips_refused)
     }
 }
 
@@ -344,6 +358,12 @@ pub enum ServiceError {
         name: String,
         port: u16,
         what: OwnPort,
+    },
+    #[error("service {name}: external IP {ip}: {why}")]
+    ExternalIpAddress {
+        name: String,
+        ip: Ipv4Addr,
+        why: BadAddress,
     },
 }
 
@@ -448,6 +468,8 @@ pub struct Services {
     alive: rustc_hash::FxHashSet<(u64, SocketAddrV4)>,
     /// NodePort (protocol << 16 | port) -> service index.
     by_node_port: rustc_hash::FxHashMap<u32, u32>,
+    /// External IPs served (in `by_key` with their ports), sorted: the routes into podwire.
+    external_ips: Vec<Ipv4Addr>,
 }
 
 /// Why a new connection to a service got no backend.
@@ -480,6 +502,7 @@ impl Services {
             services: Vec::new(),
             alive: Default::default(),
             by_node_port: Default::default(),
+            external_ips: Vec::new(),
         }
     }
 
@@ -508,7 +531,10 @@ impl Services {
     ///   service range, or port 0 is removed; a service left with none stays, refusing
     ///   connections as any service without endpoints;
     /// - a NodePort outside `admission.node_port_range`, on one of podwire's own ports, 0,
-    ///   or already taken (by the first by name) is refused; the service stays, ClusterIP only.
+    ///   or already taken (by the first by name) is refused; the service stays, ClusterIP only;
+    /// - an external IP that could not be an endpoint (see [`bad_endpoint_address`]), one in
+    ///   the pod network, or one whose port another service claims is refused; the service
+    ///   stays without it.
     pub fn admit(
         options: ServiceOptions,
         admission: &Admission,
@@ -592,6 +618,7 @@ impl Services {
                     }
                 }
             }
+            s.admit_external_ips(&mut spec, admission, &mut report);
             spec.endpoints.sort_unstable();
             spec.terminating.sort_unstable();
             for ep in spec.endpoints.iter().chain(&spec.terminating) {
@@ -605,7 +632,62 @@ impl Services {
             s.services
                 .push(Service::new(spec, &options, s.local_subnet, before));
         }
+        s.external_ips.sort_unstable();
+        s.external_ips.dedup();
         (s, report)
+    }
+
+    /// Keeps the external IPs of `spec` (to be the next service) that may be served, each
+    /// in `by_key` with the service's port; reports the others.
+    fn admit_external_ips(
+        &mut self,
+        spec: &mut ServiceSpec,
+        admission: &Admission,
+        report: &mut Report,
+    ) {
+        let idx = self.services.len() as u32;
+        spec.external_ips.sort_unstable();
+        spec.external_ips.dedup();
+        let mut kept = Vec::with_capacity(spec.external_ips.len());
+        for &ip in &spec.external_ips {
+            let k = key(ip, spec.port, spec.proto);
+            let bad = bad_endpoint_address(&self.options, admission, ip).or_else(|| {
+                admission
+                    .pod_network
+                    .is_some_and(|(network, _)| network.contains(ip))
+                    .then_some(BadAddress::PodNetwork)
+            });
+            let refused = match (bad, self.by_key.get(&k)) {
+                (Some(why), _) => Some(ServiceError::ExternalIpAddress {
+                    name: spec.name.clone(),
+                    ip,
+                    why,
+                }),
+                (None, Some(&other)) => Some(ServiceError::Duplicate {
+                    a: self.service_name(other, &spec.name),
+                    b: spec.name.clone(),
+                    ip,
+                    port: spec.port,
+                }),
+                (None, None) => None,
+            };
+            match refused {
+                Some(e) => report.external_ips_refused.push(e),
+                None => {
+                    self.by_key.insert(k, idx);
+                    self.external_ips.push(ip);
+                    kept.push(ip);
+                }
+            }
+        }
+        spec.external_ips = kept;
+    }
+
+    /// The name of service `idx`, or `next` if it is the one being admitted.
+    fn service_name(&self, idx: u32, next: &str) -> String {
+        self.services
+            .get(idx as usize)
+            .map_or_else(|| next.to_string(), |s| s.spec.name.clone())
     }
 
     pub fn options(&self) -> &ServiceOptions {
@@ -637,6 +719,23 @@ impl Services {
         self.options.cidr.contains(dst)
     }
 
+    /// The external IPs served (sorted): each is routed into podwire.
+    pub fn external_ips(&self) -> &[Ipv4Addr] {
+        &self.external_ips
+    }
+
+    /// Whether a destination is a service's address: in the service range, or an external IP.
+    #[inline]
+    pub fn is_frontend(&self, dst: Ipv4Addr) -> bool {
+        self.in_cidr(dst) || (!self.external_ips.is_empty() && self.is_external_ip(dst))
+    }
+
+    /// Whether `dst` is an external IP served (a binary search of a short sorted list).
+    #[inline]
+    fn is_external_ip(&self, dst: Ipv4Addr) -> bool {
+        self.external_ips.binary_search(&dst).is_ok()
+    }
+
     /// Whether the backend a connection was bound to still backs its service.
     #[inline]
     pub fn binding_alive(&self, b: &ServiceBinding) -> bool {
@@ -660,6 +759,37 @@ impl Services {
             .get(&key(t.dst, t.dport, t.proto))
             .ok_or(NoBackend::NoService)?;
         self.bind(idx, t, local, Traffic::Internal, affinity, now)
+    }
+
+    /// The NAT of a new connection `t` to a service address (a ClusterIP or an external IP,
+    /// [`Services::is_frontend`]). From `network` (the cluster network: pods, and the node
+    /// itself through its cluster address) it is [`Services::plan`]'s; from outside it, to an
+    /// external IP, `externalTrafficPolicy` Cluster: SNATed so that the answer comes back
+    /// through this node (as for a NodePort).
+    pub fn plan_frontend(
+        &self,
+        t: &Tuple,
+        local: Ipv4Net,
+        network: Ipv4Net,
+        cluster_ip: Ipv4Addr,
+        affinity: &Affinity,
+        now: u64,
+    ) -> Result<NatPlan, NoBackend> {
+        if self.in_cidr(t.dst) || network.contains(t.src) {
+            return self.plan(t, local, affinity, now);
+        }
+        let &idx = self
+            .by_key
+            .get(&key(t.dst, t.dport, t.proto))
+            .ok_or(NoBackend::NoService)?;
+        self.bind(
+            idx,
+            t,
+            local,
+            Traffic::External { cluster_ip },
+            affinity,
+            now,
+        )
     }
 
     /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
@@ -759,8 +889,8 @@ impl Services {
 enum Traffic {
     /// From a pod to a ClusterIP: `internalTrafficPolicy`.
     Internal,
-    /// From outside the cluster to a NodePort: `externalTrafficPolicy` (Cluster only, so
-    /// far), SNATed to the node's `cluster_ip` for a backend on another node.
+    /// From outside the cluster to a NodePort or an external IP: `externalTrafficPolicy`
+    /// (Cluster only, so far), SNATed to the node's `cluster_ip` for a backend on another node.
     External { cluster_ip: Ipv4Addr },
 }
 

@@ -680,3 +680,89 @@ fn test_an_update_reuses_the_tables_of_unchanged_services_only() {
     );
     assert!(!Arc::ptr_eq(&pick(&before, 0), &pick(&elsewhere, 0)));
 }
+
+/// An external IP (externalIPs, a load balancer's ingress IP) serves the port as the
+/// ClusterIP does: from pods as the ClusterIP (no SNAT to a remote backend), from outside the
+/// cluster network SNATed to the node's cluster address so that the answer comes back here.
+#[test]
+fn test_external_ips_serve_the_port_from_pods_and_from_outside() {
+    let ext = Ipv4Addr::new(192, 0, 2, 10);
+    let lb = Ipv4Addr::new(198, 51, 100, 10);
+    let network: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+    let node_cluster_ip = Ipv4Addr::new(10, 244, 1, 0);
+    let mut web = spec(vec![ep(2, 2)], None);
+    web.external_ips = vec![lb, ext, ext];
+    let s = Services::build(options(), vec![web]).unwrap();
+    assert_eq!(s.external_ips(), [ext, lb]);
+    assert!(s.is_frontend(ext) && s.is_frontend(lb) && s.is_frontend(VIP));
+    assert!(!s.is_frontend(Ipv4Addr::new(192, 0, 2, 11)));
+    let aff = Affinity::default();
+    let plan = |src: Ipv4Addr, dst: Ipv4Addr, port: u16| {
+        let t = Tuple::new(src, 40000, dst, port, PROTO_TCP);
+        s.plan_frontend(&t, local(), network, node_cluster_ip, &aff, 0)
+    };
+    let backend = Some((Ipv4Addr::new(10, 244, 2, 2), 8080));
+    for to in [ext, lb] {
+        let from_pod = plan(Ipv4Addr::new(10, 244, 1, 5), to, 80).unwrap();
+        assert_eq!((from_pod.dnat, from_pod.snat), (backend, None));
+        let from_outside = plan(Ipv4Addr::new(192, 168, 99, 200), to, 80).unwrap();
+        assert_eq!(
+            (from_outside.dnat, from_outside.snat),
+            (backend, Some(node_cluster_ip))
+        );
+        // The binding is the service's, so the connection lives and dies with its backend.
+        assert_eq!(from_outside.service.unwrap().vip, VIP);
+        assert_eq!(
+            plan(Ipv4Addr::new(192, 168, 99, 200), to, 81),
+            Err(NoBackend::NoService)
+        );
+    }
+    // The ClusterIP from outside the cluster network stays the ClusterIP's (no SNAT).
+    let to_vip = plan(Ipv4Addr::new(192, 168, 99, 200), VIP, 80).unwrap();
+    assert_eq!(to_vip.snat, None);
+}
+
+/// An external IP that could take someone else's traffic is refused, and the service kept.
+#[test]
+fn test_external_ips_that_are_no_outside_address_or_taken_are_refused() {
+    let node = Ipv4Addr::new(192, 168, 99, 11);
+    let admission = Admission {
+        node_addrs: vec![node],
+        pod_network: Some(("10.244.0.0/16".parse().unwrap(), 24)),
+        ..Admission::default()
+    };
+    let good = Ipv4Addr::new(192, 0, 2, 10);
+    let mut a = spec(vec![ep(2, 2)], None);
+    a.name = "default/a".into();
+    a.external_ips = vec![
+        good,
+        node,
+        Ipv4Addr::new(10, 244, 3, 7),
+        Ipv4Addr::new(10, 96, 0, 99),
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(224, 0, 0, 5),
+    ];
+    let mut b = spec(vec![ep(3, 2)], None);
+    b.name = "default/b".into();
+    b.cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+    b.external_ips = vec![good];
+    let (s, report) = Services::admit(options(), &admission, vec![b, a]);
+    assert_eq!(s.len(), 2);
+    assert_eq!(s.external_ips(), [good]);
+    let why: Vec<String> = report
+        .external_ips_refused
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        why,
+        [
+            "service default/a: external IP 10.96.0.99: in the service range",
+            "service default/a: external IP 10.244.3.7: in the pod network",
+            "service default/a: external IP 127.0.0.1: loopback (127.0.0.0/8)",
+            "service default/a: external IP 192.168.99.11: this node's own address",
+            "service default/a: external IP 224.0.0.5: multicast (224.0.0.0/4)",
+            "services default/a and default/b both claim 192.0.2.10:80",
+        ]
+    );
+}

@@ -224,7 +224,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
         Parsed::IcmpError => return Ok(related_icmp_error(flows, now, pkt)),
         Parsed::Untracked => {
             let dst = ipv4::Packet::new_unchecked(&pkt[..]).dst();
-            if t.services.in_cidr(dst) {
+            if t.services.is_frontend(dst) {
                 // A service's connection is DNATed by its first fragment's ports, which later
                 // fragments do not carry: they cannot be translated.
                 return Err(Stop::Drop(DropReason::Fragmented));
@@ -232,7 +232,7 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
             return Ok(Outcome::Unchanged);
         }
     };
-    let to_service = from == Ingress::Pods && t.services.in_cidr(tuple.dst);
+    let to_service = from == Ingress::Pods && t.services.is_frontend(tuple.dst);
     if to_service && ipv4::Packet::new_unchecked(&pkt[..]).more_frags() {
         return Err(Stop::Drop(DropReason::Fragmented));
     }
@@ -297,13 +297,14 @@ fn track_new(
     from: Ingress,
 ) -> Result<conntrack::Tracked, Stop> {
     let (flows, now) = (tr.flows, tr.now);
-    let to_service = from == Ingress::Pods && t.services.in_cidr(tuple.dst);
+    let to_service = from == Ingress::Pods && t.services.is_frontend(tuple.dst);
     let mut refusal = None;
     let r = flows.conntrack.track(tuple, l4, len, now, |orig| {
         if to_service {
+            let (local, network) = (t.local.subnet, t.map.network());
             return t
                 .services
-                .plan(orig, t.local.subnet, &flows.affinity, now)
+                .plan_frontend(orig, local, network, t.local.tun_addr, &flows.affinity, now)
                 .map_err(|e| refusal = Some(e));
         }
         match from {
@@ -361,7 +362,7 @@ fn masquerade_candidate(t: &Tables, orig: &Tuple) -> bool {
     matches!(orig.proto, PROTO_TCP | PROTO_UDP)
         && network.contains(orig.src)
         && !network.contains(orig.dst)
-        && !t.services.in_cidr(orig.dst)
+        && !t.services.is_frontend(orig.dst)
 }
 
 /// flannel's "pod to outside" masquerade, done here when podwire owns the node's address
@@ -993,6 +994,54 @@ mod tests {
         );
         assert_eq!(v, Verdict::ToTun);
         assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, 40000));
+    }
+
+    /// `tables` with the web service also on an external IP.
+    fn external_ip_tables(endpoints: &[SocketAddrV4]) -> Tables {
+        let t = tables(endpoints);
+        let mut specs: Vec<ServiceSpec> = t.services.specs().cloned().collect();
+        let web = specs.iter_mut().find(|s| s.name == "default/web").unwrap();
+        web.external_ips = vec![EXTERNAL_IP];
+        let services = Services::build(*t.services.options(), specs).unwrap();
+        Tables {
+            services: Arc::new(services),
+            ..t
+        }
+    }
+
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+    /// An outside client's connection to an external IP, forwarded by the node into the TUN:
+    /// not a spoofed pod packet; DNATed to the backend on node B and SNATed to this node's
+    /// cluster address, so the answer comes back here and leaves from the external IP.
+    #[test]
+    fn test_an_outside_client_reaches_an_external_ip_through_the_tun() {
+        let t = external_ip_tables(&[SocketAddrV4::new(REMOTE_EP, 8080)]);
+        let f = Flows::new(Default::default());
+        let syn = tcp(OUTSIDE, 40000, EXTERNAL_IP, 80, true, false);
+        let (v, out) = run(&t, &f, Direction::FromTun, &syn, OUTSIDE);
+        assert_eq!(v, Verdict::ToUnderlay(SocketAddrV4::new(NODE_B, 8285)));
+        let (src, sport, dst, dport) = tuple_of(&out);
+        assert_eq!((src, dst, dport), (t.local.tun_addr, REMOTE_EP, 8080));
+        let synack = tcp(REMOTE_EP, 8080, t.local.tun_addr, sport, true, true);
+        let (v, out) = run(&t, &f, Direction::FromUnderlay, &synack, NODE_B);
+        assert_eq!(v, Verdict::ToTun);
+        assert_eq!(tuple_of(&out), (EXTERNAL_IP, 80, OUTSIDE, 40000));
+        // Anything else from outside the cluster network through the TUN is still a pod
+        // posing as someone else, and so is a pod of another node's lease.
+        let other = tcp(
+            OUTSIDE,
+            40001,
+            Ipv4Addr::new(192, 0, 2, 11),
+            80,
+            true,
+            false,
+        );
+        let (v, _) = run(&t, &f, Direction::FromTun, &other, OUTSIDE);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSource));
+        let posing = tcp(REMOTE_EP, 40002, EXTERNAL_IP, 80, true, false);
+        let (v, _) = run(&t, &f, Direction::FromTun, &posing, REMOTE_EP);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSource));
     }
 
     #[test]
