@@ -51,6 +51,8 @@ pub struct Health {
     pub service_endpoints_rejected: AtomicU64,
     /// NodePorts refused in the live snapshot (their services kept, ClusterIP only).
     pub service_node_ports_rejected: AtomicU64,
+    /// External and load balancer IPs refused in the live snapshot (their services kept).
+    pub service_external_ips_rejected: AtomicU64,
     /// Leases in the store left out of the map as invalid (malformed, unroutable, a
     /// multicast or all-zero VtepMAC).
     pub leases_invalid: AtomicU64,
@@ -411,6 +413,12 @@ impl Health {
                 "gauge",
                 "NodePorts refused in the live snapshot (outside the range, podwire's own ports, taken); their services stay, ClusterIP only.",
                 g(&self.service_node_ports_rejected),
+            ),
+            (
+                "podwire_service_external_ips_rejected",
+                "gauge",
+                "External and load balancer IPs refused in the live snapshot (the node's own, in the pod network or service range, martian, taken); their services stay without them.",
+                g(&self.service_external_ips_rejected),
             ),
         ];
         for (name, kind, help, v) in services {
@@ -1170,6 +1178,7 @@ mod tests {
         h.services_rejected.store(2, Ordering::Relaxed);
         h.service_endpoints_rejected.store(3, Ordering::Relaxed);
         h.service_node_ports_rejected.store(1, Ordering::Relaxed);
+        h.service_external_ips_rejected.store(6, Ordering::Relaxed);
         h.leases_invalid.store(4, Ordering::Relaxed);
         h.leases_vtep_conflict.store(5, Ordering::Relaxed);
         let text = h.render_metrics();
@@ -1189,6 +1198,10 @@ mod tests {
         assert_eq!(find("podwire_services_rejected", &[]), Gauge(2.0));
         assert_eq!(find("podwire_service_endpoints_rejected", &[]), Gauge(3.0));
         assert_eq!(find("podwire_service_node_ports_rejected", &[]), Gauge(1.0));
+        assert_eq!(
+            find("podwire_service_external_ips_rejected", &[]),
+            Gauge(6.0)
+        );
         assert_eq!(
             find("podwire_leases_rejected", &[("reason", "invalid")]),
             Gauge(4.0)

@@ -405,6 +405,9 @@ pub fn snapshot(
     for e in &report.node_ports_refused {
         tracing::warn!(error = %e, "NodePort refused; the service stays, ClusterIP only");
     }
+    for e in &report.external_ips_refused {
+        tracing::warn!(error = %e, "external IP refused; the service stays without it");
+    }
     Snapshot {
         services,
         report,

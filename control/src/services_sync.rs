@@ -51,6 +51,7 @@ impl ServiceSources {
             rejected = snap.rejected_services(),
             endpoints_rejected = snap.report.endpoints_removed.len(),
             node_ports_rejected = snap.report.node_ports_refused.len(),
+            external_ips_rejected = snap.report.external_ips_refused.len(),
             "services updated"
         );
         self.current = Arc::new(snap.services);
@@ -88,6 +89,9 @@ fn publish(health: &Health, snap: &services::Snapshot) {
     health
         .service_node_ports_rejected
         .store(n(snap.report.node_ports_refused.len()), Ordering::Relaxed);
+    health
+        .service_external_ips_rejected
+        .store(n(snap.report.external_ips_refused.len()), Ordering::Relaxed);
 }
 
 /// Locks the sources; a thread that panicked holding them left them whole (every field is

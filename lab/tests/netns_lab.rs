@@ -1002,7 +1002,7 @@ const SERVICE_CHECKS: [&str; 7] = [
 
 /// The Kubernetes e2e behaviours (`service_behaviours`), which podwire and both of
 /// kube-proxy's modes must show alike.
-const BEHAVIOUR_CHECKS: [&str; 7] = [
+const BEHAVIOUR_CHECKS: [&str; 8] = [
     "a ClusterIP without endpoints rejects UDP",
     "terminating endpoints serve only when no ready one is left",
     "internalTrafficPolicy Local: this node's endpoint only",
@@ -1010,6 +1010,7 @@ const BEHAVIOUR_CHECKS: [&str; 7] = [
     "a Service with a TCP and a UDP port serves both",
     "a UDP client that keeps sending reaches its server's replacement pod",
     "an out-of-window segment from the backend never reaches the client untranslated",
+    "an external IP and a load balancer IP serve the port, from a pod and from outside",
 ];
 
 #[test]

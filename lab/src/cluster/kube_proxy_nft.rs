@@ -14,8 +14,9 @@
 //!   hairpin traffic `jump mark-for-masquerade`, then `dnat to`;
 //! - ClientIP affinity: per endpoint a dynamic set `affinity-<HASH>-...` (`flags dynamic,timeout`,
 //!   the Service's timeout), checked first in the policy chain and updated in the endpoint chain;
-//! - NodePorts: an `external-<HASH>-...` chain (masquerade, then the Cluster chain) behind
-//!   `service-nodeports` (externalTrafficPolicy is always Cluster in the model);
+//! - NodePorts, external IPs and load balancer IPs: an `external-<HASH>-...` chain (masquerade,
+//!   then the Cluster chain) behind `service-nodeports` and `service-ips`
+//!   (externalTrafficPolicy is always Cluster in the model);
 //! - no usable endpoints: `no-endpoint-services` / `no-endpoint-nodeports` verdict maps checked
 //!   in the filter chains for new connections: `goto reject-chain` (ICMP port-unreachable) when
 //!   there are none anywhere, `drop` when the Local policy finds none on this node;
@@ -30,8 +31,8 @@
 //! survive). kube-proxy instead flushes and refills its chains and maps in place, which keeps
 //! the affinity sets' entries; here a re-apply empties them.
 //!
-//! Left out, against kube-proxy: LoadBalancer IPs, externalIPs and loadBalancerSourceRanges
-//! (`firewall-ips` and `firewall-check` exist but stay empty), externalTrafficPolicy Local and
+//! Left out, against kube-proxy: loadBalancerSourceRanges (`firewall-ips` and
+//! `firewall-check` exist but stay empty), externalTrafficPolicy Local and
 //! its health-check NodePorts, topology hints, IPv6, the masquerade rule for off-cluster sources
 //! to ClusterIPs (kube-proxy writes it only when it knows the pod CIDR: it has no local-traffic
 //! detector here, like the iptables baseline), the "drop unallocated ClusterIPs" rule (needs
@@ -359,7 +360,7 @@ fn service_port(script: &mut Script, svc: &Service, port: &Port, node: u8) {
         ),
         Usable::NoneHere => no_endpoints(script, "no-endpoint-services", &key, &names, "drop"),
     }
-    node_port_dispatch(script, svc, port, &names, node, &mut policies);
+    outside_dispatch(script, svc, port, &names, node, &mut policies);
     for (chain, eps) in &policies {
         policy_chain(script, svc, port, &names, chain, eps);
     }
@@ -371,10 +372,11 @@ fn service_port(script: &mut Script, svc: &Service, port: &Port, node: u8) {
     }
 }
 
-/// The port's NodePort, if any: to the external chain, and from there to the Cluster policy's
-/// chain (added to `policies` when ClusterIP traffic does not use it already); rejected when
-/// there are no endpoints anywhere.
-fn node_port_dispatch(
+/// Traffic from outside the cluster: the port's NodePort and its external and load balancer
+/// IPs, if any, to the external chain, and from there to the Cluster policy's chain (added to
+/// `policies` when ClusterIP traffic does not use it already); rejected when there are no
+/// endpoints anywhere.
+fn outside_dispatch(
     script: &mut Script,
     svc: &Service,
     port: &Port,
@@ -382,17 +384,33 @@ fn node_port_dispatch(
     node: u8,
     policies: &mut Vec<(String, Vec<Endpoint>)>,
 ) {
-    let Some(node_port) = port.node_port else {
+    let proto = port.proto.iptables();
+    let node_port = port.node_port.map(|np| format!("{proto} . {np}"));
+    let ips: Vec<String> = svc
+        .outside_ips()
+        .map(|ip| format!("{ip} . {proto} . {}", port.port))
+        .collect();
+    if node_port.is_none() && ips.is_empty() {
         return;
-    };
-    let key = format!("{} . {node_port}", port.proto.iptables());
+    }
     let cluster = cluster_endpoints(svc, node);
     if cluster.is_empty() {
         let verdict = "goto reject-chain";
-        no_endpoints(script, "no-endpoint-nodeports", &key, names, verdict);
+        if let Some(key) = &node_port {
+            no_endpoints(script, "no-endpoint-nodeports", key, names, verdict);
+        }
+        for key in &ips {
+            no_endpoints(script, "no-endpoint-services", key, names, verdict);
+        }
         return;
     }
-    external_chain(script, names, &key);
+    let external = external_chain(script, names);
+    if let Some(key) = &node_port {
+        script.element("service-nodeports", &format!("{key} : goto {external}"));
+    }
+    for key in &ips {
+        script.element("service-ips", &format!("{key} : goto {external}"));
+    }
     let cluster_chain = names.cluster_chain();
     if !policies.iter().any(|(chain, _)| *chain == cluster_chain) {
         policies.push((cluster_chain, cluster));
@@ -405,14 +423,14 @@ fn no_endpoints(script: &mut Script, map: &str, key: &str, names: &PortNames, ve
     script.element(map, &format!("{key} comment \"{comment}\" : {verdict}"));
 }
 
-/// NodePort traffic (externalTrafficPolicy Cluster): masqueraded, as it may cross nodes, then
-/// the Cluster policy's endpoints.
-fn external_chain(script: &mut Script, names: &PortNames, key: &str) {
+/// The chain of traffic from outside (externalTrafficPolicy Cluster): masqueraded, as it may
+/// cross nodes, then the Cluster policy's endpoints. Returns its name.
+fn external_chain(script: &mut Script, names: &PortNames) -> String {
     let external = names.external_chain();
     script.chain(&external);
     script.rule(&external, "jump mark-for-masquerade");
     script.rule(&external, &format!("goto {}", names.cluster_chain()));
-    script.element("service-nodeports", &format!("{key} : goto {external}"));
+    external
 }
 
 /// A policy chain: a client with affinity goes back to its endpoint, others to a random one.
@@ -509,6 +527,8 @@ mod tests {
             endpoints,
             internal_local: false,
             affinity_secs: None,
+            external_ips: Vec::new(),
+            lb_ips: Vec::new(),
         }
     }
 
@@ -522,12 +542,14 @@ mod tests {
             vec![ready(2, 2), ready(3, 2)],
         );
         sticky.affinity_secs = Some(30);
-        let dns = service(
+        let mut dns = service(
             "lab/dns",
             11,
             vec![port("", Proto::Udp, 53, 5353)],
             vec![ready(2, 3)],
         );
+        dns.external_ips = vec![Ipv4Addr::new(192, 0, 2, 10)];
+        dns.lb_ips = vec![Ipv4Addr::new(198, 51, 100, 10)];
         let mut http = port("http", Proto::Tcp, 80, 8080);
         http.node_port = Some(30080);
         let multi = service(
@@ -538,7 +560,8 @@ mod tests {
         );
         let mut empty_port = port("", Proto::Tcp, 80, 8080);
         empty_port.node_port = Some(30081);
-        let empty = service("lab/empty", 13, vec![empty_port], vec![]);
+        let mut empty = service("lab/empty", 13, vec![empty_port], vec![]);
+        empty.external_ips = vec![Ipv4Addr::new(192, 0, 2, 13)];
         let mut elsewhere_port = port("", Proto::Tcp, 80, 8080);
         elsewhere_port.node_port = Some(30082);
         let mut elsewhere = service(
@@ -928,5 +951,34 @@ mod tests {
             after.contains("lab/dns") && !after.contains("lab/sticky"),
             "{after}"
         );
+    }
+
+    /// External and load balancer IPs go through the external chain (masquerade, then the
+    /// Cluster policy), as NodePorts do; without endpoints they are rejected.
+    #[test]
+    fn test_external_and_load_balancer_ips_go_through_the_external_chain() {
+        let services = catalogue();
+        let script = kube_proxy_nft_rules(&services, NODE);
+        let (dns, empty) = (&services[1], &services[3]);
+        let external = names(dns, 0).external_chain();
+        for ip in ["192.0.2.10", "198.51.100.10"] {
+            has(
+                &script,
+                &format!(
+                    "add element ip kube-proxy service-ips {{ {ip} . udp . 53 : goto {external} }}"
+                ),
+            );
+        }
+        has(
+            &script,
+            &format!("add rule ip kube-proxy {external} jump mark-for-masquerade"),
+        );
+        let cluster = names(dns, 0).cluster_chain();
+        has(
+            &script,
+            &format!("add rule ip kube-proxy {external} goto {cluster}"),
+        );
+        let comment = &names(empty, 0).display;
+        has(&script, &format!("add element ip kube-proxy no-endpoint-services {{ 192.0.2.13 . tcp . 80 comment \"{comment}\" : goto reject-chain }}"));
     }
 }

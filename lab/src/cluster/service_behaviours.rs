@@ -9,13 +9,16 @@
 //! - a Service with a TCP and a UDP port;
 //! - a UDP client that keeps sending reaches the replacement of its server's pod, losing at most
 //!   the request in flight when the old flow is cleared;
+//! - a Service's external IP and load balancer IP serve its port, from a pod and from a host
+//!   outside the cluster (whose connections the backends see from node 1's cluster address);
 //! - a segment conntrack deems INVALID (out of window, injected by the backend pod) is dropped,
 //!   and the connection it could have reset carries on.
 
 use super::service_catalogue::{Condition, Endpoint};
 use super::services_lab::{
-    catalogue, connect, pod, request, with_endpoints, Applied, AFFINITY_SECS, BACKEND_PORT,
-    CYCLE_VIP, ELSEWHERE_VIP, GUARD_VIP, LOCAL_VIP, MULTI_VIP, STICKY_VIP, TERM_VIP,
+    catalogue, connect, connect_to, pod, request, with_endpoints, Applied, AFFINITY_SECS,
+    BACKEND_PORT, CYCLE_VIP, ELSEWHERE_VIP, EXTERNAL_IP, GUARD_VIP, LB_IP, LOCAL_VIP, MULTI_VIP,
+    STICKY_VIP, TERM_VIP,
 };
 use super::{netns, Check, Names};
 use anyhow::{bail, Context, Result};
@@ -29,10 +32,12 @@ const SETTLE: Duration = Duration::from_millis(600);
 
 /// Runs every behaviour check; `drops_invalid`: node 1 drops what conntrack deems INVALID
 /// (kube-proxy's iptables mode) rather than judging data segments liberally (podwire, and
-/// kube-proxy's nftables mode with `--conntrack-tcp-be-liberal`).
-pub(super) fn checks(r: &Names, applied: &mut Applied, drops_invalid: bool) -> Vec<Check> {
+/// kube-proxy's nftables mode with `--conntrack-tcp-be-liberal`). Also returns how many
+/// packets the outside host sent to the external IPs.
+pub(super) fn checks(r: &Names, applied: &mut Applied, drops_invalid: bool) -> (Vec<Check>, u64) {
     let client = r.ns("p1");
-    vec![
+    let mut outside_packets = 0;
+    let checks = vec![
         outcome(
             "a ClusterIP without endpoints rejects UDP (port unreachable)",
             udp_rejected(&client),
@@ -58,10 +63,15 @@ pub(super) fn checks(r: &Names, applied: &mut Applied, drops_invalid: bool) -> V
             udp_server_cycles(&client, applied),
         ),
         outcome(
+            "an external IP and a load balancer IP serve the port, from a pod and from outside (seen from node 1)",
+            outside_ips(r, &mut outside_packets),
+        ),
+        outcome(
             "an out-of-window segment from the backend never reaches the client untranslated; the connection carries on",
             invalid_dropped(r, drops_invalid),
         ),
-    ]
+    ];
+    (checks, outside_packets)
 }
 
 fn outcome(name: &str, r: Result<(bool, String)>) -> Check {
@@ -316,6 +326,65 @@ fn udp_server_cycles(client: &str, applied: &mut Applied) -> Result<(bool, Strin
             after.iter().collect::<BTreeSet<_>>()
         ),
     ))
+}
+
+/// Connections to the external IP and the load balancer IP of `default/outside` (backends
+/// pods 2 and 3): from pod 1, and from the underlay's outside host, which routes both
+/// addresses to node 1 as a router or a load balancer in VIP mode would. From outside,
+/// externalTrafficPolicy Cluster: the backends see node 1's cluster address.
+fn outside_ips(r: &Names, outside_packets: &mut u64) -> Result<(bool, String)> {
+    const EACH: u64 = 12;
+    let node1 = super::underlay_ip(1);
+    let node1_cluster = Ipv4Addr::new(10, 244, 1, 0);
+    let outside = r.ns("x");
+    for ip in [EXTERNAL_IP, LB_IP] {
+        let (dst, via) = (format!("{ip}/32"), node1.to_string());
+        netns::ip_in(&outside, &["route", "replace", &dst, "via", &via])?;
+    }
+    let ask = |ns: &str, ip: Ipv4Addr| {
+        netns::run_in(ns, move || {
+            (0..EACH)
+                .map(|i| {
+                    let mut s = connect_to(SocketAddrV4::new(ip, 80))?;
+                    let a = request(&mut s, 2000, 9000 + i)?;
+                    Ok((a.served_on, *a.peer.ip()))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+    };
+    let backends = BTreeSet::from([pod(2), pod(3)]);
+    let (mut ok, mut detail) = (true, Vec::new());
+    for ip in [EXTERNAL_IP, LB_IP] {
+        for (who, ns) in [("pod 1", r.ns("p1")), ("outside", outside.clone())] {
+            let sent_before = tx_packets(&outside)?;
+            let answers = ask(&ns, ip).with_context(|| format!("{who} to {ip}:80"))?;
+            if who == "outside" {
+                *outside_packets += tx_packets(&outside)?.saturating_sub(sent_before);
+            }
+            let served: BTreeSet<Ipv4Addr> = answers.iter().map(|a| a.0).collect();
+            let seen: BTreeSet<Ipv4Addr> = answers.iter().map(|a| a.1).collect();
+            ok &= served.is_subset(&backends) && !served.is_empty();
+            if who == "outside" {
+                ok &= seen == BTreeSet::from([node1_cluster]);
+            }
+            detail.push(format!(
+                "{who} to {ip}: {} answered by {served:?}, backends saw {seen:?}",
+                answers.len()
+            ));
+        }
+    }
+    Ok((ok, detail.join("; ")))
+}
+
+/// Packets sent by `ns`'s eth0 so far.
+fn tx_packets(ns: &str) -> Result<u64> {
+    let (ok, out) = netns::output_in(ns, &["ip", "-j", "-s", "link", "show", "eth0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j -s link")?;
+    let packets = v[0]["stats64"]["tx"]["packets"].as_u64();
+    match (ok, packets) {
+        (true, Some(n)) => Ok(n),
+        _ => bail!("no tx packet count for eth0 in {ns}: {out}"),
+    }
 }
 
 /// What the backend learns from the client's last data segment: the client's port, the next

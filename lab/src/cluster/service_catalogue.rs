@@ -82,6 +82,11 @@ pub struct Service {
     pub internal_local: bool,
     /// `sessionAffinity: ClientIP` with this timeout.
     pub affinity_secs: Option<u32>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// A LoadBalancer's ingress IPs (`status.loadBalancer.ingress`, ipMode VIP); with any,
+    /// the Service is of type LoadBalancer.
+    pub lb_ips: Vec<Ipv4Addr>,
 }
 
 impl Service {
@@ -110,7 +115,15 @@ impl Service {
                 .collect(),
             internal_local: false,
             affinity_secs: None,
+            external_ips: Vec::new(),
+            lb_ips: Vec::new(),
         }
+    }
+
+    /// Where traffic from outside the cluster may reach the Service besides its NodePorts:
+    /// its external IPs and load balancer IPs, which kube-proxy treats alike.
+    pub fn outside_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.external_ips.iter().chain(&self.lb_ips).copied()
     }
 
     fn split_name(&self) -> (&str, &str) {
@@ -136,8 +149,15 @@ impl Service {
             })
             .collect();
         let node_port = self.ports.iter().any(|p| p.node_port.is_some());
+        let kind = if !self.lb_ips.is_empty() {
+            "LoadBalancer"
+        } else if node_port {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
         let mut spec = json!({
-            "type": if node_port { "NodePort" } else { "ClusterIP" },
+            "type": kind,
             "clusterIP": self.vip.to_string(),
             "ports": ports,
             "internalTrafficPolicy": if self.internal_local { "Local" } else { "Cluster" },
@@ -145,6 +165,13 @@ impl Service {
         if let Some(t) = self.affinity_secs {
             spec["sessionAffinity"] = json!("ClientIP");
             spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": t}});
+        }
+        if !self.external_ips.is_empty() {
+            spec["externalIPs"] = json!(self.external_ips);
+        }
+        if !self.lb_ips.is_empty() {
+            // Without NodePorts, as `allocateLoadBalancerNodePorts: false` makes it.
+            spec["allocateLoadBalancerNodePorts"] = json!(node_port);
         }
         let slice_ports: Vec<Value> = self
             .ports
@@ -169,8 +196,17 @@ impl Service {
                 })
             })
             .collect();
+        let ingress: Vec<Value> = self
+            .lb_ips
+            .iter()
+            .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+            .collect();
+        let mut service = json!({"metadata": {"namespace": ns, "name": name}, "spec": spec});
+        if !ingress.is_empty() {
+            service["status"] = json!({"loadBalancer": {"ingress": ingress}});
+        }
         json!({
-            "service": {"metadata": {"namespace": ns, "name": name}, "spec": spec},
+            "service": service,
             "endpointSlices": [{
                 "metadata": {"namespace": ns, "name": format!("{name}-lab"),
                              "labels": {"kubernetes.io/service-name": name}},
@@ -266,12 +302,17 @@ pub fn kube_proxy_rules(services: &[Service], node: u8) -> String {
         for (p, port) in svc.ports.iter().enumerate() {
             let vip = svc.vip;
             let proto = port.proto.iptables();
-            let matches = format!("-d {vip}/32 -p {proto} -m {proto} --dport {}", port.port);
+            let to =
+                |ip: Ipv4Addr| format!("-d {ip}/32 -p {proto} -m {proto} --dport {}", port.port);
+            let matches = to(vip);
             let eps = match svc.usable(node) {
                 Usable::NoneAnywhere => {
-                    filter.push_str(&format!(
-                        "-A KUBE-SERVICES {matches} -j REJECT --reject-with icmp-port-unreachable\n"
-                    ));
+                    for ip in std::iter::once(vip).chain(svc.outside_ips()) {
+                        filter.push_str(&format!(
+                            "-A KUBE-SERVICES {} -j REJECT --reject-with icmp-port-unreachable\n",
+                            to(ip)
+                        ));
+                    }
                     continue;
                 }
                 Usable::NoneHere => {
@@ -283,6 +324,19 @@ pub fn kube_proxy_rules(services: &[Service], node: u8) -> String {
             let svc_chain = format!("KUBE-SVC-{s}-{p}");
             chains.push_str(&format!(":{svc_chain} - [0:0]\n"));
             rules.push_str(&format!("-A KUBE-SERVICES {matches} -j {svc_chain}\n"));
+            // External and load balancer IPs: externalTrafficPolicy Cluster, masqueraded
+            // (it may come from outside and cross nodes), then the service's endpoints. (The
+            // model gives them only to Services whose internal policy is Cluster too.)
+            if svc.outside_ips().next().is_some() {
+                let ext_chain = format!("KUBE-EXT-{s}-{p}");
+                chains.push_str(&format!(":{ext_chain} - [0:0]\n"));
+                for ip in svc.outside_ips() {
+                    rules.push_str(&format!("-A KUBE-SERVICES {} -j {ext_chain}\n", to(ip)));
+                }
+                rules.push_str(&format!(
+                    "-A {ext_chain} -j KUBE-MARK-MASQ\n-A {ext_chain} -j {svc_chain}\n"
+                ));
+            }
             let sep = |i: usize| format!("KUBE-SEP-{s}-{p}-{i}");
             if let Some(secs) = svc.affinity_secs {
                 for i in 0..eps.len() {
@@ -401,5 +455,28 @@ mod tests {
             rules.contains("-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DROP\n")
         );
         assert!(rules.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"));
+    }
+
+    /// External and load balancer IPs: KUBE-EXT (masquerade, then the service's chain); no
+    /// endpoints: rejected at each of them too.
+    #[test]
+    fn test_external_and_load_balancer_ips_in_the_iptables_rules() {
+        let mut s = svc(vec![Endpoint::ready(ip(2), 2)], false);
+        s.external_ips = vec![Ipv4Addr::new(192, 0, 2, 10)];
+        s.lb_ips = vec![Ipv4Addr::new(198, 51, 100, 10)];
+        let mut none = svc(vec![], false);
+        none.external_ips = vec![Ipv4Addr::new(192, 0, 2, 13)];
+        let rules = kube_proxy_rules(&[s, none], 1);
+        for ip in ["192.0.2.10", "198.51.100.10"] {
+            assert!(rules.contains(&format!(
+                "-A KUBE-SERVICES -d {ip}/32 -p tcp -m tcp --dport 80 -j KUBE-EXT-0-0\n"
+            )));
+        }
+        assert!(
+            rules.contains("-A KUBE-EXT-0-0 -j KUBE-MARK-MASQ\n-A KUBE-EXT-0-0 -j KUBE-SVC-0-0\n")
+        );
+        assert!(
+            rules.contains("-A KUBE-SERVICES -d 192.0.2.13/32 -p tcp -m tcp --dport 80 -j REJECT")
+        );
     }
 }

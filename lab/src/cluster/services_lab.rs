@@ -52,6 +52,10 @@ pub(super) const MULTI_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 24);
 pub(super) const CYCLE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 25);
 /// One backend (pod 3), which injects an out-of-window segment.
 pub(super) const GUARD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 26);
+/// Also served on an external IP and a load balancer IP (backends on nodes 2 and 3).
+pub(super) const OUTSIDE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 27);
+pub(super) const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub(super) const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub(super) const BACKEND_PORT: u16 = 8080;
 pub const WEB_NODE_PORT: u16 = 30080;
 pub const SELF_NODE_PORT: u16 = 30081;
@@ -148,6 +152,11 @@ pub(super) fn catalogue() -> Vec<Service> {
             &ready(&[pod(2)]),
         ),
         tcp("default/guard", GUARD_VIP, &[pod(3)]),
+        Service {
+            external_ips: vec![EXTERNAL_IP],
+            lb_ips: vec![LB_IP],
+            ..tcp("default/outside", OUTSIDE_VIP, &[pod(2), pod(3)])
+        },
     ]
 }
 
@@ -503,6 +512,9 @@ pub(super) fn start_tcp_servers(
 pub struct Figures {
     pub connections_per_s: f64,
     pub spread: BTreeMap<String, usize>,
+    /// Packets the outside host sent to the external and load balancer IPs, which node 1's
+    /// kernel forwards into the TUN (the only TUN traffic of a node whose pods use AF_XDP).
+    pub outside_packets: u64,
 }
 
 /// Where node 1 serves NodePorts to the outside host, and what it is seen as by backends.
@@ -562,11 +574,10 @@ fn run_checks(
         ..Applied::new(r, src)
     };
     let drops_invalid = matches!(src, Source::KubeProxy(KubeProxyMode::Iptables));
-    checks.extend(super::service_behaviours::checks(
-        r,
-        &mut applied,
-        drops_invalid,
-    ));
+    let (behaviours, outside_packets) =
+        super::service_behaviours::checks(r, &mut applied, drops_invalid);
+    checks.extend(behaviours);
+    figures.outside_packets = outside_packets;
     checks.push(removal_check(r, &mut applied)?);
     Ok((checks, figures))
 }
