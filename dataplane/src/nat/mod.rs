@@ -470,6 +470,8 @@ pub struct Services {
     by_node_port: rustc_hash::FxHashMap<u32, u32>,
     /// External IPs served (in `by_key` with their ports), sorted: the routes into podwire.
     external_ips: Vec<Ipv4Addr>,
+    /// The same, for one hash lookup per packet.
+    is_external: rustc_hash::FxHashSet<Ipv4Addr>,
 }
 
 /// Why a new connection to a service got no backend.
@@ -503,6 +505,7 @@ impl Services {
             alive: Default::default(),
             by_node_port: Default::default(),
             external_ips: Vec::new(),
+            is_external: Default::default(),
         }
     }
 
@@ -634,6 +637,7 @@ impl Services {
         }
         s.external_ips.sort_unstable();
         s.external_ips.dedup();
+        s.is_external = s.external_ips.iter().copied().collect();
         (s, report)
     }
 
@@ -730,10 +734,10 @@ impl Services {
         self.in_cidr(dst) || (!self.external_ips.is_empty() && self.is_external_ip(dst))
     }
 
-    /// Whether `dst` is an external IP served (a binary search of a short sorted list).
+    /// Whether `dst` is an external IP served.
     #[inline]
     fn is_external_ip(&self, dst: Ipv4Addr) -> bool {
-        self.external_ips.binary_search(&dst).is_ok()
+        self.is_external.contains(&dst)
     }
 
     /// Whether the backend a connection was bound to still backs its service.
