@@ -34,7 +34,7 @@
 use crate::batch::{Batch, Meta, HEADROOM};
 use crate::route::{Backend, Ipv4Net, Node, SubnetMap};
 use crate::wire::vxlan::Vni;
-use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, udp, vxlan, IpProtocol, MacAddr};
+use crate::wire::{self, checksum, ethernet, icmpv4, ipv4, tcp, udp, vxlan, IpProtocol, MacAddr};
 use core::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -260,6 +260,7 @@ pub fn from_tun(
             Err(Stop::Reject) => {
                 return icmp_unreachable(slot, meta, icmpv4::unreachable::PORT, dst)
             }
+            Err(Stop::Reset) => return tcp_reset(slot, meta),
         }
     }
     let node = match t.map.lookup(dst) {
@@ -362,6 +363,8 @@ pub fn from_wire(
         Ok(Outcome::Translated) => {}
         Ok(Outcome::Unchanged) => return Verdict::Drop(DropReason::NotForThisNode),
         Err(Stop::Drop(r)) => return Verdict::Drop(r),
+        // Resets are for pods' segments only.
+        Err(Stop::Reset) => return Verdict::Drop(DropReason::EndpointGone),
         // A NodePort without endpoints: port unreachable from the node, as kube-proxy's REJECT.
         Err(Stop::Reject) => {
             let client = ipv4::Packet::new_unchecked(&pkt[..]).src();
@@ -584,6 +587,8 @@ fn track_inbound(
         Some(Err(Stop::Drop(r))) => Verdict::Drop(r),
         // Only packets from pods open service connections.
         Some(Err(Stop::Reject)) => Verdict::Drop(DropReason::CtInvalid),
+        // Resets are for pods' segments only.
+        Some(Err(Stop::Reset)) => Verdict::Drop(DropReason::EndpointGone),
     }
 }
 
@@ -734,6 +739,40 @@ fn icmp_error(slot: &mut [u8], meta: &mut Meta, code: u8, mtu: u16, src: Ipv4Add
     meta.len = total;
     meta.icmp_error = true;
     Verdict::IcmpToTun
+}
+
+/// Replaces a pod's TCP segment, of a connection that cannot go on, by the RST its sender gets
+/// for it (`<SEQ=SEG.ACK><CTL=RST>`, which the sender's TCP accepts: it is the next sequence
+/// number it expects), from the address and port it sent to; back into the TUN. The client
+/// fails at once instead of retransmitting into a connection nobody holds.
+fn tcp_reset(slot: &mut [u8], meta: &mut Meta) -> Verdict {
+    let (client, server, seq) = {
+        let p = ipv4::Packet::new_unchecked(&slot[meta.start..meta.start + meta.len]);
+        let Ok(seg) = tcp::Packet::new_checked(p.payload()) else {
+            return Verdict::Drop(DropReason::EndpointGone);
+        };
+        (
+            (p.src(), seg.src_port()),
+            (p.dst(), seg.dst_port()),
+            seg.ack(),
+        )
+    };
+    let total = ipv4::HEADER_LEN + tcp::HEADER_LEN;
+    let out = &mut slot[meta.start..meta.start + total];
+    ipv4::Repr {
+        src: server.0,
+        dst: client.0,
+        protocol: IpProtocol::Tcp,
+        payload_len: tcp::HEADER_LEN,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident: 0,
+        dont_frag: true,
+    }
+    .emit(out);
+    tcp::emit_reset(&mut out[ipv4::HEADER_LEN..], server, client, seq);
+    meta.len = total;
+    Verdict::ResetToTun
 }
 
 /// RFC 1122 3.2.2: never answer an ICMP error, a non-first fragment, or a source that is not a

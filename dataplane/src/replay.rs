@@ -96,10 +96,12 @@ pub fn replay_with(
                     stats.add(Counter::TxWire, 1);
                     sink.as_is().tx_batch(&batch, &idx)
                 }
-                Verdict::ToTun | Verdict::IcmpToTun => {
+                Verdict::ToTun | Verdict::IcmpToTun | Verdict::ResetToTun => {
                     stats.add(Counter::TxTun, 1);
-                    if batch.meta(i).verdict == Verdict::IcmpToTun {
-                        stats.add(Counter::IcmpUnreachable, 1);
+                    match batch.meta(i).verdict {
+                        Verdict::IcmpToTun => stats.add(Counter::IcmpUnreachable, 1),
+                        Verdict::ResetToTun => stats.add(Counter::TcpResets, 1),
+                        _ => {}
                     }
                     sink.as_is().tx_batch(&batch, &idx)
                 }

@@ -205,6 +205,9 @@ counters! {
     /// ICMP destination-unreachable messages generated.
     IcmpUnreachable = "icmp_unreachable", Tunnel, Metric::Family("podwire_icmp_unreachable_total"),
         "ICMP destination-unreachable messages generated.";
+    /// TCP resets sent to pods for segments of connections whose service endpoint left.
+    TcpResets = "tcp_resets", Tunnel, Metric::Family("podwire_tcp_resets_total"),
+        "TCP resets sent to pods for segments of connections whose service endpoint left.";
     /// Inner TCP/UDP checksums completed because the sender left them for offload.
     ChecksumsCompleted = "checksums_completed", Tunnel,
         Metric::Family("podwire_checksums_completed_total"),

@@ -126,6 +126,9 @@ pub enum Verdict {
     ToTun,
     /// The packet was replaced by an ICMP error for its sender: write it back into the TUN.
     IcmpToTun,
+    /// The TCP segment was replaced by the RST its sender gets (its connection's service
+    /// endpoint left): write it back into the TUN.
+    ResetToTun,
     /// A whole IPv4 packet from this node's address, or to it translated, for a host outside
     /// the cluster (`--io xdp`: NodePort answers, masqueraded pod traffic): send it on the
     /// node's wire towards this address.

@@ -269,6 +269,9 @@ pub struct ConnEntry {
     /// `VIP:PORT` of the service the connection was translated for.
     #[serde(default)]
     pub service: Option<String>,
+    /// Its service endpoint left: kept only to hold its tuples, its packets dropped.
+    #[serde(default)]
+    pub gone: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

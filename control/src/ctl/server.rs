@@ -418,6 +418,7 @@ fn conntrack(state: &CtlState, f: &ConntrackFilter) -> Result<Conntrack, Refusal
             seen_reply: e.seen_reply,
             assured: e.assured,
             service: e.service.map(|s| format!("{}:{}", s.vip, s.port)),
+            gone: e.retired,
         })
         .collect();
     let c = flows.conntrack.counters();

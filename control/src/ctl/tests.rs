@@ -26,6 +26,7 @@ fn entry(sport: u16, state: TcpState) -> EntryView {
         tcp_state: Some(state),
         seen_reply: true,
         assured: true,
+        retired: false,
         expires_in: 100,
         service: Some(ServiceBinding {
             vip: o.dst,

@@ -194,6 +194,8 @@ const SNAT_TRIES: u32 = 4096;
 const SEEN_REPLY: u8 = 1;
 const ASSURED: u8 = 2;
 const LIVE: u8 = 4;
+/// A tombstone ([`Conntrack::retire`]): its tuples stay taken, its packets are refused.
+const RETIRED: u8 = 8;
 
 /// What a service entry remembers: which service and which backend it was bound to, so that
 /// packets of a flow whose backend has gone can be dropped rather than black-holed.
@@ -233,6 +235,9 @@ pub struct Tracked {
     pub service: Option<ServiceBinding>,
     /// The connection has seen traffic both ways and is past its handshake.
     pub assured: bool,
+    /// The connection was retired ([`Conntrack::retire`]): the packet belongs to no live
+    /// connection and must not be forwarded.
+    pub retired: bool,
     /// An assured UDP flow, or an assured TCP connection in ESTABLISHED: a UDP datagram or a
     /// plain ACK segment (no SYN, FIN or RST) leaves its state as it is, so a run of them may
     /// be credited at once (`credit`).
@@ -276,6 +281,10 @@ struct Entry {
     service: Option<ServiceBinding>,
     packets: [u64; 2],
     bytes: [u64; 2],
+    /// In SYN_SENT, the acknowledgment number of a REPLY ACK let through unexamined (the
+    /// server's challenge ACK when it still holds an older connection on this tuple): the
+    /// client's RST answering it carries this sequence number (netfilter's `last_ack`).
+    challenge_ack: Option<u32>,
 }
 
 impl Entry {
@@ -283,7 +292,9 @@ impl Entry {
         self.status & ASSURED != 0
     }
     fn evictable(&self) -> bool {
-        !self.assured() || (self.tuples[0].proto == PROTO_TCP && self.tcp_state.is_closing())
+        !self.assured()
+            || self.status & RETIRED != 0
+            || (self.tuples[0].proto == PROTO_TCP && self.tcp_state.is_closing())
     }
 }
 
@@ -300,6 +311,8 @@ pub struct EntryView {
     pub service: Option<ServiceBinding>,
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
+    /// A tombstone ([`Conntrack::retire`]).
+    pub retired: bool,
 }
 
 /// Counts the tracker keeps (summed over shards by `Conntrack::counters`).
@@ -399,6 +412,7 @@ impl Shard {
                 service: None,
                 packets: [0; 2],
                 bytes: [0; 2],
+                challenge_ack: None,
             });
             return Some(self.entries.len() - 1);
         }
@@ -573,6 +587,7 @@ impl Conntrack {
             service: nat.service,
             packets: [1, 0],
             bytes: [len as u64, 0],
+            challenge_ack: None,
         };
         s.entries[slot].expires = now + 1000 * u64::from(self.timeout(&s.entries[slot], now));
         s.index.insert(*t, (slot as u32) << 1);
@@ -586,6 +601,7 @@ impl Conntrack {
             to: Tuple { zone: t.zone, ..to },
             service: nat.service,
             assured: false,
+            retired: false,
             steady: false,
         })
     }
@@ -668,6 +684,18 @@ impl Conntrack {
         now: u64,
     ) -> Result<Tracked, CtError> {
         let mut e = s.entries[slot];
+        if e.status & RETIRED != 0 {
+            // Neither its state nor its expiry moves: the tombstone lasts as long as it was given.
+            return Ok(Tracked {
+                dir,
+                new: false,
+                to: e.tuples[dir as usize],
+                service: e.service,
+                assured: false,
+                retired: true,
+                steady: false,
+            });
+        }
         if let L4::Tcp(seg) = l4 {
             let class = FlagClass::of(seg.flags);
             let old = e.tcp_state;
@@ -676,7 +704,11 @@ impl Conntrack {
                     s.counters.invalid += 1;
                     return Err(CtError::Invalid);
                 }
-                Transition::Ignore => {}
+                Transition::Ignore => {
+                    if old == TcpState::SynSent && dir == Dir::Reply && class == FlagClass::Ack {
+                        e.challenge_ack = Some(seg.ack);
+                    }
+                }
                 Transition::To(new) => {
                     let reopen = dir == Dir::Original
                         && class == FlagClass::Syn
@@ -687,8 +719,16 @@ impl Conntrack {
                         e.status &= !(SEEN_REPLY | ASSURED);
                         e.created = now;
                     }
+                    // The client's RST answering the challenge ACK is in the old connection's
+                    // sequence space, not this one's: it is let through so that the server
+                    // drops its stale connection and the client's next SYN is answered.
+                    let answers_challenge = old == TcpState::SynSent
+                        && dir == Dir::Original
+                        && class == FlagClass::Rst
+                        && e.challenge_ack == Some(seg.seq);
+                    e.challenge_ack = None;
                     let in_window = tcp::track_window(&mut e.windows, dir, seg);
-                    if class == FlagClass::Rst && !in_window {
+                    if class == FlagClass::Rst && !in_window && !answers_challenge {
                         s.counters.invalid += 1;
                         return Err(CtError::Invalid);
                     }
@@ -726,6 +766,7 @@ impl Conntrack {
             },
             service: e.service,
             assured: e.assured(),
+            retired: false,
             steady: e.assured()
                 && match e.tuples[0].proto {
                     PROTO_TCP => e.tcp_state == TcpState::Established,
@@ -778,6 +819,24 @@ impl Conntrack {
             let e = &s.entries[slot];
             (e.tuples[d as usize], e.tuples[1 - d as usize])
         })
+    }
+
+    /// Turns the connection a tuple of either direction names into a tombstone: a TCP
+    /// connection whose service endpoint left, while its ends may still hold it. Its tuples
+    /// stay taken, so a new connection that would answer from the same backend endpoint to the
+    /// same client endpoint is remapped rather than meeting the old connection there; its
+    /// packets are refused (`Tracked::retired`) and its state frozen. It expires after
+    /// TIME_WAIT's timeout, or sooner if it was due sooner.
+    pub fn retire(&self, t: &Tuple, now: u64) -> bool {
+        let linger = 1000 * u64::from(self.timeouts.tcp[TcpState::TimeWait as usize]);
+        self.with_entry(t, now, |s, slot, _| {
+            let e = &mut s.entries[slot];
+            if e.status & RETIRED == 0 {
+                e.status |= RETIRED;
+                e.expires = e.expires.min(now + linger);
+            }
+        })
+        .is_some()
     }
 
     /// Deletes the connection a tuple of either direction names.
@@ -853,6 +912,7 @@ impl Conntrack {
                     service: e.service,
                     packets: e.packets,
                     bytes: e.bytes,
+                    retired: e.status & RETIRED != 0,
                 });
             }
         }

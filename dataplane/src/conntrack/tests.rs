@@ -90,6 +90,7 @@ fn test_expiry_is_checked_on_lookup_with_an_injected_clock() {
             to: rev(),
             service: None,
             assured: false,
+            retired: false,
             steady: false
         }),
         "an ACK with no entry is picked up mid-stream as a new connection"
@@ -180,6 +181,68 @@ fn test_out_of_window_rst_is_invalid_and_keeps_the_connection() {
     ct.track(&rev(), &seg(RST | ACK, 501, 101), 40, 2, no_nat)
         .unwrap();
     assert_eq!(state(&ct, 2), (TcpState::Close, true, 10));
+}
+
+#[test]
+fn test_an_rst_answering_a_challenge_ack_in_syn_sent_passes() {
+    let ct = Conntrack::new(Config::default());
+    ct.track(&fwd(), &seg(SYN, 100, 0), 60, 0, no_nat).unwrap();
+    // The server still holds an older connection on this tuple: it answers the SYN with an ACK
+    // in that connection's sequence space (RFC 5961's challenge ACK), which is let through.
+    ct.track(&rev(), &seg(ACK, 7_000_000, 3_000_000), 40, 0, no_nat)
+        .unwrap();
+    assert_eq!(state(&ct, 0).0, TcpState::SynSent);
+    // An RST that far from the SYN is invalid ...
+    assert_eq!(
+        ct.track(&fwd(), &seg(RST, 3_000_001, 0), 40, 0, no_nat),
+        Err(CtError::Invalid)
+    );
+    // ... unless it is the client's answer to that ACK (RFC 793: its sequence number is the
+    // ACK's acknowledgment), which must reach the server to clear the stale connection.
+    ct.track(&fwd(), &seg(RST, 3_000_000, 0), 40, 0, no_nat)
+        .unwrap();
+    assert_eq!(state(&ct, 0).0, TcpState::Close);
+    // The client's next SYN reopens the entry.
+    ct.track(&fwd(), &seg(SYN, 100, 0), 60, 1000, no_nat)
+        .unwrap();
+    assert_eq!(state(&ct, 1000).0, TcpState::SynSent);
+}
+
+#[test]
+fn test_a_retired_connection_keeps_its_tuples_refuses_its_packets_and_expires() {
+    let ct = Conntrack::new(Config::default());
+    let to_s = |_: &Tuple| {
+        Ok(NatPlan {
+            dnat: Some((S, 80)),
+            ..Default::default()
+        })
+    };
+    let via = Tuple::new(C, 40000, VIP, 80, PROTO_TCP);
+    ct.track(&via, &seg(SYN, 100, 0), 60, 0, to_s).unwrap();
+    ct.track(&rev(), &seg(SYN | ACK, 500, 101), 60, 0, no_nat)
+        .unwrap();
+    ct.track(&via, &seg(ACK, 101, 501), 52, 0, no_nat).unwrap();
+    assert!(ct.retire(&rev(), 1000), "either direction names it");
+    for (t, l4) in [(via, seg(ACK, 101, 501)), (rev(), seg(FIN | ACK, 501, 101))] {
+        let got = ct.track(&t, &l4, 52, 2000, no_nat).unwrap();
+        assert!(got.retired && !got.new && !got.steady, "{got:?}");
+    }
+    let e = &ct.entries(2000)[0];
+    assert!(
+        e.retired && e.tcp_state == Some(TcpState::Established),
+        "frozen"
+    );
+    // Another ClusterIP, from the same client port to the same backend: the tombstone's reply
+    // tuple is taken, so the new connection is remapped instead of meeting the old one.
+    let other = Tuple::new(C, 40000, Ipv4Addr::new(10, 96, 0, 11), 80, PROTO_TCP);
+    let got = ct
+        .track(&other, &seg(SYN, 9000, 0), 60, 2000, to_s)
+        .unwrap();
+    assert!(got.new && !got.retired && got.to.dst == S && got.to.sport != 40000);
+    // The tombstone lasts TIME_WAIT's 120 s from its retirement.
+    assert_eq!(ct.entries(120_999).len(), 2);
+    let left = ct.entries(121_000);
+    assert_eq!((left.len(), left[0].original), (1, other));
 }
 
 #[test]

@@ -59,6 +59,9 @@ pub enum Stop {
     /// A connection to a service that cannot be served: answer with ICMP port unreachable,
     /// as kube-proxy's REJECT rule does.
     Reject,
+    /// A pod's segment of a TCP connection whose service endpoint left: answer with the RST
+    /// that ends the connection at the client.
+    Reset,
 }
 
 /// Where a tracked packet came in.
@@ -255,11 +258,11 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     }
     let mut tracked = track_new(t, tr, &tuple, &l4, pkt.len(), from)?;
     if let Some(binding) = tracked.service {
-        if !t.services.binding_alive(&binding) {
-            let gone = endpoint_gone(flows, &tuple);
-            if tracked.dir != Dir::Original || !replans(&tuple, from) {
-                return Err(gone);
+        if tracked.retired || !t.services.binding_alive(&binding) {
+            if tracked.dir != Dir::Original || !replans(&tuple, &l4, from) {
+                return Err(endpoint_gone(flows, &tuple, &l4, tracked.dir, from, now));
             }
+            flows.conntrack.remove(&tuple);
             tracked = track_new(t, tr, &tuple, &l4, pkt.len(), from)?;
         }
     } else if to_service && tracked.dir == Dir::Original {
@@ -280,11 +283,18 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
 }
 
 /// Whether a packet in the original direction of a service connection that lost its endpoint
-/// starts that flow anew rather than being dropped: a UDP datagram from the client (kube-proxy clears such UDP conntrack
-/// entries, so the client's next datagram reaches a live endpoint; a TCP connection cannot
-/// move and is dropped, then reset by the new backend).
-fn replans(tuple: &Tuple, from: Ingress) -> bool {
-    tuple.proto == PROTO_UDP && from != Ingress::Underlay
+/// starts that flow anew rather than being dropped: a UDP datagram from the client (kube-proxy
+/// clears such UDP conntrack entries, so the client's next datagram reaches a live endpoint),
+/// or a TCP SYN from the client (a connection not yet answered, or the tuple reused by a new
+/// one: either way nothing at the new backend holds it). A TCP connection past its SYN cannot
+/// move: [`endpoint_gone`].
+fn replans(tuple: &Tuple, l4: &L4, from: Ingress) -> bool {
+    let opens = match l4 {
+        L4::Udp => true,
+        L4::Tcp(seg) => conntrack::tcp::FlagClass::of(seg.flags) == conntrack::tcp::FlagClass::Syn,
+        _ => false,
+    };
+    matches!(tuple.proto, PROTO_UDP | PROTO_TCP) && opens && from != Ingress::Underlay
 }
 
 /// Looks `tuple` up in conntrack, creating its entry (with its NAT plan) if it is new.
@@ -380,12 +390,27 @@ fn masquerade(t: &Tables, orig: &Tuple) -> Option<NatPlan> {
     })
 }
 
-/// A packet of a connection whose backend left its service: the connection is forgotten and
-/// the packet dropped rather than black-holed; the client's next packet starts over on a live
-/// backend, which resets it.
-fn endpoint_gone(flows: &Flows, tuple: &Tuple) -> Stop {
-    flows.conntrack.remove(tuple);
-    Stop::Drop(DropReason::EndpointGone)
+/// A packet of a connection whose backend left its service, dropped rather than black-holed.
+/// A UDP flow is forgotten (its client's next datagram starts over). A TCP connection is
+/// retired, not forgotten: both ends may still hold it, so its packets keep being dropped
+/// (a mid-stream segment must not be picked up as a new connection to another backend) and
+/// its tuples stay taken (a new connection from the same client port that lands on the old
+/// backend is remapped instead of meeting the stale connection there).
+/// A pod's segment (its client's) is answered with an RST, so that the client fails at once
+/// rather than retransmitting until it gives up.
+fn endpoint_gone(flows: &Flows, tuple: &Tuple, l4: &L4, dir: Dir, from: Ingress, now: u64) -> Stop {
+    use conntrack::tcp::flag::{ACK, RST};
+    let L4::Tcp(seg) = l4 else {
+        flows.conntrack.remove(tuple);
+        return Stop::Drop(DropReason::EndpointGone);
+    };
+    flows.conntrack.retire(tuple, now);
+    let answerable = seg.flags & ACK != 0 && seg.flags & RST == 0;
+    if dir == Dir::Original && from == Ingress::Pods && answerable {
+        Stop::Reset
+    } else {
+        Stop::Drop(DropReason::EndpointGone)
+    }
 }
 
 /// Rewrites `pkt` from tuple `from` to `to`, if they differ.
@@ -1069,6 +1094,7 @@ mod tests {
         let b = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 8080);
         let t = tables(&[a, b]);
         let f = Flows::new(Default::default());
+        let client = |sport, syn, ack| tcp(CLIENT, sport, VIP, 80, syn, ack);
         let mut on_a = Vec::new();
         let mut on_b = Vec::new();
         for sport in 40000..40040 {
@@ -1076,10 +1102,21 @@ mod tests {
                 &t,
                 &f,
                 Direction::FromTun,
-                &tcp(CLIENT, sport, VIP, 80, true, false),
+                &client(sport, true, false),
                 CLIENT,
             );
             let (_, _, dst, _) = tuple_of(&out);
+            let synack = tcp(dst, 8080, CLIENT, sport, true, true);
+            let (v, _) = run(&t, &f, Direction::FromUnderlay, &synack, NODE_B);
+            assert_eq!(v, Verdict::ToTun);
+            let (_, out) = run(
+                &t,
+                &f,
+                Direction::FromTun,
+                &client(sport, false, true),
+                CLIENT,
+            );
+            assert_eq!(tuple_of(&out).2, dst, "established");
             if dst == *a.ip() {
                 on_a.push(sport)
             } else {
@@ -1088,32 +1125,55 @@ mod tests {
         }
         assert!(!on_a.is_empty() && !on_b.is_empty());
         let t2 = tables(&[b]);
-        for &sport in &on_a {
-            let (v, _) = run(
-                &t2,
-                &f,
-                Direction::FromTun,
-                &tcp(CLIENT, sport, VIP, 80, true, false),
-                CLIENT,
-            );
-            assert_eq!(v, Verdict::Drop(DropReason::EndpointGone));
+        // Every later segment the client sends on the removed endpoint's connections is
+        // answered with the RST that ends it there (from the address it sent to, with the
+        // sequence number it expects), the second as the first: none is picked up mid-stream
+        // as a new connection to the live backend.
+        for _ in 0..2 {
+            for &sport in &on_a {
+                let (v, out) = run(
+                    &t2,
+                    &f,
+                    Direction::FromTun,
+                    &client(sport, false, true),
+                    CLIENT,
+                );
+                assert_eq!(v, Verdict::ResetToTun);
+                assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, sport));
+                let rst = etherparse::TcpHeader::from_slice(&out[20..]).unwrap().0;
+                assert!(rst.rst && !rst.ack && rst.sequence_number == 1, "{rst:?}");
+            }
         }
+        // The backend's segments, and the client's own RST, are dropped.
+        let answer = tcp(*a.ip(), 8080, CLIENT, on_a[0], false, true);
+        let (v, _) = run(&t2, &f, Direction::FromUnderlay, &answer, NODE_B);
+        assert_eq!(v, Verdict::Drop(DropReason::EndpointGone));
+        let mut reset = Vec::new();
+        PacketBuilder::ipv4(CLIENT.octets(), VIP.octets(), 64)
+            .tcp(on_a[0], 80, 1000, 0)
+            .rst()
+            .ack(1)
+            .write(&mut reset, &[])
+            .unwrap();
+        let (v, _) = run(&t2, &f, Direction::FromTun, &reset, CLIENT);
+        assert_eq!(v, Verdict::Drop(DropReason::EndpointGone));
         for &sport in &on_b {
             let (_, out) = run(
                 &t2,
                 &f,
                 Direction::FromTun,
-                &tcp(CLIENT, sport, VIP, 80, true, false),
+                &client(sport, false, true),
                 CLIENT,
             );
             assert_eq!(tuple_of(&out).2, *b.ip(), "kept its backend");
         }
-        // A retransmission after the drop starts over on a live backend.
+        // A SYN on a removed endpoint's tuple (the client's socket is new) starts over on a
+        // live backend.
         let (_, out) = run(
             &t2,
             &f,
             Direction::FromTun,
-            &tcp(CLIENT, on_a[0], VIP, 80, true, false),
+            &client(on_a[0], true, false),
             CLIENT,
         );
         assert_eq!(tuple_of(&out).2, *b.ip());

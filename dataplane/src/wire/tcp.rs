@@ -6,7 +6,7 @@
 //! ```
 
 use super::checksum;
-use super::{read_u16, read_u32, write_u16, Error, Result};
+use super::{read_u16, read_u32, write_u16, write_u32, Error, Result};
 use core::net::Ipv4Addr;
 
 /// Length of a header without options.
@@ -103,6 +103,27 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 }
 
+/// Writes into `buf` (at least [`HEADER_LEN`] bytes) the RST a host sends for a segment of a
+/// connection it does not have (RFC 9293 3.10.7.1): from the segment's destination port to its
+/// source port, `<SEQ=SEG.ACK><CTL=RST>`, no options, no payload, checksummed for `src` ->
+/// `dst` (the addresses of the RST). Returns its length.
+pub fn emit_reset(
+    buf: &mut [u8],
+    (src, src_port): (Ipv4Addr, u16),
+    (dst, dst_port): (Ipv4Addr, u16),
+    seq: u32,
+) -> usize {
+    let seg = &mut buf[..HEADER_LEN];
+    seg.fill(0);
+    write_u16(seg, 0, src_port);
+    write_u16(seg, 2, dst_port);
+    write_u32(seg, 4, seq);
+    seg[12] = (HEADER_LEN as u8 / 4) << 4;
+    seg[13] = flags::RST;
+    Packet::new_unchecked(&mut *seg).fill_checksum(src, dst);
+    HEADER_LEN
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +185,29 @@ mod tests {
         assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
         bad[12] = 0xf0; // 60 bytes of header in a 22-byte buffer
         assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Truncated);
+    }
+
+    #[test]
+    fn test_a_reset_is_what_etherparse_reads_as_one() {
+        let mut buf = [0xaau8; 24];
+        let n = emit_reset(&mut buf, (DST, 80), (SRC, 40000), 0x0a0b_0c0d);
+        assert_eq!(n, HEADER_LEN);
+        let h = etherparse::TcpHeader::from_slice(&buf[..n]).unwrap().0;
+        assert_eq!((h.source_port, h.destination_port), (80, 40000));
+        assert_eq!(
+            (h.sequence_number, h.acknowledgment_number),
+            (0x0a0b_0c0d, 0)
+        );
+        assert!(h.rst && !h.ack && !h.syn && !h.fin && !h.psh && h.options.is_empty());
+        let ip = etherparse::Ipv4Header::new(
+            20,
+            64,
+            etherparse::IpNumber::TCP,
+            DST.octets(),
+            SRC.octets(),
+        )
+        .unwrap();
+        assert_eq!(h.calc_checksum_ipv4(&ip, &[]).unwrap(), h.checksum);
+        assert_eq!(buf[n..], [0xaa; 4], "nothing past the header");
     }
 }

@@ -104,6 +104,10 @@ impl Dispatch {
                     stats.add(Counter::IcmpUnreachable, 1);
                     self.queue_for_pod(batch, i, pods);
                 }
+                Verdict::ResetToTun => {
+                    stats.add(Counter::TcpResets, 1);
+                    self.queue_for_pod(batch, i, pods);
+                }
                 Verdict::Drop(r) => stats.drop(r),
                 // L2 mode's verdicts: the routed pipeline gives none.
                 Verdict::ToPort(_) | Verdict::ToPeer(_) | Verdict::Flood | Verdict::Pending => {}

@@ -308,14 +308,16 @@ fn stopped_node_checks(
         .map(|s| s.drops(DropReason::UnknownPeer))
         .unwrap_or(0);
     if opts.services {
-        let gone = stats[0]
-            .1
-            .as_ref()
-            .map_or(0, |s| s.drops(DropReason::EndpointGone));
+        let (gone, resets) = stats[0].1.as_ref().map_or((0, 0), |s| {
+            (
+                s.drops(DropReason::EndpointGone),
+                s.counter(Counter::TcpResets),
+            )
+        });
         checks.push(Check {
-            name: "packets of removed endpoints counted as endpoint_gone".into(),
-            ok: gone > 0,
-            detail: format!("node 1 endpoint_gone = {gone}"),
+            name: "clients' segments to removed endpoints answered with resets (tcp_resets)".into(),
+            ok: resets > 0,
+            detail: format!("node 1 tcp_resets = {resets}, endpoint_gone = {gone}"),
         });
     }
     checks.push(Check {

@@ -839,15 +839,20 @@ fn node_port_checks(r: &Names, hairpin_ip: Ipv4Addr, np: NodePorts) -> Vec<Check
 }
 
 /// Long-lived connections, then a backend leaves the service: with podwire its connections
-/// fail (dropped, then reset), every other one carries on. kube-proxy leaves established TCP
+/// fail at their next request, reset by podwire (not left to time out), every other one
+/// carries on. kube-proxy leaves established TCP
 /// connections' conntrack entries alone, so there they all carry on (the removed pod still
 /// runs here): the check states which behaviour it expects.
 fn removal_check(r: &Names, applied: &mut Applied) -> Result<Check> {
+    let is_reset = |e: &anyhow::Error| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    };
     let kernel = applied.src.kernel();
     let name = if kernel {
         "a backend removed mid-run: kube-proxy keeps its established connections"
     } else {
-        "a backend removed mid-run loses only its own connections"
+        "a backend removed mid-run loses only its own connections, each reset at its next request"
     };
     let conns = hold_connections(r, WEB_VIP, LONG_LIVED, 1000);
     let outcome = conns.and_then(|mut conns| {
@@ -867,8 +872,8 @@ fn removal_check(r: &Names, applied: &mut Applied) -> Result<Check> {
             match (r, *was == gone && !kernel) {
                 (Ok(a), false) if a.served_on == *was => kept += 1,
                 (Ok(_), _) => lost_wrong += 1,
-                (Err(_), true) => lost_right += 1,
-                (Err(_), false) => lost_wrong += 1,
+                (Err(e), true) if is_reset(&e) => lost_right += 1,
+                (Err(_), _) => lost_wrong += 1,
             }
             on_gone += usize::from(*was == gone);
         }

@@ -350,6 +350,7 @@ impl L2Worker {
                 | Verdict::ToUnderlayIp(_)
                 | Verdict::ToTun
                 | Verdict::IcmpToTun
+                | Verdict::ResetToTun
                 | Verdict::ToWire(_) => {}
             }
         }
