@@ -7,6 +7,7 @@ use super::protocol::{
 use podwire_dataplane::stats::Component;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 /// An answer as text.
 pub fn render(answer: &Response) -> String {
@@ -101,7 +102,7 @@ fn conn_line(e: &ConnEntry) -> String {
         _ => 0,
     };
     format!(
-        "{:<8} {num} {} {}{} {}{}{}",
+        "{:<8} {num} {} {}{} {}{}{}{}",
         e.proto,
         e.expires_in,
         e.state
@@ -112,6 +113,8 @@ fn conn_line(e: &ConnEntry) -> String {
         if e.seen_reply { "" } else { "[UNREPLIED] " },
         tuple(&e.reply, 1),
         if e.assured { " [ASSURED]" } else { "" },
+        // Not a conntrack(8) flag: podwire's tombstone for a connection whose endpoint left.
+        if e.gone { " [ENDPOINT_GONE]" } else { "" },
     )
 }
 
@@ -124,25 +127,18 @@ fn services(s: &Services) -> String {
             .affinity_timeout
             .map(|t| format!(" persistent {t}"))
             .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{:<4} {}:{} {}{flags}   # {}",
-            svc.proto.to_uppercase(),
-            svc.cluster_ip,
-            svc.port,
-            svc.scheduler,
-            svc.name,
-        );
-        // kube-proxy's IPVS mode gives each external IP a virtual server of its own.
-        for ip in &svc.external_ips {
+        let proto = svc.proto.to_uppercase();
+        let line = |out: &mut String, addr: &Ipv4Addr, label: &str| {
+            let (port, sched, name) = (svc.port, &svc.scheduler, &svc.name);
             let _ = writeln!(
                 out,
-                "{:<4} {ip}:{} {}{flags}   # {} (external IP)",
-                svc.proto.to_uppercase(),
-                svc.port,
-                svc.scheduler,
-                svc.name,
+                "{proto:<4} {addr}:{port} {sched}{flags}   # {name}{label}"
             );
+        };
+        line(&mut out, &svc.cluster_ip, "");
+        // kube-proxy's IPVS mode gives each external IP a virtual server of its own.
+        for ip in &svc.external_ips {
+            line(&mut out, ip, " (external IP)");
         }
         for ep in &svc.endpoints {
             let _ = writeln!(

@@ -668,7 +668,11 @@ impl Services {
                     why,
                 }),
                 (None, Some(&other)) => Some(ServiceError::Duplicate {
-                    a: self.service_name(other, &spec.name),
+                    // Its own external IPs are deduplicated first and its ClusterIP is keyed
+                    // after them (and never one of them): `other` is an earlier service.
+                    a: (self.services.get(other as usize))
+                        .map(|s| s.spec.name.clone())
+                        .unwrap_or_default(),
                     b: spec.name.clone(),
                     ip,
                     port: spec.port,
@@ -685,13 +689,6 @@ impl Services {
             }
         }
         spec.external_ips = kept;
-    }
-
-    /// The name of service `idx`, or `next` if it is the one being admitted.
-    fn service_name(&self, idx: u32, next: &str) -> String {
-        self.services
-            .get(idx as usize)
-            .map_or_else(|| next.to_string(), |s| s.spec.name.clone())
     }
 
     pub fn options(&self) -> &ServiceOptions {
@@ -782,18 +779,8 @@ impl Services {
         if self.in_cidr(t.dst) || network.contains(t.src) {
             return self.plan(t, local, affinity, now);
         }
-        let &idx = self
-            .by_key
-            .get(&key(t.dst, t.dport, t.proto))
-            .ok_or(NoBackend::NoService)?;
-        self.bind(
-            idx,
-            t,
-            local,
-            Traffic::External { cluster_ip },
-            affinity,
-            now,
-        )
+        let found = self.by_key.get(&key(t.dst, t.dport, t.proto));
+        self.bind_external(found, t, local, cluster_ip, affinity, now)
     }
 
     /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
@@ -808,18 +795,24 @@ impl Services {
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
-        let &idx = self
-            .by_node_port
-            .get(&node_port_key(t.proto, t.dport))
-            .ok_or(NoBackend::NoService)?;
-        self.bind(
-            idx,
-            t,
-            local,
-            Traffic::External { cluster_ip },
-            affinity,
-            now,
-        )
+        let found = self.by_node_port.get(&node_port_key(t.proto, t.dport));
+        self.bind_external(found, t, local, cluster_ip, affinity, now)
+    }
+
+    /// [`Services::bind`] for a connection from outside the cluster to the service `found` (if
+    /// any): externalTrafficPolicy Cluster, SNAT to `cluster_ip` (or the hairpin address).
+    fn bind_external(
+        &self,
+        found: Option<&u32>,
+        t: &Tuple,
+        local: Ipv4Net,
+        cluster_ip: Ipv4Addr,
+        affinity: &Affinity,
+        now: u64,
+    ) -> Result<NatPlan, NoBackend> {
+        let &idx = found.ok_or(NoBackend::NoService)?;
+        let class = Traffic::External { cluster_ip };
+        self.bind(idx, t, local, class, affinity, now)
     }
 
     /// A backend of service `idx` for the new connection `t`, by the traffic policy of its
