@@ -997,7 +997,7 @@ const SERVICE_CHECKS: [&str; 7] = [
     "a pod calling a Service it backs",
     "a service without endpoints refuses",
     "a backend removed mid-run loses only its own",
-    "packets of removed endpoints counted",
+    "clients' segments to removed endpoints answered with resets",
 ];
 
 /// The Kubernetes e2e behaviours (`service_behaviours`), which podwire and both of
@@ -1100,7 +1100,7 @@ fn services_through_podwire_behave_as_kube_proxy_iptables_and_nftables() {
         assert!(!hairpin.contains("saw 10.244.1.2:"), "{hairpin}");
     }
     // Where they differ by design: an endpoint's removal. kube-proxy keeps established TCP
-    // connections to it; podwire drops them (counted) so that clients fail over.
+    // connections to it; podwire resets them (counted) so that clients fail over.
     let kept = check(&kp, "a backend removed mid-run: kube-proxy keeps");
     assert_eq!(kept["ok"], true, "{kp_text}");
 }
