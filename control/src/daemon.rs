@@ -28,6 +28,7 @@ use podwire::node;
 use podwire::node_lock::{self, NodeLock};
 use podwire::privs;
 use podwire::report;
+use podwire::service_health::ServiceHealth;
 use podwire::services::{self, ServicesFile};
 use podwire::store::{self, ClusterView, Lease, LeaseRequest, OwnLease, Store, StoreError};
 use podwire::subnet_env::{self, SubnetEnv};
@@ -820,6 +821,7 @@ fn service_sources(opts: &RunOptions, j: &Joined) -> (ServiceSources, Option<Ser
         store_cache: services::ParseCache::default(),
         options,
         current: Arc::new(Services::empty(options)),
+        health_checks: None,
         admission: Admission {
             local_subnet: Some(lease),
             ..node_admission(
@@ -1139,7 +1141,7 @@ fn l2_underlay_xdp(
 fn setup_routed(
     opts: &RunOptions,
     j: &mut Joined,
-    health: &Health,
+    health: &Arc<Health>,
     steps: &mut node::Steps,
 ) -> Result<Node> {
     let workers = opts.workers.max(1);
@@ -1159,6 +1161,11 @@ fn setup_routed(
     routed_masquerade(opts, j, &device, &mut host, steps)?;
     forward_rules(opts, j, &mut host, steps)?;
     let (mut services, mut services_file) = service_sources(opts, j);
+    if services_file.is_some() || services.from_store {
+        let server = ServiceHealth::start(Ipv4Addr::UNSPECIFIED, Arc::clone(health))
+            .context("starting the service health check server")?;
+        services.health_checks = Some(server);
+    }
     let mut initial = j.initial.clone();
     load_services(
         &mut services,

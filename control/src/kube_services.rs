@@ -134,6 +134,22 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
         }
     };
     let external_ips = external_ips(svc, kind).map_err(invalid)?;
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "externalTrafficPolicy {other:?}: Cluster or Local"
+            )))
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port.filter(|_| external_local) {
+        None => None,
+        Some(p) => Some(
+            u16::try_from(p)
+                .map_err(|_| invalid(format!("healthCheckNodePort {p}: not 0-65535")))?,
+        ),
+    };
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
@@ -168,6 +184,8 @@ pub fn specs(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceSpec
             node_port,
             internal_local,
             external_ips: external_ips.clone(),
+            external_local,
+            health_check_node_port,
         });
     }
     Ok(out)

@@ -35,6 +35,7 @@ pub mod report;
 pub mod rtnl;
 pub mod sd_notify;
 pub mod secret;
+pub mod service_health;
 pub mod services;
 pub mod store;
 pub mod subnet_env;

@@ -4,7 +4,8 @@
 //!
 //! - an **API record**: a Service and its EndpointSlices as the Kubernetes API holds them
 //!   (every field kube-proxy reads: ports with names and NodePorts, sessionAffinity and its
-//!   timeout, internalTrafficPolicy, externalIPs and the load balancer's ingress IPs;
+//!   timeout, internalTrafficPolicy, externalTrafficPolicy and healthCheckNodePort,
+//!   externalIPs and the load balancer's ingress IPs;
 //!   endpoints with their conditions ready, serving and terminating, nodeName, zone), read by
 //!   [`crate::kube_services::specs`]:
 //!
@@ -556,7 +557,8 @@ mod tests {
     #[test]
     fn test_api_records_in_the_file_and_in_etcd() {
         let record = r#"{"service": {"metadata": {"namespace": "default", "name": "web"},
-              "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+              "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                       "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
                        "ports": [{"name": "http", "port": 80, "nodePort": 30080},
                                  {"name": "metrics", "port": 9090}]}},
             "endpointSlices": [{"metadata": {"name": "web-abc"}, "addressType": "IPv4",
@@ -574,7 +576,29 @@ mod tests {
         assert_eq!(http.terminating, ["10.244.3.2:8080".parse().unwrap()]);
         assert_eq!(http.node_port, Some(30080));
         assert!(http.internal_local);
+        assert!(http.external_local);
+        assert_eq!(http.health_check_node_port, Some(31000));
         assert_eq!(parsed.specs[1].endpoints[0].port(), 9100);
+        // A policy podwire does not know is refused; Cluster has no health check.
+        let bad = record.replace(
+            r#""externalTrafficPolicy": "Local""#,
+            r#""externalTrafficPolicy": "Nearby""#,
+        );
+        let parsed = parse_file(&format!(r#"{{"services": [{bad}]}}"#), "test").unwrap();
+        assert!(
+            parsed.rejected[0]
+                .to_string()
+                .contains("externalTrafficPolicy \"Nearby\""),
+            "{:?}",
+            parsed.rejected
+        );
+        let cluster = record.replace(
+            r#""externalTrafficPolicy": "Local""#,
+            r#""externalTrafficPolicy": "Cluster""#,
+        );
+        let parsed = parse_file(&format!(r#"{{"services": [{cluster}]}}"#), "test").unwrap();
+        assert!(!parsed.specs[0].external_local);
+        assert_eq!(parsed.specs[0].health_check_node_port, None);
         // In etcd the key names a Service whose metadata does not.
         let unnamed = record.replace(
             r#""metadata": {"namespace": "default", "name": "web"},"#,

@@ -6,6 +6,7 @@
 
 use arc_swap::ArcSwap;
 use podwire::health::Health;
+use podwire::service_health::ServiceHealth;
 use podwire::services::{self, ServicesFile};
 use podwire_dataplane::nat::{Admission, ServiceOptions, Services};
 use podwire_dataplane::pipeline::Tables;
@@ -27,6 +28,8 @@ pub struct ServiceSources {
     pub admission: Admission,
     /// The last snapshot built (what the next one may reuse).
     pub current: Arc<Services>,
+    /// Where the snapshot's health check ports are served (a node that serves services).
+    pub health_checks: Option<ServiceHealth>,
 }
 
 /// Where a new snapshot goes.
@@ -54,6 +57,9 @@ impl ServiceSources {
             external_ips_rejected = snap.report.external_ips_refused.len(),
             "services updated"
         );
+        if let Some(server) = &self.health_checks {
+            server.update(snap.services.health_checks());
+        }
         self.current = Arc::new(snap.services);
         Arc::clone(&self.current)
     }

@@ -413,6 +413,9 @@ fn build(w: &World) -> (Tables, Option<Flows>) {
             internal_local: k % 2 == 0,
             // One external IP each, which `Addr::Service` aims at too.
             external_ips: vec![external_ip(k)],
+            // Both external policies; health checks are served by the control plane.
+            external_local: k % 3 == 0,
+            health_check_node_port: None,
         })
         .collect();
     // Any NodePort, so random packets hit them; what the checks refuse is left out.

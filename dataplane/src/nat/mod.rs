@@ -57,8 +57,16 @@ pub struct ServiceSpec {
     /// Addresses outside the cluster at which the port is served too: the Service's
     /// `externalIPs` and its load balancer's ingress IPs (`status.loadBalancer.ingress`),
     /// which kube-proxy treats alike. Routed into podwire; traffic to them from outside the
-    /// cluster network follows `externalTrafficPolicy` (Cluster), from pods the ClusterIP's.
+    /// cluster network follows `externalTrafficPolicy`, from pods the ClusterIP's.
     pub external_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`: connections from outside the cluster (to the NodePort,
+    /// external IPs, load balancer IPs) go only to endpoints on this node, keeping the client's
+    /// address where the node's answers come back through podwire ([`External::clients_kept`]);
+    /// with none here they are dropped.
+    pub external_local: bool,
+    /// `healthCheckNodePort` (with `external_local`): where the node answers load balancers'
+    /// health checks with its count of local endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Default for ServiceSpec {
@@ -75,6 +83,8 @@ impl Default for ServiceSpec {
             node_port: None,
             internal_local: false,
             external_ips: Vec::new(),
+            external_local: false,
+            health_check_node_port: None,
         }
     }
 }
@@ -415,7 +425,7 @@ struct Service {
     /// Ready endpoints anywhere, else terminating ones: what `Cluster` policies use. Empty:
     /// the service has no endpoints at all, and its connections are rejected.
     cluster: Arc<Pick>,
-    /// This node's endpoints (ready, else terminating), for `internalTrafficPolicy: Local`.
+    /// This node's endpoints (ready, else terminating), for the `Local` traffic policies.
     local: Option<Arc<Pick>>,
 }
 
@@ -441,7 +451,7 @@ impl Service {
                 options,
             )),
         };
-        let local = spec.internal_local.then(|| {
+        let local = (spec.internal_local || spec.external_local).then(|| {
             if let Some(pick) = same.and_then(|p| p.local.as_ref()) {
                 return Arc::clone(pick);
             }
@@ -472,6 +482,21 @@ pub struct Services {
     external_ips: Vec<Ipv4Addr>,
     /// The same, for one hash lookup per packet.
     is_external: rustc_hash::FxHashSet<Ipv4Addr>,
+    /// The health checks the node answers, by port.
+    health_checks: Vec<HealthCheck>,
+}
+
+/// A `healthCheckNodePort` the node answers (kube-proxy's service health server): 200 while
+/// the Service has endpoints on this node, 503 without, so a load balancer sends its
+/// `externalTrafficPolicy: Local` traffic only to nodes that can serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    /// The Service's `namespace/name` (its ports' records share it).
+    pub service: String,
+    /// The endpoints on this node that its outside traffic may get (ready, else serving and
+    /// terminating), over all its ports (the most of any port).
+    pub local_endpoints: usize,
 }
 
 /// Why a new connection to a service got no backend.
@@ -506,6 +531,7 @@ impl Services {
             by_node_port: Default::default(),
             external_ips: Vec::new(),
             is_external: Default::default(),
+            health_checks: Vec::new(),
         }
     }
 
@@ -622,6 +648,17 @@ impl Services {
                 }
             }
             s.admit_external_ips(&mut spec, admission, &mut report);
+            if !spec.external_local {
+                // kube-apiserver clears it too: only the Local policy has one.
+                spec.health_check_node_port = None;
+            }
+            if let Some(Err(e)) = spec
+                .health_check_node_port
+                .map(|port| check_node_port(admission, &spec.name, port))
+            {
+                report.node_ports_refused.push(e);
+                spec.health_check_node_port = None;
+            }
             spec.endpoints.sort_unstable();
             spec.terminating.sort_unstable();
             for ep in spec.endpoints.iter().chain(&spec.terminating) {
@@ -638,7 +675,59 @@ impl Services {
         s.external_ips.sort_unstable();
         s.external_ips.dedup();
         s.is_external = s.external_ips.iter().copied().collect();
+        s.health_checks = s.collect_health_checks(&mut report);
         (s, report)
+    }
+
+    /// The health checks of the admitted services, one per port: a Service's ports share
+    /// theirs; a port a TCP NodePort or an earlier Service (by name) has is refused.
+    fn collect_health_checks(&self, report: &mut Report) -> Vec<HealthCheck> {
+        let mut by_port = std::collections::BTreeMap::<u16, HealthCheck>::new();
+        for svc in &self.services {
+            let Some(port) = svc.spec.health_check_node_port else {
+                continue;
+            };
+            let service = service_of_port(&svc.spec.name);
+            let local_endpoints = svc.local.as_ref().map_or(0, |p| p.endpoints.len());
+            let taken = match (
+                self.by_node_port.get(&node_port_key(PROTO_TCP, port)),
+                by_port.get_mut(&port),
+            ) {
+                (Some(&other), _) => Some(self.services[other as usize].spec.name.clone()),
+                (None, Some(hc)) if hc.service == service => {
+                    hc.local_endpoints = hc.local_endpoints.max(local_endpoints);
+                    None
+                }
+                (None, Some(hc)) => Some(hc.service.clone()),
+                (None, None) => {
+                    let service = service.to_string();
+                    by_port.insert(
+                        port,
+                        HealthCheck {
+                            port,
+                            service,
+                            local_endpoints,
+                        },
+                    );
+                    None
+                }
+            };
+            if let Some(a) = taken {
+                report
+                    .node_ports_refused
+                    .push(ServiceError::DuplicateNodePort {
+                        a,
+                        b: svc.spec.name.clone(),
+                        port,
+                    });
+            }
+        }
+        by_port.into_values().collect()
+    }
+
+    /// The health checks this node answers (`healthCheckNodePort`s), by port.
+    pub fn health_checks(&self) -> &[HealthCheck] {
+        &self.health_checks
     }
 
     /// Keeps the external IPs of `spec` (to be the next service) that may be served, each
@@ -765,14 +854,13 @@ impl Services {
     /// The NAT of a new connection `t` to a service address (a ClusterIP or an external IP,
     /// [`Services::is_frontend`]). From `network` (the cluster network: pods, and the node
     /// itself through its cluster address) it is [`Services::plan`]'s; from outside it, to an
-    /// external IP, `externalTrafficPolicy` Cluster: SNATed so that the answer comes back
-    /// through this node (as for a NodePort).
+    /// external IP, the service's `externalTrafficPolicy` ([`External`]).
     pub fn plan_frontend(
         &self,
         t: &Tuple,
         local: Ipv4Net,
         network: Ipv4Net,
-        cluster_ip: Ipv4Addr,
+        outside: External,
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
@@ -780,44 +868,40 @@ impl Services {
             return self.plan(t, local, affinity, now);
         }
         let found = self.by_key.get(&key(t.dst, t.dport, t.proto));
-        self.bind_external(found, t, local, cluster_ip, affinity, now)
+        self.bind_external(found, t, local, outside, affinity, now)
     }
 
     /// The NAT of a new connection `t` from outside the cluster to a NodePort on this node's
-    /// address: its backend, and SNAT so that the answer comes back through this node: to the
-    /// hairpin address for a backend on this node (`local`), else to `cluster_ip`, the node's
-    /// address in the cluster network, which other nodes route to it.
+    /// address: its backend by the service's `externalTrafficPolicy` ([`External`]).
     pub fn plan_node_port(
         &self,
         t: &Tuple,
         local: Ipv4Net,
-        cluster_ip: Ipv4Addr,
+        outside: External,
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
         let found = self.by_node_port.get(&node_port_key(t.proto, t.dport));
-        self.bind_external(found, t, local, cluster_ip, affinity, now)
+        self.bind_external(found, t, local, outside, affinity, now)
     }
 
     /// [`Services::bind`] for a connection from outside the cluster to the service `found` (if
-    /// any): externalTrafficPolicy Cluster, SNAT to `cluster_ip` (or the hairpin address).
+    /// any).
     fn bind_external(
         &self,
         found: Option<&u32>,
         t: &Tuple,
         local: Ipv4Net,
-        cluster_ip: Ipv4Addr,
+        outside: External,
         affinity: &Affinity,
         now: u64,
     ) -> Result<NatPlan, NoBackend> {
         let &idx = found.ok_or(NoBackend::NoService)?;
-        let class = Traffic::External { cluster_ip };
-        self.bind(idx, t, local, class, affinity, now)
+        self.bind(idx, t, local, Traffic::External(outside), affinity, now)
     }
 
     /// A backend of service `idx` for the new connection `t`, by the traffic policy of its
-    /// class: DNAT to it, and SNAT to the hairpin address if it is on this node (`local`), else
-    /// for external traffic to the node's cluster address.
+    /// class, and the source it is seen from ([`Services::snat_for`]).
     fn bind(
         &self,
         idx: u32,
@@ -832,10 +916,13 @@ impl Services {
         if svc.cluster.endpoints.is_empty() {
             return Err(NoBackend::NoEndpoints);
         }
-        let (pick, snat_remote) = match (class, &svc.local) {
-            (Traffic::Internal, Some(local_pick)) => (local_pick, None),
-            (Traffic::Internal, None) => (&svc.cluster, None),
-            (Traffic::External { cluster_ip }, _) => (&svc.cluster, Some(cluster_ip)),
+        let local_policy = match class {
+            Traffic::Internal => svc.spec.internal_local,
+            Traffic::External(_) => svc.spec.external_local,
+        };
+        let pick = match (&svc.local, local_policy) {
+            (Some(local_pick), true) => local_pick,
+            _ => &svc.cluster,
         };
         let eps = &pick.endpoints;
         if eps.is_empty() {
@@ -861,14 +948,9 @@ impl Services {
             ),
             None => choose(),
         };
-        let snat = if local.contains(*backend.ip()) {
-            Some(self.options.hairpin_ip)
-        } else {
-            snat_remote
-        };
         Ok(NatPlan {
             dnat: Some((*backend.ip(), backend.port())),
-            snat,
+            snat: self.snat_for(class, local_policy, local.contains(*backend.ip())),
             snat_ports: None,
             service: Some(ServiceBinding {
                 vip: svc.spec.cluster_ip,
@@ -879,6 +961,35 @@ impl Services {
             }),
         })
     }
+
+    /// What a backend sees a new connection come from, so that its answers come back through
+    /// this node: the client itself for a pod's connection to a remote backend, and for an
+    /// outside client under `externalTrafficPolicy: Local` (`local_policy`) where the node
+    /// steers its pods' answers to outside into podwire; else the hairpin address for a
+    /// backend on this node (`backend_here`), the node's cluster address for an outside client
+    /// of a remote backend.
+    fn snat_for(&self, class: Traffic, local_policy: bool, backend_here: bool) -> Option<Ipv4Addr> {
+        match class {
+            Traffic::External(o) if local_policy && o.clients_kept => None,
+            _ if backend_here => Some(self.options.hairpin_ip),
+            Traffic::Internal => None,
+            Traffic::External(o) => Some(o.cluster_ip),
+        }
+    }
+}
+
+/// How a node serves connections from outside the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct External {
+    /// The node's address in the cluster network, which other nodes route to it: an outside
+    /// client of a remote backend is SNATed to it (`externalTrafficPolicy: Cluster`).
+    pub cluster_ip: Ipv4Addr,
+    /// The node's pods' answers to outside addresses come back through podwire (policy routing
+    /// steers them into it: `--io xdp --ip-masq`), so a connection to a local backend needs no
+    /// SNAT to return, and `externalTrafficPolicy: Local` keeps the client's address. Without
+    /// it the kernel would send such an answer past podwire, untranslated: the hairpin SNAT
+    /// stays, and Local means local endpoints only.
+    pub clients_kept: bool,
 }
 
 /// Which traffic policy a new connection follows.
@@ -886,9 +997,8 @@ impl Services {
 enum Traffic {
     /// From a pod to a ClusterIP: `internalTrafficPolicy`.
     Internal,
-    /// From outside the cluster to a NodePort or an external IP: `externalTrafficPolicy`
-    /// (Cluster only, so far), SNATed to the node's `cluster_ip` for a backend on another node.
-    External { cluster_ip: Ipv4Addr },
+    /// From outside the cluster to a NodePort or an external IP: `externalTrafficPolicy`.
+    External(External),
 }
 
 /// Why a service cannot be served at all.
@@ -1008,6 +1118,12 @@ fn check_node_port(admission: &Admission, name: &str, port: u16) -> Result<(), S
         });
     }
     Ok(())
+}
+
+/// The Service a service port's record belongs to: its name without the `:port` kube-proxy
+/// appends for a named port (namespaces and names hold no colon).
+fn service_of_port(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(service, _)| service)
 }
 
 /// NodePort lookup key.

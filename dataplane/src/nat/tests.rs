@@ -1,5 +1,6 @@
 use super::*;
 use crate::conntrack::PROTO_TCP;
+use std::collections::BTreeSet;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -21,6 +22,14 @@ fn spec(endpoints: Vec<SocketAddrV4>, affinity: Option<u32>) -> ServiceSpec {
         affinity_timeout: affinity,
         node_port: None,
         ..Default::default()
+    }
+}
+
+/// A node that SNATs outside clients (no steering of its pods' answers), at `cluster_ip`.
+fn cluster(cluster_ip: Ipv4Addr) -> External {
+    External {
+        cluster_ip,
+        clients_kept: false,
     }
 }
 
@@ -280,7 +289,7 @@ fn test_duplicates_go_to_the_first_by_name_whatever_the_order() {
         PROTO_TCP,
     );
     let p = s
-        .plan_node_port(&t, local(), local().addr(), &aff, 0)
+        .plan_node_port(&t, local(), cluster(local().addr()), &aff, 0)
         .unwrap();
     assert_eq!(p.service.unwrap().vip, Ipv4Addr::new(10, 96, 0, 10));
 }
@@ -424,7 +433,7 @@ fn test_node_ports_outside_the_range_or_on_podwires_own_ports_are_refused() {
         PROTO_TCP,
     );
     assert_eq!(
-        s.plan_node_port(&ssh, local(), local().addr(), &aff, 0),
+        s.plan_node_port(&ssh, local(), cluster(local().addr()), &aff, 0),
         Err(NoBackend::NoService)
     );
 
@@ -633,8 +642,134 @@ fn test_internal_traffic_policy_local() {
         PROTO_TCP,
     );
     assert!(s
-        .plan_node_port(&outside, local(), local().addr(), &aff, 0)
+        .plan_node_port(&outside, local(), cluster(local().addr()), &aff, 0)
         .is_ok());
+}
+
+/// `externalTrafficPolicy: Local`: an outside client's connection goes to this node's endpoints
+/// only, seen from the client itself where the node steers its pods' answers into podwire
+/// (else from the hairpin address), and is dropped with none here; pods' traffic to the
+/// ClusterIP still reaches every endpoint. The health check counts the local endpoints.
+#[test]
+fn test_external_traffic_policy_local() {
+    let here = Admission {
+        local_subnet: Some(local()),
+        ..Admission::default()
+    };
+    let aff = Affinity::default();
+    let etp_local = |endpoints| ServiceSpec {
+        node_port: Some(30080),
+        external_local: true,
+        health_check_node_port: Some(30081),
+        ..spec(endpoints, None)
+    };
+    let build = |s: ServiceSpec| {
+        let (services, report) = Services::admit(options(), &here, vec![s]);
+        assert!(report.is_empty(), "{report:?}");
+        services
+    };
+    let client = Ipv4Addr::new(192, 168, 0, 9);
+    let outside = |sport| Tuple::new(client, sport, local().addr(), 30080, PROTO_TCP);
+    let kept = External {
+        cluster_ip: local().addr(),
+        clients_kept: true,
+    };
+    let s = build(etp_local(vec![ep(2, 2), ep(3, 2), ep(5, 1)]));
+    for sport in 1024..1324 {
+        let p = s
+            .plan_node_port(&outside(sport), local(), kept, &aff, 0)
+            .unwrap();
+        assert_eq!(p.dnat, Some((Ipv4Addr::new(10, 244, 1, 5), 8080)));
+        assert_eq!(p.snat, None, "the client's address is kept");
+        let p = s
+            .plan_node_port(&outside(sport), local(), cluster(local().addr()), &aff, 0)
+            .unwrap();
+        assert_eq!(p.dnat, Some((Ipv4Addr::new(10, 244, 1, 5), 8080)));
+        assert_eq!(
+            p.snat,
+            Some(options().hairpin_ip),
+            "no steering: hairpin SNAT"
+        );
+    }
+    let pods: BTreeSet<_> = (1024..1324)
+        .map(|sport| s.plan(&conn(2, sport), local(), &aff, 0).unwrap().dnat)
+        .collect();
+    assert_eq!(pods.len(), 3, "pods use every endpoint: {pods:?}");
+    assert_eq!(
+        s.health_checks(),
+        &[HealthCheck {
+            port: 30081,
+            service: "default/web".into(),
+            local_endpoints: 1
+        }]
+    );
+    let s = build(etp_local(vec![ep(2, 2), ep(3, 2)]));
+    assert_eq!(
+        s.plan_node_port(&outside(1), local(), kept, &aff, 0),
+        Err(NoBackend::NoLocalEndpoints)
+    );
+    assert_eq!(s.health_checks()[0].local_endpoints, 0);
+    // Cluster policy: remote endpoints too, SNATed to the node's cluster address; and no
+    // health check (kube-apiserver clears it).
+    let s = build(ServiceSpec {
+        external_local: false,
+        ..etp_local(vec![ep(2, 2)])
+    });
+    let p = s
+        .plan_node_port(&outside(1), local(), kept, &aff, 0)
+        .unwrap();
+    assert_eq!(p.snat, Some(local().addr()));
+    assert!(s.health_checks().is_empty());
+}
+
+/// Health-check ports are checked as NodePorts are, and shared only by one Service's ports.
+#[test]
+fn test_health_check_ports_are_admitted_like_node_ports() {
+    let with = |name: &str, port: u16, node_port: Option<u16>, hc: u16| ServiceSpec {
+        name: name.into(),
+        port,
+        node_port,
+        external_local: true,
+        health_check_node_port: Some(hc),
+        ..spec(vec![ep(5, 1)], None)
+    };
+    let here = Admission {
+        local_subnet: Some(local()),
+        ..Admission::default()
+    };
+    let (s, report) = Services::admit(
+        options(),
+        &here,
+        vec![
+            with("default/a:http", 80, None, 30500),
+            with("default/a:https", 443, None, 30500),
+            with("default/b", 81, None, 30500),
+            with("default/c", 82, Some(30600), 30700),
+            with("default/d", 83, None, 30600),
+            with("default/e", 84, None, 80),
+        ],
+    );
+    let ports: Vec<(u16, &str)> = s
+        .health_checks()
+        .iter()
+        .map(|h| (h.port, h.service.as_str()))
+        .collect();
+    assert_eq!(ports, [(30500, "default/a"), (30700, "default/c")]);
+    let refused: Vec<String> = report
+        .node_ports_refused
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert!(refused[0].contains("NodePort 80 is outside"), "{refused:?}");
+    assert!(
+        refused[1].contains("default/a and default/b both claim NodePort 30500"),
+        "{refused:?}"
+    );
+    assert!(
+        refused[2].contains("default/c and default/d both claim NodePort 30600"),
+        "{refused:?}"
+    );
 }
 
 /// An update rebuilds the Maglev tables of the services whose endpoints changed only, and
@@ -699,7 +834,7 @@ fn test_external_ips_serve_the_port_from_pods_and_from_outside() {
     let aff = Affinity::default();
     let plan = |src: Ipv4Addr, dst: Ipv4Addr, port: u16| {
         let t = Tuple::new(src, 40000, dst, port, PROTO_TCP);
-        s.plan_frontend(&t, local(), network, node_cluster_ip, &aff, 0)
+        s.plan_frontend(&t, local(), network, cluster(node_cluster_ip), &aff, 0)
     };
     let backend = Some((Ipv4Addr::new(10, 244, 2, 2), 8080));
     for to in [ext, lb] {

@@ -6,7 +6,7 @@ use super::Tables;
 use crate::conntrack::{
     self, tcp::Segment, CtError, Dir, NatPlan, Tuple, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
-use crate::nat::{rewrite, Affinity, NoBackend};
+use crate::nat::{rewrite, Affinity, External, NoBackend};
 use crate::verdict::DropReason;
 use crate::wire::{icmpv4, ipv4, tcp};
 use core::net::Ipv4Addr;
@@ -309,18 +309,24 @@ fn track_new(
     let (flows, now) = (tr.flows, tr.now);
     let to_service = from == Ingress::Pods && t.services.is_frontend(tuple.dst);
     let mut refusal = None;
+    let outside = External {
+        cluster_ip: t.local.tun_addr,
+        // With podwire's masquerade on the wire, policy routing steers the pods' answers to
+        // outside into podwire (`masq::steer_pods`).
+        clients_kept: t.wire.is_some_and(|w| w.masquerade),
+    };
     let r = flows.conntrack.track(tuple, l4, len, now, |orig| {
         if to_service {
             let (local, network) = (t.local.subnet, t.map.network());
             return t
                 .services
-                .plan_frontend(orig, local, network, t.local.tun_addr, &flows.affinity, now)
+                .plan_frontend(orig, local, network, outside, &flows.affinity, now)
                 .map_err(|e| refusal = Some(e));
         }
         match from {
             Ingress::Wire => t
                 .services
-                .plan_node_port(orig, t.local.subnet, t.local.tun_addr, &flows.affinity, now)
+                .plan_node_port(orig, t.local.subnet, outside, &flows.affinity, now)
                 .map_err(|e| refusal = Some(e)),
             Ingress::Pods => Ok(masquerade(t, orig).unwrap_or_default()),
             Ingress::Underlay => Ok(Default::default()),
