@@ -501,6 +501,13 @@ fn vxlan_podwire_interoperates_with_a_kernel_flannel_node() {
     assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
 }
 
+/// externalTrafficPolicy Local on node 1's NodePorts, from the outside host.
+const ETP_LOCAL_CHECKS: [&str; 3] = [
+    "externalTrafficPolicy Local: 20 connections from outside to NodePort 30090 reach node 1's endpoint only, which sees 192.168.99.200",
+    "externalTrafficPolicy Local without an endpoint on node 1: NodePort 30092 drops the connection",
+    "the health check node ports answer 200 with 1 local endpoint, 503 with none",
+];
+
 #[test]
 fn vxlan_over_af_xdp_with_a_kernel_flannel_node() {
     let Some(_slot) = lab_slot() else { return };
@@ -530,7 +537,10 @@ fn vxlan_over_af_xdp_with_a_kernel_flannel_node() {
         "a NodePort (30081) whose backend is on node 1 itself",
         "UDP from outside to NodePort",
         "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node (by podwire",
-    ] {
+    ]
+    .iter()
+    .chain(&ETP_LOCAL_CHECKS)
+    {
         assert_eq!(check(&report, name)["ok"], true, "{name}");
     }
     assert_eq!(report["pairs"][0]["tcp_bytes"], 50_000_000u64);
@@ -564,7 +574,10 @@ fn vxlan_two_podwire_nodes_over_af_xdp() {
         "60 TCP connections from outside to node 1's NodePort",
         "--ip-masq: a pod sends 2 MB to a host outside the cluster as its node (by podwire",
         "SIGKILL under a TCP transfer",
-    ] {
+    ]
+    .iter()
+    .chain(&ETP_LOCAL_CHECKS)
+    {
         assert_eq!(check(&report, name)["ok"], true, "{name}");
     }
 }

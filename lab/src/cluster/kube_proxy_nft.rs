@@ -14,12 +14,13 @@
 //!   hairpin traffic `jump mark-for-masquerade`, then `dnat to`;
 //! - ClientIP affinity: per endpoint a dynamic set `affinity-<HASH>-...` (`flags dynamic,timeout`,
 //!   the Service's timeout), checked first in the policy chain and updated in the endpoint chain;
-//! - NodePorts, external IPs and load balancer IPs: an `external-<HASH>-...` chain (masquerade,
-//!   then the Cluster chain) behind `service-nodeports` and `service-ips`
-//!   (externalTrafficPolicy is always Cluster in the model);
+//! - NodePorts, external IPs and load balancer IPs: an `external-<HASH>-...` chain behind
+//!   `service-nodeports` and `service-ips`: externalTrafficPolicy Cluster masquerades, then
+//!   goes to the Cluster chain; Local sends the node's own traffic there (masqueraded) and the
+//!   rest to the `local-` chain of this node's endpoints, the client's address kept;
 //! - no usable endpoints: `no-endpoint-services` / `no-endpoint-nodeports` verdict maps checked
 //!   in the filter chains for new connections: `goto reject-chain` (ICMP port-unreachable) when
-//!   there are none anywhere, `drop` when the Local policy finds none on this node;
+//!   there are none anywhere, `drop` when a Local policy finds none on this node;
 //! - `cluster-ips` + `cluster-ips-check`: traffic to a ClusterIP on a port no Service uses is
 //!   rejected; `mark-for-masquerade` (mark 0x4000) and `masquerading` (`masquerade fully-random`).
 //!
@@ -32,8 +33,8 @@
 //! the affinity sets' entries; here a re-apply empties them.
 //!
 //! Left out, against kube-proxy: loadBalancerSourceRanges (`firewall-ips` and
-//! `firewall-check` exist but stay empty), externalTrafficPolicy Local and
-//! its health-check NodePorts, topology hints, IPv6, the masquerade rule for off-cluster sources
+//! `firewall-check` exist but stay empty), the health-check NodePorts of
+//! externalTrafficPolicy Local (kube-proxy's Go server, not its rules), topology hints, IPv6, the masquerade rule for off-cluster sources
 //! to ClusterIPs (kube-proxy writes it only when it knows the pod CIDR: it has no local-traffic
 //! detector here, like the iptables baseline), the "drop unallocated ClusterIPs" rule (needs
 //! the service CIDRs), stale-chain bookkeeping and conntrack cleanup (the caller's job).
@@ -323,13 +324,9 @@ fn base32_of_40_bits(bytes: &[u8]) -> String {
 }
 
 /// The endpoints the Cluster policy uses on `node` (none: empty), whatever the Service's
-/// internalTrafficPolicy: NodePort traffic is externalTrafficPolicy's, Cluster in the model.
+/// policies.
 fn cluster_endpoints(svc: &Service, node: u8) -> Vec<Endpoint> {
-    let as_cluster = Service {
-        internal_local: false,
-        ..svc.clone()
-    };
-    match as_cluster.usable(node) {
+    match svc.usable_by(node, false) {
         Usable::Endpoints(eps) => eps,
         Usable::NoneAnywhere | Usable::NoneHere => Vec::new(),
     }
@@ -394,8 +391,18 @@ fn outside_dispatch(
         return;
     }
     let cluster = cluster_endpoints(svc, node);
-    if cluster.is_empty() {
-        let verdict = "goto reject-chain";
+    let local = match svc.usable_by(node, true) {
+        Usable::Endpoints(eps) if svc.external_local => Some(eps),
+        _ if svc.external_local => Some(Vec::new()),
+        _ => None,
+    };
+    // None anywhere: rejected; the Local policy with none here: dropped.
+    let verdict = match &local {
+        _ if cluster.is_empty() => Some("goto reject-chain"),
+        Some(eps) if eps.is_empty() => Some("drop"),
+        _ => None,
+    };
+    if let Some(verdict) = verdict {
         if let Some(key) = &node_port {
             no_endpoints(script, "no-endpoint-nodeports", key, names, verdict);
         }
@@ -404,16 +411,20 @@ fn outside_dispatch(
         }
         return;
     }
-    let external = external_chain(script, names);
+    let external = external_chain(script, names, local.is_some());
     if let Some(key) = &node_port {
         script.element("service-nodeports", &format!("{key} : goto {external}"));
     }
     for key in &ips {
         script.element("service-ips", &format!("{key} : goto {external}"));
     }
-    let cluster_chain = names.cluster_chain();
-    if !policies.iter().any(|(chain, _)| *chain == cluster_chain) {
-        policies.push((cluster_chain, cluster));
+    for (chain, eps) in [(names.cluster_chain(), cluster)]
+        .into_iter()
+        .chain(local.map(|eps| (names.local_chain(), eps)))
+    {
+        if !policies.iter().any(|(c, _)| *c == chain) {
+            policies.push((chain, eps));
+        }
     }
 }
 
@@ -423,13 +434,23 @@ fn no_endpoints(script: &mut Script, map: &str, key: &str, names: &PortNames, ve
     script.element(map, &format!("{key} comment \"{comment}\" : {verdict}"));
 }
 
-/// The chain of traffic from outside (externalTrafficPolicy Cluster): masqueraded, as it may
-/// cross nodes, then the Cluster policy's endpoints. Returns its name.
-fn external_chain(script: &mut Script, names: &PortNames) -> String {
+/// The chain of traffic from outside. externalTrafficPolicy Cluster: masqueraded, as it may
+/// cross nodes, then the Cluster policy's endpoints. Local (`local`): the node's own traffic
+/// as Cluster (kube-proxy's "short-circuit local traffic"), the rest to this node's endpoints
+/// with its source kept. (kube-proxy also short-circuits pods' traffic when it knows the pod
+/// CIDR; the lab's baseline has no such detector, as in the iptables one.) Returns its name.
+fn external_chain(script: &mut Script, names: &PortNames, local: bool) -> String {
     let external = names.external_chain();
+    let cluster = names.cluster_chain();
     script.chain(&external);
-    script.rule(&external, "jump mark-for-masquerade");
-    script.rule(&external, &format!("goto {}", names.cluster_chain()));
+    if local {
+        script.rule(&external, "fib saddr type local jump mark-for-masquerade");
+        script.rule(&external, &format!("fib saddr type local goto {cluster}"));
+        script.rule(&external, &format!("goto {}", names.local_chain()));
+    } else {
+        script.rule(&external, "jump mark-for-masquerade");
+        script.rule(&external, &format!("goto {cluster}"));
+    }
     external
 }
 
@@ -529,6 +550,8 @@ mod tests {
             affinity_secs: None,
             external_ips: Vec::new(),
             lb_ips: Vec::new(),
+            external_local: false,
+            health_check_node_port: None,
         }
     }
 
@@ -810,6 +833,54 @@ mod tests {
         assert!(
             !script.contains("10.244.2.2"),
             "an endpoint on another node is used:\n{script}"
+        );
+    }
+
+    /// externalTrafficPolicy Local: the NodePort's external chain sends the node's own traffic
+    /// to the Cluster chain (masqueraded) and the rest to this node's endpoints unmasqueraded;
+    /// with none here the NodePort is dropped, as kube-proxy writes it.
+    #[test]
+    fn test_the_external_local_policy_keeps_the_client_and_this_nodes_endpoints() {
+        let mut np = port("", Proto::Tcp, 80, 8080);
+        np.node_port = Some(30090);
+        let mut svc = service(
+            "lab/etp",
+            30,
+            vec![np],
+            vec![Endpoint::ready(pod(1, 2), 1), Endpoint::ready(pod(2, 2), 2)],
+        );
+        svc.external_local = true;
+        let script = kube_proxy_nft_rules(std::slice::from_ref(&svc), NODE);
+        let n = names(&svc, 0);
+        let (external, local, cluster) = (n.external_chain(), n.local_chain(), n.cluster_chain());
+        has(
+            &script,
+            &format!(
+                "add element ip kube-proxy service-nodeports {{ tcp . 30090 : goto {external} }}"
+            ),
+        );
+        for rule in [
+            "fib saddr type local jump mark-for-masquerade".to_string(),
+            format!("fib saddr type local goto {cluster}"),
+            format!("goto {local}"),
+        ] {
+            has(
+                &script,
+                &format!("add rule ip kube-proxy {external} {rule}"),
+            );
+        }
+        let e = endpoint_base(&svc, 0, pod(1, 2));
+        has(&script, &format!("add rule ip kube-proxy {local} numgen random mod 1 vmap {{ 0 : goto endpoint-{e} }}"));
+        // Pods still reach both endpoints through the ClusterIP.
+        let both = format!("add rule ip kube-proxy {cluster} numgen random mod 2 vmap");
+        assert!(script.lines().any(|l| l.starts_with(&both)), "{script}");
+        let mut elsewhere = svc.clone();
+        elsewhere.endpoints = vec![Endpoint::ready(pod(2, 2), 2)];
+        let script = kube_proxy_nft_rules(std::slice::from_ref(&elsewhere), NODE);
+        has(&script, &format!("add element ip kube-proxy no-endpoint-nodeports {{ tcp . 30090 comment \"{}\" : drop }}", n.display));
+        assert!(
+            !script.contains("add element ip kube-proxy service-nodeports"),
+            "{script}"
         );
     }
 

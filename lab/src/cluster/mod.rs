@@ -16,6 +16,7 @@ pub mod bench;
 mod checks;
 mod ctl_check;
 mod etcd_lab;
+mod external_policy;
 mod fairness;
 mod icmp_forge;
 mod kube_lab;

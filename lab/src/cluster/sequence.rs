@@ -157,6 +157,8 @@ fn services_checks(
         node: underlay_ip(1),
         cluster_addr: Ipv4Addr::new(10, 244, 1, 0),
         outside: "x",
+        outside_ip: super::ROGUE_IP,
+        clients_kept: opts.ip_masq,
     });
     let (c, f) = services_lab::checks(r, hairpin, &services_source(res, opts), node_ports)?;
     daemons_alive(res)?;

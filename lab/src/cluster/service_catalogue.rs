@@ -87,6 +87,11 @@ pub struct Service {
     /// A LoadBalancer's ingress IPs (`status.loadBalancer.ingress`, ipMode VIP); with any,
     /// the Service is of type LoadBalancer.
     pub lb_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `healthCheckNodePort` (kube-apiserver gives one to a LoadBalancer with the Local
+    /// policy): with it, the Service is of type LoadBalancer.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Service {
@@ -117,6 +122,8 @@ impl Service {
             affinity_secs: None,
             external_ips: Vec::new(),
             lb_ips: Vec::new(),
+            external_local: false,
+            health_check_node_port: None,
         }
     }
 
@@ -149,7 +156,7 @@ impl Service {
             })
             .collect();
         let node_port = self.ports.iter().any(|p| p.node_port.is_some());
-        let kind = if !self.lb_ips.is_empty() {
+        let kind = if !self.lb_ips.is_empty() || self.health_check_node_port.is_some() {
             "LoadBalancer"
         } else if node_port {
             "NodePort"
@@ -169,9 +176,19 @@ impl Service {
         if !self.external_ips.is_empty() {
             spec["externalIPs"] = json!(self.external_ips);
         }
-        if !self.lb_ips.is_empty() {
+        if kind == "LoadBalancer" {
             // Without NodePorts, as `allocateLoadBalancerNodePorts: false` makes it.
             spec["allocateLoadBalancerNodePorts"] = json!(node_port);
+        }
+        if kind != "ClusterIP" || !self.external_ips.is_empty() {
+            spec["externalTrafficPolicy"] = json!(if self.external_local {
+                "Local"
+            } else {
+                "Cluster"
+            });
+        }
+        if let Some(port) = self.health_check_node_port {
+            spec["healthCheckNodePort"] = json!(port);
         }
         let slice_ports: Vec<Value> = self
             .ports
@@ -237,7 +254,13 @@ pub enum Usable {
 }
 
 impl Service {
+    /// The endpoints of traffic from pods (`internalTrafficPolicy`).
     pub fn usable(&self, node: u8) -> Usable {
+        self.usable_by(node, self.internal_local)
+    }
+
+    /// The endpoints of traffic under a policy that is Local (`local`) or Cluster.
+    pub fn usable_by(&self, node: u8, local: bool) -> Usable {
         let choose = |on_node: bool| -> Vec<Endpoint> {
             let here = |e: &&Endpoint| !on_node || e.node == node;
             let ready: Vec<Endpoint> = self
@@ -261,7 +284,7 @@ impl Service {
         if anywhere.is_empty() {
             return Usable::NoneAnywhere;
         }
-        if !self.internal_local {
+        if !local {
             return Usable::Endpoints(anywhere);
         }
         match choose(true) {

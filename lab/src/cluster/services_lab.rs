@@ -55,6 +55,15 @@ pub(super) const GUARD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 26);
 /// Also served on an external IP and a load balancer IP (backends on nodes 2 and 3).
 pub(super) const OUTSIDE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 27);
 pub(super) const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// externalTrafficPolicy Local, a LoadBalancer with endpoints on nodes 1 and 2: its NodePort
+/// and health check port.
+pub(super) const ETP_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 28);
+pub(super) const ETP_LOCAL_NODE_PORT: u16 = 30090;
+pub(super) const ETP_LOCAL_HEALTH_PORT: u16 = 30091;
+/// externalTrafficPolicy Local with endpoints on nodes 2 and 3 only.
+pub(super) const ETP_ELSEWHERE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 29);
+pub(super) const ETP_ELSEWHERE_NODE_PORT: u16 = 30092;
+pub(super) const ETP_ELSEWHERE_HEALTH_PORT: u16 = 30093;
 pub(super) const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub(super) const BACKEND_PORT: u16 = 8080;
 pub const WEB_NODE_PORT: u16 = 30080;
@@ -156,6 +165,26 @@ pub(super) fn catalogue() -> Vec<Service> {
             external_ips: vec![EXTERNAL_IP],
             lb_ips: vec![LB_IP],
             ..tcp("default/outside", OUTSIDE_VIP, &[pod(2), pod(3)])
+        },
+        Service {
+            external_local: true,
+            health_check_node_port: Some(ETP_LOCAL_HEALTH_PORT),
+            ..with_node_port(
+                tcp("default/etp-local", ETP_LOCAL_VIP, &[pod(1), pod(2)]),
+                ETP_LOCAL_NODE_PORT,
+            )
+        },
+        Service {
+            external_local: true,
+            health_check_node_port: Some(ETP_ELSEWHERE_HEALTH_PORT),
+            ..with_node_port(
+                tcp(
+                    "default/etp-elsewhere",
+                    ETP_ELSEWHERE_VIP,
+                    &[pod(2), pod(3)],
+                ),
+                ETP_ELSEWHERE_NODE_PORT,
+            )
         },
     ]
 }
@@ -526,6 +555,11 @@ pub struct NodePorts {
     pub cluster_addr: Ipv4Addr,
     /// The outside host's netns name suffix (`x`).
     pub outside: &'static str,
+    /// The outside host's address.
+    pub outside_ip: Ipv4Addr,
+    /// Node 1 steers its pods' answers to outside into podwire (`--ip-masq`), so
+    /// externalTrafficPolicy Local keeps the client's address (else the hairpin address).
+    pub clients_kept: bool,
 }
 
 /// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as;
@@ -835,6 +869,7 @@ fn node_port_checks(r: &Names, hairpin_ip: Ipv4Addr, np: NodePorts) -> Vec<Check
             detail: format!("{e:#}"),
         },
     });
+    checks.extend(super::external_policy::checks(r, hairpin_ip, np));
     checks
 }
 
