@@ -1065,6 +1065,18 @@ fn services_through_podwire_behave_as_kube_proxy_iptables_and_nftables() {
     assert_all_checks_pass(&pw, &pw_text);
     assert_all_checks_pass(&kp, &kp_text);
     assert_all_checks_pass(&nft, &nft_text);
+    // NodePorts from outside on the nftables baseline, externalTrafficPolicy Local among them
+    // (its health check server is kube-proxy's process, not its rules: podwire's labs only).
+    for name in [
+        "60 TCP connections from outside to node 1's NodePort",
+        "a NodePort (30081) whose backend is on node 1 itself",
+        "UDP from outside to NodePort",
+    ]
+    .iter()
+    .chain(&ETP_LOCAL_CHECKS[..2])
+    {
+        assert_eq!(check(&nft, name)["ok"], true, "{name}: {nft_text}");
+    }
     for (report, text) in [(&pw, &pw_text), (&kp, &kp_text), (&nft, &nft_text)] {
         for name in BEHAVIOUR_CHECKS.iter().chain(&SERVICE_CHECKS[..5]) {
             assert_eq!(check(report, name)["ok"], true, "{name}: {text}");

@@ -152,13 +152,19 @@ fn services_checks(
         let cidr = podwire_dataplane::nat::DEFAULT_SERVICE_CIDR.parse()?;
         podwire_dataplane::nat::hairpin_ip_for(cidr)
     };
-    // With --io xdp, node 1's podwire owns its address: its NodePorts, from outside.
-    let node_ports = (opts.io_xdp && !opts.is_kernel_node(1)).then_some(services_lab::NodePorts {
+    // With --io xdp, node 1's podwire owns its address: its NodePorts, from outside. The
+    // nftables baseline serves them too (the iptables one renders no NodePorts).
+    let nft_baseline = opts.is_kernel_node(1) && opts.kube_proxy == super::KubeProxyMode::Nftables;
+    let podwire_owns = opts.io_xdp && !opts.is_kernel_node(1);
+    let node_ports = (podwire_owns || nft_baseline).then_some(services_lab::NodePorts {
         node: underlay_ip(1),
         cluster_addr: Ipv4Addr::new(10, 244, 1, 0),
         outside: "x",
         outside_ip: super::ROGUE_IP,
-        clients_kept: opts.ip_masq,
+        // The kernel's conntrack sees the pods' answers wherever they go.
+        clients_kept: opts.ip_masq || nft_baseline,
+        // kube-proxy's health check server is its Go process, which the baseline has not.
+        health_server: podwire_owns,
     });
     let (c, f) = services_lab::checks(r, hairpin, &services_source(res, opts), node_ports)?;
     daemons_alive(res)?;

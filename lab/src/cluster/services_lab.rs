@@ -560,6 +560,9 @@ pub struct NodePorts {
     /// Node 1 steers its pods' answers to outside into podwire (`--ip-masq`), so
     /// externalTrafficPolicy Local keeps the client's address (else the hairpin address).
     pub clients_kept: bool,
+    /// Node 1 answers the health check node ports (podwire; kube-proxy's Go server is not
+    /// part of the kernel baseline).
+    pub health_server: bool,
 }
 
 /// Runs the checks; `hairpin_ip` is what a pod calling itself through a service is seen as;
