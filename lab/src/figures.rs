@@ -184,8 +184,9 @@ fn figure(run: &Value, key: &str) -> Option<String> {
     }
 }
 
-/// Keys of a services run file: `table` (connect time and update latency per side and size),
-/// `SIDE/SIZE/FIELD` (`connect_p50_us`, `connect_p99_us`, `update_p50_ms`, `update_p99_ms`).
+/// Keys of a services run file: `table` (connect time, update latency and, where measured,
+/// established throughput per side and size), `SIDE/SIZE/FIELD` (`connect_p50_us`,
+/// `connect_p99_us`, `update_p50_ms`, `update_p99_ms`, `stream_mbit_s`).
 fn services_figure(run: &Value, key: &str) -> Option<String> {
     if key == "table" {
         return Some(markdown(&services_table(run)?));
@@ -197,19 +198,32 @@ fn services_figure(run: &Value, key: &str) -> Option<String> {
         .as_array()?
         .iter()
         .find(|r| r["side"] == side && r["services"].as_u64() == Some(size))?;
-    let unit = if field.ends_with("_us") { "µs" } else { "ms" };
+    let unit = match field {
+        f if f.ends_with("_us") => "µs",
+        f if f.ends_with("_mbit_s") => "Mbit/s",
+        _ => "ms",
+    };
     Some(format!("{} {unit}", number(r[field].as_f64()?)))
 }
 
 fn services_table(run: &Value) -> Option<Table> {
-    let mut rows = vec![vec![
+    // Runs before 2026-12-07 measured no stream.
+    let streams = run["results"]
+        .as_array()?
+        .iter()
+        .any(|r| r.get("stream_mbit_s").is_some());
+    let mut header = vec![
         cell("side"),
         cell("services"),
         cell("connect p50"),
         cell("connect p99"),
         cell("update p50"),
         cell("update p99"),
-    ]];
+    ];
+    if streams {
+        header.push(cell("stream"));
+    }
+    let mut rows = vec![header];
     for r in run["results"].as_array()? {
         let f = |k: &str, unit: &str| {
             cell(format!(
@@ -225,6 +239,9 @@ fn services_table(run: &Value) -> Option<Table> {
             f("update_p50_ms", "ms"),
             f("update_p99_ms", "ms"),
         ]);
+        if streams {
+            rows.last_mut()?.push(f("stream_mbit_s", "Mbit/s"));
+        }
     }
     Some(rows)
 }

@@ -31,9 +31,10 @@ enum Cmd {
     /// write, UDP send, ...) and their top userspace symbols; writes a run file. Needs root and
     /// Debian's linux-perf.
     Profile(ProfileArgs),
-    /// ClusterIP cost as services grow: connect time (p50, p99) and update latency (an
-    /// endpoint replaced to the first connection it answers) at each size, for podwire and
-    /// kube-proxy's iptables and nftables modes, in one run; writes a run file. Needs root.
+    /// ClusterIP cost as services grow: connect time (p50, p99), update latency (an endpoint
+    /// replaced to the first connection it answers) and one established TCP stream's
+    /// throughput at each size, for podwire and kube-proxy's iptables and nftables modes, in
+    /// one run; writes a run file. Needs root.
     ServicesBench(ServicesBenchArgs),
     /// Render the figures of README.md and docs/ from the committed run files they name
     /// (`<!-- fig docs/bench/FILE#KEY -->...<!-- /fig -->`), or check that they match.

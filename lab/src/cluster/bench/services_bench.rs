@@ -10,7 +10,10 @@
 //! - update latency: one service's single endpoint replaced by a new one, from the start of the
 //!   update (the new services file or ruleset rendered: the file about to be written,
 //!   `iptables-restore` or `nft -f` about to start) to the first new connection the new
-//!   endpoint answers, `--updates` times.
+//!   endpoint answers, `--updates` times;
+//! - established throughput: one TCP stream through a ClusterIP (`bench/stream`, one endpoint
+//!   on node 2's pod), [`STREAM_BYTES`] from connect to the last byte counted by the receiver,
+//!   [`STREAM_SAMPLES`] times; a transfer that loses a byte fails the run.
 //!
 //! kube-proxy is run as its full sync writes its rules: the whole iptables ruleset, or the whole
 //! `ip kube-proxy` table. kube-proxy's nftables mode syncs only what changed after its first
@@ -101,6 +104,14 @@ pub const SIDES: [SideName; 3] = [SideName::Podwire, SideName::Iptables, SideNam
 
 /// The service whose endpoint the update latency replaces.
 const UPDATED_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The service the established throughput goes through, and its (and its endpoint's) port.
+const STREAM_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const STREAM_PORT: u16 = 5301;
+/// Bytes per throughput sample, and samples per size.
+pub const STREAM_BYTES: u64 = 300_000_000;
+pub const STREAM_SAMPLES: usize = 3;
+/// The bench's own services beside the lab's and the fillers: the updated one, the stream's.
+const OWN_SERVICES: usize = 2;
 
 /// The ClusterIP of filler `i` (10.100.0.0 onwards, inside the lab's 10.96.0.0/12).
 fn filler_vip(i: usize) -> Ipv4Addr {
@@ -117,6 +128,14 @@ fn services(size: usize, updated: Ipv4Addr) -> Vec<Service> {
         80,
         BACKEND_PORT,
         &[(updated, updated.octets()[2])],
+    ));
+    all.push(Service::simple(
+        "bench/stream",
+        STREAM_VIP,
+        Proto::Tcp,
+        STREAM_PORT,
+        STREAM_PORT,
+        &[(pod(2), 2)],
     ));
     let fillers = size.saturating_sub(all.len());
     all.extend((0..fillers).map(|i| {
@@ -138,6 +157,7 @@ struct Samples {
     size: usize,
     connect_us: Vec<f64>,
     update_ms: Vec<f64>,
+    stream_mbit_s: Vec<f64>,
 }
 
 pub fn run(opts: ServicesBenchOptions) -> Result<()> {
@@ -196,10 +216,14 @@ fn measure_side(
         // size's services (written in the same file or ruleset) are all in place.
         now_on = other(now_on);
         applied.set(services(size, now_on))?;
-        let fillers = size.saturating_sub(catalogue().len() + 1);
+        let fillers = size.saturating_sub(catalogue().len() + OWN_SERVICES);
         wait_served(names, UPDATED_VIP, now_on)
             .with_context(|| format!("{size} services applied"))?;
         let connect_us = connects(names, fillers, opts.connections)?;
+        let stream_mbit_s = (0..STREAM_SAMPLES)
+            .map(|_| stream(names))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("a stream through a ClusterIP among {size} services"))?;
         let mut update_ms = Vec::new();
         for _ in 0..opts.updates {
             let next = other(now_on);
@@ -209,18 +233,20 @@ fn measure_side(
             now_on = next;
         }
         eprintln!(
-            "services-bench: {:<20} {size:>6} services  connect p50 {:>7.0} us p99 {:>7.0} us  update p50 {:>7.1} ms p99 {:>7.1} ms",
+            "services-bench: {:<20} {size:>6} services  connect p50 {:>7.0} us p99 {:>7.0} us  update p50 {:>7.1} ms p99 {:>7.1} ms  stream {:>6.0} Mbit/s",
             side.name(),
             percentile(&connect_us, 0.5),
             percentile(&connect_us, 0.99),
             percentile(&update_ms, 0.5),
             percentile(&update_ms, 0.99),
+            percentile(&stream_mbit_s, 0.5),
         );
         out.push(Samples {
             side,
             size,
             connect_us,
             update_ms,
+            stream_mbit_s,
         });
     }
     Ok(out)
@@ -279,6 +305,30 @@ fn connects(names: &super::super::Names, fillers: usize, n: usize) -> Result<Vec
     })
 }
 
+/// One TCP stream of [`STREAM_BYTES`] from node 1's pod to the stream service's ClusterIP,
+/// received whole by node 2's pod: Mbit/s from connect to the last byte received.
+fn stream(names: &super::super::Names) -> Result<f64> {
+    let timeout = Duration::from_secs(60);
+    let listener = netns::run_in(&names.ns("p2"), move || {
+        Ok(std::net::TcpListener::bind((pod(2), STREAM_PORT))?)
+    })?;
+    let sink = netns::spawn_in(&names.ns("p2"), move || {
+        super::super::traffic::tcp_discard(listener, timeout)
+    });
+    let t0 = Instant::now();
+    let to = SocketAddrV4::new(STREAM_VIP, STREAM_PORT);
+    let sent = netns::run_in(&names.ns("p1"), move || {
+        super::super::traffic::tcp_blast(to, STREAM_BYTES, timeout)
+    });
+    let received = netns::join(sink)?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    sent?;
+    if received != STREAM_BYTES {
+        bail!("{received} of {STREAM_BYTES} bytes arrived through {to}");
+    }
+    Ok(received as f64 * 8.0 / elapsed / 1e6)
+}
+
 /// The value below which `q` of the samples fall (nearest rank).
 fn percentile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -305,6 +355,8 @@ fn run_file(
     doc["seconds"] = json!(took.as_secs());
     doc["connections_per_size"] = json!(opts.connections);
     doc["updates_per_size"] = json!(opts.updates);
+    doc["stream_bytes"] = json!(STREAM_BYTES);
+    doc["streams_per_size"] = json!(STREAM_SAMPLES);
     doc["results"] = results
         .iter()
         .map(|s| {
@@ -315,8 +367,10 @@ fn run_file(
                 "connect_p99_us": round1(percentile(&s.connect_us, 0.99)),
                 "update_p50_ms": round1(percentile(&s.update_ms, 0.5)),
                 "update_p99_ms": round1(percentile(&s.update_ms, 0.99)),
+                "stream_mbit_s": round1(percentile(&s.stream_mbit_s, 0.5)),
                 "connect_us": s.connect_us.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
                 "update_ms": s.update_ms.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
+                "stream_mbit_s_samples": s.stream_mbit_s.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -341,6 +395,6 @@ mod tests {
         assert_eq!(services(1000, pod(3)).len(), 1000);
         assert_eq!(filler_vip(9999), Ipv4Addr::new(10, 100, 39, 15));
         // Below the lab's own services, nothing is left out.
-        assert_eq!(services(5, pod(3)).len(), catalogue().len() + 1);
+        assert_eq!(services(5, pod(3)).len(), catalogue().len() + OWN_SERVICES);
     }
 }
