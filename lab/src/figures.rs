@@ -186,7 +186,8 @@ fn figure(run: &Value, key: &str) -> Option<String> {
 
 /// Keys of a services run file: `table` (connect time, update latency and, where measured,
 /// established throughput per side and size), `SIDE/SIZE/FIELD` (`connect_p50_us`,
-/// `connect_p99_us`, `update_p50_ms`, `update_p99_ms`, `stream_mbit_s`).
+/// `connect_p99_us`, `update_p50_ms`, `update_p99_ms`, `direct_connect_p50_us`,
+/// `direct_connect_p99_us`, `stream_mbit_s`).
 fn services_figure(run: &Value, key: &str) -> Option<String> {
     if key == "table" {
         return Some(markdown(&services_table(run)?));
@@ -221,6 +222,8 @@ fn services_table(run: &Value) -> Option<Table> {
         cell("update p99"),
     ];
     if streams {
+        header.push(cell("direct connect p50"));
+        header.push(cell("direct connect p99"));
         header.push(cell("stream"));
     }
     let mut rows = vec![header];
@@ -240,7 +243,10 @@ fn services_table(run: &Value) -> Option<Table> {
             f("update_p99_ms", "ms"),
         ]);
         if streams {
-            rows.last_mut()?.push(f("stream_mbit_s", "Mbit/s"));
+            let row = rows.last_mut()?;
+            row.push(f("direct_connect_p50_us", "µs"));
+            row.push(f("direct_connect_p99_us", "µs"));
+            row.push(f("stream_mbit_s", "Mbit/s"));
         }
     }
     Some(rows)

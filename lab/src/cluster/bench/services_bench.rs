@@ -6,7 +6,9 @@
 //! plus fillers up to N (`bench/svc-i`, two endpoints each, on pods of nodes 2 and 3). Measured
 //! from node 1's pod:
 //! - connect time: `connect()` to the ClusterIP of a filler drawn at random, to its return (the
-//!   SYN's translation and the handshake through the tunnel), `--connections` times;
+//!   SYN's translation and the handshake through the tunnel), `--connections` times; and as
+//!   its reference, `connect()` to the fillers' endpoints themselves (pods 2 and 3 in turn, no
+//!   service), which pays the tunnel's round trip without the translation;
 //! - update latency: one service's single endpoint replaced by a new one, from the start of the
 //!   update (the new services file or ruleset rendered: the file about to be written,
 //!   `iptables-restore` or `nft -f` about to start) to the first new connection the new
@@ -156,6 +158,8 @@ struct Samples {
     side: Side,
     size: usize,
     connect_us: Vec<f64>,
+    /// The same connections' round trip to the endpoints directly, no service.
+    direct_us: Vec<f64>,
     update_ms: Vec<f64>,
     stream_mbit_s: Vec<f64>,
 }
@@ -220,6 +224,7 @@ fn measure_side(
         wait_served(names, UPDATED_VIP, now_on)
             .with_context(|| format!("{size} services applied"))?;
         let connect_us = connects(names, fillers, opts.connections)?;
+        let direct_us = direct_connects(names, opts.connections)?;
         let stream_mbit_s = (0..STREAM_SAMPLES)
             .map(|_| stream(names))
             .collect::<Result<Vec<_>>>()
@@ -233,10 +238,12 @@ fn measure_side(
             now_on = next;
         }
         eprintln!(
-            "services-bench: {:<20} {size:>6} services  connect p50 {:>7.0} us p99 {:>7.0} us  update p50 {:>7.1} ms p99 {:>7.1} ms  stream {:>6.0} Mbit/s",
+            "services-bench: {:<20} {size:>6} services  connect p50 {:>7.0} us p99 {:>7.0} us (direct {:>5.0} / {:>5.0})  update p50 {:>7.1} ms p99 {:>7.1} ms  stream {:>6.0} Mbit/s",
             side.name(),
             percentile(&connect_us, 0.5),
             percentile(&connect_us, 0.99),
+            percentile(&direct_us, 0.5),
+            percentile(&direct_us, 0.99),
             percentile(&update_ms, 0.5),
             percentile(&update_ms, 0.99),
             percentile(&stream_mbit_s, 0.5),
@@ -245,6 +252,7 @@ fn measure_side(
             side,
             size,
             connect_us,
+            direct_us,
             update_ms,
             stream_mbit_s,
         });
@@ -329,6 +337,23 @@ fn stream(names: &super::super::Names) -> Result<f64> {
     Ok(received as f64 * 8.0 / elapsed / 1e6)
 }
 
+/// `n` connect times (µs) straight to the fillers' endpoints, pods 2 and 3 in turn.
+fn direct_connects(names: &super::super::Names, n: usize) -> Result<Vec<f64>> {
+    netns::run_in(&names.ns("p1"), move || {
+        (0..n)
+            .map(|i| {
+                let to = SocketAddrV4::new(pod(2 + (i % 2) as u8), BACKEND_PORT);
+                let t = Instant::now();
+                let s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))
+                    .with_context(|| format!("connecting to {to}"))?;
+                let took = t.elapsed().as_secs_f64() * 1e6;
+                drop(s);
+                Ok(took)
+            })
+            .collect()
+    })
+}
+
 /// The value below which `q` of the samples fall (nearest rank).
 fn percentile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -365,10 +390,13 @@ fn run_file(
                 "services": s.size,
                 "connect_p50_us": round1(percentile(&s.connect_us, 0.5)),
                 "connect_p99_us": round1(percentile(&s.connect_us, 0.99)),
+                "direct_connect_p50_us": round1(percentile(&s.direct_us, 0.5)),
+                "direct_connect_p99_us": round1(percentile(&s.direct_us, 0.99)),
                 "update_p50_ms": round1(percentile(&s.update_ms, 0.5)),
                 "update_p99_ms": round1(percentile(&s.update_ms, 0.99)),
                 "stream_mbit_s": round1(percentile(&s.stream_mbit_s, 0.5)),
                 "connect_us": s.connect_us.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
+                "direct_connect_us": s.direct_us.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
                 "update_ms": s.update_ms.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
                 "stream_mbit_s_samples": s.stream_mbit_s.iter().map(|&v| round1(v)).collect::<Vec<_>>(),
             })
