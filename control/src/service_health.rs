@@ -36,7 +36,8 @@ impl ServiceHealth {
         std::thread::Builder::new()
             .name("podwire-svc-health".into())
             .spawn(move || {
-                // It binds ports of the NodePort range, which needs no capability.
+                // It binds ports of the NodePort range, which needs no capability (a range
+                // configured below 1024 makes those binds fail: logged, retried).
                 if let Err(e) = crate::privs::drop_all() {
                     tracing::warn!(error = %e, "the service health server keeps its capabilities");
                 }
@@ -60,7 +61,11 @@ impl ServiceHealth {
     }
 }
 
-/// Opens and closes the ports as the checks change, until the sender is dropped.
+/// How long a port that could not be bound waits for its next try.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens and closes the ports as the checks change, until the sender is dropped; a port that
+/// cannot be bound (another process holds it) is tried again every [`BIND_RETRY`].
 async fn follow(
     address: Ipv4Addr,
     mut rx: watch::Receiver<Vec<HealthCheck>>,
@@ -69,6 +74,7 @@ async fn follow(
 ) {
     let mut open: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
     loop {
+        let mut unbound = false;
         let wanted: Vec<u16> = rx.borrow_and_update().iter().map(|c| c.port).collect();
         open.retain(|port, task| {
             let keep = wanted.contains(port);
@@ -91,12 +97,21 @@ async fn follow(
                     };
                     open.insert(port, tokio::spawn(accept_loop(listener, served, limits)));
                 }
-                // Tried again at the next change of the checks.
-                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve a health check port"),
+                Err(e) => {
+                    unbound = true;
+                    tracing::warn!(%addr, error = %e, "cannot serve a health check port; retrying")
+                }
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        let retry = async {
+            match unbound {
+                true => tokio::time::sleep(BIND_RETRY).await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            () = retry => {}
         }
     }
 }
@@ -256,5 +271,32 @@ mod tests {
             unready.contains("\"serviceProxyHealthy\": false"),
             "{unready}"
         );
+    }
+
+    /// A port another process holds is served once it lets go.
+    #[test]
+    fn test_a_port_held_elsewhere_is_bound_when_freed() {
+        let health = Arc::new(Health::default());
+        let server = ServiceHealth::start(Ipv4Addr::LOCALHOST, health).unwrap();
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        server.update(&[HealthCheck {
+            port,
+            service: "shop/cart".into(),
+            local_endpoints: 1,
+        }]);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(holder);
+        let deadline = Instant::now() + BIND_RETRY * 2;
+        let answer = loop {
+            match get(port) {
+                Ok(text) => break text,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("port {port} never served: {e}"),
+            }
+        };
+        assert!(answer.contains("\"localEndpoints\": 1"), "{answer}");
     }
 }

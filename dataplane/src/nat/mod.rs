@@ -11,7 +11,9 @@
 //! the connection is also SNATed to an address that routes back into podwire: `hairpin_ip`, an
 //! address of the service CIDR (whose route points at podwire's device). kube-proxy only
 //! masquerades the pod-calls-itself case because netfilter sees every reply anyway; podwire
-//! sees only what is routed to it, so it SNATs every connection to a local backend.
+//! sees only what is routed to it, so it SNATs every connection to a local backend, but one:
+//! an outside client under `externalTrafficPolicy: Local` where policy routing steers the
+//! pods' answers to outside into podwire ([`External::clients_kept`]).
 
 pub mod maglev;
 pub mod rewrite;
@@ -345,6 +347,8 @@ pub enum ServiceError {
     AffinityTimeout { name: String, secs: u32 },
     #[error("services {a} and {b} both claim NodePort {port}")]
     DuplicateNodePort { a: String, b: String, port: u16 },
+    #[error("service {b}: health check port {port} is taken by {a}")]
+    HealthCheckPortTaken { a: String, b: String, port: u16 },
     #[error("service {name}: NodePort 0")]
     NodePortZero { name: String },
     #[error("service {name}: port 0")]
@@ -494,8 +498,8 @@ pub struct HealthCheck {
     pub port: u16,
     /// The Service's `namespace/name` (its ports' records share it).
     pub service: String,
-    /// The endpoints on this node that its outside traffic may get (ready, else serving and
-    /// terminating), over all its ports (the most of any port).
+    /// Its ready endpoints on this node, distinct addresses over all its ports (kube-proxy's
+    /// count: terminating ones are left out even while they serve).
     pub local_endpoints: usize,
 }
 
@@ -680,49 +684,54 @@ impl Services {
     }
 
     /// The health checks of the admitted services, one per port: a Service's ports share
-    /// theirs; a port a TCP NodePort or an earlier Service (by name) has is refused.
+    /// theirs; a port a TCP NodePort or an earlier Service (by name) has is refused, once per
+    /// Service. The count is kube-proxy's: distinct ready endpoint addresses on this node, over
+    /// all the Service's ports. Terminating ones do not count even when they serve, so that a
+    /// node whose pods are all going away fails its check and the load balancer drains it.
     fn collect_health_checks(&self, report: &mut Report) -> Vec<HealthCheck> {
-        let mut by_port = std::collections::BTreeMap::<u16, HealthCheck>::new();
+        use std::collections::{BTreeMap, BTreeSet};
+        let here = |ip: &Ipv4Addr| self.local_subnet.is_some_and(|net| net.contains(*ip));
+        let mut by_port = BTreeMap::<u16, (&str, BTreeSet<Ipv4Addr>)>::new();
+        let mut refused = BTreeSet::<(&str, u16)>::new();
         for svc in &self.services {
             let Some(port) = svc.spec.health_check_node_port else {
                 continue;
             };
             let service = service_of_port(&svc.spec.name);
-            let local_endpoints = svc.local.as_ref().map_or(0, |p| p.endpoints.len());
+            let ready_here = svc.spec.endpoints.iter().map(|ep| *ep.ip()).filter(here);
             let taken = match (
                 self.by_node_port.get(&node_port_key(PROTO_TCP, port)),
                 by_port.get_mut(&port),
             ) {
                 (Some(&other), _) => Some(self.services[other as usize].spec.name.clone()),
-                (None, Some(hc)) if hc.service == service => {
-                    hc.local_endpoints = hc.local_endpoints.max(local_endpoints);
+                (None, Some((owner, ips))) if *owner == service => {
+                    ips.extend(ready_here);
                     None
                 }
-                (None, Some(hc)) => Some(hc.service.clone()),
+                (None, Some((owner, _))) => Some(owner.to_string()),
                 (None, None) => {
-                    let service = service.to_string();
-                    by_port.insert(
-                        port,
-                        HealthCheck {
-                            port,
-                            service,
-                            local_endpoints,
-                        },
-                    );
+                    by_port.insert(port, (service, ready_here.collect()));
                     None
                 }
             };
-            if let Some(a) = taken {
+            if let Some(a) = taken.filter(|_| refused.insert((service, port))) {
                 report
                     .node_ports_refused
-                    .push(ServiceError::DuplicateNodePort {
+                    .push(ServiceError::HealthCheckPortTaken {
                         a,
-                        b: svc.spec.name.clone(),
+                        b: service.to_string(),
                         port,
                     });
             }
         }
-        by_port.into_values().collect()
+        by_port
+            .into_iter()
+            .map(|(port, (service, ips))| HealthCheck {
+                port,
+                service: service.to_string(),
+                local_endpoints: ips.len(),
+            })
+            .collect()
     }
 
     /// The health checks this node answers (`healthCheckNodePort`s), by port.
@@ -918,7 +927,7 @@ impl Services {
         }
         let local_policy = match class {
             Traffic::Internal => svc.spec.internal_local,
-            Traffic::External(_) => svc.spec.external_local,
+            Traffic::External(o) => svc.spec.external_local && !o.network.contains(t.src),
         };
         let pick = match (&svc.local, local_policy) {
             (Some(local_pick), true) => local_pick,
@@ -990,6 +999,10 @@ pub struct External {
     /// it the kernel would send such an answer past podwire, untranslated: the hairpin SNAT
     /// stays, and Local means local endpoints only.
     pub clients_kept: bool,
+    /// The cluster network: a client in it (a pod of a DirectRouting node, reaching a NodePort
+    /// over the wire) follows the Cluster policy whatever the Service's, as kube-proxy
+    /// short-circuits pods' traffic to external destinations.
+    pub network: Ipv4Net,
 }
 
 /// Which traffic policy a new connection follows.

@@ -30,7 +30,12 @@ fn cluster(cluster_ip: Ipv4Addr) -> External {
     External {
         cluster_ip,
         clients_kept: false,
+        network: network(),
     }
+}
+
+fn network() -> Ipv4Net {
+    "10.244.0.0/16".parse().unwrap()
 }
 
 fn options() -> ServiceOptions {
@@ -673,6 +678,7 @@ fn test_external_traffic_policy_local() {
     let kept = External {
         cluster_ip: local().addr(),
         clients_kept: true,
+        network: network(),
     };
     let s = build(etp_local(vec![ep(2, 2), ep(3, 2), ep(5, 1)]));
     for sport in 1024..1324 {
@@ -709,6 +715,28 @@ fn test_external_traffic_policy_local() {
         Err(NoBackend::NoLocalEndpoints)
     );
     assert_eq!(s.health_checks()[0].local_endpoints, 0);
+    // A pod of the cluster network reaching the NodePort over the wire (a DirectRouting
+    // node's) follows the Cluster policy, as kube-proxy short-circuits pod traffic.
+    let pod = Tuple::new(
+        Ipv4Addr::new(10, 244, 7, 2),
+        1,
+        local().addr(),
+        30080,
+        PROTO_TCP,
+    );
+    let p = s.plan_node_port(&pod, local(), kept, &aff, 0).unwrap();
+    assert_eq!(p.snat, Some(local().addr()));
+    // A terminating endpoint here serves (none is ready here) but does not count: the node
+    // fails its health check, so the load balancer drains it.
+    let s = build(ServiceSpec {
+        terminating: vec![ep(5, 1)],
+        ..etp_local(vec![ep(2, 2)])
+    });
+    let p = s
+        .plan_node_port(&outside(1), local(), kept, &aff, 0)
+        .unwrap();
+    assert_eq!(p.dnat, Some((Ipv4Addr::new(10, 244, 1, 5), 8080)));
+    assert_eq!(s.health_checks()[0].local_endpoints, 0);
     // Cluster policy: remote endpoints too, SNATed to the node's cluster address; and no
     // health check (kube-apiserver clears it).
     let s = build(ServiceSpec {
@@ -742,7 +770,10 @@ fn test_health_check_ports_are_admitted_like_node_ports() {
         &here,
         vec![
             with("default/a:http", 80, None, 30500),
-            with("default/a:https", 443, None, 30500),
+            ServiceSpec {
+                endpoints: vec![ep(5, 1), ep(6, 1), ep(7, 2)],
+                ..with("default/a:https", 443, None, 30500)
+            },
             with("default/b", 81, None, 30500),
             with("default/c", 82, Some(30600), 30700),
             with("default/d", 83, None, 30600),
@@ -755,6 +786,8 @@ fn test_health_check_ports_are_admitted_like_node_ports() {
         .map(|h| (h.port, h.service.as_str()))
         .collect();
     assert_eq!(ports, [(30500, "default/a"), (30700, "default/c")]);
+    // 10.244.1.5 behind both ports, 10.244.1.6 behind one: two addresses here.
+    assert_eq!(s.health_checks()[0].local_endpoints, 2);
     let refused: Vec<String> = report
         .node_ports_refused
         .iter()
@@ -763,11 +796,11 @@ fn test_health_check_ports_are_admitted_like_node_ports() {
     assert_eq!(refused.len(), 3, "{refused:?}");
     assert!(refused[0].contains("NodePort 80 is outside"), "{refused:?}");
     assert!(
-        refused[1].contains("default/a and default/b both claim NodePort 30500"),
+        refused[1].contains("default/b: health check port 30500 is taken by default/a"),
         "{refused:?}"
     );
     assert!(
-        refused[2].contains("default/c and default/d both claim NodePort 30600"),
+        refused[2].contains("default/d: health check port 30600 is taken by default/c"),
         "{refused:?}"
     );
 }

@@ -314,6 +314,7 @@ fn track_new(
         // With podwire's masquerade on the wire, policy routing steers the pods' answers to
         // outside into podwire (`masq::steer_pods`).
         clients_kept: t.wire.is_some_and(|w| w.masquerade),
+        network: t.map.network(),
     };
     let r = flows.conntrack.track(tuple, l4, len, now, |orig| {
         if to_service {

@@ -34,7 +34,9 @@
 //!
 //! Left out, against kube-proxy: loadBalancerSourceRanges (`firewall-ips` and
 //! `firewall-check` exist but stay empty), the health-check NodePorts of
-//! externalTrafficPolicy Local (kube-proxy's Go server, not its rules), topology hints, IPv6, the masquerade rule for off-cluster sources
+//! externalTrafficPolicy Local (kube-proxy's Go server, not its rules), the node's own
+//! traffic to a Local NodePort without endpoints here (dropped here; kube-proxy still sends it
+//! to the Cluster chain), topology hints, IPv6, the masquerade rule for off-cluster sources
 //! to ClusterIPs (kube-proxy writes it only when it knows the pod CIDR: it has no local-traffic
 //! detector here, like the iptables baseline), the "drop unallocated ClusterIPs" rule (needs
 //! the service CIDRs), stale-chain bookkeeping and conntrack cleanup (the caller's job).
