@@ -661,38 +661,63 @@ pub fn serve_with(
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    // A small runtime of its own: serving never takes a thread from forwarding or the store.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
+    let rt = server_runtime()?;
     let listener = {
         let _ctx = rt.enter();
         tokio::net::TcpListener::from_std(listener)?
     };
-    let (dropped_tx, dropped) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("podwire-http".into())
-        .spawn(move || {
-            if let Err(e) = crate::privs::drop_all() {
-                tracing::warn!(error = %e, "the healthz server's thread keeps its capabilities");
-            }
-            let _ = dropped_tx.send(());
-            rt.block_on(accept_loop(listener, health, limits))
-        })?;
-    // The daemon checks later that no thread holds more than it keeps: wait for the drop.
-    let _ = dropped.recv();
+    let answer = move |req: &hyper::Request<hyper::body::Incoming>| respond(&health, req);
+    spawn_server_thread("podwire-http", rt, accept_loop(listener, limits, answer))?;
     Ok(bound)
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, health: Arc<Health>, limits: HttpLimits) {
+/// A small runtime for an HTTP server: serving never takes a thread from forwarding or the
+/// store.
+pub(crate) fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+}
+
+/// Runs `server` on `rt` in a thread `name` of its own, which drops every capability before it
+/// serves (servers need none, and they start before the daemon drops its own; see
+/// [`crate::privs`]). Returns once the thread has dropped them: the daemon checks later that
+/// no thread holds more than it keeps.
+pub(crate) fn spawn_server_thread(
+    name: &str,
+    rt: tokio::runtime::Runtime,
+    server: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    let thread = name.to_string();
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        if let Err(e) = crate::privs::drop_all() {
+            tracing::warn!(%thread, error = %e, "an HTTP server's thread keeps its capabilities");
+        }
+        let _ = dropped_tx.send(());
+        rt.block_on(server)
+    })?;
+    let _ = dropped.recv();
+    Ok(())
+}
+
+/// Serves HTTP/1 on `listener` within `limits`, each request answered by `answer`.
+pub(crate) async fn accept_loop<A>(listener: tokio::net::TcpListener, limits: HttpLimits, answer: A)
+where
+    A: Fn(&hyper::Request<hyper::body::Incoming>) -> hyper::Response<String>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_conns));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors and the like: wait instead of spinning on the error.
-                tracing::warn!(error = %e, "HTTP accept");
+                tracing::warn!(error = %e, addr = ?listener.local_addr().ok(), "HTTP accept");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -703,12 +728,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, health: Arc<Health>, lim
             tracing::debug!("HTTP connection refused: too many open");
             continue;
         };
-        let health = Arc::clone(&health);
+        let answer = answer.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
-                let answer = respond(&health, &req);
-                async move { Ok::<_, std::convert::Infallible>(answer) }
+                let response = answer(&req);
+                async move { Ok::<_, std::convert::Infallible>(response) }
             });
             // One request per connection, so the deadline below bounds all a client gets.
             let conn = hyper::server::conn::http1::Builder::new()

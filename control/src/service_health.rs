@@ -11,7 +11,7 @@
 //! server is hyper on a one-thread tokio runtime of its own, within [`HttpLimits`], as the
 //! daemon's own endpoint.
 
-use crate::health::{Health, HttpLimits};
+use crate::health::{accept_loop, server_runtime, Health, HttpLimits};
 use podwire_dataplane::nat::HealthCheck;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,25 +27,11 @@ impl ServiceHealth {
     /// Starts the server's thread, serving nothing until [`ServiceHealth::update`]; `address`
     /// is where the ports are bound (0.0.0.0 in the daemon).
     pub fn start(address: Ipv4Addr, health: Arc<Health>) -> std::io::Result<ServiceHealth> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()?;
+        // It binds ports of the NodePort range, which needs no capability (a range configured
+        // below 1024 makes those binds fail: logged, retried).
         let (checks, rx) = watch::channel(Vec::new());
-        let (dropped_tx, dropped) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("podwire-svc-health".into())
-            .spawn(move || {
-                // It binds ports of the NodePort range, which needs no capability (a range
-                // configured below 1024 makes those binds fail: logged, retried).
-                if let Err(e) = crate::privs::drop_all() {
-                    tracing::warn!(error = %e, "the service health server keeps its capabilities");
-                }
-                let _ = dropped_tx.send(());
-                rt.block_on(follow(address, rx, health, HttpLimits::default()))
-            })?;
-        // The daemon checks later that no thread holds more than it keeps: wait for the drop.
-        let _ = dropped.recv();
+        let server = follow(address, rx, health, HttpLimits::default());
+        crate::health::spawn_server_thread("podwire-svc-health", server_runtime()?, server)?;
         Ok(ServiceHealth { checks })
     }
 
@@ -95,7 +81,8 @@ async fn follow(
                         checks: rx.clone(),
                         health: Arc::clone(&health),
                     };
-                    open.insert(port, tokio::spawn(accept_loop(listener, served, limits)));
+                    let answer = move |_: &_| respond(&served);
+                    open.insert(port, tokio::spawn(accept_loop(listener, limits, answer)));
                 }
                 Err(e) => {
                     unbound = true;
@@ -122,38 +109,6 @@ struct Served {
     port: u16,
     checks: watch::Receiver<Vec<HealthCheck>>,
     health: Arc<Health>,
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, served: Served, limits: HttpLimits) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_conns));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, port = served.port, "health check accept");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            continue; // over the cap: closed at once
-        };
-        let served = served.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |_req| {
-                let answer = respond(&served);
-                async move { Ok::<_, std::convert::Infallible>(answer) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_buf_size(limits.max_header_bytes.max(8 * 1024))
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.conn_timeout, conn).await;
-        });
-    }
 }
 
 /// kube-proxy's answer for the Service on `served.port`, whatever the method and path.
