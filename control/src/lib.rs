@@ -37,6 +37,7 @@ pub mod sd_notify;
 pub mod secret;
 pub mod service_health;
 pub mod services;
+mod services_split;
 pub mod store;
 pub mod subnet_env;
 pub mod subnet_key;

@@ -37,6 +37,7 @@
 //! and counted; the rest is applied.
 
 use crate::dir_watch::DirWatch;
+use crate::services_split::{self, Layout, Piece};
 use podwire_dataplane::conntrack::{PROTO_TCP, PROTO_UDP};
 use podwire_dataplane::nat::{
     Admission, Report, ServiceOptions, ServiceSpec, Services, DEFAULT_AFFINITY_TIMEOUT,
@@ -44,6 +45,7 @@ use podwire_dataplane::nat::{
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,49 +64,134 @@ pub enum ServicesError {
     Invalid { name: String, why: String },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File<'a> {
-    /// Each one parsed on its own, so one bad object leaves the others in (and one that did
-    /// not change is not parsed again).
-    #[serde(borrow)]
-    services: Vec<&'a serde_json::value::RawValue>,
-}
-
 /// What a source's last parse made of each object, by the name it was read under and its
 /// exact text, so that an update parses only the objects it changed. Bad objects are not kept
-/// (they are parsed again, and named again).
+/// (they are parsed again, and named again). An object is found by a hash of its name and text
+/// and then compared in full: two objects whose hashes collide cost a parse, never a mix-up.
 #[derive(Debug, Default)]
 pub struct ParseCache {
-    specs: rustc_hash::FxHashMap<(String, Box<str>), Vec<ServiceSpec>>,
+    objects: rustc_hash::FxHashMap<u64, CachedObject>,
 }
 
+#[derive(Debug)]
+struct CachedObject {
+    name: Box<str>,
+    text: Box<str>,
+    specs: Arc<[Arc<ServiceSpec>]>,
+}
+
+/// An object's services, shared by the cache and the parses that found it unchanged.
+type ObjectSpecs = Arc<[Arc<ServiceSpec>]>;
+
 impl ParseCache {
-    /// The object's services: the last parse's if it had the same name and text, else parsed
-    /// now (`parse`) and kept in `next`, the cache of this parse.
+    fn hash(name: &str, text: &str) -> u64 {
+        use std::hash::BuildHasher;
+        rustc_hash::FxBuildHasher.hash_one((name, text))
+    }
+
+    /// The object's services and the hash it is cached under: the last parse's if it had the
+    /// same name and text, else parsed now (`parse`); kept in `next`, the cache of this parse.
     fn specs(
         &mut self,
         next: &mut ParseCache,
         name: &str,
         text: &str,
         parse: impl FnOnce() -> Result<Vec<ServiceSpec>, ServicesError>,
-    ) -> Result<Vec<ServiceSpec>, ServicesError> {
-        let key = (name.to_string(), Box::<str>::from(text));
-        let specs = match self.specs.remove(&key) {
-            Some(specs) => specs,
-            None => parse()?,
+    ) -> Result<(u64, ObjectSpecs), ServicesError> {
+        let hash = ParseCache::hash(name, text);
+        if let Some(specs) = self.carry(next, hash, name, text) {
+            return Ok((hash, specs));
+        }
+        let specs: ObjectSpecs = parse()?.into_iter().map(Arc::new).collect();
+        let object = CachedObject {
+            name: name.into(),
+            text: text.into(),
+            specs: Arc::clone(&specs),
         };
-        next.specs.insert(key, specs.clone());
-        Ok(specs)
+        next.objects.insert(hash, object);
+        Ok((hash, specs))
+    }
+
+    /// The services of an object known by its hash, if it is the one cached under it (or was
+    /// carried into `next` already, as a second copy of one object is), carried into `next`.
+    fn carry(
+        &mut self,
+        next: &mut ParseCache,
+        hash: u64,
+        name: &str,
+        text: &str,
+    ) -> Option<ObjectSpecs> {
+        let same = |o: &CachedObject| *o.name == *name && *o.text == *text;
+        if let Some(o) = next.objects.get(&hash).filter(|o| same(o)) {
+            return Some(Arc::clone(&o.specs));
+        }
+        let object = self.objects.remove(&hash)?;
+        if !same(&object) {
+            // A collision: the other object may come later in this parse.
+            self.objects.insert(hash, object);
+            return None;
+        }
+        let specs = Arc::clone(&object.specs);
+        next.objects.insert(hash, object);
+        Some(specs)
     }
 
     /// Objects held.
     pub fn len(&self) -> usize {
-        self.specs.len()
+        self.objects.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.specs.is_empty()
+        self.objects.is_empty()
+    }
+}
+
+/// What the last parse of a services file made of it: its objects (by text), and where each
+/// lay in the text, so that a new version is split again only where it differs.
+#[derive(Debug, Default)]
+pub struct FileCache {
+    objects: ParseCache,
+    /// The text last parsed (also one that was refused: the same text is not parsed again).
+    text: String,
+    /// Where its objects lie, and the hash each is cached under (None: it did not parse);
+    /// None when it was refused or held no objects.
+    layout: Option<(Layout, Vec<Option<u64>>)>,
+    /// The text before it, kept as a buffer for the next read: a file of megabytes read into
+    /// memory already mapped costs no page faults.
+    spare: String,
+}
+
+impl FileCache {
+    /// The text last parsed.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Objects held.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// An empty buffer for the next text (the one before the last, cleared).
+    pub fn buffer(&mut self) -> String {
+        let mut spare = std::mem::take(&mut self.spare);
+        spare.clear();
+        spare
+    }
+
+    /// Takes `text` as the last one, keeping the one before as [`FileCache::buffer`].
+    fn keep(&mut self, text: String) {
+        self.spare = std::mem::replace(&mut self.text, text);
+    }
+
+    /// The next parse splits the whole text (its objects are still found by their text).
+    pub fn forget_text(&mut self) {
+        self.text.clear();
+        self.layout = None;
     }
 }
 
@@ -260,7 +347,8 @@ pub(crate) fn session_affinity(
 /// Services read from one source, and the objects of it that were left out, with why.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    pub specs: Vec<ServiceSpec>,
+    /// Shared with the parse cache: an update clones none of the services it did not change.
+    pub specs: Vec<Arc<ServiceSpec>>,
     pub rejected: Vec<ServicesError>,
 }
 
@@ -268,39 +356,97 @@ pub struct Parsed {
 /// whole; within it, an object that is not a valid service is left out, named, and the others
 /// are kept.
 pub fn parse_file(text: &str, what: &str) -> Result<Parsed, ServicesError> {
-    parse_file_after(&mut ParseCache::default(), text, what)
+    parse_file_after(&mut FileCache::default(), text, what)
 }
 
-/// [`parse_file`], taking from `cache` the objects whose text has not changed since the last
-/// parse, and leaving in it those of this one.
+/// [`parse_file`], taking from `cache` what the last parse made of the objects this text has
+/// unchanged, and leaving in it what this one made. Where the text is the last one's but for
+/// a stretch, only the objects in that stretch are split out again
+/// ([`services_split::split_after`]).
 pub fn parse_file_after(
-    cache: &mut ParseCache,
+    cache: &mut FileCache,
     text: &str,
     what: &str,
 ) -> Result<Parsed, ServicesError> {
-    let f: File = serde_json::from_str(text).map_err(|source| ServicesError::Json {
-        what: what.to_string(),
-        source,
-    })?;
+    parse_file_text(cache, text.to_string(), what)
+}
+
+/// [`parse_file_after`] of a text the cache then keeps (for the next one to be compared with).
+pub fn parse_file_text(
+    cache: &mut FileCache,
+    text: String,
+    what: &str,
+) -> Result<Parsed, ServicesError> {
+    let reused = cache.layout.as_ref().and_then(|(layout, hashes)| {
+        let (pieces, layout) = services_split::split_after(&cache.text, layout, &text)?;
+        Some((pieces, Some(layout), hashes.clone()))
+    });
+    let (pieces, layout, old_hashes) = match reused {
+        Some(found) => found,
+        None => match whole_split(&text) {
+            Ok((pieces, layout)) => (pieces, layout, Vec::new()),
+            Err(source) => {
+                cache.keep(text);
+                cache.layout = None;
+                return Err(ServicesError::Json {
+                    what: what.to_string(),
+                    source,
+                });
+            }
+        },
+    };
     let mut out = Parsed::default();
     let mut next = ParseCache::default();
-    for (i, raw) in f.services.into_iter().enumerate() {
-        let parsed = cache.specs(&mut next, "", raw.get(), || {
-            let value: serde_json::Value =
-                serde_json::from_str(raw.get()).map_err(|source| ServicesError::Json {
-                    what: format!("{what}: services[{i}]"),
-                    source,
-                })?;
-            let label = file_object_label(&value, what, i);
-            parse_value(value, "", &label)
+    let mut hashes = Vec::with_capacity(pieces.len());
+    for (i, piece) in pieces.iter().enumerate() {
+        let object = &text[piece.span.clone()];
+        let known = piece.was.and_then(|w| old_hashes[w]);
+        let carried = known.and_then(|hash| {
+            let specs = cache.objects.carry(&mut next, hash, "", object)?;
+            Some((hash, specs))
         });
+        let parsed = match carried {
+            Some(found) => Ok(found),
+            None => cache
+                .objects
+                .specs(&mut next, "", object, || parse_file_object(object, what, i)),
+        };
         match parsed {
-            Ok(specs) => out.specs.extend(specs),
-            Err(e) => out.rejected.push(e),
+            Ok((hash, specs)) => {
+                hashes.push(Some(hash));
+                out.specs.extend(specs.iter().cloned());
+            }
+            Err(e) => {
+                hashes.push(None);
+                out.rejected.push(e);
+            }
         }
     }
-    *cache = next;
+    cache.objects = next;
+    cache.keep(text);
+    cache.layout = layout.map(|l| (l, hashes));
     Ok(out)
+}
+
+/// Splits a whole services file into its objects' spans.
+fn whole_split(text: &str) -> Result<(Vec<Piece>, Option<Layout>), serde_json::Error> {
+    let (objects, layout) = services_split::split(text)?;
+    let pieces = objects
+        .into_iter()
+        .map(|span| Piece { span, was: None })
+        .collect();
+    Ok((pieces, layout))
+}
+
+/// Parses the `i`th object of a services file.
+fn parse_file_object(text: &str, what: &str, i: usize) -> Result<Vec<ServiceSpec>, ServicesError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| ServicesError::Json {
+            what: format!("{what}: services[{i}]"),
+            source,
+        })?;
+    let label = file_object_label(&value, what, i);
+    parse_value(value, "", &label)
 }
 
 /// Names a file's object by its name if it has one, else by its place in the file.
@@ -347,8 +493,10 @@ pub fn parse_etcd_after(cache: &mut ParseCache, items: &[(String, Vec<u8>)]) -> 
             .map_or(key.as_str(), |(_, n)| n);
         // A value that is not UTF-8 is not JSON either: parsed (and refused) every time.
         let parsed = match std::str::from_utf8(value) {
-            Ok(text) => cache.specs(&mut next, name, text, || parse_one(value, name)),
-            Err(_) => parse_one(value, name),
+            Ok(text) => cache
+                .specs(&mut next, name, text, || parse_one(value, name))
+                .map(|(_, specs)| specs.to_vec()),
+            Err(_) => parse_one(value, name).map(|specs| specs.into_iter().map(Arc::new).collect()),
         };
         match parsed {
             Ok(specs) => out.specs.extend(specs),
@@ -390,7 +538,7 @@ pub fn snapshot(
     let specs = sources
         .iter()
         .flat_map(|p| p.specs.iter().cloned())
-        .collect();
+        .collect::<Vec<_>>();
     let (services, report) = Services::admit_after(previous, options, admission, specs);
     let mut malformed = 0;
     for e in sources.iter().flat_map(|p| &p.rejected) {
@@ -422,13 +570,11 @@ pub struct ServicesFile {
     path: PathBuf,
     /// The file's identity and times when last read.
     seen: Option<Stamp>,
-    /// The text last read: a change the stamp cannot see (two writes of one size within one
-    /// tick of the kernel's coarse file clock) is told from it.
-    text: String,
     /// The directory's watch reported a change since the last read.
     dirty: bool,
-    /// What the last read made of each object.
-    cache: ParseCache,
+    /// What the last read made of the file, and its text: a change the stamp cannot see (two
+    /// writes of one size within one tick of the kernel's coarse file clock) is told from it.
+    cache: FileCache,
     /// None where inotify is not to be had: the file is then polled only.
     watch: Option<DirWatch>,
 }
@@ -441,9 +587,8 @@ impl ServicesFile {
         ServicesFile {
             path: path.to_path_buf(),
             seen: None,
-            text: String::new(),
             dirty: false,
-            cache: ParseCache::default(),
+            cache: FileCache::default(),
             watch,
         }
     }
@@ -471,7 +616,7 @@ impl ServicesFile {
     /// Makes the next `poll` read the file whether it changed or not (SIGHUP).
     pub fn forget(&mut self) {
         self.seen = None;
-        self.text.clear();
+        self.cache.forget_text();
     }
 
     /// The services if the file changed since the last call (always on the first). It is read
@@ -488,14 +633,20 @@ impl ServicesFile {
             return Ok(None);
         }
         self.dirty = false;
-        let text = std::fs::read_to_string(&self.path).map_err(read_err)?;
+        let mut text = self.cache.buffer();
+        let read = std::fs::File::open(&self.path)
+            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text));
+        if let Err(e) = read {
+            self.cache.spare = text;
+            return Err(read_err(e));
+        }
         self.seen = Some(stamp);
-        if text == self.text && !self.text.is_empty() {
+        if text == self.cache.text() && !text.is_empty() {
+            self.cache.spare = text;
             return Ok(None);
         }
-        let parsed = parse_file_after(&mut self.cache, &text, &self.path.display().to_string());
-        self.text = text;
-        parsed.map(Some)
+        let what = self.path.display().to_string();
+        parse_file_text(&mut self.cache, text, &what).map(Some)
     }
 }
 
@@ -718,7 +869,7 @@ mod tests {
             ]}}"#
             )
         };
-        let mut cache = ParseCache::default();
+        let mut cache = FileCache::default();
         let first = parse_file_after(&mut cache, &file(53), "test").unwrap();
         assert_eq!(cache.len(), 2);
         let second = parse_file_after(&mut cache, &file(54), "test").unwrap();
@@ -736,6 +887,51 @@ mod tests {
         let b = parse_etcd_after(&mut cache, &[("/p/services/ns/y".into(), value)]);
         assert_eq!(a.specs[0].name, "ns/x");
         assert_eq!(b.specs[0].name, "ns/y");
+    }
+
+    proptest::proptest! {
+        /// Whatever a file becomes, a parse that builds on the last one (its split and its
+        /// objects) gives what a first parse of it gives: the same services, the same objects
+        /// left out with the same words, the same refusal of a file that is not one.
+        #[test]
+        fn test_a_reparse_is_a_first_parse(
+            first in proptest::collection::vec(0u16..12, 0..10),
+            steps in proptest::collection::vec((0u16..12, 0usize..64, 0u8..4), 1..6),
+        ) {
+            // Port 0 makes a bad object; 11 a malformed one.
+            let object = |port: u16| match port {
+                11 => r#"{"name": "ns/broken", "clusterIP": 1}"#.to_string(),
+                p => format!(r#"{{"name": "ns/s{p}", "clusterIP": "10.96.0.{p}", "port": {p}}}"#),
+            };
+            let file = |ports: &[u16]| {
+                let objects: Vec<String> = ports.iter().map(|&p| object(p)).collect();
+                format!("{{\"services\": [\n{}\n]}}", objects.join(",\n"))
+            };
+            let mut ports = first;
+            let mut cache = FileCache::default();
+            let _ = parse_file_after(&mut cache, &file(&ports), "f");
+            for (port, at, how) in steps {
+                let text = match how {
+                    0 => { ports.insert(at % (ports.len() + 1), port); file(&ports) }
+                    1 if !ports.is_empty() => { let n = ports.len(); ports.remove(at % n); file(&ports) }
+                    2 if !ports.is_empty() => { let n = ports.len(); ports[at % n] = port; file(&ports) }
+                    _ => {
+                        // A byte changed somewhere, this once.
+                        let mut b = file(&ports).into_bytes();
+                        let i = at % b.len();
+                        b[i] = b",]}1"[usize::from(port) % 4];
+                        String::from_utf8(b).unwrap()
+                    }
+                };
+                let again = parse_file_after(&mut cache, &text, "f");
+                let fresh = parse_file(&text, "f");
+                let words = |p: &Result<Parsed, ServicesError>| match p {
+                    Ok(p) => Ok((p.specs.clone(), p.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>())),
+                    Err(e) => Err(e.to_string()),
+                };
+                proptest::prop_assert_eq!(words(&again), words(&fresh), "{}", text);
+            }
+        }
     }
 
     /// Writes of one size in quick succession, in place or by a rename, each land: the kernel's

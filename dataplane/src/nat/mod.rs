@@ -381,6 +381,63 @@ pub enum ServiceError {
     },
 }
 
+/// Removes (and reports) the endpoints of `spec` that may not be one, and sorts the rest; a
+/// spec with nothing to remove and its endpoints in order is left as it is.
+fn admit_endpoints(
+    options: &ServiceOptions,
+    admission: &Admission,
+    spec: &mut Arc<ServiceSpec>,
+    report: &mut Report,
+) {
+    let all = || spec.endpoints.iter().chain(&spec.terminating);
+    let mut refused = 0;
+    for ep in all() {
+        let Err(why) = check_endpoint(options, admission, ep) else {
+            continue;
+        };
+        refused += 1;
+        let name = spec.name.clone();
+        report.endpoints_removed.push(match why {
+            None => ServiceError::EndpointPortZero { name, ip: *ep.ip() },
+            Some(why) => ServiceError::EndpointAddress {
+                name,
+                endpoint: *ep,
+                why,
+            },
+        });
+    }
+    let sorted = spec.endpoints.is_sorted() && spec.terminating.is_sorted();
+    if refused == 0 && sorted {
+        return;
+    }
+    let spec = Arc::make_mut(spec);
+    let keep = |ep: &SocketAddrV4| check_endpoint(options, admission, ep).is_ok();
+    spec.endpoints.retain(keep);
+    spec.terminating.retain(keep);
+    spec.endpoints.sort_unstable();
+    spec.terminating.sort_unstable();
+}
+
+/// Clears the health check port of a spec whose external policy is not Local (kube-apiserver
+/// clears it too), and refuses (reports and clears) one outside the NodePort rules.
+fn admit_health_check_port(
+    admission: &Admission,
+    spec: &mut Arc<ServiceSpec>,
+    report: &mut Report,
+) {
+    let Some(port) = spec.health_check_node_port else {
+        return;
+    };
+    if !spec.external_local {
+        Arc::make_mut(spec).health_check_node_port = None;
+        return;
+    }
+    if let Err(e) = check_node_port(admission, &spec.name, port) {
+        report.node_ports_refused.push(e);
+        Arc::make_mut(spec).health_check_node_port = None;
+    }
+}
+
 /// (ClusterIP, port, protocol) packed for one hash lookup.
 fn key(ip: Ipv4Addr, port: u16, proto: u8) -> u64 {
     u64::from(ip.to_bits()) << 24 | u64::from(port) << 8 | u64::from(proto)
@@ -425,7 +482,8 @@ impl Pick {
 
 #[derive(Debug)]
 struct Service {
-    spec: ServiceSpec,
+    /// As admitted; shared with the caller's spec where admission changed nothing.
+    spec: Arc<ServiceSpec>,
     /// Ready endpoints anywhere, else terminating ones: what `Cluster` policies use. Empty:
     /// the service has no endpoints at all, and its connections are rejected.
     cluster: Arc<Pick>,
@@ -438,13 +496,14 @@ impl Service {
     /// the same endpoints under the same options, so an update rebuilds the Maglev tables of
     /// the services it changed only.
     fn new(
-        spec: ServiceSpec,
+        spec: Arc<ServiceSpec>,
         options: &ServiceOptions,
         local_subnet: Option<Ipv4Net>,
         previous: Option<&Service>,
     ) -> Service {
         let same = previous.filter(|p| {
-            p.spec.endpoints == spec.endpoints && p.spec.terminating == spec.terminating
+            Arc::ptr_eq(&p.spec, &spec)
+                || (p.spec.endpoints == spec.endpoints && p.spec.terminating == spec.terminating)
         });
         let cluster = match same {
             Some(p) => Arc::clone(&p.cluster),
@@ -541,9 +600,9 @@ impl Services {
 
     /// Every service of `specs` that passes the checks, all or nothing: the first problem
     /// [`Services::admit`] reports is the error (for tools and tests; the daemon admits).
-    pub fn build(
+    pub fn build<S: Into<Arc<ServiceSpec>>>(
         options: ServiceOptions,
-        specs: Vec<ServiceSpec>,
+        specs: Vec<S>,
     ) -> Result<Services, ServiceError> {
         let (s, report) = Services::admit(options, &Admission::default(), specs);
         let first = report.problems().next().cloned();
@@ -568,26 +627,31 @@ impl Services {
     /// - an external IP that could not be an endpoint (see [`bad_endpoint_address`]), one in
     ///   the pod network, or one whose port another service claims is refused; the service
     ///   stays without it.
-    pub fn admit(
+    pub fn admit<S: Into<Arc<ServiceSpec>>>(
         options: ServiceOptions,
         admission: &Admission,
-        specs: Vec<ServiceSpec>,
+        specs: Vec<S>,
     ) -> (Services, Report) {
         Services::admit_after(None, options, admission, specs)
     }
 
     /// [`Services::admit`], reusing what `previous` built for services whose endpoints did
     /// not change (their Maglev tables), so that an update costs in proportion to what it
-    /// changed rather than to the number of services.
-    pub fn admit_after(
+    /// changed rather than to the number of services. A spec the checks leave as it is is
+    /// kept as given (shared with the caller), not copied.
+    pub fn admit_after<S: Into<Arc<ServiceSpec>>>(
         previous: Option<&Services>,
         options: ServiceOptions,
         admission: &Admission,
-        mut specs: Vec<ServiceSpec>,
+        specs: Vec<S>,
     ) -> (Services, Report) {
+        let mut specs: Vec<Arc<ServiceSpec>> = specs.into_iter().map(Into::into).collect();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut s = Services::empty(options);
         s.local_subnet = admission.local_subnet;
+        s.by_key.reserve(specs.len());
+        s.alive.reserve(2 * specs.len());
+        s.services.reserve(specs.len());
         // Built under other options, or another idea of what is local, nothing is reused.
         let previous =
             previous.filter(|p| p.options == options && p.local_subnet == s.local_subnet);
@@ -601,70 +665,16 @@ impl Services {
             if let Some(&other) = s.by_key.get(&k) {
                 report.rejected.push(ServiceError::Duplicate {
                     a: s.services[other as usize].spec.name.clone(),
-                    b: spec.name,
+                    b: spec.name.clone(),
                     ip: spec.cluster_ip,
                     port: spec.port,
                 });
                 continue;
             }
-            let name = &spec.name;
-            let mut keep = |ep: &SocketAddrV4| match check_endpoint(&options, admission, ep) {
-                Ok(()) => true,
-                Err(why) => {
-                    report.endpoints_removed.push(match why {
-                        None => ServiceError::EndpointPortZero {
-                            name: name.clone(),
-                            ip: *ep.ip(),
-                        },
-                        Some(why) => ServiceError::EndpointAddress {
-                            name: name.clone(),
-                            endpoint: *ep,
-                            why,
-                        },
-                    });
-                    false
-                }
-            };
-            spec.endpoints.retain(&mut keep);
-            spec.terminating.retain(&mut keep);
-            if let Some(port) = spec.node_port {
-                let np = node_port_key(spec.proto, port);
-                let refused = match check_node_port(admission, &spec.name, port) {
-                    Err(e) => Some(e),
-                    Ok(()) => {
-                        s.by_node_port
-                            .get(&np)
-                            .map(|&other| ServiceError::DuplicateNodePort {
-                                a: s.services[other as usize].spec.name.clone(),
-                                b: spec.name.clone(),
-                                port,
-                            })
-                    }
-                };
-                match refused {
-                    Some(e) => {
-                        report.node_ports_refused.push(e);
-                        spec.node_port = None;
-                    }
-                    None => {
-                        s.by_node_port.insert(np, s.services.len() as u32);
-                    }
-                }
-            }
+            admit_endpoints(&options, admission, &mut spec, &mut report);
+            s.admit_node_port(admission, &mut spec, &mut report);
             s.admit_external_ips(&mut spec, admission, &mut report);
-            if !spec.external_local {
-                // kube-apiserver clears it too: only the Local policy has one.
-                spec.health_check_node_port = None;
-            }
-            if let Some(Err(e)) = spec
-                .health_check_node_port
-                .map(|port| check_node_port(admission, &spec.name, port))
-            {
-                report.node_ports_refused.push(e);
-                spec.health_check_node_port = None;
-            }
-            spec.endpoints.sort_unstable();
-            spec.terminating.sort_unstable();
+            admit_health_check_port(admission, &mut spec, &mut report);
             for ep in spec.endpoints.iter().chain(&spec.terminating) {
                 s.alive.insert((k, *ep));
             }
@@ -681,6 +691,40 @@ impl Services {
         s.is_external = s.external_ips.iter().copied().collect();
         s.health_checks = s.collect_health_checks(&mut report);
         (s, report)
+    }
+
+    /// Keeps the NodePort of `spec` (to be the next service) if it may be served; else
+    /// reports it and clears it (the service stays, ClusterIP only).
+    fn admit_node_port(
+        &mut self,
+        admission: &Admission,
+        spec: &mut Arc<ServiceSpec>,
+        report: &mut Report,
+    ) {
+        let Some(port) = spec.node_port else {
+            return;
+        };
+        let np = node_port_key(spec.proto, port);
+        let refused = match check_node_port(admission, &spec.name, port) {
+            Err(e) => Some(e),
+            Ok(()) => self
+                .by_node_port
+                .get(&np)
+                .map(|&other| ServiceError::DuplicateNodePort {
+                    a: self.services[other as usize].spec.name.clone(),
+                    b: spec.name.clone(),
+                    port,
+                }),
+        };
+        match refused {
+            Some(e) => {
+                report.node_ports_refused.push(e);
+                Arc::make_mut(spec).node_port = None;
+            }
+            None => {
+                self.by_node_port.insert(np, self.services.len() as u32);
+            }
+        }
     }
 
     /// The health checks of the admitted services, one per port: a Service's ports share
@@ -743,15 +787,19 @@ impl Services {
     /// in `by_key` with the service's port; reports the others.
     fn admit_external_ips(
         &mut self,
-        spec: &mut ServiceSpec,
+        spec: &mut Arc<ServiceSpec>,
         admission: &Admission,
         report: &mut Report,
     ) {
+        if spec.external_ips.is_empty() {
+            return;
+        }
         let idx = self.services.len() as u32;
-        spec.external_ips.sort_unstable();
-        spec.external_ips.dedup();
-        let mut kept = Vec::with_capacity(spec.external_ips.len());
-        for &ip in &spec.external_ips {
+        let mut ips = spec.external_ips.clone();
+        ips.sort_unstable();
+        ips.dedup();
+        let mut kept = Vec::with_capacity(ips.len());
+        for ip in ips {
             let k = key(ip, spec.port, spec.proto);
             let bad = bad_endpoint_address(&self.options, admission, ip).or_else(|| {
                 admission
@@ -786,7 +834,9 @@ impl Services {
                 }
             }
         }
-        spec.external_ips = kept;
+        if kept != spec.external_ips {
+            Arc::make_mut(spec).external_ips = kept;
+        }
     }
 
     pub fn options(&self) -> &ServiceOptions {
@@ -802,7 +852,7 @@ impl Services {
     }
 
     pub fn specs(&self) -> impl Iterator<Item = &ServiceSpec> {
-        self.services.iter().map(|s| &s.spec)
+        self.services.iter().map(|s| &*s.spec)
     }
 
     /// The NodePorts served, as (protocol, port).

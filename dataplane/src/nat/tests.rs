@@ -934,3 +934,38 @@ fn test_external_ips_that_are_no_outside_address_or_taken_are_refused() {
         ]
     );
 }
+
+/// A spec admission leaves as it is is kept as the caller gave it (an update at 10000
+/// services copies none of them); one it changes (an endpoint removed, endpoints sorted) is a
+/// copy, and the caller's is untouched.
+#[test]
+fn test_admission_shares_the_specs_it_does_not_change() {
+    let ep = |last: u8| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, last), 8080);
+    let kept = Arc::new(spec(vec![ep(2), ep(3)], None));
+    let unsorted = Arc::new(ServiceSpec {
+        name: "default/unsorted".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 11),
+        ..spec(vec![ep(3), ep(2)], None)
+    });
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22);
+    let bad = Arc::new(ServiceSpec {
+        name: "default/bad".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 12),
+        ..spec(vec![ep(2), loopback], None)
+    });
+    let options = ServiceOptions::new(DEFAULT_SERVICE_CIDR.parse().unwrap());
+    let given = vec![kept.clone(), unsorted.clone(), bad.clone()];
+    let (s, report) = Services::admit(options, &Admission::default(), given);
+    assert_eq!(report.endpoints_removed.len(), 1);
+    let admitted = |name: &str| s.specs().find(|x| x.name == name).unwrap();
+    assert!(std::ptr::eq(admitted("default/web"), &*kept), "shared");
+    assert!(!std::ptr::eq(admitted("default/unsorted"), &*unsorted));
+    assert_eq!(admitted("default/unsorted").endpoints, [ep(2), ep(3)]);
+    assert_eq!(
+        unsorted.endpoints,
+        [ep(3), ep(2)],
+        "the caller's is untouched"
+    );
+    assert_eq!(admitted("default/bad").endpoints, [ep(2)]);
+    assert_eq!(bad.endpoints, [ep(2), loopback]);
+}
