@@ -261,6 +261,8 @@ pub fn from_tun(
                 return icmp_unreachable(slot, meta, icmpv4::unreachable::PORT, dst)
             }
             Err(Stop::Reset) => return tcp_reset(slot, meta),
+            // Only the tunnel brings backends' answers.
+            Err(Stop::ResetClient(_)) => return Verdict::Drop(DropReason::EndpointGone),
         }
     }
     let node = match t.map.lookup(dst) {
@@ -364,7 +366,7 @@ pub fn from_wire(
         Ok(Outcome::Unchanged) => return Verdict::Drop(DropReason::NotForThisNode),
         Err(Stop::Drop(r)) => return Verdict::Drop(r),
         // Resets are for pods' segments only.
-        Err(Stop::Reset) => return Verdict::Drop(DropReason::EndpointGone),
+        Err(Stop::Reset | Stop::ResetClient(_)) => return Verdict::Drop(DropReason::EndpointGone),
         // A NodePort without endpoints: port unreachable from the node, as kube-proxy's REJECT.
         Err(Stop::Reject) => {
             let client = ipv4::Packet::new_unchecked(&pkt[..]).src();
@@ -589,6 +591,10 @@ fn track_inbound(
         Some(Err(Stop::Reject)) => Verdict::Drop(DropReason::CtInvalid),
         // Resets are for pods' segments only.
         Some(Err(Stop::Reset)) => Verdict::Drop(DropReason::EndpointGone),
+        Some(Err(Stop::ResetClient(to))) if t.local.subnet.contains(to.dst) => {
+            tcp_reset_client(slot, meta, &to)
+        }
+        Some(Err(Stop::ResetClient(_))) => Verdict::Drop(DropReason::EndpointGone),
     }
 }
 
@@ -771,6 +777,38 @@ fn tcp_reset(slot: &mut [u8], meta: &mut Meta) -> Verdict {
     }
     .emit(out);
     tcp::emit_reset(&mut out[ipv4::HEADER_LEN..], server, client, seq);
+    meta.len = total;
+    Verdict::ResetToTun
+}
+
+/// Replaces the old backend's segment towards a pod client, of a connection whose endpoint
+/// left, by the RST that ends it at the client: from the service address the client knows
+/// (`to`, the segment's translation), `<SEQ=SEG.SEQ><ACK=SEG.ACK><CTL=RST,ACK>`, which the
+/// client's TCP accepts in SYN-SENT (it acknowledges the SYN) and established (its sequence
+/// number is the next one expected, when the segment was); into the TUN.
+fn tcp_reset_client(slot: &mut [u8], meta: &mut Meta, to: &crate::conntrack::Tuple) -> Verdict {
+    let (seq, ack) = {
+        let p = ipv4::Packet::new_unchecked(&slot[meta.start..meta.start + meta.len]);
+        let Ok(seg) = tcp::Packet::new_checked(p.payload()) else {
+            return Verdict::Drop(DropReason::EndpointGone);
+        };
+        (seg.seq(), seg.ack())
+    };
+    let total = ipv4::HEADER_LEN + tcp::HEADER_LEN;
+    let out = &mut slot[meta.start..meta.start + total];
+    ipv4::Repr {
+        src: to.src,
+        dst: to.dst,
+        protocol: IpProtocol::Tcp,
+        payload_len: tcp::HEADER_LEN,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident: 0,
+        dont_frag: true,
+    }
+    .emit(out);
+    let (from, client) = ((to.src, to.sport), (to.dst, to.dport));
+    tcp::emit_reset_ack(&mut out[ipv4::HEADER_LEN..], from, client, seq, ack);
     meta.len = total;
     Verdict::ResetToTun
 }

@@ -236,7 +236,8 @@ pub struct Tracked {
     /// The connection has seen traffic both ways and is past its handshake.
     pub assured: bool,
     /// The connection was retired ([`Conntrack::retire`]): the packet belongs to no live
-    /// connection and must not be forwarded.
+    /// connection and must not be forwarded (`to` still says what it would have become: the
+    /// addresses an RST ending it at either end is sent from).
     pub retired: bool,
     /// An assured UDP flow, or an assured TCP connection in ESTABLISHED: a UDP datagram or a
     /// plain ACK segment (no SYN, FIN or RST) leaves its state as it is, so a run of them may
@@ -684,12 +685,19 @@ impl Conntrack {
         now: u64,
     ) -> Result<Tracked, CtError> {
         let mut e = s.entries[slot];
+        let d = dir as usize;
+        // What the packet would become: the other direction's tuple, inverted.
+        let to = Tuple {
+            zone: e.tuples[d].zone,
+            ..e.tuples[1 - d].invert().unwrap_or(e.tuples[d])
+        };
         if e.status & RETIRED != 0 {
             // Neither its state nor its expiry moves: the tombstone lasts as long as it was given.
+            // Its translation is not applied; it names the address a reset comes from.
             return Ok(Tracked {
                 dir,
                 new: false,
-                to: e.tuples[dir as usize],
+                to,
                 service: e.service,
                 assured: false,
                 retired: true,
@@ -750,20 +758,14 @@ impl Conntrack {
         if e.tuples[0].proto == PROTO_UDP && self.udp_is_stream(&e, now) {
             e.status |= ASSURED;
         }
-        let d = dir as usize;
         e.packets[d] += 1;
         e.bytes[d] += len as u64;
         e.expires = now + 1000 * u64::from(self.timeout(&e, now));
         s.entries[slot] = e;
-        let other = e.tuples[1 - d];
-        let to = other.invert().unwrap_or(e.tuples[d]);
         Ok(Tracked {
             dir,
             new: false,
-            to: Tuple {
-                zone: e.tuples[d].zone,
-                ..to
-            },
+            to,
             service: e.service,
             assured: e.assured(),
             retired: false,

@@ -62,6 +62,12 @@ pub enum Stop {
     /// A pod's segment of a TCP connection whose service endpoint left: answer with the RST
     /// that ends the connection at the client.
     Reset,
+    /// The backend's segment of a TCP connection whose service endpoint left, towards its
+    /// client: replaced by the RST that ends the connection there, from the address the client
+    /// knows (the segment's translation, this tuple), so that a client whose handshake or
+    /// request was in flight when the endpoint left fails at once instead of waiting out its
+    /// timeout.
+    ResetClient(Tuple),
 }
 
 /// Where a tracked packet came in.
@@ -260,7 +266,12 @@ fn track(t: &Tables, tr: &mut Tracker, pkt: &mut [u8], from: Ingress) -> Result<
     if let Some(binding) = tracked.service {
         if tracked.retired || !t.services.binding_alive(&binding) {
             if tracked.dir != Dir::Original || !replans(&tuple, &l4, from) {
-                return Err(endpoint_gone(flows, &tuple, &l4, tracked.dir, from, now));
+                let gone = Gone {
+                    dir: tracked.dir,
+                    from,
+                    to: tracked.to,
+                };
+                return Err(endpoint_gone(flows, &tuple, &l4, gone, now));
             }
             flows.conntrack.remove(&tuple);
             tracked = track_new(t, tr, &tuple, &l4, pkt.len(), from)?;
@@ -403,9 +414,10 @@ fn masquerade(t: &Tables, orig: &Tuple) -> Option<NatPlan> {
 /// (a mid-stream segment must not be picked up as a new connection to another backend) and
 /// its tuples stay taken (a new connection from the same client port that lands on the old
 /// backend is remapped instead of meeting the stale connection there).
-/// A pod's segment (its client's) is answered with an RST, so that the client fails at once
-/// rather than retransmitting until it gives up.
-fn endpoint_gone(flows: &Flows, tuple: &Tuple, l4: &L4, dir: Dir, from: Ingress, now: u64) -> Stop {
+/// Either end's segment towards a pod client (its own, or the old backend's answer from the
+/// tunnel) becomes the RST that ends the connection at the client, so that the client fails
+/// at once rather than retransmitting, or waiting for an answer, until it gives up.
+fn endpoint_gone(flows: &Flows, tuple: &Tuple, l4: &L4, gone: Gone, now: u64) -> Stop {
     use conntrack::tcp::flag::{ACK, RST};
     let L4::Tcp(seg) = l4 else {
         flows.conntrack.remove(tuple);
@@ -413,11 +425,20 @@ fn endpoint_gone(flows: &Flows, tuple: &Tuple, l4: &L4, dir: Dir, from: Ingress,
     };
     flows.conntrack.retire(tuple, now);
     let answerable = seg.flags & ACK != 0 && seg.flags & RST == 0;
-    if dir == Dir::Original && from == Ingress::Pods && answerable {
-        Stop::Reset
-    } else {
-        Stop::Drop(DropReason::EndpointGone)
+    match (gone.dir, gone.from) {
+        (Dir::Original, Ingress::Pods) if answerable => Stop::Reset,
+        (Dir::Reply, Ingress::Underlay) if answerable => Stop::ResetClient(gone.to),
+        _ => Stop::Drop(DropReason::EndpointGone),
     }
+}
+
+/// Which way a packet of a connection that lost its endpoint went, and where its translation
+/// would have taken it.
+#[derive(Debug, Clone, Copy)]
+struct Gone {
+    dir: Dir,
+    from: Ingress,
+    to: Tuple,
 }
 
 /// Rewrites `pkt` from tuple `from` to `to`, if they differ.
@@ -1151,10 +1172,17 @@ mod tests {
                 assert!(rst.rst && !rst.ack && rst.sequence_number == 1, "{rst:?}");
             }
         }
-        // The backend's segments, and the client's own RST, are dropped.
+        // The backend's segment towards the client becomes the RST that ends the connection
+        // there, from the service address, with the segment's sequence and acknowledgement
+        // numbers; the client's own RST is dropped.
         let answer = tcp(*a.ip(), 8080, CLIENT, on_a[0], false, true);
-        let (v, _) = run(&t2, &f, Direction::FromUnderlay, &answer, NODE_B);
-        assert_eq!(v, Verdict::Drop(DropReason::EndpointGone));
+        let (v, out) = run(&t2, &f, Direction::FromUnderlay, &answer, NODE_B);
+        assert_eq!(v, Verdict::ResetToTun);
+        assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, on_a[0]));
+        let rst = etherparse::TcpHeader::from_slice(&out[20..]).unwrap().0;
+        assert!(rst.rst && rst.ack && !rst.syn, "{rst:?}");
+        assert_eq!((rst.sequence_number, rst.acknowledgment_number), (1000, 1));
+        assert!(out.len() == 40, "no payload");
         let mut reset = Vec::new();
         PacketBuilder::ipv4(CLIENT.octets(), VIP.octets(), 64)
             .tcp(on_a[0], 80, 1000, 0)
@@ -1184,6 +1212,36 @@ mod tests {
             CLIENT,
         );
         assert_eq!(tuple_of(&out).2, *b.ip());
+    }
+
+    /// A handshake in flight when its endpoint leaves: the backend's SYN-ACK reaches the client
+    /// as an RST that acknowledges its SYN (what a TCP in SYN-SENT accepts), so its connect()
+    /// fails at once instead of waiting for a SYN-ACK that will never be let through.
+    #[test]
+    fn test_a_synack_from_a_removed_endpoint_resets_the_client() {
+        let a = SocketAddrV4::new(REMOTE_EP, 8080);
+        let f = Flows::new(Default::default());
+        let syn = tcp(CLIENT, 40000, VIP, 80, true, false);
+        let (_, out) = run(&tables(&[a]), &f, Direction::FromTun, &syn, CLIENT);
+        assert_eq!(tuple_of(&out), (CLIENT, 40000, *a.ip(), 8080));
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 8080);
+        let synack = tcp(*a.ip(), 8080, CLIENT, 40000, true, true);
+        let (v, out) = run(&tables(&[b]), &f, Direction::FromUnderlay, &synack, NODE_B);
+        assert_eq!(v, Verdict::ResetToTun);
+        assert_eq!(tuple_of(&out), (VIP, 80, CLIENT, 40000));
+        let rst = etherparse::TcpHeader::from_slice(&out[20..]).unwrap().0;
+        assert!(rst.rst && rst.ack && !rst.syn, "{rst:?}");
+        assert_eq!(rst.acknowledgment_number, 1, "acknowledges the SYN");
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&out)
+            .unwrap()
+            .to_header();
+        assert_eq!(
+            ip.calc_header_checksum(),
+            ip.header_checksum,
+            "IP checksummed"
+        );
+        let sum = rst.calc_checksum_ipv4(&ip, &[]).unwrap();
+        assert_eq!(sum, rst.checksum, "TCP checksummed");
     }
 
     /// `tables` with one UDP service, 10.96.0.53:53, backed by `endpoints`.

@@ -107,11 +107,28 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 /// connection it does not have (RFC 9293 3.10.7.1): from the segment's destination port to its
 /// source port, `<SEQ=SEG.ACK><CTL=RST>`, no options, no payload, checksummed for `src` ->
 /// `dst` (the addresses of the RST). Returns its length.
-pub fn emit_reset(
+pub fn emit_reset(buf: &mut [u8], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32) -> usize {
+    emit_reset_with(buf, src, dst, seq, None)
+}
+
+/// [`emit_reset`] with the ACK flag and `ack`: what a TCP in SYN-SENT accepts (RFC 9293
+/// 3.10.7.3: an RST there counts only if it acknowledges the SYN).
+pub fn emit_reset_ack(
+    buf: &mut [u8],
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+) -> usize {
+    emit_reset_with(buf, src, dst, seq, Some(ack))
+}
+
+fn emit_reset_with(
     buf: &mut [u8],
     (src, src_port): (Ipv4Addr, u16),
     (dst, dst_port): (Ipv4Addr, u16),
     seq: u32,
+    ack: Option<u32>,
 ) -> usize {
     let seg = &mut buf[..HEADER_LEN];
     seg.fill(0);
@@ -120,6 +137,10 @@ pub fn emit_reset(
     write_u32(seg, 4, seq);
     seg[12] = (HEADER_LEN as u8 / 4) << 4;
     seg[13] = flags::RST;
+    if let Some(ack) = ack {
+        write_u32(seg, 8, ack);
+        seg[13] |= flags::ACK;
+    }
     Packet::new_unchecked(&mut *seg).fill_checksum(src, dst);
     HEADER_LEN
 }
