@@ -784,8 +784,9 @@ fn tcp_reset(slot: &mut [u8], meta: &mut Meta) -> Verdict {
 /// Replaces the old backend's segment towards a pod client, of a connection whose endpoint
 /// left, by the RST that ends it at the client: from the service address the client knows
 /// (`to`, the segment's translation), `<SEQ=SEG.SEQ><ACK=SEG.ACK><CTL=RST,ACK>`, which the
-/// client's TCP accepts in SYN-SENT (it acknowledges the SYN) and established (its sequence
-/// number is the next one expected, when the segment was); into the TUN.
+/// client's TCP accepts (its sequence number is the next one expected, when the segment's
+/// was; otherwise the client's challenge ACK is answered with an RST it accepts); into the
+/// TUN.
 fn tcp_reset_client(slot: &mut [u8], meta: &mut Meta, to: &crate::conntrack::Tuple) -> Verdict {
     let (seq, ack) = {
         let p = ipv4::Packet::new_unchecked(&slot[meta.start..meta.start + meta.len]);
