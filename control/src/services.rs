@@ -377,9 +377,9 @@ pub fn parse_file_text(
     text: String,
     what: &str,
 ) -> Result<Parsed, ServicesError> {
-    let reused = cache.layout.as_ref().and_then(|(layout, hashes)| {
-        let (pieces, layout) = services_split::split_after(&cache.text, layout, &text)?;
-        Some((pieces, Some(layout), hashes.clone()))
+    let reused = cache.layout.take().and_then(|(layout, hashes)| {
+        let (pieces, layout) = services_split::split_after(&cache.text, &layout, &text)?;
+        Some((pieces, Some(layout), hashes))
     });
     let (pieces, layout, old_hashes) = match reused {
         Some(found) => found,
@@ -387,7 +387,6 @@ pub fn parse_file_text(
             Ok((pieces, layout)) => (pieces, layout, Vec::new()),
             Err(source) => {
                 cache.keep(text);
-                cache.layout = None;
                 return Err(ServicesError::Json {
                     what: what.to_string(),
                     source,

@@ -763,22 +763,7 @@ fn tcp_reset(slot: &mut [u8], meta: &mut Meta) -> Verdict {
             seg.ack(),
         )
     };
-    let total = ipv4::HEADER_LEN + tcp::HEADER_LEN;
-    let out = &mut slot[meta.start..meta.start + total];
-    ipv4::Repr {
-        src: server.0,
-        dst: client.0,
-        protocol: IpProtocol::Tcp,
-        payload_len: tcp::HEADER_LEN,
-        ttl: 64,
-        dscp_ecn: 0,
-        ident: 0,
-        dont_frag: true,
-    }
-    .emit(out);
-    tcp::emit_reset(&mut out[ipv4::HEADER_LEN..], server, client, seq);
-    meta.len = total;
-    Verdict::ResetToTun
+    reset_in_place(slot, meta, server, client, seq, None)
 }
 
 /// Replaces the old backend's segment towards a pod client, of a connection whose endpoint
@@ -795,11 +780,25 @@ fn tcp_reset_client(slot: &mut [u8], meta: &mut Meta, to: &crate::conntrack::Tup
         };
         (seg.seq(), seg.ack())
     };
+    let (from, client) = ((to.src, to.sport), (to.dst, to.dport));
+    reset_in_place(slot, meta, from, client, seq, Some(ack))
+}
+
+/// Writes over the packet in `slot` an IPv4 TCP RST `from` -> `to` (with ACK and `ack` if
+/// given), no options, no payload, for the TUN.
+fn reset_in_place(
+    slot: &mut [u8],
+    meta: &mut Meta,
+    from: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+    seq: u32,
+    ack: Option<u32>,
+) -> Verdict {
     let total = ipv4::HEADER_LEN + tcp::HEADER_LEN;
     let out = &mut slot[meta.start..meta.start + total];
     ipv4::Repr {
-        src: to.src,
-        dst: to.dst,
+        src: from.0,
+        dst: to.0,
         protocol: IpProtocol::Tcp,
         payload_len: tcp::HEADER_LEN,
         ttl: 64,
@@ -808,8 +807,11 @@ fn tcp_reset_client(slot: &mut [u8], meta: &mut Meta, to: &crate::conntrack::Tup
         dont_frag: true,
     }
     .emit(out);
-    let (from, client) = ((to.src, to.sport), (to.dst, to.dport));
-    tcp::emit_reset_ack(&mut out[ipv4::HEADER_LEN..], from, client, seq, ack);
+    let seg = &mut out[ipv4::HEADER_LEN..];
+    match ack {
+        Some(ack) => tcp::emit_reset_ack(seg, from, to, seq, ack),
+        None => tcp::emit_reset(seg, from, to, seq),
+    };
     meta.len = total;
     Verdict::ResetToTun
 }
